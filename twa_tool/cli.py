@@ -1,0 +1,284 @@
+"""The ``twa`` command line: options -> frozen config -> one pipeline call -> rendering and exit code.
+
+The only module that talks to the user. Human output goes to stderr (rich), machine output
+(``--json``) to stdout. Errors are one line naming the file or flag and the fix; ``-v`` adds the
+traceback. Exit codes: 0 ok, 1 unexpected, 2 usage, 4 bad input, 5 unsafe input, 6 numerical
+failure, 7 output failure, 130 interrupted, 143 terminated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import __version__
+from .config import AverageConfig, Selection, TrainConfig, parse_baselines, parse_key_values, parse_range
+from .errors import TwaError
+from .pipeline import Event
+
+EXIT_CODES_HELP = """\b
+Exit codes: 0 ok, 1 unexpected failure, 2 usage error, 4 invalid or incompatible
+input, 5 unsafe input refused, 6 numerical failure, 7 cannot write output,
+130 interrupted, 143 terminated."""
+
+
+class Terminated(BaseException):
+    """Raised from the SIGTERM handler so cleanup (temp files) runs before exit 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def make_console(quiet: bool) -> Console:
+    no_color = bool(os.environ.get("NO_COLOR"))
+    return Console(stderr=True, quiet=quiet, no_color=no_color, highlight=False)
+
+
+class ProgressSink:
+    """Turns pipeline events into rich progress bars on a terminal, or plain periodic lines otherwise."""
+
+    def __init__(self, console: Console, interval_s: float = 5.0) -> None:
+        self.console = console
+        self.interactive = console.is_terminal and not console.quiet
+        self.interval_s = interval_s
+        self.progress: Progress | None = None
+        self.task = None
+        self.done = 0
+        self.total = 0
+        self.phase = ""
+        self.last_line = 0.0
+
+    def __enter__(self) -> ProgressSink:
+        if self.interactive:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "warning":
+            self.console.print(f"[yellow]warning:[/yellow] {event.message}")
+        elif event.kind == "phase":
+            self.phase, self.total, self.done = event.message, event.total, 0
+            if self.progress is not None:
+                self.task = self.progress.add_task(event.message, total=event.total)
+            else:
+                self.console.print(f"{event.message} ...")
+                self.last_line = time.monotonic()
+        else:
+            self.done += 1
+            description = self.phase
+            if event.step is not None:
+                s = event.step
+                description = f"epoch {s.epoch + 1}/{s.epochs} lr {s.lr:.3g} loss {s.loss:.4f}"
+            if self.progress is not None and self.task is not None:
+                self.progress.update(self.task, advance=1, description=description)
+            elif time.monotonic() - self.last_line >= self.interval_s or self.done == self.total:
+                self.console.print(f"  {self.phase}: {self.done}/{self.total} {description if event.step else ''}")
+                self.last_line = time.monotonic()
+
+
+def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> None:
+    """Run a command body, mapping failures to one line and the documented exit code."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    try:
+        body()
+    except TwaError as err:
+        if verbose:
+            console.print(traceback.format_exc(), markup=False, highlight=False)
+        console.print(f"[red]error:[/red] {err}")
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]: no partial output was left")
+        sys.exit(130)
+    except Terminated:
+        console.print("[red]terminated[/red]: no partial output was left")
+        sys.exit(143)
+    except Exception as err:  # unexpected: still one line, traceback with -v
+        if verbose:
+            console.print(traceback.format_exc(), markup=False, highlight=False)
+        console.print(f"[red]unexpected error:[/red] {type(err).__name__}: {err} (rerun with -v for the traceback)")
+        sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def emit(report: dict, as_json: bool, console: Console, render: Callable[[dict, Console], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    render(report, console)
+
+
+@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="twa")
+def cli() -> None:
+    """Trainable Weight Averaging: turn a folder of checkpoints into one better model."""
+
+
+def common_output_options(fn: Callable) -> Callable:
+    for option in reversed([
+        click.option("--json", "as_json", is_flag=True, help="Also print the report as JSON on stdout."),
+        click.option("--overwrite", is_flag=True, help="Replace existing output files."),
+        click.option("-q", "--quiet", is_flag=True, help="No human output except errors."),
+        click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def train_options(fn: Callable) -> Callable:
+    defaults = TrainConfig()
+    for option in reversed([
+        click.option("--lr", type=float, default=defaults.lr, show_default=True, help="Learning rate of P-SGD."),
+        click.option("--wd", type=float, default=defaults.weight_decay, show_default=True, help="Weight decay λ."),
+        click.option("--momentum", type=float, default=defaults.momentum, show_default=True),
+        click.option("--epochs", type=int, default=defaults.epochs, show_default=True, help="TWA epochs."),
+        click.option("--batch-size", type=int, default=defaults.batch_size, show_default=True),
+        click.option("--schedule", type=click.Choice(["step", "linear", "constant", "cosine"]),
+                     default=defaults.schedule, show_default=True,
+                     help="step: x0.1 at floor(0.5E) and floor(0.75E+0.9), as the reference."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def run_options(fn: Callable) -> Callable:
+    for option in reversed([
+        click.option("--data", "data", required=True,
+                     help="cifar10, cifar100, mnist, fashion-mnist, svhn, imagenet, imagefolder:PATH, synthetic, "
+                          "or module:function / file.py:function returning (fit_dataset, eval_dataset)."),
+        click.option("--data-root", type=click.Path(path_type=Path), default=None,
+                     help="Where the dataset files are."),
+        click.option("--download", is_flag=True, help="Allow downloading the dataset (off: offline by default)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True),
+        click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Same seed on CPU gives bit-identical output."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("checkpoint_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Output folder for model.safetensors and report.json.")
+@click.option("--model", "model", default=None,
+              help="torchvision:NAME, timm:NAME, twa:cnn, module:function or file.py:function. "
+                   "Optional when the checkpoints record their architecture.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="Keyword argument for the model constructor (repeatable).")
+@run_options
+@click.option("--range", "range_", default=None, metavar="A:B",
+              help="Checkpoints A..B-1 of the numeric order (Python slice).")
+@click.option("--last", type=int, default=None, help="Only the last N selected checkpoints.")
+@click.option("--start", default="mean", show_default=True, help="Start point: mean, last, or a checkpoint index.")
+@train_options
+@click.option("--fit-on", type=click.Choice(["train", "holdout"]), default="train", show_default=True,
+              help="Fit coefficients on the train split (TWA-t) or a held-out part of it (TWA-v).")
+@click.option("--holdout-fraction", type=float, default=0.1, show_default=True)
+@click.option("--baselines", default="last,best,swa", show_default=True,
+              help="Comma-separated subset of last,best,swa, or none.")
+@common_output_options
+def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: tuple[str, ...], data: str,
+            data_root: Path | None, download: bool, device: str, amp: str, num_workers: int, seed: int,
+            range_: str | None, last: int | None, start: str, lr: float, wd: float, momentum: float, epochs: int,
+            batch_size: int, schedule: str, fit_on: str, holdout_fraction: float, baselines: str,
+            as_json: bool, overwrite: bool, quiet: bool, verbose: bool) -> None:
+    """Average the checkpoints in CHECKPOINT_DIR with trainable coefficients (TWA).
+
+    Writes OUT/model.safetensors and OUT/report.json, and compares the result with the last
+    checkpoint, the best single checkpoint and SWA on the evaluation split.
+    """
+    console = make_console(quiet)
+
+    def body() -> None:
+        from .pipeline import run_average
+        from .report import render_average
+
+        start_stop = parse_range(range_) if range_ else (None, None)
+        config = AverageConfig(
+            checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, model=model,
+            model_args=parse_key_values(model_args), data_root=data_root, download=download,
+            selection=Selection(start=start_stop[0], stop=start_stop[1], last=last), start=start,
+            train=TrainConfig(lr=lr, momentum=momentum, weight_decay=wd, epochs=epochs, batch_size=batch_size,
+                              schedule=schedule),
+            fit_on=fit_on, holdout_fraction=holdout_fraction, baselines=parse_baselines(baselines),
+            device=device, amp=amp, num_workers=num_workers, seed=seed, overwrite=overwrite)
+        with ProgressSink(console) as sink:
+            result = run_average(config, on_event=sink)
+        emit(result.report, as_json, console, render_average)
+
+    run_reported(verbose, console, body)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Folder for ckpts/ (the training run) and twa/ (the averaged model).")
+@click.option("--data", default="synthetic", show_default=True,
+              help="Dataset for the demo run (synthetic needs no files; fashion-mnist reads the Debian package).")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None)
+@click.option("--train-epochs", type=int, default=8, show_default=True, help="Epochs of the plain SGD run.")
+@click.option("--epochs", type=int, default=4, show_default=True, help="TWA epochs.")
+@click.option("--lr", type=float, default=2.0, show_default=True, help="TWA learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@common_output_options
+def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, epochs: int, lr: float, seed: int,
+         as_json: bool, overwrite: bool, quiet: bool, verbose: bool) -> None:
+    """Offline end-to-end demo: train a small CNN saving a checkpoint per epoch, then run TWA on them.
+
+    Equivalent to a short training script followed by
+    `twa average OUT/ckpts --data DATA --out OUT/twa`.
+    """
+    console = make_console(quiet)
+
+    def body() -> None:
+        from .demo import DemoTrainConfig, train_checkpoints
+        from .pipeline import run_average
+        from .report import render_average
+
+        in_channels = "3" if data in ("cifar10", "cifar100", "svhn") else "1"
+        train_config = DemoTrainConfig(out_dir=out_dir / "ckpts", data=data, data_root=data_root,
+                                       epochs=train_epochs, seed=seed, overwrite=overwrite,
+                                       model_args=(("in_channels", in_channels), ("num_classes", "10"),
+                                                   ("width", "8")))
+        console.print(f"training {train_config.model} on {data} for {train_epochs} epochs "
+                      f"-> {train_config.out_dir}")
+        train_checkpoints(train_config, on_epoch=lambda e, loss: console.print(f"  epoch {e}: train loss {loss:.4f}"))
+        config = AverageConfig(checkpoint_dir=train_config.out_dir, out_dir=out_dir / "twa", data=data,
+                               data_root=data_root, train=TrainConfig(lr=lr, epochs=epochs), seed=seed,
+                               overwrite=overwrite)
+        console.print(f"twa average {config.checkpoint_dir} --data {data} --epochs {epochs} --out {config.out_dir}")
+        with ProgressSink(console) as sink:
+            result = run_average(config, on_event=sink)
+        emit(result.report, as_json, console, render_average)
+
+    run_reported(verbose, console, body)
+
+
+def main() -> None:
+    """Console-script entry point; ``TWA_*`` environment variables provide option defaults."""
+    cli(auto_envvar_prefix="TWA")

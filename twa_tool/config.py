@@ -1,0 +1,137 @@
+"""Frozen run configuration: one object per run, built by the CLI (or a caller), validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+SCHEDULES = ("step", "linear", "constant", "cosine")
+BASELINES = ("last", "best", "swa")
+AMP_MODES = ("off", "bf16", "fp16")
+FIT_ON = ("train", "holdout")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which checkpoints of the ordered directory listing to use.
+
+    ``range`` is a Python slice ``(start, stop)`` over the ordered list (either may be None); ``last``
+    then keeps the last N of what remains.
+    """
+
+    start: int | None = None
+    stop: int | None = None
+    last: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.last is not None and self.last < 1:
+            raise ConfigError(f"--last {self.last}: must be a positive number of checkpoints")
+
+    def apply(self, items: list) -> list:
+        chosen = items[self.start:self.stop]
+        if self.last is not None:
+            chosen = chosen[-self.last:]
+        return chosen
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Projected SGD on the span of the checkpoints (the paper's P-SGD)."""
+
+    lr: float = 2.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    epochs: int = 10
+    batch_size: int = 128
+    schedule: str = "step"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule {self.schedule}: choose one of {', '.join(SCHEDULES)}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr}: must be positive")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--wd {self.weight_decay}: must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum {self.momentum}: must be in [0, 1)")
+        if self.epochs < 0:
+            raise ConfigError(f"--epochs {self.epochs}: must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class AverageConfig:
+    """Everything one ``twa average`` run needs."""
+
+    checkpoint_dir: Path
+    out_dir: Path
+    data: str
+    model: str | None = None
+    model_args: tuple[tuple[str, str], ...] = ()
+    data_root: Path | None = None
+    download: bool = False
+    selection: Selection = field(default_factory=Selection)
+    start: str = "mean"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fit_on: str = "train"
+    holdout_fraction: float = 0.1
+    baselines: tuple[str, ...] = BASELINES
+    device: str = "auto"
+    amp: str = "off"
+    num_workers: int = 0
+    seed: int = 0
+    overwrite: bool = False
+    rank_rtol: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.start not in ("mean", "last"):
+            try:
+                int(self.start)
+            except ValueError:
+                raise ConfigError(f"--start {self.start}: use mean, last or a checkpoint index") from None
+        if self.fit_on not in FIT_ON:
+            raise ConfigError(f"--fit-on {self.fit_on}: choose train or holdout")
+        if not 0 < self.holdout_fraction < 1:
+            raise ConfigError(f"--holdout-fraction {self.holdout_fraction}: must be strictly between 0 and 1")
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise ConfigError(f"--baselines: unknown {', '.join(unknown)}; use a comma-separated subset of "
+                              f"{','.join(BASELINES)}, or none")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"--amp {self.amp}: choose one of {', '.join(AMP_MODES)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers {self.num_workers}: must be >= 0")
+
+
+def parse_baselines(text: str) -> tuple[str, ...]:
+    """Parse ``--baselines``: comma-separated subset of last,best,swa, or ``none``."""
+    text = text.strip()
+    if text.lower() == "none" or text == "":
+        return ()
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    return names
+
+
+def parse_range(text: str) -> tuple[int | None, int | None]:
+    """Parse ``--range A:B`` with Python slice semantics (either side may be empty or negative)."""
+    if ":" not in text:
+        raise ConfigError(f"--range {text}: expected A:B (Python slice, e.g. 0:101, 10:, :-5)")
+    a, b = text.split(":", 1)
+    try:
+        return (int(a) if a.strip() else None, int(b) if b.strip() else None)
+    except ValueError:
+        raise ConfigError(f"--range {text}: A and B must be integers or empty (e.g. 0:101)") from None
+
+
+def parse_key_values(pairs: tuple[str, ...], flag: str = "--model-arg") -> tuple[tuple[str, str], ...]:
+    """Parse repeated ``key=value`` options."""
+    out = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {pair}: expected key=value (e.g. {flag} num_classes=10)")
+        out.append((key.strip(), value.strip()))
+    return tuple(out)

@@ -1,0 +1,55 @@
+"""Domain errors. Each carries the process exit code the CLI maps it to.
+
+Library code raises these with a message that names the file or flag at fault and the fix; the CLI
+prints that one line (no traceback unless ``-v``) and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class TwaError(Exception):
+    """Base class of every error twa reports to the user. Exit code 1 unless a subclass says otherwise."""
+
+    exit_code: int = 1
+
+
+class ConfigError(TwaError):
+    """A flag or option value is wrong (usage error)."""
+
+    exit_code = 2
+
+
+class InputError(TwaError):
+    """Invalid, corrupt or incompatible input: checkpoints, model spec, data."""
+
+    exit_code = 4
+
+
+class CheckpointError(InputError):
+    """A checkpoint file cannot be read, or checkpoints disagree with each other or with the model."""
+
+
+class DataError(InputError):
+    """A dataset cannot be found or read."""
+
+
+class ModelError(InputError):
+    """The model cannot be built from its spec."""
+
+
+class UnsafeInputError(TwaError):
+    """An input would need unpickling of arbitrary code; refused unless the user opts in."""
+
+    exit_code = 5
+
+
+class NumericalError(TwaError):
+    """Non-finite weights or loss, or too few independent checkpoints."""
+
+    exit_code = 6
+
+
+class OutputError(TwaError):
+    """The output cannot be written (exists without --overwrite, no permission, no space)."""
+
+    exit_code = 7

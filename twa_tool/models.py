@@ -1,0 +1,216 @@
+"""Build an ``nn.Module`` from a spec string and move weights between it and flat vectors.
+
+Specs (a registry keyed by the part before the first ``:``):
+
+* ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, **args)``
+* ``timm:NAME``: ``timm.create_model(NAME, pretrained=False, **args)`` (if timm is installed)
+* ``twa:NAME``: small built-in models (``twa:cnn``) used by the demo, the examples and the tests
+* ``package.module:function`` or ``path/to/file.py:function``: a callable returning a module
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ModelError
+
+ModelArgs = tuple[tuple[str, str], ...]
+
+#: safetensors metadata keys by which a checkpoint records its architecture.
+MODEL_METADATA_KEY = "twa.model"
+MODEL_ARGS_METADATA_KEY = "twa.model_args"
+
+
+def parse_value(text: str) -> object:
+    """``--model-arg`` values: Python literals (10, 0.5, True, None, 'x') else the raw string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU x2 + linear head: tiny, BatchNorm-bearing, for demos and tests."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.head = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+class MLP(nn.Module):
+    """Linear-BN-ReLU-Linear over flattened input."""
+
+    def __init__(self, in_features: int = 256, num_classes: int = 10, hidden: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"cnn": SmallCNN, "mlp": MLP}
+
+
+def _torchvision(name: str, kwargs: dict) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise ModelError(f"--model torchvision:{name}: unknown torchvision model; see "
+                         f"torchvision.models.list_models() (e.g. resnet18)")
+    return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def _timm(name: str, kwargs: dict) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(f"--model timm:{name}: timm is not installed; pip install timm") from None
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _builtin(name: str, kwargs: dict) -> nn.Module:
+    if name not in BUILTIN_MODELS:
+        raise ModelError(f"--model twa:{name}: unknown built-in model; choose one of "
+                         f"{', '.join('twa:' + n for n in BUILTIN_MODELS)}")
+    return BUILTIN_MODELS[name](**kwargs)
+
+
+MODEL_FACTORIES: dict[str, Callable[[str, dict], nn.Module]] = {
+    "torchvision": _torchvision,
+    "timm": _timm,
+    "twa": _builtin,
+}
+
+
+def load_callable(spec: str, flag: str) -> Callable:
+    """Resolve ``package.module:function`` or ``path/to/file.py:function`` to the callable."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ModelError(f"{flag} {spec}: expected module:function or path/to/file.py:function")
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise ModelError(f"{flag} {spec}: {path} not found")
+        mod_name = f"_twa_user_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as err:
+            sys.modules.pop(mod_name, None)
+            raise ModelError(f"{flag} {spec}: importing {path} failed ({type(err).__name__}: {err})") from err
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as err:
+            raise ModelError(f"{flag} {spec}: cannot import {target} ({err}); check the module path") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ModelError(f"{flag} {spec}: {target} has no callable {attr}")
+    return fn
+
+
+def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
+    """Build a freshly initialised model from its spec and ``--model-arg`` pairs."""
+    kwargs = {k: parse_value(v) for k, v in args}
+    prefix, sep, name = spec.partition(":")
+    try:
+        if sep and prefix in MODEL_FACTORIES:
+            model = MODEL_FACTORIES[prefix](name, kwargs)
+        else:
+            fn = load_callable(spec, "--model")
+            model = fn(**kwargs)
+    except ModelError:
+        raise
+    except TypeError as err:
+        raise ModelError(f"--model {spec}: bad --model-arg ({err})") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"--model {spec}: returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def spec_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ModelArgs] | None:
+    """The model spec a checkpoint records about itself (``twa.model`` metadata or a timm ``arch``)."""
+    if MODEL_METADATA_KEY in metadata:
+        raw_args = json.loads(metadata.get(MODEL_ARGS_METADATA_KEY, "{}") or "{}")
+        return metadata[MODEL_METADATA_KEY], tuple((str(k), str(v)) for k, v in raw_args.items())
+    if "arch" in metadata:
+        return f"timm:{metadata['arch']}", ()
+    return None
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the parameters TWA averages over (requires_grad), in ``named_parameters`` order."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def flatten(state: Mapping[str, torch.Tensor], names: list[str], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Concatenate the named tensors of a state dict into one flat vector."""
+    return torch.cat([state[n].detach().reshape(-1).to(dtype) for n in names])
+
+
+def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Keys and shapes of ``state`` must equal the model's state dict; the error lists what differs."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:3])}"
+                         f"{'...' if len(unexpected) > 3 else ''})")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[0]}")
+        raise CheckpointError(f"{source}: does not match the model: {'; '.join(parts)}; check --model and "
+                              f"--model-arg")
+
+
+@torch.no_grad()
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy a (compatible) state dict into the model in place, keeping the model's dtypes."""
+    model.load_state_dict(state, strict=True)
+
+
+@torch.no_grad()
+def write_flat(model: nn.Module, names: list[str], vector: torch.Tensor) -> None:
+    """Write a flat vector into the named parameters (inverse of ``flatten``)."""
+    params = dict(model.named_parameters())
+    offset = 0
+    for n in names:
+        p = params[n]
+        p.copy_(vector[offset: offset + p.numel()].view_as(p))
+        offset += p.numel()
+    if offset != vector.numel():
+        raise ValueError(f"vector has {vector.numel()} entries, parameters {offset}")
+
+
+def model_accepts(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False

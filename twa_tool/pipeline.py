@@ -1,0 +1,347 @@
+"""``run_average``: the whole ``twa average`` job as a list of named steps. Returns a result, prints nothing.
+
+Steps: select checkpoints -> build the model -> stream the checkpoints once (validate, orthonormal
+basis, float64 mean) -> data -> baselines (last, best, swa; BN re-estimated for each) -> TWA
+(projected SGD from the start point, BN re-estimated) -> coefficients -> write outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .checkpoints import (
+    CheckpointFile,
+    LoadedCheckpoint,
+    discover,
+    load_checkpoint,
+    prepare_output_dir,
+    read_metadata,
+    save_json,
+    save_safetensors,
+    sha256_file,
+)
+from .config import AverageConfig
+from .data import build_data, split_holdout
+from .errors import CheckpointError, ConfigError, ModelError, NumericalError
+from .models import (
+    MODEL_ARGS_METADATA_KEY,
+    MODEL_METADATA_KEY,
+    build_model,
+    check_compatible,
+    flatten,
+    load_state,
+    spec_from_metadata,
+    trainable_names,
+)
+from .subspace import BasisBuilder, Subspace, orthonormality_error
+from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
+
+MODEL_FILE = "model.safetensors"
+REPORT_FILE = "report.json"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Event:
+    """Progress reported to the caller: a phase starting, an item done, a training step, a warning."""
+
+    kind: str  # "phase" | "advance" | "step" | "warning"
+    message: str = ""
+    total: int = 0
+    step: StepInfo | None = None
+
+
+EventSink = Callable[[Event], None]
+
+
+def _ignore(_: Event) -> None:
+    return None
+
+
+@dataclass
+class Stream:
+    """What one pass over the checkpoints yields."""
+
+    subspace: Subspace
+    mean_state: dict[str, torch.Tensor]
+    last_state: dict[str, torch.Tensor]
+    sha256: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AverageResult:
+    report: dict
+    model_path: Path
+    report_path: Path
+    warnings: tuple[str, ...]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; explicit names are checked for availability."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def select_checkpoints(config: AverageConfig) -> list[CheckpointFile]:
+    files = discover(config.checkpoint_dir)
+    if not files:
+        raise CheckpointError(f"{config.checkpoint_dir}: no checkpoints found (looked for "
+                              f"*.safetensors, *.pt, *.pth, *.bin, *.ckpt); check the path")
+    chosen = config.selection.apply(files)
+    if len(chosen) < 2:
+        raise CheckpointError(f"{config.checkpoint_dir}: {len(chosen)} of {len(files)} checkpoints selected; "
+                              f"TWA needs at least 2, widen --range/--last")
+    return chosen
+
+
+def resolve_model_spec(config: AverageConfig, first: CheckpointFile) -> tuple[str, tuple[tuple[str, str], ...]]:
+    if config.model:
+        return config.model, config.model_args
+    metadata = read_metadata(first.path) or load_checkpoint(first.path).metadata
+    found = spec_from_metadata(metadata)
+    if found is None:
+        raise ModelError(f"{first.path}: the checkpoint does not record its architecture; pass --model "
+                         f"(e.g. --model torchvision:resnet18 --model-arg num_classes=10, or file.py:function)")
+    spec, args = found
+    return spec, config.model_args or args
+
+
+def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise NumericalError(f"{source}: tensor {key} has non-finite values (NaN/Inf); drop this checkpoint "
+                                 f"with --range/--last")
+
+
+def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: list[str], rtol: float,
+                       on_event: EventSink) -> Stream:
+    """Read each checkpoint once: validate it, add it to the basis, accumulate the float64 mean."""
+    builder = BasisBuilder(capacity=len(files), rtol=rtol)
+    sums: dict[str, torch.Tensor] = {}
+    last: dict[str, torch.Tensor] = {}
+    digests = []
+    on_event(Event("phase", "reading checkpoints", total=len(files)))
+    for entry in files:
+        loaded: LoadedCheckpoint = load_checkpoint(entry.path)
+        state = loaded.state
+        check_compatible(model, state, str(entry.path))
+        _check_finite(state, str(entry.path))
+        builder.add(flatten(state, names))
+        for key, value in state.items():
+            if value.is_floating_point():
+                sums[key] = sums[key] + value.double() if key in sums else value.double()
+        last = state
+        digests.append(sha256_file(entry.path))
+        on_event(Event("advance"))
+    if len(builder.kept) < 2:
+        raise NumericalError(f"only {len(builder.kept)} linearly independent checkpoint(s) among {len(files)}; "
+                             f"TWA needs at least 2 distinct checkpoints")
+    mean_state = {k: (sums[k] / len(files)).to(v.dtype) if k in sums else v.clone() for k, v in last.items()}
+    return Stream(subspace=builder.finish(torch.float32), mean_state=mean_state, last_state=last, sha256=digests)
+
+
+def _loader(dataset: Dataset, config: AverageConfig, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=shuffle,
+                      num_workers=config.num_workers, generator=generator,
+                      worker_init_fn=None, drop_last=False)
+
+
+@dataclass
+class Evaluator:
+    """Evaluates a state dict: load, re-estimate BN on the fit data, score on the eval split."""
+
+    model: nn.Module
+    bn_data: Dataset
+    eval_loader: DataLoader
+    config: AverageConfig
+    device: torch.device
+
+    def bn_pass(self) -> None:
+        torch.manual_seed(self.config.seed)  # same augmentation draws for every model
+        recalibrate_bn(self.model, _loader(self.bn_data, self.config, shuffle=False, seed=self.config.seed),
+                       self.device)
+
+    def __call__(self, state: dict[str, torch.Tensor]) -> Metrics:
+        load_state(self.model, state)
+        self.bn_pass()
+        return evaluate(self.model, self.eval_loader, self.device, self.config.amp)
+
+
+def run_baselines(config: AverageConfig, files: list[CheckpointFile], stream: Stream, evaluator: Evaluator,
+                  on_event: EventSink) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Metrics of the baselines the user asked for, and of every checkpoint when ``best`` is asked."""
+    metrics: dict[str, dict] = {}
+    per_checkpoint: dict[str, dict] = {}
+    if "best" in config.baselines:
+        on_event(Event("phase", "evaluating every checkpoint (best baseline)", total=len(files)))
+        for entry in files:
+            per_checkpoint[entry.name] = evaluator(load_checkpoint(entry.path).state).as_dict()
+            on_event(Event("advance"))
+        best_name = max(reversed(list(per_checkpoint)), key=lambda n: per_checkpoint[n]["accuracy"])
+        metrics["best"] = {**per_checkpoint[best_name], "checkpoint": best_name}
+    if "last" in config.baselines:
+        on_event(Event("phase", "evaluating the last checkpoint", total=1))
+        last_name = files[-1].name
+        values = per_checkpoint.get(last_name) or evaluator(stream.last_state).as_dict()
+        metrics["last"] = {**values, "checkpoint": last_name}
+        on_event(Event("advance"))
+    if "swa" in config.baselines:
+        on_event(Event("phase", "evaluating swa (uniform mean)", total=1))
+        metrics["swa"] = evaluator(stream.mean_state).as_dict()
+        on_event(Event("advance"))
+    return metrics, per_checkpoint
+
+
+def start_state(config: AverageConfig, files: list[CheckpointFile], stream: Stream) -> tuple[str, dict]:
+    if config.start == "mean":
+        return "mean", stream.mean_state
+    if config.start == "last":
+        return files[-1].name, stream.last_state
+    index = int(config.start)
+    if not -len(files) <= index < len(files):
+        raise ConfigError(f"--start {index}: only {len(files)} checkpoints are selected (indices 0..{len(files) - 1})")
+    return files[index].name, load_checkpoint(files[index].path).state
+
+
+def run_twa(config: AverageConfig, files: list[CheckpointFile], stream: Stream, evaluator: Evaluator,
+            fit_data: Dataset, names: list[str], on_event: EventSink) -> tuple[dict, dict, torch.Tensor]:
+    """Projected SGD from the start point; returns metrics, training summary and the flat weights."""
+    model, device = evaluator.model, evaluator.device
+    start_name, state = start_state(config, files, stream)
+    load_state(model, state)
+    basis = stream.subspace.basis.to(device)
+    loader = _loader(fit_data, config, shuffle=True, seed=config.seed)
+    on_event(Event("phase", f"training coefficients ({config.train.epochs} epochs)",
+                   total=config.train.epochs * len(loader)))
+    torch.manual_seed(config.seed)
+    result = train_projected(model, names, basis, loader, config.train, device, config.amp,
+                             on_step=lambda info: on_event(Event("step", step=info)))
+    del basis
+    weights = flatten(dict(model.named_parameters()), names)
+    if not torch.isfinite(weights).all():
+        raise NumericalError(f"TWA weights became non-finite (lr {config.train.lr:g}); lower --lr")
+    on_event(Event("phase", "evaluating twa", total=1))
+    evaluator.bn_pass()
+    metrics = evaluate(model, evaluator.eval_loader, device, config.amp).as_dict()
+    on_event(Event("advance"))
+    train = {"start": start_name, "steps": result.steps, "epoch_losses": list(result.epoch_losses)}
+    return metrics, train, weights.cpu()
+
+
+def _config_dict(config: AverageConfig) -> dict:
+    raw = asdict(config)
+    return json.loads(json.dumps(raw, default=str))
+
+
+def _output_state(model: nn.Module, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state dict with each tensor in the dtype the input checkpoints used."""
+    return {k: v.detach().to("cpu", reference[k].dtype) for k, v in model.state_dict().items()}
+
+
+def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> AverageResult:
+    """Run ``twa average`` end to end and write ``model.safetensors`` and ``report.json``."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    warnings: list[str] = []
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    files = select_checkpoints(config)
+    prepare_output_dir(config.out_dir, (MODEL_FILE, REPORT_FILE), config.overwrite)
+    spec, model_args = resolve_model_spec(config, files[0])
+    model = build_model(spec, model_args)
+    names = trainable_names(model)
+    stream = stream_checkpoints(files, model, names, config.rank_rtol, on_event)
+    for index in stream.subspace.dropped:
+        message = (f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or "
+                   f"combination); dropped from the basis")
+        warnings.append(message)
+        on_event(Event("warning", message))
+    timings["load_and_basis_s"] = time.perf_counter() - clock
+
+    data = build_data(config.data, root=config.data_root, download=config.download)
+    fit_data: Dataset = data.train
+    if config.fit_on == "holdout":
+        _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
+    model.to(device)
+    eval_loader = _loader(data.eval, config, shuffle=False, seed=config.seed)
+    evaluator = Evaluator(model=model, bn_data=data.train, eval_loader=eval_loader, config=config, device=device)
+
+    clock = time.perf_counter()
+    metrics, per_checkpoint = run_baselines(config, files, stream, evaluator, on_event)
+    timings["baselines_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    metrics["twa"], train_summary, weights = run_twa(config, files, stream, evaluator, fit_data, names, on_event)
+    timings["twa_s"] = time.perf_counter() - clock
+    subspace = stream.subspace
+    coefficients = subspace.checkpoint_coefficients(weights)
+    projected = subspace.basis.double().T @ subspace.coordinates(weights)
+    span_residual = (torch.linalg.vector_norm(weights.double() - projected) /
+                     torch.linalg.vector_norm(weights.double())).item()
+
+    sources = [{"name": f.name, "path": str(f.path), "sha256": h} for f, h in zip(files, stream.sha256)]
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "twa",
+        "version": __version__,
+        "command": "average",
+        "checkpoints": [f.name for f in files],
+        "coefficients": coefficients.tolist(),
+        "coefficients_sum": float(coefficients.sum()),
+        "dropped": [files[i].name for i in subspace.dropped],
+        "metrics": metrics,
+        "checkpoint_metrics": per_checkpoint,
+        "basis": {"rank": subspace.rank, "orthonormality_error": orthonormality_error(subspace.basis),
+                  "span_residual": span_residual},
+        "train": train_summary,
+        "model": {"spec": spec, "args": dict(model_args), "parameters": int(weights.numel())},
+        "data": {"spec": config.data, "name": data.name, "fit_on": config.fit_on,
+                 "fit_examples": len(fit_data), "bn_examples": len(data.train), "eval_examples": len(data.eval)},
+        "config": _config_dict(config),
+        "inputs": sources,
+        "device": str(device),
+        "versions": {"twa": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "timings": timings,
+        "warnings": warnings,
+    }
+    metadata = {
+        "twa.version": __version__,
+        "twa.method": "twa",
+        MODEL_METADATA_KEY: spec,
+        MODEL_ARGS_METADATA_KEY: json.dumps(dict(model_args)),
+        "twa.coefficients": json.dumps(coefficients.tolist()),
+        "twa.sources": json.dumps([{"name": s["name"], "sha256": s["sha256"]} for s in sources]),
+        "twa.seed": str(config.seed),
+    }
+    model_path = config.out_dir / MODEL_FILE
+    report_path = config.out_dir / REPORT_FILE
+    digest = save_safetensors(model_path, _output_state(model, stream.last_state), metadata)
+    report["outputs"] = {"model": {"path": str(model_path), "sha256": digest}, "report": {"path": str(report_path)}}
+    save_json(report_path, report)
+    return AverageResult(report=report, model_path=model_path, report_path=report_path, warnings=tuple(warnings))
+

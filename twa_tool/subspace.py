@@ -1,0 +1,145 @@
+"""Pure tensor math of the TWA subspace: orthonormal basis of checkpoint span, projection, coefficients.
+
+Only depends on torch. The basis is built incrementally, one flattened checkpoint at a time, so the
+caller never has to hold all K checkpoints at once: peak memory is the basis plus one checkpoint.
+
+Numerics: the reference implementation runs single-pass classical Gram-Schmidt in float32, which
+loses orthogonality badly on a correlated training trajectory (max|P P^T - I| ~ 0.1, see
+../shared/reference/paper.md section 6). Here every row is orthogonalised twice in float64 (CGS2,
+"twice is enough", Giraud et al. 2005), which keeps max|P P^T - I| near machine precision, and a row
+whose residual is tiny relative to its norm is reported as linearly dependent instead of being
+normalised into noise or NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: A checkpoint whose residual after projecting out the previous ones is below this fraction of its
+#: own norm is linearly dependent on them (duplicates, exact combinations, float32 rounding noise).
+DEFAULT_RANK_RTOL = 1e-5
+
+
+class BasisBuilder:
+    """Incremental orthonormalisation of flattened checkpoints (rows of P, float64 during the build).
+
+    ``r`` records the Gram-Schmidt coefficients: kept checkpoint j equals ``sum_i r[i, j] * P[i]``,
+    i.e. ``W_kept^T = P^T R`` with R upper triangular. That is what maps coordinates in the
+    orthonormal basis back to coefficients over the original checkpoints.
+
+    Args:
+        capacity: the most vectors that will be added (rows are preallocated, no per-add copies).
+        rtol: relative residual below which a vector counts as linearly dependent.
+    """
+
+    def __init__(self, capacity: int, rtol: float = DEFAULT_RANK_RTOL) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self.rtol = rtol
+        self._rows: torch.Tensor | None = None
+        self._r_columns: list[torch.Tensor] = []
+        self.kept: list[int] = []
+        self.dropped: list[int] = []
+        self.seen = 0
+
+    def add(self, vector: torch.Tensor) -> bool:
+        """Orthogonalise ``vector`` against the basis so far and append it if independent.
+
+        Returns True when the vector was kept. Zero, duplicate and dependent vectors are dropped
+        (their index is recorded in ``dropped``); non-finite vectors raise ValueError.
+        """
+        if self.seen >= self.capacity:
+            raise ValueError(f"more than capacity={self.capacity} vectors added")
+        index = self.seen
+        self.seen += 1
+        v = vector.detach().reshape(-1).to(torch.float64, copy=True)
+        if not torch.isfinite(v).all():
+            raise ValueError(f"vector {index} has non-finite entries")
+        if self._rows is None:
+            self._rows = torch.empty(self.capacity, v.numel(), dtype=torch.float64)
+        elif v.numel() != self._rows.shape[1]:
+            raise ValueError(f"vector {index} has {v.numel()} entries, expected {self._rows.shape[1]}")
+        k = len(self.kept)
+        norm0 = torch.linalg.vector_norm(v)
+        coeffs = torch.zeros(k, dtype=torch.float64)
+        if k:
+            basis = self._rows[:k]
+            for _ in range(2):  # CGS2: a second pass repairs the orthogonality the first one lost
+                c = basis @ v
+                v.sub_(basis.T @ c)
+                coeffs += c
+        norm = torch.linalg.vector_norm(v)
+        if norm0 == 0 or norm <= self.rtol * norm0:
+            self.dropped.append(index)
+            return False
+        self._rows[k] = v / norm
+        self._r_columns.append(torch.cat([coeffs, norm.reshape(1)]))
+        self.kept.append(index)
+        return True
+
+    def finish(self, dtype: torch.dtype = torch.float32) -> Subspace:
+        """Return the finished subspace with its basis stored in ``dtype``."""
+        k = len(self.kept)
+        if k == 0 or self._rows is None:
+            raise ValueError("no independent vectors were added")
+        r = torch.zeros(k, k, dtype=torch.float64)
+        for j, col in enumerate(self._r_columns):
+            r[: j + 1, j] = col
+        basis = self._rows[:k].to(dtype)
+        if dtype == torch.float64:
+            basis = basis.clone()
+        self._rows = None
+        return Subspace(basis=basis, r=r, kept=tuple(self.kept), dropped=tuple(self.dropped), total=self.seen)
+
+
+@dataclass(frozen=True)
+class Subspace:
+    """Orthonormal basis ``basis`` (k x D) of the span of the kept checkpoints."""
+
+    basis: torch.Tensor
+    r: torch.Tensor
+    kept: tuple[int, ...]
+    dropped: tuple[int, ...]
+    total: int
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[0]
+
+    def coordinates(self, vector: torch.Tensor) -> torch.Tensor:
+        """Coordinates ``beta = P w`` of a vector in the orthonormal basis (float64)."""
+        return self.basis.to(torch.float64) @ vector.reshape(-1).to(torch.float64)
+
+    def project(self, vector: torch.Tensor) -> torch.Tensor:
+        """Orthogonal projection ``P^T (P g)`` onto the span, in the vector's dtype."""
+        p = self.basis.to(vector.dtype)
+        return p.T @ (p @ vector)
+
+    def checkpoint_coefficients(self, vector: torch.Tensor) -> torch.Tensor:
+        """Coefficients a over all ``total`` checkpoints with ``vector ~= sum_i a_i w_i``.
+
+        Dropped (dependent) checkpoints get coefficient 0; the kept ones absorb their share.
+        """
+        beta = self.coordinates(vector)
+        a_kept = torch.linalg.solve_triangular(self.r, beta[:, None], upper=True)[:, 0]
+        a = torch.zeros(self.total, dtype=torch.float64)
+        a[list(self.kept)] = a_kept
+        return a
+
+
+def orthonormality_error(basis: torch.Tensor) -> float:
+    """max |P P^T - I| computed in float64."""
+    p = basis.to(torch.float64)
+    return (p @ p.T - torch.eye(p.shape[0], dtype=torch.float64)).abs().max().item()
+
+
+def build_subspace(vectors: list[torch.Tensor], rtol: float = DEFAULT_RANK_RTOL,
+                   dtype: torch.dtype = torch.float32) -> Subspace:
+    """Convenience: orthonormalise a list of flat vectors in order."""
+    builder = BasisBuilder(capacity=len(vectors), rtol=rtol)
+    for v in vectors:
+        builder.add(v)
+    return builder.finish(dtype)

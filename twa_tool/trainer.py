@@ -1,0 +1,227 @@
+"""Projected SGD in the span of the checkpoints (the paper's P-SGD), evaluation and BN re-estimation.
+
+The model's trainable parameters keep their ``.grad`` as views into one flat buffer, so the
+projection ``g -> P^T (P g)`` is two matrix-vector products over the basis and one in-place copy;
+no per-step concatenation and no per-parameter clones. The optimizer is plain
+``torch.optim.SGD(momentum, weight_decay)`` as in the reference: coupled weight decay and the
+momentum buffer are both combinations of vectors in the span, so the iterates stay in it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.optim.swa_utils import update_bn
+
+from .config import TrainConfig
+from .errors import NumericalError
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedules: factor of the base lr at (epoch, step within epoch).
+
+def _step(epoch: int, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """x0.1 at floor(0.5E) and floor(0.75E + 0.9): MultiStepLR as the reference configures it."""
+    milestones = (int(0.5 * epochs), int(0.75 * epochs + 0.9))
+    return 0.1 ** sum(epoch >= m for m in milestones)
+
+
+def _progress(epoch: int, step: int, steps_per_epoch: int, epochs: int) -> float:
+    return (epoch * steps_per_epoch + step) / max(1, epochs * steps_per_epoch)
+
+
+def _linear(epoch: int, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Per-iteration linear decay to 0, as the reference's ``linear`` schedule."""
+    return 1.0 - _progress(epoch, step, steps_per_epoch, epochs)
+
+
+def _cosine(epoch: int, step: int, steps_per_epoch: int, epochs: int) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * _progress(epoch, step, steps_per_epoch, epochs)))
+
+
+def _constant(epoch: int, step: int, steps_per_epoch: int, epochs: int) -> float:
+    return 1.0
+
+
+SCHEDULES: dict[str, Callable[[int, int, int, int], float]] = {
+    "step": _step,
+    "linear": _linear,
+    "cosine": _cosine,
+    "constant": _constant,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metrics:
+    accuracy: float
+    loss: float
+    count: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"accuracy": self.accuracy, "loss": self.loss, "count": self.count}
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the progress callback receives after every optimizer step."""
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    epochs: int
+    lr: float
+    loss: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    final_loss: float
+    epoch_losses: tuple[float, ...]
+
+
+def autocast(device: torch.device, amp: str) -> AbstractContextManager:
+    """Autocast context for ``--amp bf16|fp16|off``."""
+    if amp == "off":
+        return nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class FlatGrad:
+    """Gradients of ``params`` living as views into one flat buffer (D entries)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
+                                  device=params[0].device)
+        self.views = []
+        offset = 0
+        for p in params:
+            self.views.append(self.buffer[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self.attach()
+
+    def attach(self) -> None:
+        for p, v in zip(self.params, self.views):
+            p.grad = v
+
+    def gather(self) -> torch.Tensor:
+        """The flat gradient; copies only a gradient autograd chose to reallocate (rare)."""
+        for p, v in zip(self.params, self.views):
+            if p.grad is None:
+                v.zero_()
+                p.grad = v
+            elif p.grad is not v:
+                v.copy_(p.grad)
+                p.grad = v
+        return self.buffer
+
+
+def _batch_to(batch: object, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = batch[0], batch[1]
+    return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+def train_projected(
+    model: nn.Module,
+    names: list[str],
+    basis: torch.Tensor,
+    loader: Iterable,
+    config: TrainConfig,
+    device: torch.device,
+    amp: str = "off",
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place with SGD on the gradient projected onto the row span of ``basis``.
+
+    Args:
+        model: on ``device``, its named parameters ``names`` already at the start point.
+        names: the trainable parameters that ``basis`` spans (flattened in this order).
+        basis: orthonormal rows (k x D), on ``device``.
+        loader: yields ``(inputs, targets)``; iterated once per epoch.
+        config: optimiser hyper-parameters and schedule.
+        on_step: progress callback, called after each step.
+    """
+    named = dict(model.named_parameters())
+    params = [named[n] for n in names]
+    flat = FlatGrad(params)
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
+    schedule = SCHEDULES[config.schedule]
+    steps_per_epoch = len(loader)  # type: ignore[arg-type]
+    model.train()
+    steps, epoch_losses, loss_value = 0, [], float("nan")
+    for epoch in range(config.epochs):
+        total, count = 0.0, 0
+        for step, batch in enumerate(loader):
+            lr = config.lr * schedule(epoch, step, steps_per_epoch, config.epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, targets = _batch_to(batch, device)
+            optimizer.zero_grad(set_to_none=False)
+            with autocast(device, amp):
+                loss = F.cross_entropy(model(inputs), targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NumericalError(f"training loss became {loss_value} at epoch {epoch + 1} step {step + 1} "
+                                     f"(lr {lr:g}); lower --lr")
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            g = flat.gather()
+            g.copy_(basis.T @ (basis @ g))
+            scaler.step(optimizer)
+            scaler.update()
+            steps += 1
+            total += loss_value * len(targets)
+            count += len(targets)
+            if on_step is not None:
+                on_step(StepInfo(epoch, step, steps_per_epoch, config.epochs, lr, loss_value))
+        epoch_losses.append(total / max(1, count))
+    for p in params:
+        p.grad = None
+    return TrainResult(steps=steps, final_loss=loss_value, epoch_losses=tuple(epoch_losses))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str = "off") -> Metrics:
+    """Top-1 accuracy (fraction) and mean cross-entropy over ``loader``; restores the train flag."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, count = 0, 0.0, 0
+    for batch in loader:
+        inputs, targets = _batch_to(batch, device)
+        with autocast(device, amp):
+            logits = model(inputs)
+        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == targets).sum().item()
+        count += len(targets)
+    model.train(was_training)
+    if count == 0:
+        raise NumericalError("the evaluation split is empty; check --data")
+    return Metrics(accuracy=correct / count, loss=loss_sum / count, count=count)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device) -> bool:
+    """Reset and re-estimate BatchNorm running statistics (cumulative average over one pass).
+
+    Delegates to ``torch.optim.swa_utils.update_bn``. Returns False when the model has no BN.
+    """
+    if not has_batchnorm(model):
+        return False
+    update_bn(loader, model, device=device)
+    return True
