@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import CheckpointError, OutputError, UnsafeInputError
 
@@ -253,17 +253,52 @@ def prepare_output_dir(out_dir: Path, names: tuple[str, ...], overwrite: bool) -
         raise OutputError(f"{out_dir}: not writable; choose another --out")
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> None:
+    """Serialise to the safetensors format deterministically (same tensors + metadata = same bytes).
+
+    ``safetensors.torch.save_file`` writes its metadata map in hash order, which differs from run to
+    run; here header keys are sorted and tensors laid out by (alignment, name), so a seeded CPU run
+    reproduces its output file byte for byte. Tied tensors are written once per name.
+    """
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def save_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
     """Write a state dict atomically as safetensors with string metadata; return its sha256.
 
-    Tied tensors are written under every name (cloned), so the key set equals the model's
-    state dict and loads with ``load_state_dict(strict=True)``.
+    Tied tensors are written under every name, so the key set equals the model's state dict and
+    loads with ``load_state_dict(strict=True)``.
     """
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     meta = {"format": "pt", **{k: str(v) for k, v in metadata.items()}}
     try:
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            save_file(state, str(tmp), metadata=meta)
     except OSError as err:
         raise OutputError(f"{path}: cannot write ({err.strerror}); check free space and permissions") from None
     return sha256_file(path)

@@ -72,7 +72,7 @@ class ProgressSink:
 
     def __call__(self, event: Event) -> None:
         if event.kind == "warning":
-            self.console.print(f"[yellow]warning:[/yellow] {event.message}")
+            self.console.print(f"[yellow]warning:[/yellow] {event.message}", soft_wrap=True)
         elif event.kind == "phase":
             self.phase, self.total, self.done = event.message, event.total, 0
             if self.progress is not None:
@@ -101,7 +101,7 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> N
     except TwaError as err:
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: no partial output was left")
@@ -112,7 +112,8 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> N
     except Exception as err:  # unexpected: still one line, traceback with -v
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
-        console.print(f"[red]unexpected error:[/red] {type(err).__name__}: {err} (rerun with -v for the traceback)")
+        console.print(f"[red]unexpected error:[/red] {type(err).__name__}: {err} (rerun with -v for the traceback)",
+                      soft_wrap=True)
         sys.exit(1)
     finally:
         if previous is not None:

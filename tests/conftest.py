@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models and checkpoint folders made by the tests themselves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from twa_tool.demo import DemoTrainConfig, train_checkpoints
+
+TINY_ARGS = (("in_channels", "1"), ("num_classes", "10"), ("width", "4"))
+
+
+class TinyBN(nn.Module):
+    """Linear -> BatchNorm1d -> ReLU -> Linear: the smallest model with every part TWA touches."""
+
+    def __init__(self, d_in: int = 6, hidden: int = 5, classes: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+@pytest.fixture(scope="session")
+def demo_ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five safetensors checkpoints (init + 4 epochs) of a tiny CNN on the synthetic data, with metadata."""
+    out = tmp_path_factory.mktemp("run") / "ckpts"
+    train_checkpoints(DemoTrainConfig(out_dir=out, epochs=4, model_args=TINY_ARGS, batch_size=128))
+    return out
+
+
+@pytest.fixture(scope="session")
+def plain_pt_ckpts(demo_ckpts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checkpoints as plain torch.save state dicts (no architecture recorded)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("pt") / "ckpts"
+    out.mkdir()
+    for path in demo_ckpts.glob("*.safetensors"):
+        torch.save(load_file(path), out / (path.stem + ".pt"))
+    return out
+
+
+def model_flags() -> list[str]:
+    return ["--model", "twa:cnn"] + [f for k, v in TINY_ARGS for f in ("--model-arg", f"{k}={v}")]
+
+
+def read_json(text: str) -> dict:
+    return json.loads(text)

@@ -1,0 +1,146 @@
+"""Discovery order, safe loading, state-dict unwrapping, atomic bit-exact writing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from twa_tool.checkpoints import (
+    discover,
+    load_checkpoint,
+    prepare_output_dir,
+    save_json,
+    save_safetensors,
+)
+from twa_tool.errors import CheckpointError, OutputError, UnsafeInputError
+
+
+def small_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"fc.weight": torch.randn(3, 4, generator=g), "fc.bias": torch.randn(3, generator=g),
+            "bn.num_batches_tracked": torch.tensor(7)}
+
+
+def test_numeric_order_and_ignored_files(tmp_path: Path) -> None:
+    for name in ["10.pt", "2.pt", "1.safetensors", "optimizer.pt", "rng_state_0.pth", "training_args.bin",
+                 "notes.txt", "train.py"]:
+        (tmp_path / name).write_bytes(b"x")
+    names = [f.name for f in discover(tmp_path)]
+    assert names == ["1.safetensors", "2.pt", "10.pt"]
+
+
+def test_order_of_lightning_and_hf_names(tmp_path: Path) -> None:
+    for name in ["epoch=10-step=4000.ckpt", "epoch=3-step=1200.ckpt", "epoch=3-step=900.ckpt"]:
+        (tmp_path / name).write_bytes(b"x")
+    assert [f.name for f in discover(tmp_path)] == ["epoch=3-step=900.ckpt", "epoch=3-step=1200.ckpt",
+                                                    "epoch=10-step=4000.ckpt"]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for step in (500, 1500, 1000):
+        folder = hf / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+    (hf / "checkpoint-9").mkdir()  # no weights inside: ignored
+    found = discover(hf)
+    assert [f.name for f in found] == ["checkpoint-500", "checkpoint-1000", "checkpoint-1500"]
+    assert found[0].path == hf / "checkpoint-500" / "model.safetensors"
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "module_prefix", "compiled"])
+def test_load_torch_state_dict_layouts(tmp_path: Path, wrap: str) -> None:
+    state = small_state()
+    obj = {
+        "plain": state,
+        "state_dict": {"state_dict": state, "epoch": 3, "optimizer": {"lr": 0.1}},
+        "model": {"model": state, "args": None},
+        "module_prefix": {f"module.{k}": v for k, v in state.items()},
+        "compiled": {f"_orig_mod.{k}": v for k, v in state.items()},
+    }[wrap]
+    torch.save(obj, tmp_path / "1.pt")
+    loaded = load_checkpoint(tmp_path / "1.pt").state
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_safetensors_metadata_is_read(tmp_path: Path) -> None:
+    save_file(small_state(), tmp_path / "a.safetensors", metadata={"twa.model": "twa:cnn"})
+    loaded = load_checkpoint(tmp_path / "a.safetensors")
+    assert loaded.metadata["twa.model"] == "twa:cnn"
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.mkdir, (str(Path(os.environ["TWA_TEST_MARKER"])),))
+
+
+def test_pickled_code_is_refused_and_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("TWA_TEST_MARKER", str(marker))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # must not weaken the explicit weights_only
+    torch.save({"state_dict": small_state(), "evil": Payload()}, tmp_path / "1.pt")
+    with pytest.raises(UnsafeInputError, match=r"1\.pt: refused to unpickle .*--trust-pickle"):
+        load_checkpoint(tmp_path / "1.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage bytes", b"PK\x03\x04truncated zip"])
+def test_corrupt_files_are_checkpoint_errors(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "3.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="3.pt"):
+        load_checkpoint(path)
+
+
+def test_truncated_safetensors_is_an_error(tmp_path: Path) -> None:
+    save_file(small_state(), tmp_path / "a.safetensors")
+    data = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "a.safetensors").write_bytes(data[: len(data) - 10])
+    with pytest.raises(CheckpointError, match="a.safetensors"):
+        load_checkpoint(tmp_path / "a.safetensors")
+
+
+def test_non_tensor_dict_is_an_error(tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "1.pt")
+    with pytest.raises(CheckpointError, match="no state dict found"):
+        load_checkpoint(tmp_path / "1.pt")
+
+
+def test_save_round_trip_is_bit_exact_with_metadata(tmp_path: Path) -> None:
+    state = small_state()
+    state["fc.half"] = torch.randn(5).half()
+    state["tied"] = state["fc.weight"]  # aliasing must not break saving
+    digest = save_safetensors(tmp_path / "m.safetensors", state, {"twa.method": "twa"})
+    loaded = load_file(tmp_path / "m.safetensors")
+    assert loaded.keys() == state.keys()
+    for key, value in state.items():
+        assert loaded[key].dtype == value.dtype
+        assert loaded[key].view(torch.uint8).equal(value.contiguous().view(torch.uint8)) if value.dim() else \
+            torch.equal(loaded[key], value)
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "twa.method": "twa"}
+    assert len(digest) == 64
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp leftovers
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args, **kwargs):
+        Path(args[1]).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("twa_tool.checkpoints.save_file", boom)
+    with pytest.raises(OutputError, match="m.safetensors: cannot write"):
+        save_safetensors(tmp_path / "m.safetensors", small_state(), {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path: Path) -> None:
+    save_json(tmp_path / "report.json", {"a": 1})
+    before = (tmp_path / "report.json").read_bytes()
+    with pytest.raises(OutputError, match="report.json already exists; pass --overwrite"):
+        prepare_output_dir(tmp_path, ("model.safetensors", "report.json"), overwrite=False)
+    prepare_output_dir(tmp_path, ("model.safetensors", "report.json"), overwrite=True)
+    assert (tmp_path / "report.json").read_bytes() == before

@@ -1,0 +1,180 @@
+"""The `twa average` command end to end through click's CliRunner, including its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_ARGS, model_flags
+from twa_tool.cli import cli
+from twa_tool.models import build_model, flatten, trainable_names
+
+FAST = ["--data", "synthetic", "--epochs", "1", "--batch-size", "256", "--lr", "0.5"]
+
+
+def run(*args: str | Path) -> object:
+    return CliRunner().invoke(cli, ["average", *map(str, args)], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def full_run(demo_ckpts: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    out = tmp_path_factory.mktemp("out") / "twa"
+    return run(demo_ckpts, *FAST, "--out", out, "--json"), out
+
+
+def test_average_writes_model_and_report(full_run: tuple[object, Path], demo_ckpts: Path) -> None:
+    result, out = full_run
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["checkpoints"] == [f"{i}.safetensors" for i in range(5)]
+    assert len(report["coefficients"]) == 5
+    for method in ("last", "best", "swa", "twa"):
+        assert 0 <= report["metrics"][method]["accuracy"] <= 1
+        assert report["metrics"][method]["loss"] > 0
+    assert report["basis"]["orthonormality_error"] <= 1e-5
+    assert report["basis"]["span_residual"] < 1e-5
+    assert "Evaluation split" in result.stderr  # the human table goes to stderr
+
+
+def test_output_model_matches_input_keys_and_coefficients(full_run: tuple[object, Path], demo_ckpts: Path) -> None:
+    result, out = full_run
+    report = json.loads(result.stdout)
+    saved = load_file(out / "model.safetensors")
+    model = build_model("twa:cnn", TINY_ARGS)
+    inputs = [load_file(demo_ckpts / name) for name in report["checkpoints"]]
+    assert saved.keys() == inputs[0].keys() == model.state_dict().keys()
+    assert all(saved[k].dtype == inputs[0][k].dtype for k in saved)
+    model.load_state_dict(saved, strict=True)
+    names = trainable_names(model)
+    w = flatten(saved, names)
+    combo = sum(a * flatten(s, names) for a, s in zip(report["coefficients"], inputs))
+    assert torch.linalg.vector_norm(w - combo) / torch.linalg.vector_norm(w) < 1e-5
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and meta["twa.model"] == "twa:cnn"
+    assert json.loads(meta["twa.coefficients"]) == pytest.approx(report["coefficients"])
+    assert [s["name"] for s in json.loads(meta["twa.sources"])] == report["checkpoints"]
+    assert all(len(s["sha256"]) == 64 for s in json.loads(meta["twa.sources"]))
+
+
+def test_same_seed_on_cpu_is_bit_identical(demo_ckpts: Path, tmp_path: Path) -> None:
+    args = [demo_ckpts, *FAST, "--baselines", "none", "--device", "cpu"]
+    assert run(*args, "--out", tmp_path / "a").exit_code == 0
+    assert run(*args, "--out", tmp_path / "b").exit_code == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_existing_output_needs_overwrite(full_run: tuple[object, Path], demo_ckpts: Path) -> None:
+    _, out = full_run
+    before = (out / "model.safetensors").read_bytes()
+    result = run(demo_ckpts, *FAST, "--baselines", "none", "--out", out)
+    assert result.exit_code == 7
+    assert "model.safetensors already exists; pass --overwrite" in result.stderr
+    assert "Traceback" not in result.output
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_selection_start_and_holdout(demo_ckpts: Path, tmp_path: Path) -> None:
+    result = run(demo_ckpts, *FAST, "--range", "1:", "--last", "3", "--start", "last", "--fit-on", "holdout",
+                 "--baselines", "swa,last", "--schedule", "cosine", "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["checkpoints"] == ["2.safetensors", "3.safetensors", "4.safetensors"]
+    assert set(report["metrics"]) == {"swa", "last", "twa"}
+    assert report["train"]["start"] == "4.safetensors"
+    assert report["data"]["fit_examples"] == 200  # 10% of the 2000 synthetic training examples
+
+
+def test_plain_pt_needs_model_flag(plain_pt_ckpts: Path, tmp_path: Path) -> None:
+    result = run(plain_pt_ckpts, *FAST, "--out", tmp_path / "o")
+    assert result.exit_code == 4
+    assert "does not record its architecture; pass --model" in result.stderr
+    result = run(plain_pt_ckpts, *FAST, *model_flags(), "--baselines", "none", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+
+
+def test_duplicate_checkpoint_is_dropped_with_warning(demo_ckpts: Path, tmp_path: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(demo_ckpts, ckpts)
+    shutil.copy(ckpts / "3.safetensors", ckpts / "5.safetensors")
+    result = run(ckpts, *FAST, "--baselines", "none", "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    assert "5.safetensors: linearly dependent" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["dropped"] == ["5.safetensors"] and report["coefficients"][5] == 0
+
+
+def test_non_finite_checkpoint_exits_6(demo_ckpts: Path, tmp_path: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(demo_ckpts, ckpts)
+    state = load_file(ckpts / "2.safetensors")
+    state["head.weight"][0, 0] = float("nan")
+    save_file(state, ckpts / "2.safetensors", metadata={"twa.model": "twa:cnn"})
+    result = run(ckpts, *FAST, *model_flags(), "--out", tmp_path / "o")
+    assert result.exit_code == 6
+    assert "2.safetensors: tensor head.weight has non-finite values" in result.stderr
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_wrong_model_lists_mismatch(demo_ckpts: Path, tmp_path: Path) -> None:
+    result = run(demo_ckpts, *FAST, "--model", "twa:cnn", "--model-arg", "width=5", "--out", tmp_path / "o")
+    assert result.exit_code == 4
+    assert "does not match the model" in result.stderr and "check --model" in result.stderr
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["--range", "3"], 2, "--range 3: expected A:B"),
+    (["--range", "0:1"], 4, "TWA needs at least 2"),
+    (["--baselines", "last,worst"], 2, "--baselines: unknown worst"),
+    (["--start", "first"], 2, "--start first"),
+    (["--start", "9"], 2, "--start 9: only 5 checkpoints"),
+    (["--model-arg", "oops"], 2, "--model-arg oops: expected key=value"),
+    (["--data", "nope"], 2, "nope"),
+    (["--device", "cuda:7"], 2, "--device"),
+    (["--holdout-fraction", "1.5"], 2, "--holdout-fraction"),
+])
+def test_bad_flags_give_one_line_errors(demo_ckpts: Path, tmp_path: Path, args: list[str], code: int,
+                                        text: str) -> None:
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    result = run(demo_ckpts, *FAST, "--baselines", "none", *args, "--out", tmp_path / "o")
+    assert result.exit_code == code, result.output
+    assert text in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_missing_directory_and_verbose_traceback(tmp_path: Path) -> None:
+    result = run(tmp_path / "nowhere", *FAST, "--out", tmp_path / "o")
+    assert result.exit_code == 4 and "no such directory" in result.stderr
+    assert "Traceback" not in result.output
+    result = run(tmp_path / "nowhere", *FAST, "--out", tmp_path / "o", "-v")
+    assert result.exit_code == 4 and "Traceback" in result.stderr
+
+
+def test_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "ckpts").mkdir()
+    result = run(tmp_path / "ckpts", *FAST, "--out", tmp_path / "o")
+    assert result.exit_code == 4 and "no checkpoints found" in result.stderr
+
+
+def test_output_feeds_back_without_model_flag(full_run: tuple[object, Path], tmp_path: Path) -> None:
+    """The written model records its architecture, so it can itself be an input without --model."""
+    _, out = full_run
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    shutil.copy(out / "model.safetensors", ckpts / "1.safetensors")
+    state = load_file(out / "model.safetensors")
+    save_file({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()},
+              ckpts / "2.safetensors",
+              metadata={"twa.model": "twa:cnn", "twa.model_args": json.dumps(dict(TINY_ARGS))})
+    result = run(ckpts, *FAST, "--baselines", "none", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output

@@ -1,0 +1,535 @@
+"""Tests for twa_tool.data: tiny files in the real on-disk formats, written under tmp_path and read back."""
+
+from __future__ import annotations
+
+import gzip
+import inspect
+import pickle
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from twa_tool import data as data_module
+from twa_tool.data import DataSplits, build_data, list_data_names, split_holdout
+from twa_tool.errors import ConfigError, DataError
+
+CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
+CIFAR_STD = torch.tensor([0.2023, 0.1994, 0.2010]).view(3, 1, 1)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+# --------------------------------------------------------------------------- file writers
+
+
+def write_cifar_batch(
+    path: Path, rows: np.ndarray, labels: list[int], label_key: str, *, bytes_keys: bool = False
+) -> None:
+    """Writes a CIFAR python-version batch: pickled dict with 'data' (N x 3072 uint8) and labels."""
+    batch = {"batch_label": "testing batch", label_key: labels, "data": rows, "filenames": [f"{i}.png" for i in labels]}
+    if bytes_keys:
+        batch = {k.encode(): v for k, v in batch.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def random_rows(rng: np.random.Generator, count: int) -> np.ndarray:
+    """``count`` random CIFAR rows (channel-major 3 x 32 x 32, flattened)."""
+    return rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
+
+
+def write_cifar10(root: Path, rng: np.random.Generator) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Writes data_batch_1..5 (2 rows each) and test_batch (3 rows) under root/cifar-10-batches-py."""
+    folder = root / "cifar-10-batches-py"
+    rows, labels = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        count = 3 if name == "test_batch" else 2
+        batch_rows, batch_labels = random_rows(rng, count), [int(x) for x in rng.integers(0, 10, count)]
+        write_cifar_batch(folder / name, batch_rows, batch_labels, "labels")
+        rows.append(batch_rows)
+        labels.append(batch_labels)
+    return rows, labels
+
+
+def expected_cifar_image(row: np.ndarray) -> torch.Tensor:
+    """The normalised CHW tensor a CIFAR row becomes without augmentation, computed by hand."""
+    chw = torch.from_numpy(row.reshape(3, 32, 32).astype(np.float32)) / 255.0
+    return (chw - CIFAR_MEAN) / CIFAR_STD
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    """Encodes a uint8 array as an IDX file with the given magic number and big-endian dimensions."""
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_set(directory: Path, rng: np.random.Generator, *, gz: bool) -> dict[str, np.ndarray]:
+    """Writes the four MNIST-format files (4 train, 3 test images of 28 x 28) into directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (4, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": np.array([3, 1, 4, 1], dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": np.array([5, 9, 2], dtype=np.uint8),
+    }
+    for stem, array in arrays.items():
+        payload = idx_bytes(array, 0x00000803 if "images" in stem else 0x00000801)
+        if gz:
+            (directory / f"{stem}.gz").write_bytes(gzip.compress(payload))
+        else:
+            (directory / stem).write_bytes(payload)
+    return arrays
+
+
+def write_image_tree(root: Path, colours: dict[str, tuple[int, int, int]], per_class: int = 2) -> None:
+    """Writes root/{train,val}/CLASS/i.png: solid-colour 12 x 10 RGB PNGs."""
+    for split in ("train", "val"):
+        for cls, colour in colours.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (12, 10), colour).save(folder / f"{i}.png")
+
+
+# --------------------------------------------------------------------------- registry and spec parsing
+
+
+def test_list_data_names_holds_every_registry_name() -> None:
+    assert list_data_names() == ["cifar10", "cifar100", "mnist", "fashion-mnist", "svhn", "imagenet", "synthetic"]
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_data("cifar-11")
+    message = str(info.value)
+    assert "cifar-11" in message and "\n" not in message
+    for name in list_data_names():
+        assert name in message
+    assert "imagefolder:PATH" in message
+
+
+def test_empty_imagefolder_path_is_config_error() -> None:
+    with pytest.raises(ConfigError, match="imagefolder:PATH"):
+        build_data("imagefolder:")
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+def test_cifar10_round_trip(tmp_path: Path) -> None:
+    rows, labels = write_cifar10(tmp_path, np.random.default_rng(0))
+    splits = build_data("cifar10", root=tmp_path)
+    assert isinstance(splits, DataSplits)
+    assert (splits.name, splits.num_classes) == ("cifar10", 10)
+    assert len(splits.train) == 10 and len(splits.eval) == 3
+    assert splits.train.targets == [label for batch in labels[:5] for label in batch]
+    for i in range(3):
+        image, target = splits.eval[i]
+        assert target == labels[5][i]
+        torch.testing.assert_close(image, expected_cifar_image(rows[5][i]), atol=1e-5, rtol=0)
+    image, target = splits.train[0]
+    assert image.shape == (3, 32, 32) and target == labels[0][0]
+
+
+def test_cifar10_train_split_is_augmented(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, np.random.default_rng(1))
+    train = build_data("cifar10", root=tmp_path).train
+    torch.manual_seed(0)
+    views = [train[0][0] for _ in range(8)]
+    assert any(not torch.equal(views[0], v) for v in views[1:])
+
+
+def test_cifar10_root_may_be_the_batches_folder_and_name_is_case_insensitive(tmp_path: Path) -> None:
+    rows, _ = write_cifar10(tmp_path, np.random.default_rng(2))
+    splits = build_data("CIFAR10", root=tmp_path / "cifar-10-batches-py")
+    torch.testing.assert_close(splits.eval[2][0], expected_cifar_image(rows[5][2]), atol=1e-5, rtol=0)
+
+
+def test_cifar100_fine_labels_with_bytes_keys(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "cifar-100-python"
+    train_rows, test_rows = random_rows(rng, 4), random_rows(rng, 2)
+    write_cifar_batch(folder / "train", train_rows, [0, 99, 50, 7], "fine_labels", bytes_keys=True)
+    write_cifar_batch(folder / "test", test_rows, [98, 1], "fine_labels", bytes_keys=True)
+    splits = build_data("cifar100", root=tmp_path)
+    assert (splits.name, splits.num_classes) == ("cifar100", 100)
+    assert splits.train.targets == [0, 99, 50, 7]
+    image, target = splits.eval[0]
+    assert target == 98
+    torch.testing.assert_close(image, expected_cifar_image(test_rows[0]), atol=1e-5, rtol=0)
+
+
+def test_cifar_missing_files_name_the_expected_path(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        build_data("cifar10", root=tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in message
+    assert "--data-root" in message and "--download" in message and "\n" not in message
+
+
+class _Touch:
+    """Pickles to a call of Path.touch: loading it with plain pickle would create a file."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.target,))
+
+
+def test_cifar_pickle_with_foreign_globals_is_refused_without_running_them(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, np.random.default_rng(4))
+    marker = tmp_path / "pwned"
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({"data": _Touch(marker)}, protocol=2))
+    with pytest.raises(DataError, match="test_batch"):
+        build_data("cifar10", root=tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pickle.dumps([1, 2, 3], protocol=2),
+        pickle.dumps({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}, protocol=2),
+        pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}, protocol=2),
+        pickle.dumps({"data": np.zeros((2, 3072), np.uint8)}, protocol=2),
+        b"not a pickle at all",
+    ],
+    ids=["not-a-dict", "float-data", "label-out-of-range", "no-labels", "garbage"],
+)
+def test_cifar_malformed_batch_is_data_error(tmp_path: Path, payload: bytes) -> None:
+    write_cifar10(tmp_path, np.random.default_rng(5))
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(payload)
+    with pytest.raises(DataError, match="data_batch_3"):
+        build_data("cifar10", root=tmp_path)
+
+
+def test_cifar_download_uses_torchvision_then_reads_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    calls = []
+
+    class FakeCIFAR10:
+        def __init__(self, root: str, download: bool, train: bool) -> None:
+            calls.append((root, download))
+            write_cifar10(Path(root), np.random.default_rng(6))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    splits = build_data("cifar10", root=tmp_path, download=True)
+    assert calls == [(str(tmp_path), True)] and len(splits.eval) == 3
+    build_data("cifar10", root=tmp_path, download=True)  # files present: no second download
+    assert len(calls) == 1
+
+
+def test_failed_download_is_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    class OfflineMNIST:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMNIST)
+    with pytest.raises(DataError, match="download into .* failed"):
+        build_data("mnist", root=tmp_path, download=True)
+
+
+# --------------------------------------------------------------------------- MNIST / Fashion-MNIST
+
+
+@pytest.mark.parametrize(
+    ("spec", "subdir", "gz", "mean", "std"),
+    [
+        ("mnist", "", True, 0.1307, 0.3081),
+        ("mnist", "", False, 0.1307, 0.3081),
+        ("mnist", "MNIST/raw", False, 0.1307, 0.3081),
+        ("fashion-mnist", "", True, 0.2860, 0.3530),
+        ("fashion-mnist", "FashionMNIST/raw", True, 0.2860, 0.3530),
+    ],
+)
+def test_idx_round_trip(tmp_path: Path, spec: str, subdir: str, gz: bool, mean: float, std: float) -> None:
+    arrays = write_idx_set(tmp_path / subdir, np.random.default_rng(7), gz=gz)
+    splits = build_data(spec, root=tmp_path)
+    assert (splits.name, splits.num_classes) == (spec, 10)
+    assert len(splits.train) == 4 and len(splits.eval) == 3
+    assert splits.train.targets == [3, 1, 4, 1]
+    for i, label in enumerate([5, 9, 2]):
+        image, target = splits.eval[i]
+        assert target == label and image.shape == (1, 28, 28)
+        expected = (torch.from_numpy(arrays["t10k-images-idx3-ubyte"][i].astype(np.float32)) / 255.0 - mean) / std
+        torch.testing.assert_close(image[0], expected, atol=1e-5, rtol=0)
+    expected_train = (torch.from_numpy(arrays["train-images-idx3-ubyte"][2].astype(np.float32)) / 255.0 - mean) / std
+    torch.testing.assert_close(splits.train[2][0][0], expected_train, atol=1e-5, rtol=0)
+
+
+def test_idx_missing_files_name_the_expected_path(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        build_data("mnist", root=tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "train-images-idx3-ubyte") in message and str(tmp_path / "MNIST" / "raw") in message
+    assert "--data-root" in message and "--download" in message
+
+
+def test_idx_bad_magic_names_the_file(tmp_path: Path) -> None:
+    write_idx_set(tmp_path, np.random.default_rng(8), gz=False)
+    bad = tmp_path / "t10k-images-idx3-ubyte"
+    bad.write_bytes(idx_bytes(np.zeros((3, 28, 28), np.uint8), 0x00000801)[:4] + bad.read_bytes()[4:])
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.*0x00000801.*0x00000803"):
+        build_data("mnist", root=tmp_path)
+
+
+def test_idx_truncated_file_is_data_error(tmp_path: Path) -> None:
+    write_idx_set(tmp_path, np.random.default_rng(9), gz=True)
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(gzip.compress(gzip.decompress(bad.read_bytes())[:-5]))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz.*truncated"):
+        build_data("mnist", root=tmp_path)
+
+
+def test_idx_label_count_mismatch_is_data_error(tmp_path: Path) -> None:
+    write_idx_set(tmp_path, np.random.default_rng(10), gz=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([1, 2], np.uint8), 0x00000801))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
+        build_data("mnist", root=tmp_path)
+
+
+@pytest.mark.skipif(
+    not all((DEBIAN_FASHION_MNIST / f"{s}-idx3-ubyte.gz").is_file() for s in ("train-images", "t10k-images")),
+    reason="Debian package dataset-fashion-mnist is not installed",
+)
+def test_fashion_mnist_from_debian_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # keep a user's ~/.cache/twa/data out of the way
+    splits = build_data("fashion-mnist")
+    assert len(splits.train) == 60000 and len(splits.eval) == 10000
+    image, target = splits.eval[0]
+    assert image.shape == (1, 28, 28) and 0 <= target < 10
+    assert sorted(set(splits.train.targets)) == list(range(10))
+
+
+# --------------------------------------------------------------------------- SVHN
+
+
+def test_svhn_without_files_or_scipy_is_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        build_data("svhn", root=tmp_path)
+    message = str(info.value)
+    try:
+        import scipy  # noqa: F401
+    except ImportError:
+        assert "pip install scipy" in message
+    else:
+        assert str(tmp_path / "train_32x32.mat") in message
+
+
+# --------------------------------------------------------------------------- ImageFolder / ImageNet
+
+
+def _solid_value(colour: tuple[int, int, int]) -> torch.Tensor:
+    """The normalised 3 x 1 x 1 value of a solid colour under ImageNet normalisation."""
+    rgb = torch.tensor(colour, dtype=torch.float32) / 255.0
+    return ((rgb - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(3, 1, 1)
+
+
+@pytest.mark.parametrize("form", ["imagefolder", "imagenet"])
+def test_image_folder_round_trip(tmp_path: Path, form: str) -> None:
+    colours = {"blue": (0, 0, 255), "olive": (128, 128, 0)}
+    write_image_tree(tmp_path / "tree", colours)
+    if form == "imagefolder":
+        splits = build_data(f"imagefolder:{tmp_path / 'tree'}")
+    else:
+        splits = build_data("imagenet", root=tmp_path / "tree")
+        assert splits.name == "imagenet"
+    assert splits.num_classes == 2 and len(splits.train) == 4 and len(splits.eval) == 4
+    for i, (image, target) in enumerate(splits.eval[i] for i in range(4)):
+        colour = colours[["blue", "olive"][target]]
+        assert target == i // 2 and image.shape == (3, 224, 224)
+        torch.testing.assert_close(image, _solid_value(colour).expand(3, 224, 224), atol=1e-5, rtol=0)
+    image, target = splits.train[3]
+    assert image.shape == (3, 224, 224) and target == 1
+    torch.testing.assert_close(image, _solid_value(colours["olive"]).expand(3, 224, 224), atol=1e-5, rtol=0)
+
+
+def test_image_folder_missing_val_names_it(tmp_path: Path) -> None:
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match=str(tmp_path / "val")):
+        build_data(f"imagefolder:{tmp_path}")
+
+
+def test_imagenet_missing_root_names_it(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=f"{tmp_path / 'train'}.*--data-root"):
+        build_data("imagenet", root=tmp_path)
+
+
+def test_image_folder_class_mismatch_is_data_error(tmp_path: Path) -> None:
+    write_image_tree(tmp_path, {"a": (1, 2, 3), "b": (4, 5, 6)}, per_class=1)
+    extra = tmp_path / "train" / "c"
+    extra.mkdir()
+    Image.new("RGB", (4, 4)).save(extra / "0.png")
+    with pytest.raises(DataError, match="different class folders"):
+        build_data(f"imagefolder:{tmp_path}")
+
+
+def test_image_folder_without_images_is_data_error(tmp_path: Path) -> None:
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="imagefolder:"):
+        build_data(f"imagefolder:{tmp_path}")
+
+
+# --------------------------------------------------------------------------- user functions
+
+
+USER_FILE = textwrap.dedent(
+    """
+    import torch
+    from torch.utils.data import TensorDataset
+
+    SEEN = {}
+
+    def make(root=None):
+        SEEN["root"] = root
+        x = torch.arange(12, dtype=torch.float32).view(6, 2)
+        y = torch.tensor([0, 1, 0, 1, 0, 1])
+        return TensorDataset(x[:4], y[:4]), TensorDataset(x[4:], y[4:])
+
+    def no_root():
+        return make()
+
+    def one():
+        return make()[0]
+
+    def empty():
+        return TensorDataset(torch.zeros(0, 2), torch.zeros(0)), make()[1]
+
+    def singles():
+        return TensorDataset(torch.zeros(3, 2)), make()[1]
+
+    def boom():
+        raise ValueError("no such\\nshard")
+
+    NOT_CALLABLE = 3
+    """
+)
+
+
+def test_file_function_spec_passes_root(tmp_path: Path) -> None:
+    path = tmp_path / "my_data.py"
+    path.write_text(USER_FILE)
+    splits = build_data(f"{path}:make", root=tmp_path / "r")
+    assert splits.num_classes is None and splits.name == f"{path}:make"
+    assert len(splits.train) == 4 and len(splits.eval) == 2
+    x, y = splits.eval[1]
+    assert torch.equal(x, torch.tensor([10.0, 11.0])) and int(y) == 1
+    assert sys.modules["twa_user_data_my_data"].SEEN["root"] == tmp_path / "r"
+
+
+def test_module_function_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "userpkg_twa_test"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "loaders.py").write_text(USER_FILE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    splits = build_data("userpkg_twa_test.loaders:no_root", root=tmp_path)
+    assert len(splits.train) == 4 and isinstance(splits.eval, TensorDataset)
+
+
+@pytest.mark.parametrize(
+    ("function", "pattern"),
+    [
+        ("one", r"must return \(fit_dataset, eval_dataset\)"),
+        ("empty", "fit dataset is empty"),
+        ("singles", r"\(input, target\) pairs"),
+        ("boom", "raised ValueError: no such shard"),
+    ],
+)
+def test_file_function_bad_results_are_data_errors(tmp_path: Path, function: str, pattern: str) -> None:
+    path = tmp_path / "bad_data.py"
+    path.write_text(USER_FILE)
+    with pytest.raises(DataError, match=pattern) as info:
+        build_data(f"{path}:{function}")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("spec_of", "pattern"),
+    [
+        (lambda p: f"{p}:missing", "has no function missing"),
+        (lambda p: f"{p}:NOT_CALLABLE", "has no function NOT_CALLABLE"),
+        (lambda p: f"{p.parent / 'absent.py'}:make", "absent.py does not exist"),
+        (lambda p: "no_such_module_twa.sub:make", "no module named no_such_module_twa"),
+    ],
+)
+def test_bad_function_specs_are_config_errors(tmp_path: Path, spec_of, pattern: str) -> None:
+    path = tmp_path / "spec_data.py"
+    path.write_text(USER_FILE)
+    with pytest.raises(ConfigError, match=pattern):
+        build_data(spec_of(path))
+
+
+# --------------------------------------------------------------------------- split_holdout
+
+
+def test_split_holdout_sizes_disjoint_and_deterministic() -> None:
+    dataset = TensorDataset(torch.arange(103))
+    rest, holdout = split_holdout(dataset, 0.2, seed=7)
+    assert len(holdout) == 21 and len(rest) == 82
+    assert set(rest.indices).isdisjoint(holdout.indices)
+    assert sorted(rest.indices + holdout.indices) == list(range(103))
+    again_rest, again_holdout = split_holdout(dataset, 0.2, seed=7)
+    assert again_rest.indices == rest.indices and again_holdout.indices == holdout.indices
+    assert split_holdout(dataset, 0.2, seed=8)[1].indices != holdout.indices
+    assert holdout.indices != list(range(82, 103)) and holdout.indices != list(range(21))  # actually shuffled
+    assert rest.dataset is dataset
+
+
+def test_split_holdout_keeps_at_least_one_sample_each_side() -> None:
+    rest, holdout = split_holdout(TensorDataset(torch.arange(10)), 0.01, seed=0)
+    assert len(holdout) == 1 and len(rest) == 9
+    with pytest.raises(DataError, match="only 1 samples"):
+        split_holdout(TensorDataset(torch.arange(1)), 0.5, seed=0)
+    with pytest.raises(DataError):
+        split_holdout(TensorDataset(torch.arange(2)), 0.9, seed=0)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_split_holdout_rejects_bad_fraction(fraction: float) -> None:
+    with pytest.raises(ConfigError, match="--holdout-fraction"):
+        split_holdout(TensorDataset(torch.arange(10)), fraction, seed=0)
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_deterministic_with_expected_shapes() -> None:
+    first, second = build_data("synthetic"), build_data("synthetic", root=Path("/nonexistent"), download=True)
+    assert (first.name, first.num_classes) == ("synthetic", 10)
+    assert len(first.train) == 2000 and len(first.eval) == 500
+    for a, b in zip(first.train.tensors + first.eval.tensors, second.train.tensors + second.eval.tensors):
+        assert torch.equal(a, b)
+    image, target = first.train[0]
+    assert image.shape == (1, 16, 16) and image.dtype == torch.float32 and target.dtype == torch.int64
+    counts = torch.bincount(first.train.tensors[1], minlength=10)
+    assert counts.tolist() == [200] * 10
+    assert not torch.equal(first.train.tensors[0][:500], first.eval.tensors[0])
+
+
+def test_synthetic_is_learnable_but_not_trivial() -> None:
+    """A nearest-class-mean classifier fitted on the training split scores well above chance, below 100%."""
+    splits = build_data("synthetic")
+    x_train, y_train = splits.train.tensors
+    x_eval, y_eval = splits.eval.tensors
+    means = torch.stack([x_train[y_train == c].mean(0).flatten() for c in range(10)])
+    predictions = torch.cdist(x_eval.flatten(1), means).argmin(1)
+    accuracy = (predictions == y_eval).float().mean().item()
+    assert 0.4 < accuracy < 0.99
+
+
+def test_registry_builders_share_the_builder_signature() -> None:
+    for name, builder in data_module._REGISTRY.items():
+        assert list(inspect.signature(builder).parameters) == ["root", "download"], name

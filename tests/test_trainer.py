@@ -1,0 +1,140 @@
+"""P-SGD against a line-by-line reference of the paper's update; schedules; span; BN; evaluation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import TinyBN
+from twa_tool.config import TrainConfig
+from twa_tool.errors import NumericalError
+from twa_tool.models import flatten, trainable_names, write_flat
+from twa_tool.subspace import build_subspace
+from twa_tool.trainer import SCHEDULES, FlatGrad, evaluate, recalibrate_bn, train_projected
+
+CPU = torch.device("cpu")
+
+
+def checkpoints_and_model(k: int = 4, seed: int = 0) -> tuple[TinyBN, list[str], list[torch.Tensor]]:
+    torch.manual_seed(seed)
+    model = TinyBN()
+    names = trainable_names(model)
+    base = flatten(dict(model.named_parameters()), names)
+    vectors = [base + 0.1 * torch.randn_like(base) for _ in range(k)]
+    return model, names, vectors
+
+
+def data(n: int = 64, seed: int = 1) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return TensorDataset(x, y)
+
+
+def reference_psgd(model: TinyBN, names: list[str], p: torch.Tensor, batches: list, lr_at, momentum: float,
+                   wd: float) -> torch.Tensor:
+    """The paper's update written out plainly: g <- P^T P g; d = g + wd*w; buf = m*buf + d; w -= lr*buf."""
+    w = flatten(dict(model.named_parameters()), names)
+    buf = None
+    for i, (x, y) in enumerate(batches):
+        write_flat(model, names, w.float())
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        params = dict(model.named_parameters())
+        g = torch.cat([params[n].grad.reshape(-1) for n in names]).double()
+        g = p.T @ (p @ g)
+        d = g + wd * w
+        buf = d if buf is None else momentum * buf + d
+        w = w - lr_at(i) * buf
+    return w
+
+
+@pytest.mark.parametrize("schedule", ["constant", "step", "linear", "cosine"])
+def test_projected_sgd_equals_reference_update(schedule: str) -> None:
+    model, names, vectors = checkpoints_and_model()
+    sub = build_subspace(vectors, dtype=torch.float64)
+    start = torch.stack(vectors).mean(0)
+    write_flat(model, names, start.float())
+    reference_model = copy.deepcopy(model)
+    dataset = data()
+    batches = [dataset[i:i + 16] for i in range(0, 64, 16)]
+    config = TrainConfig(lr=0.5, momentum=0.9, weight_decay=1e-3, epochs=2, batch_size=16, schedule=schedule)
+    train_projected(model, names, sub.basis.float(), batches, config, CPU)
+    lr_at = lambda i: config.lr * SCHEDULES[schedule](i // 4, i % 4, 4, 2)  # noqa: E731
+    expected = reference_psgd(reference_model, names, sub.basis, batches * 2, lr_at, 0.9, 1e-3)
+    got = flatten(dict(model.named_parameters()), names)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6), (got - expected).abs().max()
+    assert not torch.allclose(got, start)  # it actually moved
+
+
+def test_iterates_stay_in_the_span() -> None:
+    model, names, vectors = checkpoints_and_model()
+    sub = build_subspace(vectors)
+    write_flat(model, names, vectors[-1])
+    loader = DataLoader(data(), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    train_projected(model, names, sub.basis, loader, TrainConfig(lr=1.0, epochs=3, batch_size=8), CPU)
+    w = flatten(dict(model.named_parameters()), names)
+    p = sub.basis.double()
+    assert torch.linalg.vector_norm(w - p.T @ (p @ w)) / torch.linalg.vector_norm(w) < 1e-5
+
+
+def test_step_schedule_matches_reference_milestones() -> None:
+    factors = [SCHEDULES["step"](e, 0, 1, 10) for e in range(10)]
+    assert factors == pytest.approx([1] * 5 + [0.1] * 3 + [0.01] * 2)
+    assert [SCHEDULES["step"](e, 0, 1, 2) for e in range(2)] == pytest.approx([1, 0.1])
+    assert SCHEDULES["linear"](0, 0, 10, 1) == 1 and SCHEDULES["linear"](0, 5, 10, 1) == pytest.approx(0.5)
+    assert SCHEDULES["cosine"](0, 5, 10, 1) == pytest.approx(0.5)
+
+
+def test_gradients_are_views_into_one_buffer() -> None:
+    model, names, _ = checkpoints_and_model()
+    params = [dict(model.named_parameters())[n] for n in names]
+    flat = FlatGrad(params)
+    x, y = data()[:8]
+    F.cross_entropy(model(x), y).backward()
+    g = flat.gather()
+    assert all(p.grad is v for p, v in zip(params, flat.views))
+    assert torch.equal(g, torch.cat([p.grad.reshape(-1) for p in params]))
+    assert g.abs().sum() > 0
+
+
+def test_non_finite_loss_names_step_and_lr() -> None:
+    model, names, vectors = checkpoints_and_model()
+    sub = build_subspace(vectors)
+    x, y = data()[:8]
+    x[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match=r"epoch 1 step 1 \(lr 2\); lower --lr"):
+        train_projected(model, names, sub.basis, [(x, y)], TrainConfig(lr=2.0, epochs=1, schedule="constant"), CPU)
+
+
+def test_bn_recalibration_equals_hand_computed_statistics() -> None:
+    model, _, _ = checkpoints_and_model()
+    model.bn.momentum = 0.3
+    x, _ = data(n=48)[:]
+    loader = DataLoader(TensorDataset(x, torch.zeros(48, dtype=torch.long)), batch_size=16)
+    model.eval()
+    assert recalibrate_bn(model, loader, CPU)
+    with torch.no_grad():
+        pre = model.fc1(x)
+    batches = pre.split(16)
+    expected_mean = torch.stack([b.mean(0) for b in batches]).mean(0)
+    expected_var = torch.stack([b.var(0, unbiased=True) for b in batches]).mean(0)
+    assert torch.allclose(model.bn.running_mean, expected_mean, atol=1e-6)
+    assert torch.allclose(model.bn.running_var, expected_var, atol=1e-6)
+    assert model.bn.momentum == 0.3 and not model.training  # restored
+
+
+def test_evaluate_counts_accuracy_and_loss() -> None:
+    model, _, _ = checkpoints_and_model()
+    dataset = data(n=40)
+    model.eval()
+    metrics = evaluate(model, DataLoader(dataset, batch_size=7), CPU)
+    with torch.no_grad():
+        logits = model(dataset.tensors[0])
+    assert metrics.count == 40
+    assert metrics.accuracy == pytest.approx((logits.argmax(1) == dataset.tensors[1]).float().mean().item())
+    assert metrics.loss == pytest.approx(F.cross_entropy(logits, dataset.tensors[1]).item(), rel=1e-5)

@@ -1,0 +1,697 @@
+"""Datasets for fitting TWA coefficients, re-estimating BatchNorm and evaluating the averaged model.
+
+``build_data(spec)`` turns a ``--data`` value into a :class:`DataSplits`: a training split that
+carries the standard training augmentation (used to fit coefficients and to re-estimate BatchNorm
+statistics) and an evaluation split without augmentation. Accepted specs:
+
+* a registry name (see :func:`list_data_names`): ``cifar10``, ``cifar100``, ``mnist``,
+  ``fashion-mnist``, ``svhn``, ``imagenet`` and ``synthetic``;
+* ``imagefolder:PATH`` — torchvision ``ImageFolder`` trees at ``PATH/train`` and ``PATH/val``;
+* ``package.module:function`` or ``path/to/file.py:function`` — a user function returning
+  ``(fit_dataset, eval_dataset)``.
+
+Nothing is downloaded unless ``download=True``. CIFAR and (Fashion-)MNIST files are read by the
+small loaders here rather than by torchvision, which insists on the md5 sums of the official
+files; torchvision is only used to fetch them.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import importlib
+import importlib.util
+import inspect
+import math
+import pickle
+import sys
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from twa_tool.errors import ConfigError, DataError, TwaError
+
+Transform = Callable[[Any], Any]
+Builder = Callable[[Path | None, bool], "DataSplits"]
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The datasets one ``--data`` spec stands for.
+
+    Attributes:
+        train: Training split with the standard training augmentation; used to fit the averaging
+            coefficients and to re-estimate BatchNorm statistics.
+        eval: Evaluation split, without augmentation.
+        num_classes: Number of classes, or None when unknown (user-supplied datasets).
+        name: Canonical name of the dataset, e.g. ``"cifar10"``.
+    """
+
+    train: Dataset
+    eval: Dataset
+    num_classes: int | None
+    name: str
+
+
+class ArrayImageDataset(Dataset):
+    """In-memory uint8 images served as PIL images through a transform, like torchvision's loaders.
+
+    Attributes:
+        images: ``N x H x W`` (grayscale) or ``N x H x W x 3`` (RGB) uint8 array.
+        targets: Class index of each image.
+        transform: Applied to each PIL image.
+    """
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, transform: Transform) -> None:
+        """Wraps ``images`` and ``targets`` (same length) with ``transform``."""
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        """Number of samples."""
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        """The transformed image and class index of sample ``index``."""
+        return self.transform(Image.fromarray(self.images[index])), self.targets[index]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def build_data(spec: str, *, root: Path | None = None, download: bool = False) -> DataSplits:
+    """Builds the datasets for a ``--data`` spec.
+
+    Args:
+        spec: A registry name, ``imagefolder:PATH``, ``package.module:function`` or
+            ``path/to/file.py:function``.
+        root: Data root (``--data-root``); None means the per-dataset default
+            (``~/.cache/twa/data``, plus the Debian package directory for Fashion-MNIST).
+        download: Whether missing files may be downloaded (``--download``).
+
+    Returns:
+        The training and evaluation splits.
+
+    Raises:
+        ConfigError: The spec is not understood or names something that cannot be imported.
+        DataError: The data files are missing or unreadable, or a user function returned
+            something other than two datasets.
+    """
+    text = spec.strip()
+    key = text.lower().replace("_", "-")
+    data_root = Path(root).expanduser() if root is not None else None
+    if key in _REGISTRY:
+        return _REGISTRY[key](data_root, download)
+    if key.startswith("imagefolder:"):
+        return _build_imagefolder_spec(text)
+    if _looks_like_function_spec(text):
+        return _build_from_function(text, data_root)
+    raise ConfigError(
+        f"--data {spec}: unknown dataset; choose one of {', '.join(list_data_names())}, "
+        "or imagefolder:PATH, package.module:function, path/to/file.py:function"
+    )
+
+
+def split_holdout(dataset: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
+    """Splits ``dataset`` into (rest, holdout) by a seeded random permutation.
+
+    Args:
+        dataset: A map-style dataset.
+        fraction: Share of samples to hold out, strictly between 0 and 1.
+        seed: Seed of the ``torch.Generator`` that draws the permutation.
+
+    Returns:
+        ``(rest, holdout)``: disjoint subsets covering ``dataset``; the holdout has
+        ``max(1, round(fraction * len(dataset)))`` samples. Indices are sorted within each subset.
+
+    Raises:
+        ConfigError: ``fraction`` is not strictly between 0 and 1.
+        DataError: Either part would be empty.
+    """
+    if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0 < fraction < 1):
+        raise ConfigError(f"--holdout-fraction {fraction}: must be strictly between 0 and 1")
+    size = len(dataset)
+    holdout_size = max(1, round(fraction * size))
+    if size - holdout_size < 1:
+        raise DataError(
+            f"--holdout-fraction {fraction}: the dataset has only {size} samples, too few to hold "
+            f"{holdout_size} out and keep any; use a larger dataset or --fit-on train"
+        )
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    holdout = sorted(order[:holdout_size].tolist())
+    rest = sorted(order[holdout_size:].tolist())
+    return Subset(dataset, rest), Subset(dataset, holdout)
+
+
+def list_data_names() -> list[str]:
+    """The registry's dataset names (not the ``imagefolder:`` or function forms), for help text."""
+    return list(_REGISTRY)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _default_root() -> Path:
+    """Where datasets live when ``--data-root`` is not given."""
+    return Path.home() / ".cache" / "twa" / "data"
+
+
+def _missing_message(name: str, display: str, where: Path, expected: str, downloadable: bool) -> str:
+    """The one-line message for data files that cannot be found."""
+    fix = "pass --data-root DIR pointing at them" + (", or --download" if downloadable else "")
+    return f"--data {name}: no {display} files under {where} (expected {expected}); {fix}"
+
+
+def _transforms() -> Any:
+    """``torchvision.transforms``, imported on first use to keep the CLI's start-up fast."""
+    import torchvision.transforms as transforms
+
+    return transforms
+
+
+def _normalized(mean: Sequence[float], std: Sequence[float], *augment: Transform) -> Transform:
+    """``augment`` steps, then ToTensor and Normalize(mean, std)."""
+    t = _transforms()
+    return t.Compose([*augment, t.ToTensor(), t.Normalize(mean, std)])
+
+
+def _first_dir(candidates: Sequence[Path], is_complete: Callable[[Path], bool]) -> Path | None:
+    """The first existing directory among ``candidates`` that ``is_complete`` accepts."""
+    return next((d for d in candidates if d.is_dir() and is_complete(d)), None)
+
+
+def _torchvision_download(name: str, class_name: str, root: Path, **kwargs: Any) -> None:
+    """Downloads a dataset with its torchvision class into ``root`` (contents are re-read by us)."""
+    import torchvision.datasets as datasets
+
+    try:
+        getattr(datasets, class_name)(str(root), download=True, **kwargs)
+    except (RuntimeError, OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        raise DataError(
+            f"--data {name}: download into {root} failed ({reason}); check the network, "
+            "or fetch the files yourself and pass --data-root DIR"
+        ) from exc
+
+
+def _check_labels(labels: np.ndarray, count: int, num_classes: int, path: Path, name: str) -> np.ndarray:
+    """Validates that ``labels`` holds ``count`` class indices below ``num_classes``."""
+    if labels.ndim != 1 or len(labels) != count:
+        raise DataError(f"--data {name}: {path} has {labels.size} labels for {count} images; the file is corrupt")
+    if count and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f"--data {name}: {path} has labels outside 0..{num_classes - 1}; the file is corrupt or "
+            "belongs to another dataset"
+        )
+    return labels.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+@dataclass(frozen=True)
+class _CifarLayout:
+    """Where and how one CIFAR variant stores its pickled batches."""
+
+    name: str
+    display: str
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str
+    num_classes: int
+    torchvision_class: str
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals a pickled numpy array needs.
+
+    The official CIFAR batches are trusted numeric pickles (a dict of a uint8 array and label
+    lists), but a file at a user-given path could be anything, and a plain ``pickle.load`` would
+    run whatever code it names. Refusing every other global makes loading them safe.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Returns an allow-listed numpy/codecs global, refusing everything else."""
+        reconstruct = np.zeros(1).__reduce__()[0]
+        scalar = np.int64(0).__reduce__()[0]
+        allowed = {
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy.core.multiarray", "scalar"): scalar,
+            ("numpy._core.multiarray", "scalar"): scalar,
+            ("_codecs", "encode"): codecs.encode,
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return allowed[(module, name)]
+
+
+def _unpickle_cifar_batch(path: Path, name: str) -> dict[Any, Any]:
+    """Loads one pickled CIFAR batch with the numpy-only unpickler."""
+    try:
+        with path.open("rb") as handle:
+            # encoding="latin1" decodes the Python 2 strings of the official files losslessly.
+            batch = _NumpyOnlyUnpickler(handle, encoding="latin1").load()
+    except OSError as exc:
+        raise DataError(f"--data {name}: cannot read {path} ({exc.strerror or exc})") from exc
+    except Exception as exc:  # a malformed pickle can fail in many ways; all mean "not a batch"
+        raise DataError(
+            f"--data {name}: {path} is not a CIFAR batch ({type(exc).__name__}: {exc}); replace it with "
+            "an intact copy of the official python-version files"
+        ) from exc
+    if not isinstance(batch, dict):
+        raise DataError(f"--data {name}: {path} is not a CIFAR batch (holds a {type(batch).__name__}, not a dict)")
+    return batch
+
+
+def _batch_entry(batch: dict[Any, Any], key: str, path: Path, name: str) -> Any:
+    """``batch[key]``, accepting str or bytes keys (Python 2 pickles load either way)."""
+    for candidate in (key, key.encode()):
+        if candidate in batch:
+            return batch[candidate]
+    raise DataError(f"--data {name}: {path} is not a CIFAR batch (no '{key}' entry)")
+
+
+def _read_cifar_batch(path: Path, layout: _CifarLayout) -> tuple[np.ndarray, np.ndarray]:
+    """Reads one CIFAR batch as (``N x 32 x 32 x 3`` uint8 images, int64 labels)."""
+    batch = _unpickle_cifar_batch(path, layout.name)
+    data = _batch_entry(batch, "data", path, layout.name)
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise DataError(f"--data {layout.name}: {path} is not a CIFAR batch ('data' is not an N x 3072 uint8 array)")
+    try:
+        labels = np.asarray(_batch_entry(batch, layout.label_key, path, layout.name), dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"--data {layout.name}: {path} is not a CIFAR batch ('{layout.label_key}' is not a list of integers)"
+        ) from exc
+    labels = _check_labels(labels, len(data), layout.num_classes, path, layout.name)
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _read_cifar_split(directory: Path, files: Sequence[str], layout: _CifarLayout) -> tuple[np.ndarray, np.ndarray]:
+    """Reads and concatenates the batches ``files`` of one split."""
+    parts = [_read_cifar_batch(directory / f, layout) for f in files]
+    images = np.ascontiguousarray(np.concatenate([p[0] for p in parts]))
+    return images, np.concatenate([p[1] for p in parts])
+
+
+def _build_cifar(layout: _CifarLayout, root: Path | None, download: bool) -> DataSplits:
+    """Builds a CIFAR variant from ``root/<folder>`` (or ``root`` itself holding the batches)."""
+    base = root if root is not None else _default_root()
+
+    def complete(d: Path) -> bool:
+        return all((d / f).is_file() for f in layout.train_files + layout.test_files)
+
+    candidates = (base / layout.folder, base)
+    directory = _first_dir(candidates, complete)
+    if directory is None and download:
+        _torchvision_download(layout.name, layout.torchvision_class, base, train=True)
+        directory = _first_dir(candidates, complete)
+    if directory is None:
+        missing = next(f for f in layout.train_files + layout.test_files if not (base / layout.folder / f).is_file())
+        expected = str(base / layout.folder / missing)
+        raise DataError(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # as in the TWA reference code
+    t = _transforms()
+    train_tf = _normalized(mean, std, t.RandomCrop(32, padding=4), t.RandomHorizontalFlip())
+    train = ArrayImageDataset(*_read_cifar_split(directory, layout.train_files, layout), train_tf)
+    test = ArrayImageDataset(*_read_cifar_split(directory, layout.test_files, layout), _normalized(mean, std))
+    return DataSplits(train=train, eval=test, num_classes=layout.num_classes, name=layout.name)
+
+
+def _build_cifar10(root: Path | None, download: bool) -> DataSplits:
+    """CIFAR-10 from ``cifar-10-batches-py`` (``data_batch_1``..``5``, ``test_batch``)."""
+    layout = _CifarLayout(
+        name="cifar10",
+        display="CIFAR-10",
+        folder="cifar-10-batches-py",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        label_key="labels",
+        num_classes=10,
+        torchvision_class="CIFAR10",
+    )
+    return _build_cifar(layout, root, download)
+
+
+def _build_cifar100(root: Path | None, download: bool) -> DataSplits:
+    """CIFAR-100 (fine labels) from ``cifar-100-python`` (``train``, ``test``)."""
+    layout = _CifarLayout(
+        name="cifar100",
+        display="CIFAR-100",
+        folder="cifar-100-python",
+        train_files=("train",),
+        test_files=("test",),
+        label_key="fine_labels",
+        num_classes=100,
+        torchvision_class="CIFAR100",
+    )
+    return _build_cifar(layout, root, download)
+
+
+# --------------------------------------------------------------------------- MNIST / Fashion-MNIST
+
+
+@dataclass(frozen=True)
+class _IdxLayout:
+    """Names and search places of one MNIST-format dataset."""
+
+    name: str
+    display: str
+    torchvision_class: str
+    mean: float
+    std: float
+    extra_dirs: tuple[Path, ...] = ()
+
+
+def _idx_file(directory: Path, stem: str) -> Path | None:
+    """``directory/stem`` or ``directory/stem.gz``, whichever exists (uncompressed first)."""
+    return next((p for p in (directory / stem, directory / f"{stem}.gz") if p.is_file()), None)
+
+
+def _idx_stems(split: str) -> tuple[str, str]:
+    """The image and label file stems of ``split`` ("train" or "t10k")."""
+    return f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+
+
+def _has_idx_files(directory: Path) -> bool:
+    """Whether ``directory`` holds all four IDX files."""
+    return all(_idx_file(directory, s) is not None for split in ("train", "t10k") for s in _idx_stems(split))
+
+
+def _read_idx(path: Path, magic: int, name: str) -> np.ndarray:
+    """Reads an uint8 IDX file (gzipped or not) whose magic number must be ``magic``."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"--data {name}: cannot read {path} ({exc}); replace it with an intact copy") from exc
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if found != magic or len(raw) < header:
+        shown = "none" if found is None else f"0x{found:08x}"
+        raise DataError(
+            f"--data {name}: {path} is not an IDX file of this kind (magic {shown}, expected 0x{magic:08x}); "
+            "replace it with an intact copy"
+        )
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) - header != math.prod(dims):
+        raise DataError(
+            f"--data {name}: {path} is truncated or padded ({len(raw) - header} data bytes for dimensions "
+            f"{'x'.join(map(str, dims))}); replace it with an intact copy"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_idx_split(directory: Path, split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads (images, labels) of ``split`` ("train" or "t10k") from ``directory``."""
+    image_stem, label_stem = _idx_stems(split)
+    image_path, label_path = _idx_file(directory, image_stem), _idx_file(directory, label_stem)
+    assert image_path is not None and label_path is not None  # guaranteed by _has_idx_files
+    images = _read_idx(image_path, 0x00000803, name)
+    labels = _check_labels(_read_idx(label_path, 0x00000801, name), len(images), 10, label_path, name)
+    return images, labels
+
+
+def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSplits:
+    """Builds an MNIST-format dataset from a flat directory or torchvision's ``<Class>/raw`` layout."""
+    base = root if root is not None else _default_root()
+    raw_dir = base / layout.torchvision_class / "raw"
+    candidates = (base, raw_dir, base / layout.name) + (layout.extra_dirs if root is None else ())
+    directory = _first_dir(candidates, _has_idx_files)
+    if directory is None and download:
+        _torchvision_download(layout.name, layout.torchvision_class, base, train=True)
+        directory = _first_dir(candidates, _has_idx_files)
+    if directory is None:
+        expected = f"{base / _idx_stems('train')[0]}[.gz] and the other three IDX files, or the same in {raw_dir}"
+        raise DataError(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
+    transform = _normalized((layout.mean,), (layout.std,))
+    train = ArrayImageDataset(*_read_idx_split(directory, "train", layout.name), transform)
+    test = ArrayImageDataset(*_read_idx_split(directory, "t10k", layout.name), transform)
+    return DataSplits(train=train, eval=test, num_classes=10, name=layout.name)
+
+
+def _build_mnist(root: Path | None, download: bool) -> DataSplits:
+    """MNIST; no augmentation."""
+    layout = _IdxLayout(name="mnist", display="MNIST", torchvision_class="MNIST", mean=0.1307, std=0.3081)
+    return _build_idx(layout, root, download)
+
+
+def _build_fashion_mnist(root: Path | None, download: bool) -> DataSplits:
+    """Fashion-MNIST; without ``root`` the Debian package ``dataset-fashion-mnist`` is a fallback."""
+    layout = _IdxLayout(
+        name="fashion-mnist",
+        display="Fashion-MNIST",
+        torchvision_class="FashionMNIST",
+        mean=0.2860,
+        std=0.3530,
+        extra_dirs=(Path("/usr/share/datasets/fashion-mnist"),),
+    )
+    return _build_idx(layout, root, download)
+
+
+# --------------------------------------------------------------------------- SVHN
+
+
+def _build_svhn(root: Path | None, download: bool) -> DataSplits:
+    """SVHN (``train_32x32.mat``, ``test_32x32.mat``) via torchvision; needs scipy; no augmentation."""
+    if importlib.util.find_spec("scipy") is None:
+        raise DataError("--data svhn: reading SVHN's .mat files needs scipy; pip install scipy")
+    import torchvision.datasets as datasets
+
+    base = root if root is not None else _default_root()
+    transform = _normalized((0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197))
+    try:
+        train = datasets.SVHN(str(base), split="train", transform=transform, download=download)
+        test = datasets.SVHN(str(base), split="test", transform=transform, download=download)
+    except (RuntimeError, OSError, ValueError) as exc:
+        if download:
+            reason = " ".join(str(exc).split())
+            raise DataError(
+                f"--data svhn: download into {base} failed ({reason}); check the network, or pass --data-root DIR"
+            ) from exc
+        expected = f"{base / 'train_32x32.mat'} and {base / 'test_32x32.mat'}"
+        raise DataError(_missing_message("svhn", "SVHN", base, expected, downloadable=True)) from exc
+    return DataSplits(train=train, eval=test, num_classes=10, name="svhn")
+
+
+# --------------------------------------------------------------------------- ImageFolder / ImageNet
+
+
+def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
+    """ImageFolder datasets over ``directory/train`` and ``directory/val`` with ImageNet transforms."""
+    import torchvision.datasets as datasets
+
+    for split in ("train", "val"):
+        if not (directory / split).is_dir():
+            raise DataError(
+                f"--data {name}: {directory / split} is not a directory (expected {directory}/train/CLASS/IMAGE "
+                f"and {directory}/val/CLASS/IMAGE); {fix}"
+            )
+    t = _transforms()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    train_tf = _normalized(mean, std, t.RandomResizedCrop(224), t.RandomHorizontalFlip())
+    eval_tf = _normalized(mean, std, t.Resize(256), t.CenterCrop(224))
+    try:
+        train = datasets.ImageFolder(str(directory / "train"), transform=train_tf)
+        test = datasets.ImageFolder(str(directory / "val"), transform=eval_tf)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"--data {name}: {' '.join(str(exc).split())}; {fix}") from exc
+    if train.classes != test.classes:
+        raise DataError(
+            f"--data {name}: {directory / 'train'} and {directory / 'val'} have different class folders "
+            f"({len(train.classes)} vs {len(test.classes)}); both need the same CLASS subdirectories"
+        )
+    return DataSplits(train=train, eval=test, num_classes=len(train.classes), name=name)
+
+
+def _build_imagenet(root: Path | None, download: bool) -> DataSplits:
+    """ImageNet as ImageFolder trees at ``root/train`` and ``root/val`` (cannot be downloaded)."""
+    del download  # ImageNet's licence requires a manual download
+    base = root if root is not None else _default_root() / "imagenet"
+    fix = "pass --data-root DIR holding train/ and val/ (ImageNet cannot be downloaded automatically)"
+    return _image_folder_splits(base, "imagenet", fix)
+
+
+def _build_imagefolder_spec(spec: str) -> DataSplits:
+    """``imagefolder:PATH``: ImageFolder trees at ``PATH/train`` and ``PATH/val``."""
+    raw_path = spec.split(":", 1)[1].strip()
+    if not raw_path:
+        raise ConfigError(f"--data {spec}: missing PATH; write imagefolder:PATH with PATH holding train/ and val/")
+    fix = "use imagefolder:PATH with PATH holding train/CLASS/ and val/CLASS/ folders of images"
+    return _image_folder_splits(Path(raw_path).expanduser(), spec, fix)
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _synthetic_templates(generator: torch.Generator, num_classes: int, size: int) -> torch.Tensor:
+    """Smooth, unit-variance random class patterns, ``num_classes x size x size``."""
+    coarse = torch.randn(num_classes, 1, size // 4, size // 4, generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    smooth = smooth[:, 0]
+    smooth = smooth - smooth.mean(dim=(1, 2), keepdim=True)
+    return smooth / smooth.std(dim=(1, 2), keepdim=True)
+
+
+def _synthetic_samples(
+    generator: torch.Generator, templates: torch.Tensor, count: int, noise: float, max_shift: int
+) -> TensorDataset:
+    """``count`` class-balanced samples: a shifted template plus Gaussian noise, ``count x 1 x H x W``.
+
+    Shifts pad with zeros; ``noise`` is relative to the unit-variance templates and sets the difficulty.
+    """
+    num_classes, size = templates.shape[0], templates.shape[-1]
+    labels = (torch.arange(count) % num_classes)[torch.randperm(count, generator=generator)]
+    padded = torch.nn.functional.pad(templates, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (count, 2), generator=generator).tolist()
+    images = torch.stack(
+        [padded[c, dy : dy + size, dx : dx + size] for c, (dy, dx) in zip(labels.tolist(), offsets)]
+    )
+    images = images + noise * torch.randn(images.shape, generator=generator)
+    images = images / math.sqrt(1.0 + noise**2)  # unit variance, like normalised real data
+    return TensorDataset(images.unsqueeze(1), labels)
+
+
+def _build_synthetic(root: Path | None, download: bool) -> DataSplits:
+    """Offline 10-class demo data: 1 x 16 x 16 images, 2000 train / 500 eval, deterministic (seed 0)."""
+    del root, download  # generated, never stored
+    generator = torch.Generator().manual_seed(0)
+    templates = _synthetic_templates(generator, num_classes=10, size=16)
+    train = _synthetic_samples(generator, templates, 2000, noise=2.5, max_shift=2)
+    test = _synthetic_samples(generator, templates, 500, noise=2.5, max_shift=2)
+    return DataSplits(train=train, eval=test, num_classes=10, name="synthetic")
+
+
+# --------------------------------------------------------------------------- user functions
+
+
+def _looks_like_function_spec(spec: str) -> bool:
+    """Whether ``spec`` has the ``module:function`` or ``file.py:function`` shape."""
+    target, sep, function = spec.rpartition(":")
+    return bool(sep and target and function.isidentifier())
+
+
+def _import_module(target: str, spec: str) -> Any:
+    """Imports ``package.module`` for a function spec."""
+    if not all(part.isidentifier() for part in target.split(".")):
+        raise ConfigError(
+            f"--data {spec}: {target!r} is neither a module name nor a .py file; "
+            "write package.module:function or path/to/file.py:function"
+        )
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        if exc.name and (target == exc.name or target.startswith(f"{exc.name}.")):
+            raise ConfigError(f"--data {spec}: no module named {exc.name}; check the spelling or PYTHONPATH") from exc
+        raise DataError(f"--data {spec}: importing {target} failed: {exc}") from exc
+    except Exception as exc:  # user code: any failure on import is reported as such
+        raise DataError(f"--data {spec}: importing {target} failed ({type(exc).__name__}: {exc})") from exc
+
+
+def _import_file(path: Path, spec: str) -> Any:
+    """Executes ``path`` as a module (registered in ``sys.modules`` while it runs)."""
+    if not path.is_file():
+        raise ConfigError(f"--data {spec}: {path} does not exist; write path/to/file.py:function")
+    module_name = f"twa_user_data_{path.stem}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"--data {spec}: cannot load {path} as Python source")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # user code: any failure on import is reported as such
+        del sys.modules[module_name]
+        raise DataError(f"--data {spec}: running {path} failed ({type(exc).__name__}: {exc})") from exc
+    return module
+
+
+def _load_function(spec: str) -> Callable[..., Any]:
+    """Resolves the callable a ``module:function`` / ``file.py:function`` spec names."""
+    target, _, name = spec.rpartition(":")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        module = _import_file(Path(target).expanduser(), spec)
+    else:
+        module = _import_module(target, spec)
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"--data {spec}: {target} has no function {name}")
+    return function
+
+
+def _accepts_root(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` takes a ``root`` keyword argument."""
+    try:
+        parameter = inspect.signature(function).parameters.get("root")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+
+
+def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
+    """Validates one dataset a user function returned: map-style, non-empty, (input, target) items."""
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise DataError(
+            f"--data {spec}: the {role} dataset is a {type(dataset).__name__}, not a map-style torch Dataset "
+            "(needs __len__ and __getitem__)"
+        )
+    if len(dataset) == 0:
+        raise DataError(f"--data {spec}: the {role} dataset is empty")
+    sample = dataset[0]
+    if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
+        raise DataError(
+            f"--data {spec}: the {role} dataset must yield (input, target) pairs, got {type(sample).__name__}"
+        )
+    return dataset
+
+
+def _build_from_function(spec: str, root: Path | None) -> DataSplits:
+    """Calls a user function returning ``(fit_dataset, eval_dataset)``."""
+    function = _load_function(spec)
+    kwargs = {"root": root} if _accepts_root(function) else {}
+    try:
+        result = function(**kwargs)
+    except TwaError:
+        raise
+    except Exception as exc:  # user code: any failure is reported with its type
+        reason = " ".join(str(exc).split())
+        raise DataError(f"--data {spec}: the function raised {type(exc).__name__}: {reason}") from exc
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise DataError(
+            f"--data {spec}: the function must return (fit_dataset, eval_dataset), got {type(result).__name__}"
+        )
+    fit, test = _check_dataset(result[0], "fit", spec), _check_dataset(result[1], "eval", spec)
+    return DataSplits(train=fit, eval=test, num_classes=None, name=spec)
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: Mapping[str, Builder] = MappingProxyType(
+    {
+        "cifar10": _build_cifar10,
+        "cifar100": _build_cifar100,
+        "mnist": _build_mnist,
+        "fashion-mnist": _build_fashion_mnist,
+        "svhn": _build_svhn,
+        "imagenet": _build_imagenet,
+        "synthetic": _build_synthetic,
+    }
+)
