@@ -178,3 +178,34 @@ def test_output_feeds_back_without_model_flag(full_run: tuple[object, Path], tmp
               metadata={"twa.model": "twa:cnn", "twa.model_args": json.dumps(dict(TINY_ARGS))})
     result = run(ckpts, *FAST, "--baselines", "none", "--out", tmp_path / "o")
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_cpu(demo_ckpts: Path, tmp_path: Path, amp: str) -> None:
+    result = run(demo_ckpts, *FAST, "--amp", amp, "--baselines", "swa", "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["metrics"]["twa"]["accuracy"] > 0.3  # still a working model
+    assert load_file(tmp_path / "o" / "model.safetensors")["head.weight"].dtype == torch.float32
+
+
+def test_quiet_still_prints_errors_and_env_defaults(demo_ckpts: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run(tmp_path / "nowhere", *FAST, "--out", tmp_path / "o", "-q")
+    assert result.exit_code == 4 and "no such directory" in result.stderr
+    monkeypatch.setenv("TWA_AVERAGE_BASELINES", "none")
+    result = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--out", str(tmp_path / "e"), "--json"],
+                                auto_envvar_prefix="TWA")
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)["metrics"]) == {"twa"}
+
+
+def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "d"), "--train-epochs", "2", "--epochs", "1",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["checkpoints"] == ["0.safetensors", "1.safetensors", "2.safetensors"]
+    assert (tmp_path / "d" / "twa" / "model.safetensors").is_file()
+    again = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "d"), "--train-epochs", "2"])
+    assert again.exit_code == 7 and "--overwrite" in again.stderr

@@ -94,7 +94,11 @@ class ProgressSink:
 
 
 def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> None:
-    """Run a command body, mapping failures to one line and the documented exit code."""
+    """Run a command body, mapping failures to one line and the documented exit code.
+
+    Errors are printed even with ``-q`` (on a console of their own).
+    """
+    console = make_console(quiet=False) if console.quiet else console
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         body()

@@ -242,7 +242,7 @@ def run_twa(config: AverageConfig, files: list[CheckpointFile], stream: Stream, 
     result = train_projected(model, names, basis, loader, config.train, device, config.amp,
                              on_step=lambda info: on_event(Event("step", step=info)))
     del basis
-    weights = flatten(dict(model.named_parameters()), names)
+    weights = flatten({n: p.detach().cpu() for n, p in model.named_parameters()}, names)  # float64: not on mps
     if not torch.isfinite(weights).all():
         raise NumericalError(f"TWA weights became non-finite (lr {config.train.lr:g}); lower --lr")
     on_event(Event("phase", "evaluating twa", total=1))
@@ -250,7 +250,7 @@ def run_twa(config: AverageConfig, files: list[CheckpointFile], stream: Stream, 
     metrics = evaluate(model, evaluator.eval_loader, device, config.amp).as_dict()
     on_event(Event("advance"))
     train = {"start": start_name, "steps": result.steps, "epoch_losses": list(result.epoch_losses)}
-    return metrics, train, weights.cpu()
+    return metrics, train, weights
 
 
 def _config_dict(config: AverageConfig) -> dict:
