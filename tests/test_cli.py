@@ -209,3 +209,18 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "d" / "twa" / "model.safetensors").is_file()
     again = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "d"), "--train-epochs", "2"])
     assert again.exit_code == 7 and "--overwrite" in again.stderr
+
+
+def test_timm_arch_key_names_the_model(plain_pt_ckpts: Path, tmp_path: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for name in ("1.pt", "2.pt"):
+        torch.save({"arch": "resnet18", "state_dict": torch.load(plain_pt_ckpts / f"{name[0]}.pt",
+                                                                 weights_only=True)}, ckpts / name)
+    result = run(ckpts, *FAST, "--out", tmp_path / "o")
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        assert result.exit_code == 4 and "timm:resnet18" in result.stderr and "pip install timm" in result.stderr
+    else:
+        assert result.exit_code == 4 and "does not match the model" in result.stderr

@@ -203,7 +203,7 @@ def run_baselines(config: AverageConfig, files: list[CheckpointFile], stream: St
             per_checkpoint[entry.name] = evaluator(load_checkpoint(entry.path).state).as_dict()
             on_event(Event("advance"))
         best_name = max(reversed(list(per_checkpoint)), key=lambda n: per_checkpoint[n]["accuracy"])
-        metrics["best"] = {**per_checkpoint[best_name], "checkpoint": best_name}
+        metrics["best"] = {**per_checkpoint[best_name], "checkpoint": best_name, "selected_on": "eval"}
     if "last" in config.baselines:
         on_event(Event("phase", "evaluating the last checkpoint", total=1))
         last_name = files[-1].name
