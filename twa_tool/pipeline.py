@@ -161,7 +161,7 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
         raise NumericalError(f"only {len(builder.kept)} linearly independent checkpoint(s) among {len(files)}; "
                              f"TWA needs at least 2 distinct checkpoints")
     mean_state = {k: (sums[k] / len(files)).to(v.dtype) if k in sums else v.clone() for k, v in last.items()}
-    return Stream(subspace=builder.finish(torch.float32), mean_state=mean_state, last_state=last, sha256=digests)
+    return Stream(subspace=builder.finish(), mean_state=mean_state, last_state=last, sha256=digests)
 
 
 def _loader(dataset: Dataset, config: AverageConfig, shuffle: bool, seed: int) -> DataLoader:

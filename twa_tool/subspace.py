@@ -23,7 +23,11 @@ DEFAULT_RANK_RTOL = 1e-5
 
 
 class BasisBuilder:
-    """Incremental orthonormalisation of flattened checkpoints (rows of P, float64 during the build).
+    """Incremental orthonormalisation of flattened checkpoints.
+
+    Rows are stored in ``dtype`` (float32 by default: the basis never exists in float64 at full
+    size) while all arithmetic runs in float64, block by block over the columns, so memory is the
+    basis plus one float64 vector plus one block.
 
     ``r`` records the Gram-Schmidt coefficients: kept checkpoint j equals ``sum_i r[i, j] * P[i]``,
     i.e. ``W_kept^T = P^T R`` with R upper triangular. That is what maps coordinates in the
@@ -32,13 +36,18 @@ class BasisBuilder:
     Args:
         capacity: the most vectors that will be added (rows are preallocated, no per-add copies).
         rtol: relative residual below which a vector counts as linearly dependent.
+        dtype: storage dtype of the basis rows.
     """
 
-    def __init__(self, capacity: int, rtol: float = DEFAULT_RANK_RTOL) -> None:
+    #: Entries of one float64 working block (k rows x block columns), 128 MiB.
+    BLOCK_ENTRIES = 1 << 24
+
+    def __init__(self, capacity: int, rtol: float = DEFAULT_RANK_RTOL, dtype: torch.dtype = torch.float32) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self.rtol = rtol
+        self.dtype = dtype
         self._rows: torch.Tensor | None = None
         self._r_columns: list[torch.Tensor] = []
         self.kept: list[int] = []
@@ -59,18 +68,16 @@ class BasisBuilder:
         if not torch.isfinite(v).all():
             raise ValueError(f"vector {index} has non-finite entries")
         if self._rows is None:
-            self._rows = torch.empty(self.capacity, v.numel(), dtype=torch.float64)
+            self._rows = torch.empty(self.capacity, v.numel(), dtype=self.dtype)
         elif v.numel() != self._rows.shape[1]:
             raise ValueError(f"vector {index} has {v.numel()} entries, expected {self._rows.shape[1]}")
         k = len(self.kept)
         norm0 = torch.linalg.vector_norm(v)
         coeffs = torch.zeros(k, dtype=torch.float64)
-        if k:
-            basis = self._rows[:k]
-            for _ in range(2):  # CGS2: a second pass repairs the orthogonality the first one lost
-                c = basis @ v
-                v.sub_(basis.T @ c)
-                coeffs += c
+        for _ in range(2 if k else 0):  # CGS2: a second pass repairs the orthogonality the first one lost
+            c = self._dot_rows(k, v)
+            self._subtract_rows(k, v, c)
+            coeffs += c
         norm = torch.linalg.vector_norm(v)
         if norm0 == 0 or norm <= self.rtol * norm0:
             self.dropped.append(index)
@@ -80,17 +87,32 @@ class BasisBuilder:
         self.kept.append(index)
         return True
 
-    def finish(self, dtype: torch.dtype = torch.float32) -> Subspace:
-        """Return the finished subspace with its basis stored in ``dtype``."""
+    def _blocks(self, k: int) -> range:
+        return range(0, self._rows.shape[1], max(4096, self.BLOCK_ENTRIES // max(1, k)))
+
+    def _dot_rows(self, k: int, v: torch.Tensor) -> torch.Tensor:
+        """``P[:k] @ v`` in float64, one column block of the basis converted at a time."""
+        step = self._blocks(k).step
+        c = torch.zeros(k, dtype=torch.float64)
+        for start in self._blocks(k):
+            c += self._rows[:k, start:start + step].to(torch.float64) @ v[start:start + step]
+        return c
+
+    def _subtract_rows(self, k: int, v: torch.Tensor, c: torch.Tensor) -> None:
+        """``v -= P[:k]^T c`` in float64, block by block."""
+        step = self._blocks(k).step
+        for start in self._blocks(k):
+            v[start:start + step] -= self._rows[:k, start:start + step].to(torch.float64).T @ c
+
+    def finish(self) -> Subspace:
+        """Return the finished subspace (the basis keeps the builder's storage dtype)."""
         k = len(self.kept)
         if k == 0 or self._rows is None:
             raise ValueError("no independent vectors were added")
         r = torch.zeros(k, k, dtype=torch.float64)
         for j, col in enumerate(self._r_columns):
             r[: j + 1, j] = col
-        basis = self._rows[:k].to(dtype)
-        if dtype == torch.float64:
-            basis = basis.clone()
+        basis = self._rows if k == self.capacity else self._rows[:k].clone()
         self._rows = None
         return Subspace(basis=basis, r=r, kept=tuple(self.kept), dropped=tuple(self.dropped), total=self.seen)
 
@@ -139,7 +161,7 @@ def orthonormality_error(basis: torch.Tensor) -> float:
 def build_subspace(vectors: list[torch.Tensor], rtol: float = DEFAULT_RANK_RTOL,
                    dtype: torch.dtype = torch.float32) -> Subspace:
     """Convenience: orthonormalise a list of flat vectors in order."""
-    builder = BasisBuilder(capacity=len(vectors), rtol=rtol)
+    builder = BasisBuilder(capacity=len(vectors), rtol=rtol, dtype=dtype)
     for v in vectors:
         builder.add(v)
-    return builder.finish(dtype)
+    return builder.finish()
