@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
-import inspect
 import json
 import sys
 from collections.abc import Callable, Mapping
@@ -209,8 +208,3 @@ def write_flat(model: nn.Module, names: list[str], vector: torch.Tensor) -> None
         raise ValueError(f"vector has {vector.numel()} entries, parameters {offset}")
 
 
-def model_accepts(fn: Callable, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
