@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY_ARGS, model_flags
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_ARGS, model_flags
 from twa_tool.cli import cli
 from twa_tool.models import build_model, flatten, trainable_names
 

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from conftest import TinyBN
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TinyBN
 from twa_tool.config import TrainConfig
 from twa_tool.errors import NumericalError
 from twa_tool.models import flatten, trainable_names, write_flat

@@ -22,7 +22,6 @@ from torch.optim.swa_utils import update_bn
 from .config import TrainConfig
 from .errors import NumericalError
 
-
 # ---------------------------------------------------------------------------------------------
 # Learning-rate schedules: factor of the base lr at (epoch, step within epoch).
 
