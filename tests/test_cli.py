@@ -101,15 +101,20 @@ def test_plain_pt_needs_model_flag(plain_pt_ckpts: Path, tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
 
 
-def test_duplicate_checkpoint_is_dropped_with_warning(demo_ckpts: Path, tmp_path: Path) -> None:
+def test_duplicates_are_counted_once_and_dependent_checkpoints_dropped(demo_ckpts: Path, tmp_path: Path) -> None:
     ckpts = tmp_path / "ckpts"
     shutil.copytree(demo_ckpts, ckpts)
-    shutil.copy(ckpts / "3.safetensors", ckpts / "5.safetensors")
+    shutil.copy(ckpts / "3.safetensors", ckpts / "5.safetensors")  # byte-identical copy
+    state = load_file(ckpts / "2.safetensors")  # same weights, different bytes: caught by the rank check
+    save_file(state, ckpts / "6.safetensors", metadata={"twa.model": "twa:cnn", "note": "re-saved"})
     result = run(ckpts, *FAST, "--baselines", "none", "--out", tmp_path / "o", "--json")
     assert result.exit_code == 0, result.output
-    assert "5.safetensors: linearly dependent" in result.stderr
+    assert "5.safetensors: byte-identical copy of 3.safetensors; counted once" in result.stderr
+    assert "6.safetensors: linearly dependent" in result.stderr
     report = json.loads(result.stdout)
-    assert report["dropped"] == ["5.safetensors"] and report["coefficients"][5] == 0
+    assert "5.safetensors" not in report["checkpoints"]
+    assert report["excluded"] == [{"name": "5.safetensors", "reason": "byte-identical copy of 3.safetensors"}]
+    assert report["dropped"] == ["6.safetensors"] and report["coefficients"][5] == 0
 
 
 def test_non_finite_checkpoint_exits_6(demo_ckpts: Path, tmp_path: Path) -> None:

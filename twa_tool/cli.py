@@ -169,6 +169,31 @@ def train_options(fn: Callable) -> Callable:
     return fn
 
 
+def selection_options(fn: Callable) -> Callable:
+    for option in reversed([
+        click.option("--include", multiple=True, metavar="GLOB", help="Only names matching (repeatable)."),
+        click.option("--exclude", multiple=True, metavar="GLOB", help="Drop names matching (repeatable)."),
+        click.option("--range", "range_", default=None, metavar="A:B",
+                     help="Checkpoints A..B-1 of the numeric order (Python slice)."),
+        click.option("--every", type=int, default=None, metavar="K",
+                     help="Every K-th checkpoint, counted back from the last one."),
+        click.option("--last", type=int, default=None, metavar="N", help="Only the last N selected checkpoints."),
+        click.option("--top-k", type=int, default=None, metavar="K",
+                     help="The K best by a metric the trainer stored (needs --by and --mode)."),
+        click.option("--by", default=None, metavar="METRIC", help="Stored metric for --top-k (see `twa inspect`)."),
+        click.option("--mode", type=click.Choice(["min", "max"]), default=None, help="Direction for --top-k."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def make_selection(include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None, every: int | None,
+                   last: int | None, top_k: int | None, by: str | None, mode: str | None) -> Selection:
+    start, stop = parse_range(range_) if range_ else (None, None)
+    return Selection(start=start, stop=stop, last=last, every=every, include=include, exclude=exclude,
+                     top_k=top_k, by=by, mode=mode)
+
+
 def run_options(fn: Callable) -> Callable:
     for option in reversed([
         click.option("--data", "data", required=True,
@@ -197,9 +222,7 @@ def run_options(fn: Callable) -> Callable:
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="Keyword argument for the model constructor (repeatable).")
 @run_options
-@click.option("--range", "range_", default=None, metavar="A:B",
-              help="Checkpoints A..B-1 of the numeric order (Python slice).")
-@click.option("--last", type=int, default=None, help="Only the last N selected checkpoints.")
+@selection_options
 @click.option("--start", default="mean", show_default=True, help="Start point: mean, last, or a checkpoint index.")
 @train_options
 @click.option("--fit-on", type=click.Choice(["train", "holdout"]), default="train", show_default=True,
@@ -210,8 +233,10 @@ def run_options(fn: Callable) -> Callable:
 @common_output_options
 def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: tuple[str, ...], data: str,
             data_root: Path | None, download: bool, device: str, amp: str, num_workers: int, seed: int,
-            range_: str | None, last: int | None, start: str, lr: float, wd: float, momentum: float, epochs: int,
-            batch_size: int, schedule: str, fit_on: str, holdout_fraction: float, baselines: str,
+            include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None, every: int | None,
+            last: int | None, top_k: int | None, by: str | None, mode: str | None, start: str, lr: float,
+            wd: float, momentum: float, epochs: int, batch_size: int, schedule: str, fit_on: str,
+            holdout_fraction: float, baselines: str,
             as_json: bool, overwrite: bool, quiet: bool, verbose: bool) -> None:
     """Average the checkpoints in CHECKPOINT_DIR with trainable coefficients (TWA).
 
@@ -224,11 +249,10 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
         from .pipeline import run_average
         from .report import render_average
 
-        start_stop = parse_range(range_) if range_ else (None, None)
         config = AverageConfig(
             checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, model=model,
             model_args=parse_key_values(model_args), data_root=data_root, download=download,
-            selection=Selection(start=start_stop[0], stop=start_stop[1], last=last), start=start,
+            selection=make_selection(include, exclude, range_, every, last, top_k, by, mode), start=start,
             train=TrainConfig(lr=lr, momentum=momentum, weight_decay=wd, epochs=epochs, batch_size=batch_size,
                               schedule=schedule),
             fit_on=fit_on, holdout_fraction=holdout_fraction, baselines=parse_baselines(baselines),

@@ -17,20 +17,35 @@ FIT_ON = ("train", "holdout")
 class Selection:
     """Which checkpoints of the ordered directory listing to use.
 
-    ``range`` is a Python slice ``(start, stop)`` over the ordered list (either may be None); ``last``
-    then keeps the last N of what remains.
+    ``include``/``exclude`` are globs on names; ``start``/``stop`` a Python slice over the ordered
+    list (``--range``); ``every`` keeps every K-th of that, counted from its end so the last
+    checkpoint is always in; ``last`` keeps the last N; ``top_k`` the K best by the stored metric
+    ``by`` (``mode`` min or max, required: a loss wants min, an accuracy max).
     """
 
     start: int | None = None
     stop: int | None = None
     last: int | None = None
+    every: int | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    top_k: int | None = None
+    by: str | None = None
+    mode: str | None = None
 
     def __post_init__(self) -> None:
-        if self.last is not None and self.last < 1:
-            raise ConfigError(f"--last {self.last}: must be a positive number of checkpoints")
+        for flag, value in (("--last", self.last), ("--every", self.every), ("--top-k", self.top_k)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} {value}: must be a positive number")
+        if self.top_k is not None and (self.by is None or self.mode not in ("min", "max")):
+            raise ConfigError("--top-k needs --by METRIC and --mode min|max (min for a loss, max for an accuracy)")
+        if self.top_k is None and self.by is not None:
+            raise ConfigError("--by needs --top-k K")
 
     def apply(self, items: list) -> list:
         chosen = items[self.start:self.stop]
+        if self.every is not None:
+            chosen = chosen[::-1][:: self.every][::-1]
         if self.last is not None:
             chosen = chosen[-self.last:]
         return chosen

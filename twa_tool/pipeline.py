@@ -43,6 +43,7 @@ from .models import (
     spec_from_metadata,
     trainable_names,
 )
+from .selection import Chosen, select
 from .subspace import BasisBuilder, Subspace, orthonormality_error
 from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
 
@@ -106,15 +107,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def select_checkpoints(config: AverageConfig) -> list[CheckpointFile]:
+def _stored_metric(name: str) -> Callable[[CheckpointFile], float | None]:
+    def metric_of(entry: CheckpointFile) -> float | None:
+        from .checkpoints import read_header
+
+        return read_header(entry.path).metrics.get(name)
+
+    return metric_of
+
+
+def select_checkpoints(config: AverageConfig) -> Chosen:
     files = discover(config.checkpoint_dir)
     if not files:
         raise CheckpointError(f"{config.checkpoint_dir}: no checkpoints found (looked for "
                               f"*.safetensors, *.pt, *.pth, *.bin, *.ckpt); check the path")
-    chosen = config.selection.apply(files)
-    if len(chosen) < 2:
-        raise CheckpointError(f"{config.checkpoint_dir}: {len(chosen)} of {len(files)} checkpoints selected; "
-                              f"TWA needs at least 2, widen --range/--last")
+    by = config.selection.by
+    chosen = select(files, config.selection, _stored_metric(by) if by else None)
+    if len(chosen.files) < 2:
+        raise CheckpointError(f"{config.checkpoint_dir}: {len(chosen.files)} of {len(files)} checkpoints selected; "
+                              f"TWA needs at least 2, widen the selection (--range/--last/--every/--include)")
     return chosen
 
 
@@ -270,7 +281,13 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
     warnings: list[str] = []
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    files = select_checkpoints(config)
+    chosen = select_checkpoints(config)
+    files = list(chosen.files)
+    for dropped in chosen.dropped:
+        if dropped.alias_of is not None:
+            message = f"{dropped.name}: {dropped.reason}; counted once"
+            warnings.append(message)
+            on_event(Event("warning", message))
     prepare_output_dir(config.out_dir, (MODEL_FILE, REPORT_FILE), config.overwrite)
     spec, model_args = resolve_model_spec(config, files[0])
     model = build_model(spec, model_args)
@@ -314,6 +331,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
         "coefficients": coefficients.tolist(),
         "coefficients_sum": float(coefficients.sum()),
         "dropped": [files[i].name for i in subspace.dropped],
+        "excluded": [{"name": d.name, "reason": d.reason} for d in chosen.dropped],
         "metrics": metrics,
         "checkpoint_metrics": per_checkpoint,
         "basis": {"rank": subspace.rank, "orthonormality_error": orthonormality_error(subspace.basis),

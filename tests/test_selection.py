@@ -1,0 +1,83 @@
+"""Selection: globs, slices, every, last, top-k, and alias de-duplication."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from twa_tool.checkpoints import discover
+from twa_tool.config import Selection
+from twa_tool.errors import ConfigError
+from twa_tool.selection import find_aliases, select
+
+
+def write_run(folder: Path, epochs: int = 6) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for e in range(epochs):
+        torch.save({"w": torch.full((300_000,), float(e))}, folder / f"{e}.pt")
+
+
+def names(chosen) -> list[str]:
+    return [f.name for f in chosen.files]
+
+
+def test_slices_every_last(tmp_path: Path) -> None:
+    write_run(tmp_path)
+    files = discover(tmp_path)
+    assert names(select(files, Selection(start=1, stop=5))) == ["1.pt", "2.pt", "3.pt", "4.pt"]
+    assert names(select(files, Selection(every=2))) == ["1.pt", "3.pt", "5.pt"]  # the last one always in
+    assert names(select(files, Selection(start=0, stop=-1, last=2))) == ["3.pt", "4.pt"]
+    chosen = select(files, Selection(include=("[0-3].pt",), exclude=("2.pt",)))
+    assert names(chosen) == ["0.pt", "1.pt", "3.pt"]
+    reasons = {d.name: d.reason for d in chosen.dropped}
+    assert reasons == {"2.pt": "matched by --exclude", "4.pt": "not matched by --include",
+                       "5.pt": "not matched by --include"}
+
+
+def test_aliases_are_counted_once(tmp_path: Path) -> None:
+    write_run(tmp_path)
+    os.symlink(tmp_path / "5.pt", tmp_path / "last.pt")
+    os.link(tmp_path / "4.pt", tmp_path / "model_best.pt")
+    shutil.copy(tmp_path / "3.pt", tmp_path / "copy_of_3.pt")
+    chosen = select(discover(tmp_path), Selection())
+    assert names(chosen) == [f"{e}.pt" for e in range(6)]
+    aliases = {d.name: (d.alias_of, d.reason) for d in chosen.dropped}
+    assert aliases == {
+        "last.pt": ("5.pt", "symlink to the same file of 5.pt"),
+        "model_best.pt": ("4.pt", "hard link to the same file of 4.pt"),
+        "copy_of_3.pt": ("3.pt", "byte-identical copy of 3.pt"),
+    }
+
+
+def test_same_size_different_content_is_not_an_alias(tmp_path: Path) -> None:
+    write_run(tmp_path, epochs=2)
+    data = bytearray((tmp_path / "1.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # differs only in the middle: the cheap probe matches, the full hash does not
+    (tmp_path / "2.pt").write_bytes(bytes(data))
+    assert find_aliases(discover(tmp_path)) == {}
+
+
+def test_top_k_by_metric(tmp_path: Path) -> None:
+    write_run(tmp_path)
+    files = discover(tmp_path)
+    loss = {"0.pt": 3.0, "1.pt": 1.0, "2.pt": 2.0, "3.pt": 0.5, "4.pt": 0.7, "5.pt": 0.6}
+    metric = lambda f: loss[f.name]  # noqa: E731
+    assert names(select(files, Selection(top_k=3, by="loss", mode="min"), metric)) == ["3.pt", "4.pt", "5.pt"]
+    assert names(select(files, Selection(top_k=2, by="loss", mode="max"), metric)) == ["0.pt", "2.pt"]
+    with pytest.raises(ConfigError, match="--by acc: no stored value for 0.pt and 5 more"):
+        select(files, Selection(top_k=2, by="acc", mode="max"), lambda f: None)
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    ({"top_k": 2}, "--top-k needs --by METRIC and --mode"),
+    ({"top_k": 2, "by": "loss"}, "--top-k needs --by METRIC and --mode"),
+    ({"by": "loss"}, "--by needs --top-k"),
+    ({"every": 0}, "--every 0: must be a positive number"),
+])
+def test_selection_flag_errors(kwargs: dict, text: str) -> None:
+    with pytest.raises(ConfigError, match=text):
+        Selection(**kwargs)

@@ -1,0 +1,132 @@
+"""Which checkpoints a run uses: filters, numeric slices, metric top-k, and alias de-duplication.
+
+Order of operations (documented in ``twa average --help``): discover in numeric order ->
+``--include``/``--exclude`` globs -> drop aliases (symlinks, hard links, byte-identical copies;
+the first name in numeric order is kept, so ``20.pt`` wins over ``last.pt``) -> ``--range`` ->
+``--every`` -> ``--last`` -> ``--top-k`` by a stored metric (kept in numeric order).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoints import CheckpointFile
+from .config import Selection
+from .errors import ConfigError
+
+#: Bytes hashed from each end of a file to find candidate copies cheaply before a full hash.
+PROBE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A discovered checkpoint the selection left out, and why."""
+
+    name: str
+    reason: str
+    alias_of: str | None = None
+
+
+@dataclass(frozen=True)
+class Chosen:
+    files: tuple[CheckpointFile, ...]
+    dropped: tuple[Dropped, ...]
+
+
+def _probe(path: Path) -> tuple[int, str]:
+    """(size, hash of the first and last MiB): equal for copies, almost never for different weights."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(PROBE_BYTES))
+        if size > 2 * PROBE_BYTES:
+            f.seek(-PROBE_BYTES, os.SEEK_END)
+            digest.update(f.read(PROBE_BYTES))
+    return size, digest.hexdigest()
+
+
+def _full_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_aliases(files: list[CheckpointFile]) -> dict[str, tuple[str, str]]:
+    """Map each alias name to (name it duplicates, how): symlink/same path, hard link, identical bytes."""
+    aliases: dict[str, tuple[str, str]] = {}
+    by_real: dict[Path, str] = {}
+    by_inode: dict[tuple[int, int], str] = {}
+    by_probe: dict[tuple[int, str], list[CheckpointFile]] = {}
+    full: dict[Path, str] = {}
+    for entry in files:
+        real = entry.path.resolve()
+        stat = real.stat()
+        if real in by_real:
+            aliases[entry.name] = (by_real[real], "symlink to the same file")
+            continue
+        if (stat.st_dev, stat.st_ino) in by_inode:
+            aliases[entry.name] = (by_inode[(stat.st_dev, stat.st_ino)], "hard link to the same file")
+            continue
+        by_real[real] = entry.name
+        by_inode[(stat.st_dev, stat.st_ino)] = entry.name
+        key = _probe(real)
+        twin = None
+        for other in by_probe.get(key, []):
+            if other.path not in full:
+                full[other.path] = _full_hash(other.path.resolve())
+            full[entry.path] = full.get(entry.path) or _full_hash(real)
+            if full[other.path] == full[entry.path]:
+                twin = other
+                break
+        if twin is not None:
+            aliases[entry.name] = (twin.name, "byte-identical copy")
+        else:
+            by_probe.setdefault(key, []).append(entry)
+    return aliases
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def select(files: list[CheckpointFile], selection: Selection,
+           metric_of: Callable[[CheckpointFile], float | None] | None = None) -> Chosen:
+    """Apply the selection to discovered files (already in numeric order)."""
+    dropped: list[Dropped] = []
+    kept = []
+    for entry in files:
+        if selection.include and not _matches(entry.name, selection.include):
+            dropped.append(Dropped(entry.name, "not matched by --include"))
+        elif _matches(entry.name, selection.exclude):
+            dropped.append(Dropped(entry.name, "matched by --exclude"))
+        else:
+            kept.append(entry)
+    aliases = find_aliases(kept)
+    dropped += [Dropped(name, f"{how} of {original}", alias_of=original) for name, (original, how) in aliases.items()]
+    kept = [f for f in kept if f.name not in aliases]
+    chosen = selection.apply(kept)
+    if selection.top_k is not None:
+        chosen = _top_k(chosen, selection, metric_of)
+    names = {f.name for f in chosen}
+    dropped += [Dropped(f.name, "outside --range/--every/--last/--top-k") for f in kept if f.name not in names]
+    return Chosen(files=tuple(chosen), dropped=tuple(dropped))
+
+
+def _top_k(files: list[CheckpointFile], selection: Selection,
+           metric_of: Callable[[CheckpointFile], float | None] | None) -> list[CheckpointFile]:
+    scored = [(metric_of(f) if metric_of else None, i, f) for i, f in enumerate(files)]
+    missing = [f.name for value, _, f in scored if value is None]
+    if missing:
+        raise ConfigError(f"--by {selection.by}: no stored value for {missing[0]}"
+                          f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; run `twa inspect` "
+                          f"to see the metrics each checkpoint stores")
+    sign = 1 if selection.mode == "min" else -1
+    best = sorted(scored, key=lambda t: (sign * t[0], t[1]))[: selection.top_k]
+    return [f for _, _, f in sorted(best, key=lambda t: t[1])]
