@@ -1,46 +1,113 @@
-"""Checkpoint files: discovery, numeric ordering, safe loading, and the atomic output writer.
+"""Checkpoint files: discovery, numeric ordering, framework-aware safe loading, and the atomic writer.
 
-Loading is safe by default: safetensors is read as data; torch pickle files go through
-``torch.load(weights_only=True)`` (always passed explicitly, so an inherited
-``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot weaken it) with a tiny allow-list. Anything else is
-refused with the offending globals named, unless the caller opts in with ``trust_pickle``.
+Reading
+-------
+``load_checkpoint`` turns one checkpoint (a file, or a Hugging Face ``checkpoint-<step>/`` folder)
+into a CPU state dict plus what the file says about itself: the producer (safetensors, torch,
+huggingface, lightning, timm, fairseq, averaged-model), the container key the weights were found
+under, the key prefix stripped, raw or averaged weights, epoch / step and the metrics the trainer
+stored. ``read_header`` returns the same description with shapes and dtypes only, reading headers
+(safetensors, index JSON) or memory-mapping torch zips, so a folder can be validated before any
+weights are read.
+
+Safety
+------
+* safetensors is read as data; duplicate tensor names in its header are refused.
+* torch pickles go through ``torch.load(weights_only=True)`` (always passed explicitly, so an
+  inherited ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot weaken it) inside
+  ``torch.serialization.safe_globals`` with a small allow-list (``argparse.Namespace``, numpy scalars
+  and dtypes, Lightning's ``AttributeDict`` rebuilt as a plain ``dict``). Anything else is refused with
+  the offending globals named, unless the caller opts in with ``trust_pickle``; there is never a
+  silent fallback. Pickles are refused outright on torch < 2.6.
+* torch zip archives are checked with ``zipfile`` first: the archive opens, every member is
+  ``ZIP_STORED`` (torch never compresses; a compressed member is a zip-bomb risk), member names are
+  plain, declared sizes fit the file, CRCs are valid; TorchScript archives (code) are refused.
+* Shard names in an index file must stay inside the checkpoint folder.
+* PEFT adapter-only, DeepSpeed ZeRO and FSDP sharded checkpoints are refused with the command that
+  converts them (see ``refusal_reason``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
+import pickle
 import re
 import struct
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CheckpointError, OutputError, UnsafeInputError
+from .errors import CheckpointError, ConfigError, OutputError, TwaError, UnsafeInputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 #: Files trainers leave beside the weights that are not weights (and must never be unpickled).
 NON_WEIGHT_STEMS = re.compile(r"^(optimizer|scheduler|scaler|rng_state.*|training_args|trainer_state)$")
-#: Files inside a Hugging Face style ``checkpoint-<step>/`` folder, in order of preference.
+#: Single weight files inside a Hugging Face style ``checkpoint-<step>/`` folder, in order of preference.
 FOLDER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-#: Keys under which trainers nest the state dict, in the order they are tried.
+#: Index files of sharded Hugging Face checkpoints (tried after the single files, as transformers does).
+FOLDER_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: Keys under which trainers nest the (raw) state dict, in the order they are tried.
 CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+#: Keys under which trainers keep EMA weights; only tried when EMA weights are asked for.
+EMA_CONTAINER_KEYS = ("state_dict_ema", "model_ema", "ema")
 #: Wrapper prefixes always stripped: DDP / AveragedModel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-SAFE_GLOBALS = [argparse.Namespace]
+PRODUCERS = ("safetensors", "torch", "huggingface", "lightning", "timm", "fairseq", "averaged-model")
+WEIGHT_KINDS = ("raw", "ema")
 MIN_TORCH_FOR_PICKLE = (2, 6)
+#: Cap on the JSON side files read (index, trainer state): a bigger one is not a genuine file.
+MAX_JSON_BYTES = 64 << 20
+#: Spellings under which Lightning's ``AttributeDict`` (a dict subclass) appears in old ``.ckpt`` files.
+ATTRIBUTE_DICT_NAMES = (
+    "lightning.fabric.utilities.data.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "lightning.pytorch.utilities.parsing.AttributeDict",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _safe_globals() -> tuple:
+    """The allow-list for ``weights_only`` loads. Each entry is a decision this project owns.
+
+    * ``argparse.Namespace`` (timm / fairseq ``args``): a plain attribute bag.
+    * numpy ``scalar`` under both module spellings, ``numpy.dtype`` and the concrete dtype classes:
+      rebuild numpy scalars such as timm's ``metric`` (``np.float64``); no code is run.
+    * Lightning's ``AttributeDict`` mapped to plain ``dict`` (torch only allows SETITEMS on dict), so
+      Lightning need not be installed and no Lightning code runs.
+    """
+    allowed: list = [argparse.Namespace, *((dict, name) for name in ATTRIBUTE_DICT_NAMES)]
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional: without it numpy payloads are refused like any other global
+        return tuple(allowed)
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    allowed += sorted({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"}, key=lambda t: t.__name__)
+    return tuple(allowed)
 
 
 @dataclass(frozen=True)
 class CheckpointFile:
-    """One selected checkpoint: ``name`` as shown to the user, ``path`` the weight file read."""
+    """One selected checkpoint: ``name`` as shown to the user, ``path`` what ``load_checkpoint`` reads.
+
+    ``path`` is the weight file, or the ``checkpoint-<step>/`` folder itself when the weights are
+    sharded or the folder is a layout ``load_checkpoint`` refuses with an explanation.
+    """
 
     name: str
     path: Path
@@ -52,10 +119,58 @@ class CheckpointFile:
 
 @dataclass(frozen=True)
 class LoadedCheckpoint:
-    """A state dict with what the file said about itself."""
+    """A state dict with what the checkpoint said about itself.
+
+    ``producer``: one of ``PRODUCERS``. ``container``: the key the state dict was found under (None
+    for a bare state dict or safetensors). ``prefix``: the key prefix stripped (e.g. ``"module."``,
+    ``"model."``), None if none. ``weights``: ``"raw"`` or ``"ema"`` (averaged weights: EMA / SWA).
+    ``epoch`` / ``step``: as the trainer recorded them. ``metrics``: what the trainer stored for this
+    checkpoint (timm ``metric``, Lightning ``ModelCheckpoint`` scores by monitor name, HF
+    ``log_history`` entries at this step).
+    """
 
     state: dict[str, torch.Tensor]
     metadata: dict[str, str]
+    producer: str = "torch"
+    container: str | None = None
+    prefix: str | None = None
+    weights: str = "raw"
+    epoch: int | None = None
+    step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """What ``read_header`` learns without reading weights: key -> (shape, dtype name) and the rest.
+
+    Dtype names are torch's without the ``torch.`` prefix (``"float32"``, ``"bfloat16"``, ``"int64"``).
+    Keys are prefix-stripped exactly as ``load_checkpoint`` would strip them.
+    """
+
+    tensors: dict[str, tuple[tuple[int, ...], str]]
+    metadata: dict[str, str]
+    producer: str = "torch"
+    epoch: int | None = None
+    step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    container: str | None = None
+    weights: str = "raw"
+    prefix: str | None = None
+
+
+@dataclass
+class _Found:
+    """A reader's result before prefix stripping. ``entries`` holds tensors, or (shape, dtype) specs."""
+
+    entries: dict
+    metadata: dict[str, str]
+    producer: str
+    container: str | None = None
+    weights: str = "raw"
+    epoch: int | None = None
+    step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def _strip_suffix(name: str) -> str:
@@ -71,11 +186,132 @@ def order_key(entry: CheckpointFile) -> tuple:
     return (0 if nums else 1, nums, entry.name)
 
 
-def discover(directory: Path) -> list[CheckpointFile]:
-    """List the weight files in ``directory`` in numeric order.
+# ----------------------------------------------------------------------------------------------
+# Layouts we refuse, with the command that converts them.
 
-    Accepts plain weight files and ``checkpoint-<step>/`` style folders that hold a
-    ``model.safetensors`` or ``pytorch_model.bin``. Optimizer/scheduler/RNG files are ignored.
+_DEEPSPEED_FILE = re.compile(r"^((bf16|fp32)_)?zero_pp_rank_\d+_mp_rank_\d+_(model|optim)_states\.pt$"
+                             r"|^mp_rank_\d+_model_states\.pt$|^layer_\d+-model_\d+-model_states\.pt$")
+_DEEPSPEED_DIR = re.compile(r"^global_step\d+$")
+_FSDP_DIR = re.compile(r"^pytorch_model_fsdp(_\d+)?$")
+_FSDP_FILE = re.compile(r"\.distcp$|^pytorch_model_fsdp(_\d+)?_rank\d+\.bin$")
+_PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def _peft_message(path: Path) -> str:
+    return (f"{path}: PEFT adapter-only checkpoint (adapter_model / adapter_config.json), not full model weights; "
+            f"merge the adapter into its base model first (peft: model.merge_and_unload(), then "
+            f"save_pretrained) and average the merged checkpoints")
+
+
+def _deepspeed_message(path: Path) -> str:
+    return (f"{path}: DeepSpeed ZeRO checkpoint (sharded *_model_states.pt / zero_pp_rank_* files), not a state "
+            f"dict; consolidate it first with the zero_to_fp32.py script DeepSpeed writes beside it "
+            f"(python zero_to_fp32.py <checkpoint_dir> <output>)")
+
+
+def _fsdp_message(path: Path) -> str:
+    return (f"{path}: FSDP sharded checkpoint (torch.distributed.checkpoint *.distcp shards), not a state dict; "
+            f"consolidate it first with torch.distributed.checkpoint.format_utils.dcp_to_torch_save(<dir>, "
+            f"<out.pt>) (or `accelerate merge-weights`)")
+
+
+def _torchscript_message(path: Path) -> str:
+    return (f"{path}: TorchScript archive (contains code), not a state dict; in the training script save "
+            f"model.state_dict() (torch.save or safetensors) instead")
+
+
+def _is_deepspeed_shard_dir(folder: Path) -> bool:
+    try:
+        return any(_DEEPSPEED_FILE.search(p.name) for p in folder.iterdir() if p.is_file())
+    except OSError:
+        return False
+
+
+def _folder_refusal(folder: Path) -> tuple[type[TwaError], str] | None:
+    """Why a folder without full weights is refused (None when it is not a known sharded layout)."""
+    try:
+        children = list(folder.iterdir())
+    except OSError:
+        return None
+    names = {p.name for p in children}
+    if any(n in names for n in _PEFT_FILES):
+        return CheckpointError, _peft_message(folder)
+    if (_DEEPSPEED_DIR.match(folder.name) and _is_deepspeed_shard_dir(folder)) or (folder / "latest").is_file() \
+            or any(_DEEPSPEED_FILE.search(n) for n in names) \
+            or any(p.is_dir() and _DEEPSPEED_DIR.match(p.name) and _is_deepspeed_shard_dir(p) for p in children):
+        return CheckpointError, _deepspeed_message(folder)
+    if _FSDP_DIR.match(folder.name) or ".metadata" in names or any(_FSDP_FILE.search(n) for n in names) \
+            or any(p.is_dir() and _FSDP_DIR.match(p.name) for p in children):
+        return CheckpointError, _fsdp_message(folder)
+    return None
+
+
+def _file_refusal(path: Path) -> tuple[type[TwaError], str] | None:
+    """Refusals decided by a file's name, or for zips by their member list (TorchScript)."""
+    name = path.name
+    if name.startswith("adapter_model."):
+        return CheckpointError, _peft_message(path)
+    if _DEEPSPEED_FILE.search(name):
+        return CheckpointError, _deepspeed_message(path)
+    if _FSDP_FILE.search(name) or name == ".metadata":
+        return CheckpointError, _fsdp_message(path)
+    try:
+        if _sniff(path) == "torch-zip":
+            with zipfile.ZipFile(path) as zf:
+                if _is_torchscript(zf.namelist()):
+                    return UnsafeInputError, _torchscript_message(path)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return None
+
+
+def _refusal(path: Path) -> tuple[type[TwaError], str] | None:
+    if path.is_dir():
+        return None if _hf_layout(path) is not None else _folder_refusal(path)
+    return _file_refusal(path)
+
+
+def refusal_reason(path: Path) -> str | None:
+    """One-line explanation of why ``path`` cannot be averaged as is, with the fix; None if it can.
+
+    Refused: PEFT adapter-only folders/files (merge the adapter first), DeepSpeed ZeRO shards
+    (run ``zero_to_fp32.py``), FSDP ``torch.distributed.checkpoint`` shards (``dcp_to_torch_save``)
+    and TorchScript archives (save ``model.state_dict()`` instead). A folder that also holds full
+    weights (``model.safetensors`` etc.) is not refused: those weights are read.
+    """
+    found = _refusal(Path(path))
+    return found[1] if found else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Discovery.
+
+
+def _hf_layout(folder: Path) -> tuple[str, Path] | None:
+    """The weights of a ``checkpoint-<step>/`` style folder: ("file", weight file) or ("index", index)."""
+    for name in FOLDER_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return "file", folder / name
+    for name in FOLDER_INDEX_FILES:
+        if (folder / name).is_file():
+            return "index", folder / name
+    return None
+
+
+def discover(directory: Path) -> list[CheckpointFile]:
+    """List the checkpoints in ``directory`` in numeric order.
+
+    Entries: plain weight files (``*.safetensors``, ``*.pt``, ``*.pth``, ``*.pth.tar``, ``*.bin``,
+    ``*.ckpt``) and ``checkpoint-<step>/`` style folders. For a folder holding ``model.safetensors``
+    or ``pytorch_model.bin`` the entry's path is that file; for sharded weights (an index JSON) it
+    is the folder. Optimizer/scheduler/RNG/training-args files are ignored.
+
+    Refused layouts (PEFT adapters, DeepSpeed ZeRO ``global_step*/``, FSDP shards) are *listed*, not
+    skipped, so that loading them raises the explanation and the fix: silently skipping would turn
+    "your checkpoints need converting" into "no checkpoints found" or, worse, average a subset. Only
+    files that are not weight candidates at all (``latest``, ``zero_to_fp32.py``, ``*.distcp``,
+    ``.metadata``) are skipped. When nothing is found and ``directory`` itself is a refused layout
+    (e.g. an FSDP shard folder), the explanation is raised here.
     """
     if not directory.exists():
         raise CheckpointError(f"{directory}: no such directory; pass the folder that holds the checkpoints")
@@ -86,24 +322,48 @@ def discover(directory: Path) -> list[CheckpointFile]:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            inner = next((entry / f for f in FOLDER_WEIGHT_FILES if (entry / f).is_file()), None)
-            if inner is not None:
-                found.append(CheckpointFile(name=entry.name, path=inner))
+            layout = _hf_layout(entry)
+            if layout is not None:
+                found.append(CheckpointFile(name=entry.name, path=layout[1] if layout[0] == "file" else entry))
+            elif _folder_refusal(entry) is not None:
+                found.append(CheckpointFile(name=entry.name, path=entry))
             continue
         if not entry.name.endswith(WEIGHT_SUFFIXES):
             continue
         if NON_WEIGHT_STEMS.match(_strip_suffix(entry.name)):
             continue
         found.append(CheckpointFile(name=entry.name, path=entry))
+    if not found:
+        refused = _folder_refusal(directory)
+        if refused is not None:
+            raise refused[0](refused[1])
     return sorted(found, key=order_key)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file. For a sharded checkpoint folder: of its index and shard files' digests.
+
+    The folder digest is the SHA-256 of ``name\\0sha256\\n`` lines over the index file and every
+    shard it names, sorted by name, so it changes whenever any weight byte does.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = _folder_weight_files(path)
+        if not files:
+            raise CheckpointError(f"{path}: no model weights in this folder to hash")
+        digest = hashlib.sha256()
+        for file in sorted(files, key=lambda p: p.name):
+            digest.update(f"{file.name}\0{sha256_file(file, chunk)}\n".encode())
+        return digest.hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Low-level readers.
 
 
 def _sniff(path: Path) -> str:
@@ -124,36 +384,140 @@ def _torch_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def _load_safetensors(path: Path) -> LoadedCheckpoint:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The raw JSON header (after safe_open validated the file), refusing duplicate tensor names."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(length)
+    try:
+        return json.loads(raw, object_pairs_hook=_reject_duplicates)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: invalid safetensors header ({err}); re-save or remove it") from None
+
+
+def _read_safetensors(path: Path, header_only: bool, keys: set[str] | None = None) -> tuple[dict, dict[str, str]]:
+    """Tensors (or specs) and metadata of one safetensors file; ``keys`` restricts what is read."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
+            header = _safetensors_header(path)
+            names = [k for k in header if k != "__metadata__"]
+            if keys is not None:
+                missing = sorted(keys - set(names))
+                if missing:
+                    raise CheckpointError(f"{path}: lacks {len(missing)} tensor(s) its index assigns to it "
+                                          f"(e.g. {missing[0]}); the checkpoint is incomplete")
+                names = [k for k in names if k in keys]
+            if header_only:
+                entries = {k: (tuple(int(d) for d in header[k]["shape"]), _ST_DTYPE_NAMES.get(
+                    header[k]["dtype"], str(header[k]["dtype"]).lower())) for k in names}
+            else:
+                entries = {k: f.get_tensor(k) for k in names}
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: unreadable safetensors file ({err}); re-save or remove it") from None
-    return LoadedCheckpoint(state=state, metadata=metadata)
+    return entries, metadata
 
 
-def _load_pickle(path: Path, trust_pickle: bool) -> LoadedCheckpoint:
+def _is_torchscript(names: list[str]) -> bool:
+    return any(len(parts) >= 2 and parts[1] in ("constants.pkl", "code")
+               for parts in (n.split("/") for n in names))
+
+
+def _check_zip(path: Path, verify_crc: bool) -> None:
+    """Validate a torch zip with the stdlib before torch touches it."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise CheckpointError(f"{path}: corrupt torch checkpoint (not a readable zip archive: {err}); the file "
+                              f"may be truncated, re-save or remove it") from None
+    with zf:
+        infos = zf.infolist()
+        names = [i.filename for i in infos]
+        if _is_torchscript(names):
+            raise UnsafeInputError(_torchscript_message(path))
+        for info in infos:
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointError(f"{path}: zip member {info.filename} is compressed; torch.save never "
+                                      f"compresses, so this is not a torch checkpoint (or a zip bomb); refusing it")
+            parts = info.filename.replace("\\", "/").split("/")
+            if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                raise CheckpointError(f"{path}: zip member name {info.filename!r} is not a plain relative name; "
+                                      f"not a torch checkpoint, refusing it")
+        if len({n.split("/", 1)[0] for n in names}) != 1:
+            raise CheckpointError(f"{path}: zip members do not share one archive folder; not a torch checkpoint")
+        if sum(i.file_size for i in infos) > path.stat().st_size:
+            raise CheckpointError(f"{path}: zip members declare more bytes than the file holds; the file is "
+                                  f"corrupt or hostile, refusing it")
+        if verify_crc:
+            try:
+                bad = zf.testzip()
+            except (zipfile.BadZipFile, OSError, zlib.error, EOFError) as err:
+                raise CheckpointError(f"{path}: corrupt torch checkpoint ({err}); re-copy or remove it") from None
+            if bad is not None:
+                raise CheckpointError(f"{path}: CRC mismatch in zip member {bad}; the file is corrupt (bit rot or "
+                                      f"a partial copy), re-copy or remove it")
+
+
+def _weights_only_detail(err: Exception) -> str:
+    """The unpickler's own reason from torch's long weights_only message, on one line."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.rsplit("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    line = lines[0] if lines else type(err).__name__
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+_POLICY_REFUSAL = re.compile(r"allowlist|allowed global|Can only|unrecognized function|is blocked|not an allowed")
+
+
+def _torch_load(path: Path, trust_pickle: bool, header_only: bool) -> object:
+    """``torch.load`` a pickle checkpoint safely (zip pre-checks, explicit weights_only, allow-list)."""
     if _torch_version() < MIN_TORCH_FOR_PICKLE:
         raise UnsafeInputError(f"{path}: loading pickle checkpoints safely needs torch >= 2.6 "
                                f"(installed {torch.__version__}); upgrade torch or convert to safetensors")
+    is_zip = _sniff(path) == "torch-zip"
+    if is_zip:
+        _check_zip(path, verify_crc=not header_only)
     try:
         if trust_pickle:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(str(path), map_location="cpu", weights_only=False, mmap=is_zip)
+        with torch.serialization.safe_globals(list(_safe_globals())):
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
+            except Exception as err:  # classified below, inside the allow-list context
+                unsafe = _unsafe_globals(path) or re.findall(r"GLOBAL (\S+) was not an allowed global", str(err))
+                if unsafe:
+                    more = f" and {len(unsafe) - 5} more" if len(unsafe) > 5 else ""
+                    raise UnsafeInputError(
+                        f"{path}: refused to unpickle code objects ({', '.join(unsafe[:5])}{more}); convert the "
+                        f"file to safetensors, or pass --trust-pickle if you trust its origin") from None
+                detail = _weights_only_detail(err)
+                if isinstance(err, pickle.UnpicklingError) and _POLICY_REFUSAL.search(detail):
+                    raise UnsafeInputError(
+                        f"{path}: refused by the safe unpickler ({detail}); convert the file to safetensors, or "
+                        f"pass --trust-pickle if you trust its origin") from None
+                raise
+    except TwaError:
+        raise
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        unsafe = _unsafe_globals(path)
-        if unsafe:
-            raise UnsafeInputError(
-                f"{path}: refused to unpickle code objects ({', '.join(unsafe[:5])}); convert the file to "
-                f"safetensors, or pass --trust-pickle if you trust its origin") from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot read torch checkpoint ({first}); the file may be truncated "
+        detail = _weights_only_detail(err) if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot read torch checkpoint ({detail}); the file may be truncated "
                               f"or not a checkpoint, re-save or remove it") from None
-    return _as_loaded(path, obj)
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -163,62 +527,490 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
-def _as_loaded(path: Path, obj: object) -> LoadedCheckpoint:
-    """Find the state dict inside a loaded object (plain dict, or nested under a known key)."""
-    metadata: dict[str, str] = {}
-    if isinstance(obj, Mapping) and isinstance(obj.get("arch"), str):
-        metadata["arch"] = obj["arch"]
-    state = obj
-    if isinstance(obj, Mapping) and not _all_tensors(obj):
-        state = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
-    if not isinstance(state, Mapping) or not state or not _all_tensors(state):
+def _read_json(path: Path) -> object:
+    """A JSON side file (index, trainer state): size-capped, duplicate keys refused, never pickle."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: {size} bytes, over the {MAX_JSON_BYTES >> 20} MiB limit for checkpoint "
+                                  f"JSON files; not a genuine index/trainer-state file")
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_reject_duplicates)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable JSON ({err}); re-save or remove it") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Interpreting a loaded torch object: producer, container, epoch/step/metrics.
+
+
+def _as_int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return int(value.item())
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return _as_int(value.item())
+    return None
+
+
+def _as_float(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.item()) if value.numel() == 1 and not value.is_complex() else None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return _as_float(value.item())
+    return None
+
+
+def _as_state(value: object) -> dict | None:
+    """A non-empty dict of tensors (an nn.Module, only loadable with --trust-pickle, gives its state_dict)."""
+    if isinstance(value, torch.nn.Module):
+        value = value.state_dict()
+    if isinstance(value, Mapping) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+        return dict(value)
+    return None
+
+
+def _is_averaged_model(state: Mapping) -> bool:
+    """A torch.optim.swa_utils.AveragedModel state dict: ``n_averaged`` plus ``module.``-prefixed keys."""
+    return "n_averaged" in state and len(state) > 1 and all(k.startswith("module.") for k in state if k != "n_averaged")
+
+
+def _detect_producer(obj: Mapping) -> str:
+    keys = set(obj)
+    if "pytorch-lightning_version" in keys or {"state_dict", "epoch", "global_step"} <= keys:
+        return "lightning"
+    if isinstance(obj.get("arch"), str) and ("state_dict" in keys or "state_dict_ema" in keys):
+        return "timm"
+    if "model" in keys and keys & {"cfg", "args", "optimizer_history", "extra_state"}:
+        return "fairseq"
+    return "torch"
+
+
+def _basename(p: object) -> str:
+    return re.split(r"[\\/]", str(p))[-1]
+
+
+def _lightning_metrics(obj: Mapping, path: Path) -> dict[str, float]:
+    """Scores ``ModelCheckpoint`` callbacks recorded for this file, keyed by their ``monitor`` name."""
+    callbacks = obj.get("callbacks")
+    if not isinstance(callbacks, Mapping):
+        return {}
+    names = {path.name}
+    try:
+        names.add(path.resolve().name)  # last.ckpt saved as a link to the epoch file
+    except OSError:
+        pass
+    metrics: dict[str, float] = {}
+    for key, state in callbacks.items():
+        if not str(key).startswith("ModelCheckpoint") or not isinstance(state, Mapping):
+            continue
+        monitor = state.get("monitor")
+        if not isinstance(monitor, str) or not monitor:
+            continue
+        score = None
+        best_k = state.get("best_k_models")
+        if isinstance(best_k, Mapping):
+            score = next((_as_float(v) for k, v in best_k.items() if _basename(k) in names), None)
+        if score is None and _basename(state.get("best_model_path") or "") in names:
+            score = _as_float(state.get("best_model_score"))
+        if score is not None:
+            metrics[monitor] = score
+    return metrics
+
+
+def _trainer_info(obj: Mapping, producer: str, path: Path) -> tuple[int | None, int | None, dict[str, float]]:
+    """(epoch, step, metrics) as each producer records them."""
+    if producer == "lightning":
+        return _as_int(obj.get("epoch")), _as_int(obj.get("global_step")), _lightning_metrics(obj, path)
+    if producer == "timm":
+        metrics: dict[str, float] = {}
+        metric = _as_float(obj.get("metric"))
+        if metric is not None:
+            metrics["metric"] = metric
+            name = getattr(obj.get("args"), "eval_metric", None)
+            if isinstance(name, str) and name:
+                metrics[name] = metric
+        return _as_int(obj.get("epoch")), None, metrics
+    if producer == "fairseq":
+        extra = obj.get("extra_state") if isinstance(obj.get("extra_state"), Mapping) else {}
+        iterator = extra.get("train_iterator") if isinstance(extra.get("train_iterator"), Mapping) else {}
+        history = obj.get("optimizer_history")
+        step = _as_int(history[-1].get("num_updates")) if isinstance(history, list) and history and \
+            isinstance(history[-1], Mapping) else None
+        val_loss = _as_float(extra.get("val_loss"))
+        return _as_int(iterator.get("epoch")), step, ({"val_loss": val_loss} if val_loss is not None else {})
+    step = _as_int(obj.get("global_step")) if "global_step" in obj else _as_int(obj.get("step"))
+    return _as_int(obj.get("epoch")), step, {}
+
+
+def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | None, Mapping | None]:
+    """(state, producer, container, top-level dict or None) for the requested kind of weights; never mixes."""
+    whole = _as_state(obj)
+    if not isinstance(obj, Mapping) or whole is not None:
+        if whole is None:
+            raise CheckpointError(f"{path}: no state dict found (the file holds a {type(obj).__name__}, expected a "
+                                  f"dict of tensors); save model.state_dict()")
+        producer = "averaged-model" if _is_averaged_model(whole) else "torch"
+        choices = {"raw": None, "ema": None}
+        choices["ema" if producer == "averaged-model" else "raw"] = (whole, None)
+        top = None
+    else:
+        top = obj
+        producer = _detect_producer(obj)
+        raw = ema = None
+        if producer == "lightning" and _as_state(obj.get("current_model_state")) is not None:
+            # Lightning WeightAveraging / EMAWeightAveraging: state_dict is the average, raw weights moved.
+            raw = (_as_state(obj["current_model_state"]), "current_model_state")
+            averaged = _as_state(obj.get("state_dict"))
+            ema = (averaged, "state_dict") if averaged is not None else None
+        else:
+            raw = next(((s, k) for k in CONTAINER_KEYS if (s := _as_state(obj.get(k))) is not None), None)
+            ema = next(((s, k) for k in EMA_CONTAINER_KEYS if (s := _as_state(obj.get(k))) is not None), None)
+            if ema is None and producer == "lightning":
+                ema = _lightning_swa_state(obj)
+            if raw is not None and _is_averaged_model(raw[0]):
+                if producer == "torch":
+                    producer = "averaged-model"
+                ema, raw = ema or raw, None
+        choices = {"raw": raw, "ema": ema}
+    chosen = choices[weights]
+    if chosen is None:
+        if weights == "ema":
+            raise CheckpointError(f"{path}: no EMA/averaged weights in this file (looked for "
+                                  f"{', '.join(EMA_CONTAINER_KEYS)}, Lightning WeightAveraging/SWA state, an "
+                                  f"AveragedModel dump); use --weights raw, or select files that hold EMA weights")
+        other = choices["ema"]
+        if other is not None:
+            holder = f"under {other[1]}" if other[1] else "at the top level"
+            if _is_averaged_model(other[0]):
+                holder += " (a torch.optim.swa_utils.AveragedModel state dict: module. keys + n_averaged)"
+            raise CheckpointError(f"{path}: holds only averaged/EMA weights {holder}, no raw weights; pass "
+                                  f"--weights ema to average those instead")
         raise CheckpointError(f"{path}: no state dict found (expected a dict of tensors, or one under "
                               f"{', '.join(CONTAINER_KEYS)}); save model.state_dict()")
-    return LoadedCheckpoint(state=dict(state), metadata=metadata)
+    return chosen[0], producer, chosen[1], top
 
 
-def _all_tensors(mapping: Mapping) -> bool:
-    return all(isinstance(v, torch.Tensor) for v in mapping.values())
+def _lightning_swa_state(obj: Mapping) -> tuple[dict, str] | None:
+    """The average kept by Lightning's StochasticWeightAveraging callback, if the file has one."""
+    callbacks = obj.get("callbacks")
+    if not isinstance(callbacks, Mapping):
+        return None
+    for key, state in callbacks.items():
+        if str(key).startswith("StochasticWeightAveraging") and isinstance(state, Mapping):
+            found = _as_state(state.get("average_model_state"))
+            if found is not None:
+                return found, f"callbacks[{key}].average_model_state"
+    return None
 
 
-def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove DDP/AveragedModel ``module.`` and torch.compile ``_orig_mod.`` prefixes."""
+def _read_torch(path: Path, trust_pickle: bool, weights: str, header_only: bool) -> _Found:
+    obj = _torch_load(path, trust_pickle, header_only)
+    state, producer, container, top = _select(obj, path, weights)
+    metadata: dict[str, str] = {}
+    epoch = step = None
+    metrics: dict[str, float] = {}
+    if top is not None:
+        if isinstance(top.get("arch"), str):
+            metadata["arch"] = top["arch"]
+        epoch, step, metrics = _trainer_info(top, "torch" if producer == "averaged-model" else producer, path)
+    entries = {k: (tuple(v.shape), _dtype_name(v.dtype)) for k, v in state.items()} if header_only else state
+    return _Found(entries=entries, metadata=metadata, producer=producer, container=container, weights=weights,
+                  epoch=epoch, step=step, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face folders.
+
+
+def _shard_path(folder: Path, index: Path, name: object) -> Path:
+    """A shard named by an index: a plain file name that resolves inside ``folder``."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or os.path.isabs(name) or "\0" in name:
+        raise CheckpointError(f"{index}: shard name {name!r} is not a plain file name inside the checkpoint folder "
+                              f"(path traversal?); refusing to read it")
+    root = folder.resolve()
+    target = (folder / name).resolve()
+    if target.parent != root and root not in target.parents:
+        raise CheckpointError(f"{index}: shard {name!r} resolves outside the checkpoint folder ({target}); "
+                              f"refusing to follow it")
+    if not target.is_file():
+        raise CheckpointError(f"{index}: shard {name!r} is missing; the checkpoint is incomplete")
+    return folder / name
+
+
+def _index_shards(index: Path) -> dict[Path, set[str]]:
+    """Shard file -> tensor names, from a ``*.index.json`` whose every shard stays inside its folder."""
+    document = _read_json(index)
+    weight_map = document.get("weight_map") if isinstance(document, Mapping) else None
+    if not isinstance(weight_map, Mapping) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map in the index; re-save the checkpoint")
+    shards: dict[Path, set[str]] = {}
+    for key, name in weight_map.items():
+        shards.setdefault(_shard_path(index.parent, index, name), set()).add(key)
+    return shards
+
+
+def _folder_weight_files(folder: Path) -> list[Path]:
+    layout = _hf_layout(folder)
+    if layout is None:
+        return []
+    if layout[0] == "file":
+        return [layout[1]]
+    return [layout[1], *_index_shards(layout[1])]
+
+
+def _is_hf_weight_file(path: Path) -> bool:
+    folder = path.parent
+    return path.name in FOLDER_WEIGHT_FILES + FOLDER_INDEX_FILES and (
+        (folder / "trainer_state.json").is_file() or (folder / "config.json").is_file()
+        or re.match(r"^checkpoint-\d+$", folder.name) is not None)
+
+
+def _trainer_state(folder: Path) -> tuple[int | None, int | None, dict[str, float]]:
+    """(epoch, global_step, metrics logged at that step) from ``trainer_state.json`` (JSON, never pickle)."""
+    path = folder / "trainer_state.json"
+    if not path.is_file():
+        return None, None, {}
+    state = _read_json(path)
+    if not isinstance(state, Mapping):
+        return None, None, {}
+    step = _as_int(state.get("global_step"))
+    metrics: dict[str, float] = {}
+    history = state.get("log_history")
+    if step is not None and isinstance(history, list):
+        for entry in history:
+            if isinstance(entry, Mapping) and _as_int(entry.get("step")) == step:
+                for key, value in entry.items():
+                    number = _as_float(value)
+                    if key not in ("step", "epoch") and number is not None:
+                        metrics[str(key)] = number
+    return _as_int(state.get("epoch")), step, metrics
+
+
+def _read_hf(folder: Path, weight_file: Path, trust_pickle: bool, weights: str, header_only: bool) -> _Found:
+    """A ``checkpoint-<step>/`` folder: one weight file or an index with shards, plus trainer_state.json."""
+    if weights == "ema":
+        raise CheckpointError(f"{weight_file}: Hugging Face checkpoints hold one set of weights, no EMA copy; "
+                              f"use --weights raw")
+    if weight_file.name in FOLDER_INDEX_FILES:
+        entries: dict = {}
+        metadata: dict[str, str] = {}
+        container = None
+        for shard, keys in _index_shards(weight_file).items():
+            if _sniff(shard) == "safetensors":
+                part, meta = _read_safetensors(shard, header_only, keys)
+            else:
+                found = _read_torch(shard, trust_pickle, "raw", header_only)
+                missing = sorted(keys - set(found.entries))
+                if missing:
+                    raise CheckpointError(f"{shard}: lacks {len(missing)} tensor(s) its index assigns to it "
+                                          f"(e.g. {missing[0]}); the checkpoint is incomplete")
+                part, meta, container = {k: found.entries[k] for k in keys}, found.metadata, found.container
+            entries.update(part)
+            for k, v in meta.items():
+                metadata.setdefault(k, v)
+        found = _Found(entries=entries, metadata=metadata, producer="huggingface", container=container)
+    elif _sniff(weight_file) == "safetensors":
+        entries, metadata = _read_safetensors(weight_file, header_only)
+        found = _Found(entries=entries, metadata=metadata, producer="huggingface")
+    else:
+        found = _read_torch(weight_file, trust_pickle, "raw", header_only)
+        found.producer = "huggingface"
+    if not any((v.numel() if isinstance(v, torch.Tensor) else _numel(v[0])) for v in found.entries.values()):
+        refused = _folder_refusal(folder)  # e.g. ZeRO-3 without gathering writes an empty model file
+        if refused is not None:
+            raise refused[0](refused[1])
+    found.epoch, found.step, found.metrics = _trainer_state(folder)
+    return found
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefixes.
+
+
+def _strip_wrappers(state: dict) -> tuple[dict, str]:
+    """Strip DDP/AveragedModel ``module.`` and torch.compile ``_orig_mod.``; drop ``n_averaged``."""
+    stripped = ""
     changed = True
     while changed:
         changed = False
         for prefix in WRAPPER_PREFIXES:
-            if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+            if any(k != "n_averaged" for k in state) and all(k.startswith(prefix) for k in state if k != "n_averaged"):
+                state = {k[len(prefix):] if k != "n_averaged" else k: v for k, v in state.items()}
+                stripped += prefix
                 changed = True
     state.pop("n_averaged", None)
-    return state
+    return state, stripped
 
 
-def load_checkpoint(path: Path, trust_pickle: bool = False) -> LoadedCheckpoint:
-    """Load one checkpoint file into a CPU state dict, safely."""
+def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove DDP/AveragedModel ``module.`` and torch.compile ``_orig_mod.`` prefixes (and ``n_averaged``)."""
+    return _strip_wrappers(dict(state))[0]
+
+
+def _model_prefix(keys: list[str], model_keys: set[str]) -> str | None:
+    """The one common leading prefix whose removal makes ``keys`` equal ``model_keys`` (None if none)."""
+    if not keys or set(keys) == model_keys:
+        return None
+    parts = keys[0].split(".")
+    for depth in range(1, len(parts)):
+        candidate = ".".join(parts[:depth]) + "."
+        if not all(k.startswith(candidate) for k in keys):
+            return None
+        if {k[len(candidate):] for k in keys} == model_keys:
+            return candidate
+    return None
+
+
+def _apply_prefixes(found: _Found, path: Path, strip_prefix: str | None,
+                    model_keys: object | None) -> tuple[dict, str | None]:
+    entries, stripped = _strip_wrappers(found.entries)
+    prefix = None
+    if strip_prefix:
+        keys = list(entries)
+        dotted = strip_prefix if strip_prefix.endswith(".") else strip_prefix + "."
+        prefix = next((p for p in (dotted, strip_prefix) if all(k.startswith(p) for k in keys)), None)
+        if prefix is None:
+            example = next((k for k in keys if not k.startswith(strip_prefix)), "")
+            raise CheckpointError(f"{path}: --strip-prefix {strip_prefix!r}: not every key starts with it "
+                                  f"(e.g. {example!r})")
+    elif model_keys is not None:
+        prefix = _model_prefix(list(entries), set(model_keys))
+    if prefix:
+        entries = {k[len(prefix):]: v for k, v in entries.items()}
+        entries, again = _strip_wrappers(entries)  # e.g. "model._orig_mod." inside a LightningModule
+        stripped += prefix + again
+    return entries, stripped or None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public readers.
+
+
+def _read(path: Path, trust_pickle: bool, weights: str, header_only: bool) -> _Found:
+    if weights not in WEIGHT_KINDS:
+        raise ConfigError(f"--weights {weights}: use raw or ema")
+    path = Path(path)
+    if path.is_dir():
+        layout = _hf_layout(path)
+        if layout is None:
+            refused = _folder_refusal(path)
+            if refused is not None:
+                raise refused[0](refused[1])
+            raise CheckpointError(f"{path}: no model weights in this folder (looked for "
+                                  f"{', '.join(FOLDER_WEIGHT_FILES + FOLDER_INDEX_FILES)})")
+        return _read_hf(path, layout[1], trust_pickle, weights, header_only)
+    refused = _file_refusal(path) if path.is_file() else None
+    if refused is not None:
+        raise refused[0](refused[1])
+    if path.name in FOLDER_INDEX_FILES or (path.name in FOLDER_WEIGHT_FILES and _is_hf_weight_file(path)):
+        return _read_hf(path.parent, path, trust_pickle, weights, header_only)
     try:
         kind = _sniff(path)
     except OSError as err:
         raise CheckpointError(f"{path}: cannot open ({err.strerror})") from None
     if kind == "safetensors":
-        loaded = _load_safetensors(path)
-    elif kind in ("torch-zip", "torch-legacy"):
-        loaded = _load_pickle(path, trust_pickle)
-    else:
-        raise CheckpointError(f"{path}: unknown file format (not safetensors nor a torch checkpoint); "
-                              f"remove it from the folder or select around it with --range")
-    return LoadedCheckpoint(state=strip_wrapper_prefixes(loaded.state), metadata=loaded.metadata)
+        if weights == "ema":
+            raise CheckpointError(f"{path}: a safetensors file holds one set of weights, no EMA copy; use "
+                                  f"--weights raw")
+        entries, metadata = _read_safetensors(path, header_only)
+        return _Found(entries=entries, metadata=metadata, producer="safetensors")
+    if kind in ("torch-zip", "torch-legacy"):
+        return _read_torch(path, trust_pickle, weights, header_only)
+    raise CheckpointError(f"{path}: unknown file format (not safetensors nor a torch checkpoint); "
+                          f"remove it from the folder or select around it with --range")
+
+
+def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "raw", strip_prefix: str | None = None,
+                    model_keys: object | None = None) -> LoadedCheckpoint:
+    """Load one checkpoint into a CPU state dict, safely, with what it says about itself.
+
+    ``path``: a weight file, or a Hugging Face ``checkpoint-<step>/`` folder (``model.safetensors``,
+    sharded ``model-*-of-*.safetensors`` + ``model.safetensors.index.json``, legacy
+    ``pytorch_model.bin`` [+ index]); ``trainer_state.json`` beside the weights gives step and metrics.
+
+    ``weights``: ``"raw"`` (what the optimizer trained) or ``"ema"`` (the averaged copy a trainer kept:
+    ``state_dict_ema`` / ``model_ema`` / ``ema``, Lightning WeightAveraging or SWA state, a torch
+    ``AveragedModel`` dump). Raw containers are tried in the order ``state_dict``, ``model``,
+    ``model_state_dict``, ``module``, then the top-level dict if it holds only tensors. The two kinds are
+    never mixed and never substituted: asking for a kind the file lacks is a ``CheckpointError``.
+    Lightning ``WeightAveraging`` files keep the average in ``state_dict`` and the raw weights in
+    ``current_model_state``: ``raw`` reads ``current_model_state``, ``ema`` reads ``state_dict``.
+    An ``AveragedModel`` dump holds only averaged weights, so it needs ``weights="ema"``.
+
+    Prefixes: DDP/AveragedModel ``module.`` and torch.compile ``_orig_mod.`` are always stripped.
+    ``strip_prefix`` forces one more prefix off every key (an error if a key lacks it). Otherwise,
+    given ``model_keys`` (the target model's state-dict keys), one common leading prefix such as
+    Lightning's ``model.`` / ``net.`` is stripped when that makes the keys equal the model's.
+    """
+    found = _read(path, trust_pickle, weights, header_only=False)
+    state, prefix = _apply_prefixes(found, Path(path), strip_prefix, model_keys)
+    return LoadedCheckpoint(state=state, metadata=found.metadata, producer=found.producer, container=found.container,
+                            prefix=prefix, weights=found.weights, epoch=found.epoch, step=found.step,
+                            metrics=found.metrics)
+
+
+def read_header(path: Path, *, weights: str = "raw", trust_pickle: bool = False, strip_prefix: str | None = None,
+                model_keys: object | None = None) -> HeaderInfo:
+    """Shapes, dtypes and trainer info of a checkpoint without reading its weights.
+
+    safetensors: the JSON header only (validated by ``safe_open``); HF folders: the index plus each
+    shard's header; torch zips: ``torch.load(mmap=True, weights_only=True)``, which maps tensors lazily,
+    with the structural zip checks but without the CRC pass ``load_checkpoint`` does; legacy
+    (non-zip) pickles must be read whole. Same containers, refusals and prefix rules as
+    ``load_checkpoint``.
+    """
+    found = _read(path, trust_pickle, weights, header_only=True)
+    tensors, prefix = _apply_prefixes(found, Path(path), strip_prefix, model_keys)
+    return HeaderInfo(tensors=tensors, metadata=found.metadata, producer=found.producer, epoch=found.epoch,
+                      step=found.step, metrics=found.metrics, container=found.container, weights=found.weights,
+                      prefix=prefix)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    """Header metadata of a safetensors file without reading its tensors ({} for other formats)."""
-    if _sniff(path) != "safetensors":
-        return {}
+    """Header metadata of a safetensors file or HF folder without reading tensors ({} for other formats)."""
+    path = Path(path)
     try:
+        if path.is_dir() or path.name in FOLDER_INDEX_FILES:
+            folder = path if path.is_dir() else path.parent
+            return dict(_read(folder, False, "raw", header_only=True).metadata) if _hf_layout(folder) else {}
+        if _sniff(path) != "safetensors":
+            return {}
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return dict(f.metadata() or {})
-    except (SafetensorError, OSError):
+    except (SafetensorError, OSError, TwaError):
         return {}
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_ST_DTYPE_NAMES = {
+    **{code: _dtype_name(dtype) for dtype, code in SAFETENSORS_DTYPES.items()},
+    **{code: _dtype_name(getattr(torch, name)) for code, name in (
+        ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"), ("C128", "complex128"),
+        ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, name)},
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,13 +1043,6 @@ def prepare_output_dir(out_dir: Path, names: tuple[str, ...], overwrite: bool) -
         raise OutputError(f"{out_dir}: cannot create output directory ({err.strerror})") from None
     if not os.access(out_dir, os.W_OK):
         raise OutputError(f"{out_dir}: not writable; choose another --out")
-
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> None:

@@ -1,0 +1,526 @@
+"""Framework layouts in their real on-disk formats: HF folders, Lightning, timm, fairseq, AveragedModel,
+EMA selection, prefixes, refused layouts (PEFT, DeepSpeed, FSDP, TorchScript) and hostile files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from twa_tool.checkpoints import (
+    HeaderInfo,
+    discover,
+    load_checkpoint,
+    read_header,
+    read_metadata,
+    refusal_reason,
+    sha256_file,
+)
+from twa_tool.errors import CheckpointError, ConfigError, UnsafeInputError
+
+
+def state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"fc.weight": torch.randn(3, 4, generator=g), "fc.bias": torch.randn(3, generator=g),
+            "bn.running_mean": torch.randn(3, generator=g), "bn.num_batches_tracked": torch.tensor(7)}
+
+
+def prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face folders
+
+
+def trainer_state(step: int) -> dict:
+    return {"global_step": step, "epoch": 2.0, "best_metric": 0.4, "log_history": [
+        {"epoch": 1.0, "loss": 0.9, "learning_rate": 5e-5, "step": step // 2},
+        {"epoch": 1.0, "eval_loss": 0.7, "step": step // 2},
+        {"epoch": 2.0, "loss": 0.6, "grad_norm": 1.5, "learning_rate": 4e-5, "step": step},
+        {"epoch": 2.0, "eval_loss": 0.4, "eval_accuracy": 0.81, "step": step},
+    ]}
+
+
+def hf_folder(root: Path, step: int, sd: dict[str, torch.Tensor], sharded: bool = False, legacy: bool = False) -> Path:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "tiny"}))
+    (folder / "trainer_state.json").write_text(json.dumps(trainer_state(step)))
+    (folder / "training_args.bin").write_bytes(b"never unpickled")
+    (folder / "optimizer.pt").write_bytes(b"never unpickled")
+    keys = sorted(sd)
+    if not sharded:
+        if legacy:
+            torch.save(sd, folder / "pytorch_model.bin")
+        else:
+            save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(halves, start=1):
+        name = f"model-{i:05d}-of-00002.safetensors" if not legacy else f"pytorch_model-{i:05d}-of-00002.bin"
+        if legacy:
+            torch.save({k: sd[k] for k in part}, folder / name)
+        else:
+            save_file({k: sd[k] for k in part}, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    index = "model.safetensors.index.json" if not legacy else "pytorch_model.bin.index.json"
+    (folder / index).write_text(json.dumps({"metadata": {"total_size": 123}, "weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("legacy", [False, True])
+def test_hf_folders_round_trip_with_trainer_state(tmp_path: Path, sharded: bool, legacy: bool) -> None:
+    sd = state(1)
+    folder = hf_folder(tmp_path, 500, sd, sharded=sharded, legacy=legacy)
+    [entry] = discover(tmp_path)
+    assert entry.name == "checkpoint-500"
+    assert entry.path == (folder if sharded else folder / ("pytorch_model.bin" if legacy else "model.safetensors"))
+    for path in {entry.path, folder}:
+        loaded = load_checkpoint(path)
+        assert_same(loaded.state, sd)
+        assert (loaded.producer, loaded.container, loaded.prefix, loaded.weights) == ("huggingface", None, None, "raw")
+        assert (loaded.epoch, loaded.step) == (2, 500)
+        assert loaded.metrics == {"loss": 0.6, "grad_norm": 1.5, "learning_rate": 4e-5, "eval_loss": 0.4,
+                                  "eval_accuracy": 0.81}
+    header = read_header(entry.path)
+    assert header.tensors == {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sd.items()}
+    assert header.step == 500 and header.producer == "huggingface"
+    if not legacy:
+        assert read_metadata(entry.path) == {"format": "pt"}
+    with pytest.raises(CheckpointError, match="no EMA copy"):
+        load_checkpoint(entry.path, weights="ema")
+
+
+def test_sharded_folder_digest_covers_every_shard(tmp_path: Path) -> None:
+    folder = hf_folder(tmp_path, 10, state(0), sharded=True)
+    before = sha256_file(folder)
+    assert len(before) == 64 and before == sha256_file(folder)
+    shard = folder / "model-00002-of-00002.safetensors"
+    sd = load_checkpoint(folder).state
+    save_file({k: sd[k] + 1 if k in ("fc.weight",) else sd[k] for k in ("fc.bias", "fc.weight")}, shard,
+              metadata={"format": "pt"})
+    assert sha256_file(folder) != before
+
+
+@pytest.mark.parametrize("shard", ["../evil.safetensors", "/tmp/evil.safetensors", "sub/../../evil.safetensors",
+                                   "link.safetensors"])
+def test_index_shards_must_stay_inside_the_folder(tmp_path: Path, shard: str) -> None:
+    folder = hf_folder(tmp_path / "run", 10, state(0), sharded=True)
+    save_file(state(0), tmp_path / "run" / "evil.safetensors")
+    if shard == "link.safetensors":
+        (folder / shard).symlink_to(tmp_path / "run" / "evil.safetensors")
+    index = folder / "model.safetensors.index.json"
+    document = json.loads(index.read_text())
+    document["weight_map"]["fc.bias"] = shard
+    index.write_text(json.dumps(document))
+    for call in (load_checkpoint, read_header, sha256_file):
+        with pytest.raises(CheckpointError, match=r"safetensors\.index\.json: shard .*(plain file name|outside)"):
+            call(folder)
+
+
+def test_index_problems_are_named(tmp_path: Path) -> None:
+    folder = hf_folder(tmp_path, 10, state(0), sharded=True)
+    index = folder / "model.safetensors.index.json"
+    document = json.loads(index.read_text())
+    document["weight_map"]["extra.weight"] = "model-00001-of-00002.safetensors"
+    index.write_text(json.dumps(document))
+    with pytest.raises(CheckpointError, match="lacks 1 tensor.*extra.weight"):
+        load_checkpoint(folder)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="index.json: shard 'model-00002-of-00002.safetensors' is missing"):
+        load_checkpoint(folder)
+    index.write_text('{"weight_map": {"a": "x.safetensors", "a": "y.safetensors"}}')
+    with pytest.raises(CheckpointError, match="duplicate key 'a'"):
+        load_checkpoint(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning
+
+
+def lightning_ckpt(sd: dict[str, torch.Tensor], file_name: str, **extra) -> dict:
+    return {
+        "epoch": 3, "global_step": 1200, "pytorch-lightning_version": "2.5.0",
+        "state_dict": prefixed(sd, "model."),
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 4, "completed": 3}}}},
+        "callbacks": {
+            "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
+            "'train_time_interval': None}": {
+                "monitor": "val_loss", "best_model_score": torch.tensor(0.41),
+                "best_model_path": "/runs/x/epoch=1-step=600.ckpt", "current_score": torch.tensor(0.52),
+                "dirpath": "/runs/x", "kth_value": torch.tensor(0.52), "last_model_path": "",
+                "best_k_models": {"/runs/x/epoch=1-step=600.ckpt": torch.tensor(0.41),
+                                  f"/runs/x/{file_name}": torch.tensor(0.52)},
+            },
+            "EarlyStopping{'monitor': 'val_loss', 'mode': 'min'}": {"wait_count": 0, "best_score": torch.tensor(0.41)},
+        },
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}],
+        "lr_schedulers": [], "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.1},
+        **extra,
+    }
+
+
+def test_lightning_ckpt_metrics_and_prefix(tmp_path: Path) -> None:
+    sd = state(2)
+    name = "epoch=3-step=1200.ckpt"
+    torch.save(lightning_ckpt(sd, name), tmp_path / name)
+    plain = load_checkpoint(tmp_path / name)
+    assert plain.state.keys() == prefixed(sd, "model.").keys() and plain.prefix is None  # no model: nothing guessed
+    assert (plain.producer, plain.container, plain.weights) == ("lightning", "state_dict", "raw")
+    assert (plain.epoch, plain.step) == (3, 1200)
+    assert plain.metrics == pytest.approx({"val_loss": 0.52})
+
+    matched = load_checkpoint(tmp_path / name, model_keys=list(sd))
+    assert_same(matched.state, sd)
+    assert matched.prefix == "model."
+    other = load_checkpoint(tmp_path / name, model_keys=["something.else"])
+    assert other.prefix is None and other.state.keys() == plain.state.keys()
+    forced = load_checkpoint(tmp_path / name, strip_prefix="model")
+    assert_same(forced.state, sd)
+    with pytest.raises(CheckpointError, match="--strip-prefix 'net.': not every key starts with it"):
+        load_checkpoint(tmp_path / name, strip_prefix="net.")
+    with pytest.raises(CheckpointError, match="no EMA/averaged weights"):
+        load_checkpoint(tmp_path / name, weights="ema")
+    header = read_header(tmp_path / name, model_keys=list(sd))
+    assert set(header.tensors) == set(sd) and header.metrics == pytest.approx({"val_loss": 0.52})
+
+
+def test_lightning_compiled_module_inside_lightning_module(tmp_path: Path) -> None:
+    sd = state(3)
+    ckpt = lightning_ckpt(sd, "epoch=3-step=1200.ckpt")
+    ckpt["state_dict"] = prefixed(sd, "net._orig_mod.")
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    loaded = load_checkpoint(tmp_path / "last.ckpt", model_keys=set(sd))
+    assert_same(loaded.state, sd)
+    assert loaded.prefix == "net._orig_mod."
+    assert loaded.metrics == {}  # last.ckpt is not in best_k_models
+
+
+def test_lightning_weight_averaging_raw_and_ema_never_mix(tmp_path: Path) -> None:
+    raw, averaged = state(4), state(5)
+    ckpt = lightning_ckpt(averaged, "epoch=3-step=1200.ckpt", current_model_state=prefixed(raw, "model."),
+                          averaging_state={"n_averaged": torch.tensor(40)})
+    torch.save(ckpt, tmp_path / "epoch=3-step=1200.ckpt")
+    got_raw = load_checkpoint(tmp_path / "epoch=3-step=1200.ckpt", strip_prefix="model.")
+    got_ema = load_checkpoint(tmp_path / "epoch=3-step=1200.ckpt", weights="ema", strip_prefix="model.")
+    assert_same(got_raw.state, raw)
+    assert_same(got_ema.state, averaged)
+    assert (got_raw.container, got_raw.weights) == ("current_model_state", "raw")
+    assert (got_ema.container, got_ema.weights) == ("state_dict", "ema")
+
+
+def test_lightning_swa_callback_state_is_the_ema_choice(tmp_path: Path) -> None:
+    raw, averaged = state(6), state(7)
+    ckpt = lightning_ckpt(raw, "a.ckpt")
+    ckpt["callbacks"]["StochasticWeightAveraging"] = {
+        "n_averaged": torch.tensor(3), "latest_update_epoch": 3, "scheduler_state": None,
+        "average_model_state": {**prefixed(prefixed(averaged, "model."), "module."), "n_averaged": torch.tensor(3)}}
+    torch.save(ckpt, tmp_path / "a.ckpt")
+    assert_same(load_checkpoint(tmp_path / "a.ckpt", model_keys=list(raw)).state, raw)
+    ema = load_checkpoint(tmp_path / "a.ckpt", weights="ema", model_keys=list(raw))
+    assert_same(ema.state, averaged)
+    assert ema.prefix == "module.model." and ema.container.endswith("average_model_state")
+
+
+class AttributeDict(dict):
+    """Stand-in for Lightning's dict subclass; pickled under Lightning's module path."""
+
+
+def test_lightning_attribute_dict_hparams_load_without_lightning(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    sd = state(8)
+    with monkeypatch.context() as m:
+        names = ["lightning", "lightning.fabric", "lightning.fabric.utilities", "lightning.fabric.utilities.data"]
+        for name in names:
+            m.setitem(sys.modules, name, types.ModuleType(name))
+        m.setattr(AttributeDict, "__module__", "lightning.fabric.utilities.data")
+        m.setattr(sys.modules["lightning.fabric.utilities.data"], "AttributeDict", AttributeDict, raising=False)
+        torch.save(lightning_ckpt(sd, "a.ckpt", hyper_parameters=AttributeDict(lr=0.1, depth=3)), tmp_path / "a.ckpt")
+    assert "lightning" not in sys.modules
+    assert b"lightning.fabric.utilities.data" in (tmp_path / "a.ckpt").read_bytes()
+    loaded = load_checkpoint(tmp_path / "a.ckpt", model_keys=list(sd))
+    assert_same(loaded.state, sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm, fairseq, AveragedModel, plain torch
+
+
+def timm_ckpt(raw: dict, ema: dict) -> dict:
+    np = pytest.importorskip("numpy")
+    return {"epoch": 7, "arch": "resnet18", "version": 2, "state_dict": raw, "state_dict_ema": ema,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+            "args": argparse.Namespace(model="resnet18", eval_metric="top1", lr=0.1, amp=True),
+            "metric": np.float64(0.93)}
+
+
+def test_timm_pth_tar_raw_and_ema(tmp_path: Path) -> None:
+    raw, ema = state(9), state(10)
+    torch.save(timm_ckpt(prefixed(raw, "module."), ema), tmp_path / "checkpoint-7.pth.tar")
+    got = load_checkpoint(tmp_path / "checkpoint-7.pth.tar")
+    assert_same(got.state, raw)
+    assert (got.producer, got.container, got.prefix, got.weights, got.epoch, got.step) == \
+        ("timm", "state_dict", "module.", "raw", 7, None)
+    assert got.metrics == {"metric": 0.93, "top1": 0.93} and got.metadata == {"arch": "resnet18"}
+    got_ema = load_checkpoint(tmp_path / "checkpoint-7.pth.tar", weights="ema")
+    assert_same(got_ema.state, ema)
+    assert (got_ema.container, got_ema.weights, got_ema.prefix) == ("state_dict_ema", "ema", None)
+    header = read_header(tmp_path / "checkpoint-7.pth.tar", weights="ema")
+    assert isinstance(header, HeaderInfo) and header.container == "state_dict_ema" and header.epoch == 7
+    assert header.tensors["fc.weight"] == ((3, 4), "float32")
+    assert header.tensors["bn.num_batches_tracked"] == ((), "int64")
+
+
+def test_fairseq_checkpoint(tmp_path: Path) -> None:
+    sd = state(11)
+    torch.save({"args": None, "cfg": {"model": {"_name": "transformer"}, "optimization": {"lr": [0.0005]}},
+                "model": sd, "criterion": None,
+                "optimizer_history": [{"criterion_name": "LabelSmoothedCrossEntropyCriterion",
+                                       "optimizer_name": "FairseqAdam", "lr_scheduler_state": {"best": 3.1},
+                                       "num_updates": 4500}],
+                "task_state": {}, "extra_state": {"train_iterator": {"epoch": 5, "iterations_in_epoch": 0},
+                                                  "val_loss": 3.1},
+                "last_optimizer_state": {"state": {}}}, tmp_path / "checkpoint_5_4500.pt")
+    got = load_checkpoint(tmp_path / "checkpoint_5_4500.pt")
+    assert_same(got.state, sd)
+    assert (got.producer, got.container, got.epoch, got.step, got.metrics) == \
+        ("fairseq", "model", 5, 4500, {"val_loss": 3.1})
+
+
+def test_averaged_model_dump_needs_weights_ema(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    swa = torch.optim.swa_utils.AveragedModel(model)
+    swa.update_parameters(model)
+    torch.save(swa.state_dict(), tmp_path / "swa.pt")
+    with pytest.raises(CheckpointError, match="only averaged/EMA weights.*AveragedModel.*--weights ema"):
+        load_checkpoint(tmp_path / "swa.pt")
+    got = load_checkpoint(tmp_path / "swa.pt", weights="ema")
+    assert_same(got.state, model.state_dict())
+    assert (got.producer, got.prefix, got.weights, got.container) == ("averaged-model", "module.", "ema", None)
+
+
+def test_plain_torch_dict_with_epoch_and_step(tmp_path: Path) -> None:
+    sd = state(12)
+    torch.save({"model_state_dict": sd, "optimizer_state_dict": {}, "epoch": 4, "step": 800}, tmp_path / "4.pt")
+    got = load_checkpoint(tmp_path / "4.pt")
+    assert_same(got.state, sd)
+    assert (got.producer, got.container, got.epoch, got.step, got.weights) == ("torch", "model_state_dict", 4, 800,
+                                                                              "raw")
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert_same(load_checkpoint(tmp_path / "legacy.pt").state, sd)
+    assert read_header(tmp_path / "legacy.pt").tensors["fc.bias"] == ((3,), "float32")
+
+
+def test_ema_is_never_substituted(tmp_path: Path) -> None:
+    torch.save({"model_ema": state(13), "epoch": 1}, tmp_path / "only_ema.pt")
+    with pytest.raises(CheckpointError, match="only averaged/EMA weights under model_ema.*--weights ema"):
+        load_checkpoint(tmp_path / "only_ema.pt")
+    assert_same(load_checkpoint(tmp_path / "only_ema.pt", weights="ema").state, state(13))
+    torch.save(state(14), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="no EMA/averaged weights"):
+        load_checkpoint(tmp_path / "plain.pt", weights="ema")
+    save_file(state(14), tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="no EMA copy"):
+        load_checkpoint(tmp_path / "plain.safetensors", weights="ema")
+    with pytest.raises(ConfigError, match="--weights best"):
+        load_checkpoint(tmp_path / "plain.pt", weights="best")
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused layouts
+
+
+def refused_layouts(root: Path) -> None:
+    peft = root / "checkpoint-100"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text("{}")
+    save_file({"lora_A.weight": torch.zeros(2, 2)}, peft / "adapter_model.safetensors")
+    deepspeed = root / "checkpoint-200"
+    (deepspeed / "global_step200").mkdir(parents=True)
+    (deepspeed / "global_step200" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (deepspeed / "global_step200" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    (deepspeed / "latest").write_text("global_step200")
+    (deepspeed / "zero_to_fp32.py").write_text("raise SystemExit('must never run')")
+    fsdp = root / "checkpoint-300" / "pytorch_model_fsdp_0"
+    fsdp.mkdir(parents=True)
+    (fsdp / "__0_0.distcp").write_bytes(b"x")
+    (fsdp / ".metadata").write_bytes(b"x")
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("checkpoint-100", "PEFT adapter-only .*merge_and_unload"),
+    ("checkpoint-200", "DeepSpeed ZeRO .*zero_to_fp32.py"),
+    ("checkpoint-300", "FSDP sharded .*dcp_to_torch_save"),
+])
+def test_refused_layouts_are_listed_and_explained(tmp_path: Path, name: str, message: str) -> None:
+    refused_layouts(tmp_path)
+    entries = {e.name: e for e in discover(tmp_path)}
+    assert list(entries) == ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
+    path = entries[name].path
+    assert path == tmp_path / name
+    assert refusal_reason(path) is not None and "\n" not in refusal_reason(path)
+    with pytest.raises(CheckpointError, match=f"{name}: {message}"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=message):
+        read_header(path)
+
+
+def test_refused_inner_paths(tmp_path: Path) -> None:
+    refused_layouts(tmp_path)
+    with pytest.raises(CheckpointError, match="FSDP sharded"):
+        discover(tmp_path / "checkpoint-300" / "pytorch_model_fsdp_0")  # nothing else there: explain, not "none"
+    step_dir = tmp_path / "checkpoint-200" / "global_step200"
+    assert [e.name for e in discover(step_dir)] == ["mp_rank_00_model_states.pt",
+                                                    "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    with pytest.raises(CheckpointError, match="DeepSpeed ZeRO"):
+        load_checkpoint(step_dir / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="PEFT adapter-only"):
+        load_checkpoint(tmp_path / "checkpoint-100" / "adapter_model.safetensors")
+    assert refusal_reason(tmp_path / "checkpoint-100" / "adapter_config.json") is None  # not a weight file
+    full = hf_folder(tmp_path / "other", 400, state(0))
+    (full / "latest").write_text("global_step400")  # DeepSpeed with gathered weights: the full weights are read
+    assert refusal_reason(full) is None
+    assert_same(load_checkpoint(full).state, state(0))
+
+
+def test_torchscript_is_refused(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "scripted.pt")
+    assert "model.state_dict()" in refusal_reason(tmp_path / "scripted.pt")
+    for trust in (False, True):
+        with pytest.raises(UnsafeInputError, match=r"scripted\.pt: TorchScript archive .*model\.state_dict\(\)"):
+            load_checkpoint(tmp_path / "scripted.pt", trust_pickle=trust)
+    torch.save(state(0), tmp_path / "fine.pt")
+    assert refusal_reason(tmp_path / "fine.pt") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile and corrupt files
+
+
+def test_compressed_zip_member_is_refused(tmp_path: Path) -> None:
+    torch.save(state(0), tmp_path / "a.pt")
+    with zipfile.ZipFile(tmp_path / "a.pt") as src, \
+            zipfile.ZipFile(tmp_path / "b.pt", "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    for call in (load_checkpoint, read_header):
+        with pytest.raises(CheckpointError, match=r"b\.pt: zip member .* is compressed"):
+            call(tmp_path / "b.pt")
+
+
+def test_flipped_byte_fails_the_crc(tmp_path: Path) -> None:
+    torch.save({"w": torch.full((64,), 1.5)}, tmp_path / "a.pt")
+    data = bytearray((tmp_path / "a.pt").read_bytes())
+    at = data.find(torch.full((16,), 1.5).numpy().tobytes())
+    assert at > 0
+    data[at + 5] ^= 0x01
+    (tmp_path / "a.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"a\.pt: CRC mismatch in zip member a/data/0"):
+        load_checkpoint(tmp_path / "a.pt")
+
+
+def test_duplicate_names_in_safetensors_header_are_refused(tmp_path: Path) -> None:
+    entry = b'{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    header = b'{"a":' + entry + b',"a":' + entry + b"}"
+    header += b" " * (-len(header) % 8)
+    (tmp_path / "d.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0\x80\x3f")
+    with pytest.raises(CheckpointError, match="d.safetensors: .*duplicate key 'a'"):
+        load_checkpoint(tmp_path / "d.safetensors")
+
+
+def make_marker(path: str) -> None:
+    Path(path).write_text("payload ran")
+
+
+class Payload:
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (make_marker, (self.path,))
+
+
+def test_unsafe_global_is_named_and_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    torch.save({"state_dict": state(0), "hook": Payload(marker)}, tmp_path / "evil.ckpt")
+    torch.save({"state_dict": state(0), "hook": Payload(marker)}, tmp_path / "evil_legacy.pt",
+               _use_new_zipfile_serialization=False)
+    for name in ("evil.ckpt", "evil_legacy.pt"):
+        for call in (load_checkpoint, read_header):
+            with pytest.raises(UnsafeInputError, match=rf"{name}: refused to unpickle .*make_marker.*--trust-pickle"):
+                call(tmp_path / name)
+    assert not marker.exists()
+
+
+class Harmless:
+    def __init__(self) -> None:
+        self.note = "kept by the trainer"
+
+
+def test_trust_pickle_is_an_explicit_opt_in(tmp_path: Path) -> None:
+    torch.save({"state_dict": state(0), "cfg": Harmless()}, tmp_path / "cfg.pt")
+    with pytest.raises(UnsafeInputError, match="Harmless"):
+        load_checkpoint(tmp_path / "cfg.pt")
+    assert_same(load_checkpoint(tmp_path / "cfg.pt", trust_pickle=True).state, state(0))
+    torch.save(nn.Linear(4, 3), tmp_path / "module.pt")  # whole-module pickles: their state_dict, trusted only
+    with pytest.raises(UnsafeInputError):
+        load_checkpoint(tmp_path / "module.pt")
+    assert load_checkpoint(tmp_path / "module.pt", trust_pickle=True).state.keys() == {"weight", "bias"}
+
+
+def test_read_header_reads_no_tensor_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sd = {f"layer{i}.weight": torch.randn(8, 8).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(50)}
+    for i in range(20):
+        save_file(sd, tmp_path / f"{i}.safetensors", metadata={"format": "pt", "i": str(i)})
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("read_header read tensor data")
+
+    import twa_tool.checkpoints as ck
+
+    real = ck.safe_open
+
+    class HeaderOnly:
+        def __init__(self, *args, **kwargs) -> None:
+            self.inner = real(*args, **kwargs)
+
+        def __enter__(self):
+            handle = self.inner.__enter__()
+            return types.SimpleNamespace(metadata=handle.metadata, keys=handle.keys, get_tensor=no_data,
+                                         get_slice=no_data)
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    monkeypatch.setattr(ck, "safe_open", HeaderOnly)
+    headers = [read_header(e.path) for e in discover(tmp_path)]
+    assert [h.metadata["i"] for h in headers] == [str(i) for i in range(20)]
+    assert headers[0].tensors["layer1.weight"] == ((8, 8), "bfloat16")
+    assert headers[0].producer == "safetensors" and headers[0].step is None
+
+
+def test_missing_path_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="nope.pt: cannot open"):
+        load_checkpoint(tmp_path / "nope.pt")
+    os.mkdir(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="empty: no model weights in this folder"):
+        load_checkpoint(tmp_path / "empty")
