@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from . import __version__
 from .config import AverageConfig, Selection, TrainConfig, parse_baselines, parse_key_values, parse_range
@@ -106,6 +107,8 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> N
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        if err.details:
+            console.print(details_table(err.details))
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: no partial output was left")
@@ -122,6 +125,15 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> N
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def details_table(rows: list[tuple[str, ...]]) -> Table:
+    table = Table(box=None, show_edge=False, pad_edge=False)
+    for column in rows[0]:
+        table.add_column(column, overflow="fold")
+    for row in rows[1:]:
+        table.add_row(*row)
+    return table
 
 
 def _main_thread() -> bool:
@@ -187,6 +199,19 @@ def selection_options(fn: Callable) -> Callable:
     return fn
 
 
+def reader_options(fn: Callable) -> Callable:
+    for option in reversed([
+        click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
+                     help="Raw weights or the EMA/averaged copy a trainer stored (never mixed)."),
+        click.option("--strip-prefix", default=None, metavar="PREFIX",
+                     help="Remove this key prefix (e.g. model.) from every checkpoint key."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow arbitrary code in pickle checkpoints. Only for files you trust."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 def make_selection(include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None, every: int | None,
                    last: int | None, top_k: int | None, by: str | None, mode: str | None) -> Selection:
     start, stop = parse_range(range_) if range_ else (None, None)
@@ -221,6 +246,7 @@ def run_options(fn: Callable) -> Callable:
                    "Optional when the checkpoints record their architecture.")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="Keyword argument for the model constructor (repeatable).")
+@reader_options
 @run_options
 @selection_options
 @click.option("--start", default="mean", show_default=True, help="Start point: mean, last, or a checkpoint index.")
@@ -231,7 +257,8 @@ def run_options(fn: Callable) -> Callable:
 @click.option("--baselines", default="last,best,swa", show_default=True,
               help="Comma-separated subset of last,best,swa, or none.")
 @common_output_options
-def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: tuple[str, ...], data: str,
+def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: tuple[str, ...], weights: str,
+            strip_prefix: str | None, trust_pickle: bool, data: str,
             data_root: Path | None, download: bool, device: str, amp: str, num_workers: int, seed: int,
             include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None, every: int | None,
             last: int | None, top_k: int | None, by: str | None, mode: str | None, start: str, lr: float,
@@ -256,10 +283,39 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             train=TrainConfig(lr=lr, momentum=momentum, weight_decay=wd, epochs=epochs, batch_size=batch_size,
                               schedule=schedule),
             fit_on=fit_on, holdout_fraction=holdout_fraction, baselines=parse_baselines(baselines),
-            device=device, amp=amp, num_workers=num_workers, seed=seed, overwrite=overwrite)
+            device=device, amp=amp, num_workers=num_workers, seed=seed, overwrite=overwrite,
+            weights=weights, strip_prefix=strip_prefix, trust_pickle=trust_pickle)
+        if trust_pickle:
+            console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
         with ProgressSink(console) as sink:
             result = run_average(config, on_event=sink)
         emit(result.report, as_json, console, render_average)
+
+    run_reported(verbose, console, body)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("checkpoint_dir", type=click.Path(path_type=Path))
+@selection_options
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No human output except errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors.")
+def inspect(checkpoint_dir: Path, include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None,
+            every: int | None, last: int | None, top_k: int | None, by: str | None, mode: str | None,
+            as_json: bool, quiet: bool, verbose: bool) -> None:
+    """List the checkpoints in CHECKPOINT_DIR (from headers) and the selection `twa average` would use.
+
+    `--json` gives a `checkpoints` list in selection order, each with `path`, `epoch` and `step`.
+    """
+    console = make_console(quiet)
+
+    def body() -> None:
+        from .catalog import inspect_directory
+        from .report import render_inspect
+
+        selection = make_selection(include, exclude, range_, every, last, top_k, by, mode)
+        catalog = inspect_directory(checkpoint_dir, selection).as_dict()
+        emit(catalog, as_json, console, render_inspect)
 
     run_reported(verbose, console, body)
 

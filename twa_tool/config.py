@@ -100,6 +100,9 @@ class AverageConfig:
     seed: int = 0
     overwrite: bool = False
     rank_rtol: float = 1e-5
+    weights: str = "raw"
+    strip_prefix: str | None = None
+    trust_pickle: bool = False
 
     def __post_init__(self) -> None:
         if self.start not in ("mean", "last"):
@@ -117,6 +120,8 @@ class AverageConfig:
                               f"{','.join(BASELINES)}, or none")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"--amp {self.amp}: choose one of {', '.join(AMP_MODES)}")
+        if self.weights not in ("raw", "ema"):
+            raise ConfigError(f"--weights {self.weights}: use raw or ema")
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers {self.num_workers}: must be >= 0")
 

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 
 class TwaError(Exception):
-    """Base class of every error twa reports to the user. Exit code 1 unless a subclass says otherwise."""
+    """Base class of every error twa reports to the user. Exit code 1 unless a subclass says otherwise.
+
+    ``details`` optionally carries rows (tuples of strings, first row the header) that the CLI shows
+    as a compact table under the one-line message.
+    """
 
     exit_code: int = 1
+
+    def __init__(self, message: str, details: list[tuple[str, ...]] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or []
 
 
 class ConfigError(TwaError):

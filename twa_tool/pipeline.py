@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .checkpoints import (
     CheckpointFile,
-    LoadedCheckpoint,
     discover,
     load_checkpoint,
     prepare_output_dir,
-    read_metadata,
+    read_header,
+    refusal_reason,
     save_json,
     save_safetensors,
     sha256_file,
@@ -123,6 +123,10 @@ def select_checkpoints(config: AverageConfig) -> Chosen:
                               f"*.safetensors, *.pt, *.pth, *.bin, *.ckpt); check the path")
     by = config.selection.by
     chosen = select(files, config.selection, _stored_metric(by) if by else None)
+    for entry in chosen.files:
+        reason = refusal_reason(entry.path)
+        if reason is not None:
+            raise CheckpointError(reason)
     if len(chosen.files) < 2:
         raise CheckpointError(f"{config.checkpoint_dir}: {len(chosen.files)} of {len(files)} checkpoints selected; "
                               f"TWA needs at least 2, widen the selection (--range/--last/--every/--include)")
@@ -132,13 +136,58 @@ def select_checkpoints(config: AverageConfig) -> Chosen:
 def resolve_model_spec(config: AverageConfig, first: CheckpointFile) -> tuple[str, tuple[tuple[str, str], ...]]:
     if config.model:
         return config.model, config.model_args
-    metadata = read_metadata(first.path) or load_checkpoint(first.path).metadata
+    metadata = read_header(first.path, weights=config.weights, trust_pickle=config.trust_pickle).metadata
     found = spec_from_metadata(metadata)
     if found is None:
         raise ModelError(f"{first.path}: the checkpoint does not record its architecture; pass --model "
                          f"(e.g. --model torchvision:resnet18 --model-arg num_classes=10, or file.py:function)")
     spec, args = found
     return spec, config.model_args or args
+
+
+@dataclass(frozen=True)
+class Reader:
+    """Loads checkpoints with the run's options: raw/EMA weights, prefixes matched to the model, pickle trust."""
+
+    weights: str
+    strip_prefix: str | None
+    trust_pickle: bool
+    model_keys: frozenset[str]
+
+    @classmethod
+    def for_run(cls, config: AverageConfig, model: nn.Module) -> Reader:
+        return cls(config.weights, config.strip_prefix, config.trust_pickle, frozenset(model.state_dict()))
+
+    def _options(self) -> dict:
+        return {"weights": self.weights, "trust_pickle": self.trust_pickle, "strip_prefix": self.strip_prefix,
+                "model_keys": set(self.model_keys)}
+
+    def load(self, path: Path) -> dict[str, torch.Tensor]:
+        return load_checkpoint(path, **self._options()).state
+
+    def header(self, path: Path):
+        return read_header(path, **self._options())
+
+
+def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Reader, spec: str) -> None:
+    """Keys and shapes of every selected checkpoint against the model, from headers, before heavy work."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    rows: list[tuple[str, ...]] = []
+    bad_files = set()
+    for entry in files:
+        tensors = reader.header(entry.path).tensors
+        problems = [(k, "missing", str(shape)) for k, shape in expected.items() if k not in tensors]
+        problems += [(k, "unexpected", str(tuple(v[0]))) for k, v in tensors.items() if k not in expected]
+        problems += [(k, f"shape {tuple(tensors[k][0])}", f"model {shape}") for k, shape in expected.items()
+                     if k in tensors and tuple(tensors[k][0]) != shape]
+        rows += [(entry.name, *p) for p in problems]
+        if problems:
+            bad_files.add(entry.name)
+    if rows:
+        first = sorted(bad_files)[0]
+        raise CheckpointError(f"{len(bad_files)} of {len(files)} checkpoints do not match the model {spec} "
+                              f"(first: {first}); check --model/--model-arg, or --strip-prefix",
+                              details=[("file", "key", "checkpoint", "model")] + rows[:20])
 
 
 def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:
@@ -149,7 +198,7 @@ def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:
 
 
 def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: list[str], rtol: float,
-                       on_event: EventSink) -> Stream:
+                       reader: Reader, on_event: EventSink) -> Stream:
     """Read each checkpoint once: validate it, add it to the basis, accumulate the float64 mean."""
     builder = BasisBuilder(capacity=len(files), rtol=rtol)
     sums: dict[str, torch.Tensor] = {}
@@ -157,8 +206,7 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
     digests = []
     on_event(Event("phase", "reading checkpoints", total=len(files)))
     for entry in files:
-        loaded: LoadedCheckpoint = load_checkpoint(entry.path)
-        state = loaded.state
+        state = reader.load(entry.path)
         check_compatible(model, state, str(entry.path))
         _check_finite(state, str(entry.path))
         builder.add(flatten(state, names))
@@ -187,6 +235,7 @@ class Evaluator:
     """Evaluates a state dict: load, re-estimate BN on the fit data, score on the eval split."""
 
     model: nn.Module
+    reader: Reader
     bn_data: Dataset
     eval_loader: DataLoader
     config: AverageConfig
@@ -211,7 +260,7 @@ def run_baselines(config: AverageConfig, files: list[CheckpointFile], stream: St
     if "best" in config.baselines:
         on_event(Event("phase", "evaluating every checkpoint (best baseline)", total=len(files)))
         for entry in files:
-            per_checkpoint[entry.name] = evaluator(load_checkpoint(entry.path).state).as_dict()
+            per_checkpoint[entry.name] = evaluator(evaluator.reader.load(entry.path)).as_dict()
             on_event(Event("advance"))
         best_name = max(reversed(list(per_checkpoint)), key=lambda n: per_checkpoint[n]["accuracy"])
         metrics["best"] = {**per_checkpoint[best_name], "checkpoint": best_name, "selected_on": "eval"}
@@ -228,7 +277,8 @@ def run_baselines(config: AverageConfig, files: list[CheckpointFile], stream: St
     return metrics, per_checkpoint
 
 
-def start_state(config: AverageConfig, files: list[CheckpointFile], stream: Stream) -> tuple[str, dict]:
+def start_state(config: AverageConfig, files: list[CheckpointFile], stream: Stream,
+                reader: Reader) -> tuple[str, dict]:
     if config.start == "mean":
         return "mean", stream.mean_state
     if config.start == "last":
@@ -236,14 +286,14 @@ def start_state(config: AverageConfig, files: list[CheckpointFile], stream: Stre
     index = int(config.start)
     if not -len(files) <= index < len(files):
         raise ConfigError(f"--start {index}: only {len(files)} checkpoints are selected (indices 0..{len(files) - 1})")
-    return files[index].name, load_checkpoint(files[index].path).state
+    return files[index].name, reader.load(files[index].path)
 
 
 def run_twa(config: AverageConfig, files: list[CheckpointFile], stream: Stream, evaluator: Evaluator,
             fit_data: Dataset, names: list[str], on_event: EventSink) -> tuple[dict, dict, torch.Tensor]:
     """Projected SGD from the start point; returns metrics, training summary and the flat weights."""
     model, device = evaluator.model, evaluator.device
-    start_name, state = start_state(config, files, stream)
+    start_name, state = start_state(config, files, stream, evaluator.reader)
     load_state(model, state)
     basis = stream.subspace.basis.to(device)
     loader = _loader(fit_data, config, shuffle=True, seed=config.seed)
@@ -292,7 +342,9 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
     spec, model_args = resolve_model_spec(config, files[0])
     model = build_model(spec, model_args)
     names = trainable_names(model)
-    stream = stream_checkpoints(files, model, names, config.rank_rtol, on_event)
+    reader = Reader.for_run(config, model)
+    validate_headers(files, model, reader, spec)
+    stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event)
     for index in stream.subspace.dropped:
         message = (f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or "
                    f"combination); dropped from the basis")
@@ -306,7 +358,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
         _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
     model.to(device)
     eval_loader = _loader(data.eval, config, shuffle=False, seed=config.seed)
-    evaluator = Evaluator(model=model, bn_data=data.train, eval_loader=eval_loader, config=config, device=device)
+    evaluator = Evaluator(model=model, reader=reader, bn_data=data.train, eval_loader=eval_loader, config=config,
+                          device=device)
 
     clock = time.perf_counter()
     metrics, per_checkpoint = run_baselines(config, files, stream, evaluator, on_event)

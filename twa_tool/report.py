@@ -62,3 +62,29 @@ def render_average(report: dict, console: Console) -> None:
     if "model" in outputs:
         console.print(f"wrote {outputs['model']['path']} (sha256 {outputs['model']['sha256'][:16]}…) "
                       f"and {outputs['report']['path']}")
+
+
+def _epoch_step(row: dict) -> str:
+    epoch = f"e{row['epoch']}" if row.get("epoch") is not None else ""
+    step = f"s{row['step']}" if row.get("step") is not None else ""
+    return " ".join(p for p in (epoch, step) if p) or "-"
+
+
+def render_inspect(catalog: dict, console: Console) -> None:
+    """One table: every candidate with what was detected, and whether `twa average` would use it."""
+    table = Table(title=f"{catalog['directory']}")
+    for column in ("#", "file", "producer", "container", "weights", "dtype", "params", "epoch/step", "metrics",
+                   "selection"):
+        table.add_column(column, justify="right" if column in ("#", "params") else "left")
+    rows = [(str(i), r) for i, r in enumerate(catalog["checkpoints"])] + [("", r) for r in catalog["not_selected"]]
+    for index, row in rows:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in row["metrics"].items()) or "-"
+        status = "[green]selected[/green]" if row["status"] == "selected" else f"[dim]{row['status']}[/dim]"
+        if row.get("error"):
+            status = f"[red]{row['error']}[/red]"
+        table.add_row(index, row["name"], row["producer"] or "-", row["container"] or "-", row["weights"] or "-",
+                      ",".join(row["dtypes"]) or "-", f"{row['parameters']:,}", _epoch_step(row), metrics, status)
+    console.print(table)
+    if catalog["ignored_files"]:
+        console.print(f"ignored (not weights, never unpickled): {', '.join(catalog['ignored_files'])}")
+    console.print(f"{len(catalog['checkpoints'])} selected, {len(catalog['not_selected'])} left out")

@@ -1,0 +1,88 @@
+"""`twa inspect` and `twa average` on trainer layouts (Lightning prefixes, timm EMA), through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import model_flags
+from safetensors.torch import load_file
+
+from twa_tool.cli import cli
+
+
+@pytest.fixture(scope="module")
+def lightning_dir(demo_ckpts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Lightning-style .ckpt files: `model.` attribute prefix, epoch/global_step, a last.ckpt symlink."""
+    out = tmp_path_factory.mktemp("lightning")
+    for epoch in range(5):
+        state = load_file(demo_ckpts / f"{epoch}.safetensors")
+        torch.save({"epoch": epoch, "global_step": 16 * epoch, "pytorch-lightning_version": "2.5.0",
+                    "state_dict": {f"model.{k}": v for k, v in state.items()}},
+                   out / f"epoch={epoch}-step={16 * epoch}.ckpt")
+    os.symlink(out / "epoch=4-step=64.ckpt", out / "last.ckpt")
+    (out / "hparams.yaml").write_text("lr: 0.05\n")
+    return out
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_inspect_lists_selection_in_order_with_steps(lightning_dir: Path) -> None:
+    result = invoke("inspect", lightning_dir, "--json", "--range", "1:")
+    assert result.exit_code == 0, result.output
+    listing = json.loads(result.stdout)
+    rows = listing["checkpoints"]
+    assert [r["name"] for r in rows] == [f"epoch={e}-step={16 * e}.ckpt" for e in range(1, 5)]
+    assert [(r["epoch"], r["step"]) for r in rows] == [(e, 16 * e) for e in range(1, 5)]
+    assert all(r["path"].endswith(r["name"]) and r["producer"] == "lightning" for r in rows)
+    assert rows[0]["parameters"] > 0 and rows[0]["dtypes"]
+    left_out = {r["name"]: r["status"] for r in listing["not_selected"]}
+    assert left_out["last.ckpt"] == "symlink to the same file of epoch=4-step=64.ckpt"
+    assert left_out["epoch=0-step=0.ckpt"].startswith("outside")
+    assert listing["ignored_files"] == ["hparams.yaml"]
+    human = invoke("inspect", lightning_dir)
+    assert human.exit_code == 0 and "selected" in human.stderr and "hparams.yaml" in human.stderr
+
+
+def test_average_strips_the_lightning_prefix(lightning_dir: Path, tmp_path: Path) -> None:
+    result = invoke("average", lightning_dir, *model_flags(), "--data", "synthetic", "--epochs", "1",
+                    "--baselines", "none", "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert len(report["checkpoints"]) == 5 and "last.ckpt" not in report["checkpoints"]
+    assert not any(k.startswith("model.") for k in load_file(tmp_path / "o" / "model.safetensors"))
+
+
+def test_ema_weights_are_chosen_explicitly(demo_ckpts: Path, tmp_path: Path) -> None:
+    ckpts = tmp_path / "timm"
+    ckpts.mkdir()
+    for epoch in range(1, 4):
+        state = load_file(demo_ckpts / f"{epoch}.safetensors")
+        ema = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+        torch.save({"epoch": epoch, "arch": "cnn", "state_dict": state, "state_dict_ema": ema,
+                    "metric": 0.5 + epoch / 10}, ckpts / f"checkpoint-{epoch}.pth.tar")
+    listing = json.loads(invoke("inspect", ckpts, "--json", "--top-k", "2", "--by", "metric", "--mode", "max").stdout)
+    assert [r["name"] for r in listing["checkpoints"]] == ["checkpoint-2.pth.tar", "checkpoint-3.pth.tar"]
+    assert listing["checkpoints"][0]["metrics"] == {"metric": pytest.approx(0.7)}
+    result = invoke("average", ckpts, *model_flags(), "--weights", "ema", "--data", "synthetic", "--epochs", "0",
+                    "--baselines", "last", "--start", "last", "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    saved = load_file(tmp_path / "o" / "model.safetensors")
+    raw_last = load_file(demo_ckpts / "3.safetensors")
+    assert torch.allclose(saved["head.weight"], raw_last["head.weight"] + 1)  # 0 TWA epochs from the last EMA
+
+
+def test_inspect_errors(tmp_path: Path) -> None:
+    result = invoke("inspect", tmp_path / "missing")
+    assert result.exit_code == 4 and "no such directory" in result.stderr
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    (tmp_path / "peft" / "adapter_model.safetensors").write_bytes(b"x")
+    result = invoke("average", tmp_path / "peft", "--data", "synthetic", "--out", tmp_path / "o")
+    assert result.exit_code == 4 and "adapter" in result.stderr.lower()

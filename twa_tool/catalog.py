@@ -1,0 +1,91 @@
+"""``twa inspect``: what a checkpoint folder holds and what ``twa average`` would select, from headers only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoints import CheckpointFile, HeaderInfo, discover, read_header
+from .config import Selection
+from .errors import CheckpointError
+from .selection import select
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One discovered checkpoint and its fate under the selection."""
+
+    name: str
+    path: str
+    header: HeaderInfo | None
+    status: str  # "selected" or the reason it was left out
+    error: str | None = None
+
+    @property
+    def parameters(self) -> int:
+        if self.header is None:
+            return 0
+        total = 0
+        for shape, _ in self.header.tensors.values():
+            count = 1
+            for size in shape:
+                count *= size
+            total += count
+        return total
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({dtype for _, dtype in self.header.tensors.values()}) if self.header else []
+
+    def as_dict(self) -> dict:
+        h = self.header
+        return {
+            "name": self.name, "path": self.path, "status": self.status, "error": self.error,
+            "producer": h.producer if h else None, "container": h.container if h else None,
+            "weights": h.weights if h else None, "epoch": h.epoch if h else None, "step": h.step if h else None,
+            "metrics": dict(h.metrics) if h else {}, "dtypes": self.dtypes, "parameters": self.parameters,
+        }
+
+
+@dataclass(frozen=True)
+class Catalog:
+    directory: Path
+    selected: tuple[Entry, ...]
+    others: tuple[Entry, ...]
+    ignored: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict:
+        return {
+            "directory": str(self.directory),
+            "checkpoints": [e.as_dict() for e in self.selected],
+            "not_selected": [e.as_dict() for e in self.others],
+            "ignored_files": list(self.ignored),
+        }
+
+
+def _header(entry: CheckpointFile) -> tuple[HeaderInfo | None, str | None]:
+    try:
+        return read_header(entry.path), None
+    except CheckpointError as err:
+        return None, str(err)
+
+
+def inspect_directory(directory: Path, selection: Selection) -> Catalog:
+    """Read every candidate's header once and apply the selection ``twa average`` would apply."""
+    files = discover(directory)
+    headers = {f.name: _header(f) for f in files}
+
+    def metric_of(entry: CheckpointFile) -> float | None:
+        header = headers[entry.name][0]
+        return header.metrics.get(selection.by) if header is not None and selection.by else None
+
+    chosen = select(files, selection, metric_of if selection.by else None)
+    reasons = {d.name: d.reason for d in chosen.dropped}
+    selected_names = {f.name for f in chosen.files}
+    entries = {f.name: Entry(name=f.name, path=str(f.path), header=headers[f.name][0],
+                             status="selected" if f.name in selected_names else reasons.get(f.name, "not selected"),
+                             error=headers[f.name][1]) for f in files}
+    weight_paths = {f.path for f in files} | {f.path.parent for f in files}
+    ignored = sorted(p.name for p in directory.iterdir() if p not in weight_paths and not p.name.startswith("."))
+    return Catalog(directory=directory, selected=tuple(entries[f.name] for f in chosen.files),
+                   others=tuple(e for e in entries.values() if e.status != "selected"), ignored=tuple(ignored))
