@@ -9,14 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from twa_tool.checkpoints import (
-    discover,
-    load_checkpoint,
-    prepare_output_dir,
-    save_json,
-    save_safetensors,
-)
+from twa_tool.checkpoints import discover, load_checkpoint
 from twa_tool.errors import CheckpointError, OutputError, UnsafeInputError
+from twa_tool.writer import prepare_output_dir, save_json, save_safetensors
 
 
 def small_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -131,7 +126,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest
         Path(args[1]).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("twa_tool.checkpoints.save_file", boom)
+    monkeypatch.setattr("twa_tool.writer.save_file", boom)
     with pytest.raises(OutputError, match="m.safetensors: cannot write"):
         save_safetensors(tmp_path / "m.safetensors", small_state(), {})
     assert list(tmp_path.iterdir()) == []

@@ -37,18 +37,16 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CheckpointError, ConfigError, OutputError, TwaError, UnsafeInputError
+from .errors import CheckpointError, ConfigError, TwaError, UnsafeInputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 #: Files trainers leave beside the weights that are not weights (and must never be unpickled).
@@ -1011,88 +1009,3 @@ _ST_DTYPE_NAMES = {
         ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("C64", "complex64"), ("C128", "complex128"),
         ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, name)},
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing: temp file in the target directory, fsync, os.replace. Never a partial output.
-
-
-@contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``final``; on success it is renamed onto ``final``, else removed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".twa-tmp-{final.name}-", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, final)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def prepare_output_dir(out_dir: Path, names: tuple[str, ...], overwrite: bool) -> None:
-    """Create ``out_dir``; refuse when any output file already exists and ``overwrite`` is off."""
-    existing = [n for n in names if (out_dir / n).exists()]
-    if existing and not overwrite:
-        raise OutputError(f"{out_dir / existing[0]} already exists; pass --overwrite or choose another --out")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"{out_dir}: cannot create output directory ({err.strerror})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise OutputError(f"{out_dir}: not writable; choose another --out")
-
-
-def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> None:
-    """Serialise to the safetensors format deterministically (same tensors + metadata = same bytes).
-
-    ``safetensors.torch.save_file`` writes its metadata map in hash order, which differs from run to
-    run; here header keys are sorted and tensors laid out by (alignment, name), so a seeded CPU run
-    reproduces its output file byte for byte. Tied tensors are written once per name.
-    """
-    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
-    offset = 0
-    for name in names:
-        t = tensors[name]
-        if t.dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in names:
-            t = tensors[name].detach().to("cpu").contiguous()
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def save_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
-    """Write a state dict atomically as safetensors with string metadata; return its sha256.
-
-    Tied tensors are written under every name, so the key set equals the model's state dict and
-    loads with ``load_state_dict(strict=True)``.
-    """
-    meta = {"format": "pt", **{k: str(v) for k, v in metadata.items()}}
-    try:
-        with atomic_path(path) as tmp:
-            save_file(state, str(tmp), metadata=meta)
-    except OSError as err:
-        raise OutputError(f"{path}: cannot write ({err.strerror}); check free space and permissions") from None
-    return sha256_file(path)
-
-
-def save_json(path: Path, document: object) -> None:
-    """Write JSON atomically."""
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(document, indent=2) + "\n")
-    except OSError as err:
-        raise OutputError(f"{path}: cannot write ({err.strerror}); check free space and permissions") from None

@@ -26,6 +26,7 @@ from . import __version__
 from .config import AverageConfig, Selection, TrainConfig, parse_baselines, parse_key_values, parse_range
 from .errors import TwaError
 from .pipeline import Event
+from .writer import parse_size
 
 EXIT_CODES_HELP = """\b
 Exit codes: 0 ok, 1 unexpected failure, 2 usage error, 4 invalid or incompatible
@@ -156,6 +157,10 @@ def cli() -> None:
 
 def common_output_options(fn: Callable) -> Callable:
     for option in reversed([
+        click.option("--out-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+                     show_default=True, help="dtype of floating tensors in the output (auto: as the inputs)."),
+        click.option("--max-shard-size", default=None, metavar="SIZE",
+                     help="Shard the output above this size (e.g. 5GB), with a model.safetensors.index.json."),
         click.option("--json", "as_json", is_flag=True, help="Also print the report as JSON on stdout."),
         click.option("--overwrite", is_flag=True, help="Replace existing output files."),
         click.option("-q", "--quiet", is_flag=True, help="No human output except errors."),
@@ -264,7 +269,8 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             last: int | None, top_k: int | None, by: str | None, mode: str | None, start: str, lr: float,
             wd: float, momentum: float, epochs: int, batch_size: int, schedule: str, fit_on: str,
             holdout_fraction: float, baselines: str,
-            as_json: bool, overwrite: bool, quiet: bool, verbose: bool) -> None:
+            out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool, quiet: bool,
+            verbose: bool) -> None:
     """Average the checkpoints in CHECKPOINT_DIR with trainable coefficients (TWA).
 
     Writes OUT/model.safetensors and OUT/report.json, and compares the result with the last
@@ -284,7 +290,8 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
                               schedule=schedule),
             fit_on=fit_on, holdout_fraction=holdout_fraction, baselines=parse_baselines(baselines),
             device=device, amp=amp, num_workers=num_workers, seed=seed, overwrite=overwrite,
-            weights=weights, strip_prefix=strip_prefix, trust_pickle=trust_pickle)
+            weights=weights, strip_prefix=strip_prefix, trust_pickle=trust_pickle, out_dtype=out_dtype,
+            max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
         with ProgressSink(console) as sink:
@@ -332,7 +339,8 @@ def inspect(checkpoint_dir: Path, include: tuple[str, ...], exclude: tuple[str, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @common_output_options
 def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, epochs: int, lr: float, seed: int,
-         as_json: bool, overwrite: bool, quiet: bool, verbose: bool) -> None:
+         out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool, quiet: bool,
+         verbose: bool) -> None:
     """Offline end-to-end demo: train a small CNN saving a checkpoint per epoch, then run TWA on them.
 
     Equivalent to a short training script followed by
@@ -355,7 +363,8 @@ def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, ep
         train_checkpoints(train_config, on_epoch=lambda e, loss: console.print(f"  epoch {e}: train loss {loss:.4f}"))
         config = AverageConfig(checkpoint_dir=train_config.out_dir, out_dir=out_dir / "twa", data=data,
                                data_root=data_root, train=TrainConfig(lr=lr, epochs=epochs), seed=seed,
-                               overwrite=overwrite)
+                               overwrite=overwrite, out_dtype=out_dtype,
+                               max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
         console.print(f"twa average {config.checkpoint_dir} --data {data} --epochs {epochs} --out {config.out_dir}")
         with ProgressSink(console) as sink:
             result = run_average(config, on_event=sink)

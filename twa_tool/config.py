@@ -103,6 +103,8 @@ class AverageConfig:
     weights: str = "raw"
     strip_prefix: str | None = None
     trust_pickle: bool = False
+    out_dtype: str = "auto"
+    max_shard_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.start not in ("mean", "last"):
@@ -122,6 +124,8 @@ class AverageConfig:
             raise ConfigError(f"--amp {self.amp}: choose one of {', '.join(AMP_MODES)}")
         if self.weights not in ("raw", "ema"):
             raise ConfigError(f"--weights {self.weights}: use raw or ema")
+        if self.out_dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"--out-dtype {self.out_dtype}: choose auto, float32, float16 or bfloat16")
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers {self.num_workers}: must be >= 0")
 

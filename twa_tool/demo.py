@@ -14,9 +14,9 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from .checkpoints import prepare_output_dir, save_safetensors
 from .data import build_data
 from .models import MODEL_ARGS_METADATA_KEY, MODEL_METADATA_KEY, build_model
+from .writer import prepare_output_dir, save_safetensors
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,8 @@ from .checkpoints import (
     CheckpointFile,
     discover,
     load_checkpoint,
-    prepare_output_dir,
     read_header,
     refusal_reason,
-    save_json,
-    save_safetensors,
     sha256_file,
 )
 from .config import AverageConfig
@@ -46,8 +43,8 @@ from .models import (
 from .selection import Chosen, select
 from .subspace import BasisBuilder, Subspace, orthonormality_error
 from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
+from .writer import cast_state, model_file_names, plan_shards, prepare_output_dir, save_json, write_model
 
-MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
 SCHEMA_VERSION = 1
 
@@ -109,8 +106,6 @@ def resolve_device(name: str) -> torch.device:
 
 def _stored_metric(name: str) -> Callable[[CheckpointFile], float | None]:
     def metric_of(entry: CheckpointFile) -> float | None:
-        from .checkpoints import read_header
-
         return read_header(entry.path).metrics.get(name)
 
     return metric_of
@@ -314,6 +309,19 @@ def run_twa(config: AverageConfig, files: list[CheckpointFile], stream: Stream, 
     return metrics, train, weights
 
 
+def planned_outputs(config: AverageConfig, tensors: dict[str, tuple[tuple[int, ...], str]]) -> tuple[str, ...]:
+    """Names of the files this run will write (shard count from shapes and dtypes, no data read)."""
+    meta = {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, (shape, dtype) in tensors.items()}
+    shards = plan_shards(cast_state(meta, config.out_dtype), config.max_shard_size)
+    return (*model_file_names(len(shards)), REPORT_FILE)
+
+
+def hf_folder(entry: CheckpointFile, root: Path) -> Path | None:
+    """The Hugging Face folder a checkpoint came from (to copy its config/tokenizer files), if any."""
+    folder = entry.path if entry.path.is_dir() else entry.path.parent
+    return folder if folder.resolve() != root.resolve() and (folder / "config.json").is_file() else None
+
+
 def _config_dict(config: AverageConfig) -> dict:
     raw = asdict(config)
     return json.loads(json.dumps(raw, default=str))
@@ -338,12 +346,13 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
             message = f"{dropped.name}: {dropped.reason}; counted once"
             warnings.append(message)
             on_event(Event("warning", message))
-    prepare_output_dir(config.out_dir, (MODEL_FILE, REPORT_FILE), config.overwrite)
     spec, model_args = resolve_model_spec(config, files[0])
     model = build_model(spec, model_args)
     names = trainable_names(model)
     reader = Reader.for_run(config, model)
     validate_headers(files, model, reader, spec)
+    output_names = planned_outputs(config, reader.header(files[-1].path).tensors)
+    prepare_output_dir(config.out_dir, output_names, config.overwrite)
     stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event)
     for index in stream.subspace.dropped:
         message = (f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or "
@@ -409,10 +418,13 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
         "twa.sources": json.dumps([{"name": s["name"], "sha256": s["sha256"]} for s in sources]),
         "twa.seed": str(config.seed),
     }
-    model_path = config.out_dir / MODEL_FILE
     report_path = config.out_dir / REPORT_FILE
-    digest = save_safetensors(model_path, _output_state(model, stream.last_state), metadata)
-    report["outputs"] = {"model": {"path": str(model_path), "sha256": digest}, "report": {"path": str(report_path)}}
+    state = cast_state(_output_state(model, stream.last_state), config.out_dtype)
+    written = write_model(config.out_dir, state, metadata, config.max_shard_size,
+                          hf_folder(files[-1], config.checkpoint_dir))
+    report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
+                         "files": [{"path": path, "sha256": digest} for path, digest in written.files],
+                         "report": {"path": str(report_path)}}
     save_json(report_path, report)
-    return AverageResult(report=report, model_path=model_path, report_path=report_path, warnings=tuple(warnings))
+    return AverageResult(report=report, model_path=written.main, report_path=report_path, warnings=tuple(warnings))
 

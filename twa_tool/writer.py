@@ -1,0 +1,206 @@
+"""Writing outputs: one writer for every command. Never a partial file, never a silent overwrite.
+
+Every file is written to a temp name in the target directory, fsync'ed and renamed into place.
+The safetensors serialiser is deterministic (sorted header, fixed layout), so a seeded CPU run
+reproduces its output byte for byte. Large models are sharded the Hugging Face way
+(``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``, the index written last),
+and when the input was a Hugging Face folder its ``config.json`` and tokenizer files are copied so
+``from_pretrained`` works on the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoints import SAFETENSORS_DTYPES, sha256_file
+from .errors import CheckpointError, ConfigError, OutputError
+
+MODEL_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+#: Files copied from a Hugging Face input folder so ``from_pretrained`` works on the output.
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+                 "added_tokens.json", "preprocessor_config.json")
+OUT_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``final``; on success it is renamed onto ``final``, else removed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".twa-tmp-{final.name}-", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, final)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def prepare_output_dir(out_dir: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    """Create ``out_dir``; refuse when any output file already exists and ``overwrite`` is off."""
+    existing = [n for n in names if (out_dir / n).exists()]
+    if existing and not overwrite:
+        raise OutputError(f"{out_dir / existing[0]} already exists; pass --overwrite or choose another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{out_dir}: cannot create output directory ({err.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise OutputError(f"{out_dir}: not writable; choose another --out")
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> None:
+    """Serialise to the safetensors format deterministically (same tensors + metadata = same bytes).
+
+    ``safetensors.torch.save_file`` writes its metadata map in hash order, which differs from run to
+    run; here header keys are sorted and tensors laid out by (alignment, name), so a seeded CPU run
+    reproduces its output file byte for byte. Tied tensors are written once per name.
+    """
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def save_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """Write a state dict atomically as safetensors with string metadata; return its sha256.
+
+    Tied tensors are written under every name, so the key set equals the model's state dict and
+    loads with ``load_state_dict(strict=True)``.
+    """
+    meta = {"format": "pt", **{k: str(v) for k, v in metadata.items()}}
+    try:
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=meta)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({err.strerror}); check free space and permissions") from None
+    return sha256_file(path)
+
+
+def save_json(path: Path, document: object) -> None:
+    """Write JSON atomically."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(document, indent=2) + "\n")
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({err.strerror}); check free space and permissions") from None
+
+
+
+def parse_size(text: str) -> int:
+    """``--max-shard-size``: bytes from ``5GB``, ``500MB``, ``2GiB``, ``1000000``."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"--max-shard-size {text}: expected a size like 5GB, 500MB or 2GiB")
+    number, unit, suffix = match.groups()
+    base = 1024 if suffix and suffix.lower() == "ib" else 1000
+    value = int(float(number) * base ** "BKMGT".index(unit.upper() or "B"))
+    if value <= 0:
+        raise ConfigError(f"--max-shard-size {text}: must be positive")
+    return value
+
+
+def cast_state(state: Mapping[str, torch.Tensor], out_dtype: str) -> dict[str, torch.Tensor]:
+    """``--out-dtype``: cast floating tensors (``auto`` keeps each tensor's dtype); integers never change."""
+    if out_dtype not in OUT_DTYPES:
+        raise ConfigError(f"--out-dtype {out_dtype}: choose one of {', '.join(OUT_DTYPES)}")
+    dtype = OUT_DTYPES[out_dtype]
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
+
+
+def plan_shards(state: Mapping[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
+    """Group keys (in sorted order) into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+    keys = sorted(state)
+    if max_bytes is None:
+        return [keys]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in keys:
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def model_file_names(shard_count: int) -> tuple[str, ...]:
+    if shard_count == 1:
+        return (MODEL_FILE,)
+    return tuple(f"model-{i:05d}-of-{shard_count:05d}.safetensors" for i in range(1, shard_count + 1)) + (INDEX_FILE,)
+
+
+@dataclass(frozen=True)
+class WrittenModel:
+    files: tuple[tuple[str, str], ...]  # (path, sha256), the index last when sharded
+
+    @property
+    def main(self) -> Path:
+        return Path(self.files[-1][0])
+
+
+def write_model(out_dir: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                max_shard_bytes: int | None = None, hf_source: Path | None = None) -> WrittenModel:
+    """Write the model (one file, or shards + index written last) and the HF side files."""
+    shards = plan_shards(state, max_shard_bytes)
+    names = model_file_names(len(shards))
+    written = []
+    weight_map = {}
+    for name, keys in zip(names, shards):
+        path = out_dir / name
+        written.append((str(path), save_safetensors(path, {k: state[k] for k in keys}, metadata)))
+        weight_map.update({k: name for k in keys})
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        index = {"metadata": {"total_size": total, **dict(metadata)}, "weight_map": dict(sorted(weight_map.items()))}
+        save_json(out_dir / INDEX_FILE, index)
+        written.append((str(out_dir / INDEX_FILE), sha256_file(out_dir / INDEX_FILE)))
+    if hf_source is not None:
+        copy_side_files(hf_source, out_dir)
+    return WrittenModel(files=tuple(written))
+
+
+def copy_side_files(source: Path, out_dir: Path) -> list[str]:
+    """Copy config/tokenizer files of a Hugging Face folder (plain files only, never through symlinks)."""
+    copied = []
+    for name in HF_SIDE_FILES:
+        src = source / name
+        if src.is_file() and not src.is_symlink():
+            try:
+                with atomic_path(out_dir / name) as tmp:
+                    shutil.copyfile(src, tmp)
+            except OSError as err:
+                raise OutputError(f"{out_dir / name}: cannot write ({err.strerror})") from None
+            copied.append(name)
+    return copied
