@@ -269,6 +269,13 @@ def _refusal(path: Path) -> tuple[type[TwaError], str] | None:
     return _file_refusal(path)
 
 
+def raise_if_refused(path: Path) -> None:
+    """Raise the refusal for ``path`` (CheckpointError, or UnsafeInputError for code) if it has one."""
+    found = _refusal(Path(path))
+    if found is not None:
+        raise found[0](found[1])
+
+
 def refusal_reason(path: Path) -> str | None:
     """One-line explanation of why ``path`` cannot be averaged as is, with the fix; None if it can.
 

@@ -23,8 +23,8 @@ from .checkpoints import (
     CheckpointFile,
     discover,
     load_checkpoint,
+    raise_if_refused,
     read_header,
-    refusal_reason,
     sha256_file,
 )
 from .config import AverageConfig
@@ -119,9 +119,7 @@ def select_checkpoints(config: AverageConfig) -> Chosen:
     by = config.selection.by
     chosen = select(files, config.selection, _stored_metric(by) if by else None)
     for entry in chosen.files:
-        reason = refusal_reason(entry.path)
-        if reason is not None:
-            raise CheckpointError(reason)
+        raise_if_refused(entry.path)
     if len(chosen.files) < 2:
         raise CheckpointError(f"{config.checkpoint_dir}: {len(chosen.files)} of {len(files)} checkpoints selected; "
                               f"TWA needs at least 2, widen the selection (--range/--last/--every/--include)")

@@ -76,6 +76,8 @@ def find_aliases(files: list[CheckpointFile]) -> dict[str, tuple[str, str]]:
             continue
         by_real[real] = entry.name
         by_inode[(stat.st_dev, stat.st_ino)] = entry.name
+        if not real.is_file():
+            continue  # folders (sharded checkpoints): aliases by path only
         key = _probe(real)
         twin = None
         for other in by_probe.get(key, []):
