@@ -86,3 +86,42 @@ def test_inspect_errors(tmp_path: Path) -> None:
     (tmp_path / "peft" / "adapter_model.safetensors").write_bytes(b"x")
     result = invoke("average", tmp_path / "peft", "--data", "synthetic", "--out", tmp_path / "o")
     assert result.exit_code == 4 and "adapter" in result.stderr.lower()
+
+
+def test_order_and_dtype_warnings(demo_ckpts: Path, tmp_path: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i, step in ((1, 300), (2, 200), (3, 400)):
+        sd = load_file(demo_ckpts / f"{i}.safetensors")
+        if i == 3:
+            sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+        torch.save({"state_dict": sd, "global_step": step}, ckpts / f"{i}.pt")
+    listing = json.loads(invoke("inspect", ckpts, "--json").stdout)
+    assert listing["warnings"][0].startswith("1.pt (step 300) comes before 2.pt (step 200)")
+    assert listing["warnings"][1].startswith("mixed dtypes: ")
+    result = invoke("average", ckpts, *model_flags(), "--data", "synthetic", "--epochs", "0", "--baselines", "none",
+                    "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    assert "comes before 2.pt" in result.stderr and "mixed dtypes" in result.stderr
+    saved = load_file(tmp_path / "o" / "model.safetensors")
+    assert saved["head.weight"].dtype == torch.float16  # the last checkpoint's dtype
+
+
+def test_integer_buffers_are_copied_not_averaged(demo_ckpts: Path) -> None:
+    from conftest import TINY_ARGS
+
+    from twa_tool.checkpoints import discover
+    from twa_tool.config import AverageConfig
+    from twa_tool.models import build_model, trainable_names
+    from twa_tool.pipeline import Reader, stream_checkpoints
+
+    files = discover(demo_ckpts)
+    model = build_model("twa:cnn", TINY_ARGS)
+    reader = Reader.for_run(AverageConfig(checkpoint_dir=demo_ckpts, out_dir=demo_ckpts, data="synthetic"), model)
+    stream = stream_checkpoints(files, model, trainable_names(model), 1e-5, reader, lambda e: None)
+    states = [load_file(f.path) for f in files]
+    key = "features.1.num_batches_tracked"
+    assert stream.mean_state[key].dtype == torch.int64
+    assert stream.mean_state[key] == states[-1][key] != sum(s[key] for s in states) // len(states)
+    mean = sum(s["features.1.running_mean"].double() for s in states) / len(states)
+    assert torch.allclose(stream.mean_state["features.1.running_mean"].double(), mean, atol=1e-6)

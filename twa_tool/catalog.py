@@ -7,8 +7,8 @@ from pathlib import Path
 
 from .checkpoints import CheckpointFile, HeaderInfo, discover, read_header
 from .config import Selection
-from .errors import CheckpointError
-from .selection import select
+from .errors import TwaError
+from .selection import mixed_dtypes, order_conflict, select
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class Catalog:
     selected: tuple[Entry, ...]
     others: tuple[Entry, ...]
     ignored: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())
 
     def as_dict(self) -> dict:
         return {
@@ -60,20 +61,23 @@ class Catalog:
             "checkpoints": [e.as_dict() for e in self.selected],
             "not_selected": [e.as_dict() for e in self.others],
             "ignored_files": list(self.ignored),
+            "warnings": list(self.warnings),
         }
 
 
-def _header(entry: CheckpointFile) -> tuple[HeaderInfo | None, str | None]:
+def _header(entry: CheckpointFile, options: dict) -> tuple[HeaderInfo | None, str | None]:
     try:
-        return read_header(entry.path), None
-    except CheckpointError as err:
+        return read_header(entry.path, **options), None
+    except TwaError as err:
         return None, str(err)
 
 
-def inspect_directory(directory: Path, selection: Selection) -> Catalog:
+def inspect_directory(directory: Path, selection: Selection, weights: str = "raw", strip_prefix: str | None = None,
+                      trust_pickle: bool = False) -> Catalog:
     """Read every candidate's header once and apply the selection ``twa average`` would apply."""
     files = discover(directory)
-    headers = {f.name: _header(f) for f in files}
+    options = {"weights": weights, "strip_prefix": strip_prefix, "trust_pickle": trust_pickle}
+    headers = {f.name: _header(f, options) for f in files}
 
     def metric_of(entry: CheckpointFile) -> float | None:
         header = headers[entry.name][0]
@@ -87,5 +91,11 @@ def inspect_directory(directory: Path, selection: Selection) -> Catalog:
                              error=headers[f.name][1]) for f in files}
     weight_paths = {f.path for f in files} | {f.path.parent for f in files}
     ignored = sorted(p.name for p in directory.iterdir() if p not in weight_paths and not p.name.startswith("."))
+    readable = [f.name for f in chosen.files if headers[f.name][0] is not None]
+    found = {n: headers[n][0] for n in readable}
+    notes = [order_conflict(readable, [found[n].step for n in readable], "step")
+             or order_conflict(readable, [found[n].epoch for n in readable], "epoch"),
+             mixed_dtypes({n: found[n].tensors for n in readable})]
     return Catalog(directory=directory, selected=tuple(entries[f.name] for f in chosen.files),
-                   others=tuple(e for e in entries.values() if e.status != "selected"), ignored=tuple(ignored))
+                   others=tuple(e for e in entries.values() if e.status != "selected"), ignored=tuple(ignored),
+                   warnings=tuple(n for n in notes if n))

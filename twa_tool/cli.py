@@ -303,11 +303,13 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("checkpoint_dir", type=click.Path(path_type=Path))
+@reader_options
 @selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No human output except errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors.")
-def inspect(checkpoint_dir: Path, include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None,
+def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, trust_pickle: bool,
+            include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None,
             every: int | None, last: int | None, top_k: int | None, by: str | None, mode: str | None,
             as_json: bool, quiet: bool, verbose: bool) -> None:
     """List the checkpoints in CHECKPOINT_DIR (from headers) and the selection `twa average` would use.
@@ -321,7 +323,7 @@ def inspect(checkpoint_dir: Path, include: tuple[str, ...], exclude: tuple[str, 
         from .report import render_inspect
 
         selection = make_selection(include, exclude, range_, every, last, top_k, by, mode)
-        catalog = inspect_directory(checkpoint_dir, selection).as_dict()
+        catalog = inspect_directory(checkpoint_dir, selection, weights, strip_prefix, trust_pickle).as_dict()
         emit(catalog, as_json, console, render_inspect)
 
     run_reported(verbose, console, body)

@@ -40,7 +40,7 @@ from .models import (
     spec_from_metadata,
     trainable_names,
 )
-from .selection import Chosen, select
+from .selection import Chosen, mixed_dtypes, order_conflict, select
 from .subspace import BasisBuilder, Subspace, orthonormality_error
 from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
 from .writer import cast_state, model_file_names, plan_shards, prepare_output_dir, save_json, write_model
@@ -162,13 +162,17 @@ class Reader:
         return read_header(path, **self._options())
 
 
-def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Reader, spec: str) -> None:
-    """Keys and shapes of every selected checkpoint against the model, from headers, before heavy work."""
+def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Reader, spec: str) -> list[str]:
+    """Keys and shapes of every selected checkpoint against the model, from headers, before heavy work.
+
+    Returns warnings: name order against stored steps/epochs, mixed dtypes.
+    """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     rows: list[tuple[str, ...]] = []
     bad_files = set()
+    headers = {entry.name: reader.header(entry.path) for entry in files}
     for entry in files:
-        tensors = reader.header(entry.path).tensors
+        tensors = headers[entry.name].tensors
         problems = [(k, "missing", str(shape)) for k, shape in expected.items() if k not in tensors]
         problems += [(k, "unexpected", str(tuple(v[0]))) for k, v in tensors.items() if k not in expected]
         problems += [(k, f"shape {tuple(tensors[k][0])}", f"model {shape}") for k, shape in expected.items()
@@ -181,6 +185,11 @@ def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Read
         raise CheckpointError(f"{len(bad_files)} of {len(files)} checkpoints do not match the model {spec} "
                               f"(first: {first}); check --model/--model-arg, or --strip-prefix",
                               details=[("file", "key", "checkpoint", "model")] + rows[:20])
+    names = [f.name for f in files]
+    notes = [order_conflict(names, [headers[n].step for n in names], "step")
+             or order_conflict(names, [headers[n].epoch for n in names], "epoch"),
+             mixed_dtypes({n: headers[n].tensors for n in names})]
+    return [note for note in notes if note]
 
 
 def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:
@@ -348,7 +357,9 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
     model = build_model(spec, model_args)
     names = trainable_names(model)
     reader = Reader.for_run(config, model)
-    validate_headers(files, model, reader, spec)
+    for message in validate_headers(files, model, reader, spec):
+        warnings.append(message)
+        on_event(Event("warning", message))
     output_names = planned_outputs(config, reader.header(files[-1].path).tensors)
     prepare_output_dir(config.out_dir, output_names, config.overwrite)
     stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event)

@@ -87,4 +87,6 @@ def render_inspect(catalog: dict, console: Console) -> None:
     console.print(table)
     if catalog["ignored_files"]:
         console.print(f"ignored (not weights, never unpickled): {', '.join(catalog['ignored_files'])}")
+    for warning in catalog.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     console.print(f"{len(catalog['checkpoints'])} selected, {len(catalog['not_selected'])} left out")

@@ -132,3 +132,29 @@ def _top_k(files: list[CheckpointFile], selection: Selection,
     sign = 1 if selection.mode == "min" else -1
     best = sorted(scored, key=lambda t: (sign * t[0], t[1]))[: selection.top_k]
     return [f for _, _, f in sorted(best, key=lambda t: t[1])]
+
+
+def order_conflict(names: list[str], positions: list[int | None], what: str) -> str | None:
+    """Cross-check the name order with the step/epoch each file stores; describe the first disagreement."""
+    if len(names) < 2 or any(p is None for p in positions):
+        return None
+    for i in range(1, len(names)):
+        if positions[i] < positions[i - 1]:
+            return (f"{names[i - 1]} ({what} {positions[i - 1]}) comes before {names[i]} ({what} {positions[i]}) "
+                    f"in name order; the name order is used, rename the files or select with --include")
+    return None
+
+
+def mixed_dtypes(headers: dict[str, dict[str, tuple[tuple[int, ...], str]]]) -> str | None:
+    """Describe the first tensor whose floating dtype differs between checkpoints (None if consistent)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for name, tensors in headers.items():
+        for key, (_, dtype) in tensors.items():
+            if not dtype.startswith(("float", "bfloat")):
+                continue
+            if key in seen and seen[key][1] != dtype:
+                return (f"mixed dtypes: {key} is {seen[key][1]} in {seen[key][0]} but {dtype} in {name}; averaging "
+                        f"runs in float64 and each tensor is written in the last checkpoint's dtype "
+                        f"(choose with --out-dtype)")
+            seen.setdefault(key, (name, dtype))
+    return None
