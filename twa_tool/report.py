@@ -60,8 +60,9 @@ def render_average(report: dict, console: Console) -> None:
                   f"distance to span = {basis['span_residual']:.1e}")
     outputs = report.get("outputs", {})
     if "model" in outputs:
-        console.print(f"wrote {outputs['model']['path']} (sha256 {outputs['model']['sha256'][:16]}…) "
-                      f"and {outputs['report']['path']}")
+        for item in outputs.get("files", [outputs["model"]]):
+            console.print(f"wrote {item['path']}  sha256 {item['sha256']}", soft_wrap=True)
+        console.print(f"wrote {outputs['report']['path']}", soft_wrap=True)
 
 
 def _epoch_step(row: dict) -> str:
