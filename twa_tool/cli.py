@@ -24,14 +24,14 @@ from rich.table import Table
 
 from . import __version__
 from .config import AverageConfig, Selection, TrainConfig, parse_baselines, parse_key_values, parse_range
-from .errors import TwaError
+from .errors import QualityGateFailed, TwaError
 from .pipeline import Event
 from .writer import parse_size
 
 EXIT_CODES_HELP = """\b
-Exit codes: 0 ok, 1 unexpected failure, 2 usage error, 4 invalid or incompatible
-input, 5 unsafe input refused, 6 numerical failure, 7 cannot write output,
-130 interrupted, 143 terminated."""
+Exit codes: 0 ok, 1 unexpected failure, 2 usage error, 3 quality gate failed,
+4 invalid or incompatible input, 5 unsafe input refused, 6 numerical failure,
+7 cannot write output, 130 interrupted, 143 terminated."""
 
 
 class Terminated(BaseException):
@@ -261,6 +261,15 @@ def run_options(fn: Callable) -> Callable:
 @click.option("--holdout-fraction", type=float, default=0.1, show_default=True)
 @click.option("--baselines", default="last,best,swa", show_default=True,
               help="Comma-separated subset of last,best,swa, or none.")
+@click.option("--fail-if-worse-than", type=click.Choice(["last", "best", "swa"]), default=None,
+              help="Quality gate: exit 3 when TWA's eval accuracy is below this baseline's (the output is still "
+                   "written, so it can be inspected).")
+@click.option("--tolerance", type=float, default=0.0, show_default=True,
+              help="Accuracy (fraction) TWA may lose against the gate's baseline and still pass.")
+@click.option("--on-worse", type=click.Choice(["keep", "fallback"]), default="keep", show_default=True,
+              help="When the gate fails: keep the TWA model, or write the best baseline instead.")
+@click.option("--dry-run", is_flag=True, help="Print the selection, a memory estimate and what would be written; "
+                                                 "touch nothing.")
 @common_output_options
 def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: tuple[str, ...], weights: str,
             strip_prefix: str | None, trust_pickle: bool, data: str,
@@ -268,7 +277,8 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None, every: int | None,
             last: int | None, top_k: int | None, by: str | None, mode: str | None, start: str, lr: float,
             wd: float, momentum: float, epochs: int, batch_size: int, schedule: str, fit_on: str,
-            holdout_fraction: float, baselines: str,
+            holdout_fraction: float, baselines: str, fail_if_worse_than: str | None, tolerance: float,
+            on_worse: str, dry_run: bool,
             out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool, quiet: bool,
             verbose: bool) -> None:
     """Average the checkpoints in CHECKPOINT_DIR with trainable coefficients (TWA).
@@ -280,7 +290,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
 
     def body() -> None:
         from .pipeline import run_average
-        from .report import render_average
+        from .report import render_average, render_dry_run
 
         config = AverageConfig(
             checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, model=model,
@@ -291,12 +301,19 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             fit_on=fit_on, holdout_fraction=holdout_fraction, baselines=parse_baselines(baselines),
             device=device, amp=amp, num_workers=num_workers, seed=seed, overwrite=overwrite,
             weights=weights, strip_prefix=strip_prefix, trust_pickle=trust_pickle, out_dtype=out_dtype,
-            max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
+            max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
+            fail_if_worse_than=fail_if_worse_than, tolerance=tolerance, on_worse=on_worse, dry_run=dry_run)
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
         with ProgressSink(console) as sink:
             result = run_average(config, on_event=sink)
-        emit(result.report, as_json, console, render_average)
+        emit(result.report, as_json, console, render_dry_run if dry_run else render_average)
+        gate = result.report.get("quality_gate")
+        if gate is not None and not gate["passed"]:
+            raise QualityGateFailed(
+                f"quality gate failed: TWA accuracy {100 * gate['twa_accuracy']:.2f}% is below {gate['against']} "
+                f"{100 * gate['baseline_accuracy']:.2f}% (tolerance {100 * gate['tolerance']:.2f} points); wrote "
+                f"{gate['written']} to {result.model_path}")
 
     run_reported(verbose, console, body)
 

@@ -105,6 +105,10 @@ class AverageConfig:
     trust_pickle: bool = False
     out_dtype: str = "auto"
     max_shard_size: int | None = None
+    fail_if_worse_than: str | None = None
+    tolerance: float = 0.0
+    on_worse: str = "keep"
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
         if self.start not in ("mean", "last"):
@@ -126,6 +130,15 @@ class AverageConfig:
             raise ConfigError(f"--weights {self.weights}: use raw or ema")
         if self.out_dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"--out-dtype {self.out_dtype}: choose auto, float32, float16 or bfloat16")
+        if self.fail_if_worse_than is not None and self.fail_if_worse_than not in self.baselines:
+            raise ConfigError(f"--fail-if-worse-than {self.fail_if_worse_than}: that baseline is not evaluated; add it "
+                              f"to --baselines")
+        if self.on_worse not in ("keep", "fallback"):
+            raise ConfigError(f"--on-worse {self.on_worse}: choose keep or fallback")
+        if self.on_worse == "fallback" and not self.baselines:
+            raise ConfigError("--on-worse fallback needs at least one of --baselines last,best,swa")
+        if self.tolerance < 0:
+            raise ConfigError(f"--tolerance {self.tolerance}: must be >= 0 (accuracy as a fraction, e.g. 0.002)")
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers {self.num_workers}: must be >= 0")
 

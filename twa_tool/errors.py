@@ -27,6 +27,12 @@ class ConfigError(TwaError):
     exit_code = 2
 
 
+class QualityGateFailed(TwaError):
+    """The result is worse than the baseline named by --fail-if-worse-than (the output is still written)."""
+
+    exit_code = 3
+
+
 class InputError(TwaError):
     """Invalid, corrupt or incompatible input: checkpoints, model spec, data."""
 

@@ -43,7 +43,15 @@ from .models import (
 from .selection import Chosen, mixed_dtypes, order_conflict, select
 from .subspace import BasisBuilder, Subspace, orthonormality_error
 from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
-from .writer import cast_state, model_file_names, plan_shards, prepare_output_dir, save_json, write_model
+from .writer import (
+    cast_state,
+    check_output,
+    model_file_names,
+    plan_shards,
+    prepare_output_dir,
+    save_json,
+    write_model,
+)
 
 REPORT_FILE = "report.json"
 SCHEMA_VERSION = 1
@@ -248,6 +256,12 @@ class Evaluator:
         recalibrate_bn(self.model, _loader(self.bn_data, self.config, shuffle=False, seed=self.config.seed),
                        self.device)
 
+    def recalibrated(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The state with BN statistics re-estimated, as it was evaluated (for writing a baseline)."""
+        load_state(self.model, state)
+        self.bn_pass()
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
     def __call__(self, state: dict[str, torch.Tensor]) -> Metrics:
         load_state(self.model, state)
         self.bn_pass()
@@ -316,11 +330,78 @@ def run_twa(config: AverageConfig, files: list[CheckpointFile], stream: Stream, 
     return metrics, train, weights
 
 
-def planned_outputs(config: AverageConfig, tensors: dict[str, tuple[tuple[int, ...], str]]) -> tuple[str, ...]:
-    """Names of the files this run will write (shard count from shapes and dtypes, no data read)."""
+def planned_outputs(config: AverageConfig,
+                    tensors: dict[str, tuple[tuple[int, ...], str]]) -> tuple[tuple[str, ...], int]:
+    """Names of the files this run will write and their total size (from shapes and dtypes, no data read)."""
     meta = {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, (shape, dtype) in tensors.items()}
-    shards = plan_shards(cast_state(meta, config.out_dtype), config.max_shard_size)
-    return (*model_file_names(len(shards)), REPORT_FILE)
+    cast = cast_state(meta, config.out_dtype)
+    shards = plan_shards(cast, config.max_shard_size)
+    size = sum(v.numel() * v.element_size() for v in cast.values())
+    return (*model_file_names(len(shards)), REPORT_FILE), size
+
+
+def memory_estimate(model: nn.Module, k: int) -> dict[str, int]:
+    """Peak host memory of the run, by part (bytes): basis, build workspace, mean, one checkpoint, model+optimiser."""
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    floats = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
+    parts = {"basis_float32": k * d * 4, "build_workspace": d * 8 + BasisBuilder.BLOCK_ENTRIES * 8,
+             "mean_float64": floats * 8, "one_checkpoint": state, "model_grads_momentum": state + 2 * d * 4}
+    return {**parts, "total": sum(parts.values())}
+
+
+def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen, spec: str,
+                   model_args: tuple[tuple[str, str], ...], model: nn.Module, output_names: tuple[str, ...],
+                   output_bytes: int, warnings: list[str]) -> AverageResult:
+    """What a run would do: the selection, a memory estimate and the files it would write; nothing touched."""
+    report = {
+        "schema_version": SCHEMA_VERSION, "tool": "twa", "version": __version__, "command": "average",
+        "dry_run": True,
+        "checkpoints": [f.name for f in files],
+        "inputs": [{"name": f.name, "path": str(f.path)} for f in files],
+        "excluded": [{"name": d.name, "reason": d.reason} for d in chosen.dropped],
+        "model": {"spec": spec, "args": dict(model_args),
+                  "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+        "memory_estimate_bytes": memory_estimate(model, len(files)),
+        "would_write": [str(config.out_dir / n) for n in output_names],
+        "output_bytes": output_bytes,
+        "config": _config_dict(config),
+        "warnings": warnings,
+    }
+    return AverageResult(report=report, model_path=config.out_dir / output_names[0],
+                         report_path=config.out_dir / REPORT_FILE, warnings=tuple(warnings))
+
+
+def quality_gate(config: AverageConfig, metrics: dict[str, dict]) -> dict | None:
+    """``--fail-if-worse-than``: does TWA reach the baseline's eval accuracy (minus the tolerance)?"""
+    if config.fail_if_worse_than is None:
+        return None
+    baseline = metrics[config.fail_if_worse_than]["accuracy"]
+    result = metrics["twa"]["accuracy"]
+    return {"against": config.fail_if_worse_than, "tolerance": config.tolerance, "twa_accuracy": result,
+            "baseline_accuracy": baseline, "passed": result >= baseline - config.tolerance,
+            "on_worse": config.on_worse}
+
+
+def written_coefficients(method: str, twa: list[float], files: list[CheckpointFile],
+                         metrics: dict[str, dict]) -> list[float]:
+    """Coefficients over the checkpoints of the model actually written."""
+    if method == "twa":
+        return twa
+    if method == "swa":
+        return [1 / len(files)] * len(files)
+    names = [f.name for f in files]
+    return [1.0 if n == metrics[method]["checkpoint"] else 0.0 for n in names]
+
+
+def fallback_state(name: str, files: list[CheckpointFile], stream: Stream, metrics: dict[str, dict],
+                   evaluator: Evaluator) -> dict[str, torch.Tensor]:
+    """The weights of a baseline, BN re-estimated exactly as when it was evaluated."""
+    if name == "swa":
+        return evaluator.recalibrated(stream.mean_state)
+    checkpoint = metrics[name]["checkpoint"]
+    entry = next(f for f in files if f.name == checkpoint)
+    return evaluator.recalibrated(evaluator.reader.load(entry.path))
 
 
 def hf_folder(entry: CheckpointFile, root: Path) -> Path | None:
@@ -336,7 +417,11 @@ def _config_dict(config: AverageConfig) -> dict:
 
 def _output_state(model: nn.Module, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's state dict with each tensor in the dtype the input checkpoints used."""
-    return {k: v.detach().to("cpu", reference[k].dtype) for k, v in model.state_dict().items()}
+    return _output_state_from(model.state_dict(), reference)
+
+
+def _output_state_from(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", reference[k].dtype) for k, v in state.items()}
 
 
 def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> AverageResult:
@@ -360,8 +445,12 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
     for message in validate_headers(files, model, reader, spec):
         warnings.append(message)
         on_event(Event("warning", message))
-    output_names = planned_outputs(config, reader.header(files[-1].path).tensors)
-    prepare_output_dir(config.out_dir, output_names, config.overwrite)
+    output_names, output_bytes = planned_outputs(config, reader.header(files[-1].path).tensors)
+    inputs = tuple(f.path for f in files)
+    if config.dry_run:
+        check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
+        return dry_run_result(config, files, chosen, spec, model_args, model, output_names, output_bytes, warnings)
+    prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
     stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event)
     for index in stream.subspace.dropped:
         message = (f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or "
@@ -418,17 +507,26 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
         "timings": timings,
         "warnings": warnings,
     }
+    gate = quality_gate(config, metrics)
+    written_method = "twa"
+    state = _output_state(model, stream.last_state)
+    if gate is not None and not gate["passed"] and config.on_worse == "fallback":
+        written_method = max((m for m in metrics if m != "twa"), key=lambda m: metrics[m]["accuracy"])
+        state = _output_state_from(fallback_state(written_method, files, stream, metrics, evaluator), stream.last_state)
+    if gate is not None:
+        report["quality_gate"] = {**gate, "written": written_method}
+    report["written_method"] = written_method
     metadata = {
         "twa.version": __version__,
-        "twa.method": "twa",
+        "twa.method": written_method,
         MODEL_METADATA_KEY: spec,
         MODEL_ARGS_METADATA_KEY: json.dumps(dict(model_args)),
-        "twa.coefficients": json.dumps(coefficients.tolist()),
+        "twa.coefficients": json.dumps(written_coefficients(written_method, coefficients.tolist(), files, metrics)),
         "twa.sources": json.dumps([{"name": s["name"], "sha256": s["sha256"]} for s in sources]),
         "twa.seed": str(config.seed),
     }
     report_path = config.out_dir / REPORT_FILE
-    state = cast_state(_output_state(model, stream.last_state), config.out_dtype)
+    state = cast_state(state, config.out_dtype)
     written = write_model(config.out_dir, state, metadata, config.max_shard_size,
                           hf_folder(files[-1], config.checkpoint_dir))
     report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},

@@ -50,10 +50,30 @@ def coefficients_table(report: dict, limit: int = 12) -> Table:
     return table
 
 
+def render_dry_run(report: dict, console: Console) -> None:
+    """The plan of a ``--dry-run``: selection, memory estimate, files that would be written."""
+    console.print(f"dry run: {len(report['checkpoints'])} checkpoints selected: {', '.join(report['checkpoints'])}",
+                  soft_wrap=True)
+    for item in report["excluded"]:
+        console.print(f"  left out {item['name']}: {item['reason']}", soft_wrap=True)
+    memory = report["memory_estimate_bytes"]
+    parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items() if k != "total")
+    console.print(f"model {report['model']['spec']}: {report['model']['parameters']:,} trainable parameters; "
+                  f"peak memory about {memory['total'] / 2**20:.1f} MiB ({parts})", soft_wrap=True)
+    for path in report["would_write"]:
+        console.print(f"would write {path}", soft_wrap=True)
+    console.print("nothing was written")
+
+
 def render_average(report: dict, console: Console) -> None:
     """Print the human summary of a ``twa average`` report."""
     console.print(metrics_table(report))
     console.print(coefficients_table(report))
+    gate = report.get("quality_gate")
+    if gate is not None:
+        verdict = "[green]passed[/green]" if gate["passed"] else "[red]failed[/red]"
+        console.print(f"quality gate vs {gate['against']} (tolerance {100 * gate['tolerance']:.2f} points): {verdict}; "
+                      f"wrote {gate['written']}", soft_wrap=True)
     basis = report["basis"]
     console.print(f"basis rank {basis['rank']} of {len(report['checkpoints'])}, "
                   f"max|PPᵀ-I| = {basis['orthonormality_error']:.1e}, "

@@ -26,6 +26,7 @@ import torch
 from .checkpoints import SAFETENSORS_DTYPES, sha256_file
 from .errors import CheckpointError, ConfigError, OutputError
 
+TEMP_PREFIX = ".twa-tmp-"
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 #: Files copied from a Hugging Face input folder so ``from_pretrained`` works on the output.
@@ -38,7 +39,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temp path beside ``final``; on success it is renamed onto ``final``, else removed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".twa-tmp-{final.name}-", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{final.name}-", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -50,17 +51,64 @@ def atomic_path(final: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def prepare_output_dir(out_dir: Path, names: tuple[str, ...], overwrite: bool) -> None:
-    """Create ``out_dir``; refuse when any output file already exists and ``overwrite`` is off."""
-    existing = [n for n in names if (out_dir / n).exists()]
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(out_dir: Path) -> list[str]:
+    """Delete temp files left by killed twa runs (their pid is gone); a live run's temps are kept."""
+    removed = []
+    for path in out_dir.glob(f"{TEMP_PREFIX}*"):
+        match = re.match(rf"{re.escape(TEMP_PREFIX)}(\d+)-", path.name)
+        if match and not _pid_alive(int(match.group(1))) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs: tuple[Path, ...] = (),
+                 needed_bytes: int = 0) -> None:
+    """Everything about the output that can fail, checked before any heavy work, touching nothing."""
+    targets = {(out_dir / n).resolve() for n in names}
+    clash = next((p for p in inputs if p.resolve() in targets), None)
+    if clash is not None:
+        raise OutputError(f"{out_dir}: writing there would overwrite the input {clash}; choose another --out")
+    folder = next((p.parent for p in inputs if p.resolve().parent == out_dir.resolve()), None)
+    if folder is not None:
+        raise OutputError(f"{out_dir}: is the checkpoint folder (the output would become an input of the next run); "
+                          f"choose another --out")
+    existing = [n for n in names if (out_dir / n).exists() or (out_dir / n).is_symlink()]
     if existing and not overwrite:
         raise OutputError(f"{out_dir / existing[0]} already exists; pass --overwrite or choose another --out")
+    parent = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OutputError(f"{parent}: exists and is not a directory; choose another --out")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise OutputError(f"{parent}: not writable; choose another --out")
+    if parent is not None and needed_bytes:
+        free = shutil.disk_usage(parent).free
+        if free < needed_bytes + (16 << 20):
+            raise OutputError(f"{parent}: not enough free space ({free >> 20} MiB free, the output needs about "
+                              f"{needed_bytes >> 20} MiB); free space or choose another --out")
+
+
+def prepare_output_dir(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs: tuple[Path, ...] = (),
+                       needed_bytes: int = 0) -> None:
+    """Check the output (see ``check_output``), create ``out_dir`` and clear stale temp files in it."""
+    check_output(out_dir, names, overwrite, inputs, needed_bytes)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"{out_dir}: cannot create output directory ({err.strerror})") from None
     if not os.access(out_dir, os.W_OK):
         raise OutputError(f"{out_dir}: not writable; choose another --out")
+    remove_stale_temps(out_dir)
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> None:
@@ -70,6 +118,9 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[
     run; here header keys are sorted and tensors laid out by (alignment, name), so a seeded CPU run
     reproduces its output file byte for byte. Tied tensors are written once per name.
     """
+    if "__metadata__" in tensors:
+        raise CheckpointError("the state dict has a tensor named __metadata__, which safetensors reserves; rename "
+                              "it in the model")
     names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0

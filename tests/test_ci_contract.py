@@ -1,0 +1,175 @@
+"""The CI contract: quality gate, dry run, output safety, stale temps, signals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from twa_tool.cli import cli
+from twa_tool.writer import TEMP_PREFIX, save_safetensors
+
+FAST = ["--data", "synthetic", "--epochs", "1", "--batch-size", "512"]
+
+
+def invoke(*args: object, env: dict | None = None):
+    return CliRunner().invoke(cli, ["average", *map(str, args)], env=env)
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def gate_reports(demo_ckpts: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One run with an impossible tolerance-free gate against best (lr so high TWA is ruined)."""
+    out = tmp_path_factory.mktemp("gate")
+    bad = invoke(demo_ckpts, *FAST, "--lr", "1000", "--schedule", "constant", "--fail-if-worse-than", "best",
+                 "--out", out / "keep", "--json")
+    fallback = invoke(demo_ckpts, *FAST, "--lr", "1000", "--schedule", "constant", "--fail-if-worse-than", "best",
+                      "--on-worse", "fallback", "--out", out / "fallback", "--json")
+    return {"keep": (bad, out / "keep"), "fallback": (fallback, out / "fallback")}
+
+
+def test_gate_failure_exits_3_and_still_writes(gate_reports: dict) -> None:
+    result, out = gate_reports["keep"]
+    assert result.exit_code == 3, result.output
+    report = json.loads(result.stdout)
+    assert report["quality_gate"]["passed"] is False and report["quality_gate"]["written"] == "twa"
+    assert "quality gate failed: TWA accuracy" in result.stderr and "below best" in result.stderr
+    assert (out / "model.safetensors").is_file() and json.loads((out / "report.json").read_text()) == report
+
+
+def test_gate_fallback_writes_the_best_baseline(gate_reports: dict, demo_ckpts: Path) -> None:
+    result, out = gate_reports["fallback"]
+    assert result.exit_code == 3
+    report = json.loads(result.stdout)
+    metrics = report["metrics"]
+    best_baseline = max((m for m in metrics if m != "twa"), key=lambda m: metrics[m]["accuracy"])
+    assert report["quality_gate"]["written"] == report["written_method"] == best_baseline
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    assert meta["twa.method"] == best_baseline
+    saved = load_file(out / "model.safetensors")
+    if best_baseline in ("best", "last"):
+        source = load_file(demo_ckpts / metrics[best_baseline]["checkpoint"])
+        assert torch.equal(saved["head.weight"], source["head.weight"])  # the checkpoint's weights, BN re-estimated
+        assert json.loads(meta["twa.coefficients"]).count(1.0) == 1
+
+
+def test_gate_passes_with_tolerance(demo_ckpts: Path, tmp_path: Path) -> None:
+    result = invoke(demo_ckpts, *FAST, "--baselines", "swa", "--fail-if-worse-than", "swa", "--tolerance", "1",
+                    "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["quality_gate"]["passed"] is True
+
+
+def test_gate_needs_its_baseline(demo_ckpts: Path, tmp_path: Path) -> None:
+    result = invoke(demo_ckpts, *FAST, "--baselines", "last", "--fail-if-worse-than", "swa", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "add it to --baselines" in result.stderr
+
+
+def test_dry_run_touches_nothing(demo_ckpts: Path, tmp_path: Path) -> None:
+    before = digest(demo_ckpts)
+    result = invoke(demo_ckpts, *FAST, "--out", tmp_path / "o", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["dry_run"] is True and len(plan["checkpoints"]) == 5
+    assert plan["would_write"] == [str(tmp_path / "o" / "model.safetensors"), str(tmp_path / "o" / "report.json")]
+    assert plan["memory_estimate_bytes"]["total"] > plan["memory_estimate_bytes"]["basis_float32"] > 0
+    assert not (tmp_path / "o").exists()
+    assert digest(demo_ckpts) == before
+    assert "nothing was written" in result.stderr
+
+
+def test_output_over_an_input_is_refused(demo_ckpts: Path, tmp_path: Path) -> None:
+    before = digest(demo_ckpts)
+    result = invoke(demo_ckpts, *FAST, "--out", demo_ckpts, "--overwrite")
+    assert result.exit_code == 7 and "is the checkpoint folder" in result.stderr
+    assert digest(demo_ckpts) == before
+
+
+def test_output_file_that_is_an_input_is_refused(tmp_path: Path) -> None:
+    from twa_tool.errors import OutputError
+    from twa_tool.writer import check_output
+
+    (tmp_path / "ckpts").mkdir()
+    inputs = (tmp_path / "ckpts" / "model.safetensors",)
+    with pytest.raises(OutputError, match="would overwrite the input"):
+        check_output(tmp_path / "ckpts", ("model.safetensors", "report.json"), True, inputs)
+
+
+def test_not_enough_space_fails_before_work(demo_ckpts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("twa_tool.writer.shutil.disk_usage", lambda p: usage(10, 10, 1000))
+    result = invoke(demo_ckpts, *FAST, "--out", tmp_path / "o")
+    assert result.exit_code == 7 and "not enough free space" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_reserved_metadata_key_is_refused(tmp_path: Path) -> None:
+    from twa_tool.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="__metadata__"):
+        save_safetensors(tmp_path / "m.safetensors", {"__metadata__": torch.zeros(1)}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temps_of_dead_runs_are_removed(demo_ckpts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / f"{TEMP_PREFIX}{dead.pid}-model.safetensors-abc"
+    stale.write_bytes(b"partial")
+    live = out / f"{TEMP_PREFIX}{os.getpid()}-model.safetensors-xyz"
+    live.write_bytes(b"someone else's run")
+    result = invoke(demo_ckpts, *FAST, "--baselines", "none", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and live.exists()
+
+
+def run_twa(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "twa_tool", "average", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_training_leaves_no_output(demo_ckpts: Path, tmp_path: Path, sig: int, code: int) -> None:
+    out = tmp_path / "o"
+    proc = run_twa([str(demo_ckpts), "--data", "synthetic", "--epochs", "200", "--batch-size", "32",
+                    "--baselines", "none", "--out", str(out)])
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the output folder appears once checkpoints are validated, before the heavy work
+    time.sleep(3)  # well into reading, baselines or training: 200 epochs take minutes
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert "no partial output" in stderr and "Traceback" not in stderr
+    assert not out.exists() or [p.name for p in out.iterdir()] == []
+
+
+def test_concurrent_runs_never_interleave(demo_ckpts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    args = [str(demo_ckpts), *FAST, "--baselines", "none", "--out", str(out), "--overwrite"]
+    procs = [run_twa(args) for _ in range(2)]
+    for proc in procs:
+        proc.communicate(timeout=300)
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json"]
+    load_file(out / "model.safetensors")  # a valid file, not an interleaving
