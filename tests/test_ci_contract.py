@@ -171,5 +171,21 @@ def test_concurrent_runs_never_interleave(demo_ckpts: Path, tmp_path: Path) -> N
     for proc in procs:
         proc.communicate(timeout=300)
     assert all(p.returncode == 0 for p in procs)
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "coefficients.png", "model.safetensors",
+                                                     "report.json", "report.md"]
     load_file(out / "model.safetensors")  # a valid file, not an interleaving
+
+
+def test_human_report_with_and_without_matplotlib(demo_ckpts: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    result = invoke(demo_ckpts, *FAST, "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "a" / "report.md").read_text()
+    assert "| SWA (uniform mean + BN) |" in text and "![accuracy.png](accuracy.png)" in text
+    assert (tmp_path / "a" / "coefficients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setattr("twa_tool.plots._pyplot", lambda: None)
+    result = invoke(demo_ckpts, *FAST, "--baselines", "none", "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert "plots skipped: matplotlib is not installed" in (tmp_path / "b" / "report.md").read_text()
+    assert not (tmp_path / "b" / "accuracy.png").exists()

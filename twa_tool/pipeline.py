@@ -40,6 +40,8 @@ from .models import (
     spec_from_metadata,
     trainable_names,
 )
+from .plots import PLOT_FILES, render_plots
+from .report import markdown_report
 from .selection import Chosen, mixed_dtypes, order_conflict, select
 from .subspace import BasisBuilder, Subspace, orthonormality_error
 from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
@@ -50,10 +52,12 @@ from .writer import (
     plan_shards,
     prepare_output_dir,
     save_json,
+    write_bytes,
     write_model,
 )
 
 REPORT_FILE = "report.json"
+HUMAN_REPORT_FILE = "report.md"
 SCHEMA_VERSION = 1
 
 
@@ -337,7 +341,7 @@ def planned_outputs(config: AverageConfig,
     cast = cast_state(meta, config.out_dtype)
     shards = plan_shards(cast, config.max_shard_size)
     size = sum(v.numel() * v.element_size() for v in cast.values())
-    return (*model_file_names(len(shards)), REPORT_FILE), size
+    return (*model_file_names(len(shards)), REPORT_FILE, HUMAN_REPORT_FILE, *PLOT_FILES), size
 
 
 def memory_estimate(model: nn.Module, k: int) -> dict[str, int]:
@@ -533,5 +537,14 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
                          "files": [{"path": path, "sha256": digest} for path, digest in written.files],
                          "report": {"path": str(report_path)}}
     save_json(report_path, report)
+    write_human_report(config.out_dir, report)
     return AverageResult(report=report, model_path=written.main, report_path=report_path, warnings=tuple(warnings))
+
+
+def write_human_report(out_dir: Path, report: dict) -> None:
+    """report.md beside report.json, with PNG figures when matplotlib is installed."""
+    figures, note = render_plots(report)
+    for name, png in figures.items():
+        write_bytes(out_dir / name, png)
+    write_bytes(out_dir / HUMAN_REPORT_FILE, markdown_report(report, list(figures), note).encode())
 

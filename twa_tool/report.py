@@ -111,3 +111,28 @@ def render_inspect(catalog: dict, console: Console) -> None:
     for warning in catalog.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     console.print(f"{len(catalog['checkpoints'])} selected, {len(catalog['not_selected'])} left out")
+
+
+def markdown_report(report: dict, images: list[str], note: str | None = None) -> str:
+    """report.md: the baseline table, the coefficients and the figures, for people and CI artifact viewers."""
+    metrics = report["metrics"]
+    lines = ["# twa average report", "",
+             f"{len(report['checkpoints'])} checkpoints, model `{report['model']['spec']}`, "
+             f"data `{report['data']['spec']}` (fit on {report['data']['fit_on']}), device {report['device']}.", "",
+             "| method | accuracy | loss |", "|---|---:|---:|"]
+    for name, values in metrics.items():
+        label = METHOD_LABELS.get(name, name) + (f" ({values['checkpoint']})" if "checkpoint" in values else "")
+        lines.append(f"| {label} | {100 * values['accuracy']:.2f}% | {values['loss']:.4f} |")
+    gate = report.get("quality_gate")
+    if gate is not None:
+        lines += ["", f"Quality gate vs {gate['against']} (tolerance {100 * gate['tolerance']:.2f} points): "
+                      f"{'passed' if gate['passed'] else 'FAILED'}; wrote {gate['written']}."]
+    lines += ["", "| checkpoint | coefficient |", "|---|---:|"]
+    lines += [f"| {n} | {a:+.4f} |" for n, a in zip(report["checkpoints"], report["coefficients"])]
+    basis = report["basis"]
+    lines += ["", f"Basis rank {basis['rank']}, max|PPᵀ−I| = {basis['orthonormality_error']:.1e}, distance of the "
+                  f"result to the span {basis['span_residual']:.1e}."]
+    lines += [""] + [f"![{name}]({name})" for name in images]
+    if note:
+        lines += ["", f"_{note}_"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,63 @@
+"""PNG figures for report.md, drawn with matplotlib when it is installed (``pip install twa-tool[plots]``).
+
+Pure: returns PNG bytes; the pipeline writes them. Without matplotlib it returns nothing and says why.
+"""
+
+from __future__ import annotations
+
+import io
+
+PLOT_FILES = ("coefficients.png", "accuracy.png")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def render_plots(report: dict) -> tuple[dict[str, bytes], str | None]:
+    """(file name -> PNG bytes, note). The note explains a skip (matplotlib missing)."""
+    plt = _pyplot()
+    if plt is None:
+        return {}, "plots skipped: matplotlib is not installed (pip install 'twa-tool[plots]')"
+    names = report["checkpoints"]
+    figures = {}
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(names) + 2), 3))
+    ax.bar(range(len(names)), report["coefficients"], color="tab:blue")
+    ax.axhline(1 / len(names), color="tab:orange", linestyle="--", label="SWA (uniform)")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_ylabel("coefficient aᵢ")
+    ax.set_title("TWA coefficients over the checkpoints")
+    ax.legend(fontsize=8)
+    figures["coefficients.png"] = _png(fig)
+    plt.close(fig)
+
+    per = report.get("checkpoint_metrics") or {}
+    metrics = report["metrics"]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(names) + 2), 3))
+    if per:
+        xs = [i for i, n in enumerate(names) if n in per]
+        ax.plot(xs, [100 * per[names[i]]["accuracy"] for i in xs], marker="o",
+                label="each checkpoint (BN re-estimated)")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    for method, style in (("swa", "tab:orange"), ("twa", "tab:green"), ("last", "tab:gray")):
+        if method in metrics:
+            ax.axhline(100 * metrics[method]["accuracy"], color=style, linestyle="--", label=method.upper())
+    ax.set_ylabel("eval accuracy (%)")
+    ax.set_title("Accuracy: checkpoints vs SWA vs TWA")
+    ax.legend(fontsize=8)
+    figures["accuracy.png"] = _png(fig)
+    plt.close(fig)
+    return figures, None
