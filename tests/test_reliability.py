@@ -1,0 +1,254 @@
+"""The reliability checklist (../shared/reference/reliability.md section 6) through the CLI.
+
+Every bad-input case checks the universal promise: the documented exit code, one error line naming
+the file and the reason, no traceback, inputs byte-identical, a pre-existing output byte-identical,
+no temp leftovers, no file created by a payload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import model_flags
+from safetensors.torch import load_file, save_file
+
+from twa_tool.cli import cli
+
+FAST = ["--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--baselines", "none"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.mkdir, (os.environ["TWA_TEST_MARKER"],))
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def good(demo_ckpts: Path, i: int) -> dict[str, torch.Tensor]:
+    return load_file(demo_ckpts / f"{i}.safetensors")
+
+
+def st_bytes(sd: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save(sd)
+
+
+def with_header(sd: dict, edit: Callable[[dict], dict]) -> bytes:
+    raw = st_bytes(sd)
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = edit(json.loads(raw[8:8 + n]))
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
+
+
+def case_payload_named_safetensors(root: Path, demo: Path) -> None:
+    torch.save({"state_dict": good(demo, 2), "x": Payload()}, root / "2.safetensors")
+
+
+def case_payload_named_bin(root: Path, demo: Path) -> None:
+    torch.save({"state_dict": good(demo, 2), "x": Payload()}, root / "2.bin")
+
+
+def case_empty(root: Path, demo: Path) -> None:
+    (root / "2.pt").write_bytes(b"")
+
+
+def case_truncated_zip(root: Path, demo: Path) -> None:
+    torch.save(good(demo, 2), root / "2.pt")
+    data = (root / "2.pt").read_bytes()
+    (root / "2.pt").write_bytes(data[: len(data) // 2])
+
+
+def case_truncated_safetensors(root: Path, demo: Path) -> None:
+    (root / "2.safetensors").write_bytes(st_bytes(good(demo, 2))[:-100])
+
+
+def case_junk_appended(root: Path, demo: Path) -> None:
+    (root / "2.safetensors").write_bytes(st_bytes(good(demo, 2)) + b"\0" * 16)
+
+
+def case_huge_header(root: Path, demo: Path) -> None:
+    raw = st_bytes(good(demo, 2))
+    (root / "2.safetensors").write_bytes(struct.pack("<Q", 200 << 20) + raw[8:])
+
+
+def case_header_2_63(root: Path, demo: Path) -> None:
+    raw = st_bytes(good(demo, 2))
+    (root / "2.safetensors").write_bytes(struct.pack("<Q", 2 ** 63) + raw[8:])
+
+
+def case_metadata_not_string(root: Path, demo: Path) -> None:
+    (root / "2.safetensors").write_bytes(with_header(good(demo, 2), lambda h: {**h, "__metadata__": {"a": 1}}))
+
+
+def case_missing_key(root: Path, demo: Path) -> None:
+    sd = good(demo, 2)
+    del sd["features.1.running_var"]
+    save_file(sd, root / "2.safetensors")
+
+
+def case_inf(root: Path, demo: Path) -> None:
+    sd = good(demo, 2)
+    sd["features.0.weight"][0, 0, 0, 0] = float("inf")
+    save_file(sd, root / "2.safetensors")
+
+
+def case_only_duplicates(root: Path, demo: Path) -> None:
+    shutil.copy(root / "1.safetensors", root / "2.safetensors")
+    (root / "3.safetensors").unlink()
+
+
+def case_dependent(root: Path, demo: Path) -> None:
+    save_file(good(demo, 1), root / "2.safetensors", metadata={"copy": "same weights, other bytes"})
+    (root / "3.safetensors").unlink()
+
+
+def case_only_unsupported(root: Path, demo: Path) -> None:
+    for path in list(root.iterdir()):
+        path.unlink()
+    (root / "notes.txt").write_text("x")
+    (root / "optimizer.pt").write_bytes(b"never read")
+
+
+CASES = {
+    "payload-as-.safetensors (row 3)": (case_payload_named_safetensors, 5, "2.safetensors: refused to unpickle"),
+    "payload-as-.bin (row 3)": (case_payload_named_bin, 5, "2.bin: refused to unpickle"),
+    "empty file (row 4)": (case_empty, 4, "2.pt"),
+    "truncated zip (row 5)": (case_truncated_zip, 4, "2.pt"),
+    "truncated safetensors (row 6)": (case_truncated_safetensors, 4, "2.safetensors"),
+    "junk appended (row 6)": (case_junk_appended, 4, "2.safetensors"),
+    "header 200 MB (row 7)": (case_huge_header, 4, "2.safetensors"),
+    "header 2^63 (row 7)": (case_header_2_63, 4, "2.safetensors"),
+    "metadata not a string (row 9)": (case_metadata_not_string, 4, "2.safetensors"),
+    "missing key (row 16)": (case_missing_key, 4, "(first: 2.safetensors)"),
+    "+Inf (row 20)": (case_inf, 6, "2.safetensors: tensor features.0.weight has non-finite values"),
+    "only duplicates (row 21)": (case_only_duplicates, 4, "TWA needs at least 2"),
+    "dependent (row 21)": (case_dependent, 6, "linearly independent"),
+    "only unsupported files (row 28)": (case_only_unsupported, 4, "no checkpoints found"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_keeps_the_universal_promise(case: str, demo_ckpts: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    build, code, text = CASES[case]
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("TWA_TEST_MARKER", str(marker))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # row 2: must not weaken the loader
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    for i in (1, 3):
+        shutil.copy(demo_ckpts / f"{i}.safetensors", root / f"{i}.safetensors")
+    build(root, demo_ckpts)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the previous model")
+    before_in, before_out = snapshot(root), snapshot(out)
+    result = CliRunner().invoke(cli, ["average", str(root), *model_flags(), *FAST, "--out", str(out),
+                                      "--overwrite"])
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], result.stderr
+    assert "Traceback" not in result.output
+    if case.startswith("missing key"):
+        assert "2.safetensors  features.1.running_var  missing" in result.stderr  # the compact table
+    assert snapshot(root) == before_in
+    assert snapshot(out) == before_out  # no new files, no temp leftovers, old output intact
+    assert not marker.exists()
+
+
+def test_non_weight_files_beside_weights_are_ignored(demo_ckpts: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 15: training_args.bin, zero_to_fp32.py, rng_state.pth are never unpickled or imported."""
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("TWA_TEST_MARKER", str(marker))
+    root = tmp_path / "ckpts"
+    shutil.copytree(demo_ckpts, root)
+    torch.save({"x": Payload()}, root / "training_args.bin")
+    torch.save({"x": Payload()}, root / "rng_state.pth")
+    (root / "zero_to_fp32.py").write_text(f"import os; os.mkdir({str(marker)!r})")
+    result = CliRunner().invoke(cli, ["average", str(root), *FAST, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert not marker.exists()
+
+
+def test_output_symlink_is_replaced_not_followed(demo_ckpts: Path, tmp_path: Path) -> None:
+    """Row 26: the link is replaced (with --overwrite); its target is untouched."""
+    important = tmp_path / "important.bin"
+    important.write_bytes(b"precious")
+    out = tmp_path / "o"
+    out.mkdir()
+    os.symlink(important, out / "model.safetensors")
+    refused = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--out", str(out)])
+    assert refused.exit_code == 7
+    result = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--out", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert important.read_bytes() == b"precious"
+    assert not (out / "model.safetensors").is_symlink()
+
+
+def test_sigterm_while_writing_removes_the_temp_file(demo_ckpts: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """F2: SIGTERM during the write exits 143, the temp file is removed, the old output is intact."""
+    import twa_tool.writer as writer
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"old")
+    original = writer.save_file
+
+    def interrupted(tensors, path, metadata):
+        original(tensors, path, metadata)
+        assert Path(path).exists()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(writer, "save_file", interrupted)
+    result = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--out", str(out), "--overwrite"])
+    assert result.exit_code == 143, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"old"
+
+
+def test_file_size_limit_fails_cleanly(tmp_path: Path) -> None:
+    """F3: EFBIG (RLIMIT_FSIZE, SIGXFSZ ignored) gives a clear error, no partial file, no temp."""
+    script = f"""
+import resource, signal, sys, torch
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+from twa_tool.writer import save_safetensors
+from twa_tool.errors import OutputError
+try:
+    save_safetensors(Path({str(tmp_path)!r}) / "m.safetensors", {{"w": torch.zeros(1_000_000)}}, {{}})
+except OutputError as err:
+    print(err); sys.exit(7)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 7, proc.stderr
+    assert "m.safetensors: cannot write" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_under_a_file_is_refused_before_work(demo_ckpts: Path, tmp_path: Path) -> None:
+    """F5: an output path whose parent is not a directory fails before any heavy work."""
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--out", str(tmp_path / "file" / "o")])
+    assert result.exit_code == 7 and "is not a directory" in result.stderr
+    assert "reading checkpoints" not in result.stderr
