@@ -252,3 +252,13 @@ def test_output_under_a_file_is_refused_before_work(demo_ckpts: Path, tmp_path: 
     result = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--out", str(tmp_path / "file" / "o")])
     assert result.exit_code == 7 and "is not a directory" in result.stderr
     assert "reading checkpoints" not in result.stderr
+
+
+def test_basis_that_does_not_fit_falls_back_to_host_memory(demo_ckpts: Path, tmp_path: Path) -> None:
+    """F9, simulated on CPU: an OOM placing the basis keeps it in host memory; the result is identical."""
+    args = ["average", str(demo_ckpts), *FAST, "--device", "cpu"]
+    plain = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a")])
+    faulty = CliRunner().invoke(cli, [*args, "--fault", "oom-basis", "--out", str(tmp_path / "b")])
+    assert plain.exit_code == faulty.exit_code == 0, faulty.output
+    assert "does not fit on cpu; keeping it in host memory" in faulty.stderr
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()

@@ -268,6 +268,7 @@ def run_options(fn: Callable) -> Callable:
               help="Accuracy (fraction) TWA may lose against the gate's baseline and still pass.")
 @click.option("--on-worse", type=click.Choice(["keep", "fallback"]), default="keep", show_default=True,
               help="When the gate fails: keep the TWA model, or write the best baseline instead.")
+@click.option("--fault", "faults", multiple=True, hidden=True, help="Fault injection for tests: oom-basis.")
 @click.option("--dry-run", is_flag=True, help="Print the selection, a memory estimate and what would be written; "
                                                  "touch nothing.")
 @common_output_options
@@ -278,7 +279,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             last: int | None, top_k: int | None, by: str | None, mode: str | None, start: str, lr: float,
             wd: float, momentum: float, epochs: int, batch_size: int, schedule: str, fit_on: str,
             holdout_fraction: float, baselines: str, fail_if_worse_than: str | None, tolerance: float,
-            on_worse: str, dry_run: bool,
+            on_worse: str, faults: tuple[str, ...], dry_run: bool,
             out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool, quiet: bool,
             verbose: bool) -> None:
     """Average the checkpoints in CHECKPOINT_DIR with trainable coefficients (TWA).
@@ -302,7 +303,8 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             device=device, amp=amp, num_workers=num_workers, seed=seed, overwrite=overwrite,
             weights=weights, strip_prefix=strip_prefix, trust_pickle=trust_pickle, out_dtype=out_dtype,
             max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
-            fail_if_worse_than=fail_if_worse_than, tolerance=tolerance, on_worse=on_worse, dry_run=dry_run)
+            fail_if_worse_than=fail_if_worse_than, tolerance=tolerance, on_worse=on_worse, dry_run=dry_run,
+            faults=faults)
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
         with ProgressSink(console) as sink:

@@ -109,6 +109,7 @@ class AverageConfig:
     tolerance: float = 0.0
     on_worse: str = "keep"
     dry_run: bool = False
+    faults: tuple[str, ...] = ()  # fault injection for tests (hidden --fault), e.g. "oom-basis"
 
     def __post_init__(self) -> None:
         if self.start not in ("mean", "last"):

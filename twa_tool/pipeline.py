@@ -309,13 +309,26 @@ def start_state(config: AverageConfig, files: list[CheckpointFile], stream: Stre
     return files[index].name, reader.load(files[index].path)
 
 
+def place_basis(basis: torch.Tensor, device: torch.device, inject_oom: bool, on_event: EventSink) -> torch.Tensor:
+    """Move the basis to the device; when it does not fit, keep it in host memory and project there."""
+    try:
+        if inject_oom:
+            raise torch.OutOfMemoryError("injected by --fault oom-basis")
+        return basis.to(device)
+    except torch.OutOfMemoryError:
+        size = basis.numel() * basis.element_size()
+        on_event(Event("warning", f"the basis ({size / 2**20:.0f} MiB) does not fit on {device}; keeping it in host "
+                                  f"memory and projecting there (slower)"))
+        return basis
+
+
 def run_twa(config: AverageConfig, files: list[CheckpointFile], stream: Stream, evaluator: Evaluator,
             fit_data: Dataset, names: list[str], on_event: EventSink) -> tuple[dict, dict, torch.Tensor]:
     """Projected SGD from the start point; returns metrics, training summary and the flat weights."""
     model, device = evaluator.model, evaluator.device
     start_name, state = start_state(config, files, stream, evaluator.reader)
     load_state(model, state)
-    basis = stream.subspace.basis.to(device)
+    basis = place_basis(stream.subspace.basis, device, "oom-basis" in config.faults, on_event)
     loader = _loader(fit_data, config, shuffle=True, seed=config.seed)
     on_event(Event("phase", f"training coefficients ({config.train.epochs} epochs)",
                    total=config.train.epochs * len(loader)))

@@ -126,6 +126,14 @@ class FlatGrad:
         return self.buffer
 
 
+def project(basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``P^T (P g)``: two passes over the basis. A basis kept on the CPU (it did not fit on the
+    accelerator) projects a CPU copy of the gradient."""
+    if basis.device != g.device:
+        return (basis.T @ (basis @ g.to(basis.device))).to(g.device)
+    return basis.T @ (basis @ g)
+
+
 def _batch_to(batch: object, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     inputs, targets = batch[0], batch[1]
     return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -178,7 +186,7 @@ def train_projected(
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             g = flat.gather()
-            g.copy_(basis.T @ (basis @ g))
+            g.copy_(project(basis, g))
             scaler.step(optimizer)
             scaler.update()
             steps += 1
