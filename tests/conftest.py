@@ -53,3 +53,44 @@ def model_flags() -> list[str]:
 
 def read_json(text: str) -> dict:
     return json.loads(text)
+
+
+class Payload:
+    """Pickles to a call that creates the folder named by $TWA_TEST_MARKER: proof that code ran."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (os.environ["TWA_TEST_MARKER"],))
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every regular file under root."""
+    import hashlib
+
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def assert_refused_cleanly(root: Path, tmp_path: Path, code: int, text: str, extra: list[str]) -> object:
+    """Run `twa average` on a bad input with a pre-existing output and --overwrite; check the universal promise:
+    the exit code, one error line naming the problem, no traceback, inputs and old output untouched, no temp
+    leftovers, no payload ran (the caller points $TWA_TEST_MARKER at tmp_path / "pwned")."""
+    from click.testing import CliRunner
+
+    from twa_tool.cli import cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the previous model")
+    (out / "report.json").write_text("{}")
+    before_in, before_out = snapshot(root), snapshot(out)
+    result = CliRunner().invoke(cli, ["average", str(root), *model_flags(), *extra, "--out", str(out), "--overwrite"])
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], result.stderr
+    assert "Traceback" not in result.output
+    assert snapshot(root) == before_in
+    assert snapshot(out) == before_out
+    assert not (tmp_path / "pwned").exists()
+    return result

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import model_flags
+from conftest import Payload, assert_refused_cleanly, model_flags
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -157,16 +155,6 @@ def test_sharded_output_and_out_dtype(demo_ckpts: Path, tmp_path: Path) -> None:
         assert f.metadata()["format"] == "pt"
 
 
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
-
-
-class Payload:
-    def __reduce__(self):
-        return (os.mkdir, (os.environ["TWA_TEST_MARKER"],))
-
-
 def refusal_peft(root: Path, sd: dict) -> None:
     for step in (100, 200):
         folder = root / f"checkpoint-{step}"
@@ -245,21 +233,8 @@ REFUSALS = {
 def test_refusals_keep_inputs_and_existing_output(case: str, demo_ckpts: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     build, code, text = REFUSALS[case]
-    marker = tmp_path / "pwned"
-    monkeypatch.setenv("TWA_TEST_MARKER", str(marker))
+    monkeypatch.setenv("TWA_TEST_MARKER", str(tmp_path / "pwned"))
     root = tmp_path / "ckpts"
     root.mkdir()
     build(root, states(demo_ckpts)[0])
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "model.safetensors").write_bytes(b"previous model")
-    (out / "report.json").write_text("{}")
-    before_inputs, before_out = tree_digest(root), tree_digest(out)
-    result = CliRunner().invoke(cli, ["average", str(root), *model_flags(), *FAST, "--out", str(out), "--overwrite"])
-    assert result.exit_code == code, result.output
-    assert text in result.stderr
-    assert [line for line in result.stderr.splitlines() if "error" in line] == [result.stderr.splitlines()[-1]]
-    assert result.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in result.output
-    assert tree_digest(root) == before_inputs
-    assert tree_digest(out) == before_out
-    assert not marker.exists()
+    assert_refused_cleanly(root, tmp_path, code, text, FAST)

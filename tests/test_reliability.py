@@ -7,7 +7,6 @@ no temp leftovers, no file created by a payload.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,22 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import model_flags
+from conftest import Payload, assert_refused_cleanly
 from safetensors.torch import load_file, save_file
 
 from twa_tool.cli import cli
 
 FAST = ["--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--baselines", "none"]
-
-
-class Payload:
-    def __reduce__(self):
-        return (os.mkdir, (os.environ["TWA_TEST_MARKER"],))
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, int]]:
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
 def good(demo_ckpts: Path, i: int) -> dict[str, torch.Tensor]:
@@ -149,29 +138,16 @@ CASES = {
 def test_bad_input_keeps_the_universal_promise(case: str, demo_ckpts: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     build, code, text = CASES[case]
-    marker = tmp_path / "pwned"
-    monkeypatch.setenv("TWA_TEST_MARKER", str(marker))
+    monkeypatch.setenv("TWA_TEST_MARKER", str(tmp_path / "pwned"))
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # row 2: must not weaken the loader
     root = tmp_path / "ckpts"
     root.mkdir()
     for i in (1, 3):
         shutil.copy(demo_ckpts / f"{i}.safetensors", root / f"{i}.safetensors")
     build(root, demo_ckpts)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "model.safetensors").write_bytes(b"the previous model")
-    before_in, before_out = snapshot(root), snapshot(out)
-    result = CliRunner().invoke(cli, ["average", str(root), *model_flags(), *FAST, "--out", str(out),
-                                      "--overwrite"])
-    assert result.exit_code == code, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and text in errors[0], result.stderr
-    assert "Traceback" not in result.output
+    result = assert_refused_cleanly(root, tmp_path, code, text, FAST)
     if case.startswith("missing key"):
         assert "2.safetensors  features.1.running_var  missing" in result.stderr  # the compact table
-    assert snapshot(root) == before_in
-    assert snapshot(out) == before_out  # no new files, no temp leftovers, old output intact
-    assert not marker.exists()
 
 
 def test_non_weight_files_beside_weights_are_ignored(demo_ckpts: Path, tmp_path: Path,
