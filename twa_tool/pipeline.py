@@ -442,26 +442,28 @@ def _output_state_from(state: dict[str, torch.Tensor], reference: dict[str, torc
 
 
 def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> AverageResult:
-    """Run ``twa average`` end to end and write ``model.safetensors`` and ``report.json``."""
+    """Run ``twa average`` end to end and write the model, ``report.json`` and ``report.md``."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        on_event(Event("warning", message))
+
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     chosen = select_checkpoints(config)
     files = list(chosen.files)
     for dropped in chosen.dropped:
         if dropped.alias_of is not None:
-            message = f"{dropped.name}: {dropped.reason}; counted once"
-            warnings.append(message)
-            on_event(Event("warning", message))
+            warn(f"{dropped.name}: {dropped.reason}; counted once")
     spec, model_args = resolve_model_spec(config, files[0])
     model = build_model(spec, model_args)
     names = trainable_names(model)
     reader = Reader.for_run(config, model)
     for message in validate_headers(files, model, reader, spec):
-        warnings.append(message)
-        on_event(Event("warning", message))
+        warn(message)
     output_names, output_bytes = planned_outputs(config, reader.header(files[-1].path).tensors)
     inputs = tuple(f.path for f in files)
     if config.dry_run:
@@ -470,10 +472,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
     prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
     stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event)
     for index in stream.subspace.dropped:
-        message = (f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or "
-                   f"combination); dropped from the basis")
-        warnings.append(message)
-        on_event(Event("warning", message))
+        warn(f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or combination); "
+             f"dropped from the basis")
     timings["load_and_basis_s"] = time.perf_counter() - clock
 
     data = build_data(config.data, root=config.data_root, download=config.download)
@@ -488,18 +488,34 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
     clock = time.perf_counter()
     metrics, per_checkpoint = run_baselines(config, files, stream, evaluator, on_event)
     timings["baselines_s"] = time.perf_counter() - clock
-
     clock = time.perf_counter()
     metrics["twa"], train_summary, weights = run_twa(config, files, stream, evaluator, fit_data, names, on_event)
     timings["twa_s"] = time.perf_counter() - clock
+
+    report = {
+        **run_facts(config, files, chosen, stream, weights, spec, model_args),
+        "metrics": metrics,
+        "checkpoint_metrics": per_checkpoint,
+        "train": train_summary,
+        "data": {"spec": config.data, "name": data.name, "fit_on": config.fit_on,
+                 "fit_examples": len(fit_data), "bn_examples": len(data.train), "eval_examples": len(data.eval)},
+        "device": str(device),
+        "timings": timings,
+        "warnings": warnings,
+    }
+    written_method, state = choose_output(config, report, files, stream, evaluator)
+    return write_outputs(config, report, files, state, written_method)
+
+
+def run_facts(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen, stream: Stream,
+              weights: torch.Tensor, spec: str, model_args: tuple[tuple[str, str], ...]) -> dict:
+    """The report's record of inputs, selection, coefficients and basis quality."""
     subspace = stream.subspace
     coefficients = subspace.checkpoint_coefficients(weights)
     projected = subspace.basis.double().T @ subspace.coordinates(weights)
     span_residual = (torch.linalg.vector_norm(weights.double() - projected) /
                      torch.linalg.vector_norm(weights.double())).item()
-
-    sources = [{"name": f.name, "path": str(f.path), "sha256": h} for f, h in zip(files, stream.sha256)]
-    report = {
+    return {
         "schema_version": SCHEMA_VERSION,
         "tool": "twa",
         "version": __version__,
@@ -509,49 +525,54 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
         "coefficients_sum": float(coefficients.sum()),
         "dropped": [files[i].name for i in subspace.dropped],
         "excluded": [{"name": d.name, "reason": d.reason} for d in chosen.dropped],
-        "metrics": metrics,
-        "checkpoint_metrics": per_checkpoint,
         "basis": {"rank": subspace.rank, "orthonormality_error": orthonormality_error(subspace.basis),
                   "span_residual": span_residual},
-        "train": train_summary,
         "model": {"spec": spec, "args": dict(model_args), "parameters": int(weights.numel())},
-        "data": {"spec": config.data, "name": data.name, "fit_on": config.fit_on,
-                 "fit_examples": len(fit_data), "bn_examples": len(data.train), "eval_examples": len(data.eval)},
         "config": _config_dict(config),
-        "inputs": sources,
-        "device": str(device),
+        "inputs": [{"name": f.name, "path": str(f.path), "sha256": h} for f, h in zip(files, stream.sha256)],
         "versions": {"twa": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "timings": timings,
-        "warnings": warnings,
     }
+
+
+def choose_output(config: AverageConfig, report: dict, files: list[CheckpointFile], stream: Stream,
+                  evaluator: Evaluator) -> tuple[str, dict[str, torch.Tensor]]:
+    """Apply the quality gate: the TWA model, or with ``--on-worse fallback`` the best baseline's weights."""
+    metrics = report["metrics"]
     gate = quality_gate(config, metrics)
     written_method = "twa"
-    state = _output_state(model, stream.last_state)
+    state = _output_state(evaluator.model, stream.last_state)
     if gate is not None and not gate["passed"] and config.on_worse == "fallback":
         written_method = max((m for m in metrics if m != "twa"), key=lambda m: metrics[m]["accuracy"])
         state = _output_state_from(fallback_state(written_method, files, stream, metrics, evaluator), stream.last_state)
     if gate is not None:
         report["quality_gate"] = {**gate, "written": written_method}
     report["written_method"] = written_method
+    return written_method, state
+
+
+def write_outputs(config: AverageConfig, report: dict, files: list[CheckpointFile], state: dict[str, torch.Tensor],
+                  written_method: str) -> AverageResult:
+    """Write the model (with provenance metadata), report.json and report.md."""
     metadata = {
         "twa.version": __version__,
         "twa.method": written_method,
-        MODEL_METADATA_KEY: spec,
-        MODEL_ARGS_METADATA_KEY: json.dumps(dict(model_args)),
-        "twa.coefficients": json.dumps(written_coefficients(written_method, coefficients.tolist(), files, metrics)),
-        "twa.sources": json.dumps([{"name": s["name"], "sha256": s["sha256"]} for s in sources]),
+        MODEL_METADATA_KEY: report["model"]["spec"],
+        MODEL_ARGS_METADATA_KEY: json.dumps(report["model"]["args"]),
+        "twa.coefficients": json.dumps(written_coefficients(written_method, report["coefficients"], files,
+                                                            report["metrics"])),
+        "twa.sources": json.dumps([{"name": s["name"], "sha256": s["sha256"]} for s in report["inputs"]]),
         "twa.seed": str(config.seed),
     }
     report_path = config.out_dir / REPORT_FILE
-    state = cast_state(state, config.out_dtype)
-    written = write_model(config.out_dir, state, metadata, config.max_shard_size,
+    written = write_model(config.out_dir, cast_state(state, config.out_dtype), metadata, config.max_shard_size,
                           hf_folder(files[-1], config.checkpoint_dir))
     report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
                          "files": [{"path": path, "sha256": digest} for path, digest in written.files],
                          "report": {"path": str(report_path)}}
     save_json(report_path, report)
     write_human_report(config.out_dir, report)
-    return AverageResult(report=report, model_path=written.main, report_path=report_path, warnings=tuple(warnings))
+    return AverageResult(report=report, model_path=written.main, report_path=report_path,
+                         warnings=tuple(report["warnings"]))
 
 
 def write_human_report(out_dir: Path, report: dict) -> None:
