@@ -533,3 +533,15 @@ def test_synthetic_is_learnable_but_not_trivial() -> None:
 def test_registry_builders_share_the_builder_signature() -> None:
     for name, builder in data_module._REGISTRY.items():
         assert list(inspect.signature(builder).parameters) == ["root", "download"], name
+
+
+def test_pre_normalised_gray_images_equal_the_per_sample_transform() -> None:
+    from twa_tool.data import ArrayImageDataset, NormalizedGrayDataset, _normalized
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 7, 9), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 3, 4])
+    fast = NormalizedGrayDataset(images, labels, 0.2860, 0.3530)
+    slow = ArrayImageDataset(images, labels, _normalized((0.2860,), (0.3530,)))
+    for i in range(5):
+        assert torch.equal(fast[i][0], slow[i][0]) and fast[i][1] == slow[i][1]

@@ -20,7 +20,6 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from . import __version__
 from .config import AverageConfig, Selection, TrainConfig, parse_baselines, parse_key_values, parse_range
@@ -42,6 +41,16 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's intra-op CPU threads (a process-wide setting, so the CLI owns it)."""
+    if threads is not None:
+        if threads < 1:
+            raise click.BadParameter("must be at least 1", param_hint="--threads")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def make_console(quiet: bool) -> Console:
     no_color = bool(os.environ.get("NO_COLOR"))
     return Console(stderr=True, quiet=quiet, no_color=no_color, highlight=False)
@@ -60,6 +69,7 @@ class ProgressSink:
         self.total = 0
         self.phase = ""
         self.last_line = 0.0
+        self.started = 0.0
 
     def __enter__(self) -> ProgressSink:
         if self.interactive:
@@ -82,6 +92,7 @@ class ProgressSink:
             else:
                 self.console.print(f"{event.message} ...")
                 self.last_line = time.monotonic()
+            self.started = time.monotonic()
         else:
             self.done += 1
             description = self.phase
@@ -91,7 +102,11 @@ class ProgressSink:
             if self.progress is not None and self.task is not None:
                 self.progress.update(self.task, advance=1, description=description)
             elif time.monotonic() - self.last_line >= self.interval_s or self.done == self.total:
-                self.console.print(f"  {self.phase}: {self.done}/{self.total} {description if event.step else ''}")
+                elapsed = time.monotonic() - self.started
+                eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+                detail = f" {description}" if event.step else ""
+                self.console.print(f"  {self.phase}: {self.done}/{self.total} [{elapsed:.0f}s elapsed, "
+                                   f"~{eta:.0f}s left]{detail}", soft_wrap=True, markup=False)
                 self.last_line = time.monotonic()
 
 
@@ -109,7 +124,7 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> N
             console.print(traceback.format_exc(), markup=False, highlight=False)
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         if err.details:
-            console.print(details_table(err.details))
+            console.print(details_text(err.details), soft_wrap=True, markup=False, highlight=False)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: no partial output was left")
@@ -128,13 +143,10 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> N
             signal.signal(signal.SIGTERM, previous)
 
 
-def details_table(rows: list[tuple[str, ...]]) -> Table:
-    table = Table(box=None, show_edge=False, pad_edge=False)
-    for column in rows[0]:
-        table.add_column(column, overflow="fold")
-    for row in rows[1:]:
-        table.add_row(*row)
-    return table
+def details_text(rows: list[tuple[str, ...]]) -> str:
+    """Rows as aligned plain text (never wrapped or folded, so logs keep one line per row)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _main_thread() -> bool:
@@ -235,6 +247,8 @@ def run_options(fn: Callable) -> Callable:
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True),
         click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers."),
+        click.option("--threads", type=int, default=None,
+                     help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Same seed on CPU gives bit-identical output."),
     ]):
@@ -274,8 +288,8 @@ def run_options(fn: Callable) -> Callable:
 @common_output_options
 def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: tuple[str, ...], weights: str,
             strip_prefix: str | None, trust_pickle: bool, data: str,
-            data_root: Path | None, download: bool, device: str, amp: str, num_workers: int, seed: int,
-            include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None, every: int | None,
+            data_root: Path | None, download: bool, device: str, amp: str, num_workers: int, threads: int | None,
+            seed: int, include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None, every: int | None,
             last: int | None, top_k: int | None, by: str | None, mode: str | None, start: str, lr: float,
             wd: float, momentum: float, epochs: int, batch_size: int, schedule: str, fit_on: str,
             holdout_fraction: float, baselines: str, fail_if_worse_than: str | None, tolerance: float,
@@ -288,6 +302,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
     checkpoint, the best single checkpoint and SWA on the evaluation split.
     """
     console = make_console(quiet)
+    set_threads(threads)
 
     def body() -> None:
         from .pipeline import run_average

@@ -85,6 +85,26 @@ class ArrayImageDataset(Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.targets[index]
 
 
+class NormalizedGrayDataset(Dataset):
+    """Grayscale uint8 images normalised once up front: ``ToTensor`` + ``Normalize`` without per-sample PIL.
+
+    For sets without augmentation (MNIST, Fashion-MNIST) this gives the same values as
+    ``ArrayImageDataset`` with ``_normalized`` (same float32 operations) at a fraction of the cost
+    per pass, which matters because BN re-estimation and evaluation pass over the data many times.
+    """
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, mean: float, std: float) -> None:
+        pixels = torch.tensor(np.asarray(images), dtype=torch.uint8).unsqueeze(1).to(torch.float32).div_(255)
+        self.images = pixels.sub_(mean).div_(std)
+        self.targets = [int(t) for t in targets]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], self.targets[index]
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -439,9 +459,8 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
     if directory is None:
         expected = f"{base / _idx_stems('train')[0]}[.gz] and the other three IDX files, or the same in {raw_dir}"
         raise DataError(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
-    transform = _normalized((layout.mean,), (layout.std,))
-    train = ArrayImageDataset(*_read_idx_split(directory, "train", layout.name), transform)
-    test = ArrayImageDataset(*_read_idx_split(directory, "t10k", layout.name), transform)
+    train = NormalizedGrayDataset(*_read_idx_split(directory, "train", layout.name), layout.mean, layout.std)
+    test = NormalizedGrayDataset(*_read_idx_split(directory, "t10k", layout.name), layout.mean, layout.std)
     return DataSplits(train=train, eval=test, num_classes=10, name=layout.name)
 
 

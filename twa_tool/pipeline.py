@@ -196,12 +196,24 @@ def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Read
         first = sorted(bad_files)[0]
         raise CheckpointError(f"{len(bad_files)} of {len(files)} checkpoints do not match the model {spec} "
                               f"(first: {first}); check --model/--model-arg, or --strip-prefix",
-                              details=[("file", "key", "checkpoint", "model")] + rows[:20])
+                              details=[("file", "key", "checkpoint", "model")] + group_rows(rows)[:20])
     names = [f.name for f in files]
     notes = [order_conflict(names, [headers[n].step for n in names], "step")
              or order_conflict(names, [headers[n].epoch for n in names], "epoch"),
              mixed_dtypes({n: headers[n].tensors for n in names})]
     return [note for note in notes if note]
+
+
+def group_rows(rows: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """One row per (key, problem) with the files that share it: ``0.pt .. 10.pt (11 files)``."""
+    grouped: dict[tuple[str, ...], list[str]] = {}
+    for file, *problem in rows:
+        grouped.setdefault(tuple(problem), []).append(file)
+    out = []
+    for problem, names in grouped.items():
+        label = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)} files)"
+        out.append((label, *problem))
+    return out
 
 
 def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:

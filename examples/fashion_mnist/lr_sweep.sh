@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Extra TWA runs on the checkpoints run.sh trained: other learning rates for the head and tail
+# stages, and the tail fitted on a held-out 10% of the training split (TWA-v) instead of all of it.
+# Baselines are limited to SWA (the TWA result does not depend on them; this saves ~4 min a run).
+# Runs whose report already exists are skipped.
+#
+#   bash examples/fashion_mnist/run.sh && bash examples/fashion_mnist/lr_sweep.sh
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+[[ -x .venv/bin/twa ]] && export PATH="$PWD/.venv/bin:$PATH"
+OUT=${OUT:-runs/fashion_mnist}
+MODEL=examples/fashion_mnist/model.py:cnn
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+SWEEP="$OUT/lr_sweep"
+mkdir -p "$SWEEP"
+[[ -f "$OUT/ckpts/20.pt" ]] || { echo "error: $OUT/ckpts/20.pt missing; run examples/fashion_mnist/run.sh first" >&2; exit 2; }
+
+average() {  # average NAME TWA-OPTIONS...
+  local name=$1 t=$SECONDS
+  shift
+  if [[ -s "$SWEEP/$name.json" ]]; then echo "== $name: exists, skipped" >&2; return; fi
+  echo "== $name: twa average $OUT/ckpts $*" >&2
+  twa average "$OUT/ckpts" --model "$MODEL" --data fashion-mnist --epochs 2 --baselines swa "$@" \
+    --out "$SWEEP/$name" --overwrite --json > "$SWEEP/$name.json" 2> "$SWEEP/$name.log"
+  echo "$name $((SECONDS - t))s" | tee -a "$SWEEP/timings.txt" >&2
+}
+
+head=(--range 0:11)
+tail=(--range 11:21 --start last --wd 5e-5)
+average head_lr1 "${head[@]}" --lr 1
+average head_lr0.5 "${head[@]}" --lr 0.5
+average tail_lr1 "${tail[@]}" --lr 1
+average tail_lr0.5 "${tail[@]}" --lr 0.5
+average tail_lr0.1 "${tail[@]}" --lr 0.1
+average tail_holdout_lr2 "${tail[@]}" --lr 2 --fit-on holdout
+average tail_holdout_lr0.5 "${tail[@]}" --lr 0.5 --fit-on holdout
+
+python examples/fashion_mnist/summarize.py "$OUT" \
+  head_lr2="$OUT/head.json" head_lr1="$SWEEP/head_lr1.json" head_lr0.5="$SWEEP/head_lr0.5.json" \
+  tail_lr2="$OUT/tail.json" tail_lr1="$SWEEP/tail_lr1.json" tail_lr0.5="$SWEEP/tail_lr0.5.json" \
+  tail_lr0.1="$SWEEP/tail_lr0.1.json" tail_holdout_lr2="$SWEEP/tail_holdout_lr2.json" \
+  tail_holdout_lr0.5="$SWEEP/tail_holdout_lr0.5.json" | tee "$OUT/lr_sweep.md"
