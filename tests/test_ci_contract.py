@@ -87,8 +87,8 @@ def test_dry_run_touches_nothing(demo_ckpts: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["dry_run"] is True and len(plan["checkpoints"]) == 5
-    assert plan["would_write"] == [str(tmp_path / "o" / name) for name in
-                                   ("model.safetensors", "report.json", "report.md", "coefficients.png", "accuracy.png")]
+    names = ("model.safetensors", "report.json", "report.md", "coefficients.png", "accuracy.png")
+    assert plan["would_write"] == [str(tmp_path / "o" / name) for name in names]
     assert plan["memory_estimate_bytes"]["total"] > plan["memory_estimate_bytes"]["basis_float32"] > 0
     assert not (tmp_path / "o").exists()
     assert digest(demo_ckpts) == before

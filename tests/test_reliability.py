@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -238,3 +239,23 @@ def test_basis_that_does_not_fit_falls_back_to_host_memory(demo_ckpts: Path, tmp
     assert plain.exit_code == faulty.exit_code == 0, faulty.output
     assert "does not fit on cpu; keeping it in host memory" in faulty.stderr
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_sigkill_during_the_write_then_a_clean_rerun(demo_ckpts: Path, tmp_path: Path) -> None:
+    """F1: kill -9 while the temp file exists: the old output is intact; a rerun removes the stale temp."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"old")
+    args = [sys.executable, "-m", "twa_tool", "average", str(demo_ckpts), *FAST, "--out", str(out), "--overwrite"]
+    proc = subprocess.Popen([*args, "--fault", "pause-write"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not list(out.glob(".twa-tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list(out.glob(".twa-tmp-*")), "the run never reached the write"
+    proc.kill()
+    proc.wait(timeout=30)
+    assert (out / "model.safetensors").read_bytes() == b"old"
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert not list(out.glob(".twa-tmp-*"))
+    load_file(out / "model.safetensors")

@@ -282,7 +282,8 @@ def run_options(fn: Callable) -> Callable:
               help="Accuracy (fraction) TWA may lose against the gate's baseline and still pass.")
 @click.option("--on-worse", type=click.Choice(["keep", "fallback"]), default="keep", show_default=True,
               help="When the gate fails: keep the TWA model, or write the best baseline instead.")
-@click.option("--fault", "faults", multiple=True, hidden=True, help="Fault injection for tests: oom-basis.")
+@click.option("--fault", "faults", multiple=True, hidden=True,
+              help="Fault injection for tests: oom-basis, pause-write.")
 @click.option("--dry-run", is_flag=True, help="Print the selection, a memory estimate and what would be written; "
                                                  "touch nothing.")
 @common_output_options

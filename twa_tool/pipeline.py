@@ -577,7 +577,8 @@ def write_outputs(config: AverageConfig, report: dict, files: list[CheckpointFil
     }
     report_path = config.out_dir / REPORT_FILE
     written = write_model(config.out_dir, cast_state(state, config.out_dtype), metadata, config.max_shard_size,
-                          hf_folder(files[-1], config.checkpoint_dir))
+                          hf_folder(files[-1], config.checkpoint_dir),
+                          pause_before_rename_s=60.0 if "pause-write" in config.faults else 0.0)
     report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
                          "files": [{"path": path, "sha256": digest} for path, digest in written.files],
                          "report": {"path": str(report_path)}}

@@ -16,6 +16,7 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,8 +38,11 @@ OUT_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 @contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``final``; on success it is renamed onto ``final``, else removed."""
+def atomic_path(final: Path, pause_before_rename_s: float = 0.0) -> Iterator[Path]:
+    """Yield a temp path beside ``final``; on success it is renamed onto ``final``, else removed.
+
+    ``pause_before_rename_s`` is a fault-injection hook for tests (a kill while the temp exists).
+    """
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{final.name}-", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -46,6 +50,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        if pause_before_rename_s:
+            time.sleep(pause_before_rename_s)
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -143,7 +149,8 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[
                 f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def save_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+def save_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                     pause_before_rename_s: float = 0.0) -> str:
     """Write a state dict atomically as safetensors with string metadata; return its sha256.
 
     Tied tensors are written under every name, so the key set equals the model's state dict and
@@ -151,7 +158,7 @@ def save_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Ma
     """
     meta = {"format": "pt", **{k: str(v) for k, v in metadata.items()}}
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, pause_before_rename_s) as tmp:
             save_file(state, str(tmp), metadata=meta)
     except OSError as err:
         raise OutputError(f"{path}: cannot write ({err.strerror}); check free space and permissions") from None
@@ -231,7 +238,8 @@ class WrittenModel:
 
 
 def write_model(out_dir: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                max_shard_bytes: int | None = None, hf_source: Path | None = None) -> WrittenModel:
+                max_shard_bytes: int | None = None, hf_source: Path | None = None, *,
+                pause_before_rename_s: float = 0.0) -> WrittenModel:
     """Write the model (one file, or shards + index written last) and the HF side files."""
     shards = plan_shards(state, max_shard_bytes)
     names = model_file_names(len(shards))
@@ -239,7 +247,8 @@ def write_model(out_dir: Path, state: Mapping[str, torch.Tensor], metadata: Mapp
     weight_map = {}
     for name, keys in zip(names, shards):
         path = out_dir / name
-        written.append((str(path), save_safetensors(path, {k: state[k] for k in keys}, metadata)))
+        written.append((str(path), save_safetensors(path, {k: state[k] for k in keys}, metadata,
+                                                    pause_before_rename_s)))
         weight_map.update({k: name for k in keys})
     if len(shards) > 1:
         total = sum(v.numel() * v.element_size() for v in state.values())
