@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import Payload, assert_refused_cleanly
+from conftest import Payload, assert_refused_cleanly, model_flags
 from safetensors.torch import load_file, save_file
 
 from twa_tool.cli import cli
@@ -259,3 +259,21 @@ def test_sigkill_during_the_write_then_a_clean_rerun(demo_ckpts: Path, tmp_path:
     assert rerun.returncode == 0, rerun.stderr
     assert not list(out.glob(".twa-tmp-*"))
     load_file(out / "model.safetensors")
+
+
+def test_unknown_class_in_hparams_needs_an_explicit_allow(demo_ckpts: Path, tmp_path: Path) -> None:
+    """Row 13: a Lightning-like checkpoint whose hparams hold a class is refused naming it, never loaded by a
+    silent fallback; --allow-global for exactly that name loads it."""
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    for i in (1, 2):
+        torch.save({"state_dict": {f"model.{k}": v for k, v in good(demo_ckpts, i).items()}, "epoch": i,
+                    "global_step": i, "hyper_parameters": {"loss": torch.nn.MSELoss()}}, root / f"epoch={i}.ckpt")
+    args = ["average", str(root), *model_flags(), *FAST, "--out", str(tmp_path / "o")]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 5
+    assert "torch.nn.modules.loss.MSELoss" in refused.stderr and "--allow-global" in refused.stderr
+    allowed = CliRunner().invoke(cli, [*args, "--allow-global", "torch.nn.modules.loss.MSELoss"])
+    assert allowed.exit_code == 0, allowed.output
+    bad_name = CliRunner().invoke(cli, [*args, "--allow-global", "no.such.Thing", "--overwrite"])
+    assert bad_name.exit_code == 2 and "--allow-global no.such.Thing: cannot import it" in bad_name.stderr

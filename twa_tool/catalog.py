@@ -73,10 +73,11 @@ def _header(entry: CheckpointFile, options: dict) -> tuple[HeaderInfo | None, st
 
 
 def inspect_directory(directory: Path, selection: Selection, weights: str = "raw", strip_prefix: str | None = None,
-                      trust_pickle: bool = False) -> Catalog:
+                      trust_pickle: bool = False, allow_globals: tuple[str, ...] = ()) -> Catalog:
     """Read every candidate's header once and apply the selection ``twa average`` would apply."""
     files = discover(directory)
-    options = {"weights": weights, "strip_prefix": strip_prefix, "trust_pickle": trust_pickle}
+    options = {"weights": weights, "strip_prefix": strip_prefix, "trust_pickle": trust_pickle,
+               "allow_globals": allow_globals}
     headers = {f.name: _header(f, options) for f in files}
 
     def metric_of(entry: CheckpointFile) -> float | None:

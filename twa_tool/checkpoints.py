@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -97,6 +98,27 @@ def _safe_globals() -> tuple:
     allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
     allowed += sorted({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"}, key=lambda t: t.__name__)
     return tuple(allowed)
+
+
+@dataclass(frozen=True)
+class PickleTrust:
+    """What the user allowed beyond the built-in allow-list: everything (``--trust-pickle``) or named
+    globals (``--allow-global module.Name``, imported only when a file needs it)."""
+
+    full: bool = False
+    allow: tuple[str, ...] = ()
+
+    def extra_globals(self) -> list:
+        return [_resolve_global(name) for name in self.allow]
+
+
+def _resolve_global(name: str) -> object:
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"--allow-global {name}: cannot import it; give the full module path, e.g. "
+                          f"torch.nn.modules.loss.MSELoss") from None
 
 
 @dataclass(frozen=True)
@@ -490,7 +512,7 @@ def _weights_only_detail(err: Exception) -> str:
 _POLICY_REFUSAL = re.compile(r"allowlist|allowed global|Can only|unrecognized function|is blocked|not an allowed")
 
 
-def _torch_load(path: Path, trust_pickle: bool, header_only: bool) -> object:
+def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool) -> object:
     """``torch.load`` a pickle checkpoint safely (zip pre-checks, explicit weights_only, allow-list)."""
     if _torch_version() < MIN_TORCH_FOR_PICKLE:
         raise UnsafeInputError(f"{path}: loading pickle checkpoints safely needs torch >= 2.6 "
@@ -499,9 +521,9 @@ def _torch_load(path: Path, trust_pickle: bool, header_only: bool) -> object:
     if is_zip:
         _check_zip(path, verify_crc=not header_only)
     try:
-        if trust_pickle:
+        if trust_pickle.full:
             return torch.load(str(path), map_location="cpu", weights_only=False, mmap=is_zip)
-        with torch.serialization.safe_globals(list(_safe_globals())):
+        with torch.serialization.safe_globals([*_safe_globals(), *trust_pickle.extra_globals()]):
             try:
                 return torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
             except Exception as err:  # classified below, inside the allow-list context
@@ -510,7 +532,8 @@ def _torch_load(path: Path, trust_pickle: bool, header_only: bool) -> object:
                     more = f" and {len(unsafe) - 5} more" if len(unsafe) > 5 else ""
                     raise UnsafeInputError(
                         f"{path}: refused to unpickle code objects ({', '.join(unsafe[:5])}{more}); convert the "
-                        f"file to safetensors, or pass --trust-pickle if you trust its origin") from None
+                        f"file to safetensors, allow each with --allow-global NAME, or pass --trust-pickle if you "
+                        f"trust its origin") from None
                 detail = _weights_only_detail(err)
                 if isinstance(err, pickle.UnpicklingError) and _POLICY_REFUSAL.search(detail):
                     raise UnsafeInputError(
@@ -719,7 +742,7 @@ def _lightning_swa_state(obj: Mapping) -> tuple[dict, str] | None:
     return None
 
 
-def _read_torch(path: Path, trust_pickle: bool, weights: str, header_only: bool) -> _Found:
+def _read_torch(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool) -> _Found:
     obj = _torch_load(path, trust_pickle, header_only)
     state, producer, container, top = _select(obj, path, weights)
     metadata: dict[str, str] = {}
@@ -803,7 +826,7 @@ def _trainer_state(folder: Path) -> tuple[int | None, int | None, dict[str, floa
     return _as_int(state.get("epoch")), step, metrics
 
 
-def _read_hf(folder: Path, weight_file: Path, trust_pickle: bool, weights: str, header_only: bool) -> _Found:
+def _read_hf(folder: Path, weight_file: Path, trust_pickle: PickleTrust, weights: str, header_only: bool) -> _Found:
     """A ``checkpoint-<step>/`` folder: one weight file or an index with shards, plus trainer_state.json."""
     if weights == "ema":
         raise CheckpointError(f"{weight_file}: Hugging Face checkpoints hold one set of weights, no EMA copy; "
@@ -910,7 +933,7 @@ def _apply_prefixes(found: _Found, path: Path, strip_prefix: str | None,
 # Public readers.
 
 
-def _read(path: Path, trust_pickle: bool, weights: str, header_only: bool) -> _Found:
+def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool) -> _Found:
     if weights not in WEIGHT_KINDS:
         raise ConfigError(f"--weights {weights}: use raw or ema")
     path = Path(path)
@@ -945,6 +968,7 @@ def _read(path: Path, trust_pickle: bool, weights: str, header_only: bool) -> _F
 
 
 def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "raw", strip_prefix: str | None = None,
+                    allow_globals: tuple[str, ...] = (),
                     model_keys: object | None = None) -> LoadedCheckpoint:
     """Load one checkpoint into a CPU state dict, safely, with what it says about itself.
 
@@ -966,7 +990,7 @@ def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "r
     given ``model_keys`` (the target model's state-dict keys), one common leading prefix such as
     Lightning's ``model.`` / ``net.`` is stripped when that makes the keys equal the model's.
     """
-    found = _read(path, trust_pickle, weights, header_only=False)
+    found = _read(path, PickleTrust(trust_pickle, tuple(allow_globals)), weights, header_only=False)
     state, prefix = _apply_prefixes(found, Path(path), strip_prefix, model_keys)
     return LoadedCheckpoint(state=state, metadata=found.metadata, producer=found.producer, container=found.container,
                             prefix=prefix, weights=found.weights, epoch=found.epoch, step=found.step,
@@ -974,6 +998,7 @@ def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "r
 
 
 def read_header(path: Path, *, weights: str = "raw", trust_pickle: bool = False, strip_prefix: str | None = None,
+                allow_globals: tuple[str, ...] = (),
                 model_keys: object | None = None) -> HeaderInfo:
     """Shapes, dtypes and trainer info of a checkpoint without reading its weights.
 
@@ -983,7 +1008,7 @@ def read_header(path: Path, *, weights: str = "raw", trust_pickle: bool = False,
     (non-zip) pickles must be read whole. Same containers, refusals and prefix rules as
     ``load_checkpoint``.
     """
-    found = _read(path, trust_pickle, weights, header_only=True)
+    found = _read(path, PickleTrust(trust_pickle, tuple(allow_globals)), weights, header_only=True)
     tensors, prefix = _apply_prefixes(found, Path(path), strip_prefix, model_keys)
     return HeaderInfo(tensors=tensors, metadata=found.metadata, producer=found.producer, epoch=found.epoch,
                       step=found.step, metrics=found.metrics, container=found.container, weights=found.weights,

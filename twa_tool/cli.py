@@ -222,6 +222,8 @@ def reader_options(fn: Callable) -> Callable:
                      help="Raw weights or the EMA/averaged copy a trainer stored (never mixed)."),
         click.option("--strip-prefix", default=None, metavar="PREFIX",
                      help="Remove this key prefix (e.g. model.) from every checkpoint key."),
+        click.option("--allow-global", "allow_globals", multiple=True, metavar="MODULE.NAME",
+                     help="Allow one more class in pickle checkpoints (repeatable), e.g. the one a refusal names."),
         click.option("--trust-pickle", is_flag=True,
                      help="Allow arbitrary code in pickle checkpoints. Only for files you trust."),
     ]):
@@ -288,7 +290,7 @@ def run_options(fn: Callable) -> Callable:
                                                  "touch nothing.")
 @common_output_options
 def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: tuple[str, ...], weights: str,
-            strip_prefix: str | None, trust_pickle: bool, data: str,
+            strip_prefix: str | None, allow_globals: tuple[str, ...], trust_pickle: bool, data: str,
             data_root: Path | None, download: bool, device: str, amp: str, num_workers: int, threads: int | None,
             seed: int, include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None, every: int | None,
             last: int | None, top_k: int | None, by: str | None, mode: str | None, start: str, lr: float,
@@ -317,7 +319,8 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
                               schedule=schedule),
             fit_on=fit_on, holdout_fraction=holdout_fraction, baselines=parse_baselines(baselines),
             device=device, amp=amp, num_workers=num_workers, seed=seed, overwrite=overwrite,
-            weights=weights, strip_prefix=strip_prefix, trust_pickle=trust_pickle, out_dtype=out_dtype,
+            weights=weights, strip_prefix=strip_prefix, trust_pickle=trust_pickle, allow_globals=allow_globals,
+            out_dtype=out_dtype,
             max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
             fail_if_worse_than=fail_if_worse_than, tolerance=tolerance, on_worse=on_worse, dry_run=dry_run,
             faults=faults)
@@ -343,7 +346,8 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
 @click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No human output except errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors.")
-def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, trust_pickle: bool,
+def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, allow_globals: tuple[str, ...],
+            trust_pickle: bool,
             include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None,
             every: int | None, last: int | None, top_k: int | None, by: str | None, mode: str | None,
             as_json: bool, quiet: bool, verbose: bool) -> None:
@@ -358,7 +362,8 @@ def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, trust_
         from .report import render_inspect
 
         selection = make_selection(include, exclude, range_, every, last, top_k, by, mode)
-        catalog = inspect_directory(checkpoint_dir, selection, weights, strip_prefix, trust_pickle).as_dict()
+        catalog = inspect_directory(checkpoint_dir, selection, weights, strip_prefix, trust_pickle,
+                                    allow_globals).as_dict()
         emit(catalog, as_json, console, render_inspect)
 
     run_reported(verbose, console, body)

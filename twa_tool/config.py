@@ -103,6 +103,7 @@ class AverageConfig:
     weights: str = "raw"
     strip_prefix: str | None = None
     trust_pickle: bool = False
+    allow_globals: tuple[str, ...] = ()
     out_dtype: str = "auto"
     max_shard_size: int | None = None
     fail_if_worse_than: str | None = None

@@ -141,7 +141,8 @@ def select_checkpoints(config: AverageConfig) -> Chosen:
 def resolve_model_spec(config: AverageConfig, first: CheckpointFile) -> tuple[str, tuple[tuple[str, str], ...]]:
     if config.model:
         return config.model, config.model_args
-    metadata = read_header(first.path, weights=config.weights, trust_pickle=config.trust_pickle).metadata
+    metadata = read_header(first.path, weights=config.weights, trust_pickle=config.trust_pickle,
+                           allow_globals=config.allow_globals).metadata
     found = spec_from_metadata(metadata)
     if found is None:
         raise ModelError(f"{first.path}: the checkpoint does not record its architecture; pass --model "
@@ -157,15 +158,17 @@ class Reader:
     weights: str
     strip_prefix: str | None
     trust_pickle: bool
+    allow_globals: tuple[str, ...]
     model_keys: frozenset[str]
 
     @classmethod
     def for_run(cls, config: AverageConfig, model: nn.Module) -> Reader:
-        return cls(config.weights, config.strip_prefix, config.trust_pickle, frozenset(model.state_dict()))
+        return cls(config.weights, config.strip_prefix, config.trust_pickle, config.allow_globals,
+                   frozenset(model.state_dict()))
 
     def _options(self) -> dict:
         return {"weights": self.weights, "trust_pickle": self.trust_pickle, "strip_prefix": self.strip_prefix,
-                "model_keys": set(self.model_keys)}
+                "allow_globals": self.allow_globals, "model_keys": set(self.model_keys)}
 
     def load(self, path: Path) -> dict[str, torch.Tensor]:
         return load_checkpoint(path, **self._options()).state
