@@ -190,3 +190,18 @@ def test_human_report_with_and_without_matplotlib(demo_ckpts: Path, tmp_path: Pa
     assert result.exit_code == 0, result.output
     assert "plots skipped: matplotlib is not installed" in (tmp_path / "b" / "report.md").read_text()
     assert not (tmp_path / "b" / "accuracy.png").exists()
+
+
+def test_diverging_training_exits_6_naming_step_and_lr(demo_ckpts: Path, tmp_path: Path) -> None:
+    result = invoke(demo_ckpts, *FAST, "--baselines", "none", "--lr", "1e30", "--schedule", "constant",
+                    "--out", tmp_path / "o")
+    assert result.exit_code == 6, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "at epoch 1 step" in line and "(lr 1e+30); lower --lr" in line
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_no_ansi_codes_when_not_a_terminal(demo_ckpts: Path, tmp_path: Path) -> None:
+    result = invoke(demo_ckpts, *FAST, "--out", tmp_path / "o")
+    assert result.exit_code == 0 and "\x1b[" not in result.output
+    assert "training coefficients" in result.stderr  # plain progress lines instead of bars
