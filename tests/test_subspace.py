@@ -111,3 +111,18 @@ def test_blocked_float32_storage_matches_float64_build(monkeypatch: pytest.Monke
     assert orthonormality_error(blocked.basis) <= 1e-5
     assert torch.allclose(blocked.basis.double(), reference.basis, atol=1e-5)
     assert torch.allclose(blocked.r, reference.r, rtol=1e-5)
+
+
+def test_block_build_equals_one_by_one() -> None:
+    vectors = trajectory(11, 3000, step=1e-2)
+    vectors.insert(4, vectors[2].clone())  # a duplicate inside the first block
+    vectors.insert(9, 0.5 * vectors[0] + 0.5 * vectors[6])  # dependent across blocks
+    sequential = build_subspace(vectors, dtype=torch.float64)
+    builder = BasisBuilder(capacity=len(vectors), dtype=torch.float64)
+    flags = builder.add_many(vectors[:5]) + builder.add_many(vectors[5:10]) + builder.add_many(vectors[10:])
+    blocked = builder.finish()
+    assert blocked.kept == sequential.kept and blocked.dropped == sequential.dropped == (4, 9)
+    assert flags == [i not in (4, 9) for i in range(len(vectors))]
+    assert torch.allclose(blocked.basis, sequential.basis, atol=1e-10)
+    assert torch.allclose(blocked.r, sequential.r, atol=1e-10)
+    assert orthonormality_error(blocked.basis) < 1e-12

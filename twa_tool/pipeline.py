@@ -57,6 +57,8 @@ from .writer import (
 )
 
 REPORT_FILE = "report.json"
+#: Checkpoints orthogonalised together (block CGS2); see ``stream_checkpoints``.
+BASIS_BLOCK = 8
 HUMAN_REPORT_FILE = "report.md"
 SCHEMA_VERSION = 1
 
@@ -226,25 +228,40 @@ def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:
                                  f"with --range/--last")
 
 
+def _flat_dtype(state: dict[str, torch.Tensor], names: list[str]) -> torch.dtype:
+    """Hold pending flattened checkpoints in float32 unless they carry float64 (exact either way)."""
+    return torch.float64 if any(state[n].dtype == torch.float64 for n in names) else torch.float32
+
+
 def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: list[str], rtol: float,
-                       reader: Reader, on_event: EventSink) -> Stream:
-    """Read each checkpoint once: validate it, add it to the basis, accumulate the float64 mean."""
+                       reader: Reader, on_event: EventSink, block: int = BASIS_BLOCK) -> Stream:
+    """Read each checkpoint once: validate it, add it to the basis, accumulate the float64 mean.
+
+    Checkpoints join the basis ``block`` at a time (block CGS2): memory is the basis plus ``block``
+    flattened checkpoints, and the basis is read once per block instead of once per checkpoint.
+    """
     builder = BasisBuilder(capacity=len(files), rtol=rtol)
     sums: dict[str, torch.Tensor] = {}
     last: dict[str, torch.Tensor] = {}
     digests = []
+    pending: list[torch.Tensor] = []
     on_event(Event("phase", "reading checkpoints", total=len(files)))
     for entry in files:
         state = reader.load(entry.path)
         check_compatible(model, state, str(entry.path))
         _check_finite(state, str(entry.path))
-        builder.add(flatten(state, names))
+        pending.append(flatten(state, names, _flat_dtype(state, names)))
+        if len(pending) == block:
+            builder.add_many(pending)
+            pending = []
         for key, value in state.items():
             if value.is_floating_point():
                 sums[key] = sums[key] + value.double() if key in sums else value.double()
         last = state
         digests.append(sha256_file(entry.path))
         on_event(Event("advance"))
+    if pending:
+        builder.add_many(pending)
     if len(builder.kept) < 2:
         raise NumericalError(f"only {len(builder.kept)} linearly independent checkpoint(s) among {len(files)}; "
                              f"TWA needs at least 2 distinct checkpoints")

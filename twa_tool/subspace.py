@@ -60,49 +60,70 @@ class BasisBuilder:
         Returns True when the vector was kept. Zero, duplicate and dependent vectors are dropped
         (their index is recorded in ``dropped``); non-finite vectors raise ValueError.
         """
-        if self.seen >= self.capacity:
+        return self.add_many([vector])[0]
+
+    def add_many(self, vectors: list[torch.Tensor]) -> list[bool]:
+        """Add a block of vectors at once (block CGS2): the same result as adding them one by one.
+
+        The projection against the existing basis runs as two matrix-matrix products per pass
+        (BLAS-3) instead of one matrix-vector product per vector, so the basis is read from memory
+        once per block instead of once per vector; the vectors of the block are then
+        orthogonalised against each other in order.
+        """
+        if self.seen + len(vectors) > self.capacity:
             raise ValueError(f"more than capacity={self.capacity} vectors added")
-        index = self.seen
-        self.seen += 1
-        v = vector.detach().reshape(-1).to(torch.float64, copy=True)
-        if not torch.isfinite(v).all():
-            raise ValueError(f"vector {index} has non-finite entries")
+        first = self.seen
+        block = torch.stack([v.detach().reshape(-1).to(torch.float64) for v in vectors])
+        for i, row in enumerate(block):
+            if not torch.isfinite(row).all():
+                raise ValueError(f"vector {first + i} has non-finite entries")
         if self._rows is None:
-            self._rows = torch.empty(self.capacity, v.numel(), dtype=self.dtype)
-        elif v.numel() != self._rows.shape[1]:
-            raise ValueError(f"vector {index} has {v.numel()} entries, expected {self._rows.shape[1]}")
-        k = len(self.kept)
-        norm0 = torch.linalg.vector_norm(v)
-        coeffs = torch.zeros(k, dtype=torch.float64)
-        for _ in range(2 if k else 0):  # CGS2: a second pass repairs the orthogonality the first one lost
-            c = self._dot_rows(k, v)
-            self._subtract_rows(k, v, c)
-            coeffs += c
-        norm = torch.linalg.vector_norm(v)
-        if norm0 == 0 or norm <= self.rtol * norm0:
-            self.dropped.append(index)
-            return False
-        self._rows[k] = v / norm
-        self._r_columns.append(torch.cat([coeffs, norm.reshape(1)]))
-        self.kept.append(index)
-        return True
+            self._rows = torch.empty(self.capacity, block.shape[1], dtype=self.dtype)
+        elif block.shape[1] != self._rows.shape[1]:
+            raise ValueError(f"vector {first} has {block.shape[1]} entries, expected {self._rows.shape[1]}")
+        self.seen += len(vectors)
+        old = len(self.kept)
+        norms0 = torch.linalg.vector_norm(block, dim=1)
+        coeffs_old = torch.zeros(old, len(vectors), dtype=torch.float64)
+        for _ in range(2 if old else 0):  # CGS2: a second pass repairs the orthogonality the first one lost
+            c = self._dot_rows(0, old, block)
+            self._subtract_rows(0, old, block, c)
+            coeffs_old += c
+        kept = []
+        for j, v in enumerate(block):
+            k = len(self.kept)
+            coeffs_new = torch.zeros(k - old, dtype=torch.float64)
+            for _ in range(2 if k > old else 0):
+                c = self._dot_rows(old, k, v[None])[:, 0]
+                self._subtract_rows(old, k, v[None], c[:, None])
+                coeffs_new += c
+            norm = torch.linalg.vector_norm(v)
+            if norms0[j] == 0 or norm <= self.rtol * norms0[j]:
+                self.dropped.append(first + j)
+                kept.append(False)
+                continue
+            self._rows[k] = v / norm
+            self._r_columns.append(torch.cat([coeffs_old[:, j], coeffs_new, norm.reshape(1)]))
+            self.kept.append(first + j)
+            kept.append(True)
+        return kept
 
-    def _blocks(self, k: int) -> range:
-        return range(0, self._rows.shape[1], max(4096, self.BLOCK_ENTRIES // max(1, k)))
+    def _step(self, rows: int) -> int:
+        return max(4096, self.BLOCK_ENTRIES // max(1, rows))
 
-    def _dot_rows(self, k: int, v: torch.Tensor) -> torch.Tensor:
-        """``P[:k] @ v`` in float64, one column block of the basis converted at a time."""
-        step = self._blocks(k).step
-        c = torch.zeros(k, dtype=torch.float64)
-        for start in self._blocks(k):
-            c += self._rows[:k, start:start + step].to(torch.float64) @ v[start:start + step]
+    def _dot_rows(self, lo: int, hi: int, block: torch.Tensor) -> torch.Tensor:
+        """``P[lo:hi] @ block^T`` (rows x b) in float64, one column chunk of the basis converted at a time."""
+        step = self._step(hi - lo)
+        c = torch.zeros(hi - lo, block.shape[0], dtype=torch.float64)
+        for start in range(0, block.shape[1], step):
+            c += self._rows[lo:hi, start:start + step].to(torch.float64) @ block[:, start:start + step].T
         return c
 
-    def _subtract_rows(self, k: int, v: torch.Tensor, c: torch.Tensor) -> None:
-        """``v -= P[:k]^T c`` in float64, block by block."""
-        step = self._blocks(k).step
-        for start in self._blocks(k):
-            v[start:start + step] -= self._rows[:k, start:start + step].to(torch.float64).T @ c
+    def _subtract_rows(self, lo: int, hi: int, block: torch.Tensor, c: torch.Tensor) -> None:
+        """``block -= c^T P[lo:hi]`` in float64, chunk by chunk (in place)."""
+        step = self._step(hi - lo)
+        for start in range(0, block.shape[1], step):
+            block[:, start:start + step] -= c.T @ self._rows[lo:hi, start:start + step].to(torch.float64)
 
     def finish(self) -> Subspace:
         """Return the finished subspace (the basis keeps the builder's storage dtype)."""
