@@ -1,0 +1,156 @@
+"""Loading + basis build: the reference path against twa's engine, on workload W1 (issue 6).
+
+W1: K checkpoints of torchvision resnet18 (num_classes=10), a correlated trajectory (each a small
+perturbation of the previous one), written as plain ``torch.save`` state dicts.
+
+    python benchmarks/basis_bench.py --k 50 100            # prints one markdown table
+    python benchmarks/basis_bench.py --k 20 --step         # also the projected-step line
+
+Each path runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own:
+* reference: what the paper's code does (flatten every checkpoint to numpy, stack, copy into a torch
+  basis, sequential float32 classical Gram-Schmidt);
+* twa: ``pipeline.stream_checkpoints`` as ``twa average`` runs it (safe loading, validation, sha256,
+  float64 mean, block CGS2 with a float32 basis), with blocks of 8 and of 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+
+def build_w1(folder: Path, k: int, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{i}.pt" for i in range(k)]
+    if all(p.exists() for p in paths):
+        return paths
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=10)
+    state = {n: v.clone() for n, v in model.state_dict().items()}
+    params = {n for n, _ in model.named_parameters()}
+    for path in paths:
+        for name in params:
+            state[name] += 1e-3 * state[name].std().clamp_min(1e-3) * torch.randn_like(state[name])
+        torch.save(state, path)
+    return paths
+
+
+def reference(paths: list[Path]) -> tuple[torch.Tensor, dict]:
+    """The reference implementation's path, written plainly (baseline only)."""
+    model = torchvision.models.resnet18(num_classes=10)
+    clock = time.perf_counter()
+    rows = []
+    for path in paths:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        rows.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy())
+    w = np.array(rows)
+    del rows
+    p = torch.from_numpy(w).clone()
+    loaded = time.perf_counter() - clock
+    for i in range(p.shape[0]):
+        if i > 0:
+            tmp = torch.mm(p[:i, :], p[i].reshape(-1, 1))
+            p[i] -= torch.mm(p[:i, :].T, tmp).reshape(-1)
+        p[i] /= torch.norm(p[i])
+    return p, {"load_s": loaded, "total_s": time.perf_counter() - clock}
+
+
+def engine(paths: list[Path], block: int) -> tuple[torch.Tensor, dict]:
+    from twa_tool.checkpoints import discover
+    from twa_tool.config import AverageConfig
+    from twa_tool.models import trainable_names
+    from twa_tool.pipeline import Reader, stream_checkpoints
+
+    model = torchvision.models.resnet18(num_classes=10)
+    files = discover(paths[0].parent)[: len(paths)]
+    reader = Reader.for_run(AverageConfig(checkpoint_dir=paths[0].parent, out_dir=Path("/tmp"), data="synthetic"),
+                            model)
+    clock = time.perf_counter()
+    stream = stream_checkpoints(files, model, trainable_names(model), 1e-5, reader, lambda e: None, block=block)
+    return stream.subspace.basis, {"total_s": time.perf_counter() - clock}
+
+
+def orthonormality(p: torch.Tensor) -> float:
+    q = p.double()
+    return (q @ q.T - torch.eye(q.shape[0], dtype=torch.float64)).abs().max().item()
+
+
+def child(path_kind: str, folder: Path, k: int) -> None:
+    paths = [folder / f"{i}.pt" for i in range(k)]
+    basis, times = reference(paths) if path_kind == "reference" else engine(paths, int(path_kind.split("-")[1]))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({**times, "peak_bytes": peak, "orthonormality": orthonormality(basis), "rank": basis.shape[0]}))
+
+
+def run_child(kind: str, folder: Path, k: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--dir", str(folder), "--k", str(k)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def projected_step_line(k: int) -> str:
+    """Time of the projection g -> P^T (P g) against a plain SGD step of resnet18 (batch 128, 32x32)."""
+    from twa_tool.trainer import project
+
+    model = torchvision.models.resnet18(num_classes=10)
+    d = sum(p.numel() for p in model.parameters())
+    basis = torch.linalg.qr(torch.randn(d, k))[0].T.contiguous()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    g = torch.randn(d)
+
+    def sgd_step() -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def timed(fn, repeat: int = 3) -> float:
+        fn()
+        clock = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - clock) / repeat
+
+    step_s, proj_s = timed(sgd_step), timed(lambda: project(basis, g))
+    return (f"projected step, resnet18, K={k}, batch 128 at 32x32, {torch.get_num_threads()} threads: SGD step "
+            f"{step_s * 1e3:.0f} ms, projection {proj_s * 1e3:.0f} ms = {100 * proj_s / step_s:.0f}% of the step")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, nargs="+", default=[50, 100])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/twa-bench-w1"))
+    parser.add_argument("--step", action="store_true", help="also time the projected step")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.dir, args.k[0])
+        return
+    paths = build_w1(args.dir, max(args.k))
+    print("| K | path | time (s) | peak RSS (GiB) | time ratio | memory ratio | max abs(PP^T - I) |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for k in args.k:
+        ref = run_child("reference", args.dir, k)
+        rows = [("reference (numpy stack + float32 CGS)", ref)]
+        rows += [(f"twa (block {b})", run_child(f"twa-{b}", args.dir, k)) for b in (8, 1)]
+        for name, r in rows:
+            print(f"| {k} | {name} | {r['total_s']:.1f} | {r['peak_bytes'] / 2**30:.2f} | "
+                  f"{ref['total_s'] / r['total_s']:.2f}x | {r['peak_bytes'] / ref['peak_bytes']:.2f} | "
+                  f"{r['orthonormality']:.1e} |")
+    if args.step:
+        print()
+        print(projected_step_line(max(args.k)))
+    del paths
+
+
+if __name__ == "__main__":
+    main()
