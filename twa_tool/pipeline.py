@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .checkpoints import (
     CheckpointFile,
+    HeaderInfo,
     discover,
     load_checkpoint,
     raise_if_refused,
@@ -175,14 +176,15 @@ class Reader:
     def load(self, path: Path) -> dict[str, torch.Tensor]:
         return load_checkpoint(path, **self._options()).state
 
-    def header(self, path: Path):
+    def header(self, path: Path) -> HeaderInfo:
         return read_header(path, **self._options())
 
 
-def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Reader, spec: str) -> list[str]:
+def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Reader,
+                     spec: str) -> tuple[list[str], dict[str, HeaderInfo]]:
     """Keys and shapes of every selected checkpoint against the model, from headers, before heavy work.
 
-    Returns warnings: name order against stored steps/epochs, mixed dtypes.
+    Returns warnings (name order against stored steps/epochs, mixed dtypes) and the headers by name.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     rows: list[tuple[str, ...]] = []
@@ -206,7 +208,7 @@ def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Read
     notes = [order_conflict(names, [headers[n].step for n in names], "step")
              or order_conflict(names, [headers[n].epoch for n in names], "epoch"),
              mixed_dtypes({n: headers[n].tensors for n in names})]
-    return [note for note in notes if note]
+    return [note for note in notes if note], headers
 
 
 def group_rows(rows: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
@@ -494,9 +496,10 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
     model = build_model(spec, model_args)
     names = trainable_names(model)
     reader = Reader.for_run(config, model)
-    for message in validate_headers(files, model, reader, spec):
+    notes, headers = validate_headers(files, model, reader, spec)
+    for message in notes:
         warn(message)
-    output_names, output_bytes = planned_outputs(config, reader.header(files[-1].path).tensors)
+    output_names, output_bytes = planned_outputs(config, headers[files[-1].name].tensors)
     inputs = tuple(f.path for f in files)
     if config.dry_run:
         check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
