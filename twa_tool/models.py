@@ -169,24 +169,40 @@ def flatten(state: Mapping[str, torch.Tensor], names: list[str], dtype: torch.dt
     return torch.cat([state[n].detach().reshape(-1).to(dtype) for n in names])
 
 
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def key_problems(expected: Shapes, found: Shapes) -> list[tuple[str, str, str]]:
+    """How ``found`` key shapes differ from the model's: (key, what the checkpoint has, what the model has).
+
+    Missing keys come first, then unexpected ones, then shape mismatches, each in the model's or file's order.
+    """
+    problems = [(k, "missing", str(shape)) for k, shape in expected.items() if k not in found]
+    problems += [(k, "unexpected", str(shape)) for k, shape in found.items() if k not in expected]
+    problems += [(k, f"shape {found[k]}", f"model {shape}") for k, shape in expected.items()
+                 if k in found and found[k] != shape]
+    return problems
+
+
 def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Keys and shapes of ``state`` must equal the model's state dict; the error lists what differs."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:3])}"
-                         f"{'...' if len(unexpected) > 3 else ''})")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[0]}")
-        raise CheckpointError(f"{source}: does not match the model: {'; '.join(parts)}; check --model and "
-                              f"--model-arg")
+    problems = key_problems({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                            {k: tuple(v.shape) for k, v in state.items()})
+    if not problems:
+        return
+    missing = sorted(k for k, kind, _ in problems if kind == "missing")
+    unexpected = sorted(k for k, kind, _ in problems if kind == "unexpected")
+    shapes = [f"{k}: {have[len('shape '):]} vs {want}" for k, have, want in problems if have.startswith("shape ")]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:3])}"
+                     f"{'...' if len(unexpected) > 3 else ''})")
+    if shapes:
+        parts.append(f"shape mismatch {shapes[0]}")
+    raise CheckpointError(f"{source}: does not match the model: {'; '.join(parts)}; check --model and "
+                          f"--model-arg")
 
 
 @torch.no_grad()

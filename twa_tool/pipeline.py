@@ -37,6 +37,7 @@ from .models import (
     build_model,
     check_compatible,
     flatten,
+    key_problems,
     load_state,
     spec_from_metadata,
     trainable_names,
@@ -191,11 +192,7 @@ def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Read
     bad_files = set()
     headers = {entry.name: reader.header(entry.path) for entry in files}
     for entry in files:
-        tensors = headers[entry.name].tensors
-        problems = [(k, "missing", str(shape)) for k, shape in expected.items() if k not in tensors]
-        problems += [(k, "unexpected", str(tuple(v[0]))) for k, v in tensors.items() if k not in expected]
-        problems += [(k, f"shape {tuple(tensors[k][0])}", f"model {shape}") for k, shape in expected.items()
-                     if k in tensors and tuple(tensors[k][0]) != shape]
+        problems = key_problems(expected, {k: tuple(shape) for k, (shape, _) in headers[entry.name].tensors.items()})
         rows += [(entry.name, *p) for p in problems]
         if problems:
             bad_files.add(entry.name)
