@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from twa_tool import subspace
-from twa_tool.subspace import PROJECTION_TOLERANCE, STORAGE_TOLERANCE, Basis, BasisBuilder, build_subspace, orthonormality_error
+from twa_tool.subspace import (
+    PROJECTION_TOLERANCE,
+    STORAGE_TOLERANCE,
+    Basis,
+    BasisBuilder,
+    build_subspace,
+    orthonormality_error,
+)
 
 
 def trajectory(k: int, d: int, step: float = 1e-3, seed: int = 0) -> list[torch.Tensor]:
