@@ -82,10 +82,15 @@ def _subtract(y: torch.Tensor, c: torch.Tensor, p: torch.Tensor) -> None:
 
 
 def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = t @ y`` chunk by chunk (``out`` may overlap ``y``: each chunk is computed before written)."""
+    """``out = t @ y`` chunk by chunk (``out`` may overlap ``y``: each chunk is computed before written),
+    through one reused chunk buffer (a fresh large temporary per chunk costs more in page faults)."""
     t = t.to(y.dtype)
-    for cols in _chunks(y.shape[1], 4 * _CHUNK):
-        out[:, cols] = t @ y[:, cols]
+    step = 4 * _CHUNK
+    buffer = torch.empty(t.shape[0], min(step, y.shape[1]), dtype=y.dtype)
+    for cols in _chunks(y.shape[1], step):
+        part = buffer[:, : cols.stop - cols.start]
+        torch.matmul(t, y[:, cols], out=part)
+        out[:, cols].copy_(part)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,26 +344,16 @@ class BasisBuilder:
                 block[j] -= self._anchor
 
     def _accumulate(self, block: torch.Tensor) -> None:
-        """Add the block's rows to the float64 sum.
+        """Add the block's rows to the float64 sum, exactly (each float32 value is exact in float64).
 
-        Within the block the rows are summed in float32 with an error-free transformation (Knuth's
-        TwoSum: ``hi + lo`` holds the sum to ~2^-48 relative, as float64 would), then ``hi`` and ``lo``
-        join the float64 total: two float64 additions per block instead of one float32 -> float64
-        conversion per checkpoint, which is the slow path of CPU torch (numpy does the mixed add).
+        numpy's mixed-precision add (single-threaded, vectorised) does it without a float64 copy of
+        the row; CPU torch's float32 -> float64 promotion is several times slower.
         """
         if self._sum is None:
             self._sum = torch.zeros(block.shape[1], dtype=torch.float64)
         total = self._sum.numpy()
-        for cols in _chunks(block.shape[1], 1 << 18):
-            part = block[:, cols]
-            hi, lo = part[0].clone(), torch.zeros_like(part[0])
-            for x in part[1:]:
-                s = hi + x
-                back = s - hi
-                lo += (hi - (s - back)) + (x - back)
-                hi = s
-            np.add(total[cols], hi.numpy(), out=total[cols])
-            np.add(total[cols], lo.numpy(), out=total[cols])
+        for row in block:
+            np.add(total, row.numpy(), out=total)
 
     def _finish_prefix(self, k: int, y: torch.Tensor, keep: list[int], lower: torch.Tensor, c1: torch.Tensor,
                        first: int) -> None:
