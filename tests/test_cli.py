@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from twa_tool.cli import cli
 from twa_tool.models import build_model, flatten, trainable_names
+from twa_tool.subspace import STORAGE_TOLERANCE
 
 FAST = ["--data", "synthetic", "--epochs", "1", "--batch-size", "256", "--lr", "0.5"]
 
@@ -244,7 +245,7 @@ def test_low_precision_basis_end_to_end(full_run: tuple[object, Path], demo_ckpt
     assert basis["storage"] == storage and basis["rank"] == reference["basis"]["rank"]
     ratio = reference["basis"]["bytes"] / basis["bytes"]
     assert ratio == 2 if storage == "bf16" else 3.9 < ratio < 4
-    assert reference["basis"]["orthonormality_error"] < basis["orthonormality_error"] < 1e-2
+    assert reference["basis"]["orthonormality_error"] < basis["orthonormality_error"] <= STORAGE_TOLERANCE[storage]
     # the swa baseline does not depend on the basis; twa still trains to a working model
     assert report["metrics"]["swa"] == reference["metrics"]["swa"]
     assert report["metrics"]["twa"]["accuracy"] > 0.3

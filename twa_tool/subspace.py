@@ -46,9 +46,11 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
 }
 
-#: Documented bounds per storage format (the rounding of the format; tests hold these): max|P P^T - I|,
-#: and the relative error of a projected vector against the float64 projection onto the exact span.
-STORAGE_TOLERANCE: dict[str, float] = {"float64": 1e-12, "float32": 1e-5, "bf16": 1e-3, "int8": 1e-3}
+#: Documented bounds per storage format: max|P P^T - I| (float32: the build; bf16: twice its unit
+#: roundoff 2^-9, reached when a row is concentrated on few entries; int8: twice the per-entry rounding
+#: of 1/254 of a block's largest entry), and the relative error of a projected vector against the
+#: float64 projection onto the exact span. Tests hold these; measured values are far below them.
+STORAGE_TOLERANCE: dict[str, float] = {"float64": 1e-12, "float32": 1e-5, "bf16": 4e-3, "int8": 1e-2}
 PROJECTION_TOLERANCE: dict[str, float] = {"float64": 1e-12, "float32": 1e-6, "bf16": 1e-2, "int8": 5e-2}
 
 #: A within-block Cholesky pivot below this fraction of the vector's residual norm sends the block to
