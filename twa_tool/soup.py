@@ -16,7 +16,7 @@ Memory: the coefficients parametrise ``w`` through ``Directions``: the start poi
 soup) and ``ū = c − origin`` in float32, and the K deviations ``δᵢ = wᵢ − c`` in float32, bfloat16 or
 int8 (one scale per ingredient and tensor). Only δ is stored at low precision, and it is small next to
 the weights, so ``c`` (λ = 1/K) is exact whatever the storage. Peak host memory is about
-``K·D·b + 3·4·D + 2 model states`` (b = 4, 2 or 1 bytes); see ``memory_formula``.
+``K·D·b + 8·D + 6·S`` (b = 4, 2 or 1 bytes, S the bytes of one state dict); see ``memory_formula``.
 
 Every evaluated model gets its BatchNorm statistics re-estimated on the fit split first. The eval
 split is only ever reported, never used to choose.
@@ -101,8 +101,8 @@ class StateSum:
 
     def candidate(self, state: Mapping[str, torch.Tensor]) -> State:
         """The average with ``state`` added, without adding it: ``(sum + w) / (n + 1)``."""
-        sums = {k: s + state[k].double() for k, s in self.sums.items()}
-        return self._average(sums, self.count + 1)
+        return {k: ((self.sums[k] + state[k].double()) / (self.count + 1)).to(v.dtype) if k in self.sums
+                else v.clone() for k, v in self.reference.items()}  # one float64 temporary at a time
 
     def _average(self, sums: Mapping[str, torch.Tensor], count: int) -> State:
         return {k: (sums[k] / count).to(v.dtype) if k in sums else v.clone() for k, v in self.reference.items()}
@@ -200,7 +200,7 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": 
 class Directions:
     """The coefficient parametrisation of the soup, ``w(λ) = origin + Σᵢ λᵢ (wᵢ − origin)``, stored as
 
-    ``w_l(λ) = c_l + (Σᵢ λ[i,l] − 1) ū_l + Σᵢ λ[i,l] δᵢ,l`` on parameter tensor l (``Σᵢ δᵢ = 0``),
+    ``w_l(λ) = c_l + (Σᵢ λ[i,l] − 1) ū_l + Σᵢ (λ[i,l] − 1/K) δᵢ,l`` on parameter tensor l (``Σᵢ δᵢ = 0``),
 
     with ``c`` the uniform soup, ``ū = c − origin`` (float32) and ``δᵢ = wᵢ − c`` in ``dtype``
     (float32, bfloat16, or int8 with one absmax scale per ingredient and tensor). At λ = 1/K it is
@@ -255,7 +255,9 @@ class Directions:
         for t, seg in enumerate(self.segments):
             lam = coefficients[:, columns[t]].to(torch.float32)
             span = slice(seg.offset, seg.offset + seg.numel)
-            out[span] = self.center[span] + (lam.sum() - 1) * self.offset[span] + lam @ self.block(t)
+            # Σ λᵢ δᵢ = Σ (λᵢ − 1/K) δᵢ since Σ δᵢ = 0; the second form stays exactly c at λ = 1/K even when
+            # the stored δᵢ are rounded (bf16/int8) and no longer sum to zero.
+            out[span] = self.center[span] + (lam.sum() - 1) * self.offset[span] + (lam - 1 / self.count) @ self.block(t)
         return out
 
     def coefficient_grad(self, grad: torch.Tensor, columns: list[int], width: int) -> torch.Tensor:
@@ -477,12 +479,15 @@ def soup_data(config: SoupConfig) -> tuple[Dataset, Dataset, Dataset, dict]:
 
 
 def memory_formula(k: int, d: int, state_bytes: int, basis_dtype: str) -> dict:
-    """The dominant terms of the run's peak host memory (bytes) for K ingredients of D trainable parameters."""
+    """The dominant terms of the run's peak host memory (bytes) for K ingredients of D trainable parameters.
+
+    The peak is during greedy soup: the K directions, c and ū, and six state dicts (the model, the uniform
+    soup, the float64 running sum counted twice, the candidate, the ingredient just loaded); S ≈ 4·D for a
+    float32 model. Framework, data and activations come on top.
+    """
     b = {"float32": 4, "bfloat16": 2, "int8": 1}[basis_dtype]
-    parts = {"directions": k * d * b, "center_offset_grad": 3 * 4 * d, "float64_sum": 2 * state_bytes,
-             "states_kept": 4 * state_bytes}
-    return {"formula": f"K*D*{b} + 12*D + 6*S (S = one state dict in bytes)", **parts,
-            "total": sum(parts.values())}
+    parts = {"directions": k * d * b, "center_and_offset": 2 * 4 * d, "states": 6 * state_bytes}
+    return {"formula": f"K*D*{b} + 8*D + 6*S (S: bytes of one state dict)", **parts, "total": sum(parts.values())}
 
 
 def peak_rss_bytes() -> int:
