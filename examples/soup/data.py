@@ -13,6 +13,7 @@ and ``--holdout examples/soup/data.py:heldout`` (its second dataset is the held-
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ SIZES = {"pretrain": 10_000, "finetune": 10_000, "heldout": 2_000}
 SEED = 0
 
 
+@lru_cache(maxsize=2)  # --data and --holdout share one read of the files
 def _parts(root: Path | None) -> tuple[dict[str, Subset], Dataset]:
     data = build_data("fashion-mnist", root=root)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(SEED)).tolist()
