@@ -497,132 +497,148 @@ def peak_rss_bytes() -> int:
 
 
 def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
-    """Run ``twa soup`` end to end: evaluate every ingredient, the uniform, greedy and TWA soups, write one."""
+    """Run ``twa soup`` end to end: evaluate every ingredient, the uniform, greedy and TWA soups, write one.
+
+    Steps: inputs and output checked from headers -> data -> uniform soup (streamed) -> every ingredient
+    (their deviations join the directions) -> uniform -> greedy -> twa -> report -> write the chosen soup.
+    """
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     inputs = find_inputs(config)
     for message in inputs.warnings:
         on_event(Event("warning", message))
-    files, model, reader = inputs.files, inputs.model, inputs.reader
-    names = trainable_names(model)
-    outputs, size = output_names(config, model)
-    sources = tuple(f.path for f in files) + ((inputs.base.path,) if inputs.base else ())
+    outputs, size = output_names(config, inputs.model)
+    sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
     prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size)
     fit, heldout, eval_data, data_facts = soup_data(config)
+    names = trainable_names(inputs.model)
 
-    # 1. uniform soup, streamed; hashes of the inputs
-    on_event(Event("phase", "reading the ingredients (uniform soup)", total=len(files)))
-    total, digests = StateSum(), []
-    for entry in files:
-        state = _load(reader, model, entry)
-        total.add(state)
-        digests.append(sha256_file(entry.path))
-        on_event(Event("advance"))
-    uniform = total.mean()
-    center = (torch.cat([(total.sums[n] / total.count).reshape(-1) for n in names])).to(torch.float32)
-    del total
-    origin = flatten(_load(reader, model, inputs.base), names, torch.float32) if inputs.base else None
+    clock = time.perf_counter()
+    uniform, center, digests = read_uniform(inputs, names, on_event)
+    origin = flatten(_load(inputs, inputs.base), names, torch.float32) if inputs.base else None
+    directions = Directions(center, center - origin if origin is not None else center,
+                            segments_of(inputs.model, names), len(inputs.files), config.basis_dtype)
     timings["uniform_s"] = time.perf_counter() - clock
-
-    segments = segments_of(model, names)
-    directions = Directions(center, center - origin if origin is not None else center, segments, len(files),
-                            config.basis_dtype)
-    model.to(device)
-    evaluator = SoupEvaluator(model, device, _loader(fit, config, False), _loader(heldout, config, False),
+    inputs.model.to(device)
+    evaluator = SoupEvaluator(inputs.model, device, _loader(fit, config, False), _loader(heldout, config, False),
                               _loader(eval_data, config, False), config.seed, config.amp)
 
-    # 2. every ingredient on both splits; their deviations join the directions
     clock = time.perf_counter()
-    on_event(Event("phase", "evaluating every ingredient", total=len(files)))
-    metrics: dict[str, dict] = {"ingredients": {}}
-    for index, entry in enumerate(files):
-        state = _load(reader, model, entry)
-        directions.set_row(index, flatten(state, names, torch.float32))
-        metrics["ingredients"][entry.name] = evaluator.both(state)
-        on_event(Event("advance"))
-    best_name = max(reversed([f.name for f in files]), key=lambda n: metrics["ingredients"][n]["heldout"]["accuracy"])
-    metrics["best_single"] = {**metrics["ingredients"][best_name], "ingredient": best_name}
+    metrics = evaluate_ingredients(inputs, names, directions, evaluator, on_event)
     timings["ingredients_s"] = time.perf_counter() - clock
-
-    # 3. uniform and greedy
     clock = time.perf_counter()
     on_event(Event("phase", "uniform soup", total=1))
-    states: dict[str, State] = {"uniform": uniform}
     metrics["uniform"] = evaluator.both(uniform)
     on_event(Event("advance"))
-    on_event(Event("phase", "greedy soup", total=len(files) - 1))
-    by_name = {f.name: f for f in files}
+    greedy = run_greedy(inputs, metrics, evaluator, on_event)
+    metrics["greedy"] = evaluator.both(greedy.state)
+    timings["greedy_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    fitted, columns = run_twa(config, inputs.model, names, uniform, directions, evaluator,
+                              _loader(heldout, config, shuffle=True), on_event)
+    metrics["twa"] = evaluator.both()
+    states = {"uniform": uniform, "greedy": greedy.state, "twa": evaluator.snapshot()}
+    timings["twa_s"] = time.perf_counter() - clock
+
+    report = soup_report(config, inputs, metrics, greedy, fitted, directions, columns, uniform, digests)
+    report.update(data=data_facts, device=str(device), timings=timings)
+    evaluator.settle(states[report["written_method"]])  # written with the BN statistics it was evaluated with
+    state = {k: v.to(uniform[k].dtype) for k, v in evaluator.snapshot().items()}
+    report["memory"]["peak_rss_bytes"] = peak_rss_bytes()
+    return write_soup(config, report, state, inputs)
+
+
+def read_uniform(inputs: Inputs, names: list[str], on_event: EventSink) -> tuple[State, torch.Tensor, list[str]]:
+    """One streamed pass: the uniform soup, its trainable part as a float32 vector, the inputs' sha256."""
+    on_event(Event("phase", "reading the ingredients (uniform soup)", total=len(inputs.files)))
+    total, digests = StateSum(), []
+    for entry in inputs.files:
+        total.add(_load(inputs, entry))
+        digests.append(sha256_file(entry.path))
+        on_event(Event("advance"))
+    center = torch.cat([(total.sums[n] / total.count).reshape(-1) for n in names]).to(torch.float32)
+    return total.mean(), center, digests
+
+
+def evaluate_ingredients(inputs: Inputs, names: list[str], directions: Directions, evaluator: SoupEvaluator,
+                         on_event: EventSink) -> dict[str, dict]:
+    """Every ingredient on both splits (their deviations join the directions) and the best on held-out."""
+    on_event(Event("phase", "evaluating every ingredient", total=len(inputs.files)))
+    ingredients = {}
+    for index, entry in enumerate(inputs.files):
+        state = _load(inputs, entry)
+        directions.set_row(index, flatten(state, names, torch.float32))
+        ingredients[entry.name] = evaluator.both(state)
+        on_event(Event("advance"))
+    best = max(reversed(list(ingredients)), key=lambda n: ingredients[n]["heldout"]["accuracy"])
+    return {"ingredients": ingredients, "best_single": {**ingredients[best], "ingredient": best}}
+
+
+def run_greedy(inputs: Inputs, metrics: dict[str, dict], evaluator: SoupEvaluator,
+               on_event: EventSink) -> GreedyResult:
+    on_event(Event("phase", "greedy soup", total=len(inputs.files) - 1))
+    by_name = {f.name: f for f in inputs.files}
 
     def score(candidate: State) -> float:
         on_event(Event("advance"))
         return evaluator.heldout(candidate).accuracy
 
-    greedy = greedy_soup({n: metrics["ingredients"][n]["heldout"]["accuracy"] for n in by_name},
-                         lambda n: _load(reader, model, by_name[n]), score)
-    states["greedy"] = greedy.state
-    metrics["greedy"] = evaluator.both(greedy.state)
-    timings["greedy_s"] = time.perf_counter() - clock
+    return greedy_soup({n: metrics["ingredients"][n]["heldout"]["accuracy"] for n in by_name},
+                       lambda n: _load(inputs, by_name[n]), score)
 
-    # 4. twa: coefficients fitted on the held-out split from the uniform soup, then BN re-estimated
-    clock = time.perf_counter()
-    columns = GRANULARITIES[config.granularity](len(segments))
+
+def run_twa(config: SoupConfig, model: nn.Module, names: list[str], uniform: State, directions: Directions,
+            evaluator: SoupEvaluator, loader: DataLoader, on_event: EventSink) -> tuple[CoefficientFit, list[int]]:
+    """Coefficients fitted on the held-out split from the uniform soup; the model ends at the TWA soup."""
+    columns = GRANULARITIES[config.granularity](len(directions.segments))
     load_state(model, uniform)
-    directions.to(device)
-    loader = _loader(heldout, config, shuffle=True)
+    directions.to(evaluator.device)
     on_event(Event("phase", f"fitting soup coefficients on the held-out split ({config.train.epochs} epochs)",
                    total=config.train.epochs * len(loader)))
     torch.manual_seed(config.seed)
-    fitted = fit_coefficients(model, names, directions, columns, loader, config.train, device, config.amp,
+    fitted = fit_coefficients(model, names, directions, columns, loader, config.train, evaluator.device, config.amp,
                               on_step=lambda info: on_event(Event("step", step=info)))
-    directions_bytes = directions.nbytes
-    del directions
-    metrics["twa"] = evaluator.both()
-    states["twa"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    timings["twa_s"] = time.perf_counter() - clock
+    return fitted, columns
 
-    coefficients = {"uniform": [1 / len(files)] * len(files),
-                    "greedy": [1 / len(greedy.soup) if f.name in greedy.soup else 0.0 for f in files],
-                    "twa": per_ingredient(fitted.coefficients, segments, columns)}
+
+def soup_report(config: SoupConfig, inputs: Inputs, metrics: dict, greedy: GreedyResult, fitted: CoefficientFit,
+                directions: Directions, columns: list[int], uniform: State, digests: list[str]) -> dict:
+    """The report's record of inputs, metrics, coefficients, the greedy trace, the fit and memory."""
+    files, segments = inputs.files, directions.segments
     method, chosen_by = _written_method(config, metrics)
-    report = {
+    parameters = sum(s.numel for s in segments)
+    state_bytes = sum(v.numel() * v.element_size() for v in uniform.values())
+    return {
         "schema_version": SCHEMA_VERSION, "tool": "twa", "version": __version__, "command": "soup",
         "ingredients": [f.name for f in files],
         "base": str(inputs.base.path) if inputs.base else None,
         "coefficients_of": "task_vectors" if inputs.base else "ingredients",
         "metrics": metrics,
-        "coefficients": coefficients,
+        "coefficients": {"uniform": [1 / len(files)] * len(files),
+                         "greedy": [1 / len(greedy.soup) if f.name in greedy.soup else 0.0 for f in files],
+                         "twa": per_ingredient(fitted.coefficients, segments, columns)},
         "greedy": {"soup": list(greedy.soup), "trace": [asdict(s) for s in greedy.trace]},
         "twa": {"granularity": config.granularity, "start": "uniform", "fit_on": "heldout",
                 "steps": fitted.steps, "epoch_losses": list(fitted.epoch_losses),
                 "by_tensor": ({s.name: fitted.coefficients[:, c].tolist() for s, c in zip(segments, columns)}
                               if config.granularity == "layer" else None)},
         "written_method": method, "chosen_by": chosen_by,
-        "model": {"spec": inputs.spec, "args": dict(inputs.model_args),
-                  "parameters": sum(s.numel for s in segments)},
-        "data": data_facts,
-        "memory": {"basis_dtype": config.basis_dtype, "directions_bytes": directions_bytes,
-                   "estimate": memory_formula(len(files), sum(s.numel for s in segments),
-                                              sum(v.numel() * v.element_size() for v in uniform.values()),
-                                              config.basis_dtype)},
+        "model": {"spec": inputs.spec, "args": dict(inputs.model_args), "parameters": parameters},
+        "memory": {"basis_dtype": config.basis_dtype, "directions_bytes": directions.nbytes,
+                   "estimate": memory_formula(len(files), parameters, state_bytes, config.basis_dtype)},
         "excluded": inputs.excluded,
         "inputs": [{"name": f.name, "path": str(f.path), "sha256": h} for f, h in zip(files, digests)],
         "config": _config_dict(config),
-        "device": str(device),
         "versions": {"twa": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "timings": timings,
         "warnings": inputs.warnings,
     }
-    evaluator.settle(states[method])  # the written weights carry the BN statistics they were evaluated with
-    state = {k: v.to(uniform[k].dtype) for k, v in evaluator.snapshot().items()}
-    report["memory"]["peak_rss_bytes"] = peak_rss_bytes()
-    return write_soup(config, report, state, inputs)
 
 
-def _load(reader: Reader, model: nn.Module, entry: CheckpointFile) -> State:
-    state = reader.load(entry.path)
-    check_compatible(model, state, str(entry.path))
+def _load(inputs: Inputs, entry: CheckpointFile) -> State:
+    """One checkpoint through the safe reader, checked against the model and for finite values."""
+    state = inputs.reader.load(entry.path)
+    check_compatible(inputs.model, state, str(entry.path))
     _check_finite(state, str(entry.path))
     return state
 
