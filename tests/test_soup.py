@@ -302,3 +302,16 @@ def test_soup_wrong_model_is_refused(finetunes: Path, tmp_path: Path) -> None:
     args[args.index("width=4")] = "width=8"
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 4 and "do not match the model" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_blocked_conversion_gives_the_same_weights_and_gradient(dtype: str) -> None:
+    directions, *_ = _directions(dtype)
+    columns = GRANULARITIES["layer"](len(directions.segments))
+    lam = torch.rand(3, len(directions.segments))
+    grad = torch.randn(directions.center.numel())
+    whole = directions.weights(lam, columns), directions.coefficient_grad(grad, columns, len(columns))
+    directions.BLOCK_ENTRIES = 7  # blocks of 2 columns: every tensor is cut into several
+    assert len(list(directions.blocks(0))) > 1
+    torch.testing.assert_close(directions.weights(lam, columns), whole[0])
+    torch.testing.assert_close(directions.coefficient_grad(grad, columns, len(columns)), whole[1])

@@ -191,7 +191,7 @@ class CoefficientTrainConfig:
     """
 
     optimizer: str = "adamw"
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     momentum: float = 0.9
     epochs: int = 5

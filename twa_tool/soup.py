@@ -207,6 +207,9 @@ class Directions:
     exactly ``c``; the gradient ``∂L/∂λ[i,l] = (ū_l + δᵢ,l)·g_l`` costs one pass over the rows.
     """
 
+    #: Entries (K x columns) of one float32 block of deviations, 16 MiB.
+    BLOCK_ENTRIES = 1 << 22
+
     def __init__(self, center: torch.Tensor, origin_offset: torch.Tensor, segments: tuple[Segment, ...], count: int,
                  dtype: str = "float32") -> None:
         self.center = center.to(torch.float32)
@@ -243,11 +246,15 @@ class Directions:
                 part = torch.round(part / scale).clamp_(-127, 127)
             self.rows[index, seg.offset: seg.offset + seg.numel] = part.to(self.rows.dtype)
 
-    def block(self, t: int) -> torch.Tensor:
-        """The K deviations on tensor t, float32 (K x numel)."""
+    def blocks(self, t: int) -> Iterable[tuple[slice, torch.Tensor]]:
+        """Tensor t's K deviations as float32 column blocks (K x at most ``BLOCK_ENTRIES / K``): rounded storage
+        is converted one block at a time, so the float32 copy never exists at full size."""
         seg = self.segments[t]
-        rows = self.rows[:, seg.offset: seg.offset + seg.numel].to(torch.float32)
-        return rows * self.scales[:, t, None] if self.dtype == "int8" else rows
+        step = max(1, self.BLOCK_ENTRIES // self.count)
+        for start in range(seg.offset, seg.offset + seg.numel, step):
+            span = slice(start, min(start + step, seg.offset + seg.numel))
+            rows = self.rows[:, span].to(torch.float32)  # a view when stored in float32, else a copy
+            yield span, rows.mul_(self.scales[:, t, None]) if self.dtype == "int8" else rows
 
     def weights(self, coefficients: torch.Tensor, columns: list[int]) -> torch.Tensor:
         """Flat trainable weights for coefficients (K x columns); ``columns[t]`` is tensor t's column."""
@@ -255,17 +262,21 @@ class Directions:
         for t, seg in enumerate(self.segments):
             lam = coefficients[:, columns[t]].to(torch.float32)
             span = slice(seg.offset, seg.offset + seg.numel)
+            out[span] = self.center[span]
+            out[span].add_(self.offset[span], alpha=lam.sum().item() - 1)
             # Σ λᵢ δᵢ = Σ (λᵢ − 1/K) δᵢ since Σ δᵢ = 0; the second form stays exactly c at λ = 1/K even when
             # the stored δᵢ are rounded (bf16/int8) and no longer sum to zero.
-            out[span] = self.center[span] + (lam.sum() - 1) * self.offset[span] + (lam - 1 / self.count) @ self.block(t)
+            for part, rows in self.blocks(t):
+                out[part].addmv_(rows.T, lam - 1 / self.count)
         return out
 
     def coefficient_grad(self, grad: torch.Tensor, columns: list[int], width: int) -> torch.Tensor:
         """``∂L/∂λ`` (K x width) from the flat gradient of the weights: tied tensors add up."""
         out = torch.zeros(self.count, width, dtype=torch.float32, device=grad.device)
-        for t, seg in enumerate(self.segments):
-            g = grad[seg.offset: seg.offset + seg.numel].to(torch.float32)
-            out[:, columns[t]] += self.block(t) @ g + torch.dot(self.offset[seg.offset: seg.offset + seg.numel], g)
+        for t, _ in enumerate(self.segments):
+            for part, rows in self.blocks(t):
+                g = grad[part].to(torch.float32)
+                out[:, columns[t]] += rows @ g + torch.dot(self.offset[part], g)
         return out
 
 

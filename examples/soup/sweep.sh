@@ -7,11 +7,13 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${OUT:-runs/soup}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-common=(--data examples/soup/data.py:finetune --holdout examples/soup/data.py:heldout
-        --base "$OUT/pretrained.safetensors" --threads 1 --overwrite -q)
-run() {  # name, extra flags...
+common=(--data examples/soup/data.py:finetune --holdout examples/soup/data.py:heldout --threads 1 --overwrite -q)
+run() {  # name, extra flags... (--no-base: mix the ingredients themselves instead of task vectors)
   local name=$1; shift
-  python -m twa_tool soup "$OUT/finetunes" "${common[@]}" --out "$OUT/sweep/$name" "$@"
+  local base=(--base "$OUT/pretrained.safetensors")
+  [[ "${*: -1}" == "--no-base" ]] && { base=(); set -- "${@:1:$#-1}"; }
+  [[ -f "$OUT/sweep/$name/report.json" ]] && { echo "$name exists" >&2; return; }
+  python -m twa_tool soup "$OUT/finetunes" "${common[@]}" "${base[@]}" --out "$OUT/sweep/$name" "$@"
   echo "$name done" >&2
 }
 run adamw-1e-3  --optimizer adamw --lr 1e-3
@@ -19,4 +21,10 @@ run adamw-1e-2  --optimizer adamw --lr 1e-2
 run adamw-1e-1  --optimizer adamw --lr 1e-1
 run sgd-0.1     --optimizer sgd --lr 0.1
 run sgd-1       --optimizer sgd --lr 1
+run adamw-3e-2  --optimizer adamw --lr 3e-2
+run adamw-1e-2-10ep --optimizer adamw --lr 1e-2 --epochs 10
 run layer-adamw-1e-2 --optimizer adamw --lr 1e-2 --granularity layer
+run layer-adamw-1e-3 --optimizer adamw --lr 1e-3 --granularity layer
+run bf16-adamw-1e-2 --optimizer adamw --lr 1e-2 --basis-dtype bfloat16
+run int8-adamw-1e-2 --optimizer adamw --lr 1e-2 --basis-dtype int8
+run nobase-adamw-1e-2 --optimizer adamw --lr 1e-2 --no-base
