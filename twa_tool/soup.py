@@ -524,6 +524,7 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size)
     fit, heldout, eval_data, data_facts = soup_data(config)
     names = trainable_names(inputs.model)
+    dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[0].path).tensors.items()}
 
     clock = time.perf_counter()
     uniform, center, digests = read_uniform(inputs, names, on_event)
@@ -549,13 +550,16 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     fitted, columns = run_twa(config, inputs.model, names, uniform, directions, evaluator,
                               _loader(heldout, config, shuffle=True), on_event)
     metrics["twa"] = evaluator.both()
-    states = {"uniform": uniform, "greedy": greedy.state, "twa": evaluator.snapshot()}
     timings["twa_s"] = time.perf_counter() - clock
 
     report = soup_report(config, inputs, metrics, greedy, fitted, directions, columns, uniform, digests)
     report.update(data=data_facts, device=str(device), timings=timings)
-    evaluator.settle(states[report["written_method"]])  # written with the BN statistics it was evaluated with
-    state = {k: v.to(uniform[k].dtype) for k, v in evaluator.snapshot().items()}
+    del directions
+    chosen = {"uniform": uniform, "greedy": greedy.state}.get(report["written_method"])
+    if chosen is not None:  # (the model holds the TWA soup, BN re-estimated, as it was evaluated)
+        evaluator.settle(chosen)  # written with the BN statistics it was evaluated with
+    del uniform, greedy, chosen
+    state = {k: v.to(dtypes[k]) for k, v in evaluator.snapshot().items()}  # the ingredients' dtypes
     report["memory"]["peak_rss_bytes"] = peak_rss_bytes()
     return write_soup(config, report, state, inputs)
 
