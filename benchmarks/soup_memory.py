@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16", "int8"])
     parser.add_argument("--work", type=Path, default=Path("runs/soup_memory"))
     args = parser.parse_args()
-    print("| K | D | basis dtype | directions (MiB) | formula K·D·b + 8·D + 6·S (MiB) | peak RSS (MiB) | "
+    print("| K | D | basis dtype | directions (MiB) | formula K·D·b + 8·D + 14·S (MiB) | peak RSS (MiB) | "
           "peak RSS − baseline (MiB) |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     folder = args.work / f"ft-{args.hidden}-{max(args.k)}"

@@ -16,7 +16,7 @@ Memory: the coefficients parametrise ``w`` through ``Directions``: the start poi
 soup) and ``ū = c − origin`` in float32, and the K deviations ``δᵢ = wᵢ − c`` in float32, bfloat16 or
 int8 (one scale per ingredient and tensor). Only δ is stored at low precision, and it is small next to
 the weights, so ``c`` (λ = 1/K) is exact whatever the storage. Peak host memory is about
-``K·D·b + 8·D + 6·S`` (b = 4, 2 or 1 bytes, S the bytes of one state dict); see ``memory_formula``.
+``K·D·b + 8·D + 14·S`` (b = 4, 2 or 1 bytes, S the bytes of one state dict); see ``memory_formula``.
 
 Every evaluated model gets its BatchNorm statistics re-estimated on the fit split first. The eval
 split is only ever reported, never used to choose.
@@ -490,15 +490,17 @@ def soup_data(config: SoupConfig) -> tuple[Dataset, Dataset, Dataset, dict]:
 
 
 def memory_formula(k: int, d: int, state_bytes: int, basis_dtype: str) -> dict:
-    """The dominant terms of the run's peak host memory (bytes) for K ingredients of D trainable parameters.
+    """Peak host memory of the run beyond framework and data (bytes), for K ingredients of D trainable parameters.
 
-    The peak is during greedy soup: the K directions, c and ū, and six state dicts (the model, the uniform
-    soup, the float64 running sum counted twice, the candidate, the ingredient just loaded); S ≈ 4·D for a
-    float32 model. Framework, data and activations come on top.
+    ``K·D·b`` for the directions (b = 4, 2, 1), ``8·D`` for c and ū, and ``14·S`` (S: bytes of one state
+    dict, ≈ 4·D in float32): six state dicts during greedy (model, uniform soup, float64 running sum x2,
+    candidate, loaded ingredient), then while fitting the model, the assembled weights, the flat gradient
+    and autograd's temporaries. The K-independent part was measured (benchmarks/soup_memory.py): 63-70·D
+    bytes for an 8M-parameter float32 model against 8·D + 14·S = 64·D here.
     """
     b = {"float32": 4, "bfloat16": 2, "int8": 1}[basis_dtype]
-    parts = {"directions": k * d * b, "center_and_offset": 2 * 4 * d, "states": 6 * state_bytes}
-    return {"formula": f"K*D*{b} + 8*D + 6*S (S: bytes of one state dict)", **parts, "total": sum(parts.values())}
+    parts = {"directions": k * d * b, "center_and_offset": 2 * 4 * d, "states_and_workspace": 14 * state_bytes}
+    return {"formula": f"K*D*{b} + 8*D + 14*S (S: bytes of one state dict)", **parts, "total": sum(parts.values())}
 
 
 def peak_rss_bytes() -> int:
