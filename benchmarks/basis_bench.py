@@ -4,13 +4,16 @@ W1: K checkpoints of torchvision resnet18 (num_classes=10), a correlated traject
 perturbation of the previous one), written as plain ``torch.save`` state dicts.
 
     python benchmarks/basis_bench.py --k 50 100            # prints one markdown table
-    python benchmarks/basis_bench.py --k 20 --step         # also the projected-step line
+    python benchmarks/basis_bench.py --k 100 --step        # also the projected-step lines (K=100)
 
 Each path runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own:
 * reference: what the paper's code does (flatten every checkpoint to numpy, stack, copy into a torch
   basis, sequential float32 classical Gram-Schmidt);
-* twa: ``pipeline.stream_checkpoints`` as ``twa average`` runs it (safe loading, validation, sha256,
-  float64 mean, block CGS2 with a float32 basis), with blocks of 8 and of 1.
+* twa: ``pipeline.stream_checkpoints`` as ``twa average`` runs it: safe loading with the zip CRC check,
+  key/shape and finiteness validation, sha256 of every file, the exact float64 mean, and the basis
+  (float32 BCGS2 + Cholesky-QR2 in the basis buffer, blocks of 16), stored as float32, bf16 or int8.
+
+The orthonormality error is computed exactly (float64) after the timed part.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def reference(paths: list[Path]) -> tuple[torch.Tensor, dict]:
     return p, {"load_s": loaded, "total_s": time.perf_counter() - clock}
 
 
-def engine(paths: list[Path], block: int) -> tuple[torch.Tensor, dict]:
+def engine(paths: list[Path], storage: str) -> tuple[object, dict]:
     from twa_tool.checkpoints import discover
     from twa_tool.config import AverageConfig
     from twa_tool.models import trainable_names
@@ -75,20 +78,22 @@ def engine(paths: list[Path], block: int) -> tuple[torch.Tensor, dict]:
     reader = Reader.for_run(AverageConfig(checkpoint_dir=paths[0].parent, out_dir=Path("/tmp"), data="synthetic"),
                             model)
     clock = time.perf_counter()
-    stream = stream_checkpoints(files, model, trainable_names(model), 1e-5, reader, lambda e: None, block=block)
-    return stream.subspace.basis, {"total_s": time.perf_counter() - clock}
-
-
-def orthonormality(p: torch.Tensor) -> float:
-    q = p.double()
-    return (q @ q.T - torch.eye(q.shape[0], dtype=torch.float64)).abs().max().item()
+    stream = stream_checkpoints(files, model, trainable_names(model), 1e-5, reader, lambda e: None,
+                                storage=storage)
+    return stream.subspace.basis, {"total_s": time.perf_counter() - clock, "basis_bytes": stream.subspace.basis.nbytes}
 
 
 def child(path_kind: str, folder: Path, k: int) -> None:
+    from twa_tool.subspace import orthonormality_error
+
     paths = [folder / f"{i}.pt" for i in range(k)]
-    basis, times = reference(paths) if path_kind == "reference" else engine(paths, int(path_kind.split("-")[1]))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({**times, "peak_bytes": peak, "orthonormality": orthonormality(basis), "rank": basis.shape[0]}))
+    if path_kind == "reference":
+        basis, times = reference(paths)
+        times["basis_bytes"] = basis.numel() * basis.element_size()
+    else:
+        basis, times = engine(paths, path_kind.split("-", 1)[1])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the float64 check below
+    print(json.dumps({**times, "peak_bytes": peak, "orthonormality": orthonormality_error(basis)}))
 
 
 def run_child(kind: str, folder: Path, k: int) -> dict:
@@ -99,6 +104,7 @@ def run_child(kind: str, folder: Path, k: int) -> dict:
 
 def projected_step_line(k: int) -> str:
     """Time of the projection g -> P^T (P g) against a plain SGD step of resnet18 (batch 128, 32x32)."""
+    from twa_tool.subspace import quantize
     from twa_tool.trainer import project
 
     model = torchvision.models.resnet18(num_classes=10)
@@ -120,9 +126,15 @@ def projected_step_line(k: int) -> str:
             fn()
         return (time.perf_counter() - clock) / repeat
 
-    step_s, proj_s = timed(sgd_step), timed(lambda: project(basis, g))
-    return (f"projected step, resnet18, K={k}, batch 128 at 32x32, {torch.get_num_threads()} threads: SGD step "
-            f"{step_s * 1e3:.0f} ms, projection {proj_s * 1e3:.0f} ms = {100 * proj_s / step_s:.0f}% of the step")
+    step_s = timed(sgd_step)
+    lines = []
+    for storage in ("float32", "bf16", "int8"):
+        stored = quantize(basis, storage)
+        proj_s = timed(lambda stored=stored: project(stored, g))
+        lines.append(f"projected step, resnet18, K={k}, batch 128 at 32x32, {torch.get_num_threads()} threads, "
+                     f"{storage} basis: SGD step {step_s * 1e3:.0f} ms, projection {proj_s * 1e3:.0f} ms = "
+                     f"{100 * proj_s / step_s:.0f}% of the step")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -130,22 +142,27 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[50, 100])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/twa-bench-w1"))
     parser.add_argument("--step", action="store_true", help="also time the projected step")
+    parser.add_argument("--storage", nargs="+", default=["float32", "bf16", "int8"],
+                        help="basis storage formats of the twa rows")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.dir, args.k[0])
         return
     paths = build_w1(args.dir, max(args.k))
-    print("| K | path | time (s) | peak RSS (GiB) | time ratio | memory ratio | max abs(PP^T - I) |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print()
+    print("| K | path | load + basis (s) | speed-up | peak RSS (GiB) | memory ratio | basis (GiB) "
+          "| max abs(PP^T - I) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for k in args.k:
         ref = run_child("reference", args.dir, k)
         rows = [("reference (numpy stack + float32 CGS)", ref)]
-        rows += [(f"twa (block {b})", run_child(f"twa-{b}", args.dir, k)) for b in (8, 1)]
+        rows += [(f"twa, {storage} basis", run_child(f"twa-{storage}", args.dir, k)) for storage in args.storage]
         for name, r in rows:
-            print(f"| {k} | {name} | {r['total_s']:.1f} | {r['peak_bytes'] / 2**30:.2f} | "
-                  f"{ref['total_s'] / r['total_s']:.2f}x | {r['peak_bytes'] / ref['peak_bytes']:.2f} | "
-                  f"{r['orthonormality']:.1e} |")
+            print(f"| {k} | {name} | {r['total_s']:.1f} | {ref['total_s'] / r['total_s']:.2f}x | "
+                  f"{r['peak_bytes'] / 2**30:.2f} | {r['peak_bytes'] / ref['peak_bytes']:.2f} | "
+                  f"{r['basis_bytes'] / 2**30:.2f} | {r['orthonormality']:.1e} |")
     if args.step:
         print()
         print(projected_step_line(max(args.k)))

@@ -231,3 +231,20 @@ def test_timm_arch_key_names_the_model(plain_pt_ckpts: Path, tmp_path: Path) -> 
         assert result.exit_code == 4 and "timm:resnet18" in result.stderr and "pip install timm" in result.stderr
     else:
         assert result.exit_code == 4 and "do not match the model" in result.stderr
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_low_precision_basis_end_to_end(full_run: tuple[object, Path], demo_ckpts: Path, tmp_path: Path,
+                                        storage: str) -> None:
+    result = run(demo_ckpts, *FAST, "--basis-dtype", storage, "--baselines", "swa", "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    reference = json.loads(full_run[0].stdout)
+    basis = report["basis"]
+    assert basis["storage"] == storage and basis["rank"] == reference["basis"]["rank"]
+    ratio = reference["basis"]["bytes"] / basis["bytes"]
+    assert ratio == 2 if storage == "bf16" else 3.9 < ratio < 4
+    assert reference["basis"]["orthonormality_error"] < basis["orthonormality_error"] < 1e-2
+    # the swa baseline does not depend on the basis; twa still trains to a working model
+    assert report["metrics"]["swa"] == reference["metrics"]["swa"]
+    assert report["metrics"]["twa"]["accuracy"] > 0.3

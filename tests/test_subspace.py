@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from twa_tool.subspace import BasisBuilder, build_subspace, orthonormality_error
+from twa_tool import subspace
+from twa_tool.subspace import (
+    PROJECTION_TOLERANCE,
+    STORAGE_TOLERANCE,
+    Basis,
+    BasisBuilder,
+    build_subspace,
+    orthonormality_error,
+)
 
 
 def trajectory(k: int, d: int, step: float = 1e-3, seed: int = 0) -> list[torch.Tensor]:
@@ -43,7 +51,8 @@ def test_basis_spans_every_input() -> None:
     sub = build_subspace(vectors, dtype=torch.float64)
     for v in vectors:
         v64 = v.double()
-        residual = torch.linalg.vector_norm(v64 - sub.basis.T @ (sub.basis @ v64)) / torch.linalg.vector_norm(v64)
+        p = sub.basis.values
+        residual = torch.linalg.vector_norm(v64 - p.T @ (p @ v64)) / torch.linalg.vector_norm(v64)
         assert residual < 1e-10
 
 
@@ -55,7 +64,7 @@ def test_projection_is_idempotent_and_symmetric() -> None:
     assert torch.linalg.vector_norm(sub.project(once) - once) <= 1e-6 * torch.linalg.vector_norm(once)
     assert torch.allclose(once @ h, g @ sub.project(h), rtol=1e-6)
     # the residual is orthogonal to the span
-    assert (sub.basis.double() @ (g - once)).abs().max() < 1e-8
+    assert (sub.basis.values.double() @ (g - once)).abs().max() < 1e-8 * torch.linalg.vector_norm(g)
 
 
 def test_dependent_zero_and_duplicate_vectors_are_dropped_without_nan() -> None:
@@ -63,7 +72,7 @@ def test_dependent_zero_and_duplicate_vectors_are_dropped_without_nan() -> None:
     sub = build_subspace([a, b, a.clone(), 2 * a - 3 * b, torch.zeros(100), b + 1e-3 * torch.randn(100)])
     assert sub.kept == (0, 1, 5)
     assert sub.dropped == (2, 3, 4)
-    assert torch.isfinite(sub.basis).all()
+    assert torch.isfinite(sub.basis.values).all()
     assert orthonormality_error(sub.basis) <= 1e-6
 
 
@@ -105,11 +114,11 @@ def test_non_finite_and_size_mismatch_are_errors() -> None:
 def test_blocked_float32_storage_matches_float64_build(monkeypatch: pytest.MonkeyPatch) -> None:
     vectors = trajectory(12, 10_000)
     reference = build_subspace(vectors, dtype=torch.float64)
-    monkeypatch.setattr(BasisBuilder, "BLOCK_ENTRIES", 12 * 777)  # many uneven column blocks
-    blocked = build_subspace(vectors, dtype=torch.float32)
-    assert blocked.basis.dtype == torch.float32
+    monkeypatch.setattr(subspace, "_CHUNK", 777)  # many uneven column chunks
+    blocked = build_subspace(vectors, dtype=torch.float32, block=5)
+    assert blocked.basis.values.dtype == torch.float32
     assert orthonormality_error(blocked.basis) <= 1e-5
-    assert torch.allclose(blocked.basis.double(), reference.basis, atol=1e-5)
+    assert torch.allclose(blocked.basis.values.double(), reference.basis.values, atol=1e-5)
     assert torch.allclose(blocked.r, reference.r, rtol=1e-5)
 
 
@@ -117,12 +126,85 @@ def test_block_build_equals_one_by_one() -> None:
     vectors = trajectory(11, 3000, step=1e-2)
     vectors.insert(4, vectors[2].clone())  # a duplicate inside the first block
     vectors.insert(9, 0.5 * vectors[0] + 0.5 * vectors[6])  # dependent across blocks
-    sequential = build_subspace(vectors, dtype=torch.float64)
+    sequential = build_subspace(vectors, dtype=torch.float64, block=1)
     builder = BasisBuilder(capacity=len(vectors), dtype=torch.float64)
     flags = builder.add_many(vectors[:5]) + builder.add_many(vectors[5:10]) + builder.add_many(vectors[10:])
     blocked = builder.finish()
+    assert builder.rounds > 3  # the in-block duplicate sent the rest of its block to a second round
     assert blocked.kept == sequential.kept and blocked.dropped == sequential.dropped == (4, 9)
     assert flags == [i not in (4, 9) for i in range(len(vectors))]
-    assert torch.allclose(blocked.basis, sequential.basis, atol=1e-10)
+    assert torch.allclose(blocked.basis.values, sequential.basis.values, atol=1e-10)
     assert torch.allclose(blocked.r, sequential.r, atol=1e-10)
     assert orthonormality_error(blocked.basis) < 1e-12
+
+
+def test_mean_is_the_float64_mean_exactly() -> None:
+    vectors = trajectory(37, 50_000, step=1e-2)
+    vectors.insert(20, 5 * torch.randn(50_000))  # an unrelated vector: differences are not small
+    builder = BasisBuilder(capacity=len(vectors), block=16, track_mean=True)
+    for v in vectors:
+        builder.push(v)
+    exact = torch.stack([v.double() for v in vectors]).mean(0)
+    assert (builder.mean() - exact).abs().max() <= 1e-12
+    assert torch.equal(builder.mean().float(), exact.float())
+
+
+def test_push_of_parts_equals_push_of_the_flat_vector() -> None:
+    vectors = trajectory(5, 1000)
+    whole = build_subspace(vectors)
+    builder = BasisBuilder(capacity=5)
+    for v in vectors:
+        builder.push([v[:300].view(10, 30), v[300:]])
+    parts = builder.finish()
+    assert torch.equal(parts.basis.values, whole.basis.values) and torch.equal(parts.r, whole.r)
+
+
+def test_projection_matches_the_float64_reference() -> None:
+    vectors = trajectory(20, 40_000)
+    sub = build_subspace(vectors)  # float32, blocks of 16: BCGS2 + CholQR2 with a split round
+    p64 = build_subspace(vectors, dtype=torch.float64, block=1).basis.values  # the plain float64 reference
+    g = torch.randn(40_000)
+    expected = p64.T @ (p64 @ g.double())
+    got = sub.project(g)
+    assert got.dtype == torch.float32
+    assert torch.linalg.vector_norm(got.double() - expected) <= PROJECTION_TOLERANCE["float32"] * \
+        torch.linalg.vector_norm(expected)
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_low_precision_basis_within_its_documented_tolerance(storage: str) -> None:
+    vectors = trajectory(12, 30_000)
+    full = build_subspace(vectors, dtype=torch.float64)
+    low = build_subspace(vectors, storage=storage)
+    assert low.basis.storage == storage
+    ratio = build_subspace(vectors).basis.nbytes / low.basis.nbytes
+    assert ratio == 2 if storage == "bf16" else 3.9 < ratio < 4
+    error = orthonormality_error(low.basis)
+    assert 1e-7 < error <= STORAGE_TOLERANCE[storage]  # really rounded, and within the documented bound
+    # the projection with the stored basis is the projection onto its own (dequantized) rows
+    dense = torch.cat([part for _, part in low.basis.column_chunks(torch.float64)], dim=1)
+    g = torch.randn(30_000, dtype=torch.float64)
+    assert torch.allclose(low.project(g), dense.T @ (dense @ g), atol=1e-10)
+    # and close to the projection onto the exact span, to the format's documented precision
+    p64 = full.basis.values
+    exact = p64.T @ (p64 @ g)
+    assert torch.linalg.vector_norm(full.project(g) - exact) <= 1e-6 * torch.linalg.vector_norm(exact)
+    error = torch.linalg.vector_norm(low.project(g) - exact) / torch.linalg.vector_norm(exact)
+    assert 1e-5 < error <= PROJECTION_TOLERANCE[storage]
+
+
+def test_int8_chunks_dequantize_every_column_block() -> None:
+    values = torch.randn(3, 3 * 4096 + 17)
+    basis = subspace.quantize(values, "int8")
+    dense = torch.cat([part for _, part in basis.column_chunks(torch.float32, step=4096)], dim=1)
+    scale = values.abs().max() / 127
+    assert dense.shape == values.shape and (dense - values).abs().max() <= scale / 2 + 1e-6
+    assert isinstance(basis.to("cpu"), Basis)
+
+
+def test_block_and_one_by_one_decide_dependence_alike_at_the_threshold() -> None:
+    vectors = trajectory(40, 20_000, step=1e-5)  # residuals straddle rtol = 1e-5
+    reference = build_subspace(vectors, dtype=torch.float64, block=1)
+    assert 10 < reference.rank < 40
+    for block in (1, 16):
+        assert build_subspace(vectors, block=block).kept == reference.kept

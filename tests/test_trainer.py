@@ -63,9 +63,9 @@ def test_projected_sgd_equals_reference_update(schedule: str) -> None:
     dataset = data()
     batches = [dataset[i:i + 16] for i in range(0, 64, 16)]
     config = TrainConfig(lr=0.5, momentum=0.9, weight_decay=1e-3, epochs=2, batch_size=16, schedule=schedule)
-    train_projected(model, names, sub.basis.float(), batches, config, CPU)
+    train_projected(model, names, sub.basis.values.float(), batches, config, CPU)
     lr_at = lambda i: config.lr * SCHEDULES[schedule](i // 4, i % 4, 4, 2)  # noqa: E731
-    expected = reference_psgd(reference_model, names, sub.basis, batches * 2, lr_at, 0.9, 1e-3)
+    expected = reference_psgd(reference_model, names, sub.basis.values, batches * 2, lr_at, 0.9, 1e-3)
     got = flatten(dict(model.named_parameters()), names)
     assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6), (got - expected).abs().max()
     assert not torch.allclose(got, start)  # it actually moved
@@ -78,7 +78,7 @@ def test_iterates_stay_in_the_span() -> None:
     loader = DataLoader(data(), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
     train_projected(model, names, sub.basis, loader, TrainConfig(lr=1.0, epochs=3, batch_size=8), CPU)
     w = flatten(dict(model.named_parameters()), names)
-    p = sub.basis.double()
+    p = sub.basis.values.double()
     assert torch.linalg.vector_norm(w - p.T @ (p @ w)) / torch.linalg.vector_norm(w) < 1e-5
 
 

@@ -262,6 +262,9 @@ def run_options(fn: Callable) -> Callable:
                      help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Same seed on CPU gives bit-identical output."),
+        click.option("--basis-dtype", type=click.Choice(["float32", "bf16", "int8"]), default="float32",
+                     show_default=True, help="Storage of the basis during training: bf16 halves it, int8 (per-block "
+                                             "scaled) quarters it."),
     ]):
         fn = option(fn)
     return fn
@@ -305,7 +308,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             last: int | None, top_k: int | None, by: str | None, mode: str | None, start: str, lr: float,
             wd: float, momentum: float, epochs: int, batch_size: int, schedule: str, fit_on: str,
             holdout_fraction: float, baselines: str, fail_if_worse_than: str | None, tolerance: float,
-            on_worse: str, faults: tuple[str, ...], dry_run: bool,
+            on_worse: str, faults: tuple[str, ...], dry_run: bool, basis_dtype: str,
             out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool, quiet: bool,
             verbose: bool) -> None:
     """Average the checkpoints in CHECKPOINT_DIR with trainable coefficients (TWA).
@@ -329,7 +332,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             fit_on=fit_on, holdout_fraction=holdout_fraction, baselines=parse_baselines(baselines),
             device=device, amp=amp, num_workers=num_workers, seed=seed, overwrite=overwrite,
             weights=weights, strip_prefix=strip_prefix, trust_pickle=trust_pickle, allow_globals=allow_globals,
-            out_dtype=out_dtype,
+            out_dtype=out_dtype, basis_dtype=basis_dtype,
             max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
             fail_if_worse_than=fail_if_worse_than, tolerance=tolerance, on_worse=on_worse, dry_run=dry_run,
             faults=faults)

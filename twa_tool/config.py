@@ -105,6 +105,7 @@ class AverageConfig:
     trust_pickle: bool = False
     allow_globals: tuple[str, ...] = ()
     out_dtype: str = "auto"
+    basis_dtype: str = "float32"
     max_shard_size: int | None = None
     fail_if_worse_than: str | None = None
     tolerance: float = 0.0
@@ -130,6 +131,8 @@ class AverageConfig:
             raise ConfigError(f"--amp {self.amp}: choose one of {', '.join(AMP_MODES)}")
         if self.weights not in ("raw", "ema"):
             raise ConfigError(f"--weights {self.weights}: use raw or ema")
+        if self.basis_dtype not in ("float32", "bf16", "int8"):
+            raise ConfigError(f"--basis-dtype {self.basis_dtype}: choose float32, bf16 or int8")
         if self.out_dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"--out-dtype {self.out_dtype}: choose auto, float32, float16 or bfloat16")
         if self.fail_if_worse_than is not None and self.fail_if_worse_than not in self.baselines:

@@ -11,6 +11,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from .models import (
 from .plots import PLOT_FILES, render_plots
 from .report import markdown_report
 from .selection import Chosen, mixed_dtypes, order_conflict, select
-from .subspace import BasisBuilder, Subspace, orthonormality_error
+from .subspace import STORAGE_DTYPES, Basis, BasisBuilder, Subspace, orthonormality_error
 from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
 from .writer import (
     cast_state,
@@ -59,8 +60,8 @@ from .writer import (
 )
 
 REPORT_FILE = "report.json"
-#: Checkpoints orthogonalised together (block CGS2); see ``stream_checkpoints``.
-BASIS_BLOCK = 8
+#: Checkpoints orthogonalised together (BCGS2 + CholQR2, in the basis buffer: no extra memory).
+BASIS_BLOCK = 16
 HUMAN_REPORT_FILE = "report.md"
 SCHEMA_VERSION = 1
 
@@ -227,45 +228,65 @@ def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:
                                  f"with --range/--last")
 
 
-def _flat_dtype(state: dict[str, torch.Tensor], names: list[str]) -> torch.dtype:
-    """Hold pending flattened checkpoints in float32 unless they carry float64 (exact either way)."""
+def _work_dtype(state: dict[str, torch.Tensor], names: list[str]) -> torch.dtype:
+    """Build the basis in float32 unless the checkpoints carry float64 parameters (then in float64)."""
     return torch.float64 if any(state[n].dtype == torch.float64 for n in names) else torch.float32
 
 
 def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: list[str], rtol: float,
-                       reader: Reader, on_event: EventSink, block: int = BASIS_BLOCK) -> Stream:
+                       reader: Reader, on_event: EventSink, block: int = BASIS_BLOCK,
+                       storage: str = "float32") -> Stream:
     """Read each checkpoint once: validate it, add it to the basis, accumulate the float64 mean.
 
-    Checkpoints join the basis ``block`` at a time (block CGS2): memory is the basis plus ``block``
-    flattened checkpoints, and the basis is read once per block instead of once per checkpoint.
+    Each checkpoint's parameters are copied straight into their row of the basis buffer, and rows
+    are orthogonalised ``block`` at a time (BLAS-3), so memory is the basis plus one loaded
+    checkpoint. The float64 mean of the parameters comes from the same rows; floating buffers (BN
+    statistics) are summed from the states. The SHA-256 of the files is computed on a second thread
+    while the main one loads and orthogonalises (hashlib releases the GIL).
     """
-    builder = BasisBuilder(capacity=len(files), rtol=rtol)
+    builder: BasisBuilder | None = None
     sums: dict[str, torch.Tensor] = {}
     last: dict[str, torch.Tensor] = {}
-    digests = []
-    pending: list[torch.Tensor] = []
+    trainable = set(names)
     on_event(Event("phase", "reading checkpoints", total=len(files)))
-    for entry in files:
-        state = reader.load(entry.path)
-        check_compatible(model, state, str(entry.path))
-        _check_finite(state, str(entry.path))
-        pending.append(flatten(state, names, _flat_dtype(state, names)))
-        if len(pending) == block:
-            builder.add_many(pending)
-            pending = []
-        for key, value in state.items():
-            if value.is_floating_point():
-                sums[key] = sums[key] + value.double() if key in sums else value.double()
-        last = state
-        digests.append(sha256_file(entry.path))
-        on_event(Event("advance"))
-    if pending:
-        builder.add_many(pending)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="twa-sha256") as hasher:
+        digests = [hasher.submit(sha256_file, entry.path) for entry in files]
+        try:
+            for entry in files:
+                state = reader.load(entry.path)
+                check_compatible(model, state, str(entry.path))
+                _check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
+                if builder is None:
+                    builder = BasisBuilder(capacity=len(files), rtol=rtol, dtype=_work_dtype(state, names),
+                                           block=block, track_mean=True)
+                builder.push([state[n] for n in names])
+                for key, value in state.items():
+                    if value.is_floating_point() and key not in trainable:
+                        sums[key] = sums[key] + value.double() if key in sums else value.double()
+                last = state
+                on_event(Event("advance"))
+            assert builder is not None
+            builder.flush()
+        except BaseException as err:
+            for future in digests:  # do not hash the remaining files on the way out
+                future.cancel()
+            if isinstance(err, ValueError) and str(err).startswith("vector "):  # non-finite: name file and tensor
+                index = int(str(err).split()[1])
+                _check_finite(reader.load(files[index].path), str(files[index].path))
+                raise NumericalError(f"{files[index].path}: the parameters' norm overflows float32; the "
+                                     f"checkpoint is corrupt or diverged, drop it with --range/--last") from None
+            raise
+        sha256 = [future.result() for future in digests]
     if len(builder.kept) < 2:
         raise NumericalError(f"only {len(builder.kept)} linearly independent checkpoint(s) among {len(files)}; "
                              f"TWA needs at least 2 distinct checkpoints")
     mean_state = {k: (sums[k] / len(files)).to(v.dtype) if k in sums else v.clone() for k, v in last.items()}
-    return Stream(subspace=builder.finish(), mean_state=mean_state, last_state=last, sha256=digests)
+    mean, offset = builder.mean(), 0
+    for name in names:
+        n = last[name].numel()
+        mean_state[name] = mean[offset:offset + n].view(last[name].shape).to(last[name].dtype)
+        offset += n
+    return Stream(subspace=builder.finish(storage), mean_state=mean_state, last_state=last, sha256=sha256)
 
 
 def _loader(dataset: Dataset, config: AverageConfig, shuffle: bool, seed: int) -> DataLoader:
@@ -340,14 +361,14 @@ def start_state(config: AverageConfig, files: list[CheckpointFile], stream: Stre
     return files[index].name, reader.load(files[index].path)
 
 
-def place_basis(basis: torch.Tensor, device: torch.device, inject_oom: bool, on_event: EventSink) -> torch.Tensor:
+def place_basis(basis: Basis, device: torch.device, inject_oom: bool, on_event: EventSink) -> Basis:
     """Move the basis to the device; when it does not fit, keep it in host memory and project there."""
     try:
         if inject_oom:
             raise torch.OutOfMemoryError("injected by --fault oom-basis")
         return basis.to(device)
     except torch.OutOfMemoryError:
-        size = basis.numel() * basis.element_size()
+        size = basis.nbytes
         on_event(Event("warning", f"the basis ({size / 2**20:.0f} MiB) does not fit on {device}; keeping it in host "
                                   f"memory and projecting there (slower)"))
         return basis
@@ -388,13 +409,16 @@ def planned_outputs(config: AverageConfig,
     return (*model_file_names(len(shards)), REPORT_FILE, HUMAN_REPORT_FILE, *PLOT_FILES), size
 
 
-def memory_estimate(model: nn.Module, k: int) -> dict[str, int]:
-    """Peak host memory of the run, by part (bytes): basis, build workspace, mean, one checkpoint, model+optimiser."""
+def memory_estimate(model: nn.Module, k: int, storage: str = "float32") -> dict[str, int]:
+    """Peak host memory of the run, by part (bytes): the float32 build buffer (which becomes the basis), the
+    low-precision copy when ``--basis-dtype`` asks for one, the float64 mean, one loaded checkpoint, and the
+    model with its gradients and momentum."""
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     floats = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
-    parts = {"basis_float32": k * d * 4, "build_workspace": d * 8 + BasisBuilder.BLOCK_ENTRIES * 8,
-             "mean_float64": floats * 8, "one_checkpoint": state, "model_grads_momentum": state + 2 * d * 4}
+    stored = 0 if storage == "float32" else k * d * STORAGE_DTYPES[storage].itemsize
+    parts = {"basis_float32": k * d * 4, "basis_stored": stored, "mean_float64": floats * 8,
+             "one_checkpoint": state, "model_grads_momentum": state + 2 * d * 4}
     return {**parts, "total": sum(parts.values())}
 
 
@@ -410,7 +434,7 @@ def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: C
         "excluded": [{"name": d.name, "reason": d.reason} for d in chosen.dropped],
         "model": {"spec": spec, "args": dict(model_args),
                   "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
-        "memory_estimate_bytes": memory_estimate(model, len(files)),
+        "memory_estimate_bytes": memory_estimate(model, len(files), config.basis_dtype),
         "would_write": [str(config.out_dir / n) for n in output_names],
         "output_bytes": output_bytes,
         "config": _config_dict(config),
@@ -502,7 +526,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
         check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
         return dry_run_result(config, files, chosen, spec, model_args, model, output_names, output_bytes, warnings)
     prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
-    stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event)
+    stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event, storage=config.basis_dtype)
     for index in stream.subspace.dropped:
         warn(f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or combination); "
              f"dropped from the basis")
@@ -544,7 +568,7 @@ def run_facts(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen
     """The report's record of inputs, selection, coefficients and basis quality."""
     subspace = stream.subspace
     coefficients = subspace.checkpoint_coefficients(weights)
-    projected = subspace.basis.double().T @ subspace.coordinates(weights)
+    projected = subspace.basis.combine(subspace.coordinates(weights))
     span_residual = (torch.linalg.vector_norm(weights.double() - projected) /
                      torch.linalg.vector_norm(weights.double())).item()
     return {
@@ -558,7 +582,8 @@ def run_facts(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen
         "dropped": [files[i].name for i in subspace.dropped],
         "excluded": [{"name": d.name, "reason": d.reason} for d in chosen.dropped],
         "basis": {"rank": subspace.rank, "orthonormality_error": orthonormality_error(subspace.basis),
-                  "span_residual": span_residual},
+                  "span_residual": span_residual, "storage": subspace.basis.storage,
+                  "bytes": subspace.basis.nbytes},
         "model": {"spec": spec, "args": dict(model_args), "parameters": int(weights.numel())},
         "config": _config_dict(config),
         "inputs": [{"name": f.name, "path": str(f.path), "sha256": h} for f, h in zip(files, stream.sha256)],

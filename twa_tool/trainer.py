@@ -21,6 +21,7 @@ from torch.optim.swa_utils import update_bn
 
 from .config import TrainConfig
 from .errors import NumericalError
+from .subspace import Basis
 
 # ---------------------------------------------------------------------------------------------
 # Learning-rate schedules: factor of the base lr at (epoch, step within epoch).
@@ -126,12 +127,12 @@ class FlatGrad:
         return self.buffer
 
 
-def project(basis: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``P^T (P g)``: two passes over the basis. A basis kept on the CPU (it did not fit on the
-    accelerator) projects a CPU copy of the gradient."""
+def project(basis: Basis, g: torch.Tensor) -> torch.Tensor:
+    """``P^T (P g)``: two passes over the basis (chunk by chunk for a bf16/int8 basis). A basis kept on
+    the CPU (it did not fit on the accelerator) projects a CPU copy of the gradient."""
     if basis.device != g.device:
-        return (basis.T @ (basis @ g.to(basis.device))).to(g.device)
-    return basis.T @ (basis @ g)
+        return basis.project(g.to(basis.device)).to(g.device)
+    return basis.project(g)
 
 
 def _batch_to(batch: object, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +143,7 @@ def _batch_to(batch: object, device: torch.device) -> tuple[torch.Tensor, torch.
 def train_projected(
     model: nn.Module,
     names: list[str],
-    basis: torch.Tensor,
+    basis: Basis | torch.Tensor,
     loader: Iterable,
     config: TrainConfig,
     device: torch.device,
@@ -154,11 +155,12 @@ def train_projected(
     Args:
         model: on ``device``, its named parameters ``names`` already at the start point.
         names: the trainable parameters that ``basis`` spans (flattened in this order).
-        basis: orthonormal rows (k x D), on ``device``.
+        basis: orthonormal rows (k x D), on ``device`` (a plain tensor is taken as a dense basis).
         loader: yields ``(inputs, targets)``; iterated once per epoch.
         config: optimiser hyper-parameters and schedule.
         on_step: progress callback, called after each step.
     """
+    basis = basis if isinstance(basis, Basis) else Basis(basis)
     named = dict(model.named_parameters())
     params = [named[n] for n in names]
     flat = FlatGrad(params)
