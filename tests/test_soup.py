@@ -119,7 +119,7 @@ def test_directions_give_the_span_combination(base: bool) -> None:
     assert torch.allclose(directions.weights(uniform, [0] * len(directions.segments)).double(), center, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("bfloat16", 2e-2), ("int8", 2e-2)])
+@pytest.mark.parametrize("dtype, tolerance", [("bf16", 2e-2), ("int8", 2e-2)])
 def test_low_precision_directions_keep_the_start_exact(dtype: str, tolerance: float) -> None:
     directions, flats, origin, center = _directions(dtype)
     columns = [0] * len(directions.segments)

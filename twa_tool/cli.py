@@ -429,8 +429,6 @@ def soup_train_options(fn: Callable) -> Callable:
 @click.option("--granularity", type=click.Choice(["model", "layer"]), default="model", show_default=True,
               help="TWA: one coefficient per ingredient, or per ingredient and parameter tensor.")
 @soup_train_options
-@click.option("--basis-dtype", type=click.Choice(["float32", "bfloat16", "int8"]), default="float32",
-              show_default=True, help="Storage of the K ingredient directions (K x D) while fitting.")
 @common_output_options
 def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tuple[str, ...], base: Path | None,
          include: tuple[str, ...], exclude: tuple[str, ...], weights: str, strip_prefix: str | None,

@@ -182,7 +182,7 @@ def parse_key_values(pairs: tuple[str, ...], flag: str = "--model-arg") -> tuple
 SOUP_METHODS = ("best", "uniform", "greedy", "twa")
 GRANULARITIES = ("model", "layer")
 SOUP_OPTIMIZERS = ("adamw", "sgd")
-BASIS_DTYPES = ("float32", "bfloat16", "int8")
+BASIS_DTYPES = ("float32", "bf16", "int8")
 
 
 @dataclass(frozen=True)

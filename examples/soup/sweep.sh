@@ -25,6 +25,6 @@ run adamw-3e-2  --optimizer adamw --lr 3e-2
 run adamw-1e-2-10ep --optimizer adamw --lr 1e-2 --epochs 10
 run layer-adamw-1e-2 --optimizer adamw --lr 1e-2 --granularity layer
 run layer-adamw-1e-3 --optimizer adamw --lr 1e-3 --granularity layer
-run bf16-adamw-1e-2 --optimizer adamw --lr 1e-2 --basis-dtype bfloat16
+run bf16-adamw-1e-2 --optimizer adamw --lr 1e-2 --basis-dtype bf16
 run int8-adamw-1e-2 --optimizer adamw --lr 1e-2 --basis-dtype int8
 run nobase-adamw-1e-2 --optimizer adamw --lr 1e-2 --no-base
