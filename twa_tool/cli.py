@@ -22,7 +22,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
-from .config import AverageConfig, Selection, TrainConfig, parse_baselines, parse_key_values, parse_range
+from .config import (
+    AverageConfig,
+    CoefficientTrainConfig,
+    Selection,
+    SoupConfig,
+    TrainConfig,
+    parse_baselines,
+    parse_key_values,
+    parse_range,
+)
 from .errors import QualityGateFailed, TwaError
 from .pipeline import Event
 from .writer import parse_size
@@ -368,6 +377,95 @@ def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, allow_
         catalog = inspect_directory(checkpoint_dir, selection, weights, strip_prefix, trust_pickle,
                                     allow_globals).as_dict()
         emit(catalog, as_json, console, render_inspect)
+
+    run_reported(verbose, console, body)
+
+
+def soup_train_options(fn: Callable) -> Callable:
+    defaults = CoefficientTrainConfig()
+    for option in reversed([
+        click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=defaults.optimizer, show_default=True,
+                     help="Optimizer over the coefficients."),
+        click.option("--lr", type=float, default=defaults.lr, show_default=True,
+                     help="Learning rate of the coefficients."),
+        click.option("--wd", type=float, default=defaults.weight_decay, show_default=True,
+                     help="Weight decay on the coefficients (pulls them toward 0)."),
+        click.option("--momentum", type=float, default=defaults.momentum, show_default=True, help="SGD only."),
+        click.option("--epochs", type=int, default=defaults.epochs, show_default=True,
+                     help="Epochs over the held-out split (0: no fitting, TWA = uniform)."),
+        click.option("--batch-size", type=int, default=defaults.batch_size, show_default=True),
+        click.option("--schedule", type=click.Choice(["step", "linear", "constant", "cosine"]),
+                     default=defaults.schedule, show_default=True),
+        click.option("--warmup", type=float, default=defaults.warmup, show_default=True,
+                     help="Linear warm-up over this fraction of the steps."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("finetunes_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Output folder for model.safetensors, report.json and report.md.")
+@click.option("--model", "model", default=None,
+              help="torchvision:NAME, timm:NAME, twa:cnn, module:function or file.py:function. "
+                   "Optional when the checkpoints record their architecture.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="Keyword argument for the model constructor (repeatable).")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="The pretrained model the ingredients were fine-tuned from: TWA then mixes task vectors "
+                   "w_i - base.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only ingredients matching (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Drop ingredients matching (repeatable).")
+@reader_options
+@run_options
+@click.option("--holdout", default=None, metavar="SPEC",
+              help="Data spec whose evaluation split is the held-out split (default: carve it from --data's "
+                   "fit split).")
+@click.option("--holdout-fraction", type=float, default=0.1, show_default=True,
+              help="Share of the fit split held out (seeded by --seed) when --holdout is not given.")
+@click.option("--method", type=click.Choice(["best", "uniform", "greedy", "twa"]), default="best",
+              show_default=True, help="The soup written; best: the best held-out accuracy.")
+@click.option("--granularity", type=click.Choice(["model", "layer"]), default="model", show_default=True,
+              help="TWA: one coefficient per ingredient, or per ingredient and parameter tensor.")
+@soup_train_options
+@common_output_options
+def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tuple[str, ...], base: Path | None,
+         include: tuple[str, ...], exclude: tuple[str, ...], weights: str, strip_prefix: str | None,
+         allow_globals: tuple[str, ...], trust_pickle: bool, data: str, data_root: Path | None, download: bool,
+         device: str, amp: str, num_workers: int, threads: int | None, seed: int, holdout: str | None,
+         holdout_fraction: float, method: str, granularity: str, optimizer: str, lr: float, wd: float,
+         momentum: float, epochs: int, batch_size: int, schedule: str, warmup: float, basis_dtype: str,
+         out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool, quiet: bool,
+         verbose: bool) -> None:
+    """Uniform, greedy and TWA soups of the fine-tunes in FINETUNES_DIR, side by side; writes one.
+
+    Every ingredient and soup is scored on a held-out split (which chooses: greedy's ranking and
+    acceptance, TWA's coefficients, the written soup) and on the evaluation split (reported only).
+    """
+    console = make_console(quiet)
+    set_threads(threads)
+
+    def body() -> None:
+        from .report import render_soup
+        from .soup import run_soup
+
+        config = SoupConfig(
+            finetunes_dir=finetunes_dir, out_dir=out_dir, data=data, model=model,
+            model_args=parse_key_values(model_args), data_root=data_root, download=download, base=base,
+            include=include, exclude=exclude, holdout=holdout, holdout_fraction=holdout_fraction, method=method,
+            granularity=granularity,
+            train=CoefficientTrainConfig(optimizer=optimizer, lr=lr, weight_decay=wd, momentum=momentum,
+                                         epochs=epochs, batch_size=batch_size, schedule=schedule, warmup=warmup),
+            basis_dtype=basis_dtype, device=device, amp=amp, num_workers=num_workers, seed=seed,
+            overwrite=overwrite, weights=weights, strip_prefix=strip_prefix, trust_pickle=trust_pickle,
+            allow_globals=allow_globals, out_dtype=out_dtype,
+            max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
+        if trust_pickle:
+            console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
+        with ProgressSink(console) as sink:
+            result = run_soup(config, on_event=sink)
+        emit(result.report, as_json, console, render_soup)
 
     run_reported(verbose, console, body)
 

@@ -177,3 +177,96 @@ def parse_key_values(pairs: tuple[str, ...], flag: str = "--model-arg") -> tuple
             raise ConfigError(f"{flag} {pair}: expected key=value (e.g. {flag} num_classes=10)")
         out.append((key.strip(), value.strip()))
     return tuple(out)
+
+
+SOUP_METHODS = ("best", "uniform", "greedy", "twa")
+GRANULARITIES = ("model", "layer")
+SOUP_OPTIMIZERS = ("adamw", "sgd")
+BASIS_DTYPES = ("float32", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class CoefficientTrainConfig:
+    """How ``twa soup`` fits the mixing coefficients on the held-out split (TWA-v).
+
+    Defaults are the measured ones (README, ``twa soup``): AdamW on the coefficients, no weight decay,
+    cosine schedule with a linear warm-up over the first ``warmup`` fraction of the steps.
+    """
+
+    optimizer: str = "adamw"
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    epochs: int = 5
+    batch_size: int = 128
+    schedule: str = "cosine"
+    warmup: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in SOUP_OPTIMIZERS:
+            raise ConfigError(f"--optimizer {self.optimizer}: choose one of {', '.join(SOUP_OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule {self.schedule}: choose one of {', '.join(SCHEDULES)}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr}: must be positive")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--wd {self.weight_decay}: must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum {self.momentum}: must be in [0, 1)")
+        if self.epochs < 0:
+            raise ConfigError(f"--epochs {self.epochs}: must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be >= 1")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"--warmup {self.warmup}: a fraction of the steps in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SoupConfig:
+    """Everything one ``twa soup`` run needs."""
+
+    finetunes_dir: Path
+    out_dir: Path
+    data: str
+    model: str | None = None
+    model_args: tuple[tuple[str, str], ...] = ()
+    data_root: Path | None = None
+    download: bool = False
+    base: Path | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    holdout: str | None = None
+    holdout_fraction: float = 0.1
+    method: str = "best"
+    granularity: str = "model"
+    train: CoefficientTrainConfig = field(default_factory=CoefficientTrainConfig)
+    basis_dtype: str = "float32"
+    device: str = "auto"
+    amp: str = "off"
+    num_workers: int = 0
+    seed: int = 0
+    overwrite: bool = False
+    weights: str = "raw"
+    strip_prefix: str | None = None
+    trust_pickle: bool = False
+    allow_globals: tuple[str, ...] = ()
+    out_dtype: str = "auto"
+    max_shard_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SOUP_METHODS:
+            raise ConfigError(f"--method {self.method}: choose one of {', '.join(SOUP_METHODS)}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"--granularity {self.granularity}: choose model or layer")
+        if self.basis_dtype not in BASIS_DTYPES:
+            raise ConfigError(f"--basis-dtype {self.basis_dtype}: choose one of {', '.join(BASIS_DTYPES)}")
+        if not 0 < self.holdout_fraction < 1:
+            raise ConfigError(f"--holdout-fraction {self.holdout_fraction}: must be strictly between 0 and 1")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"--amp {self.amp}: choose one of {', '.join(AMP_MODES)}")
+        if self.weights not in ("raw", "ema"):
+            raise ConfigError(f"--weights {self.weights}: use raw or ema")
+        if self.out_dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"--out-dtype {self.out_dtype}: choose auto, float32, float16 or bfloat16")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers {self.num_workers}: must be >= 0")

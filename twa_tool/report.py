@@ -136,3 +136,99 @@ def markdown_report(report: dict, images: list[str], note: str | None = None) ->
     if note:
         lines += ["", f"_{note}_"]
     return "\n".join(lines) + "\n"
+
+
+SOUP_LABELS = {
+    "best_single": "best single (on held-out)",
+    "uniform": "uniform soup",
+    "greedy": "greedy soup",
+    "twa": "TWA soup (fitted coefficients)",
+}
+
+
+def _soup_rows(report: dict) -> list[tuple[str, str, dict]]:
+    """(key, label, metrics) for the summary rows: best single, uniform, greedy, twa."""
+    metrics = report["metrics"]
+    rows = []
+    for key, label in SOUP_LABELS.items():
+        detail = ""
+        if key == "best_single":
+            detail = f" ({metrics[key]['ingredient']})"
+        elif key == "greedy":
+            detail = f" ({len(report['greedy']['soup'])} of {len(report['ingredients'])})"
+        elif key == "twa":
+            detail = f" ({report['twa']['granularity']})"
+        rows.append((key, label + detail, metrics[key]))
+    return rows
+
+
+def soup_table(report: dict) -> Table:
+    """Every method and every ingredient on the held-out and eval splits."""
+    table = Table(title="Soups and ingredients (BN re-estimated for each)")
+    for column in ("model", "held-out acc", "held-out loss", "eval acc", "eval loss", "coefficient"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    written = report["written_method"]
+    for key, label, values in _soup_rows(report):
+        table.add_row(label + (" [green]← written[/green]" if key == written else ""),
+                      f"{100 * values['heldout']['accuracy']:.2f}%", f"{values['heldout']['loss']:.4f}",
+                      f"{100 * values['eval']['accuracy']:.2f}%", f"{values['eval']['loss']:.4f}", "",
+                      style="bold" if key == written else None)
+    table.add_section()
+    greedy = set(report["greedy"]["soup"])
+    for name, a in zip(report["ingredients"], report["coefficients"]["twa"]):
+        values = report["metrics"]["ingredients"][name]
+        table.add_row(name + (" [dim](in greedy)[/dim]" if name in greedy else ""),
+                      f"{100 * values['heldout']['accuracy']:.2f}%", f"{values['heldout']['loss']:.4f}",
+                      f"{100 * values['eval']['accuracy']:.2f}%", f"{values['eval']['loss']:.4f}", f"{a:+.4f}")
+    table.caption = (f"coefficient: TWA's λ per {'task vector' if report['base'] else 'ingredient'}"
+                     f"{' (numel-weighted mean over tensors)' if report['twa']['granularity'] == 'layer' else ''}")
+    return table
+
+
+def render_soup(report: dict, console: Console) -> None:
+    """Print the human summary of a ``twa soup`` report."""
+    console.print(soup_table(report))
+    trace = report["greedy"]["trace"]
+    steps = ", ".join(f"{s['candidate']} {100 * s['heldout_accuracy']:.2f}% {'✓' if s['accepted'] else '✗'}"
+                      for s in trace[1:])
+    console.print(f"greedy: start {trace[0]['candidate']} ({100 * trace[0]['heldout_accuracy']:.2f}%); {steps}",
+                  soft_wrap=True, markup=False)
+    memory = report["memory"]
+    console.print(f"written: {report['written_method']} (chosen by {report['chosen_by']}); directions "
+                  f"{memory['directions_bytes'] / 2**20:.1f} MiB ({memory['basis_dtype']}), peak RSS "
+                  f"{memory['peak_rss_bytes'] / 2**20:.0f} MiB", soft_wrap=True)
+    outputs = report.get("outputs", {})
+    for item in outputs.get("files", []):
+        console.print(f"wrote {item['path']}  sha256 {item['sha256']}", soft_wrap=True)
+    if "report" in outputs:
+        console.print(f"wrote {outputs['report']['path']}", soft_wrap=True)
+
+
+def markdown_soup_report(report: dict) -> str:
+    """report.md of ``twa soup``: methods and ingredients side by side, the greedy trace, the coefficients."""
+    data = report["data"]
+    lines = ["# twa soup report", "",
+             f"{len(report['ingredients'])} ingredients, model `{report['model']['spec']}`, data `{data['spec']}` "
+             f"(held-out: {data['heldout']}, {data['heldout_examples']} examples; eval {data['eval_examples']}), "
+             f"device {report['device']}. Written: **{report['written_method']}** (chosen by "
+             f"{report['chosen_by']}).", "",
+             "| model | held-out acc | held-out loss | eval acc | eval loss |", "|---|---:|---:|---:|---:|"]
+
+    def row(label: str, values: dict) -> str:
+        return (f"| {label} | {100 * values['heldout']['accuracy']:.2f}% | {values['heldout']['loss']:.4f} | "
+                f"{100 * values['eval']['accuracy']:.2f}% | {values['eval']['loss']:.4f} |")
+
+    lines += [row(label, values) for _, label, values in _soup_rows(report)]
+    lines += [row(name, report["metrics"]["ingredients"][name]) for name in report["ingredients"]]
+    lines += ["", "Greedy soup (ranked by held-out accuracy; a candidate joins only if the soup's held-out accuracy "
+                  "strictly improves):", "", "| candidate | held-out acc of soup + candidate | accepted |",
+              "|---|---:|---|"]
+    lines += [f"| {s['candidate']} | {100 * s['heldout_accuracy']:.2f}% | {'yes' if s['accepted'] else 'no'} |"
+              for s in report["greedy"]["trace"]]
+    of = "task vector" if report["base"] else "ingredient"
+    lines += ["", f"Coefficients per {of} (TWA granularity {report['twa']['granularity']}):", "",
+              "| " + of + " | uniform | greedy | twa |", "|---|---:|---:|---:|"]
+    c = report["coefficients"]
+    lines += [f"| {n} | {u:.4f} | {g:.4f} | {t:+.4f} |"
+              for n, u, g, t in zip(report["ingredients"], c["uniform"], c["greedy"], c["twa"])]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,699 @@
+"""``twa soup``: uniform, greedy and trainable (TWA-v) soups of fine-tunes of one pretrained model.
+
+Methods (Wortsman et al. 2022, "Model soups"; Li et al., TWA journal version and MEHL-Soup):
+
+* ``uniform``: the float64 mean of every ingredient's floating tensors, streamed (one loaded model plus
+  the running sum);
+* ``greedy``: rank the ingredients by held-out accuracy, start with the best, add the next one only if
+  the held-out accuracy of the running uniform average strictly improves (one pass, as model-soups'
+  ``main.py``);
+* ``twa``: mixing coefficients fitted on the held-out split, starting from the uniform soup, in the
+  span of the ingredients ``w = Σ λᵢ wᵢ`` or, with a base model, of the task vectors
+  ``w = base + Σ λᵢ (wᵢ − base)``; one λ per ingredient (``model``) or per ingredient and parameter
+  tensor (``layer``, the learned-soup-by-layer setting).
+
+Memory: the coefficients parametrise ``w`` through ``Directions``: the start point ``c`` (the uniform
+soup) and ``ū = c − origin`` in float32, and the K deviations ``δᵢ = wᵢ − c`` in float32, bfloat16 or
+int8 (one scale per ingredient and tensor). Only δ is stored at low precision, and it is small next to
+the weights, so ``c`` (λ = 1/K) is exact whatever the storage. Peak host memory is about
+``K·D·b + 8·D + 14·S`` (b = 4, 2 or 1 bytes, S the bytes of one state dict); see ``memory_formula``.
+
+Every evaluated model gets its BatchNorm statistics re-estimated on the fit split first. The eval
+split is only ever reported, never used to choose.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .checkpoints import CheckpointFile, discover, raise_if_refused, read_header, sha256_file
+from .config import CoefficientTrainConfig, Selection, SoupConfig
+from .data import build_data, split_holdout
+from .errors import CheckpointError, ModelError, NumericalError
+from .models import (
+    MODEL_ARGS_METADATA_KEY,
+    MODEL_METADATA_KEY,
+    build_model,
+    check_compatible,
+    flatten,
+    load_state,
+    spec_from_metadata,
+    trainable_names,
+    write_flat,
+)
+from .pipeline import (
+    HUMAN_REPORT_FILE,
+    REPORT_FILE,
+    SCHEMA_VERSION,
+    Event,
+    EventSink,
+    Reader,
+    _check_finite,
+    resolve_device,
+    validate_headers,
+)
+from .selection import select
+from .trainer import SCHEDULES, FlatGrad, Metrics, StepInfo, autocast, evaluate, recalibrate_bn
+from .writer import cast_state, model_file_names, plan_shards, prepare_output_dir, save_json, write_bytes, write_model
+
+METHODS = ("uniform", "greedy", "twa")
+State = dict[str, torch.Tensor]
+
+
+def _ignore(_: Event) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------------------------- uniform
+
+
+class StateSum:
+    """Float64 running sum of the floating tensors of state dicts (non-floating ones: the first state's)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.reference: State = {}
+        self.count = 0
+
+    def add(self, state: Mapping[str, torch.Tensor]) -> None:
+        if not self.reference:
+            self.reference = {k: v.detach().clone() for k, v in state.items()}
+        for key, value in state.items():
+            if value.is_floating_point():
+                self.sums[key] = self.sums[key] + value.double() if key in self.sums else value.double()
+        self.count += 1
+
+    def mean(self) -> State:
+        """The average, each tensor in the dtype of the first state."""
+        return self._average(self.sums, self.count)
+
+    def candidate(self, state: Mapping[str, torch.Tensor]) -> State:
+        """The average with ``state`` added, without adding it: ``(sum + w) / (n + 1)``."""
+        return {k: ((self.sums[k] + state[k].double()) / (self.count + 1)).to(v.dtype) if k in self.sums
+                else v.clone() for k, v in self.reference.items()}  # one float64 temporary at a time
+
+    def _average(self, sums: Mapping[str, torch.Tensor], count: int) -> State:
+        return {k: (sums[k] / count).to(v.dtype) if k in sums else v.clone() for k, v in self.reference.items()}
+
+
+def uniform_soup(states: Iterable[Mapping[str, torch.Tensor]]) -> State:
+    """The plain average of the states (float64 accumulation), reading one state at a time."""
+    total = StateSum()
+    for state in states:
+        total.add(state)
+    return total.mean()
+
+
+# --------------------------------------------------------------------------------------------- greedy
+
+
+@dataclass(frozen=True)
+class GreedyStep:
+    """One held-out evaluation of greedy soup: the ingredient tried, the soup's accuracy, the verdict."""
+
+    candidate: str
+    heldout_accuracy: float
+    accepted: bool
+    soup: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GreedyResult:
+    soup: tuple[str, ...]
+    state: State
+    trace: tuple[GreedyStep, ...]
+
+
+def greedy_soup(heldout_accuracy: Mapping[str, float], load: Callable[[str], State],
+                score: Callable[[State], float]) -> GreedyResult:
+    """Model soups' greedy procedure, exactly as ``mlfoundations/model-soups`` ``main.py`` runs it.
+
+    Args:
+        heldout_accuracy: every ingredient's held-out accuracy, in file-name order (ties keep that order).
+        load: reads one ingredient's state by name.
+        score: held-out accuracy of a candidate soup (BN re-estimated by the caller).
+
+    Returns:
+        The accepted ingredients in the order they joined, the soup's state (float64 mean of them) and
+        the trace of every evaluation: first the best ingredient alone, then one line per candidate.
+    """
+    ranked = sorted(heldout_accuracy, key=lambda name: -heldout_accuracy[name])
+    total = StateSum()
+    total.add(load(ranked[0]))
+    best = heldout_accuracy[ranked[0]]
+    soup = [ranked[0]]
+    trace = [GreedyStep(ranked[0], best, True, tuple(soup))]
+    for name in ranked[1:]:
+        state = load(name)
+        accuracy = score(total.candidate(state))
+        accepted = accuracy > best  # strictly better, as the reference code
+        if accepted:
+            total.add(state)
+            soup.append(name)
+            best = accuracy
+        trace.append(GreedyStep(name, accuracy, accepted, tuple(soup)))
+    return GreedyResult(soup=tuple(soup), state=total.mean(), trace=tuple(trace))
+
+
+# --------------------------------------------------------------------------------------------- twa
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One trainable parameter tensor inside the flat vector."""
+
+    name: str
+    offset: int
+    numel: int
+
+
+def segments_of(model: nn.Module, names: list[str]) -> tuple[Segment, ...]:
+    params = dict(model.named_parameters())
+    out, offset = [], 0
+    for name in names:
+        out.append(Segment(name, offset, params[name].numel()))
+        offset += params[name].numel()
+    return tuple(out)
+
+
+#: Which coefficient column each parameter tensor uses: one column for all (model) or one per tensor (layer).
+GRANULARITIES: dict[str, Callable[[int], list[int]]] = {
+    "model": lambda tensors: [0] * tensors,
+    "layer": lambda tensors: list(range(tensors)),
+}
+
+STORAGE_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+class Directions:
+    """The coefficient parametrisation of the soup, ``w(λ) = origin + Σᵢ λᵢ (wᵢ − origin)``, stored as
+
+    ``w_l(λ) = c_l + (Σᵢ λ[i,l] − 1) ū_l + Σᵢ (λ[i,l] − 1/K) δᵢ,l`` on parameter tensor l (``Σᵢ δᵢ = 0``),
+
+    with ``c`` the uniform soup, ``ū = c − origin`` (float32) and ``δᵢ = wᵢ − c`` in ``dtype``
+    (float32, bfloat16, or int8 with one absmax scale per ingredient and tensor). At λ = 1/K it is
+    exactly ``c``; the gradient ``∂L/∂λ[i,l] = (ū_l + δᵢ,l)·g_l`` costs one pass over the rows.
+    """
+
+    #: Entries (K x columns) of one float32 block of deviations, 16 MiB.
+    BLOCK_ENTRIES = 1 << 22
+
+    def __init__(self, center: torch.Tensor, origin_offset: torch.Tensor, segments: tuple[Segment, ...], count: int,
+                 dtype: str = "float32") -> None:
+        self.center = center.to(torch.float32)
+        self.offset = origin_offset.to(torch.float32)
+        self.segments = segments
+        self.dtype = dtype
+        self.rows = torch.zeros(count, center.numel(), dtype=STORAGE_DTYPES[dtype])
+        self.scales = torch.ones(count, len(segments), dtype=torch.float32)
+
+    @property
+    def count(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the K rows, their scales, c and ū (one tensor when there is no base)."""
+        held = {t.data_ptr(): t for t in (self.rows, self.scales, self.center, self.offset)}
+        return sum(t.numel() * t.element_size() for t in held.values())
+
+    def to(self, device: torch.device) -> Directions:
+        for name in ("center", "offset", "rows", "scales"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def set_row(self, index: int, weights: torch.Tensor) -> None:
+        """Store ``δ = weights − c`` (the flat trainable weights of ingredient ``index``)."""
+        delta = weights.to(self.center.device, torch.float32) - self.center
+        for t, seg in enumerate(self.segments):
+            part = delta[seg.offset: seg.offset + seg.numel]
+            if self.dtype == "int8":
+                scale = part.abs().max() / 127
+                scale = scale if scale > 0 else torch.ones_like(scale)
+                self.scales[index, t] = scale
+                part = torch.round(part / scale).clamp_(-127, 127)
+            self.rows[index, seg.offset: seg.offset + seg.numel] = part.to(self.rows.dtype)
+
+    def blocks(self, t: int) -> Iterable[tuple[slice, torch.Tensor]]:
+        """Tensor t's K deviations as float32 column blocks (K x at most ``BLOCK_ENTRIES / K``): rounded storage
+        is converted one block at a time, so the float32 copy never exists at full size."""
+        seg = self.segments[t]
+        step = max(1, self.BLOCK_ENTRIES // self.count)
+        for start in range(seg.offset, seg.offset + seg.numel, step):
+            span = slice(start, min(start + step, seg.offset + seg.numel))
+            rows = self.rows[:, span].to(torch.float32)  # a view when stored in float32, else a copy
+            yield span, rows.mul_(self.scales[:, t, None]) if self.dtype == "int8" else rows
+
+    def weights(self, coefficients: torch.Tensor, columns: list[int]) -> torch.Tensor:
+        """Flat trainable weights for coefficients (K x columns); ``columns[t]`` is tensor t's column."""
+        out = torch.empty_like(self.center)
+        for t, seg in enumerate(self.segments):
+            lam = coefficients[:, columns[t]].to(torch.float32)
+            span = slice(seg.offset, seg.offset + seg.numel)
+            out[span] = self.center[span]
+            out[span].add_(self.offset[span], alpha=lam.sum().item() - 1)
+            # Σ λᵢ δᵢ = Σ (λᵢ − 1/K) δᵢ since Σ δᵢ = 0; the second form stays exactly c at λ = 1/K even when
+            # the stored δᵢ are rounded (bf16/int8) and no longer sum to zero.
+            for part, rows in self.blocks(t):
+                out[part].addmv_(rows.T, lam - 1 / self.count)
+        return out
+
+    def coefficient_grad(self, grad: torch.Tensor, columns: list[int], width: int) -> torch.Tensor:
+        """``∂L/∂λ`` (K x width) from the flat gradient of the weights: tied tensors add up."""
+        out = torch.zeros(self.count, width, dtype=torch.float32, device=grad.device)
+        for t, _ in enumerate(self.segments):
+            for part, rows in self.blocks(t):
+                g = grad[part].to(torch.float32)
+                out[:, columns[t]] += rows @ g + torch.dot(self.offset[part], g)
+        return out
+
+
+#: Optimizers over the coefficients, by ``--optimizer``.
+OPTIMIZERS: dict[str, Callable[[list[torch.Tensor], CoefficientTrainConfig], torch.optim.Optimizer]] = {
+    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
+    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+}
+
+
+def lr_factor(config: CoefficientTrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The schedule's factor times a linear warm-up over the first ``warmup`` fraction of the steps."""
+    factor = SCHEDULES[config.schedule](epoch, step, steps_per_epoch, config.epochs)
+    warm_steps = config.warmup * config.epochs * steps_per_epoch
+    done = epoch * steps_per_epoch + step + 1
+    return factor * min(1.0, done / warm_steps) if warm_steps > 0 else factor
+
+
+@dataclass(frozen=True)
+class CoefficientFit:
+    coefficients: torch.Tensor  # K x columns, float64 on the CPU
+    steps: int
+    epoch_losses: tuple[float, ...]
+
+
+def fit_coefficients(model: nn.Module, names: list[str], directions: Directions, columns: list[int],
+                     loader: DataLoader, config: CoefficientTrainConfig, device: torch.device, amp: str = "off",
+                     on_step: Callable[[StepInfo], None] | None = None) -> CoefficientFit:
+    """Fit the mixing coefficients λ by minimising the cross-entropy on ``loader``, starting at λ = 1/K.
+
+    The model's parameters are rewritten from λ before every step (BN layers in train mode use batch
+    statistics); the optimizer steps on λ only. The model ends at the fitted weights.
+    """
+    width = max(columns) + 1
+    lam = torch.full((directions.count, width), 1.0 / directions.count, device=device, requires_grad=True)
+    optimizer = OPTIMIZERS[config.optimizer]([lam], config)
+    params = dict(model.named_parameters())
+    flat = FlatGrad([params[n] for n in names])
+    steps_per_epoch = len(loader)
+    model.train()
+    steps, losses = 0, []
+    for epoch in range(config.epochs):
+        total, count = 0.0, 0
+        for step, (inputs, targets) in enumerate(loader):
+            lr = config.lr * lr_factor(config, epoch, step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            write_flat(model, names, directions.weights(lam.detach(), columns))
+            flat.buffer.zero_()
+            with autocast(device, amp):
+                loss = F.cross_entropy(model(inputs.to(device)), targets.to(device))
+            value = loss.item()
+            if not torch.isfinite(loss):
+                raise NumericalError(f"soup training loss became {value} at epoch {epoch + 1} step {step + 1} "
+                                     f"(lr {lr:g}); lower --lr")
+            loss.backward()
+            lam.grad = directions.coefficient_grad(flat.gather(), columns, width)
+            optimizer.step()
+            steps += 1
+            total += value * len(targets)
+            count += len(targets)
+            if on_step is not None:
+                on_step(StepInfo(epoch, step, steps_per_epoch, config.epochs, lr, value))
+        losses.append(total / max(1, count))
+    for p in params.values():
+        p.grad = None
+    fitted = lam.detach()
+    if not torch.isfinite(fitted).all():
+        raise NumericalError(f"soup coefficients became non-finite (lr {config.lr:g}); lower --lr")
+    write_flat(model, names, directions.weights(fitted, columns))
+    return CoefficientFit(coefficients=fitted.double().cpu(), steps=steps, epoch_losses=tuple(losses))
+
+
+def per_ingredient(coefficients: torch.Tensor, segments: tuple[Segment, ...], columns: list[int]) -> list[float]:
+    """One coefficient per ingredient: λ itself per model, the numel-weighted mean over tensors per layer."""
+    weights = torch.zeros(coefficients.shape[1], dtype=torch.float64)
+    for seg, column in zip(segments, columns):
+        weights[column] += seg.numel
+    return (coefficients @ (weights / weights.sum())).tolist()
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class SoupEvaluator:
+    """Loads a state, re-estimates BN on the fit split, scores it on the held-out and eval splits."""
+
+    model: nn.Module
+    device: torch.device
+    bn_loader: DataLoader
+    heldout_loader: DataLoader
+    eval_loader: DataLoader
+    seed: int
+    amp: str = "off"
+
+    def settle(self, state: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Load ``state`` (or keep the model's weights) and re-estimate BN with the same draws every time."""
+        if state is not None:
+            load_state(self.model, state)
+        torch.manual_seed(self.seed)
+        recalibrate_bn(self.model, self.bn_loader, self.device)
+
+    def heldout(self, state: Mapping[str, torch.Tensor]) -> Metrics:
+        self.settle(state)
+        return evaluate(self.model, self.heldout_loader, self.device, self.amp)
+
+    def both(self, state: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict]:
+        """Held-out and eval metrics after one BN re-estimation."""
+        self.settle(state)
+        return {"heldout": evaluate(self.model, self.heldout_loader, self.device, self.amp).as_dict(),
+                "eval": evaluate(self.model, self.eval_loader, self.device, self.amp).as_dict()}
+
+    def snapshot(self) -> State:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class SoupResult:
+    report: dict
+    model_path: Path
+    report_path: Path
+    warnings: tuple[str, ...]
+
+
+@dataclass
+class Inputs:
+    """The ingredients, the optional base, the model and its reader, validated from headers."""
+
+    files: list[CheckpointFile]
+    base: CheckpointFile | None
+    spec: str
+    model_args: tuple[tuple[str, str], ...]
+    model: nn.Module
+    reader: Reader
+    excluded: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def find_inputs(config: SoupConfig) -> Inputs:
+    """Discover the ingredients (file-name order, aliases counted once, the base left out), build the model."""
+    found = discover(config.finetunes_dir)
+    if not found:
+        raise CheckpointError(f"{config.finetunes_dir}: no checkpoints found (looked for *.safetensors, *.pt, *.pth, "
+                              f"*.bin, *.ckpt); check the path")
+    chosen = select(found, Selection(include=config.include, exclude=config.exclude))
+    base = None
+    if config.base is not None:
+        if not config.base.exists():
+            raise CheckpointError(f"--base {config.base}: not found; pass the pretrained model's file")
+        base = CheckpointFile(name=config.base.name, path=config.base)
+    files = [f for f in chosen.files if base is None or f.path.resolve() != base.path.resolve()]
+    excluded = [{"name": d.name, "reason": d.reason} for d in chosen.dropped]
+    excluded += [{"name": f.name, "reason": "the --base model"} for f in chosen.files if f not in files]
+    for entry in files + ([base] if base else []):
+        raise_if_refused(entry.path)
+    if len(files) < 2:
+        raise CheckpointError(f"{config.finetunes_dir}: {len(files)} ingredient(s) found; a soup needs at least 2 "
+                              f"fine-tunes (check --include/--exclude)")
+    spec, model_args = _model_spec(config, files[0])
+    model = build_model(spec, model_args)
+    reader = Reader(config.weights, config.strip_prefix, config.trust_pickle, config.allow_globals,
+                    frozenset(model.state_dict()))
+    notes, _ = validate_headers(files + ([base] if base else []), model, reader, spec)
+    warnings = [f"{d.name}: {d.reason}; counted once" for d in chosen.dropped if d.alias_of is not None]
+    warnings += notes
+    return Inputs(files, base, spec, model_args, model, reader, excluded, warnings)
+
+
+def _model_spec(config: SoupConfig, first: CheckpointFile) -> tuple[str, tuple[tuple[str, str], ...]]:
+    if config.model:
+        return config.model, config.model_args
+    metadata = read_header(first.path, weights=config.weights, trust_pickle=config.trust_pickle,
+                           allow_globals=config.allow_globals).metadata
+    found = spec_from_metadata(metadata)
+    if found is None:
+        raise ModelError(f"{first.path}: the checkpoint does not record its architecture; pass --model "
+                         f"(e.g. --model torchvision:resnet18 --model-arg num_classes=10, or file.py:function)")
+    return found[0], config.model_args or found[1]
+
+
+def output_names(config: SoupConfig, model: nn.Module) -> tuple[tuple[str, ...], int]:
+    """The files this run writes and the model's size on disk."""
+    meta = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
+    cast = cast_state(meta, config.out_dtype)
+    shards = plan_shards(cast, config.max_shard_size)
+    return (*model_file_names(len(shards)), REPORT_FILE, HUMAN_REPORT_FILE), sum(
+        v.numel() * v.element_size() for v in cast.values())
+
+
+def _loader(dataset: Dataset, config: SoupConfig, shuffle: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=shuffle, num_workers=config.num_workers,
+                      generator=torch.Generator().manual_seed(config.seed))
+
+
+def soup_data(config: SoupConfig) -> tuple[Dataset, Dataset, Dataset, dict]:
+    """(fit, held-out, eval) splits: the held-out part is carved from the fit split or given by ``--holdout``."""
+    data = build_data(config.data, root=config.data_root, download=config.download)
+    if config.holdout is not None:
+        fit, heldout = data.train, build_data(config.holdout, root=config.data_root, download=config.download).eval
+        source = f"--holdout {config.holdout}"
+    else:
+        fit, heldout = split_holdout(data.train, config.holdout_fraction, config.seed)
+        source = f"--holdout-fraction {config.holdout_fraction} of --data's fit split (seed {config.seed})"
+    facts = {"spec": config.data, "name": data.name, "heldout": source, "fit_examples": len(fit),
+             "heldout_examples": len(heldout), "eval_examples": len(data.eval)}
+    return fit, heldout, data.eval, facts
+
+
+def memory_formula(k: int, d: int, state_bytes: int, basis_dtype: str) -> dict:
+    """Peak host memory of the run beyond framework and data (bytes), for K ingredients of D trainable parameters.
+
+    ``K·D·b`` for the directions (b = 4, 2, 1), ``8·D`` for c and ū, and ``14·S`` (S: bytes of one state
+    dict, ≈ 4·D in float32): six state dicts during greedy (model, uniform soup, float64 running sum x2,
+    candidate, loaded ingredient), then while fitting the model, the assembled weights, the flat gradient
+    and autograd's temporaries. The K-independent part was measured (benchmarks/soup_memory.py): 63-70·D
+    bytes for an 8M-parameter float32 model against 8·D + 14·S = 64·D here.
+    """
+    b = {"float32": 4, "bf16": 2, "int8": 1}[basis_dtype]
+    parts = {"directions": k * d * b, "center_and_offset": 2 * 4 * d, "states_and_workspace": 14 * state_bytes}
+    return {"formula": f"K*D*{b} + 8*D + 14*S (S: bytes of one state dict)", **parts, "total": sum(parts.values())}
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if platform.system() == "Darwin" else rss * 1024
+
+
+def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
+    """Run ``twa soup`` end to end: evaluate every ingredient, the uniform, greedy and TWA soups, write one.
+
+    Steps: inputs and output checked from headers -> data -> uniform soup (streamed) -> every ingredient
+    (their deviations join the directions) -> uniform -> greedy -> twa -> report -> write the chosen soup.
+    """
+    timings: dict[str, float] = {}
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    inputs = find_inputs(config)
+    for message in inputs.warnings:
+        on_event(Event("warning", message))
+    outputs, size = output_names(config, inputs.model)
+    sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
+    prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size)
+    fit, heldout, eval_data, data_facts = soup_data(config)
+    names = trainable_names(inputs.model)
+    dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[0].path).tensors.items()}
+
+    clock = time.perf_counter()
+    uniform, center, digests = read_uniform(inputs, names, on_event)
+    origin = flatten(_load(inputs, inputs.base), names, torch.float32) if inputs.base else None
+    directions = Directions(center, center - origin if origin is not None else center,
+                            segments_of(inputs.model, names), len(inputs.files), config.basis_dtype)
+    timings["uniform_s"] = time.perf_counter() - clock
+    inputs.model.to(device)
+    evaluator = SoupEvaluator(inputs.model, device, _loader(fit, config, False), _loader(heldout, config, False),
+                              _loader(eval_data, config, False), config.seed, config.amp)
+
+    clock = time.perf_counter()
+    metrics = evaluate_ingredients(inputs, names, directions, evaluator, on_event)
+    timings["ingredients_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    on_event(Event("phase", "uniform soup", total=1))
+    metrics["uniform"] = evaluator.both(uniform)
+    on_event(Event("advance"))
+    greedy = run_greedy(inputs, metrics, evaluator, on_event)
+    metrics["greedy"] = evaluator.both(greedy.state)
+    timings["greedy_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    fitted, columns = run_twa(config, inputs.model, names, uniform, directions, evaluator,
+                              _loader(heldout, config, shuffle=True), on_event)
+    metrics["twa"] = evaluator.both()
+    timings["twa_s"] = time.perf_counter() - clock
+
+    report = soup_report(config, inputs, metrics, greedy, fitted, directions, columns, uniform, digests)
+    report.update(data=data_facts, device=str(device), timings=timings)
+    del directions
+    chosen = {"uniform": uniform, "greedy": greedy.state}.get(report["written_method"])
+    if chosen is not None:  # (the model holds the TWA soup, BN re-estimated, as it was evaluated)
+        evaluator.settle(chosen)  # written with the BN statistics it was evaluated with
+    del uniform, greedy, chosen
+    state = {k: v.to(dtypes[k]) for k, v in evaluator.snapshot().items()}  # the ingredients' dtypes
+    report["memory"]["peak_rss_bytes"] = peak_rss_bytes()
+    return write_soup(config, report, state, inputs)
+
+
+def read_uniform(inputs: Inputs, names: list[str], on_event: EventSink) -> tuple[State, torch.Tensor, list[str]]:
+    """One streamed pass: the uniform soup, its trainable part as a float32 vector, the inputs' sha256."""
+    on_event(Event("phase", "reading the ingredients (uniform soup)", total=len(inputs.files)))
+    total, digests = StateSum(), []
+    for entry in inputs.files:
+        total.add(_load(inputs, entry))
+        digests.append(sha256_file(entry.path))
+        on_event(Event("advance"))
+    center = torch.cat([(total.sums[n] / total.count).reshape(-1) for n in names]).to(torch.float32)
+    return total.mean(), center, digests
+
+
+def evaluate_ingredients(inputs: Inputs, names: list[str], directions: Directions, evaluator: SoupEvaluator,
+                         on_event: EventSink) -> dict[str, dict]:
+    """Every ingredient on both splits (their deviations join the directions) and the best on held-out."""
+    on_event(Event("phase", "evaluating every ingredient", total=len(inputs.files)))
+    ingredients = {}
+    for index, entry in enumerate(inputs.files):
+        state = _load(inputs, entry)
+        directions.set_row(index, flatten(state, names, torch.float32))
+        ingredients[entry.name] = evaluator.both(state)
+        on_event(Event("advance"))
+    best = max(reversed(list(ingredients)), key=lambda n: ingredients[n]["heldout"]["accuracy"])
+    return {"ingredients": ingredients, "best_single": {**ingredients[best], "ingredient": best}}
+
+
+def run_greedy(inputs: Inputs, metrics: dict[str, dict], evaluator: SoupEvaluator,
+               on_event: EventSink) -> GreedyResult:
+    on_event(Event("phase", "greedy soup", total=len(inputs.files) - 1))
+    by_name = {f.name: f for f in inputs.files}
+
+    def score(candidate: State) -> float:
+        on_event(Event("advance"))
+        return evaluator.heldout(candidate).accuracy
+
+    return greedy_soup({n: metrics["ingredients"][n]["heldout"]["accuracy"] for n in by_name},
+                       lambda n: _load(inputs, by_name[n]), score)
+
+
+def run_twa(config: SoupConfig, model: nn.Module, names: list[str], uniform: State, directions: Directions,
+            evaluator: SoupEvaluator, loader: DataLoader, on_event: EventSink) -> tuple[CoefficientFit, list[int]]:
+    """Coefficients fitted on the held-out split from the uniform soup; the model ends at the TWA soup."""
+    columns = GRANULARITIES[config.granularity](len(directions.segments))
+    load_state(model, uniform)
+    directions.to(evaluator.device)
+    on_event(Event("phase", f"fitting soup coefficients on the held-out split ({config.train.epochs} epochs)",
+                   total=config.train.epochs * len(loader)))
+    torch.manual_seed(config.seed)
+    fitted = fit_coefficients(model, names, directions, columns, loader, config.train, evaluator.device, config.amp,
+                              on_step=lambda info: on_event(Event("step", step=info)))
+    return fitted, columns
+
+
+def soup_report(config: SoupConfig, inputs: Inputs, metrics: dict, greedy: GreedyResult, fitted: CoefficientFit,
+                directions: Directions, columns: list[int], uniform: State, digests: list[str]) -> dict:
+    """The report's record of inputs, metrics, coefficients, the greedy trace, the fit and memory."""
+    files, segments = inputs.files, directions.segments
+    method, chosen_by = _written_method(config, metrics)
+    parameters = sum(s.numel for s in segments)
+    state_bytes = sum(v.numel() * v.element_size() for v in uniform.values())
+    return {
+        "schema_version": SCHEMA_VERSION, "tool": "twa", "version": __version__, "command": "soup",
+        "ingredients": [f.name for f in files],
+        "base": str(inputs.base.path) if inputs.base else None,
+        "coefficients_of": "task_vectors" if inputs.base else "ingredients",
+        "metrics": metrics,
+        "coefficients": {"uniform": [1 / len(files)] * len(files),
+                         "greedy": [1 / len(greedy.soup) if f.name in greedy.soup else 0.0 for f in files],
+                         "twa": per_ingredient(fitted.coefficients, segments, columns)},
+        "greedy": {"soup": list(greedy.soup), "trace": [asdict(s) for s in greedy.trace]},
+        "twa": {"granularity": config.granularity, "start": "uniform", "fit_on": "heldout",
+                "steps": fitted.steps, "epoch_losses": list(fitted.epoch_losses),
+                "by_tensor": ({s.name: fitted.coefficients[:, c].tolist() for s, c in zip(segments, columns)}
+                              if config.granularity == "layer" else None)},
+        "written_method": method, "chosen_by": chosen_by,
+        "model": {"spec": inputs.spec, "args": dict(inputs.model_args), "parameters": parameters},
+        "memory": {"basis_dtype": config.basis_dtype, "directions_bytes": directions.nbytes,
+                   "estimate": memory_formula(len(files), parameters, state_bytes, config.basis_dtype)},
+        "excluded": inputs.excluded,
+        "inputs": [{"name": f.name, "path": str(f.path), "sha256": h} for f, h in zip(files, digests)],
+        "config": _config_dict(config),
+        "versions": {"twa": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "warnings": inputs.warnings,
+    }
+
+
+def _load(inputs: Inputs, entry: CheckpointFile) -> State:
+    """One checkpoint through the safe reader, checked against the model and for finite values."""
+    state = inputs.reader.load(entry.path)
+    check_compatible(inputs.model, state, str(entry.path))
+    _check_finite(state, str(entry.path))
+    return state
+
+
+def _written_method(config: SoupConfig, metrics: dict) -> tuple[str, str]:
+    """``--method``, or the soup with the best held-out accuracy (ties: lower held-out loss, then the simpler)."""
+    if config.method != "best":
+        return config.method, "--method"
+    return min(METHODS, key=lambda m: (-metrics[m]["heldout"]["accuracy"], metrics[m]["heldout"]["loss"])), "heldout"
+
+
+def _config_dict(config: SoupConfig) -> dict:
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+def write_soup(config: SoupConfig, report: dict, state: State, inputs: Inputs) -> SoupResult:
+    """Write the chosen soup (with provenance metadata), report.json and report.md, each atomically."""
+    from .report import markdown_soup_report
+
+    method = report["written_method"]
+    metadata = {
+        "twa.version": __version__,
+        "twa.method": f"soup-{method}",
+        MODEL_METADATA_KEY: inputs.spec,
+        MODEL_ARGS_METADATA_KEY: json.dumps(dict(inputs.model_args)),
+        "twa.coefficients": json.dumps(report["coefficients"][method]),
+        "twa.coefficients_of": report["coefficients_of"],
+        "twa.sources": json.dumps([{"name": s["name"], "sha256": s["sha256"]} for s in report["inputs"]]),
+        "twa.seed": str(config.seed),
+    }
+    if inputs.base is not None:
+        metadata["twa.base"] = json.dumps({"name": inputs.base.name, "sha256": sha256_file(inputs.base.path)})
+    written = write_model(config.out_dir, cast_state(state, config.out_dtype), metadata, config.max_shard_size)
+    report_path = config.out_dir / REPORT_FILE
+    report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
+                         "files": [{"path": p, "sha256": h} for p, h in written.files],
+                         "report": {"path": str(report_path)}}
+    save_json(report_path, report)
+    write_bytes(config.out_dir / HUMAN_REPORT_FILE, markdown_soup_report(report).encode())
+    return SoupResult(report=report, model_path=written.main, report_path=report_path,
+                      warnings=tuple(report["warnings"]))
