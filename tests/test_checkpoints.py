@@ -139,3 +139,24 @@ def test_existing_output_is_refused_without_overwrite(tmp_path: Path) -> None:
         prepare_output_dir(tmp_path, ("model.safetensors", "report.json"), overwrite=False)
     prepare_output_dir(tmp_path, ("model.safetensors", "report.json"), overwrite=True)
     assert (tmp_path / "report.json").read_bytes() == before
+
+
+def test_one_read_gives_the_digest_and_checks_every_member_crc(tmp_path: Path) -> None:
+    import hashlib
+
+    from twa_tool.checkpoints import sha256_file
+
+    path = tmp_path / "a.pt"
+    torch.save({"w": torch.arange(5000, dtype=torch.float32), "b": torch.ones(3)}, path)
+    good = path.read_bytes()
+    assert sha256_file(path, chunk=777, verify_zip_crc=True) == hashlib.sha256(good).hexdigest()
+    state = load_checkpoint(path, crc_checked=True).state
+    assert torch.equal(state["w"], torch.arange(5000, dtype=torch.float32))
+    data = bytearray(good)
+    data[good.index(b"data/0") + 4000] ^= 0x01  # inside the first tensor's bytes, past its local header
+    path.write_bytes(bytes(data))
+    assert sha256_file(path) == hashlib.sha256(bytes(data)).hexdigest()  # hashing alone does not look inside
+    with pytest.raises(CheckpointError, match="CRC mismatch in zip member"):
+        sha256_file(path, chunk=777, verify_zip_crc=True)
+    with pytest.raises(CheckpointError, match="CRC mismatch"):
+        load_checkpoint(path)  # the loader checks on its own unless told the caller did

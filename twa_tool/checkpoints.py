@@ -367,11 +367,15 @@ def discover(directory: Path) -> list[CheckpointFile]:
     return sorted(found, key=order_key)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20, verify_zip_crc: bool = False) -> str:
     """SHA-256 of a file. For a sharded checkpoint folder: of its index and shard files' digests.
 
     The folder digest is the SHA-256 of ``name\\0sha256\\n`` lines over the index file and every
     shard it names, sorted by name, so it changes whenever any weight byte does.
+
+    ``verify_zip_crc``: in the same single read, check the CRC-32 of every member of a torch zip
+    checkpoint against its central directory (a ``CheckpointError`` on a mismatch, as
+    ``load_checkpoint`` raises), so a caller that hashes anyway need not pay for a second read.
     """
     path = Path(path)
     if path.is_dir():
@@ -380,13 +384,43 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
             raise CheckpointError(f"{path}: no model weights in this folder to hash")
         digest = hashlib.sha256()
         for file in sorted(files, key=lambda p: p.name):
-            digest.update(f"{file.name}\0{sha256_file(file, chunk)}\n".encode())
+            digest.update(f"{file.name}\0{sha256_file(file, chunk, verify_zip_crc)}\n".encode())
         return digest.hexdigest()
+    members = _zip_member_ranges(path) if verify_zip_crc and _sniff(path) == "torch-zip" else []
+    crcs = [0] * len(members)
     digest = hashlib.sha256()
+    position = 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
+            view = memoryview(block)
+            for i, (_, start, end, _) in enumerate(members):
+                lo, hi = max(start, position), min(end, position + len(block))
+                if lo < hi:
+                    crcs[i] = zlib.crc32(view[lo - position:hi - position], crcs[i])
+            position += len(block)
+    for (name, _, _, expected), crc in zip(members, crcs):
+        if crc != expected:
+            raise CheckpointError(f"{path}: CRC mismatch in zip member {name}; the file is corrupt (bit rot or "
+                                  f"a partial copy), re-copy or remove it")
     return digest.hexdigest()
+
+
+def _zip_member_ranges(path: Path) -> list[tuple[str, int, int, int]]:
+    """(name, data start, data end, CRC-32) of each member of a stored (uncompressed) zip."""
+    _check_zip(path, verify_crc=False)  # structure first: stored members, sane names and sizes
+    ranges = []
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise CheckpointError(f"{path}: zip member {info.filename} has no local header; the file is "
+                                      f"corrupt, re-copy or remove it")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            ranges.append((info.filename, start, start + info.compress_size, info.CRC))
+    return ranges
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,14 +546,14 @@ def _weights_only_detail(err: Exception) -> str:
 _POLICY_REFUSAL = re.compile(r"allowlist|allowed global|Can only|unrecognized function|is blocked|not an allowed")
 
 
-def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool) -> object:
+def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_checked: bool = False) -> object:
     """``torch.load`` a pickle checkpoint safely (zip pre-checks, explicit weights_only, allow-list)."""
     if _torch_version() < MIN_TORCH_FOR_PICKLE:
         raise UnsafeInputError(f"{path}: loading pickle checkpoints safely needs torch >= 2.6 "
                                f"(installed {torch.__version__}); upgrade torch or convert to safetensors")
     is_zip = _sniff(path) == "torch-zip"
     if is_zip:
-        _check_zip(path, verify_crc=not header_only)
+        _check_zip(path, verify_crc=not (header_only or crc_checked))
     try:
         if trust_pickle.full:
             return torch.load(str(path), map_location="cpu", weights_only=False, mmap=is_zip)
@@ -742,8 +776,9 @@ def _lightning_swa_state(obj: Mapping) -> tuple[dict, str] | None:
     return None
 
 
-def _read_torch(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool) -> _Found:
-    obj = _torch_load(path, trust_pickle, header_only)
+def _read_torch(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool,
+               crc_checked: bool = False) -> _Found:
+    obj = _torch_load(path, trust_pickle, header_only, crc_checked)
     state, producer, container, top = _select(obj, path, weights)
     metadata: dict[str, str] = {}
     epoch = step = None
@@ -826,7 +861,8 @@ def _trainer_state(folder: Path) -> tuple[int | None, int | None, dict[str, floa
     return _as_int(state.get("epoch")), step, metrics
 
 
-def _read_hf(folder: Path, weight_file: Path, trust_pickle: PickleTrust, weights: str, header_only: bool) -> _Found:
+def _read_hf(folder: Path, weight_file: Path, trust_pickle: PickleTrust, weights: str, header_only: bool,
+             crc_checked: bool = False) -> _Found:
     """A ``checkpoint-<step>/`` folder: one weight file or an index with shards, plus trainer_state.json."""
     if weights == "ema":
         raise CheckpointError(f"{weight_file}: Hugging Face checkpoints hold one set of weights, no EMA copy; "
@@ -839,7 +875,7 @@ def _read_hf(folder: Path, weight_file: Path, trust_pickle: PickleTrust, weights
             if _sniff(shard) == "safetensors":
                 part, meta = _read_safetensors(shard, header_only, keys)
             else:
-                found = _read_torch(shard, trust_pickle, "raw", header_only)
+                found = _read_torch(shard, trust_pickle, "raw", header_only, crc_checked)
                 missing = sorted(keys - set(found.entries))
                 if missing:
                     raise CheckpointError(f"{shard}: lacks {len(missing)} tensor(s) its index assigns to it "
@@ -853,7 +889,7 @@ def _read_hf(folder: Path, weight_file: Path, trust_pickle: PickleTrust, weights
         entries, metadata = _read_safetensors(weight_file, header_only)
         found = _Found(entries=entries, metadata=metadata, producer="huggingface")
     else:
-        found = _read_torch(weight_file, trust_pickle, "raw", header_only)
+        found = _read_torch(weight_file, trust_pickle, "raw", header_only, crc_checked)
         found.producer = "huggingface"
     if not any((v.numel() if isinstance(v, torch.Tensor) else _numel(v[0])) for v in found.entries.values()):
         refused = _folder_refusal(folder)  # e.g. ZeRO-3 without gathering writes an empty model file
@@ -933,7 +969,7 @@ def _apply_prefixes(found: _Found, path: Path, strip_prefix: str | None,
 # Public readers.
 
 
-def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool) -> _Found:
+def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool, crc_checked: bool = False) -> _Found:
     if weights not in WEIGHT_KINDS:
         raise ConfigError(f"--weights {weights}: use raw or ema")
     path = Path(path)
@@ -945,12 +981,12 @@ def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool
                 raise refused[0](refused[1])
             raise CheckpointError(f"{path}: no model weights in this folder (looked for "
                                   f"{', '.join(FOLDER_WEIGHT_FILES + FOLDER_INDEX_FILES)})")
-        return _read_hf(path, layout[1], trust_pickle, weights, header_only)
+        return _read_hf(path, layout[1], trust_pickle, weights, header_only, crc_checked)
     refused = _file_refusal(path) if path.is_file() else None
     if refused is not None:
         raise refused[0](refused[1])
     if path.name in FOLDER_INDEX_FILES or (path.name in FOLDER_WEIGHT_FILES and _is_hf_weight_file(path)):
-        return _read_hf(path.parent, path, trust_pickle, weights, header_only)
+        return _read_hf(path.parent, path, trust_pickle, weights, header_only, crc_checked)
     try:
         kind = _sniff(path)
     except OSError as err:
@@ -962,14 +998,14 @@ def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool
         entries, metadata = _read_safetensors(path, header_only)
         return _Found(entries=entries, metadata=metadata, producer="safetensors")
     if kind in ("torch-zip", "torch-legacy"):
-        return _read_torch(path, trust_pickle, weights, header_only)
+        return _read_torch(path, trust_pickle, weights, header_only, crc_checked)
     raise CheckpointError(f"{path}: unknown file format (not safetensors nor a torch checkpoint); "
                           f"remove it from the folder or select around it with --range")
 
 
 def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "raw", strip_prefix: str | None = None,
-                    allow_globals: tuple[str, ...] = (),
-                    model_keys: object | None = None) -> LoadedCheckpoint:
+                    allow_globals: tuple[str, ...] = (), model_keys: object | None = None,
+                    crc_checked: bool = False) -> LoadedCheckpoint:
     """Load one checkpoint into a CPU state dict, safely, with what it says about itself.
 
     ``path``: a weight file, or a Hugging Face ``checkpoint-<step>/`` folder (``model.safetensors``,
@@ -989,8 +1025,12 @@ def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "r
     ``strip_prefix`` forces one more prefix off every key (an error if a key lacks it). Otherwise,
     given ``model_keys`` (the target model's state-dict keys), one common leading prefix such as
     Lightning's ``model.`` / ``net.`` is stripped when that makes the keys equal the model's.
+
+    ``crc_checked``: the caller already verified the zip CRCs (``sha256_file(verify_zip_crc=True)``
+    read the file for its digest anyway), so the CRC pass is skipped; the structural checks still run.
     """
-    found = _read(path, PickleTrust(trust_pickle, tuple(allow_globals)), weights, header_only=False)
+    found = _read(path, PickleTrust(trust_pickle, tuple(allow_globals)), weights, header_only=False,
+                  crc_checked=crc_checked)
     state, prefix = _apply_prefixes(found, Path(path), strip_prefix, model_keys)
     return LoadedCheckpoint(state=state, metadata=found.metadata, producer=found.producer, container=found.container,
                             prefix=prefix, weights=found.weights, epoch=found.epoch, step=found.step,

@@ -175,8 +175,8 @@ class Reader:
         return {"weights": self.weights, "trust_pickle": self.trust_pickle, "strip_prefix": self.strip_prefix,
                 "allow_globals": self.allow_globals, "model_keys": set(self.model_keys)}
 
-    def load(self, path: Path) -> dict[str, torch.Tensor]:
-        return load_checkpoint(path, **self._options()).state
+    def load(self, path: Path, crc_checked: bool = False) -> dict[str, torch.Tensor]:
+        return load_checkpoint(path, **self._options(), crc_checked=crc_checked).state
 
     def header(self, path: Path) -> HeaderInfo:
         return read_header(path, **self._options())
@@ -241,8 +241,9 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
     Each checkpoint's parameters are copied straight into their row of the basis buffer, and rows
     are orthogonalised ``block`` at a time (BLAS-3), so memory is the basis plus one loaded
     checkpoint. The float64 mean of the parameters comes from the same rows; floating buffers (BN
-    statistics) are summed from the states. The SHA-256 of the files is computed on a second thread
-    while the main one loads and orthogonalises (hashlib releases the GIL).
+    statistics) are summed from the states. A second thread reads every file once ahead of the main
+    one, for its SHA-256 and the zip CRC check (hashlib and zlib release the GIL); a file is loaded only
+    after its CRCs matched.
     """
     builder: BasisBuilder | None = None
     sums: dict[str, torch.Tensor] = {}
@@ -250,10 +251,11 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
     trainable = set(names)
     on_event(Event("phase", "reading checkpoints", total=len(files)))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="twa-sha256") as hasher:
-        digests = [hasher.submit(sha256_file, entry.path) for entry in files]
+        digests = [hasher.submit(sha256_file, entry.path, verify_zip_crc=True) for entry in files]
         try:
-            for entry in files:
-                state = reader.load(entry.path)
+            for entry, digest in zip(files, digests):
+                digest.result()  # the zip CRCs are verified in the hashing read, before torch opens the file
+                state = reader.load(entry.path, crc_checked=True)
                 check_compatible(model, state, str(entry.path))
                 _check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
                 if builder is None:

@@ -57,6 +57,10 @@ PROJECTION_TOLERANCE: dict[str, float] = {"float64": 1e-12, "float32": 1e-6, "bf
 #: the vector-by-vector path (the Gram matrix, accurate to ~1e-7 relative, cannot resolve it).
 _GRAM_PIVOT_FLOOR = 1e-2
 
+#: After the second pass, a prefix whose Gram matrix is this close to the identity skips the second
+#: Cholesky-QR (one pass over its rows less); well below the float32 basis's 1e-5 bound.
+_ORTHONORMAL_ENOUGH = 1e-6
+
 #: Columns per chunk of the float64-accumulated products (k x chunk float32 GEMMs).
 _CHUNK = 1 << 18
 
@@ -371,8 +375,12 @@ class BasisBuilder:
             _transform(y, t1, q)  # Q1 = L1^-1 Y_kept, compacted to rows k..k+m (never past y's own rows)
             c2 = _dot(p, q)
             _subtract(q, c2, p)
-            lower2 = torch.linalg.cholesky(_dot(q, q))
-            _transform(q, torch.linalg.solve_triangular(lower2, eye, upper=False), q)
+            gram2 = _dot(q, q)
+            if (gram2 - eye).abs().max() <= _ORTHONORMAL_ENOUGH:  # the second Cholesky-QR would change nothing
+                lower2 = eye
+            else:
+                lower2 = torch.linalg.cholesky(gram2)
+                _transform(q, torch.linalg.solve_triangular(lower2, eye, upper=False), q)
             old = c1[:, keep] + c2 @ lower.T  # k x m: coefficients on the old rows
             new = lower @ lower2  # m x m lower triangular: on this prefix's new rows
         for j in range(y.shape[0]):
