@@ -208,3 +208,9 @@ def test_block_and_one_by_one_decide_dependence_alike_at_the_threshold() -> None
     assert 10 < reference.rank < 40
     for block in (1, 16):
         assert build_subspace(vectors, block=block).kept == reference.kept
+
+
+def test_bf16_widening_is_bit_exact() -> None:
+    values = torch.randn(7, 5000).to(torch.bfloat16)
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(subspace._widen(values[:, 3:4100], dtype), values[:, 3:4100].to(dtype))

@@ -99,6 +99,16 @@ def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> None:
         out[:, cols].copy_(part)
 
 
+def _widen(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values.to(dtype)``; bfloat16 on the CPU goes through numpy (a bfloat16 is the top half of a
+    float32, so a 16-bit shift is exact), several times faster than CPU torch's conversion."""
+    if values.dtype != torch.bfloat16 or values.device.type != "cpu":
+        return values.to(dtype)
+    bits = values.view(torch.int16).numpy().view(np.uint16)
+    widened = np.left_shift(bits, 16, dtype=np.uint32)
+    return torch.from_numpy(widened.view(np.float32)).to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # The stored basis
 
@@ -142,18 +152,28 @@ class Basis:
     def chunk(self, cols: slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Columns ``cols`` of the basis in ``dtype`` (dequantized for int8); ``cols.start`` a multiple of
         QUANT_BLOCK for int8."""
-        part = self.values[:, cols].to(dtype)
+        part = _widen(self.values[:, cols], dtype)
         if self.scales is not None:
-            first = cols.start // QUANT_BLOCK
-            scale = self.scales[:, first:first + -(-part.shape[1] // QUANT_BLOCK)].to(dtype)
-            part = part.mul_(scale.repeat_interleave(QUANT_BLOCK, dim=1)[:, : part.shape[1]])
+            first, n = cols.start // QUANT_BLOCK, part.shape[1]
+            whole = n // QUANT_BLOCK
+            scale = self.scales[:, first:first + -(-n // QUANT_BLOCK)].to(dtype)
+            if whole == n / QUANT_BLOCK:  # broadcast one scale over each block of columns, no repeat
+                part.view(self.rank, whole, QUANT_BLOCK).mul_(scale[:, :, None])
+            else:
+                for b in range(scale.shape[1]):
+                    part[:, b * QUANT_BLOCK:(b + 1) * QUANT_BLOCK].mul_(scale[:, b:b + 1])
         return part
 
-    def column_chunks(self, dtype: torch.dtype, step: int = 1 << 18) -> Iterator[tuple[slice, torch.Tensor]]:
-        """``(cols, chunk)`` over all columns; a dense basis already in ``dtype`` is one chunk, no copy."""
+    def column_chunks(self, dtype: torch.dtype, step: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(cols, chunk)`` over all columns; a dense basis already in ``dtype`` is one chunk, no copy.
+
+        Other chunks are about a million entries (``step`` columns; default: cache-sized for the rank),
+        converted or dequantized on the fly.
+        """
         if self.scales is None and self.values.dtype == dtype:
             yield slice(0, self.dim), self.values
             return
+        step = step or (1 << 20) // max(1, self.rank)
         step = max(QUANT_BLOCK, step // QUANT_BLOCK * QUANT_BLOCK)
         for cols in _chunks(self.dim, step):
             yield cols, self.chunk(cols, dtype)
