@@ -97,7 +97,8 @@ def child(path_kind: str, folder: Path, k: int) -> None:
 
 
 def run_child(kind: str, folder: Path, k: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, "--dir", str(folder), "--k", str(k)],
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--dir", str(folder), "--k", str(k),
+                          "--threads", str(torch.get_num_threads())],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -145,7 +146,10 @@ def main() -> None:
     parser.add_argument("--storage", nargs="+", default=["float32", "bf16", "int8"],
                         help="basis storage formats of the twa rows")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in every path (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         child(args.child, args.dir, args.k[0])
         return
