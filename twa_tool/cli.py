@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
@@ -40,7 +42,8 @@ from .writer import parse_size
 EXIT_CODES_HELP = """\b
 Exit codes: 0 ok, 1 unexpected failure, 2 usage error, 3 quality gate failed,
 4 invalid or incompatible input, 5 unsafe input refused, 6 numerical failure,
-7 cannot write output, 130 interrupted, 143 terminated."""
+7 cannot write output, 8 another torchrun rank failed, 130 interrupted,
+143 terminated."""
 
 
 class Terminated(BaseException):
@@ -153,7 +156,7 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> N
             console = make_console(quiet=False)
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
-        console.print(f"[red]{prefix}error:[/red] {err}", soft_wrap=True)
+        console.print(f"[red]{prefix}error:[/red] {escape(str(err))}", soft_wrap=True)
         if err.details:
             console.print(details_text(err.details), soft_wrap=True, markup=False, highlight=False)
         _record_for_torchrun(err)
@@ -168,8 +171,8 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> N
         console = make_console(quiet=False)
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
-        console.print(f"[red]{prefix}unexpected error:[/red] {type(err).__name__}: {err} (rerun with -v for the "
-                      f"traceback)", soft_wrap=True)
+        console.print(f"[red]{prefix}unexpected error:[/red] {type(err).__name__}: {escape(str(err))} (rerun with -v "
+                      f"for the traceback)", soft_wrap=True)
         _record_for_torchrun(err)
         sys.exit(1)
     finally:
@@ -545,6 +548,15 @@ def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, ep
     run_reported(verbose, console, body)
 
 
+BACKEND_WORDS = ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset")
+
+
+def _first_sentence(message: str) -> str:
+    """A backend's error without its source location and advice: ``Read error ...: Connection reset by peer``."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", message.strip().splitlines()[0] if message.strip() else "no detail")
+    return text.split(". ")[0].rstrip(".")
+
+
 @contextmanager
 def process_group(device: str, timeout_s: float) -> Iterator:
     """The torchrun process group for one run (a single-process ``Dist`` outside torchrun); a broken group
@@ -559,13 +571,9 @@ def process_group(device: str, timeout_s: float) -> Iterator:
     dist = init(resolve_device(device), timeout_s)
     try:
         yield dist
-    except tdist.DistError as err:
-        raise DistributedError(f"the torchrun process group failed ({type(err).__name__}: "
-                               f"{str(err).splitlines()[0] if str(err) else 'no detail'}); another rank died or "
-                               f"timed out (--dist-timeout {timeout_s:g}s)") from None
-    except RuntimeError as err:
-        if dist.active and any(word in str(err) for word in ("gloo", "Gloo", "NCCL", "Connection closed")):
-            raise DistributedError(f"the torchrun process group failed ({str(err).splitlines()[0]}); another "
+    except RuntimeError as err:  # DistError (a RuntimeError) and the backends' own errors
+        if isinstance(err, tdist.DistError) or (dist.active and any(word in str(err) for word in BACKEND_WORDS)):
+            raise DistributedError(f"the torchrun process group failed ({_first_sentence(str(err))}); another "
                                    f"rank died or timed out (--dist-timeout {timeout_s:g}s)") from None
         raise
     shutdown(dist)

@@ -642,7 +642,7 @@ def together(dist: Dist, step: Callable[[], AverageResult | None]) -> AverageRes
         dist.all_ok(False)
         raise
     if not dist.all_ok(True):
-        raise DistributedError("rank 0 failed (its error is above); nothing was written")
+        raise DistributedError("rank 0 failed (see its error); nothing was written")
     return out
 
 
