@@ -170,7 +170,7 @@ class Shard:
     def coordinates(self, vector: torch.Tensor) -> torch.Tensor:
         """``beta = P w`` (float64, K values) of a full D-vector: local product, summed over ranks."""
         beta = self.subspace.basis.coordinates(vector.reshape(-1)[self.columns])
-        return self.dist.sum(beta)
+        return self.dist.sum(beta.to(self.dist.comm_device)).to(beta.device)
 
     def checkpoint_coefficients(self, vector: torch.Tensor) -> torch.Tensor:
         beta = self.coordinates(vector).cpu()
@@ -206,11 +206,11 @@ class Shard:
         beta = torch.zeros(basis.rank, dtype=g.dtype, device=basis.device)
         for cols, part in basis.column_chunks(g.dtype):
             beta += part @ local[cols]
-        self.dist.sum(beta)
+        beta = self.dist.sum(beta.to(self.dist.comm_device)).to(basis.device)
         out = torch.empty_like(local)
         for cols, part in basis.column_chunks(g.dtype):
             out[cols] = part.T @ beta
-        return self.dist.gather_columns(out, self.dim).to(g.device)
+        return self.dist.gather_columns(out.to(self.dist.comm_device), self.dim).to(g.device)
 
 
 # ---------------------------------------------------------------------------------------------

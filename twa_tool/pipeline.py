@@ -465,23 +465,25 @@ def planned_outputs(config: AverageConfig,
     return (*model_file_names(len(shards)), REPORT_FILE, HUMAN_REPORT_FILE, *PLOT_FILES), size
 
 
-def memory_estimate(model: nn.Module, k: int, storage: str = "float32") -> dict[str, int]:
+def memory_estimate(model: nn.Module, k: int, storage: str = "float32", ranks: int = 1) -> dict[str, int]:
     """Peak host memory of the run, by part (bytes): the float32 build buffer (which becomes the basis), the
     low-precision copy when ``--basis-dtype`` asks for one, the float64 mean, one loaded checkpoint, and the
-    model with its gradients and momentum."""
-    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model with its gradients and momentum. Under torchrun (``ranks`` > 1): per rank, with its basis shard."""
+    full = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    d = -(-full // ranks)
     state = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     floats = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
     stored = 0 if storage == "float32" else k * d * STORAGE_DTYPES[storage].itemsize
     parts = {"basis_float32": k * d * 4, "basis_stored": stored, "mean_float64": floats * 8,
-             "one_checkpoint": state, "model_grads_momentum": state + 2 * d * 4}
+             "one_checkpoint": state, "model_grads_momentum": state + 2 * full * 4}
     return {**parts, "total": sum(parts.values())}
 
 
 def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen, spec: str,
                    model_args: tuple[tuple[str, str], ...], model: nn.Module, output_names: tuple[str, ...],
-                   output_bytes: int, warnings: list[str]) -> AverageResult:
-    """What a run would do: the selection, a memory estimate and the files it would write; nothing touched."""
+                   output_bytes: int, warnings: list[str], ranks: int = 1) -> AverageResult:
+    """What a run would do: the selection, a memory estimate (per rank under torchrun) and the files it would
+    write; nothing touched."""
     report = {
         "schema_version": SCHEMA_VERSION, "tool": "twa", "version": __version__, "command": "average",
         "dry_run": True,
@@ -490,7 +492,7 @@ def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: C
         "excluded": [{"name": d.name, "reason": d.reason} for d in chosen.dropped],
         "model": {"spec": spec, "args": dict(model_args),
                   "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
-        "memory_estimate_bytes": memory_estimate(model, len(files), config.basis_dtype),
+        "memory_estimate_bytes": memory_estimate(model, len(files), config.basis_dtype, ranks),
         "would_write": [str(config.out_dir / n) for n in output_names],
         "output_bytes": output_bytes,
         "config": _config_dict(config),
@@ -585,7 +587,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     inputs = tuple(f.path for f in files)
     if config.dry_run:
         check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
-        return dry_run_result(config, files, chosen, spec, model_args, model, output_names, output_bytes, warnings)
+        return dry_run_result(config, files, chosen, spec, model_args, model, output_names, output_bytes, warnings,
+                              dist.world_size)
     together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
              if dist.is_main else None)
     stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event, storage=config.basis_dtype,
