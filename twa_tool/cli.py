@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
@@ -32,14 +35,15 @@ from .config import (
     parse_key_values,
     parse_range,
 )
-from .errors import QualityGateFailed, TwaError
+from .errors import DistributedError, QualityGateFailed, TwaError
 from .pipeline import Event
 from .writer import parse_size
 
 EXIT_CODES_HELP = """\b
 Exit codes: 0 ok, 1 unexpected failure, 2 usage error, 3 quality gate failed,
 4 invalid or incompatible input, 5 unsafe input refused, 6 numerical failure,
-7 cannot write output, 130 interrupted, 143 terminated."""
+7 cannot write output, 8 another torchrun rank failed, 130 interrupted,
+143 terminated."""
 
 
 class Terminated(BaseException):
@@ -119,21 +123,43 @@ class ProgressSink:
                 self.last_line = time.monotonic()
 
 
+def torchrun_rank() -> int:
+    """This process's rank under torchrun (0 otherwise): ranks other than 0 stay quiet."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def _record_for_torchrun(err: BaseException) -> None:
+    """Under torchrun, leave the error where its failure summary shows it as the root cause."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(err)
+
+
 def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> None:
     """Run a command body, mapping failures to one line and the documented exit code.
 
-    Errors are printed even with ``-q`` (on a console of their own).
+    Errors are printed even with ``-q`` (on a console of their own). Under torchrun, rank 0 prints; the
+    other ranks only print errors that are their own (unexpected ones and broken process groups, with
+    their rank), since every rank meets the same input errors.
     """
+    rank = torchrun_rank()
     console = make_console(quiet=False) if console.quiet else console
+    if rank:
+        console = make_console(quiet=not verbose)
+    prefix = f"rank {rank}: " if rank else ""
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         body()
     except TwaError as err:
+        if rank and err.exit_code == DistributedError.exit_code:
+            console = make_console(quiet=False)
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        console.print(f"[red]{prefix}error:[/red] {escape(str(err))}", soft_wrap=True)
         if err.details:
             console.print(details_text(err.details), soft_wrap=True, markup=False, highlight=False)
+        _record_for_torchrun(err)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: no partial output was left")
@@ -142,10 +168,12 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> N
         console.print("[red]terminated[/red]: no partial output was left")
         sys.exit(143)
     except Exception as err:  # unexpected: still one line, traceback with -v
+        console = make_console(quiet=False)
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
-        console.print(f"[red]unexpected error:[/red] {type(err).__name__}: {err} (rerun with -v for the traceback)",
-                      soft_wrap=True)
+        console.print(f"[red]{prefix}unexpected error:[/red] {type(err).__name__}: {escape(str(err))} (rerun with -v "
+                      f"for the traceback)", soft_wrap=True)
+        _record_for_torchrun(err)
         sys.exit(1)
     finally:
         if previous is not None:
@@ -297,7 +325,9 @@ def run_options(fn: Callable) -> Callable:
 @click.option("--on-worse", type=click.Choice(["keep", "fallback"]), default="keep", show_default=True,
               help="When the gate fails: keep the TWA model, or write the best baseline instead.")
 @click.option("--fault", "faults", multiple=True, hidden=True,
-              help="Fault injection for tests: oom-basis, pause-write.")
+              help="Fault injection for tests: oom-basis, pause-write, kill-rank1.")
+@click.option("--dist-timeout", type=float, default=300.0, show_default=True, metavar="SECONDS",
+              help="Under torchrun: how long a rank waits for the others in a collective before the run fails.")
 @click.option("--dry-run", is_flag=True, help="Print the selection, a memory estimate and what would be written; "
                                                  "touch nothing.")
 @common_output_options
@@ -308,15 +338,16 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             last: int | None, top_k: int | None, by: str | None, mode: str | None, start: str, lr: float,
             wd: float, momentum: float, epochs: int, batch_size: int, schedule: str, fit_on: str,
             holdout_fraction: float, baselines: str, fail_if_worse_than: str | None, tolerance: float,
-            on_worse: str, faults: tuple[str, ...], dry_run: bool, basis_dtype: str,
+            on_worse: str, faults: tuple[str, ...], dist_timeout: float, dry_run: bool, basis_dtype: str,
             out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool, quiet: bool,
             verbose: bool) -> None:
     """Average the checkpoints in CHECKPOINT_DIR with trainable coefficients (TWA).
 
     Writes OUT/model.safetensors and OUT/report.json, and compares the result with the last
-    checkpoint, the best single checkpoint and SWA on the evaluation split.
+    checkpoint, the best single checkpoint and SWA on the evaluation split. Under torchrun
+    (`torchrun --nproc-per-node N -m twa_tool average ...`) the ranks share the data and the basis.
     """
-    console = make_console(quiet)
+    console = make_console(quiet or torchrun_rank() != 0)
     set_threads(threads)
 
     def body() -> None:
@@ -338,9 +369,10 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             faults=faults)
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
-        with ProgressSink(console) as sink:
-            result = run_average(config, on_event=sink)
-        emit(result.report, as_json, console, render_dry_run if dry_run else render_average)
+        with process_group(device, dist_timeout) as dist, ProgressSink(console) as sink:
+            result = run_average(config, on_event=sink, dist=dist)
+        if dist.is_main:
+            emit(result.report, as_json, console, render_dry_run if dry_run else render_average)
         gate = result.report.get("quality_gate")
         if gate is not None and not gate["passed"]:
             raise QualityGateFailed(
@@ -514,6 +546,37 @@ def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, ep
         emit(result.report, as_json, console, render_average)
 
     run_reported(verbose, console, body)
+
+
+BACKEND_WORDS = ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset")
+
+
+def _first_sentence(message: str) -> str:
+    """A backend's error without its source location and advice: ``Read error ...: Connection reset by peer``."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", message.strip().splitlines()[0] if message.strip() else "no detail")
+    return text.split(". ")[0].rstrip(".")
+
+
+@contextmanager
+def process_group(device: str, timeout_s: float) -> Iterator:
+    """The torchrun process group for one run (a single-process ``Dist`` outside torchrun); a broken group
+    (a peer died, a collective timed out) becomes a ``DistributedError``."""
+    import torch.distributed as tdist
+
+    from .distributed import init, shutdown
+    from .pipeline import resolve_device
+
+    if timeout_s <= 0:
+        raise click.BadParameter("must be positive", param_hint="--dist-timeout")
+    dist = init(resolve_device(device), timeout_s)
+    try:
+        yield dist
+    except RuntimeError as err:  # DistError (a RuntimeError) and the backends' own errors
+        if isinstance(err, tdist.DistError) or (dist.active and any(word in str(err) for word in BACKEND_WORDS)):
+            raise DistributedError(f"the torchrun process group failed ({_first_sentence(str(err))}); another "
+                                   f"rank died or timed out (--dist-timeout {timeout_s:g}s)") from None
+        raise
+    shutdown(dist)
 
 
 def main() -> None:

@@ -67,3 +67,9 @@ class OutputError(TwaError):
     """The output cannot be written (exists without --overwrite, no permission, no space)."""
 
     exit_code = 7
+
+
+class DistributedError(TwaError):
+    """Another rank of a torchrun job failed, or the process group broke (a peer died or timed out)."""
+
+    exit_code = 8

@@ -8,16 +8,17 @@ basis, float64 mean) -> data -> baselines (last, best, swa; BN re-estimated for 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from . import __version__
 from .checkpoints import (
@@ -31,7 +32,8 @@ from .checkpoints import (
 )
 from .config import AverageConfig
 from .data import build_data, split_holdout
-from .errors import CheckpointError, ConfigError, ModelError, NumericalError
+from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
+from .errors import CheckpointError, ConfigError, DistributedError, ModelError, NumericalError
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
@@ -92,6 +94,7 @@ class Stream:
     last_state: dict[str, torch.Tensor]
     sha256: list[str]
     timings: dict[str, float] = field(default_factory=dict)
+    shard: Shard | None = None  # under torchrun: this rank's columns of the basis (``subspace`` holds them)
 
 
 @dataclass(frozen=True)
@@ -233,9 +236,23 @@ def _work_dtype(state: dict[str, torch.Tensor], names: list[str]) -> torch.dtype
     return torch.float64 if any(state[n].dtype == torch.float64 for n in names) else torch.float32
 
 
+def _column_parts(parts: list[torch.Tensor], columns: slice | None) -> list[torch.Tensor]:
+    """The entries ``columns`` of the concatenation of the flattened ``parts``, as views (no copy)."""
+    if columns is None:
+        return parts
+    out, offset = [], 0
+    for t in parts:
+        flat = t.reshape(-1)
+        lo, hi = max(columns.start, offset), min(columns.stop, offset + flat.numel())
+        if lo < hi:
+            out.append(flat[lo - offset:hi - offset])
+        offset += flat.numel()
+    return out or [parts[0].reshape(-1)[:0]]
+
+
 def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: list[str], rtol: float,
                        reader: Reader, on_event: EventSink, block: int = BASIS_BLOCK,
-                       storage: str = "float32") -> Stream:
+                       storage: str = "float32", dist: Dist | None = None) -> Stream:
     """Read each checkpoint once: validate it, add it to the basis, accumulate the float64 mean.
 
     Each checkpoint's parameters are copied straight into their row of the basis buffer, and rows
@@ -244,7 +261,14 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
     statistics) are summed from the states. A second thread reads every file once ahead of the main
     one, for its SHA-256 and the zip CRC check (hashlib and zlib release the GIL); a file is loaded only
     after its CRCs matched.
+
+    Under torchrun (``dist``) each rank pushes only its columns of every checkpoint and the builder
+    sums its inner products over the ranks: each rank ends with its column shard of the one basis.
     """
+    dist = dist or Dist()
+    d = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
+    columns = dist.columns(d) if dist.active else None
+    reduce = _reducer(dist) if dist.active else None
     builder: BasisBuilder | None = None
     sums: dict[str, torch.Tensor] = {}
     last: dict[str, torch.Tensor] = {}
@@ -260,8 +284,8 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
                 _check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
                 if builder is None:
                     builder = BasisBuilder(capacity=len(files), rtol=rtol, dtype=_work_dtype(state, names),
-                                           block=block, track_mean=True)
-                builder.push([state[n] for n in names])
+                                           block=block, track_mean=True, reduce=reduce)
+                builder.push(_column_parts([state[n] for n in names], columns))
                 for key, value in state.items():
                     if value.is_floating_point() and key not in trainable:
                         sums[key] = sums[key] + value.double() if key in sums else value.double()
@@ -284,18 +308,41 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
                              f"TWA needs at least 2 distinct checkpoints")
     mean_state = {k: (sums[k] / len(files)).to(v.dtype) if k in sums else v.clone() for k, v in last.items()}
     mean, offset = builder.mean(), 0
+    if columns is not None:
+        mean = dist.gather_columns(mean.to(dist.comm_device), d).cpu()
     for name in names:
         n = last[name].numel()
         mean_state[name] = mean[offset:offset + n].view(last[name].shape).to(last[name].dtype)
         offset += n
-    return Stream(subspace=builder.finish(storage), mean_state=mean_state, last_state=last, sha256=sha256)
+    subspace = builder.finish(storage)
+    shard = Shard(subspace, columns, d, dist) if columns is not None else None
+    return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256, shard=shard)
 
 
-def _loader(dataset: Dataset, config: AverageConfig, shuffle: bool, seed: int) -> DataLoader:
+def _reducer(dist: Dist):
+    """The builder's hook: sum a small float64 matrix over the ranks (on the backend's device)."""
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        return dist.sum(t.to(dist.comm_device)).to(t.device)
+
+    return reduce
+
+
+def _loader(dataset: Dataset, config: AverageConfig, shuffle: bool, seed: int, dist: Dist | None = None) -> DataLoader:
+    """Batches of ``--batch-size``. Under torchrun, every rank walks the same global batches (same seeded
+    order as one process): a shuffled (training) loader yields this rank's part of each batch, an ordered
+    one (evaluation, BN) every N-th whole batch."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=shuffle,
-                      num_workers=config.num_workers, generator=generator,
-                      worker_init_fn=None, drop_last=False)
+    if dist is None or not dist.active:
+        return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=shuffle,
+                          num_workers=config.num_workers, generator=generator,
+                          worker_init_fn=None, drop_last=False)
+    order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    batches = BatchSampler(order, config.train.batch_size, drop_last=False)
+    if shuffle:
+        return DataLoader(dataset, batch_sampler=RankBatches(batches, dist), num_workers=config.num_workers,
+                          generator=generator, collate_fn=EmptyAwareCollate(dataset[0]))
+    return DataLoader(dataset, batch_sampler=RankStride(batches, dist), num_workers=config.num_workers,
+                      generator=generator)
 
 
 @dataclass
@@ -308,11 +355,12 @@ class Evaluator:
     eval_loader: DataLoader
     config: AverageConfig
     device: torch.device
+    dist: Dist = field(default_factory=Dist)
 
     def bn_pass(self) -> None:
         torch.manual_seed(self.config.seed)  # same augmentation draws for every model
-        recalibrate_bn(self.model, _loader(self.bn_data, self.config, shuffle=False, seed=self.config.seed),
-                       self.device)
+        loader = _loader(self.bn_data, self.config, shuffle=False, seed=self.config.seed, dist=self.dist)
+        recalibrate_bn(self.model, loader, self.device, self.dist if self.dist.active else None)
 
     def recalibrated(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The state with BN statistics re-estimated, as it was evaluated (for writing a baseline)."""
@@ -323,7 +371,7 @@ class Evaluator:
     def __call__(self, state: dict[str, torch.Tensor]) -> Metrics:
         load_state(self.model, state)
         self.bn_pass()
-        return evaluate(self.model, self.eval_loader, self.device, self.config.amp)
+        return evaluate(self.model, self.eval_loader, self.device, self.config.amp, self.dist)
 
 
 def run_baselines(config: AverageConfig, files: list[CheckpointFile], stream: Stream, evaluator: Evaluator,
@@ -383,19 +431,27 @@ def run_twa(config: AverageConfig, files: list[CheckpointFile], stream: Stream, 
     start_name, state = start_state(config, files, stream, evaluator.reader)
     load_state(model, state)
     basis = place_basis(stream.subspace.basis, device, "oom-basis" in config.faults, on_event)
-    loader = _loader(fit_data, config, shuffle=True, seed=config.seed)
+    if stream.shard is not None:
+        basis = replace(stream.shard, subspace=replace(stream.subspace, basis=basis))
+    dist = evaluator.dist
+    loader = _loader(fit_data, config, shuffle=True, seed=config.seed, dist=dist)
     on_event(Event("phase", f"training coefficients ({config.train.epochs} epochs)",
                    total=config.train.epochs * len(loader)))
     torch.manual_seed(config.seed)
-    result = train_projected(model, names, basis, loader, config.train, device, config.amp,
-                             on_step=lambda info: on_event(Event("step", step=info)))
+
+    def on_step(info: StepInfo) -> None:
+        if "kill-rank1" in config.faults and dist.rank == 1 and info.step == 1:
+            os._exit(13)  # fault injection for tests: a worker dies mid-training
+        on_event(Event("step", step=info))
+
+    result = train_projected(model, names, basis, loader, config.train, device, config.amp, on_step=on_step)
     del basis
     weights = flatten({n: p.detach().cpu() for n, p in model.named_parameters()}, names)  # float64: not on mps
     if not torch.isfinite(weights).all():
         raise NumericalError(f"TWA weights became non-finite (lr {config.train.lr:g}); lower --lr")
     on_event(Event("phase", "evaluating twa", total=1))
     evaluator.bn_pass()
-    metrics = evaluate(model, evaluator.eval_loader, device, config.amp).as_dict()
+    metrics = evaluate(model, evaluator.eval_loader, device, config.amp, dist).as_dict()
     on_event(Event("advance"))
     train = {"start": start_name, "steps": result.steps, "epoch_losses": list(result.epoch_losses)}
     return metrics, train, weights
@@ -411,23 +467,25 @@ def planned_outputs(config: AverageConfig,
     return (*model_file_names(len(shards)), REPORT_FILE, HUMAN_REPORT_FILE, *PLOT_FILES), size
 
 
-def memory_estimate(model: nn.Module, k: int, storage: str = "float32") -> dict[str, int]:
+def memory_estimate(model: nn.Module, k: int, storage: str = "float32", ranks: int = 1) -> dict[str, int]:
     """Peak host memory of the run, by part (bytes): the float32 build buffer (which becomes the basis), the
     low-precision copy when ``--basis-dtype`` asks for one, the float64 mean, one loaded checkpoint, and the
-    model with its gradients and momentum."""
-    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model with its gradients and momentum. Under torchrun (``ranks`` > 1): per rank, with its basis shard."""
+    full = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    d = -(-full // ranks)
     state = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     floats = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
     stored = 0 if storage == "float32" else k * d * STORAGE_DTYPES[storage].itemsize
     parts = {"basis_float32": k * d * 4, "basis_stored": stored, "mean_float64": floats * 8,
-             "one_checkpoint": state, "model_grads_momentum": state + 2 * d * 4}
+             "one_checkpoint": state, "model_grads_momentum": state + 2 * full * 4}
     return {**parts, "total": sum(parts.values())}
 
 
 def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen, spec: str,
                    model_args: tuple[tuple[str, str], ...], model: nn.Module, output_names: tuple[str, ...],
-                   output_bytes: int, warnings: list[str]) -> AverageResult:
-    """What a run would do: the selection, a memory estimate and the files it would write; nothing touched."""
+                   output_bytes: int, warnings: list[str], ranks: int = 1) -> AverageResult:
+    """What a run would do: the selection, a memory estimate (per rank under torchrun) and the files it would
+    write; nothing touched."""
     report = {
         "schema_version": SCHEMA_VERSION, "tool": "twa", "version": __version__, "command": "average",
         "dry_run": True,
@@ -436,7 +494,7 @@ def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: C
         "excluded": [{"name": d.name, "reason": d.reason} for d in chosen.dropped],
         "model": {"spec": spec, "args": dict(model_args),
                   "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
-        "memory_estimate_bytes": memory_estimate(model, len(files), config.basis_dtype),
+        "memory_estimate_bytes": memory_estimate(model, len(files), config.basis_dtype, ranks),
         "would_write": [str(config.out_dir / n) for n in output_names],
         "output_bytes": output_bytes,
         "config": _config_dict(config),
@@ -498,8 +556,13 @@ def _output_state_from(state: dict[str, torch.Tensor], reference: dict[str, torc
     return {k: v.detach().to("cpu", reference[k].dtype) for k, v in state.items()}
 
 
-def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> AverageResult:
-    """Run ``twa average`` end to end and write the model, ``report.json`` and ``report.md``."""
+def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist | None = None) -> AverageResult:
+    """Run ``twa average`` end to end and write the model, ``report.json`` and ``report.md``.
+
+    Under torchrun every rank calls this with its ``dist``: the basis is sharded over the ranks, the
+    data split between them, and only rank 0 writes (the others return the same report).
+    """
+    dist = dist or Dist()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     warnings: list[str] = []
@@ -509,7 +572,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
         on_event(Event("warning", message))
 
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
+    device = dist.device(resolve_device(config.device))
     chosen = select_checkpoints(config)
     files = list(chosen.files)
     for dropped in chosen.dropped:
@@ -526,22 +589,25 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
     inputs = tuple(f.path for f in files)
     if config.dry_run:
         check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
-        return dry_run_result(config, files, chosen, spec, model_args, model, output_names, output_bytes, warnings)
-    prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
-    stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event, storage=config.basis_dtype)
+        return dry_run_result(config, files, chosen, spec, model_args, model, output_names, output_bytes, warnings,
+                              dist.world_size)
+    together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
+             if dist.is_main else None)
+    stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event, storage=config.basis_dtype,
+                                dist=dist)
     for index in stream.subspace.dropped:
         warn(f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or combination); "
              f"dropped from the basis")
     timings["load_and_basis_s"] = time.perf_counter() - clock
 
-    data = build_data(config.data, root=config.data_root, download=config.download)
+    data = build_data_once(config, dist)
     fit_data: Dataset = data.train
     if config.fit_on == "holdout":
         _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
     model.to(device)
-    eval_loader = _loader(data.eval, config, shuffle=False, seed=config.seed)
+    eval_loader = _loader(data.eval, config, shuffle=False, seed=config.seed, dist=dist)
     evaluator = Evaluator(model=model, reader=reader, bn_data=data.train, eval_loader=eval_loader, config=config,
-                          device=device)
+                          device=device, dist=dist)
 
     clock = time.perf_counter()
     metrics, per_checkpoint = run_baselines(config, files, stream, evaluator, on_event)
@@ -561,18 +627,64 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore) -> Average
         "timings": timings,
         "warnings": warnings,
     }
+    if dist.active:
+        report["distributed"] = distributed_facts(dist, stream)
     written_method, state = choose_output(config, report, files, stream, evaluator)
-    return write_outputs(config, report, files, state, written_method)
+    if not dist.active:
+        return write_outputs(config, report, files, state, written_method)
+    written = together(dist, lambda: write_outputs(config, report, files, state, written_method)
+                       if dist.is_main else None)
+    return written or AverageResult(report=report, model_path=config.out_dir / output_names[0],
+                                    report_path=config.out_dir / REPORT_FILE, warnings=tuple(warnings))
+
+
+def together(dist: Dist, step: Callable[[], AverageResult | None]) -> AverageResult | None:
+    """Run a step that only some ranks do (rank 0's checks and writes), then agree: when it failed on any
+    rank, the others fail too, at once, instead of waiting in the next collective until the timeout."""
+    try:
+        out = step()
+    except BaseException:
+        dist.all_ok(False)
+        raise
+    if not dist.all_ok(True):
+        raise DistributedError("rank 0 failed (see its error); nothing was written")
+    return out
+
+
+def build_data_once(config: AverageConfig, dist: Dist):
+    """The datasets; with ``--download`` under torchrun rank 0 downloads first, the others then read."""
+    if not (config.download and dist.active):
+        return build_data(config.data, root=config.data_root, download=config.download)
+    data = together(dist, lambda: build_data(config.data, root=config.data_root, download=True)
+                    if dist.is_main else None)
+    return data or build_data(config.data, root=config.data_root, download=False)
+
+
+def distributed_facts(dist: Dist, stream: Stream) -> dict:
+    """The report's ``distributed`` section: the group and each rank's share of the basis."""
+    assert stream.shard is not None
+    columns = stream.shard.columns
+    return {"world_size": dist.world_size, "backend": dist.backend,
+            "basis_bytes_per_rank": [int(v) for v in dist.gather_values(stream.subspace.basis.nbytes)],
+            "columns_per_rank": [int(v) for v in dist.gather_values(columns.stop - columns.start)],
+            "dim": stream.shard.dim}
 
 
 def run_facts(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen, stream: Stream,
               weights: torch.Tensor, spec: str, model_args: tuple[tuple[str, str], ...]) -> dict:
     """The report's record of inputs, selection, coefficients and basis quality."""
     subspace = stream.subspace
-    coefficients = subspace.checkpoint_coefficients(weights)
-    projected = subspace.basis.combine(subspace.coordinates(weights))
-    span_residual = (torch.linalg.vector_norm(weights.double() - projected) /
-                     torch.linalg.vector_norm(weights.double())).item()
+    if stream.shard is not None:  # sharded: every product is local and summed over the ranks
+        coefficients = stream.shard.checkpoint_coefficients(weights)
+        span_residual = stream.shard.span_residual(weights)
+        orthonormality = stream.shard.orthonormality_error()
+        basis_bytes = int(sum(stream.shard.dist.gather_values(subspace.basis.nbytes)))
+    else:
+        coefficients = subspace.checkpoint_coefficients(weights)
+        projected = subspace.basis.combine(subspace.coordinates(weights))
+        span_residual = (torch.linalg.vector_norm(weights.double() - projected) /
+                         torch.linalg.vector_norm(weights.double())).item()
+        orthonormality, basis_bytes = orthonormality_error(subspace.basis), subspace.basis.nbytes
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": "twa",
@@ -583,9 +695,9 @@ def run_facts(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen
         "coefficients_sum": float(coefficients.sum()),
         "dropped": [files[i].name for i in subspace.dropped],
         "excluded": [{"name": d.name, "reason": d.reason} for d in chosen.dropped],
-        "basis": {"rank": subspace.rank, "orthonormality_error": orthonormality_error(subspace.basis),
+        "basis": {"rank": subspace.rank, "orthonormality_error": orthonormality,
                   "span_residual": span_residual, "storage": subspace.basis.storage,
-                  "bytes": subspace.basis.nbytes},
+                  "bytes": basis_bytes},
         "model": {"spec": spec, "args": dict(model_args), "parameters": int(weights.numel())},
         "config": _config_dict(config),
         "inputs": [{"name": f.name, "path": str(f.path), "sha256": h} for f, h in zip(files, stream.sha256)],

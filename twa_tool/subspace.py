@@ -25,7 +25,7 @@ to the rounding error of the format (documented in ``STORAGE_TOLERANCE``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -259,10 +259,14 @@ class BasisBuilder:
         dtype: working and storage dtype of the rows (float32, or float64 for reference builds).
         block: vectors orthogonalised together.
         track_mean: keep the float64 sum of the pushed vectors.
+        reduce: applied to every float64 inner-product matrix (and the squared row norms) before use;
+            identity by default. A column-sharded build passes a sum over the shards (an all-reduce), so
+            every shard sees the inner products of the whole vectors and takes the same decisions.
     """
 
     def __init__(self, capacity: int, rtol: float = DEFAULT_RANK_RTOL, dtype: torch.dtype = torch.float32,
-                 block: int = 16, track_mean: bool = False) -> None:
+                 block: int = 16, track_mean: bool = False,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
@@ -270,6 +274,7 @@ class BasisBuilder:
         self.dtype = dtype
         self.block = max(1, block)
         self.track_mean = track_mean
+        self._reduce = reduce
         self._rows: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
         self._anchor: torch.Tensor | None = None  # the first kept vector, subtracted from all later ones
@@ -332,6 +337,8 @@ class BasisBuilder:
         base, first = len(self.kept), self.seen - b
         block = self._rows[base:base + b]
         norms0 = torch.linalg.vector_norm(block, dim=1).to(torch.float64)
+        if self._reduce is not None:
+            norms0 = self._reduce(norms0.square()).sqrt()
         bad = (~torch.isfinite(norms0)).nonzero()
         if len(bad):
             raise ValueError(f"vector {first + int(bad[0])} has non-finite entries")
@@ -342,13 +349,18 @@ class BasisBuilder:
         while done < b:
             k = len(self.kept)
             y, p = block[done:], self._rows[:k]
-            c = _dot(p, y)
+            c = self._dot(p, y)
             _subtract(y, c, p)
             coeffs = torch.cat([coeffs, torch.zeros(k - coeffs.shape[0], b - done, dtype=torch.float64)]) + c
-            keep, lower, stop = _cholesky_in_order(_dot(y, y), self.rtol * norms0[done:])
+            keep, lower, stop = _cholesky_in_order(self._dot(y, y), self.rtol * norms0[done:])
             self.rounds += 1
             self._finish_prefix(k, y[:stop], keep, lower, coeffs[:, :stop], first + done)
             coeffs, done = coeffs[:, stop:], done + stop
+
+    def _dot(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``p @ y^T`` in float64, summed over the shards when the build is sharded."""
+        out = _dot(p, y)
+        return out if self._reduce is None or out.numel() == 0 else self._reduce(out)
 
     def _subtract_anchor(self, block: torch.Tensor, first: int, norms0: torch.Tensor) -> None:
         """Replace every vector after the anchor (the first non-zero one) by its difference from it.
@@ -393,9 +405,9 @@ class BasisBuilder:
             t1[:, keep] = torch.linalg.solve_triangular(lower, eye, upper=False)
             q, p = rows[k:k + m], rows[:k]
             _transform(y, t1, q)  # Q1 = L1^-1 Y_kept, compacted to rows k..k+m (never past y's own rows)
-            c2 = _dot(p, q)
+            c2 = self._dot(p, q)
             _subtract(q, c2, p)
-            gram2 = _dot(q, q)
+            gram2 = self._dot(q, q)
             if (gram2 - eye).abs().max() <= _ORTHONORMAL_ENOUGH:  # the second Cholesky-QR would change nothing
                 lower2 = eye
             else:

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import update_bn
 
 from .config import TrainConfig
+from .distributed import Dist, Shard, global_batchnorm, merge_bn_statistics
 from .errors import NumericalError
 from .subspace import Basis
 
@@ -143,7 +144,7 @@ def _batch_to(batch: object, device: torch.device) -> tuple[torch.Tensor, torch.
 def train_projected(
     model: nn.Module,
     names: list[str],
-    basis: Basis | torch.Tensor,
+    basis: Basis | torch.Tensor | Shard,
     loader: Iterable,
     config: TrainConfig,
     device: torch.device,
@@ -159,7 +160,13 @@ def train_projected(
         loader: yields ``(inputs, targets)``; iterated once per epoch.
         config: optimiser hyper-parameters and schedule.
         on_step: progress callback, called after each step.
+
+    With a ``Shard`` (``torchrun``), ``loader`` yields this rank's part of each global batch: the
+    losses and gradients are summed over the ranks, BatchNorm uses the global batch's statistics, and
+    the projection runs on the rank's columns; every rank then takes the same step.
     """
+    if isinstance(basis, Shard):
+        return _train_sharded(model, names, basis, loader, config, device, amp, on_step)
     basis = basis if isinstance(basis, Basis) else Basis(basis)
     named = dict(model.named_parameters())
     params = [named[n] for n in names]
@@ -202,9 +209,63 @@ def train_projected(
     return TrainResult(steps=steps, final_loss=loss_value, epoch_losses=tuple(epoch_losses))
 
 
+def _train_sharded(model: nn.Module, names: list[str], shard: Shard, loader: Iterable, config: TrainConfig,
+                   device: torch.device, amp: str, on_step: Callable[[StepInfo], None] | None) -> TrainResult:
+    """``train_projected`` on N ranks; per step: all-reduce of 2 values (loss sum, example count), of the
+    D gradient values and of K coefficients, all-gather of the D projected values (BN layers: their
+    statistics and those gradients)."""
+    dist = shard.dist
+    named = dict(model.named_parameters())
+    params = [named[n] for n in names]
+    flat = FlatGrad(params)
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
+    schedule = SCHEDULES[config.schedule]
+    steps_per_epoch = len(loader)  # type: ignore[arg-type]
+    model.train()
+    steps, epoch_losses, loss_value = 0, [], float("nan")
+    with global_batchnorm(model, dist):
+        for epoch in range(config.epochs):
+            total, count = 0.0, 0
+            for step, batch in enumerate(loader):
+                lr = config.lr * schedule(epoch, step, steps_per_epoch, config.epochs)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                inputs, targets = _batch_to(batch, device)
+                optimizer.zero_grad(set_to_none=False)
+                with autocast(device, amp):
+                    loss_sum = F.cross_entropy(model(inputs).float(), targets, reduction="sum")
+                sums = dist.sum(torch.stack([loss_sum.detach().double(), torch.tensor(float(len(targets)),
+                                             dtype=torch.float64, device=loss_sum.device)]).to(dist.comm_device))
+                global_count = int(sums[1].item())
+                loss_value = sums[0].item() / max(1, global_count)
+                if not math.isfinite(loss_value):
+                    raise NumericalError(f"training loss became {loss_value} at epoch {epoch + 1} step {step + 1} "
+                                         f"(lr {lr:g}); lower --lr")
+                scaler.scale(loss_sum / global_count).backward()
+                g = dist.sum(flat.gather())  # the global batch's mean gradient on every rank
+                scaler.unscale_(optimizer)
+                g.copy_(shard.project(g))
+                scaler.step(optimizer)
+                scaler.update()
+                steps += 1
+                total += loss_value * global_count
+                count += global_count
+                if on_step is not None:
+                    on_step(StepInfo(epoch, step, steps_per_epoch, config.epochs, lr, loss_value))
+            epoch_losses.append(total / max(1, count))
+    for p in params:
+        p.grad = None
+    return TrainResult(steps=steps, final_loss=loss_value, epoch_losses=tuple(epoch_losses))
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str = "off") -> Metrics:
-    """Top-1 accuracy (fraction) and mean cross-entropy over ``loader``; restores the train flag."""
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str = "off",
+             dist: Dist | None = None) -> Metrics:
+    """Top-1 accuracy (fraction) and mean cross-entropy over ``loader``; restores the train flag.
+
+    With ``dist`` (torchrun), ``loader`` is this rank's share and the sums are added over the ranks."""
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
@@ -216,6 +277,9 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str 
         correct += (logits.argmax(dim=1) == targets).sum().item()
         count += len(targets)
     model.train(was_training)
+    if dist is not None and dist.active:
+        sums = dist.sum(torch.tensor([correct, loss_sum, count], dtype=torch.float64, device=dist.comm_device))
+        correct, loss_sum, count = int(sums[0].item()), sums[1].item(), int(sums[2].item())
     if count == 0:
         raise NumericalError("the evaluation split is empty; check --data")
     return Metrics(accuracy=correct / count, loss=loss_sum / count, count=count)
@@ -225,12 +289,16 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device) -> bool:
+def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, dist: Dist | None = None) -> bool:
     """Reset and re-estimate BatchNorm running statistics (cumulative average over one pass).
 
-    Delegates to ``torch.optim.swa_utils.update_bn``. Returns False when the model has no BN.
+    Delegates to ``torch.optim.swa_utils.update_bn``. Returns False when the model has no BN. With
+    ``dist`` (torchrun), ``loader`` holds this rank's whole batches and the per-rank averages are merged
+    into the average over all batches, as one process computes it.
     """
     if not has_batchnorm(model):
         return False
     update_bn(loader, model, device=device)
+    if dist is not None:
+        merge_bn_statistics(model, len(loader), dist)  # type: ignore[arg-type]
     return True
