@@ -218,13 +218,17 @@ def quantize(values: torch.Tensor, storage: str) -> Basis:
             out[i] = row
         return Basis(out)
     k, d = values.shape
-    blocks = -(-d // QUANT_BLOCK)
+    blocks, full = -(-d // QUANT_BLOCK), d // QUANT_BLOCK * QUANT_BLOCK
     scales = torch.empty(k, blocks, dtype=torch.float32, device=values.device)
     for i, row in enumerate(values):
-        padded = torch.nn.functional.pad(row.float(), (0, blocks * QUANT_BLOCK - d)).view(blocks, QUANT_BLOCK)
-        scale = padded.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
-        scales[i] = scale
-        out[i] = (padded / scale[:, None]).round_().clamp_(-127, 127).view(-1)[:d].to(torch.int8)
+        parts = [row[:full].view(-1, QUANT_BLOCK)] + ([row[full:].view(1, -1)] if full < d else [])
+        start, first = 0, 0
+        for part in parts:  # the whole blocks, then the shorter last one
+            low, high = torch.aminmax(part.float(), dim=1)
+            scale = (torch.maximum(high, -low) / 127.0).clamp_min(1e-30)  # 1/scale finite for all-zero blocks
+            scales[i, first:first + len(scale)] = scale
+            out[i, start:start + part.numel()] = (part.float() * (1.0 / scale)[:, None]).round_().view(-1)
+            start, first = start + part.numel(), first + len(scale)
     return Basis(out, scales)
 
 
