@@ -216,3 +216,27 @@ def test_bf16_widening_is_bit_exact() -> None:
     values = torch.randn(7, 5000).to(torch.bfloat16)
     for dtype in (torch.float32, torch.float64):
         assert torch.equal(subspace._widen(values[:, 3:4100], dtype), values[:, 3:4100].to(dtype))
+
+
+def test_background_blocks_give_the_same_basis_and_raise_their_errors() -> None:
+    vectors = trajectory(40, 20_000)
+    vectors.insert(7, vectors[3].clone())  # a dropped row: later blocks are compacted over it
+    results = []
+    for background in (False, True):
+        builder = BasisBuilder(capacity=len(vectors), block=8, background=background, track_mean=True)
+        for v in vectors:
+            builder.push(v)
+        mean = builder.mean()
+        results.append((builder.finish(), mean))
+    (plain, mean_plain), (threaded, mean_threaded) = results
+    assert threaded.kept == plain.kept and threaded.dropped == plain.dropped == (7,)
+    assert torch.equal(threaded.basis.values, plain.basis.values) and torch.equal(threaded.r, plain.r)
+    assert torch.equal(mean_threaded, mean_plain)
+    builder = BasisBuilder(capacity=20, block=4, background=True)
+    for v in trajectory(3, 100):
+        builder.push(v)
+    builder.push(torch.full((100,), float("inf")))  # completes a block, processed on the worker
+    with pytest.raises(ValueError, match="vector 3 has non-finite entries"):
+        for v in trajectory(4, 100):  # the error surfaces at the next block's flush, or at the end
+            builder.push(v)
+        builder.finish()

@@ -260,7 +260,7 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
     checkpoint. The float64 mean of the parameters comes from the same rows; floating buffers (BN
     statistics) are summed from the states. A second thread reads every file once ahead of the main
     one, for its SHA-256 and the zip CRC check (hashlib and zlib release the GIL); a file is loaded only
-    after its CRCs matched.
+    after its CRCs matched. A third orthogonalises each full block while the next one is being read.
 
     Under torchrun (``dist``) each rank pushes only its columns of every checkpoint and the builder
     sums its inner products over the ranks: each rank ends with its column shard of the one basis.
@@ -284,7 +284,8 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
                 _check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
                 if builder is None:
                     builder = BasisBuilder(capacity=len(files), rtol=rtol, dtype=_work_dtype(state, names),
-                                           block=block, track_mean=True, reduce=reduce)
+                                           block=block, track_mean=True, reduce=reduce,
+                                           background=not dist.active)  # collectives stay on this thread
                 builder.push(_column_parts([state[n] for n in names], columns))
                 for key, value in state.items():
                     if value.is_floating_point() and key not in trainable:
@@ -296,6 +297,8 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
         except BaseException as err:
             for future in digests:  # do not hash the remaining files on the way out
                 future.cancel()
+            if builder is not None:
+                builder.close()
             if isinstance(err, ValueError) and str(err).startswith("vector "):  # non-finite: name file and tensor
                 index = int(str(err).split()[1])
                 _check_finite(reader.load(files[index].path), str(files[index].path))

@@ -26,6 +26,7 @@ to the rounding error of the format (documented in ``STORAGE_TOLERANCE``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -270,7 +271,7 @@ class BasisBuilder:
 
     def __init__(self, capacity: int, rtol: float = DEFAULT_RANK_RTOL, dtype: torch.dtype = torch.float32,
                  block: int = 16, track_mean: bool = False,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, background: bool = False) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
@@ -290,6 +291,8 @@ class BasisBuilder:
         self.dropped: list[int] = []
         self.seen = 0
         self.rounds = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twa-basis") if background else None
+        self._running: Future | None = None
 
     # -- input ------------------------------------------------------------------------------
 
@@ -305,14 +308,16 @@ class BasisBuilder:
             self._rows = torch.empty(self.capacity, size, dtype=self.dtype)
         elif size != self._rows.shape[1]:
             raise ValueError(f"vector {self.seen} has {size} entries, expected {self._rows.shape[1]}")
-        row, offset = self._rows[len(self.kept) + self._pending], 0
+        row, offset = self._rows[self.seen], 0  # rows of earlier blocks are compacted when processed
         for t in parts:
             row[offset:offset + t.numel()].copy_(t)
             offset += t.numel()
+        if self.track_mean:  # here, on the caller's thread, while a background block is being processed
+            self._accumulate(row)
         self._pending += 1
         self.seen += 1
         if self._pending == self.block:
-            self.flush()
+            self.flush(wait=False)
 
     def add(self, vector: torch.Tensor) -> bool:
         """Orthogonalise ``vector`` against the basis so far and append it if independent."""
@@ -320,14 +325,40 @@ class BasisBuilder:
 
     def add_many(self, vectors: list[torch.Tensor]) -> list[bool]:
         """Push a list and process it; returns, per vector, whether it was kept."""
-        start = len(self._flags) + self._pending
+        self.flush()
+        start = len(self._flags)
         for v in vectors:
             self.push(v)
         self.flush()
         return self._flags[start:]
 
-    def flush(self) -> None:
-        """Orthogonalise the pending rows (a no-op when none are pending).
+    def flush(self, wait: bool = True) -> None:
+        """Orthogonalise the pending rows; with ``background`` and ``wait=False``, on the worker thread
+        while the caller pushes the next block into later rows (the two never touch the same rows).
+        Errors of a background block are raised by the next ``flush``.
+        """
+        self._wait()  # blocks are processed in order: the next one needs the rows of this one
+        b, self._pending = self._pending, 0
+        if b and self._rows is not None:
+            if self._worker is not None and not wait:
+                self._running = self._worker.submit(self._process, self.seen - b, b)
+            else:
+                self._process(self.seen - b, b)
+
+    def _wait(self) -> None:
+        if self._running is not None:
+            running, self._running = self._running, None
+            running.result()
+
+    def close(self) -> None:
+        """Stop the background worker (after the block it is processing, if any)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True, cancel_futures=True)
+            self._worker = None
+            self._running = None
+
+    def _process(self, first: int, b: int) -> None:
+        """Orthogonalise rows ``first .. first+b`` (vectors ``first ..``) against the finished rows.
 
         One round: a pass against the finished rows, the block's Gram matrix, Cholesky in order. The
         prefix of vectors the Gram matrix resolves is finished (Cholesky-QR, second pass against the
@@ -335,19 +366,13 @@ class BasisBuilder:
         before it in the block, starts a new round, now against those too. Every round finishes at
         least one vector.
         """
-        b, self._pending = self._pending, 0
-        if b == 0 or self._rows is None:
-            return
-        base, first = len(self.kept), self.seen - b
-        block = self._rows[base:base + b]
+        block = self._rows[first:first + b]
         norms0 = torch.linalg.vector_norm(block, dim=1).to(torch.float64)
         if self._reduce is not None:
             norms0 = self._reduce(norms0.square()).sqrt()
         bad = (~torch.isfinite(norms0)).nonzero()
         if len(bad):
             raise ValueError(f"vector {first + int(bad[0])} has non-finite entries")
-        if self.track_mean:
-            self._accumulate(block)
         self._subtract_anchor(block, first, norms0)
         done, coeffs = 0, torch.zeros(0, b, dtype=torch.float64)
         while done < b:
@@ -385,17 +410,16 @@ class BasisBuilder:
             if norms0[j] > 0:  # a zero vector stays zero, and is dropped
                 block[j] -= self._anchor
 
-    def _accumulate(self, block: torch.Tensor) -> None:
-        """Add the block's rows to the float64 sum, exactly (each float32 value is exact in float64).
+    def _accumulate(self, row: torch.Tensor) -> None:
+        """Add a row to the float64 sum, exactly (each float32 value is exact in float64).
 
-        numpy's mixed-precision add (single-threaded, vectorised) does it without a float64 copy of
-        the row; CPU torch's float32 -> float64 promotion is several times slower.
+        numpy's mixed-precision add (single-threaded, vectorised, without the GIL) does it without a
+        float64 copy of the row; CPU torch's float32 -> float64 promotion is several times slower.
         """
         if self._sum is None:
-            self._sum = torch.zeros(block.shape[1], dtype=torch.float64)
+            self._sum = torch.zeros(row.shape[0], dtype=torch.float64)
         total = self._sum.numpy()
-        for row in block:
-            np.add(total, row.numpy(), out=total)
+        np.add(total, row.numpy(), out=total)
 
     def _finish_prefix(self, k: int, y: torch.Tensor, keep: list[int], lower: torch.Tensor, c1: torch.Tensor,
                        first: int) -> None:
@@ -444,6 +468,7 @@ class BasisBuilder:
     def finish(self, storage: str | None = None) -> Subspace:
         """Return the finished subspace, its basis stored as ``storage`` (default: the working dtype)."""
         self.flush()
+        self.close()
         k = len(self.kept)
         if k == 0 or self._rows is None:
             raise ValueError("no independent vectors were added")
