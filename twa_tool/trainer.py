@@ -165,9 +165,8 @@ def train_projected(
     losses and gradients are summed over the ranks, BatchNorm uses the global batch's statistics, and
     the projection runs on the rank's columns; every rank then takes the same step.
     """
-    if isinstance(basis, Shard):
-        return _train_sharded(model, names, basis, loader, config, device, amp, on_step)
-    basis = basis if isinstance(basis, Basis) else Basis(basis)
+    replica = _Sharded(basis) if isinstance(basis, Shard) else _Local(basis if isinstance(basis, Basis)
+                                                                      else Basis(basis))
     named = dict(model.named_parameters())
     params = [named[n] for n in names]
     flat = FlatGrad(params)
@@ -178,54 +177,7 @@ def train_projected(
     steps_per_epoch = len(loader)  # type: ignore[arg-type]
     model.train()
     steps, epoch_losses, loss_value = 0, [], float("nan")
-    for epoch in range(config.epochs):
-        total, count = 0.0, 0
-        for step, batch in enumerate(loader):
-            lr = config.lr * schedule(epoch, step, steps_per_epoch, config.epochs)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            inputs, targets = _batch_to(batch, device)
-            optimizer.zero_grad(set_to_none=False)
-            with autocast(device, amp):
-                loss = F.cross_entropy(model(inputs), targets)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NumericalError(f"training loss became {loss_value} at epoch {epoch + 1} step {step + 1} "
-                                     f"(lr {lr:g}); lower --lr")
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            g = flat.gather()
-            g.copy_(project(basis, g))
-            scaler.step(optimizer)
-            scaler.update()
-            steps += 1
-            total += loss_value * len(targets)
-            count += len(targets)
-            if on_step is not None:
-                on_step(StepInfo(epoch, step, steps_per_epoch, config.epochs, lr, loss_value))
-        epoch_losses.append(total / max(1, count))
-    for p in params:
-        p.grad = None
-    return TrainResult(steps=steps, final_loss=loss_value, epoch_losses=tuple(epoch_losses))
-
-
-def _train_sharded(model: nn.Module, names: list[str], shard: Shard, loader: Iterable, config: TrainConfig,
-                   device: torch.device, amp: str, on_step: Callable[[StepInfo], None] | None) -> TrainResult:
-    """``train_projected`` on N ranks; per step: all-reduce of 2 values (loss sum, example count), of the
-    D gradient values and of K coefficients, all-gather of the D projected values (BN layers: their
-    statistics and those gradients)."""
-    dist = shard.dist
-    named = dict(model.named_parameters())
-    params = [named[n] for n in names]
-    flat = FlatGrad(params)
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
-    schedule = SCHEDULES[config.schedule]
-    steps_per_epoch = len(loader)  # type: ignore[arg-type]
-    model.train()
-    steps, epoch_losses, loss_value = 0, [], float("nan")
-    with global_batchnorm(model, dist):
+    with replica.context(model):
         for epoch in range(config.epochs):
             total, count = 0.0, 0
             for step, batch in enumerate(loader):
@@ -235,29 +187,72 @@ def _train_sharded(model: nn.Module, names: list[str], shard: Shard, loader: Ite
                 inputs, targets = _batch_to(batch, device)
                 optimizer.zero_grad(set_to_none=False)
                 with autocast(device, amp):
-                    loss_sum = F.cross_entropy(model(inputs).float(), targets, reduction="sum")
-                sums = dist.sum(torch.stack([loss_sum.detach().double(), torch.tensor(float(len(targets)),
-                                             dtype=torch.float64, device=loss_sum.device)]).to(dist.comm_device))
-                global_count = int(sums[1].item())
-                loss_value = sums[0].item() / max(1, global_count)
+                    loss, loss_value, examples = replica.loss(model(inputs), targets)
                 if not math.isfinite(loss_value):
                     raise NumericalError(f"training loss became {loss_value} at epoch {epoch + 1} step {step + 1} "
                                          f"(lr {lr:g}); lower --lr")
-                scaler.scale(loss_sum / global_count).backward()
-                g = dist.sum(flat.gather())  # the global batch's mean gradient on every rank
-                scaler.unscale_(optimizer)
-                g.copy_(shard.project(g))
+                scaler.scale(loss).backward()
+                g = replica.gradient(flat.gather())
+                scaler.unscale_(optimizer)  # in place on the flat buffer the parameters' grads view
+                g.copy_(replica.project(g))
                 scaler.step(optimizer)
                 scaler.update()
                 steps += 1
-                total += loss_value * global_count
-                count += global_count
+                total += loss_value * examples
+                count += examples
                 if on_step is not None:
                     on_step(StepInfo(epoch, step, steps_per_epoch, config.epochs, lr, loss_value))
             epoch_losses.append(total / max(1, count))
     for p in params:
         p.grad = None
     return TrainResult(steps=steps, final_loss=loss_value, epoch_losses=tuple(epoch_losses))
+
+
+@dataclass(frozen=True)
+class _Local:
+    """One process: the batch's mean loss, its gradient, projected on the whole basis."""
+
+    basis: Basis
+
+    def context(self, model: nn.Module) -> AbstractContextManager:
+        return nullcontext()
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        loss = F.cross_entropy(logits, targets)
+        return loss, loss.item(), len(targets)
+
+    def gradient(self, g: torch.Tensor) -> torch.Tensor:
+        return g
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        return project(self.basis, g)
+
+
+@dataclass(frozen=True)
+class _Sharded:
+    """N ranks (torchrun), each with its part of the global batch and its columns of the basis. Per
+    step: all-reduce of 2 values (loss sum, example count), of the D gradient values and of K
+    coefficients, all-gather of the D projected values (BN layers: their statistics and gradients).
+    BatchNorm uses the global batch's statistics, so every rank takes the one-process step."""
+
+    shard: Shard
+
+    def context(self, model: nn.Module) -> AbstractContextManager:
+        return global_batchnorm(model, self.shard.dist)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        dist = self.shard.dist
+        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        sums = dist.sum(torch.stack([loss_sum.detach().double(), torch.tensor(float(len(targets)),
+                                     dtype=torch.float64, device=loss_sum.device)]).to(dist.comm_device))
+        examples = int(sums[1].item())
+        return loss_sum / examples, sums[0].item() / max(1, examples), examples
+
+    def gradient(self, g: torch.Tensor) -> torch.Tensor:
+        return self.shard.dist.sum(g)  # in place: the global batch's mean gradient on every rank
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        return self.shard.project(g)
 
 
 @torch.no_grad()
