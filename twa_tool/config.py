@@ -63,18 +63,23 @@ class TrainConfig:
     schedule: str = "step"
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule {self.schedule}: choose one of {', '.join(SCHEDULES)}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr {self.lr}: must be positive")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--wd {self.weight_decay}: must be >= 0")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"--momentum {self.momentum}: must be in [0, 1)")
-        if self.epochs < 0:
-            raise ConfigError(f"--epochs {self.epochs}: must be >= 0")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size {self.batch_size}: must be >= 1")
+        check_optimizer_fields(self)
+
+
+def check_optimizer_fields(config: TrainConfig | CoefficientTrainConfig) -> None:
+    """The flags both trainers share: --schedule, --lr, --wd, --momentum, --epochs, --batch-size."""
+    if config.schedule not in SCHEDULES:
+        raise ConfigError(f"--schedule {config.schedule}: choose one of {', '.join(SCHEDULES)}")
+    if not config.lr > 0:
+        raise ConfigError(f"--lr {config.lr}: must be positive")
+    if config.weight_decay < 0:
+        raise ConfigError(f"--wd {config.weight_decay}: must be >= 0")
+    if not 0 <= config.momentum < 1:
+        raise ConfigError(f"--momentum {config.momentum}: must be in [0, 1)")
+    if config.epochs < 0:
+        raise ConfigError(f"--epochs {config.epochs}: must be >= 0")
+    if config.batch_size < 1:
+        raise ConfigError(f"--batch-size {config.batch_size}: must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -205,18 +210,7 @@ class CoefficientTrainConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in SOUP_OPTIMIZERS:
             raise ConfigError(f"--optimizer {self.optimizer}: choose one of {', '.join(SOUP_OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule {self.schedule}: choose one of {', '.join(SCHEDULES)}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr {self.lr}: must be positive")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--wd {self.weight_decay}: must be >= 0")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"--momentum {self.momentum}: must be in [0, 1)")
-        if self.epochs < 0:
-            raise ConfigError(f"--epochs {self.epochs}: must be >= 0")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size {self.batch_size}: must be >= 1")
+        check_optimizer_fields(self)
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"--warmup {self.warmup}: a fraction of the steps in [0, 1)")
 

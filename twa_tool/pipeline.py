@@ -30,7 +30,7 @@ from .checkpoints import (
     read_header,
     sha256_file,
 )
-from .config import AverageConfig
+from .config import AverageConfig, SoupConfig
 from .data import build_data, split_holdout
 from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
 from .errors import CheckpointError, ConfigError, DistributedError, ModelError, NumericalError
@@ -146,7 +146,9 @@ def select_checkpoints(config: AverageConfig) -> Chosen:
     return chosen
 
 
-def resolve_model_spec(config: AverageConfig, first: CheckpointFile) -> tuple[str, tuple[tuple[str, str], ...]]:
+def resolve_model_spec(config: AverageConfig | SoupConfig,
+                       first: CheckpointFile) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``--model``/``--model-arg``, or the architecture the first checkpoint records."""
     if config.model:
         return config.model, config.model_args
     metadata = read_header(first.path, weights=config.weights, trust_pickle=config.trust_pickle,
@@ -170,7 +172,7 @@ class Reader:
     model_keys: frozenset[str]
 
     @classmethod
-    def for_run(cls, config: AverageConfig, model: nn.Module) -> Reader:
+    def for_run(cls, config: AverageConfig | SoupConfig, model: nn.Module) -> Reader:
         return cls(config.weights, config.strip_prefix, config.trust_pickle, config.allow_globals,
                    frozenset(model.state_dict()))
 

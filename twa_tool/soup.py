@@ -38,10 +38,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from .checkpoints import CheckpointFile, discover, raise_if_refused, read_header, sha256_file
+from .checkpoints import CheckpointFile, discover, raise_if_refused, sha256_file
 from .config import CoefficientTrainConfig, Selection, SoupConfig
 from .data import build_data, split_holdout
-from .errors import CheckpointError, ModelError, NumericalError
+from .errors import CheckpointError, NumericalError
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
@@ -49,7 +49,6 @@ from .models import (
     check_compatible,
     flatten,
     load_state,
-    spec_from_metadata,
     trainable_names,
     write_flat,
 )
@@ -62,6 +61,7 @@ from .pipeline import (
     Reader,
     _check_finite,
     resolve_device,
+    resolve_model_spec,
     validate_headers,
 )
 from .selection import select
@@ -439,26 +439,13 @@ def find_inputs(config: SoupConfig) -> Inputs:
     if len(files) < 2:
         raise CheckpointError(f"{config.finetunes_dir}: {len(files)} ingredient(s) found; a soup needs at least 2 "
                               f"fine-tunes (check --include/--exclude)")
-    spec, model_args = _model_spec(config, files[0])
+    spec, model_args = resolve_model_spec(config, files[0])
     model = build_model(spec, model_args)
-    reader = Reader(config.weights, config.strip_prefix, config.trust_pickle, config.allow_globals,
-                    frozenset(model.state_dict()))
+    reader = Reader.for_run(config, model)
     notes, _ = validate_headers(files + ([base] if base else []), model, reader, spec)
     warnings = [f"{d.name}: {d.reason}; counted once" for d in chosen.dropped if d.alias_of is not None]
     warnings += notes
     return Inputs(files, base, spec, model_args, model, reader, excluded, warnings)
-
-
-def _model_spec(config: SoupConfig, first: CheckpointFile) -> tuple[str, tuple[tuple[str, str], ...]]:
-    if config.model:
-        return config.model, config.model_args
-    metadata = read_header(first.path, weights=config.weights, trust_pickle=config.trust_pickle,
-                           allow_globals=config.allow_globals).metadata
-    found = spec_from_metadata(metadata)
-    if found is None:
-        raise ModelError(f"{first.path}: the checkpoint does not record its architecture; pass --model "
-                         f"(e.g. --model torchvision:resnet18 --model-arg num_classes=10, or file.py:function)")
-    return found[0], config.model_args or found[1]
 
 
 def output_names(config: SoupConfig, model: nn.Module) -> tuple[tuple[str, ...], int]:
