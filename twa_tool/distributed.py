@@ -146,7 +146,10 @@ def init(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Dist:
 
 
 def shutdown(dist: Dist) -> None:
+    """Leave the process group together: a barrier first, so no rank tears its connections down while a
+    peer (rank 0, still writing the outputs) has the group open (gloo can abort a process on that)."""
     if dist.active and tdist.is_initialized():
+        tdist.barrier()
         tdist.destroy_process_group()
 
 
