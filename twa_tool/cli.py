@@ -275,6 +275,15 @@ def make_selection(include: tuple[str, ...], exclude: tuple[str, ...], range_: s
                      top_k=top_k, by=by, mode=mode)
 
 
+def model_options(fn: Callable) -> Callable:
+    """--model and --model-arg, shared by the commands that build a model."""
+    fn = click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+                      help="Keyword argument for the model constructor (repeatable).")(fn)
+    return click.option("--model", "model", default=None,
+                        help="torchvision:NAME, timm:NAME, twa:cnn, module:function or file.py:function. "
+                             "Optional when the checkpoints record their architecture.")(fn)
+
+
 def run_options(fn: Callable) -> Callable:
     for option in reversed([
         click.option("--data", "data", required=True,
@@ -302,11 +311,7 @@ def run_options(fn: Callable) -> Callable:
 @click.argument("checkpoint_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Output folder for model.safetensors and report.json.")
-@click.option("--model", "model", default=None,
-              help="torchvision:NAME, timm:NAME, twa:cnn, module:function or file.py:function. "
-                   "Optional when the checkpoints record their architecture.")
-@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
-              help="Keyword argument for the model constructor (repeatable).")
+@model_options
 @reader_options
 @run_options
 @selection_options
@@ -439,11 +444,7 @@ def soup_train_options(fn: Callable) -> Callable:
 @click.argument("finetunes_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Output folder for model.safetensors, report.json and report.md.")
-@click.option("--model", "model", default=None,
-              help="torchvision:NAME, timm:NAME, twa:cnn, module:function or file.py:function. "
-                   "Optional when the checkpoints record their architecture.")
-@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
-              help="Keyword argument for the model constructor (repeatable).")
+@model_options
 @click.option("--base", type=click.Path(path_type=Path), default=None,
               help="The pretrained model the ingredients were fine-tuned from: TWA then mixes task vectors "
                    "w_i - base.")
