@@ -205,3 +205,24 @@ def test_no_ansi_codes_when_not_a_terminal(demo_ckpts: Path, tmp_path: Path) -> 
     result = invoke(demo_ckpts, *FAST, "--out", tmp_path / "o")
     assert result.exit_code == 0 and "\x1b[" not in result.output
     assert "training coefficients" in result.stderr  # plain progress lines instead of bars
+
+
+@pytest.mark.parametrize("sig, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, "Terminated")])
+def test_a_dropped_signal_raises_again_at_the_next_progress_event(sig: int, raised) -> None:
+    """A signal's exception raised where Python drops it (a __del__, a GC callback) must not be lost."""
+    from rich.console import Console
+
+    from twa_tool import cli as cli_module
+    from twa_tool.pipeline import Event
+
+    raised = getattr(cli_module, raised) if isinstance(raised, str) else raised
+    before = signal.getsignal(sig)
+    with cli_module.ProgressSink(Console(quiet=True)) as sink:
+        assert signal.getsignal(sig) == sink._on_signal
+        try:
+            sink._on_signal(sig, None)  # as the handler would, then the exception is swallowed
+        except BaseException as err:  # noqa: BLE001 - the point of the test
+            assert isinstance(err, raised)
+        with pytest.raises(raised):
+            sink(Event("advance"))
+    assert signal.getsignal(sig) == before

@@ -59,7 +59,9 @@ def test_two_processes_match_one(runs: dict) -> None:
         assert r2["metrics"][method]["count"] == r1["metrics"][method]["count"] == 500
         assert r2["metrics"][method]["accuracy"] == pytest.approx(r1["metrics"][method]["accuracy"], abs=1e-9)
         assert r2["metrics"][method]["loss"] == pytest.approx(r1["metrics"][method]["loss"], rel=1e-5)
-    assert r2["coefficients"] == pytest.approx(r1["coefficients"], rel=1e-5, abs=1e-7)
+    # the coefficients over nearby checkpoints are a = R^-1 beta: R^-1 amplifies float32 rounding of the
+    # basis (the ranks sum their Gram partials in another order) to ~3e-5 relative on the smallest ones
+    assert r2["coefficients"] == pytest.approx(r1["coefficients"], rel=1e-4, abs=1e-5)
     assert r2["basis"]["rank"] == r1["basis"]["rank"] and r2["basis"]["orthonormality_error"] < 1e-5
 
 
@@ -149,7 +151,9 @@ def test_sharded_build_equals_the_whole_build() -> None:
         t.join(timeout=60)
     for columns, mean, shard in results:
         assert shard.kept == reference.kept and shard.dropped == reference.dropped == (4, 8)
-        assert torch.allclose(shard.r, reference.r, rtol=1e-6, atol=1e-6)
+        # R to float32 rounding of its scale (the checkpoints' norms): the shards sum their Gram partials
+        # in another order than the whole build does
+        assert torch.allclose(shard.r, reference.r, rtol=1e-6, atol=1e-6 * reference.r.abs().max())
         assert torch.allclose(shard.basis.values, reference.basis.values[:, columns], atol=1e-6)
         assert torch.allclose(mean, torch.stack(vectors).double().mean(0)[columns])
     assert results[0][0] == slice(0, 501) and results[1][0] == slice(501, 1001)

@@ -240,3 +240,81 @@ def test_background_blocks_give_the_same_basis_and_raise_their_errors() -> None:
         for v in trajectory(4, 100):  # the error surfaces at the next block's flush, or at the end
             builder.push(v)
         builder.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# The streamed-Gram fast path and what it must keep from the one-by-one build
+
+
+def creeping(rtol: float = 1e-5) -> list[torch.Tensor]:
+    """Two successive steps along a new direction, each below ``rtol`` of the vector, together above it:
+    the one-by-one build drops the first and keeps the second (its residual is the sum of both)."""
+    g = torch.Generator().manual_seed(3)
+    w0, w1 = torch.randn(4000, generator=g, dtype=torch.float64), torch.randn(4000, generator=g, dtype=torch.float64)
+    u = torch.randn(4000, generator=g, dtype=torch.float64)
+    u -= torch.stack([w0, w1]).T @ torch.linalg.lstsq(torch.stack([w0, w1]).T, u).solution  # orthogonal to both
+    u /= torch.linalg.vector_norm(u)
+    step = 0.6 * rtol * torch.linalg.vector_norm(w1)
+    return [w0, w1, w1 + step * u, w1 + 2 * step * u, w1 + 2 * step * u + torch.randn(4000, generator=g,
+                                                                                       dtype=torch.float64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_steps_below_the_tolerance_add_up_as_in_the_one_by_one_build(dtype: torch.dtype) -> None:
+    vectors = [v.to(dtype).double() for v in creeping()]  # the reference sees exactly the stored inputs
+    reference = build_subspace(vectors, dtype=torch.float64, block=1)
+    assert reference.kept == (0, 1, 3, 4) and reference.dropped == (2,)
+    fast = build_subspace(vectors, dtype=dtype)  # one round over the streamed Gram matrix
+    builder = BasisBuilder(capacity=len(vectors), dtype=dtype)  # the general path, the carry across a flush
+    flags = builder.add_many(vectors[:3]) + builder.add_many(vectors[3:])
+    general = builder.finish()
+    assert flags == [True, True, False, True, True]
+    for sub in (fast, general):
+        assert sub.kept == reference.kept and sub.dropped == reference.dropped
+        w = 0.3 * vectors[0] + 0.5 * vectors[3] + 0.2 * vectors[4]
+        rebuilt = sum(c * v for c, v in zip(sub.checkpoint_coefficients(w), vectors))
+        assert torch.linalg.vector_norm(rebuilt - w) <= 1e-6 * torch.linalg.vector_norm(w)
+        assert torch.allclose(sub.r, reference.r, rtol=1e-6, atol=1e-6 * reference.r.abs().max())
+
+
+def test_streamed_gram_round_orthonormalises_a_trajectory_in_one_pass() -> None:
+    vectors = trajectory(40, 20_000)
+    builder = BasisBuilder(capacity=len(vectors), block=16)
+    for v in vectors:
+        builder.push(v)
+    sub = builder.finish()
+    assert builder.rounds == 1 and sub.rank == 40
+    assert orthonormality_error(sub.basis) <= 1e-6
+    reference = build_subspace(vectors, dtype=torch.float64, block=1)
+    assert torch.allclose(sub.basis.values.double(), reference.basis.values, atol=1e-5)
+    assert torch.allclose(sub.r, reference.r, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gram", [False, True])
+def test_staircase_transform_equals_the_dense_product(monkeypatch: pytest.MonkeyPatch, gram: bool) -> None:
+    monkeypatch.setattr(subspace, "_ROW_BLOCK", 3)
+    y = torch.randn(9, 5000, dtype=torch.float64)
+    t = torch.randn(7, 9, dtype=torch.float64).tril()
+    t[:, 8] = 0  # the last input row is never reached
+    t[2] = 0  # nor by a row of zeros
+    for matrix in (t, torch.randn(7, 9, dtype=torch.float64)):  # staircase and dense
+        out = torch.empty(7, 5000, dtype=torch.float64)
+        products = subspace._transform(y, matrix, out, gram=gram)
+        assert torch.allclose(out, matrix @ y, atol=1e-12)
+        if gram:
+            assert torch.allclose(products, out @ out.T, atol=1e-10)
+        else:
+            assert products is None
+    inplace = y.clone()  # the output may be the input's first rows: each chunk is read before written
+    subspace._transform(inplace, t, inplace[:7])
+    assert torch.allclose(inplace[:7], t @ y, atol=1e-12)
+
+
+def test_populated_buffer_is_an_ordinary_writable_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(subspace, "_POPULATE_MIN_BYTES", 0)
+    rows = subspace._preallocated(3, 1000, torch.float32)
+    assert rows.shape == (3, 1000) and rows.dtype == torch.float32
+    rows.copy_(torch.arange(3000.0).view(3, 1000))
+    view = rows[1:]
+    del rows
+    assert view.sum().item() == sum(range(1000, 3000))

@@ -390,15 +390,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20, verify_zip_crc: bool = False) 
     crcs = [0] * len(members)
     digest = hashlib.sha256()
     position = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-            view = memoryview(block)
+    buffer = bytearray(chunk)  # one reused buffer: a fresh 1 MiB bytes per read costs page faults
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            view = memoryview(buffer)[:size]
+            digest.update(view)
             for i, (_, start, end, _) in enumerate(members):
-                lo, hi = max(start, position), min(end, position + len(block))
+                lo, hi = max(start, position), min(end, position + size)
                 if lo < hi:
                     crcs[i] = zlib.crc32(view[lo - position:hi - position], crcs[i])
-            position += len(block)
+            position += size
     for (name, _, _, expected), crc in zip(members, crcs):
         if crc != expected:
             raise CheckpointError(f"{path}: CRC mismatch in zip member {name}; the file is corrupt (bit rot or "

@@ -70,7 +70,12 @@ def make_console(quiet: bool) -> Console:
 
 
 class ProgressSink:
-    """Turns pipeline events into rich progress bars on a terminal, or plain periodic lines otherwise."""
+    """Turns pipeline events into rich progress bars on a terminal, or plain periodic lines otherwise.
+
+    While it is open, SIGINT and SIGTERM raise ``KeyboardInterrupt``/``Terminated`` at once and stay
+    latched: a signal that lands where Python drops exceptions (a ``__del__`` or garbage-collector
+    callback) raises again at the next progress event, so the run still stops with 130/143.
+    """
 
     def __init__(self, console: Console, interval_s: float = 5.0) -> None:
         self.console = console
@@ -83,8 +88,16 @@ class ProgressSink:
         self.phase = ""
         self.last_line = 0.0
         self.started = 0.0
+        self.signalled: type[BaseException] | None = None
+        self._handlers: dict[int, object] = {}
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signalled = KeyboardInterrupt if signum == signal.SIGINT else Terminated
+        raise self.signalled()
 
     def __enter__(self) -> ProgressSink:
+        if _main_thread():
+            self._handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         if self.interactive:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
@@ -92,10 +105,14 @@ class ProgressSink:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
         if self.progress is not None:
             self.progress.stop()
 
     def __call__(self, event: Event) -> None:
+        if self.signalled is not None:  # the signal's first raise was dropped
+            raise self.signalled()
         if event.kind == "warning":
             self.console.print(f"[yellow]warning:[/yellow] {event.message}", soft_wrap=True)
         elif event.kind == "phase":

@@ -7,15 +7,19 @@ checkpoints and the basis at once.
 
 Numerics. The reference implementation runs single-pass classical Gram-Schmidt in float32, which
 loses orthogonality completely on a correlated training trajectory (max|P P^T - I| ~ 1, see
-``benchmarks/basis_bench.py``). Here every block of checkpoints is orthogonalised twice against the
-rows so far and twice within itself (block classical Gram-Schmidt with Cholesky-QR inside the block,
-"BCGS2 + CholQR2": two passes are enough for a numerically full-rank block, Giraud et al. 2005;
-Barlow & Smoktunowicz 2013). All bulk arithmetic is float32 matrix-matrix products over the basis
-(BLAS-3, no float64 copies of it); the small k x b coefficient matrices are accumulated in float64
-over column chunks. A block whose vectors are close to dependent on each other (a within-block
-pivot below 1% of the vector's residual, where the Gram matrix cannot decide reliably) is
-orthogonalised vector by vector instead (CGS2), which decides linear dependence exactly as the
-one-by-one build: a vector whose residual is below ``rtol`` times its own norm is dropped.
+``benchmarks/basis_bench.py``). Here each checkpoint's row is replaced by its difference from the
+previous checkpoint (exact in float32 for nearby values, and far better conditioned along a
+trajectory than the checkpoints themselves), and the Gram matrix of those rows is accumulated while
+the checkpoints stream in. At the end, the in-order Cholesky factor of that Gram matrix decides which
+checkpoints are kept and one pass over the buffer applies ``L^-1`` (Cholesky-QR) while computing the
+new rows' Gram matrix; a second Cholesky-QR runs only if that one is not the identity to 1e-6
+(CholQR2, Yamamoto et al. 2015). When the Gram matrix cannot decide (a pivot below 1% of the
+vector's residual: nearly dependent vectors), the rest is orthogonalised a block at a time, twice
+against the rows so far and twice within the block ("BCGS2 + CholQR2", Barlow & Smoktunowicz 2013),
+down to vector by vector. All bulk arithmetic is float32 matrix-matrix products over the buffer
+(BLAS-3, no float64 copies of it); the small inner-product matrices are accumulated in float64 over
+column chunks. Linear dependence is decided exactly as the one-by-one build decides it: a checkpoint
+whose residual against the kept ones is below ``rtol`` times its own norm is dropped.
 
 Storage. The finished basis can be kept as float32, bfloat16 or int8 (per row and per block of
 ``QUANT_BLOCK`` columns scaled, as the TWA journal version's low-bit P): 4, 2 or ~1 bytes per entry.
@@ -25,6 +29,7 @@ to the rounding error of the format (documented in ``STORAGE_TOLERANCE``).
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,6 +67,12 @@ _GRAM_PIVOT_FLOOR = 1e-2
 #: Cholesky-QR (one pass over its rows less); well below the float32 basis's 1e-5 bound.
 _ORTHONORMAL_ENOUGH = 1e-6
 
+#: Buffers from this size on are mapped with their pages populated up front.
+_POPULATE_MIN_BYTES = 1 << 26
+
+#: Output rows per block of a triangular transform (large enough for an efficient GEMM).
+_ROW_BLOCK = 32
+
 #: Columns per chunk of the float64-accumulated products (k x chunk float32 GEMMs).
 _CHUNK = 1 << 18
 
@@ -88,16 +99,47 @@ def _subtract(y: torch.Tensor, c: torch.Tensor, p: torch.Tensor) -> None:
         y.addmm_(c.T.to(y.dtype), p, alpha=-1)
 
 
-def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> None:
+def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor, gram: bool = False) -> torch.Tensor | None:
     """``out = t @ y`` chunk by chunk (``out`` may overlap ``y``: each chunk is computed before written),
-    through one reused chunk buffer (a fresh large temporary per chunk costs more in page faults)."""
+    through one reused cache-sized chunk buffer. With ``gram``, also return ``out @ out^T`` (float64
+    sums of the chunks' float32 products), computed while each chunk is in cache: no second pass.
+
+    A lower-triangular (staircase) ``t`` is applied by blocks of ``_ROW_BLOCK`` output rows, each reading
+    only the input rows it reaches, and only the lower blocks of the Gram matrix are computed: about
+    half the arithmetic of the dense products.
+    """
     t = t.to(y.dtype)
-    step = 4 * _CHUNK
-    buffer = torch.empty(t.shape[0], min(step, y.shape[1]), dtype=y.dtype)
+    m = t.shape[0]
+    nonzero = t != 0
+    reach = [int(row.nonzero().max()) + 1 if row.any() else 0 for row in nonzero]
+    blocks = [(r, min(r + _ROW_BLOCK, m)) for r in range(0, m, _ROW_BLOCK)]
+    widths = [max(reach[r0:r1]) for r0, r1 in blocks]
+    step = max(1024, (1 << 20) // max(1, m))  # ~4 MB of output per chunk
+    buffer = torch.empty(m, min(step, y.shape[1]), dtype=y.dtype)
+    products = torch.zeros(m, m, dtype=torch.float64) if gram else None
     for cols in _chunks(y.shape[1], step):
         part = buffer[:, : cols.stop - cols.start]
-        torch.matmul(t, y[:, cols], out=part)
+        for (r0, r1), width in zip(blocks, widths):
+            torch.matmul(t[r0:r1, :width], y[:width, cols], out=part[r0:r1])
         out[:, cols].copy_(part)
+        if products is not None:
+            for r0, r1 in blocks:
+                products[r0:r1, :r1] += (part[r0:r1] @ part[:r1].T).to(torch.float64)
+    if products is not None:
+        products = products.tril() + products.tril(-1).T
+    return products
+
+
+def _preallocated(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised ``rows x cols`` CPU tensor whose pages the kernel maps up front (Linux
+    ``MAP_POPULATE``): filling gigabytes of fresh memory page fault by page fault runs at a fraction of
+    the copy speed (measured 0.5 against 1.9 GB/s in a VM). ``torch.empty`` elsewhere."""
+    populate = getattr(mmap, "MAP_POPULATE", None)
+    nbytes = rows * cols * torch.tensor([], dtype=dtype).element_size()
+    if populate is None or nbytes < _POPULATE_MIN_BYTES:
+        return torch.empty(rows, cols, dtype=dtype)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    return torch.frombuffer(memory, dtype=dtype).view(rows, cols)  # the tensor keeps the mapping alive
 
 
 def _widen(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -247,12 +289,27 @@ def orthonormality_error(basis: Basis | torch.Tensor) -> float:
 
 
 class BasisBuilder:
-    """Streamed orthonormalisation of flattened checkpoints, in order, a block at a time.
+    """Streamed orthonormalisation of flattened checkpoints, in order.
 
-    ``push`` copies a vector into the next free row of the basis buffer; every ``block`` pushes (and
-    at ``finish``) the pending rows are orthogonalised in place. ``add``/``add_many`` push and process
-    at once. The float64 sum of everything pushed is kept when ``track_mean`` (the SWA mean of the
-    trainable parameters, without a second pass over the checkpoints).
+    ``push`` copies a vector into the next free row of the basis buffer. Every ``block`` pushes the
+    pending rows are *prepared* (on a worker thread with ``background``): each raw row is replaced by
+    its difference from the previous vector, and, until the first orthogonalisation, the Gram matrix
+    of the difference rows is accumulated (float32 GEMMs over cache-sized column chunks, summed in
+    float64), with the row norms and the float64 sum of the raw vectors in the same pass. ``flush``
+    (called by ``mean``/``finish``/``add_many``) orthogonalises everything prepared:
+
+    * fast path, the whole build at once when nothing was orthogonalised before: the in-order Cholesky
+      factor ``L`` of the streamed Gram matrix decides the kept vectors, and one chunked pass computes
+      ``Q = L^-1 E A`` together with ``Q Q^T``; a second Cholesky-QR follows only if that Gram matrix is
+      not within ``_ORTHONORMAL_ENOUGH`` of the identity (CholQR2, Yamamoto et al. 2015);
+    * general path (a vector the Gram matrix cannot decide, or incremental ``add_many``): blocks of
+      ``block`` vectors, block classical Gram-Schmidt twice against the finished rows with Cholesky-QR
+      inside the block ("BCGS2 + CholQR2", Barlow & Smoktunowicz 2013).
+
+    Dependence is decided as the one-by-one build decides it: vector j is dropped when its residual
+    against the span of the kept vectors is at most ``rtol * |w_j|``. The residual of w_j equals the
+    residual of ``w_j - w_lk`` (lk: the last kept vector), i.e. of the sum of the differences since
+    lk (the rows ``E`` combines), so dropped vectors accumulate into the next one.
 
     ``r`` records the coefficients: kept checkpoint j equals ``sum_i r[i, j] * P[i]``, i.e.
     ``W_kept^T = P^T R`` with R upper triangular. That maps coordinates in the orthonormal basis back
@@ -262,11 +319,12 @@ class BasisBuilder:
         capacity: the most vectors that will be added (the buffer is preallocated, no per-add copies).
         rtol: relative residual below which a vector counts as linearly dependent.
         dtype: working and storage dtype of the rows (float32, or float64 for reference builds).
-        block: vectors orthogonalised together.
+        block: vectors prepared together, and the block size of the general path.
         track_mean: keep the float64 sum of the pushed vectors.
         reduce: applied to every float64 inner-product matrix (and the squared row norms) before use;
             identity by default. A column-sharded build passes a sum over the shards (an all-reduce), so
             every shard sees the inner products of the whole vectors and takes the same decisions.
+        background: prepare full blocks on a worker thread while the caller pushes the next ones.
     """
 
     def __init__(self, capacity: int, rtol: float = DEFAULT_RANK_RTOL, dtype: torch.dtype = torch.float32,
@@ -280,10 +338,14 @@ class BasisBuilder:
         self.block = max(1, block)
         self.track_mean = track_mean
         self._reduce = reduce
-        self._rows: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None  # raw vector -> difference (prepared) -> basis row (processed)
+        self._previous: torch.Tensor | None = None  # the last prepared raw vector
         self._sum: torch.Tensor | None = None
-        self._anchor: torch.Tensor | None = None  # the first kept vector, subtracted from all later ones
-        self._anchor_index = -1
+        self._gram = torch.zeros(capacity, capacity, dtype=torch.float64)  # of the difference rows (fast path)
+        self._norms = torch.zeros(capacity, dtype=torch.float64)  # of the raw vectors
+        self._prepared = 0
+        self._processed = 0
+        self._carry: tuple[torch.Tensor, torch.Tensor] | None = None  # dropped rows owed to the next vector
         self._r_columns: list[torch.Tensor] = []
         self._pending = 0
         self._flags: list[bool] = []
@@ -298,26 +360,24 @@ class BasisBuilder:
 
     def push(self, vector: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """Copy ``vector`` (or the concatenation of several tensors, flattened) into the next free row;
-        orthogonalise when a block is full. The parts are copied straight into the row: no flat copy."""
+        prepare the block when it is full. The parts are copied straight into the row: no flat copy."""
         parts = [vector] if isinstance(vector, torch.Tensor) else list(vector)
         parts = [t.detach().reshape(-1) for t in parts]
         size = sum(t.numel() for t in parts)
         if self.seen >= self.capacity:
             raise ValueError(f"more than capacity={self.capacity} vectors added")
         if self._rows is None:
-            self._rows = torch.empty(self.capacity, size, dtype=self.dtype)
+            self._rows = _preallocated(self.capacity, size, self.dtype)
         elif size != self._rows.shape[1]:
             raise ValueError(f"vector {self.seen} has {size} entries, expected {self._rows.shape[1]}")
         row, offset = self._rows[self.seen], 0  # rows of earlier blocks are compacted when processed
         for t in parts:
             row[offset:offset + t.numel()].copy_(t)
             offset += t.numel()
-        if self.track_mean:  # here, on the caller's thread, while a background block is being processed
-            self._accumulate(row)
         self._pending += 1
         self.seen += 1
         if self._pending == self.block:
-            self.flush(wait=False)
+            self._stage(wait=False)
 
     def add(self, vector: torch.Tensor) -> bool:
         """Orthogonalise ``vector`` against the basis so far and append it if independent."""
@@ -332,18 +392,24 @@ class BasisBuilder:
         self.flush()
         return self._flags[start:]
 
-    def flush(self, wait: bool = True) -> None:
-        """Orthogonalise the pending rows; with ``background`` and ``wait=False``, on the worker thread
-        while the caller pushes the next block into later rows (the two never touch the same rows).
-        Errors of a background block are raised by the next ``flush``.
-        """
-        self._wait()  # blocks are processed in order: the next one needs the rows of this one
+    def flush(self) -> None:
+        """Prepare the pending rows and orthogonalise every prepared vector. Errors of a background
+        block are raised here (or by the next block's preparation)."""
+        self._stage(wait=True)
+        if self._processed < self._prepared:
+            self._process(self._processed, self._prepared - self._processed)
+            self._processed = self._prepared
+
+    def _stage(self, wait: bool) -> None:
+        """Prepare the pending rows: on the worker when ``background`` and not ``wait``."""
+        self._wait()  # blocks are prepared in order: the next one differences against this one
         b, self._pending = self._pending, 0
         if b and self._rows is not None:
+            first, self._prepared = self._prepared, self._prepared + b
             if self._worker is not None and not wait:
-                self._running = self._worker.submit(self._process, self.seen - b, b)
+                self._running = self._worker.submit(self._prepare, first, b)
             else:
-                self._process(self.seen - b, b)
+                self._prepare(first, b)
 
     def _wait(self) -> None:
         if self._running is not None:
@@ -351,106 +417,143 @@ class BasisBuilder:
             running.result()
 
     def close(self) -> None:
-        """Stop the background worker (after the block it is processing, if any)."""
+        """Stop the background worker (after the block it is preparing, if any)."""
         if self._worker is not None:
             self._worker.shutdown(wait=True, cancel_futures=True)
             self._worker = None
             self._running = None
 
-    def _process(self, first: int, b: int) -> None:
-        """Orthogonalise rows ``first .. first+b`` (vectors ``first ..``) against the finished rows.
+    def _prepare(self, first: int, b: int) -> None:
+        """One pass over column chunks of rows ``first .. first+b``: norms and float64 sum of the raw
+        vectors, consecutive differences in place, and (before the first orthogonalisation) their inner
+        products with every row so far.
 
-        One round: a pass against the finished rows, the block's Gram matrix, Cholesky in order. The
-        prefix of vectors the Gram matrix resolves is finished (Cholesky-QR, second pass against the
-        old rows, Cholesky-QR again); the rest, from the first vector nearly dependent on the ones
-        before it in the block, starts a new round, now against those too. Every round finishes at
-        least one vector.
+        Differences of nearby checkpoints are exact in float32 (Sterbenz) and, along a trajectory, far
+        better conditioned than the checkpoints or their differences from one anchor, so a single
+        Cholesky-QR of their Gram matrix is usually orthonormal to float32 precision.
         """
-        block = self._rows[first:first + b]
-        norms0 = torch.linalg.vector_norm(block, dim=1).to(torch.float64)
+        assert self._rows is not None
+        rows, n = self._rows[first:first + b], first + b
+        gram = self._processed == 0  # afterwards the earlier rows are basis rows: the general path needs none
+        products = torch.zeros(b, n if gram else 0, dtype=torch.float64)
+        norms2 = torch.zeros(b, dtype=torch.float64)
+        if self._previous is None:
+            self._previous = torch.empty(rows.shape[1], dtype=self.dtype)
+        if self.track_mean and self._sum is None:
+            self._sum = torch.zeros(rows.shape[1], dtype=torch.float64)
+        step = max(1024, (1 << 21) // max(1, n if gram else b))  # the chunk of every row so far: ~8 MB
+        for cols in _chunks(rows.shape[1], step):
+            part = rows[:, cols]
+            norms2 += torch.linalg.vector_norm(part, dim=1).to(torch.float64).square()
+            if self._sum is not None:  # numpy sums the float32 rows exactly into float64, no float64 copy
+                total = self._sum[cols].numpy()
+                np.add(total, part.numpy().sum(axis=0, dtype=np.float64), out=total)
+            last = part[-1].clone()
+            for i in range(b - 1, 0, -1):  # in place, last row first: no temporary
+                part[i] -= part[i - 1]
+            if first:
+                part[0] -= self._previous[cols]
+            self._previous[cols] = last
+            if gram:
+                products += (part @ self._rows[:n, cols].T).to(torch.float64)
         if self._reduce is not None:
-            norms0 = self._reduce(norms0.square()).sqrt()
-        bad = (~torch.isfinite(norms0)).nonzero()
+            norms2 = self._reduce(norms2)
+            if gram:
+                products = self._reduce(products)
+        bad = (~torch.isfinite(norms2)).nonzero()
         if len(bad):
             raise ValueError(f"vector {first + int(bad[0])} has non-finite entries")
-        self._subtract_anchor(block, first, norms0)
-        done, coeffs = 0, torch.zeros(0, b, dtype=torch.float64)
+        self._norms[first:n] = norms2.sqrt()
+        if gram:
+            self._gram[first:n, :n] = products
+            self._gram[:n, first:n] = products.T
+
+    def _process(self, first: int, b: int) -> None:
+        """Orthogonalise the prepared vectors ``first .. first+b`` against the finished rows, in rounds.
+
+        A round takes a window of vectors (all of them on the fast path, else at most ``block``), makes
+        them orthogonal to the finished rows once, and runs the in-order Cholesky of their Gram matrix.
+        The prefix of vectors it resolves is finished; the rest of the window, from the first vector too
+        close to the ones before it for the Gram matrix to decide, starts the next round.
+        """
+        assert self._rows is not None
+        tol = self.rtol * self._norms[first:first + b]
+        zero = self._norms[first:first + b] == 0
+        fast = self._processed == 0 and first == 0 and self._carry is None
+        done, size, coeffs = 0, 0, torch.zeros(0, 0, dtype=torch.float64)
         while done < b:
             k = len(self.kept)
-            y, p = block[done:], self._rows[:k]
-            c = self._dot(p, y)
-            _subtract(y, c, p)
-            coeffs = torch.cat([coeffs, torch.zeros(k - coeffs.shape[0], b - done, dtype=torch.float64)]) + c
-            keep, lower, stop = _cholesky_in_order(self._dot(y, y), self.rtol * norms0[done:])
+            if size == 0:  # open a new window
+                size = b if fast else min(self.block, b - done)
+                coeffs = torch.zeros(k, size, dtype=torch.float64)
+                if self._carry is not None:
+                    vector, offset = self._carry
+                    self._rows[first + done] += vector
+                    coeffs[: len(offset), 0] = offset
+                    self._carry = None
+            y, p = self._rows[first + done:first + done + size], self._rows[:k]
+            if fast:
+                gram = self._gram[:size, :size]
+            else:
+                c = self._dot(p, y)
+                _subtract(y, c, p)
+                coeffs = torch.cat([coeffs, torch.zeros(k - coeffs.shape[0], size, dtype=torch.float64)]) + c
+                gram = self._dot(y, y)
+            chol = _cholesky_in_order(gram, tol[done:done + size], zero[done:done + size])
             self.rounds += 1
-            self._finish_prefix(k, y[:stop], keep, lower, coeffs[:, :stop], first + done)
-            coeffs, done = coeffs[:, stop:], done + stop
+            stop = chol.stop
+            if chol.owed:  # dropped after the last kept one: their rows belong to the next vector
+                owed = (y[chol.owed].sum(0), coeffs[:, chol.owed].sum(1))
+                if stop < size:
+                    y[stop] += owed[0]
+                    coeffs[:, stop] += owed[1]
+                elif first + done + size < self.capacity:
+                    self._carry = owed
+            self._finish_prefix(k, y[:stop], chol, coeffs[:, :stop], first + done)
+            done, size, coeffs = done + stop, size - stop, coeffs[:, stop:]
+            if fast and size:  # the rest, which the streamed Gram matrix could not decide: general path
+                fast, size = False, 0
 
     def _dot(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``p @ y^T`` in float64, summed over the shards when the build is sharded."""
         out = _dot(p, y)
         return out if self._reduce is None or out.numel() == 0 else self._reduce(out)
 
-    def _subtract_anchor(self, block: torch.Tensor, first: int, norms0: torch.Tensor) -> None:
-        """Replace every vector after the anchor (the first non-zero one) by its difference from it.
-
-        The span is the same, but nearby checkpoints no longer share their large common part, so the
-        float32 orthogonalisation does not lose digits to cancellation: differences of nearby values
-        are exact in float32 (Sterbenz). The anchor's coordinates are added back in the R columns.
-        """
-        rows = range(block.shape[0])
-        if self._anchor is None:
-            nonzero = [j for j in rows if norms0[j] > 0]
-            if not nonzero:
-                return
-            self._anchor_index = first + nonzero[0]
-            self._anchor = block[nonzero[0]].clone()
-            rows = range(nonzero[0] + 1, block.shape[0])
-        for j in rows:
-            if norms0[j] > 0:  # a zero vector stays zero, and is dropped
-                block[j] -= self._anchor
-
-    def _accumulate(self, row: torch.Tensor) -> None:
-        """Add a row to the float64 sum, exactly (each float32 value is exact in float64).
-
-        numpy's mixed-precision add (single-threaded, vectorised, without the GIL) does it without a
-        float64 copy of the row; CPU torch's float32 -> float64 promotion is several times slower.
-        """
-        if self._sum is None:
-            self._sum = torch.zeros(row.shape[0], dtype=torch.float64)
-        total = self._sum.numpy()
-        np.add(total, row.numpy(), out=total)
-
-    def _finish_prefix(self, k: int, y: torch.Tensor, keep: list[int], lower: torch.Tensor, c1: torch.Tensor,
-                       first: int) -> None:
-        """Cholesky-QR of ``y`` (already once against the old rows), a second pass against the old rows
-        and Cholesky-QR again; the kept rows land at ``k..k+m`` and their R columns are recorded."""
-        m = len(keep)
+    def _finish_prefix(self, k: int, y: torch.Tensor, chol: _InOrder, c1: torch.Tensor, first: int) -> None:
+        """Cholesky-QR of the kept combinations of ``y`` (already once against the old rows), a second
+        pass against the old rows, and a second Cholesky-QR unless the rows are orthonormal already; the
+        kept rows land at ``k..k+m`` and their R columns are recorded."""
+        assert self._rows is not None
+        keep, m = chol.keep, len(chol.keep)
+        combine = chol.combine[:, : y.shape[0]]  # combinations only reach back, never past the prefix
         if m:
             rows = self._rows
             eye = torch.eye(m, dtype=torch.float64)
-            t1 = torch.zeros(m, y.shape[0], dtype=torch.float64)  # L1^-1 over the kept vectors, 0 for the dropped
-            t1[:, keep] = torch.linalg.solve_triangular(lower, eye, upper=False)
+            t1 = torch.linalg.solve_triangular(chol.lower, combine, upper=False)  # L^-1 E
             q, p = rows[k:k + m], rows[:k]
-            _transform(y, t1, q)  # Q1 = L1^-1 Y_kept, compacted to rows k..k+m (never past y's own rows)
+            gram2 = _transform(y, t1, q, gram=k == 0)  # Q1 = L^-1 E Y, compacted to rows k..k+m
             c2 = self._dot(p, q)
-            _subtract(q, c2, p)
-            gram2 = self._dot(q, q)
+            if k:
+                _subtract(q, c2, p)
+                gram2 = self._dot(q, q)
+            elif self._reduce is not None:
+                gram2 = self._reduce(gram2)
             if (gram2 - eye).abs().max() <= _ORTHONORMAL_ENOUGH:  # the second Cholesky-QR would change nothing
                 lower2 = eye
             else:
                 lower2 = torch.linalg.cholesky(gram2)
                 _transform(q, torch.linalg.solve_triangular(lower2, eye, upper=False), q)
-            old = c1[:, keep] + c2 @ lower.T  # k x m: coefficients on the old rows
-            new = lower @ lower2  # m x m lower triangular: on this prefix's new rows
+            old = c1 @ combine.T + c2 @ chol.lower.T  # k x m: coefficients on the old rows
+            new = chol.lower @ lower2  # m x m lower triangular: on this prefix's new rows
         for j in range(y.shape[0]):
             kept = j in keep
             self._flags.append(kept)
-            if kept:
+            if kept:  # w_j = w_lk + (the kept combination): its coordinates add to those of w_lk
                 t = keep.index(j)
                 column = torch.cat([old[:, t], new[t, : t + 1]])
-                if first + j > self._anchor_index:  # a difference from the anchor: add the anchor back
-                    column[0] += self._r_columns[0][0]
+                if self._r_columns:
+                    previous = self._r_columns[-1]
+                    column[: len(previous)] += previous
                 self._r_columns.append(column)
                 self.kept.append(first + j)
             else:
@@ -460,55 +563,80 @@ class BasisBuilder:
 
     def mean(self) -> torch.Tensor:
         """float64 mean of every vector pushed so far (kept or dropped); needs ``track_mean``."""
+        self._stage(wait=True)
         if self._sum is None:
             raise ValueError("the builder was created without track_mean=True, or nothing was pushed")
-        self.flush()
         return self._sum / self.seen
 
     def finish(self, storage: str | None = None) -> Subspace:
         """Return the finished subspace, its basis stored as ``storage`` (default: the working dtype)."""
-        self.flush()
-        self.close()
+        try:
+            self.flush()
+        finally:
+            self.close()
         k = len(self.kept)
         if k == 0 or self._rows is None:
             raise ValueError("no independent vectors were added")
         r = torch.zeros(k, k, dtype=torch.float64)
         for j, col in enumerate(self._r_columns):
-            r[: j + 1, j] = col
+            r[: len(col), j] = col
         values = self._rows[:k]  # a view: dropped rows stay allocated rather than copying the basis
-        self._rows = None
+        self._rows = self._previous = None
         name = storage or next(n for n, dt in STORAGE_DTYPES.items() if dt == self.dtype)
         return Subspace(basis=quantize(values, name), r=r, kept=tuple(self.kept), dropped=tuple(self.dropped),
                         total=self.seen)
 
 
-def _cholesky_in_order(gram: torch.Tensor, tol: torch.Tensor) -> tuple[list[int], torch.Tensor, int]:
-    """Cholesky of a block's Gram matrix in order, skipping vectors whose residual is below ``tol``.
+@dataclass(frozen=True)
+class _InOrder:
+    """Result of ``_cholesky_in_order``: kept indices, the lower factor over their combinations, the
+    combinations (``combine[t]`` sums the rows since the previous kept vector), where it stopped, and
+    the dropped indices after the last kept one (owed to the next vector)."""
 
-    Returns the kept indices, the lower factor over them, and ``stop``: the first vector whose pivot is
-    below ``_GRAM_PIVOT_FLOOR`` of its residual norm (too close to the vectors before it for the Gram
-    matrix to decide), or the block size. The result covers the vectors before ``stop``.
+    keep: list[int]
+    lower: torch.Tensor
+    combine: torch.Tensor
+    stop: int
+    owed: list[int]
+
+
+def _cholesky_in_order(gram: torch.Tensor, tol: torch.Tensor, zero: torch.Tensor) -> _InOrder:
+    """Cholesky of a window's Gram matrix in order, deciding each vector as the one-by-one build would.
+
+    Row j stands for ``w_j - w_lk``: the sum of itself and the rows dropped since the last kept vector.
+    It is dropped if its residual is at most ``tol[j]`` (or the vector is zero). ``stop`` is the first
+    vector whose pivot is below ``_GRAM_PIVOT_FLOOR`` of its norm (too close to the vectors before it for
+    the Gram matrix, accurate to ~1e-7 relative, to decide), or the window size.
     """
     b = gram.shape[0]
     keep: list[int] = []
     lower = torch.zeros(b, b, dtype=torch.float64)
+    combine = torch.zeros(b, b, dtype=torch.float64)
+    owed: list[int] = []
     for j in range(b):
-        norm2 = gram[j, j]
-        if norm2.sqrt() <= tol[j]:  # dependent on the old rows alone (a diagonal entry: accurate)
+        e = torch.zeros(b, dtype=torch.float64)
+        e[[j, *owed]] = 1
+        products = gram @ e  # <row i, combination j> for every row i of the window
+        norm2 = e @ products
+        if zero[j] or norm2.clamp_min(0).sqrt() <= tol[j]:  # dependent on the old rows alone (accurate)
+            owed.append(j)
             continue
-        row = torch.zeros(len(keep), dtype=torch.float64)
-        for t, i in enumerate(keep):
-            row[t] = (gram[j, i] - row[:t] @ lower[t, :t]) / lower[t, t]
+        m = len(keep)
+        row = torch.linalg.solve_triangular(lower[:m, :m], (combine[:m] @ products)[:, None], upper=False)[:, 0] \
+            if m else torch.zeros(0, dtype=torch.float64)
         pivot2 = norm2 - row @ row
         if pivot2 < (_GRAM_PIVOT_FLOOR ** 2) * norm2:
-            return keep, lower[: len(keep), : len(keep)].clone(), j
-        if pivot2.sqrt() <= tol[j]:  # dependent on the old rows and the block's kept vectors
+            return _InOrder(keep, lower[:m, :m].clone(), combine[:m].clone(), j, owed)
+        if pivot2.sqrt() <= tol[j]:  # dependent on the old rows and the window's kept vectors
+            owed.append(j)
             continue
-        t = len(keep)
-        lower[t, :t] = row
-        lower[t, t] = pivot2.sqrt()
+        lower[m, :m] = row
+        lower[m, m] = pivot2.sqrt()
+        combine[m] = e
         keep.append(j)
-    return keep, lower[: len(keep), : len(keep)].clone(), b
+        owed = []
+    m = len(keep)
+    return _InOrder(keep, lower[:m, :m].clone(), combine[:m].clone(), b, owed)
 
 
 @dataclass(frozen=True)
