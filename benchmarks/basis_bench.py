@@ -11,7 +11,8 @@ Each path runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is
   basis, sequential float32 classical Gram-Schmidt);
 * twa: ``pipeline.stream_checkpoints`` as ``twa average`` runs it: safe loading with the zip CRC check,
   key/shape and finiteness validation, sha256 of every file, the exact float64 mean, and the basis
-  (float32 BCGS2 + Cholesky-QR2 in the basis buffer, blocks of 16), stored as float32, bf16 or int8.
+  (float32, in the basis buffer: consecutive differences and their Gram matrix streamed while loading,
+  then Cholesky-QR in one fused pass), stored as float32, bf16 or int8.
 
 The orthonormality error is computed exactly (float64) after the timed part.
 """

@@ -62,7 +62,8 @@ from .writer import (
 )
 
 REPORT_FILE = "report.json"
-#: Checkpoints orthogonalised together (BCGS2 + CholQR2, in the basis buffer: no extra memory).
+#: Checkpoints prepared together on the worker thread (differences, streamed Gram matrix), and the block
+#: size of the fallback orthogonalisation (BCGS2 + CholQR2); all in the basis buffer: no extra memory.
 BASIS_BLOCK = 16
 HUMAN_REPORT_FILE = "report.md"
 SCHEMA_VERSION = 1
@@ -474,7 +475,7 @@ def planned_outputs(config: AverageConfig,
 
 def memory_estimate(model: nn.Module, k: int, storage: str = "float32", ranks: int = 1) -> dict[str, int]:
     """Peak host memory of the run, by part (bytes): the float32 build buffer (which becomes the basis), the
-    low-precision copy when ``--basis-dtype`` asks for one, the anchor checkpoint the build subtracts, the
+    low-precision copy when ``--basis-dtype`` asks for one, the previous checkpoint the build differences against, the
     float64 mean, one loaded checkpoint, and the
     model with its gradients and momentum. Under torchrun (``ranks`` > 1): per rank, with its basis shard."""
     full = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -482,7 +483,7 @@ def memory_estimate(model: nn.Module, k: int, storage: str = "float32", ranks: i
     state = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     floats = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
     stored = 0 if storage == "float32" else k * d * STORAGE_DTYPES[storage].itemsize
-    parts = {"basis_float32": k * d * 4, "basis_stored": stored, "anchor_float32": d * 4, "mean_float64": floats * 8,
+    parts = {"basis_float32": k * d * 4, "basis_stored": stored, "previous_float32": d * 4, "mean_float64": floats * 8,
              "one_checkpoint": state, "model_grads_momentum": state + 2 * full * 4}
     return {**parts, "total": sum(parts.values())}
 
