@@ -218,7 +218,19 @@ def test_bf16_widening_is_bit_exact() -> None:
         assert torch.equal(subspace._widen(values[:, 3:4100], dtype), values[:, 3:4100].to(dtype))
 
 
-def test_background_blocks_give_the_same_basis_and_raise_their_errors() -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_background_blocks_give_the_same_basis_and_raise_their_errors(threads: int) -> None:
+    # one thread per operation: the worker and this thread share each block's chunks and the final pass's
+    # columns (the worker must run its products with this thread's count, or the bits differ)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        background_blocks_give_the_same_basis_and_raise_their_errors()
+    finally:
+        torch.set_num_threads(before)
+
+
+def background_blocks_give_the_same_basis_and_raise_their_errors() -> None:
     vectors = trajectory(40, 20_000)
     vectors.insert(7, vectors[3].clone())  # a dropped row: later blocks are compacted over it
     results = []

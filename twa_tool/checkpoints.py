@@ -401,9 +401,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20, verify_zip_crc: bool = False) 
                     crcs[i] = zlib.crc32(view[lo - position:hi - position], crcs[i])
             position += size
     for (name, _, _, expected), crc in zip(members, crcs):
-        if crc != expected:
-            raise CheckpointError(f"{path}: CRC mismatch in zip member {name}; the file is corrupt (bit rot or "
-                                  f"a partial copy), re-copy or remove it")
+        _check_crc(path, name, crc, expected)
     return digest.hexdigest()
 
 
@@ -423,6 +421,142 @@ def _zip_member_ranges(path: Path) -> list[tuple[str, int, int, int]]:
             ranges.append((info.filename, start, start + info.compress_size, info.CRC))
     return ranges
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Direct reads: the files of one trajectory share one layout.
+
+#: Zip members whose bytes differ between files of one layout by design (a random id per save).
+_VOLATILE_MEMBERS = (".data/serialization_id",)
+
+
+def _member_suffix(name: str) -> str:
+    """A member's name without the archive folder (``torch.save`` names that folder after the file)."""
+    return name.split("/", 1)[1] if "/" in name else name
+
+
+def _is_storage_member(suffix: str) -> bool:
+    return suffix.startswith("data/")
+
+
+@dataclass(frozen=True)
+class ZipLayout:
+    """Where the tensors of a loaded torch zip checkpoint lie in its file, and what another file must share
+    with it to hold its tensors at the same places: its member table (names and sizes) and the bytes of its
+    pickle and other non-storage members.
+
+    Files that one ``torch.save`` call site writes for one model differ only in their tensor bytes: their
+    ``data.pkl`` is byte-identical, so unpickling them would give the same keys, dtypes, shapes and storage
+    offsets. ``read_into`` reads such a file's tensors straight into caller-owned memory (one ``preadv``
+    per tensor): no unpickling, no page faults on a mapping, no intermediate copy. The pickle of the other
+    file is compared byte for byte, never run.
+    """
+
+    sizes: tuple[tuple[str, int], ...]  # (member suffix, size) in file order
+    fixed: tuple[tuple[str, bytes], ...]  # the non-storage members' bytes (pickle, byteorder, versions)
+    tensors: Mapping[str, tuple[str, int, torch.dtype, tuple[int, ...]]]  # key -> (member, offset in it, dtype, shape)
+
+    def spec(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """The dtype and shape of tensor ``key``."""
+        _, _, dtype, shape = self.tensors[key]
+        return dtype, shape
+
+    def matches(self, path: Path) -> dict[str, tuple[int, int]] | None:
+        """``path``'s members (suffix -> (data start, CRC-32)) when it shares this layout, else None. Runs
+        the structural zip checks (a ``CheckpointError`` for a corrupt archive) and compares the bytes of
+        the non-storage members with this layout's file."""
+        ranges = _zip_member_ranges(path)
+        if tuple((_member_suffix(n), end - start) for n, start, end, _ in ranges) != self.sizes:
+            return None
+        members = {_member_suffix(n): (start, crc) for n, start, _, crc in ranges}
+        with open(path, "rb", buffering=0) as f:
+            for suffix, blob in self.fixed:
+                if os.pread(f.fileno(), len(blob), members[suffix][0]) != blob:
+                    return None
+        return members
+
+    def read_into(self, path: Path, members: Mapping[str, tuple[int, int]],
+                  targets: Mapping[str, torch.Tensor]) -> None:
+        """Read tensors ``targets`` (key -> contiguous CPU tensor of the key's dtype and size) of ``path``,
+        whose ``members`` ``matches`` returned, straight into those tensors, and check the CRC-32 of every
+        storage member (a ``CheckpointError`` on a mismatch: the file is corrupt).
+
+        A member one target fills whole is checked on the bytes just read (still in cache); any other
+        storage member is read once more for its check."""
+        whole, sizes = set(), dict(self.sizes)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for key, out in targets.items():
+                member, offset, dtype, shape = self.tensors[key]
+                if out.dtype != dtype or out.numel() != _numel(shape) or not out.is_contiguous():
+                    raise ValueError(f"target for {key} is not a contiguous {dtype} tensor of {_numel(shape)} entries")
+                view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+                position, done = members[member][0] + offset, 0
+                while done < len(view):
+                    n = os.preadv(fd, [view[done:]], position + done)
+                    if n == 0:
+                        raise CheckpointError(f"{path}: ends inside tensor {key}; the file is truncated, "
+                                              f"re-copy or remove it")
+                    done += n
+                if offset == 0 and len(view) == sizes[member]:
+                    whole.add(member)
+                    _check_crc(path, member, zlib.crc32(view), members[member][1])
+            for member, size in self.sizes:
+                if _is_storage_member(member) and member not in whole:
+                    _check_crc(path, member, zlib.crc32(os.pread(fd, size, members[member][0])), members[member][1])
+        finally:
+            os.close(fd)
+
+
+def _check_crc(path: Path, member: str, crc: int, expected: int) -> None:
+    if crc != expected:
+        raise CheckpointError(f"{path}: CRC mismatch in zip member {member}; the file is corrupt (bit rot or "
+                              f"a partial copy), re-copy or remove it")
+
+
+def zip_layout(path: Path, state: Mapping[str, torch.Tensor]) -> ZipLayout | None:
+    """The layout of ``state`` as ``torch.load(mmap=True)`` just loaded it from the torch zip ``path``; None
+    when its tensors cannot be placed in the file (not memory-mapped from it, not contiguous).
+
+    A memory-mapped load maps the whole file once, so every storage starts at the mapping's base plus its
+    member's data offset: the base is the one shift that sends every storage pointer to a member start.
+    Each tensor's bytes are then checked against the file at the place found, so a loader that maps
+    differently gives None, never a wrong layout.
+    """
+    if not Path(path).is_file() or _sniff(path) != "torch-zip":
+        return None
+    ranges = _zip_member_ranges(path)
+    storage_starts = {start: _member_suffix(n) for n, start, _, _ in ranges if _is_storage_member(_member_suffix(n))}
+    ends = {_member_suffix(n): end - start for n, start, end, _ in ranges}
+    tensors = {k: t for k, t in state.items() if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
+    if len(tensors) != len(state) or not storage_starts:
+        return None
+    pointers = {t.untyped_storage().data_ptr() for t in tensors.values() if t.numel()}
+    if not pointers:
+        return None
+    lowest = min(pointers)
+    base = next((lowest - s for s in sorted(storage_starts) if all(p - (lowest - s) in storage_starts
+                                                                   for p in pointers)), None)
+    if base is None:
+        return None
+    placed: dict[str, tuple[str, int, torch.dtype, tuple[int, ...]]] = {}
+    with open(path, "rb", buffering=0) as f:
+        for key, t in tensors.items():
+            if not t.is_contiguous():
+                return None
+            start = t.untyped_storage().data_ptr() - base if t.numel() else min(storage_starts)
+            member = storage_starts[start]
+            offset, nbytes = t.storage_offset() * t.element_size(), t.numel() * t.element_size()
+            if offset + nbytes > ends[member]:
+                return None
+            stored = os.pread(f.fileno(), nbytes, start + offset) if nbytes else b""
+            if stored != t.reshape(-1).view(torch.uint8).numpy().tobytes():
+                return None
+            placed[key] = (member, offset, t.dtype, tuple(t.shape))
+        fixed = tuple((_member_suffix(n), os.pread(f.fileno(), end - start, start)) for n, start, end, _ in ranges
+                      if not _is_storage_member(_member_suffix(n)) and _member_suffix(n) not in _VOLATILE_MEMBERS)
+    return ZipLayout(sizes=tuple((_member_suffix(n), end - start) for n, start, end, _ in ranges), fixed=fixed,
+                     tensors=placed)
 
 # ----------------------------------------------------------------------------------------------
 # Low-level readers.

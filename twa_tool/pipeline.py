@@ -7,7 +7,9 @@ basis, float64 mean) -> data -> baselines (last, best, swa; BN re-estimated for 
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import platform
 import time
@@ -24,11 +26,13 @@ from . import __version__
 from .checkpoints import (
     CheckpointFile,
     HeaderInfo,
+    ZipLayout,
     discover,
     load_checkpoint,
     raise_if_refused,
     read_header,
     sha256_file,
+    zip_layout,
 )
 from .config import AverageConfig, SoupConfig
 from .data import build_data, split_holdout
@@ -258,12 +262,16 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
                        storage: str = "float32", dist: Dist | None = None) -> Stream:
     """Read each checkpoint once: validate it, add it to the basis, accumulate the float64 mean.
 
-    Each checkpoint's parameters are copied straight into their row of the basis buffer, and rows
-    are orthogonalised ``block`` at a time (BLAS-3), so memory is the basis plus one loaded
-    checkpoint. The float64 mean of the parameters comes from the same rows; floating buffers (BN
-    statistics) are summed from the states. A second thread reads every file once ahead of the main
-    one, for its SHA-256 and the zip CRC check (hashlib and zlib release the GIL); a file is loaded only
-    after its CRCs matched. A third orthogonalises each full block while the next one is being read.
+    Each checkpoint's parameters land straight in their row of the basis buffer, and rows are prepared
+    ``block`` at a time (BLAS-3), so memory is the basis plus one loaded checkpoint. The float64 mean of
+    the parameters comes from the same rows; floating buffers (BN statistics) are summed from the states.
+
+    The first file is loaded safely (``load_checkpoint``) and its layout taken (``zip_layout``); a later
+    torch zip that shares it (the same pickle bytes and member table) is read straight into its row, its
+    pickle compared, never run, and its members' CRCs checked on the bytes just read. The last file, and
+    any file that differs, is loaded safely too (its CRCs checked before torch opens it). A second thread
+    reads every file once for its SHA-256 (hashlib releases the GIL); a third prepares each full block
+    while the next one is being read.
 
     Under torchrun (``dist``) each rank pushes only its columns of every checkpoint and the builder
     sums its inner products over the ranks: each rank ends with its column shard of the one basis.
@@ -276,20 +284,29 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
     sums: dict[str, torch.Tensor] = {}
     last: dict[str, torch.Tensor] = {}
     trainable = set(names)
+    layout: ZipLayout | None = None
     on_event(Event("phase", "reading checkpoints", total=len(files)))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="twa-sha256") as hasher:
-        digests = [hasher.submit(sha256_file, entry.path, verify_zip_crc=True) for entry in files]
+        digests = [hasher.submit(sha256_file, entry.path) for entry in files]
         try:
-            for entry, digest in zip(files, digests):
-                digest.result()  # the zip CRCs are verified in the hashing read, before torch opens the file
-                state = reader.load(entry.path, crc_checked=True)
-                check_compatible(model, state, str(entry.path))
+            for index, entry in enumerate(files):
+                members = layout.matches(entry.path) if layout is not None and index < len(files) - 1 else None
+                if members is not None:  # the first file's layout: read straight into the row, no unpickling
+                    assert builder is not None
+                    state = _read_direct(entry.path, layout, members, builder, names)  # CRCs checked on the way
+                else:
+                    state = reader.load(entry.path)  # the zip CRCs are checked before torch opens the file
+                    check_compatible(model, state, str(entry.path))
                 _check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
                 if builder is None:
                     builder = BasisBuilder(capacity=len(files), rtol=rtol, dtype=_work_dtype(state, names),
                                            block=block, track_mean=True, reduce=reduce,
                                            background=not dist.active)  # collectives stay on this thread
-                builder.push(_column_parts([state[n] for n in names], columns))
+                    if columns is None and not reader.trust_pickle and all(state[n].dtype == builder.dtype
+                                                                           for n in names):
+                        layout = zip_layout(entry.path, state)
+                if members is None:
+                    builder.push(_column_parts([state[n] for n in names], columns))
                 for key, value in state.items():
                     if value.is_floating_point() and key not in trainable:
                         sums[key] = sums[key] + value.double() if key in sums else value.double()
@@ -323,6 +340,24 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
     subspace = builder.finish(storage)
     shard = Shard(subspace, columns, d, dist) if columns is not None else None
     return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256, shard=shard)
+
+
+def _read_direct(path: Path, layout: ZipLayout, members: dict[str, tuple[int, int]], builder: BasisBuilder,
+                 names: list[str]) -> dict[str, torch.Tensor]:
+    """Read a checkpoint that shares ``layout``: its parameters straight into the builder's next row, its
+    other tensors (buffers) into fresh tensors, which are returned. Keys and shapes are the layout's,
+    i.e. those of the file already checked against the model."""
+    state = {k: torch.empty(shape, dtype=dtype) for k in layout.tensors if k not in set(names)
+             for dtype, shape in [layout.spec(k)]}
+    sizes = [math.prod(layout.spec(n)[1]) for n in names]
+
+    def fill(row: torch.Tensor) -> None:
+        offsets = [0, *itertools.accumulate(sizes)]
+        targets = {n: row[lo:hi] for n, lo, hi in zip(names, offsets[:-1], offsets[1:])}
+        layout.read_into(path, members, {**targets, **state})
+
+    builder.push_with(sum(sizes), fill)
+    return state
 
 
 def _reducer(dist: Dist):

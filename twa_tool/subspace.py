@@ -29,6 +29,7 @@ to the rounding error of the format (documented in ``STORAGE_TOLERANCE``).
 
 from __future__ import annotations
 
+import itertools
 import mmap
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -99,14 +100,21 @@ def _subtract(y: torch.Tensor, c: torch.Tensor, p: torch.Tensor) -> None:
         y.addmm_(c.T.to(y.dtype), p, alpha=-1)
 
 
-def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor, gram: bool = False) -> torch.Tensor | None:
+def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor, gram: bool = False,
+               pool: ThreadPoolExecutor | None = None) -> torch.Tensor | None:
     """``out = t @ y`` chunk by chunk (``out`` may overlap ``y``: each chunk is computed before written),
-    through one reused cache-sized chunk buffer. With ``gram``, also return ``out @ out^T`` (float64
+    through a reused cache-sized chunk buffer. With ``gram``, also return ``out @ out^T`` (float64
     sums of the chunks' float32 products), computed while each chunk is in cache: no second pass.
 
     A lower-triangular (staircase) ``t`` is applied by blocks of ``_ROW_BLOCK`` output rows, each reading
     only the input rows it reaches, and only the lower blocks of the Gram matrix are computed: about
     half the arithmetic of the dense products.
+
+    The columns are done in two halves, the second on ``pool`` (one worker) when given and torch runs
+    one thread per operation, so two cores work; otherwise the halves run one after the other. The
+    results are bit-identical either way: with one thread per operation a GEMM's summation order does
+    not depend on what else runs (with several, MKL may split a long inner dimension differently when
+    two calls compete for the threads, hence no overlap then).
     """
     t = t.to(y.dtype)
     m = t.shape[0]
@@ -114,20 +122,31 @@ def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor, gram: bool =
     reach = [int(row.nonzero().max()) + 1 if row.any() else 0 for row in nonzero]
     blocks = [(r, min(r + _ROW_BLOCK, m)) for r in range(0, m, _ROW_BLOCK)]
     widths = [max(reach[r0:r1]) for r0, r1 in blocks]
-    step = max(1024, (1 << 20) // max(1, m))  # ~4 MB of output per chunk
-    buffer = torch.empty(m, min(step, y.shape[1]), dtype=y.dtype)
-    products = torch.zeros(m, m, dtype=torch.float64) if gram else None
-    for cols in _chunks(y.shape[1], step):
-        part = buffer[:, : cols.stop - cols.start]
-        for (r0, r1), width in zip(blocks, widths):
-            torch.matmul(t[r0:r1, :width], y[:width, cols], out=part[r0:r1])
-        out[:, cols].copy_(part)
-        if products is not None:
-            for r0, r1 in blocks:
-                products[r0:r1, :r1] += (part[r0:r1] @ part[:r1].T).to(torch.float64)
-    if products is not None:
-        products = products.tril() + products.tril(-1).T
-    return products
+
+    def span(cols: slice) -> torch.Tensor | None:
+        step = max(1024, (1 << 20) // max(1, m))  # ~4 MB of output per chunk
+        buffer = torch.empty(m, max(0, min(step, cols.stop - cols.start)), dtype=y.dtype)
+        products = torch.zeros(m, m, dtype=torch.float64) if gram else None
+        for chunk in _chunks(cols.stop - cols.start, step):
+            chunk = slice(cols.start + chunk.start, cols.start + chunk.stop)
+            part = buffer[:, : chunk.stop - chunk.start]
+            for (r0, r1), width in zip(blocks, widths):
+                torch.matmul(t[r0:r1, :width], y[:width, chunk], out=part[r0:r1])
+            out[:, chunk].copy_(part)
+            if products is not None:
+                for r0, r1 in blocks:
+                    products[r0:r1, :r1] += (part[r0:r1] @ part[:r1].T).to(torch.float64)
+        return products
+
+    d = y.shape[1]
+    halves = (slice(0, d // 2), slice(d // 2, d))
+    later = pool.submit(span, halves[1]) if pool is not None and torch.get_num_threads() == 1 else None
+    first = span(halves[0])
+    second = later.result() if later is not None else span(halves[1])
+    if first is None or second is None:
+        return None
+    products = first + second
+    return products.tril() + products.tril(-1).T
 
 
 def _preallocated(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -353,7 +372,11 @@ class BasisBuilder:
         self.dropped: list[int] = []
         self.seen = 0
         self.rounds = 0
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twa-basis") if background else None
+        # the worker runs its products with the caller's thread count (OpenMP keeps it per thread): the
+        # same summation order, hence bit-identical results, whichever thread runs a product
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twa-basis",
+                                          initializer=torch.set_num_threads,
+                                          initargs=(torch.get_num_threads(),)) if background else None
         self._running: Future | None = None
 
     # -- input ------------------------------------------------------------------------------
@@ -363,17 +386,25 @@ class BasisBuilder:
         prepare the block when it is full. The parts are copied straight into the row: no flat copy."""
         parts = [vector] if isinstance(vector, torch.Tensor) else list(vector)
         parts = [t.detach().reshape(-1) for t in parts]
-        size = sum(t.numel() for t in parts)
+
+        def copy(row: torch.Tensor) -> None:
+            offset = 0
+            for t in parts:
+                row[offset:offset + t.numel()].copy_(t)
+                offset += t.numel()
+
+        self.push_with(sum(t.numel() for t in parts), copy)
+
+    def push_with(self, size: int, fill: Callable[[torch.Tensor], None]) -> None:
+        """Let ``fill`` write the next vector (``size`` entries) into its row, e.g. straight from a file;
+        prepare the block when it is full."""
         if self.seen >= self.capacity:
             raise ValueError(f"more than capacity={self.capacity} vectors added")
         if self._rows is None:
             self._rows = _preallocated(self.capacity, size, self.dtype)
         elif size != self._rows.shape[1]:
             raise ValueError(f"vector {self.seen} has {size} entries, expected {self._rows.shape[1]}")
-        row, offset = self._rows[self.seen], 0  # rows of earlier blocks are compacted when processed
-        for t in parts:
-            row[offset:offset + t.numel()].copy_(t)
-            offset += t.numel()
+        fill(self._rows[self.seen])  # rows of earlier blocks are compacted when processed
         self._pending += 1
         self.seen += 1
         if self._pending == self.block:
@@ -401,20 +432,28 @@ class BasisBuilder:
             self._processed = self._prepared
 
     def _stage(self, wait: bool) -> None:
-        """Prepare the pending rows: on the worker when ``background`` and not ``wait``."""
+        """Prepare the pending rows: on the worker when ``background`` and not ``wait`` (the caller
+        helps with the chunks left when it next waits), else here."""
         self._wait()  # blocks are prepared in order: the next one differences against this one
         b, self._pending = self._pending, 0
         if b and self._rows is not None:
             first, self._prepared = self._prepared, self._prepared + b
+            job = self._preparation(first, b)
             if self._worker is not None and not wait:
-                self._running = self._worker.submit(self._prepare, first, b)
+                self._running = (job, self._worker.submit(job.work))
             else:
-                self._prepare(first, b)
+                job.work()
+                job.complete()
 
     def _wait(self) -> None:
+        """Finish the block the worker is preparing, taking its remaining chunks on this thread too."""
         if self._running is not None:
-            running, self._running = self._running, None
-            running.result()
+            (job, running), self._running = self._running, None
+            try:
+                job.work()
+            finally:
+                running.result()
+            job.complete()
 
     def close(self) -> None:
         """Stop the background worker (after the block it is preparing, if any)."""
@@ -423,10 +462,12 @@ class BasisBuilder:
             self._worker = None
             self._running = None
 
-    def _prepare(self, first: int, b: int) -> None:
-        """One pass over column chunks of rows ``first .. first+b``: norms and float64 sum of the raw
-        vectors, consecutive differences in place, and (before the first orthogonalisation) their inner
-        products with every row so far.
+    def _preparation(self, first: int, b: int) -> _Job:
+        """One pass over column chunks of rows ``first .. first+b``: the float64 sum of the raw vectors,
+        consecutive differences in place, and (before the first orthogonalisation) their inner products
+        with every row so far, from which the raw vectors' norms follow (else the norms directly). The
+        chunks are independent: whichever thread is free takes the next one, and the per-chunk products
+        are summed in chunk order, so the result does not depend on who did what.
 
         Differences of nearby checkpoints are exact in float32 (Sterbenz) and, along a trajectory, far
         better conditioned than the checkpoints or their differences from one anchor, so a single
@@ -435,16 +476,19 @@ class BasisBuilder:
         assert self._rows is not None
         rows, n = self._rows[first:first + b], first + b
         gram = self._processed == 0  # afterwards the earlier rows are basis rows: the general path needs none
-        products = torch.zeros(b, n if gram else 0, dtype=torch.float64)
-        norms2 = torch.zeros(b, dtype=torch.float64)
         if self._previous is None:
             self._previous = torch.empty(rows.shape[1], dtype=self.dtype)
         if self.track_mean and self._sum is None:
             self._sum = torch.zeros(rows.shape[1], dtype=torch.float64)
         step = max(1024, (1 << 21) // max(1, n if gram else b))  # the chunk of every row so far: ~8 MB
-        for cols in _chunks(rows.shape[1], step):
+        chunks = list(_chunks(rows.shape[1], step))
+        partial: list[torch.Tensor | None] = [None] * len(chunks)  # products (gram) or squared norms
+
+        def chunk(index: int) -> None:
+            cols = chunks[index]
             part = rows[:, cols]
-            norms2 += torch.linalg.vector_norm(part, dim=1).to(torch.float64).square()
+            if not gram:  # with the Gram matrix, the norms follow from it
+                partial[index] = torch.linalg.vector_norm(part, dim=1).to(torch.float64).square()
             if self._sum is not None:  # numpy sums the float32 rows exactly into float64, no float64 copy
                 total = self._sum[cols].numpy()
                 np.add(total, part.numpy().sum(axis=0, dtype=np.float64), out=total)
@@ -455,18 +499,26 @@ class BasisBuilder:
                 part[0] -= self._previous[cols]
             self._previous[cols] = last
             if gram:
-                products += (part @ self._rows[:n, cols].T).to(torch.float64)
-        if self._reduce is not None:
-            norms2 = self._reduce(norms2)
+                partial[index] = (part @ self._rows[:n, cols].T).to(torch.float64)
+
+        def complete() -> None:
+            total = torch.stack(partial).sum(0) if partial else torch.zeros(b, n if gram else 0,
+                                                                             dtype=torch.float64)
+            if self._reduce is not None:
+                total = self._reduce(total)
             if gram:
-                products = self._reduce(products)
-        bad = (~torch.isfinite(norms2)).nonzero()
-        if len(bad):
-            raise ValueError(f"vector {first + int(bad[0])} has non-finite entries")
-        self._norms[first:n] = norms2.sqrt()
-        if gram:
-            self._gram[first:n, :n] = products
-            self._gram[:n, first:n] = products.T
+                self._gram[first:n, :n] = total
+                self._gram[:n, first:n] = total.T
+                # raw vector i is the sum of difference rows 0..i, so |w_i|^2 is the sum of Gram[:i+1, :i+1]
+                norms2 = self._gram[:n, :n].cumsum(0).cumsum(1).diagonal()[first:n]
+            else:
+                norms2 = total
+            bad = (~torch.isfinite(norms2)).nonzero()
+            if len(bad):
+                raise ValueError(f"vector {first + int(bad[0])} has non-finite entries")
+            self._norms[first:n] = norms2.clamp_min(0).sqrt()
+
+        return _Job(len(chunks), chunk, complete)
 
     def _process(self, first: int, b: int) -> None:
         """Orthogonalise the prepared vectors ``first .. first+b`` against the finished rows, in rounds.
@@ -531,7 +583,7 @@ class BasisBuilder:
             eye = torch.eye(m, dtype=torch.float64)
             t1 = torch.linalg.solve_triangular(chol.lower, combine, upper=False)  # L^-1 E
             q, p = rows[k:k + m], rows[:k]
-            gram2 = _transform(y, t1, q, gram=k == 0)  # Q1 = L^-1 E Y, compacted to rows k..k+m
+            gram2 = _transform(y, t1, q, gram=k == 0, pool=self._worker)  # Q1 = L^-1 E Y, compacted to rows k..k+m
             c2 = self._dot(p, q)
             if k:
                 _subtract(q, c2, p)
@@ -542,7 +594,7 @@ class BasisBuilder:
                 lower2 = eye
             else:
                 lower2 = torch.linalg.cholesky(gram2)
-                _transform(q, torch.linalg.solve_triangular(lower2, eye, upper=False), q)
+                _transform(q, torch.linalg.solve_triangular(lower2, eye, upper=False), q, pool=self._worker)
             old = c1 @ combine.T + c2 @ chol.lower.T  # k x m: coefficients on the old rows
             new = chol.lower @ lower2  # m x m lower triangular: on this prefix's new rows
         for j in range(y.shape[0]):
@@ -585,6 +637,21 @@ class BasisBuilder:
         name = storage or next(n for n, dt in STORAGE_DTYPES.items() if dt == self.dtype)
         return Subspace(basis=quantize(values, name), r=r, kept=tuple(self.kept), dropped=tuple(self.dropped),
                         total=self.seen)
+
+
+class _Job:
+    """``count`` independent pieces of work, ``run(i)`` each, taken in turn by every thread that calls
+    ``work`` (taking the next index is atomic under the GIL); ``complete`` runs once all are done."""
+
+    def __init__(self, count: int, run: Callable[[int], None], complete: Callable[[], None]) -> None:
+        self._next = itertools.count()
+        self._count = count
+        self._run = run
+        self.complete = complete
+
+    def work(self) -> None:
+        while (index := next(self._next)) < self._count:
+            self._run(index)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,136 @@
+"""Direct reads: files sharing the first file's zip layout are read straight into the basis rows.
+
+The fast path must give bit-for-bit what safe loading gives, check every member's CRC on the way,
+and step aside (to ``load_checkpoint``) for any file whose pickle or member table differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from twa_tool import pipeline
+from twa_tool.checkpoints import discover, load_checkpoint, zip_layout
+from twa_tool.config import AverageConfig
+from twa_tool.errors import CheckpointError
+from twa_tool.models import trainable_names
+from twa_tool.pipeline import Reader, stream_checkpoints
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 30), nn.BatchNorm1d(30), nn.ReLU(), nn.Linear(30, 5))
+
+
+def write_trajectory(root: Path, k: int = 12) -> nn.Module:
+    """``k`` state dicts along a trajectory; names of different lengths shift every member's offset."""
+    root.mkdir(exist_ok=True)
+    model = small_model()
+    state = {n: v.clone() for n, v in model.state_dict().items()}
+    for i in range(k):
+        for value in state.values():
+            if value.is_floating_point():
+                value += 1e-2 * torch.randn_like(value)
+        state["1.num_batches_tracked"] += 1
+        torch.save(state, root / f"step_{i * 7}.pt")
+    return model
+
+
+def run(root: Path, model: nn.Module) -> pipeline.Stream:
+    files = discover(root)
+    reader = Reader.for_run(AverageConfig(checkpoint_dir=root, out_dir=root, data="synthetic"), model)
+    return stream_checkpoints(files, model, trainable_names(model), 1e-5, reader, lambda e: None, block=4)
+
+
+def count_loads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    loaded: list[Path] = []
+    original = Reader.load
+
+    def load(self: Reader, path: Path, crc_checked: bool = False) -> dict[str, torch.Tensor]:
+        loaded.append(path)
+        return original(self, path, crc_checked)
+
+    monkeypatch.setattr(Reader, "load", load)
+    return loaded
+
+
+def assert_same_stream(a: pipeline.Stream, b: pipeline.Stream) -> None:
+    assert torch.equal(a.subspace.basis.values, b.subspace.basis.values)
+    assert torch.equal(a.subspace.r, b.subspace.r) and a.subspace.kept == b.subspace.kept
+    assert a.sha256 == b.sha256
+    for theirs, ours in ((a.mean_state, b.mean_state), (a.last_state, b.last_state)):
+        assert theirs.keys() == ours.keys()
+        assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+def test_files_sharing_the_first_layout_are_read_straight_into_the_rows(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    model = write_trajectory(tmp_path / "ckpts")
+    loaded = count_loads(monkeypatch)
+    direct = run(tmp_path / "ckpts", model)
+    files = discover(tmp_path / "ckpts")
+    assert loaded == [files[0].path, files[-1].path]  # the first (for its layout) and the last (its full state)
+    loaded.clear()
+    monkeypatch.setattr(pipeline, "zip_layout", lambda path, state: None)
+    safe = run(tmp_path / "ckpts", model)
+    assert len(loaded) == len(files)
+    assert_same_stream(direct, safe)
+
+
+def test_a_flipped_byte_in_a_directly_read_file_fails_its_crc(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    model = write_trajectory(tmp_path / "ckpts", k=5)
+    middle = discover(tmp_path / "ckpts")[2].path
+    data = bytearray(middle.read_bytes())
+    data[data.index(b"data/0") + 100] ^= 0x01  # inside the first storage's bytes, past its local header
+    middle.write_bytes(bytes(data))
+    loaded = count_loads(monkeypatch)
+    with pytest.raises(CheckpointError, match=rf"{middle.name}: CRC mismatch in zip member data/0"):
+        run(tmp_path / "ckpts", model)
+    assert middle not in loaded  # it was read directly, and the direct read caught it
+
+
+def test_a_file_with_another_layout_is_loaded_safely(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = write_trajectory(tmp_path / "ckpts", k=6)
+    files = discover(tmp_path / "ckpts")
+    state = torch.load(files[3].path, weights_only=True)
+    torch.save({"epoch": 3, "state_dict": state}, files[3].path)  # another pickle, the same weights
+    loaded = count_loads(monkeypatch)
+    mixed = run(tmp_path / "ckpts", model)
+    assert loaded == [files[0].path, files[3].path, files[-1].path]
+    monkeypatch.setattr(pipeline, "zip_layout", lambda path, state: None)
+    assert_same_stream(mixed, run(tmp_path / "ckpts", model))
+    torch.save({**state, "extra": torch.ones(2)}, files[3].path)  # an unexpected key is still caught
+    with pytest.raises(CheckpointError, match="unexpected 1 keys"):
+        run(tmp_path / "ckpts", small_model())
+
+
+def test_the_layout_places_views_and_shared_storages_or_declines(tmp_path: Path) -> None:
+    base = torch.arange(100, dtype=torch.float32)
+    torch.save({"a": base[:40], "b": base[40:].view(6, 10), "c": torch.ones(3, dtype=torch.float64)},
+               tmp_path / "x.pt")
+    torch.save({"a": -base[:40].clone(), "b": (2 * base[40:]).view(6, 10), "c": torch.zeros(3, dtype=torch.float64)},
+               tmp_path / "other.pt")  # another pickle (no shared storage): its layout differs
+    shared = (3 * base).clone()
+    torch.save({"a": shared[:40], "b": shared[40:].view(6, 10), "c": torch.full((3,), 2.0, dtype=torch.float64)},
+               tmp_path / "y.pt")
+    torch.save({"z": shared[:40], "b": shared[40:].view(6, 10), "c": torch.full((3,), 2.0, dtype=torch.float64)},
+               tmp_path / "renamed.pt")  # the same member table: only the pickle's bytes tell them apart
+    state = load_checkpoint(tmp_path / "x.pt").state  # memory-mapped, as the pipeline loads the first file
+    layout = zip_layout(tmp_path / "x.pt", state)
+    assert layout is not None
+    assert layout.matches(tmp_path / "other.pt") is None and layout.matches(tmp_path / "renamed.pt") is None
+    members = layout.matches(tmp_path / "y.pt")
+    assert members is not None
+    targets = {"a": torch.empty(40), "b": torch.empty(6, 10), "c": torch.empty(3, dtype=torch.float64)}
+    layout.read_into(tmp_path / "y.pt", members, targets)
+    expected = load_checkpoint(tmp_path / "y.pt").state
+    assert all(torch.equal(targets[k], expected[k]) for k in targets)
+    with pytest.raises(ValueError, match="target for c"):
+        layout.read_into(tmp_path / "y.pt", members, {"c": torch.empty(3)})
+    # tensors not mapped from the file (a copy, or a plain load): no layout rather than a wrong one
+    assert zip_layout(tmp_path / "x.pt", {k: v.clone() for k, v in state.items()}) is None
+    assert zip_layout(tmp_path / "x.pt", torch.load(tmp_path / "x.pt", weights_only=True)) is None
