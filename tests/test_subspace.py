@@ -322,8 +322,11 @@ def test_staircase_transform_equals_the_dense_product(monkeypatch: pytest.Monkey
     assert torch.allclose(inplace[:7], t @ y, atol=1e-12)
 
 
-def test_populated_buffer_is_an_ordinary_writable_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("madvise", [True, False])
+def test_populated_buffer_is_an_ordinary_writable_tensor(madvise: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(subspace, "_POPULATE_MIN_BYTES", 0)
+    if not madvise:  # a kernel without MADV_POPULATE_WRITE: MAP_POPULATE instead
+        monkeypatch.setattr(subspace, "_populate", lambda memory, nbytes: False)
     rows = subspace._preallocated(3, 1000, torch.float32)
     assert rows.shape == (3, 1000) and rows.dtype == torch.float32
     rows.copy_(torch.arange(3000.0).view(3, 1000))

@@ -29,6 +29,7 @@ to the rounding error of the format (documented in ``STORAGE_TOLERANCE``).
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import mmap
 from collections.abc import Callable, Iterator, Sequence
@@ -70,6 +71,12 @@ _ORTHONORMAL_ENOUGH = 1e-6
 
 #: Buffers from this size on are mapped with their pages populated up front.
 _POPULATE_MIN_BYTES = 1 << 26
+
+#: Linux's ``madvise`` advice that maps (and zeroes) every page of a range for writing (Linux >= 5.14).
+_MADV_POPULATE_WRITE = 23
+
+#: Bytes populated per call (page-aligned).
+_POPULATE_STEP = 1 << 26
 
 #: Output rows per block of a triangular transform (large enough for an efficient GEMM).
 _ROW_BLOCK = 32
@@ -150,15 +157,40 @@ def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor, gram: bool =
 
 
 def _preallocated(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised ``rows x cols`` CPU tensor whose pages the kernel maps up front (Linux
-    ``MAP_POPULATE``): filling gigabytes of fresh memory page fault by page fault runs at a fraction of
-    the copy speed (measured 0.5 against 1.9 GB/s in a VM). ``torch.empty`` elsewhere."""
+    """An uninitialised ``rows x cols`` CPU tensor whose pages are mapped up front: filling gigabytes of
+    fresh memory page fault by page fault runs at a fraction of the copy speed (measured 0.5 against 1.9
+    GB/s in a VM). Linux ``madvise(MADV_POPULATE_WRITE)`` through ctypes, which lets other threads run
+    meanwhile (``mmap``'s ``MAP_POPULATE`` holds the GIL for the whole mapping: 0.6 s for 2 GB, the
+    hashing thread stalled); ``MAP_POPULATE`` on kernels before 5.14; ``torch.empty`` elsewhere."""
     populate = getattr(mmap, "MAP_POPULATE", None)
     nbytes = rows * cols * torch.tensor([], dtype=dtype).element_size()
     if populate is None or nbytes < _POPULATE_MIN_BYTES:
         return torch.empty(rows, cols, dtype=dtype)
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if not _populate(memory, nbytes):
+        memory.close()
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
     return torch.frombuffer(memory, dtype=dtype).view(rows, cols)  # the tensor keeps the mapping alive
+
+
+def _populate(memory: mmap.mmap, nbytes: int) -> bool:
+    """Map every page of ``memory`` now (``MADV_POPULATE_WRITE``); False where the kernel cannot."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return False
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    anchor = ctypes.c_char.from_buffer(memory)  # the mapping's address; released before returning
+    try:
+        address = ctypes.addressof(anchor)
+        for start in range(0, nbytes, _POPULATE_STEP):  # the kernel holds the memory map's lock per call:
+            size = min(_POPULATE_STEP, nbytes - start)  # other threads' mmap calls get it in between
+            if madvise(address + start, size, _MADV_POPULATE_WRITE) != 0:
+                return False
+        return True
+    finally:
+        del anchor
 
 
 def _widen(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -432,15 +464,17 @@ class BasisBuilder:
             self._processed = self._prepared
 
     def _stage(self, wait: bool) -> None:
-        """Prepare the pending rows: on the worker when ``background`` and not ``wait`` (the caller
-        helps with the chunks left when it next waits), else here."""
+        """Prepare the pending rows: on the worker when ``background`` (the caller takes the chunks left
+        when it next waits, at once with ``wait``), else here."""
         self._wait()  # blocks are prepared in order: the next one differences against this one
         b, self._pending = self._pending, 0
         if b and self._rows is not None:
             first, self._prepared = self._prepared, self._prepared + b
             job = self._preparation(first, b)
-            if self._worker is not None and not wait:
+            if self._worker is not None:
                 self._running = (job, self._worker.submit(job.work))
+                if wait:
+                    self._wait()
             else:
                 job.work()
                 job.complete()
@@ -463,11 +497,11 @@ class BasisBuilder:
             self._running = None
 
     def _preparation(self, first: int, b: int) -> _Job:
-        """One pass over column chunks of rows ``first .. first+b``: the float64 sum of the raw vectors,
-        consecutive differences in place, and (before the first orthogonalisation) their inner products
-        with every row so far, from which the raw vectors' norms follow (else the norms directly). The
-        chunks are independent: whichever thread is free takes the next one, and the per-chunk products
-        are summed in chunk order, so the result does not depend on who did what.
+        """One pass over column chunks of rows ``first .. first+b``: the float64 sum and the norms of the
+        raw vectors, consecutive differences in place, and (before the first orthogonalisation) their
+        inner products with every row so far. The chunks are independent: whichever thread is free takes
+        the next one, and the per-chunk products are summed in chunk order, so the result does not
+        depend on who did what.
 
         Differences of nearby checkpoints are exact in float32 (Sterbenz) and, along a trajectory, far
         better conditioned than the checkpoints or their differences from one anchor, so a single
@@ -482,16 +516,16 @@ class BasisBuilder:
             self._sum = torch.zeros(rows.shape[1], dtype=torch.float64)
         step = max(1024, (1 << 21) // max(1, n if gram else b))  # the chunk of every row so far: ~8 MB
         chunks = list(_chunks(rows.shape[1], step))
-        partial: list[torch.Tensor | None] = [None] * len(chunks)  # products (gram) or squared norms
+        squares: list[torch.Tensor | None] = [None] * len(chunks)  # the raw rows' squared norms
+        products: list[torch.Tensor | None] = [None] * len(chunks)  # with every row so far (gram)
 
         def chunk(index: int) -> None:
             cols = chunks[index]
             part = rows[:, cols]
-            if not gram:  # with the Gram matrix, the norms follow from it
-                partial[index] = torch.linalg.vector_norm(part, dim=1).to(torch.float64).square()
             if self._sum is not None:  # numpy sums the float32 rows exactly into float64, no float64 copy
                 total = self._sum[cols].numpy()
                 np.add(total, part.numpy().sum(axis=0, dtype=np.float64), out=total)
+            squares[index] = torch.linalg.vector_norm(part, dim=1).to(torch.float64).square()
             last = part[-1].clone()
             for i in range(b - 1, 0, -1):  # in place, last row first: no temporary
                 part[i] -= part[i - 1]
@@ -499,24 +533,22 @@ class BasisBuilder:
                 part[0] -= self._previous[cols]
             self._previous[cols] = last
             if gram:
-                partial[index] = (part @ self._rows[:n, cols].T).to(torch.float64)
+                products[index] = (part @ self._rows[:n, cols].T).to(torch.float64)
 
-        def complete() -> None:
-            total = torch.stack(partial).sum(0) if partial else torch.zeros(b, n if gram else 0,
-                                                                             dtype=torch.float64)
+        def complete() -> None:  # the chunks' partial results summed in chunk order: deterministic
+            norms2 = torch.stack(squares).sum(0) if chunks else torch.zeros(b, dtype=torch.float64)
             if self._reduce is not None:
-                total = self._reduce(total)
-            if gram:
-                self._gram[first:n, :n] = total
-                self._gram[:n, first:n] = total.T
-                # raw vector i is the sum of difference rows 0..i, so |w_i|^2 is the sum of Gram[:i+1, :i+1]
-                norms2 = self._gram[:n, :n].cumsum(0).cumsum(1).diagonal()[first:n]
-            else:
-                norms2 = total
+                norms2 = self._reduce(norms2)
             bad = (~torch.isfinite(norms2)).nonzero()
             if len(bad):
                 raise ValueError(f"vector {first + int(bad[0])} has non-finite entries")
-            self._norms[first:n] = norms2.clamp_min(0).sqrt()
+            self._norms[first:n] = norms2.sqrt()
+            if gram:
+                total = torch.stack(products).sum(0) if chunks else torch.zeros(b, n, dtype=torch.float64)
+                if self._reduce is not None:
+                    total = self._reduce(total)
+                self._gram[first:n, :n] = total
+                self._gram[:n, first:n] = total.T
 
         return _Job(len(chunks), chunk, complete)
 
