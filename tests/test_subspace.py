@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -228,6 +230,39 @@ def test_background_blocks_give_the_same_basis_and_raise_their_errors(threads: i
         background_blocks_give_the_same_basis_and_raise_their_errors()
     finally:
         torch.set_num_threads(before)
+
+
+def new_thread_count() -> int:
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_any_number_of_sharing_threads_gives_the_same_bits_and_leaves_torch_threads_alone() -> None:
+    vectors = trajectory(30, 50_000)
+    vectors.insert(5, vectors[2].clone())  # a dropped row: the general path runs too
+    results = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for threads in (1, 2, 3):
+            builder = BasisBuilder(capacity=len(vectors), block=8, threads=threads, background=threads == 3,
+                                   track_mean=True)
+            assert new_thread_count() == 2  # starting the workers leaves the default a new thread starts from
+            for v in vectors:
+                builder.push(v)
+            mean = builder.mean()
+            results.append((builder.finish(), mean))
+            assert torch.get_num_threads() == 2 and new_thread_count() == 2  # and so does the build
+    finally:
+        torch.set_num_threads(before)
+    (first, mean), *others = results
+    for other, other_mean in others:
+        assert other.kept == first.kept and other.dropped == first.dropped == (5,)
+        assert torch.equal(other.basis.values, first.basis.values) and torch.equal(other.r, first.r)
+        assert torch.equal(other_mean, mean)
 
 
 def background_blocks_give_the_same_basis_and_raise_their_errors() -> None:

@@ -32,8 +32,10 @@ from __future__ import annotations
 import ctypes
 import itertools
 import mmap
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +86,9 @@ _ROW_BLOCK = 32
 #: Columns per chunk of the float64-accumulated products (k x chunk float32 GEMMs).
 _CHUNK = 1 << 18
 
+#: Fixed column groups of the final pass, shared by the threads (their products summed in order).
+_GROUPS = 64
+
 
 def _chunks(d: int, step: int | None = None) -> Iterator[slice]:
     step = step or _CHUNK
@@ -108,20 +113,19 @@ def _subtract(y: torch.Tensor, c: torch.Tensor, p: torch.Tensor) -> None:
 
 
 def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor, gram: bool = False,
-               pool: ThreadPoolExecutor | None = None) -> torch.Tensor | None:
+               workers: _Workers | None = None) -> torch.Tensor | None:
     """``out = t @ y`` chunk by chunk (``out`` may overlap ``y``: each chunk is computed before written),
-    through a reused cache-sized chunk buffer. With ``gram``, also return ``out @ out^T`` (float64
-    sums of the chunks' float32 products), computed while each chunk is in cache: no second pass.
+    through a reused cache-sized chunk buffer per thread. With ``gram``, also return ``out @ out^T``
+    (float64 sums of the chunks' float32 products), computed while each chunk is in cache: no second pass.
 
     A lower-triangular (staircase) ``t`` is applied by blocks of ``_ROW_BLOCK`` output rows, each reading
     only the input rows it reaches, and only the lower blocks of the Gram matrix are computed: about
     half the arithmetic of the dense products.
 
-    The columns are done in two halves, the second on ``pool`` (one worker) when given and torch runs
-    one thread per operation, so two cores work; otherwise the halves run one after the other. The
-    results are bit-identical either way: with one thread per operation a GEMM's summation order does
-    not depend on what else runs (with several, MKL may split a long inner dimension differently when
-    two calls compete for the threads, hence no overlap then).
+    The columns are cut into ``_GROUPS`` fixed groups, shared by this thread and ``workers``, every
+    product on one thread; the groups' products are summed in group order. The results are therefore
+    bit-identical whatever the number of threads (with several threads per operation, MKL may split a
+    long inner dimension differently when two calls compete for the threads).
     """
     t = t.to(y.dtype)
     m = t.shape[0]
@@ -129,31 +133,38 @@ def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor, gram: bool =
     reach = [int(row.nonzero().max()) + 1 if row.any() else 0 for row in nonzero]
     blocks = [(r, min(r + _ROW_BLOCK, m)) for r in range(0, m, _ROW_BLOCK)]
     widths = [max(reach[r0:r1]) for r0, r1 in blocks]
+    d = y.shape[1]
+    step = max(1024, (1 << 20) // max(1, m))  # ~4 MB of output per chunk
+    groups = list(_chunks(d, max(step, -(-d // _GROUPS))))
+    products: list[torch.Tensor | None] = [None] * len(groups)
+    buffers: dict[int, torch.Tensor] = {}  # one chunk buffer per thread
 
-    def span(cols: slice) -> torch.Tensor | None:
-        step = max(1024, (1 << 20) // max(1, m))  # ~4 MB of output per chunk
-        buffer = torch.empty(m, max(0, min(step, cols.stop - cols.start)), dtype=y.dtype)
-        products = torch.zeros(m, m, dtype=torch.float64) if gram else None
+    def group(index: int) -> None:
+        cols = groups[index]
+        buffer = buffers.get(threading.get_ident())
+        if buffer is None:
+            buffer = buffers.setdefault(threading.get_ident(),
+                                        torch.empty(m, min(step, d), dtype=y.dtype))
+        total = torch.zeros(m, m, dtype=torch.float64) if gram else None
         for chunk in _chunks(cols.stop - cols.start, step):
             chunk = slice(cols.start + chunk.start, cols.start + chunk.stop)
             part = buffer[:, : chunk.stop - chunk.start]
             for (r0, r1), width in zip(blocks, widths):
                 torch.matmul(t[r0:r1, :width], y[:width, chunk], out=part[r0:r1])
             out[:, chunk].copy_(part)
-            if products is not None:
+            if total is not None:
                 for r0, r1 in blocks:
-                    products[r0:r1, :r1] += (part[r0:r1] @ part[:r1].T).to(torch.float64)
-        return products
+                    total[r0:r1, :r1] += (part[r0:r1] @ part[:r1].T).to(torch.float64)
+        products[index] = total
 
-    d = y.shape[1]
-    halves = (slice(0, d // 2), slice(d // 2, d))
-    later = pool.submit(span, halves[1]) if pool is not None and torch.get_num_threads() == 1 else None
-    first = span(halves[0])
-    second = later.result() if later is not None else span(halves[1])
-    if first is None or second is None:
+    _shared(_Job(len(groups), group, lambda: None), workers)
+    if not gram:
         return None
-    products = first + second
-    return products.tril() + products.tril(-1).T
+    total = torch.zeros(m, m, dtype=torch.float64)
+    for part in products:
+        assert part is not None
+        total += part
+    return total.tril() + total.tril(-1).T
 
 
 def _preallocated(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -376,11 +387,15 @@ class BasisBuilder:
             identity by default. A column-sharded build passes a sum over the shards (an all-reduce), so
             every shard sees the inner products of the whole vectors and takes the same decisions.
         background: prepare full blocks on a worker thread while the caller pushes the next ones.
+        threads: threads sharing the chunked passes (default: torch's thread count), each running one
+            thread per operation, so the results are bit-identical for any count, with or without
+            ``background``.
     """
 
     def __init__(self, capacity: int, rtol: float = DEFAULT_RANK_RTOL, dtype: torch.dtype = torch.float32,
                  block: int = 16, track_mean: bool = False,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, background: bool = False) -> None:
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, background: bool = False,
+                 threads: int | None = None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
@@ -404,12 +419,11 @@ class BasisBuilder:
         self.dropped: list[int] = []
         self.seen = 0
         self.rounds = 0
-        # the worker runs its products with the caller's thread count (OpenMP keeps it per thread): the
-        # same summation order, hence bit-identical results, whichever thread runs a product
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twa-basis",
-                                          initializer=torch.set_num_threads,
-                                          initargs=(torch.get_num_threads(),)) if background else None
-        self._running: Future | None = None
+        self._background = background
+        # threads - 1 workers share the chunked passes with the caller (one with ``background`` at least,
+        # which prepares blocks while the caller reads)
+        self._workers = _Workers(max(int(background), (threads or torch.get_num_threads()) - 1))
+        self._running: tuple[_Job, list[Future]] | None = None
 
     # -- input ------------------------------------------------------------------------------
 
@@ -464,37 +478,27 @@ class BasisBuilder:
             self._processed = self._prepared
 
     def _stage(self, wait: bool) -> None:
-        """Prepare the pending rows: on the worker when ``background`` (the caller takes the chunks left
-        when it next waits, at once with ``wait``), else here."""
+        """Prepare the pending rows: the workers start on them, and the caller takes the chunks left when
+        it next waits (at once with ``wait`` or without ``background``)."""
         self._wait()  # blocks are prepared in order: the next one differences against this one
         b, self._pending = self._pending, 0
         if b and self._rows is not None:
             first, self._prepared = self._prepared, self._prepared + b
             job = self._preparation(first, b)
-            if self._worker is not None:
-                self._running = (job, self._worker.submit(job.work))
-                if wait:
-                    self._wait()
-            else:
-                job.work()
-                job.complete()
+            self._running = (job, self._workers.start(job.work))
+            if wait or not self._background:
+                self._wait()
 
     def _wait(self) -> None:
-        """Finish the block the worker is preparing, taking its remaining chunks on this thread too."""
+        """Finish the block being prepared, taking its remaining chunks on this thread too."""
         if self._running is not None:
             (job, running), self._running = self._running, None
-            try:
-                job.work()
-            finally:
-                running.result()
-            job.complete()
+            _finish(job, running)
 
     def close(self) -> None:
-        """Stop the background worker (after the block it is preparing, if any)."""
-        if self._worker is not None:
-            self._worker.shutdown(wait=True, cancel_futures=True)
-            self._worker = None
-            self._running = None
+        """Stop the workers (after the block they are preparing, if any)."""
+        self._workers.shutdown()
+        self._running = None
 
     def _preparation(self, first: int, b: int) -> _Job:
         """One pass over column chunks of rows ``first .. first+b``: the float64 sum and the norms of the
@@ -615,7 +619,7 @@ class BasisBuilder:
             eye = torch.eye(m, dtype=torch.float64)
             t1 = torch.linalg.solve_triangular(chol.lower, combine, upper=False)  # L^-1 E
             q, p = rows[k:k + m], rows[:k]
-            gram2 = _transform(y, t1, q, gram=k == 0, pool=self._worker)  # Q1 = L^-1 E Y, compacted to rows k..k+m
+            gram2 = _transform(y, t1, q, gram=k == 0, workers=self._workers)  # Q1 = L^-1 E Y, compacted to rows k..k+m
             c2 = self._dot(p, q)
             if k:
                 _subtract(q, c2, p)
@@ -626,7 +630,7 @@ class BasisBuilder:
                 lower2 = eye
             else:
                 lower2 = torch.linalg.cholesky(gram2)
-                _transform(q, torch.linalg.solve_triangular(lower2, eye, upper=False), q, pool=self._worker)
+                _transform(q, torch.linalg.solve_triangular(lower2, eye, upper=False), q, workers=self._workers)
             old = c1 @ combine.T + c2 @ chol.lower.T  # k x m: coefficients on the old rows
             new = chol.lower @ lower2  # m x m lower triangular: on this prefix's new rows
         for j in range(y.shape[0]):
@@ -684,6 +688,65 @@ class _Job:
     def work(self) -> None:
         while (index := next(self._next)) < self._count:
             self._run(index)
+
+
+class _Workers:
+    """``count`` threads (possibly none) that share chunked jobs with the caller, each running one thread
+    per operation."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="twa-basis",
+                                        initializer=_one_thread_from_now_on) if count else None
+        if self._pool is not None:  # start them all now, then restore the process-wide default they changed
+            caller, started = torch.get_num_threads(), threading.Barrier(count)
+            for future in [self._pool.submit(started.wait) for _ in range(count)]:
+                future.result()
+            torch.set_num_threads(caller)
+
+    def start(self, work: Callable[[], None]) -> list[Future]:
+        return [self._pool.submit(work) for _ in range(self.count)] if self._pool is not None else []
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _one_thread_from_now_on() -> None:
+    """Torch operations of this (new) thread on one thread. Torch initialises a thread's count from the
+    process-wide default at its first operation, so that happens first, or it would undo the setting."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+@contextmanager
+def _one_thread_per_operation() -> Iterator[None]:
+    """Torch operations of this thread on one thread (OpenMP and MKL keep the count per thread)."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
+def _finish(job: _Job, running: list[Future]) -> None:
+    """Take ``job``'s remaining pieces on this thread, wait for the workers' ones, then complete it."""
+    try:
+        with _one_thread_per_operation():
+            job.work()
+    finally:
+        for future in running:
+            future.result()
+    job.complete()
+
+
+def _shared(job: _Job, workers: _Workers | None) -> None:
+    """Run ``job`` on this thread and ``workers`` together."""
+    _finish(job, workers.start(job.work) if workers is not None else [])
 
 
 @dataclass(frozen=True)
