@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import threading
 
 import pytest
@@ -165,7 +166,9 @@ def test_projection_matches_the_float64_reference() -> None:
     vectors = trajectory(20, 40_000)
     sub = build_subspace(vectors)  # float32, blocks of 16: BCGS2 + CholQR2 with a split round
     p64 = build_subspace(vectors, dtype=torch.float64, block=1).basis.values  # the plain float64 reference
-    g = torch.randn(40_000)
+    # a fixed gradient: |P g| is ~2% of |g|, so the float32 rounding of P g is up to ~6e-7 relative to the
+    # result even with the chunked float64 sum (one float32 product: up to ~1e-6); the span agrees to ~3e-7
+    g = torch.randn(40_000, generator=torch.Generator().manual_seed(1))
     expected = p64.T @ (p64 @ g.double())
     got = sub.project(g)
     assert got.dtype == torch.float32
@@ -204,6 +207,39 @@ def test_int8_chunks_dequantize_every_column_block() -> None:
     assert dense.shape == values.shape and (dense - values).abs().max() <= scale / 2 + 1e-6
     assert torch.isfinite(dense).all() and not dense[1, 4096:8192].any()
     assert isinstance(basis.to("cpu"), Basis)
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_in_place_rounding_equals_the_copy_bit_for_bit(storage: str, rows: int) -> None:
+    values = torch.randn(rows, 2 * 4096 + 33)
+    expected = subspace.quantize(values, storage)
+    work = values.clone()
+    got = subspace.quantize(work, storage, in_place=True)
+    assert got.values.data_ptr() == work.data_ptr()  # written over the float rows, nothing allocated
+    assert torch.equal(got.values, expected.values)
+    assert (got.scales is None and expected.scales is None) or torch.equal(got.scales, expected.scales)
+    if storage == "int8":  # the plain definition: every block divided by its scale, rounded half to even
+        assert expected.scales is not None
+        scale = expected.scales.repeat_interleave(4096, dim=1)[:, : values.shape[1]]
+        assert torch.equal(expected.values, (values * (1.0 / scale)).round().to(torch.int8))
+    else:
+        assert torch.equal(expected.values, values.to(torch.bfloat16))
+    assert subspace.quantize(values[:, 1:], storage, in_place=True).values.data_ptr() != values.data_ptr()  # strided
+
+
+def test_released_tail_reads_as_zeros_and_the_head_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(subspace, "_POPULATE_MIN_BYTES", 0)
+    buffer = subspace._preallocated(8, 4096, torch.float32)  # 8 rows of 16 kB (4 pages each)
+    buffer.copy_(torch.arange(8 * 4096, dtype=torch.float32).view(8, 4096) + 1)
+    keep = 3 * 4096 * 4 + 10  # a partial page is kept whole
+    if not subspace.release_tail(buffer, keep):
+        pytest.skip("madvise(MADV_DONTNEED) is not available here")
+    flat = buffer.view(-1)
+    first_released = -(-(buffer.data_ptr() + keep) // mmap.PAGESIZE) * mmap.PAGESIZE - buffer.data_ptr()
+    assert torch.equal(flat[: first_released // 4], torch.arange(first_released // 4, dtype=torch.float32) + 1)
+    assert not flat[first_released // 4:].any()
+    assert not subspace.release_tail(buffer[:, ::2], 0)  # not contiguous: left alone
 
 
 def test_block_and_one_by_one_decide_dependence_alike_at_the_threshold() -> None:

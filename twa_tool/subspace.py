@@ -48,6 +48,10 @@ DEFAULT_RANK_RTOL = 1e-5
 #: Columns sharing one int8 scale per row.
 QUANT_BLOCK = 4096
 
+#: 1.5 * 2^23: float32 ``(x + _ROUNDING) - _ROUNDING`` rounds x to the nearest integer, ties to even,
+#: for |x| <= 2^22 (int8 values are at most 127 in magnitude).
+_ROUNDING = 12582912.0
+
 #: Storage formats of a finished basis: name -> dtype.
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -77,6 +81,9 @@ _POPULATE_MIN_BYTES = 1 << 26
 #: Linux's ``madvise`` advice that maps (and zeroes) every page of a range for writing (Linux >= 5.14).
 _MADV_POPULATE_WRITE = 23
 
+#: Linux's ``madvise`` advice that frees a range's pages (private anonymous memory reads as zeros after).
+_MADV_DONTNEED = 4
+
 #: Bytes populated per call (page-aligned).
 _POPULATE_STEP = 1 << 26
 
@@ -85,6 +92,9 @@ _ROW_BLOCK = 32
 
 #: Columns per chunk of the float64-accumulated products (k x chunk float32 GEMMs).
 _CHUNK = 1 << 18
+
+#: Columns per float32 product of a projection's first pass on the CPU (summed in float64).
+_PROJECT_CHUNK = 1 << 12
 
 #: Fixed column groups of the final pass, shared by the threads (their products summed in order).
 _GROUPS = 64
@@ -184,14 +194,22 @@ def _preallocated(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(memory, dtype=dtype).view(rows, cols)  # the tensor keeps the mapping alive
 
 
-def _populate(memory: mmap.mmap, nbytes: int) -> bool:
-    """Map every page of ``memory`` now (``MADV_POPULATE_WRITE``); False where the kernel cannot."""
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    """libc's ``madvise(address, length, advice)`` through ctypes (it releases the GIL), or None."""
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
-        return False
+        return None
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     madvise.restype = ctypes.c_int
+    return madvise
+
+
+def _populate(memory: mmap.mmap, nbytes: int) -> bool:
+    """Map every page of ``memory`` now (``MADV_POPULATE_WRITE``); False where the kernel cannot."""
+    madvise = _libc_madvise()
+    if madvise is None:
+        return False
     anchor = ctypes.c_char.from_buffer(memory)  # the mapping's address; released before returning
     try:
         address = ctypes.addressof(anchor)
@@ -284,12 +302,22 @@ class Basis:
             yield cols, self.chunk(cols, dtype)
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
-        """Orthogonal projection ``P^T (P g)`` in ``g``'s dtype: two passes over the basis."""
-        if self.scales is None and self.values.dtype == g.dtype:
+        """Orthogonal projection ``P^T (P g)`` in ``g``'s dtype: two passes over the basis.
+
+        The coordinates ``P g`` are summed in float64 over column chunks: one float32 product over all D
+        columns is off by ~1e-5 relative at D = 11M on the CPU (1e-6 at D = 4e4), the chunked sum by
+        ~3e-7, for ~10% more time. On an accelerator a dense basis takes one product per pass."""
+        if self.scales is None and self.values.dtype == g.dtype and (g.device.type != "cpu" or
+                                                                      self.dim <= _PROJECT_CHUNK):
             return self.values.T @ (self.values @ g)
-        beta = torch.zeros(self.rank, dtype=g.dtype, device=g.device)
+        beta = torch.zeros(self.rank, dtype=torch.float64, device=g.device)
+        if self.scales is None and self.values.dtype == g.dtype:
+            for cols in _chunks(self.dim, _PROJECT_CHUNK):
+                beta += self.values[:, cols] @ g[cols]
+            return self.values.T @ beta.to(g.dtype)
         for cols, part in self.column_chunks(g.dtype):
             beta += part @ g[cols]
+        beta = beta.to(g.dtype)
         out = torch.empty_like(g)
         for cols, part in self.column_chunks(g.dtype):
             out[cols] = part.T @ beta
@@ -312,29 +340,57 @@ class Basis:
         return out
 
 
-def quantize(values: torch.Tensor, storage: str) -> Basis:
-    """Store a float basis as ``storage``, one row at a time (the only extra memory is one row)."""
+def quantize(values: torch.Tensor, storage: str, in_place: bool = False) -> Basis:
+    """Store a float basis as ``storage``, one row at a time (the only extra memory is one row).
+
+    ``in_place`` writes the narrower entries into ``values``' own memory, which must be contiguous and
+    is not to be used afterwards: row i's entries land on bytes that rows before i held (row 0 goes
+    through a copy), so nothing is allocated beside the float basis (see ``release_tail``)."""
     dtype = STORAGE_DTYPES[storage]
     if values.dtype == dtype:
         return Basis(values)
-    out = torch.empty(values.shape, dtype=dtype, device=values.device)
+    k, d = values.shape
+    size = torch.tensor([], dtype=dtype).element_size()
+    rows: Sequence[torch.Tensor] = values
+    if in_place and values.is_contiguous() and size < values.element_size() and k:
+        out = values.reshape(-1).view(torch.uint8)[: k * d * size].view(dtype).view(k, d)
+        rows = [values[0].clone(), *values[1:]]  # rows 1.. are read before anything lands on them
+    else:
+        out = torch.empty(values.shape, dtype=dtype, device=values.device)
     if storage != "int8":
-        for i, row in enumerate(values):
+        for i, row in enumerate(rows):
             out[i] = row
         return Basis(out)
-    k, d = values.shape
     blocks, full = -(-d // QUANT_BLOCK), d // QUANT_BLOCK * QUANT_BLOCK
     scales = torch.empty(k, blocks, dtype=torch.float32, device=values.device)
-    for i, row in enumerate(values):
-        parts = [row[:full].view(-1, QUANT_BLOCK)] + ([row[full:].view(1, -1)] if full < d else [])
-        start, first = 0, 0
-        for part in parts:  # the whole blocks, then the shorter last one
-            low, high = torch.aminmax(part.float(), dim=1)
+    scratch = torch.empty(d, dtype=torch.float32, device=values.device)  # reused: no fresh pages per row
+    for i, row in enumerate(rows):
+        row = row.float()
+        pieces = [(row[:full].view(-1, QUANT_BLOCK), scratch[:full].view(-1, QUANT_BLOCK))]
+        if full < d:
+            pieces.append((row[full:].view(1, -1), scratch[full:].view(1, -1)))
+        first = 0
+        for part, buffer in pieces:  # the whole blocks, then the shorter last one
+            low, high = torch.aminmax(part, dim=1)
             scale = (torch.maximum(high, -low) / 127.0).clamp_min(1e-30)  # 1/scale finite for all-zero blocks
             scales[i, first:first + len(scale)] = scale
-            out[i, start:start + part.numel()] = (part.float() * (1.0 / scale)[:, None]).round_().view(-1)
-            start, first = start + part.numel(), first + len(scale)
+            torch.mul(part, (1.0 / scale)[:, None], out=buffer)
+            first += len(scale)
+        out[i] = scratch.add_(_ROUNDING).sub_(_ROUNDING)  # round half to even, as torch.round (5x faster)
     return Basis(out, scales)
+
+
+def release_tail(buffer: torch.Tensor, keep: int) -> bool:
+    """Give the pages of ``buffer``'s memory past its first ``keep`` bytes back to the system
+    (``madvise(MADV_DONTNEED)``: they read as zeros if touched again). False where that is unavailable."""
+    page = mmap.PAGESIZE
+    begin = buffer.data_ptr()
+    start = -(-(begin + keep) // page) * page
+    stop = (begin + buffer.numel() * buffer.element_size()) // page * page
+    if buffer.device.type != "cpu" or not buffer.is_contiguous() or stop <= start:
+        return False
+    madvise = _libc_madvise()
+    return madvise is not None and madvise(start, stop - start, _MADV_DONTNEED) == 0
 
 
 def orthonormality_error(basis: Basis | torch.Tensor) -> float:
@@ -668,11 +724,12 @@ class BasisBuilder:
         r = torch.zeros(k, k, dtype=torch.float64)
         for j, col in enumerate(self._r_columns):
             r[: len(col), j] = col
-        values = self._rows[:k]  # a view: dropped rows stay allocated rather than copying the basis
+        buffer, values = self._rows, self._rows[:k]  # a view: the basis is never copied
         self._rows = self._previous = None
         name = storage or next(n for n, dt in STORAGE_DTYPES.items() if dt == self.dtype)
-        return Subspace(basis=quantize(values, name), r=r, kept=tuple(self.kept), dropped=tuple(self.dropped),
-                        total=self.seen)
+        basis = quantize(values, name, in_place=True)  # bf16/int8: written over the float32 rows
+        release_tail(buffer, basis.values.numel() * basis.values.element_size())  # dropped rows, rounded-away bytes
+        return Subspace(basis=basis, r=r, kept=tuple(self.kept), dropped=tuple(self.dropped), total=self.seen)
 
 
 class _Job:
