@@ -84,9 +84,44 @@ def engine(paths: list[Path], storage: str) -> tuple[object, dict]:
     return stream.subspace.basis, {"total_s": time.perf_counter() - clock, "basis_bytes": stream.subspace.basis.nbytes}
 
 
+def w1_data() -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    """``--data benchmarks/basis_bench.py:w1_data``: random 3x32x32 images in 10 classes, 512 to fit and
+    256 to evaluate (W1's models are untrained: only memory and time are measured on it)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> torch.utils.data.TensorDataset:
+        return torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=generator),
+                                              torch.randint(0, 10, (n,), generator=generator))
+
+    return split(512), split(256)
+
+
+def average(folder: Path, k: int, storage: str) -> dict:
+    """The whole ``twa average`` command on the first K checkpoints of W1 (``w1_data``, one epoch, the SWA
+    baseline), in this process: its wall time and its own peak RSS."""
+    import tempfile
+
+    from twa_tool.cli import cli
+
+    with tempfile.TemporaryDirectory() as out:
+        clock = time.perf_counter()
+        cli(["average", str(folder), "--out", out, "--overwrite", "-q", "--model", "torchvision:resnet18",
+             "--model-arg", "num_classes=10", "--data", f"{Path(__file__).resolve()}:w1_data", "--epochs", "1",
+             "--baselines", "swa",
+             "--range", f"0:{k}", "--basis-dtype", storage, "--threads", str(torch.get_num_threads())],
+            standalone_mode=False)
+        total = time.perf_counter() - clock
+        report = json.loads((Path(out) / "report.json").read_text())
+    return {"total_s": total, "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "accuracy": {name: m.get("accuracy") for name, m in report["metrics"].items()}}
+
+
 def child(path_kind: str, folder: Path, k: int) -> None:
     from twa_tool.subspace import orthonormality_error
 
+    if path_kind.startswith("average-"):
+        print(json.dumps(average(folder, k, path_kind.split("-", 1)[1])))
+        return
     paths = [folder / f"{i}.pt" for i in range(k)]
     if path_kind == "reference":
         basis, times = reference(paths)
@@ -144,6 +179,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[50, 100])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/twa-bench-w1"))
     parser.add_argument("--step", action="store_true", help="also time the projected step")
+    parser.add_argument("--average", action="store_true",
+                        help="also run the whole `twa average` (w1_data, 1 epoch) per storage: its peak RSS "
+                             "against the reference path's")
     parser.add_argument("--storage", nargs="+", default=["float32", "bf16", "int8"],
                         help="basis storage formats of the twa rows")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -160,14 +198,25 @@ def main() -> None:
     print("| K | path | load + basis (s) | speed-up | peak RSS (GiB) | memory ratio | basis (GiB) "
           "| max abs(PP^T - I) |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    refs = {}
     for k in args.k:
-        ref = run_child("reference", args.dir, k)
+        ref = refs[k] = run_child("reference", args.dir, k)
         rows = [("reference (numpy stack + float32 CGS)", ref)]
         rows += [(f"twa, {storage} basis", run_child(f"twa-{storage}", args.dir, k)) for storage in args.storage]
         for name, r in rows:
             print(f"| {k} | {name} | {r['total_s']:.1f} | {ref['total_s'] / r['total_s']:.2f}x | "
                   f"{r['peak_bytes'] / 2**30:.2f} | {r['peak_bytes'] / ref['peak_bytes']:.2f} | "
                   f"{r['basis_bytes'] / 2**30:.2f} | {r['orthonormality']:.1e} |")
+    if args.average:
+        print()
+        print("| K | `twa average`, basis | wall (s) | peak RSS (GiB) | ratio to the reference path's peak |")
+        print("|---:|---|---:|---:|---:|")
+        for k in args.k:
+            ref = refs[k]
+            for storage in args.storage:
+                r = run_child(f"average-{storage}", args.dir, k)
+                print(f"| {k} | {storage} | {r['total_s']:.0f} | {r['peak_bytes'] / 2**30:.2f} | "
+                      f"{r['peak_bytes'] / ref['peak_bytes']:.2f} |")
     if args.step:
         print()
         print(projected_step_line(max(args.k)))
