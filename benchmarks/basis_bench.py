@@ -3,16 +3,24 @@
 W1: K checkpoints of torchvision resnet18 (num_classes=10), a correlated trajectory (each a small
 perturbation of the previous one), written as plain ``torch.save`` state dicts.
 
-    python benchmarks/basis_bench.py --k 50 100            # prints one markdown table
-    python benchmarks/basis_bench.py --k 100 --step        # also the projected-step lines (K=100)
+    python benchmarks/basis_bench.py --k 50 100                      # one markdown table
+    python benchmarks/basis_bench.py --k 50 100 --step --average     # + projected step, whole `twa average`
+    python benchmarks/basis_bench.py --k 50 100 --threads 1          # one torch thread per operation
 
 Each path runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own:
 * reference: what the paper's code does (flatten every checkpoint to numpy, stack, copy into a torch
   basis, sequential float32 classical Gram-Schmidt);
-* twa: ``pipeline.stream_checkpoints`` as ``twa average`` runs it: safe loading with the zip CRC check,
-  key/shape and finiteness validation, sha256 of every file, the exact float64 mean, and the basis
-  (float32, in the basis buffer: consecutive differences and their Gram matrix streamed while loading,
-  then Cholesky-QR in one fused pass), stored as float32, bf16 or int8.
+* twa: ``pipeline.stream_checkpoints`` as ``twa average`` runs it: the first file loaded safely (zip
+  CRCs checked first), the others read straight into their basis rows (their pickle compared with the
+  first file's, never run; CRCs checked on the bytes read), key/shape and finiteness validation, the
+  sha256 of every file (a second thread), the exact float64 mean, and the basis (float32, in the basis
+  buffer: consecutive differences and their Gram matrix streamed while loading on worker threads, then
+  Cholesky-QR in one fused pass), stored as float32, bf16 or int8 (rounded in place).
+* ``--average``: the whole ``twa average`` command (``w1_data``, one epoch, the SWA baseline).
+
+``--threads N`` sets torch's thread count in every path (default: torch's, all cores). The reference
+runs each operation on N threads; twa's engine runs N threads that share the work (at least two: the
+reader and one worker), each operation on one thread, plus the hashing thread.
 
 The orthonormality error is computed exactly (float64) after the timed part.
 """

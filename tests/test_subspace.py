@@ -250,12 +250,6 @@ def test_block_and_one_by_one_decide_dependence_alike_at_the_threshold() -> None
         assert build_subspace(vectors, block=block).kept == reference.kept
 
 
-def test_bf16_widening_is_bit_exact() -> None:
-    values = torch.randn(7, 5000).to(torch.bfloat16)
-    for dtype in (torch.float32, torch.float64):
-        assert torch.equal(subspace._widen(values[:, 3:4100], dtype), values[:, 3:4100].to(dtype))
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 def test_background_blocks_give_the_same_basis_and_raise_their_errors(threads: int) -> None:
     # one thread per operation: the worker and this thread share each block's chunks and the final pass's
