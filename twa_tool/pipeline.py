@@ -52,7 +52,7 @@ from .models import (
 from .plots import PLOT_FILES, render_plots
 from .report import markdown_report
 from .selection import Chosen, mixed_dtypes, order_conflict, select
-from .subspace import STORAGE_DTYPES, Basis, BasisBuilder, Subspace, orthonormality_error
+from .subspace import Basis, BasisBuilder, Subspace, orthonormality_error
 from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
 from .writer import (
     cast_state,
@@ -508,17 +508,16 @@ def planned_outputs(config: AverageConfig,
     return (*model_file_names(len(shards)), REPORT_FILE, HUMAN_REPORT_FILE, *PLOT_FILES), size
 
 
-def memory_estimate(model: nn.Module, k: int, storage: str = "float32", ranks: int = 1) -> dict[str, int]:
-    """Peak host memory of the run, by part (bytes): the float32 build buffer (which becomes the basis), the
-    low-precision copy when ``--basis-dtype`` asks for one, the previous checkpoint the build differences against, the
-    float64 mean, one loaded checkpoint, and the
-    model with its gradients and momentum. Under torchrun (``ranks`` > 1): per rank, with its basis shard."""
+def memory_estimate(model: nn.Module, k: int, ranks: int = 1) -> dict[str, int]:
+    """Peak host memory of the run, by part (bytes): the float32 build buffer (which becomes the basis; a bf16 or
+    int8 basis is rounded in place over it: ``--basis-dtype`` adds nothing), the previous checkpoint the build
+    differences against, the float64 mean, one loaded checkpoint, and the model with its gradients and momentum.
+    Under torchrun (``ranks`` > 1): per rank, with its basis shard."""
     full = sum(p.numel() for p in model.parameters() if p.requires_grad)
     d = -(-full // ranks)
     state = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     floats = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
-    stored = 0 if storage == "float32" else k * d * STORAGE_DTYPES[storage].itemsize
-    parts = {"basis_float32": k * d * 4, "basis_stored": stored, "previous_float32": d * 4, "mean_float64": floats * 8,
+    parts = {"basis_float32": k * d * 4, "previous_float32": d * 4, "mean_float64": floats * 8,
              "one_checkpoint": state, "model_grads_momentum": state + 2 * full * 4}
     return {**parts, "total": sum(parts.values())}
 
@@ -536,7 +535,7 @@ def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: C
         "excluded": [{"name": d.name, "reason": d.reason} for d in chosen.dropped],
         "model": {"spec": spec, "args": dict(model_args),
                   "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
-        "memory_estimate_bytes": memory_estimate(model, len(files), config.basis_dtype, ranks),
+        "memory_estimate_bytes": memory_estimate(model, len(files), ranks),
         "would_write": [str(config.out_dir / n) for n in output_names],
         "output_bytes": output_bytes,
         "config": _config_dict(config),
