@@ -41,7 +41,7 @@ import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -465,6 +465,10 @@ class ZipLayout:
         _, _, dtype, shape = self.tensors[key]
         return dtype, shape
 
+    def offsets(self, members: Mapping[str, tuple[int, int]], keys: Sequence[str]) -> list[int]:
+        """Where in the file, whose ``members`` ``matches`` returned, the bytes of each tensor of ``keys`` start."""
+        return [members[self.tensors[k][0]][0] + self.tensors[k][1] for k in keys]
+
     def matches(self, path: Path) -> dict[str, tuple[int, int]] | None:
         """``path``'s members (suffix -> (data start, CRC-32)) when it shares this layout, else None. Runs
         the structural zip checks (a ``CheckpointError`` for a corrupt archive) and compares the bytes of
@@ -480,13 +484,14 @@ class ZipLayout:
         return members
 
     def read_into(self, path: Path, members: Mapping[str, tuple[int, int]],
-                  targets: Mapping[str, torch.Tensor]) -> None:
+                  targets: Mapping[str, torch.Tensor], check_crc: bool = True) -> None:
         """Read tensors ``targets`` (key -> contiguous CPU tensor of the key's dtype and size) of ``path``,
         whose ``members`` ``matches`` returned, straight into those tensors, and check the CRC-32 of every
         storage member (a ``CheckpointError`` on a mismatch: the file is corrupt).
 
         A member one target fills whole is checked on the bytes just read (still in cache); any other
-        storage member is read once more for its check."""
+        storage member is read once more for its check. Without ``check_crc`` nothing is checked: for a
+        caller that checks the whole file another way (``sha256_file(path, verify_zip_crc=True)``)."""
         whole, sizes = set(), dict(self.sizes)
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -502,12 +507,53 @@ class ZipLayout:
                         raise CheckpointError(f"{path}: ends inside tensor {key}; the file is truncated, "
                                               f"re-copy or remove it")
                     done += n
-                if offset == 0 and len(view) == sizes[member]:
+                if check_crc and offset == 0 and len(view) == sizes[member]:
                     whole.add(member)
                     _check_crc(path, member, zlib.crc32(view), members[member][1])
             for member, size in self.sizes:
-                if _is_storage_member(member) and member not in whole:
+                if check_crc and _is_storage_member(member) and member not in whole:
                     _check_crc(path, member, zlib.crc32(os.pread(fd, size, members[member][0])), members[member][1])
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class FlatFile:
+    """A torch zip checkpoint's tensors ``keys`` as one flat vector (their flattened concatenation), read a
+    range of entries at a time straight from the file (``pread``): the file stays in the page cache, not
+    in the process. Safe to read from several threads at once. The caller checks the file's CRCs."""
+
+    path: Path
+    starts: tuple[int, ...]  # entry of the vector where each tensor starts (and the vector's size, last)
+    positions: tuple[int, ...]  # byte of the file where each tensor starts
+    itemsize: int
+
+    @classmethod
+    def of(cls, path: Path, layout: ZipLayout, members: Mapping[str, tuple[int, int]], keys: Sequence[str]) -> FlatFile:
+        sizes = [_numel(layout.spec(k)[1]) for k in keys]
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        itemsize = torch.tensor([], dtype=layout.spec(keys[0])[0]).element_size() if keys else 4
+        return cls(Path(path), tuple(starts), tuple(layout.offsets(members, keys)), itemsize)
+
+    def read(self, cols: slice, out: torch.Tensor) -> None:
+        """Entries ``cols`` of the vector into ``out`` (contiguous, the tensors' dtype, ``cols``' length)."""
+        view = memoryview(out.view(torch.uint8).numpy())
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for i, position in enumerate(self.positions):
+                lo, hi = max(cols.start, self.starts[i]), min(cols.stop, self.starts[i + 1])
+                if lo >= hi:
+                    continue
+                target = view[(lo - cols.start) * self.itemsize:(hi - cols.start) * self.itemsize]
+                at, done = position + (lo - self.starts[i]) * self.itemsize, 0
+                while done < len(target):
+                    n = os.preadv(fd, [target[done:]], at + done)
+                    if n == 0:
+                        raise CheckpointError(f"{self.path}: ends inside a tensor; the file is truncated (or was "
+                                              f"changed while being read), re-copy or remove it")
+                    done += n
         finally:
             os.close(fd)
 

@@ -25,6 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from . import __version__
 from .checkpoints import (
     CheckpointFile,
+    FlatFile,
     HeaderInfo,
     ZipLayout,
     discover,
@@ -52,7 +53,16 @@ from .models import (
 from .plots import PLOT_FILES, render_plots
 from .report import markdown_report
 from .selection import Chosen, mixed_dtypes, order_conflict, select
-from .subspace import Basis, BasisBuilder, Subspace, orthonormality_error
+from .subspace import (
+    QUANT_BLOCK,
+    STORAGE_DTYPES,
+    Basis,
+    BasisBuilder,
+    Subspace,
+    build_by_columns,
+    column_block,
+    orthonormality_error,
+)
 from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
 from .writer import (
     cast_state,
@@ -69,6 +79,9 @@ REPORT_FILE = "report.json"
 #: Checkpoints prepared together on the worker thread (differences, streamed Gram matrix), and the block
 #: size of the fallback orthogonalisation (BCGS2 + CholQR2); all in the basis buffer: no extra memory.
 BASIS_BLOCK = 16
+#: Basis storage formats built by column passes over the files (``stream_by_columns``): the float32
+#: basis is never held, so the peak is the narrower basis. A float32 basis is built in one read.
+COLUMN_BUILD_STORAGE = ("bf16", "int8")
 HUMAN_REPORT_FILE = "report.md"
 SCHEMA_VERSION = 1
 
@@ -277,6 +290,10 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
     sums its inner products over the ranks: each rank ends with its column shard of the one basis.
     """
     dist = dist or Dist()
+    if storage in COLUMN_BUILD_STORAGE and not dist.active:
+        stream = stream_by_columns(files, model, names, rtol, reader, on_event, storage)
+        if stream is not None:
+            return stream
     d = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
     columns = dist.columns(d) if dist.active else None
     reduce = _reducer(dist) if dist.active else None
@@ -340,6 +357,107 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
     subspace = builder.finish(storage)
     shard = Shard(subspace, columns, d, dist) if columns is not None else None
     return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256, shard=shard)
+
+
+def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list[str], rtol: float,
+                      reader: Reader, on_event: EventSink, storage: str) -> Stream | None:
+    """``stream_checkpoints`` for a bf16/int8 basis: never holds the float32 basis (``build_by_columns``).
+
+    The first and the last file are loaded safely and kept; every file between must share the first one's
+    layout (``ZipLayout``) and is then read a column block at a time, straight from the file, two or three
+    times (the page cache serves the later passes). The buffers of those files are read once, for the
+    mean; their CRCs are checked in the hashing thread's single read. Peak memory is the basis in its
+    storage format, two loaded checkpoints and a block of rows per thread, instead of the float32 basis.
+
+    Returns None, having read little, when the files do not qualify (pickle trusted, a layout that
+    differs, non-float32 parameters), and None after the first pass when the Gram matrix cannot decide a
+    checkpoint (``BasisBuilder``'s general path needs the rows): the caller streams them the usual way.
+    """
+    if reader.trust_pickle or len(files) < 2:
+        return None
+    first = reader.load(files[0].path)
+    check_compatible(model, first, str(files[0].path))
+    if any(first[n].dtype != torch.float32 for n in names):
+        return None
+    layout = zip_layout(files[0].path, first) if len(files) > 2 else None
+    members = [layout.matches(entry.path) if layout is not None else None for entry in files[1:-1]]
+    if any(m is None for m in members):
+        return None
+    assert layout is not None or not members
+    trainable = set(names)
+    buffers = [k for k in first if k not in trainable]
+    on_event(Event("phase", "reading checkpoints (buffers; weights read by column blocks)", total=len(files)))
+    sums: dict[str, torch.Tensor] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="twa-sha256") as hasher:
+        digests = [hasher.submit(sha256_file, entry.path, verify_zip_crc=0 < i < len(files) - 1)
+                   for i, entry in enumerate(files)]
+        try:
+            last = first
+            for index, entry in enumerate(files):
+                if index == 0:
+                    state = first
+                elif index == len(files) - 1:
+                    state = last = reader.load(entry.path)
+                    check_compatible(model, state, str(entry.path))
+                else:
+                    assert layout is not None
+                    state = {k: torch.empty(shape, dtype=dtype) for k in buffers for dtype, shape in [layout.spec(k)]}
+                    layout.read_into(entry.path, members[index - 1], state, check_crc=False)  # checked by the hasher
+                _check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
+                for key, value in state.items():
+                    if value.is_floating_point() and key not in trainable:
+                        sums[key] = sums[key] + value.double() if key in sums else value.double()
+                on_event(Event("advance"))
+            if last[names[0]].dtype != torch.float32 or any(last[n].dtype != first[n].dtype for n in names):
+                return None
+            flat = [FlatFile.of(entry.path, layout, m, names) for entry, m in zip(files[1:-1], members)
+                    if layout is not None and m is not None]
+            ends = [[first[n] for n in names], [last[n] for n in names]]
+
+            def read(index: int, cols: slice, out: torch.Tensor) -> None:
+                if 0 < index < len(files) - 1:
+                    flat[index - 1].read(cols, out)
+                else:
+                    torch.cat(_column_parts(ends[index > 0], cols), out=out)
+
+            passes = 3
+            on_event(Event("phase", f"building the {storage} basis (column passes over the files)", total=passes))
+
+            def on_pass(_: str) -> None:
+                nonlocal passes
+                passes -= 1
+                on_event(Event("advance"))
+
+            d = sum(first[n].numel() for n in names)
+            try:
+                build = build_by_columns(len(files), d, read, storage=storage, rtol=rtol, on_pass=on_pass)
+            except ValueError as err:
+                if not str(err).startswith("vector "):
+                    raise
+                index = int(str(err).split()[1])  # non-finite: name the file and tensor
+                _check_finite(reader.load(files[index].path), str(files[index].path))
+                raise NumericalError(f"{files[index].path}: the parameters' norm overflows float32; the "
+                                     f"checkpoint is corrupt or diverged, drop it with --range/--last") from None
+            if build is None:
+                return None
+            for _ in range(passes):
+                on_event(Event("advance"))
+        except BaseException:
+            for future in digests:
+                future.cancel()
+            raise
+        sha256 = [future.result() for future in digests]  # a corrupt file (CRC mismatch) raises here
+    subspace = build.subspace
+    if subspace.rank < 2:
+        raise NumericalError(f"only {subspace.rank} linearly independent checkpoint(s) among {len(files)}; "
+                             f"TWA needs at least 2 distinct checkpoints")
+    mean_state = {k: (sums[k] / len(files)).to(v.dtype) if k in sums else v.clone() for k, v in last.items()}
+    offset = 0
+    for name in names:
+        n = last[name].numel()
+        mean_state[name] = build.mean[offset:offset + n].view(last[name].shape).to(last[name].dtype)
+        offset += n
+    return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256)
 
 
 def _read_direct(path: Path, layout: ZipLayout, members: dict[str, tuple[int, int]], builder: BasisBuilder,
@@ -508,17 +626,28 @@ def planned_outputs(config: AverageConfig,
     return (*model_file_names(len(shards)), REPORT_FILE, HUMAN_REPORT_FILE, *PLOT_FILES), size
 
 
-def memory_estimate(model: nn.Module, k: int, ranks: int = 1) -> dict[str, int]:
-    """Peak host memory of the run, by part (bytes): the float32 build buffer (which becomes the basis; a bf16 or
-    int8 basis is rounded in place over it: ``--basis-dtype`` adds nothing), the previous checkpoint the build
-    differences against, the float64 mean, one loaded checkpoint, and the model with its gradients and momentum.
-    Under torchrun (``ranks`` > 1): per rank, with its basis shard."""
+def memory_estimate(model: nn.Module, k: int, ranks: int = 1, storage: str = "float32",
+                    threads: int | None = None) -> dict[str, int]:
+    """Peak host memory of the run, by part (bytes), with the model, its gradients and momentum, the float64
+    mean and the loaded checkpoints.
+
+    float32 (and any basis under torchrun, ``ranks`` > 1: per rank, with its shard): the float32 build buffer
+    that becomes the basis, plus the previous checkpoint the build differences against. bf16/int8: the basis
+    in that format (``stream_by_columns``; an estimate for files that share one layout, else the float32
+    one applies) plus a block of rows per thread."""
     full = sum(p.numel() for p in model.parameters() if p.requires_grad)
     d = -(-full // ranks)
     state = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     floats = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
-    parts = {"basis_float32": k * d * 4, "previous_float32": d * 4, "mean_float64": floats * 8,
-             "one_checkpoint": state, "model_grads_momentum": state + 2 * full * 4}
+    common = {"mean_float64": floats * 8, "model_grads_momentum": state + 2 * full * 4}
+    if storage in COLUMN_BUILD_STORAGE and ranks == 1:
+        size = torch.tensor([], dtype=STORAGE_DTYPES[storage]).element_size()
+        scales = k * -(-d // QUANT_BLOCK) * 4 if storage == "int8" else 0
+        blocks = 4 * k * column_block(k) * 4 * (threads or torch.get_num_threads())  # rows, Q1, Q, rounding
+        parts = {f"basis_{storage}": k * d * size + scales, "column_blocks": blocks,
+                 "first_and_last_checkpoint": 2 * state, **common}
+    else:
+        parts = {"basis_float32": k * d * 4, "previous_float32": d * 4, "one_checkpoint": state, **common}
     return {**parts, "total": sum(parts.values())}
 
 
@@ -535,7 +664,7 @@ def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: C
         "excluded": [{"name": d.name, "reason": d.reason} for d in chosen.dropped],
         "model": {"spec": spec, "args": dict(model_args),
                   "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
-        "memory_estimate_bytes": memory_estimate(model, len(files), ranks),
+        "memory_estimate_bytes": memory_estimate(model, len(files), ranks, config.basis_dtype),
         "would_write": [str(config.out_dir / n) for n in output_names],
         "output_bytes": output_bytes,
         "config": _config_dict(config),

@@ -139,10 +139,7 @@ def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor, gram: bool =
     """
     t = t.to(y.dtype)
     m = t.shape[0]
-    nonzero = t != 0
-    reach = [int(row.nonzero().max()) + 1 if row.any() else 0 for row in nonzero]
-    blocks = [(r, min(r + _ROW_BLOCK, m)) for r in range(0, m, _ROW_BLOCK)]
-    widths = [max(reach[r0:r1]) for r0, r1 in blocks]
+    steps = _staircase(t)
     d = y.shape[1]
     step = max(1024, (1 << 20) // max(1, m))  # ~4 MB of output per chunk
     groups = list(_chunks(d, max(step, -(-d // _GROUPS))))
@@ -159,22 +156,51 @@ def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor, gram: bool =
         for chunk in _chunks(cols.stop - cols.start, step):
             chunk = slice(cols.start + chunk.start, cols.start + chunk.stop)
             part = buffer[:, : chunk.stop - chunk.start]
-            for (r0, r1), width in zip(blocks, widths):
-                torch.matmul(t[r0:r1, :width], y[:width, chunk], out=part[r0:r1])
+            _apply_staircase(t, steps, y[:, chunk], part)
             out[:, chunk].copy_(part)
             if total is not None:
-                for r0, r1 in blocks:
-                    total[r0:r1, :r1] += (part[r0:r1] @ part[:r1].T).to(torch.float64)
+                _add_lower_gram(part, total)
         products[index] = total
 
     _shared(_Job(len(groups), group, lambda: None), workers)
     if not gram:
         return None
+    return _symmetric(_sum_in_order(products, m))
+
+
+def _staircase(t: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(first, end, width)`` per block of ``_ROW_BLOCK`` output rows of ``t @ y``: the block's rows of
+    ``t`` reach only the first ``width`` rows of ``y`` (a lower-triangular ``t`` halves the arithmetic)."""
+    m = t.shape[0]
+    reach = [int(row.nonzero().max()) + 1 if row.any() else 0 for row in t != 0]
+    return [(r0, min(r0 + _ROW_BLOCK, m), max(reach[r0:r0 + _ROW_BLOCK])) for r0 in range(0, m, _ROW_BLOCK)]
+
+
+def _apply_staircase(t: torch.Tensor, steps: list[tuple[int, int, int]], y: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = t @ y`` through the blocks ``_staircase(t)`` found (``out`` must not overlap ``y``)."""
+    for r0, r1, width in steps:
+        torch.matmul(t[r0:r1, :width], y[:width], out=out[r0:r1])
+
+
+def _add_lower_gram(part: torch.Tensor, total: torch.Tensor) -> None:
+    """``total += part @ part^T`` on and below the diagonal blocks only (float32 products summed in float64)."""
+    for r0 in range(0, part.shape[0], _ROW_BLOCK):
+        r1 = min(r0 + _ROW_BLOCK, part.shape[0])
+        total[r0:r1, :r1] += (part[r0:r1] @ part[:r1].T).to(torch.float64)
+
+
+def _sum_in_order(parts: Sequence[torch.Tensor | None], m: int) -> torch.Tensor:
+    """The sum of per-chunk float64 ``m x m`` results, in chunk order (deterministic for any threads)."""
     total = torch.zeros(m, m, dtype=torch.float64)
-    for part in products:
+    for part in parts:
         assert part is not None
         total += part
-    return total.tril() + total.tril(-1).T
+    return total
+
+
+def _symmetric(lower: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose lower triangle ``lower`` holds."""
+    return lower.tril() + lower.tril(-1).T
 
 
 def _preallocated(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -351,23 +377,32 @@ def quantize(values: torch.Tensor, storage: str, in_place: bool = False) -> Basi
         for i, row in enumerate(rows):
             out[i] = row
         return Basis(out)
-    blocks, full = -(-d // QUANT_BLOCK), d // QUANT_BLOCK * QUANT_BLOCK
-    scales = torch.empty(k, blocks, dtype=torch.float32, device=values.device)
-    scratch = torch.empty(d, dtype=torch.float32, device=values.device)  # reused: no fresh pages per row
+    scales = torch.empty(k, -(-d // QUANT_BLOCK), dtype=torch.float32, device=values.device)
+    scratch = torch.empty(1, d, dtype=torch.float32, device=values.device)  # reused: no fresh pages per row
     for i, row in enumerate(rows):
-        row = row.float()
-        pieces = [(row[:full].view(-1, QUANT_BLOCK), scratch[:full].view(-1, QUANT_BLOCK))]
-        if full < d:
-            pieces.append((row[full:].view(1, -1), scratch[full:].view(1, -1)))
-        first = 0
-        for part, buffer in pieces:  # the whole blocks, then the shorter last one
-            low, high = part.amin(dim=1), part.amax(dim=1)  # two reductions: 6x faster than aminmax
-            scale = (torch.maximum(high, -low) / 127.0).clamp_min(1e-30)  # 1/scale finite for all-zero blocks
-            scales[i, first:first + len(scale)] = scale
-            torch.mul(part, (1.0 / scale)[:, None], out=buffer)
-            first += len(scale)
-        out[i] = scratch.add_(_ROUNDING).sub_(_ROUNDING)  # round half to even, as torch.round (5x faster)
+        _quantize_into(row.float()[None], out[i:i + 1], scales[i:i + 1], scratch)
     return Basis(out, scales)
+
+
+def _quantize_into(part: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, scratch: torch.Tensor) -> None:
+    """Round float32 ``part`` (rows x n, n a multiple of ``QUANT_BLOCK`` except at the end of a row) to int8
+    ``values`` with one scale per row and block of ``QUANT_BLOCK`` columns (``scales``: rows x blocks), through
+    ``scratch`` (float32, at least ``part``'s shape). Scale: the block's largest magnitude / 127; rounding
+    half to even, as ``torch.round``."""
+    rows, n = part.shape
+    full = n // QUANT_BLOCK * QUANT_BLOCK
+    work = scratch[:rows, :n]
+    pieces = [(part[:, :full].reshape(rows, -1, QUANT_BLOCK), work[:, :full].view(rows, -1, QUANT_BLOCK))]
+    if full < n:
+        pieces.append((part[:, full:, None].transpose(1, 2), work[:, full:, None].transpose(1, 2)))
+    first = 0
+    for piece, buffer in pieces:  # the whole blocks, then the shorter last one
+        low, high = piece.amin(dim=2), piece.amax(dim=2)  # two reductions: 6x faster than aminmax
+        scale = (torch.maximum(high, -low) / 127.0).clamp_min(1e-30)  # 1/scale finite for all-zero blocks
+        scales[:, first:first + scale.shape[1]] = scale
+        torch.mul(piece, (1.0 / scale)[:, :, None], out=buffer)
+        first += scale.shape[1]
+    values.copy_(work.add_(_ROUNDING).sub_(_ROUNDING))  # round half to even, as torch.round (5x faster)
 
 
 def release_tail(buffer: torch.Tensor, keep: int) -> bool:
@@ -889,3 +924,156 @@ def build_subspace(vectors: list[torch.Tensor], rtol: float = DEFAULT_RANK_RTOL,
     for v in vectors:
         builder.push(v)
     return builder.finish(storage)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building it by column blocks: the vectors stay where they are (files in the page cache)
+
+#: Reads columns ``cols`` of vector ``index`` into ``out`` (a contiguous float32 row); called from
+#: several threads at once.
+ColumnReader = Callable[[int, slice, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class ColumnBuild:
+    """The result of ``build_by_columns``: the subspace and the float64 mean of all the vectors."""
+
+    subspace: Subspace
+    mean: torch.Tensor
+
+
+def column_block(count: int) -> int:
+    """Columns per block of ``build_by_columns``: a multiple of ``QUANT_BLOCK``, about 16 MB of rows."""
+    return max(QUANT_BLOCK, (1 << 22) // max(1, count) // QUANT_BLOCK * QUANT_BLOCK)
+
+
+def build_by_columns(count: int, dim: int, read: ColumnReader, storage: str = "float32",
+                     rtol: float = DEFAULT_RANK_RTOL, threads: int | None = None, block: int | None = None,
+                     on_pass: Callable[[str], None] | None = None) -> ColumnBuild | None:
+    """The fast path of ``BasisBuilder`` without ever holding the vectors: passes over blocks of columns,
+    each reading that block of every vector (``read``), so memory is the finished basis, in its storage
+    format, plus one block of rows per thread. The vectors are read two or three times.
+
+    1. Gram matrix of the consecutive differences (and the norms and float64 mean of the vectors).
+       The in-order Cholesky factor ``L`` decides the kept vectors, as ``BasisBuilder`` does.
+    2. ``Q1 = L^-1 E A`` per block, its Gram matrix accumulated, and ``Q1`` stored (rounded to
+       ``storage``: float32, bf16, or int8 with the per-row, per-``QUANT_BLOCK`` scales of ``quantize``).
+    3. Only when ``Q1 Q1^T`` is not within ``_ORTHONORMAL_ENOUGH`` of the identity: ``Q = L2^-1 Q1``
+       (CholQR2), recomputing ``Q1`` block by block, and stored over it.
+
+    Returns None when the Gram matrix cannot decide a vector (too close to the ones before it: a pivot
+    below ``_GRAM_PIVOT_FLOOR``); ``BasisBuilder``'s general path, which holds the rows, is needed then.
+    Raises ``ValueError("vector i has non-finite entries")`` like ``BasisBuilder``. The blocks are shared by
+    the caller and ``threads - 1`` workers, one torch thread per operation, and every partial result is
+    summed in block order: the result does not depend on ``threads``.
+    """
+    if storage not in ("float32", "bf16", "int8"):
+        raise ValueError(f"storage {storage!r}: build_by_columns stores float32, bf16 or int8")
+    width = block or column_block(count)
+    if width % QUANT_BLOCK:
+        raise ValueError(f"block={width} is not a multiple of QUANT_BLOCK={QUANT_BLOCK}")
+    blocks = list(_chunks(dim, width))
+    workers = _Workers(max(0, (threads or torch.get_num_threads()) - 1))
+    buffers: dict[tuple[int, str], torch.Tensor] = {}  # per thread: the rows, and Q1 / Q
+
+    def buffer(name: str, rows: int, n: int) -> torch.Tensor:
+        key = (threading.get_ident(), name)
+        if key not in buffers:
+            buffers[key] = torch.empty(rows, min(width, dim), dtype=torch.float32)
+        return buffers[key][:rows, :n]
+
+    def differences(cols: slice, raw: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """This thread's rows buffer holding the block's consecutive differences (``raw`` sees it before)."""
+        x = buffer("rows", count, cols.stop - cols.start)
+        for i in range(count):
+            read(i, cols, x[i])
+        if raw is not None:
+            raw(x)
+        for i in range(count - 1, 0, -1):  # in place, last row first
+            x[i] -= x[i - 1]
+        return x
+
+    def run(job: Callable[[int], None], name: str) -> None:
+        _shared(_Job(len(blocks), job, lambda: None), workers)
+        if on_pass is not None:
+            on_pass(name)
+
+    try:
+        mean = torch.empty(dim, dtype=torch.float64)
+        squares: list[torch.Tensor | None] = [None] * len(blocks)
+        grams: list[torch.Tensor | None] = [None] * len(blocks)
+
+        def gram_pass(index: int) -> None:
+            cols = blocks[index]
+
+            def raw(x: torch.Tensor) -> None:  # numpy sums float32 into float64 exactly, no float64 copy
+                x.numpy().sum(axis=0, dtype=np.float64, out=mean[cols].numpy())
+                squares[index] = torch.linalg.vector_norm(x, dim=1).to(torch.float64).square()
+
+            x = differences(cols, raw)
+            total = torch.zeros(count, count, dtype=torch.float64)
+            _add_lower_gram(x, total)
+            grams[index] = total
+
+        run(gram_pass, "gram")
+        norms = torch.stack(squares).sum(0).sqrt() if blocks else torch.zeros(count, dtype=torch.float64)  # type: ignore[arg-type]
+        bad = (~torch.isfinite(norms)).nonzero()
+        if len(bad):
+            raise ValueError(f"vector {int(bad[0])} has non-finite entries")
+        mean /= count
+        gram = _symmetric(_sum_in_order(grams, count))
+        chol = _cholesky_in_order(gram, rtol * norms, norms == 0)
+        if chol.stop < count:
+            return None
+        keep, m = chol.keep, len(chol.keep)
+        if m == 0:
+            raise ValueError("no independent vectors were added")
+        t1 = torch.linalg.solve_triangular(chol.lower, chol.combine, upper=False).to(torch.float32)  # L^-1 E
+        steps1 = _staircase(t1)
+        values = _preallocated(m, dim, STORAGE_DTYPES[storage])
+        scales = torch.empty(m, -(-dim // QUANT_BLOCK), dtype=torch.float32) if storage == "int8" else None
+
+        def store(q: torch.Tensor, cols: slice) -> None:
+            if scales is None:
+                values[:, cols].copy_(q)
+            else:
+                first = cols.start // QUANT_BLOCK
+                _quantize_into(q, values[:, cols], scales[:, first:first + -(-q.shape[1] // QUANT_BLOCK)],
+                               buffer("scratch", m, q.shape[1]))
+
+        def first_transform(cols: slice) -> torch.Tensor:
+            q1 = buffer("q1", m, cols.stop - cols.start)
+            _apply_staircase(t1, steps1, differences(cols), q1)
+            return q1
+
+        grams2: list[torch.Tensor | None] = [None] * len(blocks)
+
+        def orthonormal_pass(index: int) -> None:
+            q1 = first_transform(blocks[index])
+            total = torch.zeros(m, m, dtype=torch.float64)
+            _add_lower_gram(q1, total)
+            grams2[index] = total
+            store(q1, blocks[index])
+
+        run(orthonormal_pass, "orthonormal")
+        gram2 = _symmetric(_sum_in_order(grams2, m))
+        eye = torch.eye(m, dtype=torch.float64)
+        lower2 = eye
+        if (gram2 - eye).abs().max() > _ORTHONORMAL_ENOUGH:
+            lower2 = torch.linalg.cholesky(gram2)
+            t2 = torch.linalg.solve_triangular(lower2, eye, upper=False).to(torch.float32)
+            steps2 = _staircase(t2)
+
+            def second_pass(index: int) -> None:
+                cols = blocks[index]
+                q = buffer("q", m, cols.stop - cols.start)
+                _apply_staircase(t2, steps2, first_transform(cols), q)
+                store(q, cols)
+
+            run(second_pass, "second")
+    finally:
+        workers.shutdown()
+    r = torch.cumsum((chol.lower @ lower2).T, dim=1)  # kept j = (kept j-1) + (its combination), as BasisBuilder
+    dropped = tuple(j for j in range(count) if j not in set(keep))
+    subspace = Subspace(basis=Basis(values, scales), r=r, kept=tuple(keep), dropped=dropped, total=count)
+    return ColumnBuild(subspace=subspace, mean=mean)
