@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tests.test_direct_reads import count_loads, small_model, write_trajectory
 from tests.test_subspace import trajectory
-from twa_tool import pipeline, subspace
+from twa_tool import checkpoints, pipeline, subspace
 from twa_tool.checkpoints import discover
 from twa_tool.config import AverageConfig
 from twa_tool.errors import CheckpointError, NumericalError
@@ -131,10 +132,18 @@ def stream(root: Path, storage: str, model: torch.nn.Module | None = None) -> pi
                               block=4, storage=storage)
 
 
-@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def as_safetensors(folder: Path) -> None:
+    for path in discover(folder):
+        save_file(torch.load(path.path, weights_only=True), str(path.path.with_suffix(".safetensors")))
+        path.path.unlink()
+
+
+@pytest.mark.parametrize("storage, fmt", [("bf16", "pt"), ("int8", "pt"), ("bf16", "safetensors")])
 def test_low_precision_stream_reads_columns_and_never_allocates_the_float32_basis(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, storage: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, storage: str, fmt: str) -> None:
     write_trajectory(tmp_path / "ckpts", k=9)
+    if fmt == "safetensors":
+        as_safetensors(tmp_path / "ckpts")
     files = discover(tmp_path / "ckpts")
     allocated: list[tuple[int, int, torch.dtype]] = []
     original = subspace._preallocated
@@ -212,3 +221,28 @@ def test_the_dry_run_estimate_counts_the_narrow_basis_for_column_builds() -> Non
     assert int8["basis_int8"] == 40 * (122890 + 4 * 31)  # a byte per entry, a float32 scale per 4096 columns
     assert bf16["column_blocks"] == int8["column_blocks"] == 2 * 4 * 40 * subspace.column_block(40) * 4
     assert pipeline.memory_estimate(model, 40, ranks=2, storage="int8")["basis_float32"] == 40 * 61445 * 4
+
+
+def test_a_safetensors_file_with_other_keys_or_dtypes_is_loaded_the_usual_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_trajectory(tmp_path / "ckpts", k=5)
+    as_safetensors(tmp_path / "ckpts")
+    files = discover(tmp_path / "ckpts")
+    expected = stream(tmp_path / "ckpts", "bf16")
+    state = load_file(str(files[2].path))
+    save_file({f"module.{k}": v for k, v in state.items()}, str(files[2].path))  # a DDP prefix: stripped on load
+    loaded = count_loads(monkeypatch)
+    prefixed = stream(tmp_path / "ckpts", "bf16")
+    assert files[2].path in loaded and prefixed.subspace.kept == expected.subspace.kept
+    assert torch.equal(prefixed.mean_state["0.weight"], expected.mean_state["0.weight"])
+    save_file({**state, "0.weight": state["0.weight"].double()}, str(files[2].path))
+    assert checkpoints.column_file(files[2].path, ["0.weight"], load_file(str(files[0].path)), None) is None
+    save_file(state, str(files[2].path))
+    flat, others = checkpoints.column_file(files[2].path, ["3.bias", "0.weight"], load_file(str(files[0].path)),
+                                           None)
+    out = torch.empty(5 + 600)
+    flat.read(slice(0, 605), out)
+    assert torch.equal(out, torch.cat([state["3.bias"], state["0.weight"].reshape(-1)]))
+    flat.read(slice(3, 9), out[:6])
+    assert torch.equal(out[:6], torch.cat([state["3.bias"], state["0.weight"].reshape(-1)])[3:9])
+    assert set(others()) == set(state) - {"3.bias", "0.weight"}

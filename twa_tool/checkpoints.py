@@ -41,7 +41,7 @@ import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -387,10 +387,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20, verify_zip_crc: bool = False) 
         for file in sorted(files, key=lambda p: p.name):
             digest.update(f"{file.name}\0{sha256_file(file, chunk, verify_zip_crc)}\n".encode())
         return digest.hexdigest()
+    verify_zip_crc = verify_zip_crc and _sniff(path) == "torch-zip"
     if not verify_zip_crc and path.stat().st_size:  # hashed in place: no copy into a buffer (less system time)
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             return hashlib.sha256(mapped).hexdigest()
-    members = _zip_member_ranges(path) if verify_zip_crc and _sniff(path) == "torch-zip" else []
+    members = _zip_member_ranges(path) if verify_zip_crc else []
     crcs = [0] * len(members)
     digest = hashlib.sha256()
     position = 0
@@ -556,6 +557,58 @@ class FlatFile:
                     done += n
         finally:
             os.close(fd)
+
+
+def column_file(path: Path, names: Sequence[str], first: Mapping[str, torch.Tensor],
+                layout: ZipLayout | None) -> tuple[FlatFile, Callable[[], dict[str, torch.Tensor]]] | None:
+    """``path``'s tensors ``names`` as a ``FlatFile``, and a function reading its other tensors, when the file
+    holds what the safely loaded first file ``first`` holds at places known without loading it: a torch zip
+    sharing the first file's ``layout`` (its pickle compared, never run), or a safetensors file whose header
+    names exactly ``first``'s keys, with ``names`` as float32 of ``first``'s shapes. None otherwise (the
+    caller loads it the usual way). The zip's CRCs are left to the caller (``sha256_file(...,
+    verify_zip_crc=True)``); the other tensors of a safetensors file are read through ``safe_open``, which
+    validates the file."""
+    others = [k for k in first if k not in set(names)]
+    kind = _sniff(path)
+    if kind == "torch-zip" and layout is not None:
+        members = layout.matches(path)
+        if members is None:
+            return None
+
+        def read_zip() -> dict[str, torch.Tensor]:
+            state = {k: torch.empty(shape, dtype=dtype) for k in others for dtype, shape in [layout.spec(k)]}
+            layout.read_into(path, members, state, check_crc=False)
+            return state
+
+        return FlatFile.of(path, layout, members, names), read_zip
+    if kind != "safetensors":
+        return None
+    header = _safetensors_header(path)
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    if set(entries) != set(first):
+        return None
+    with open(path, "rb") as f:
+        data = 8 + struct.unpack("<Q", f.read(8))[0]
+    starts, positions = [0], []
+    for name in names:
+        entry, numel = entries[name], first[name].numel()
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            fits = entry["dtype"] == "F32" and tuple(int(x) for x in entry["shape"]) == tuple(first[name].shape)
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not fits or first[name].dtype != torch.float32 or end - begin != 4 * numel:
+            return None
+        starts.append(starts[-1] + numel)
+        positions.append(data + begin)
+    size = Path(path).stat().st_size
+    if any(at + 4 * (hi - lo) > size for at, lo, hi in zip(positions, starts, starts[1:])):
+        return None
+
+    def read_safetensors() -> dict[str, torch.Tensor]:
+        return _read_safetensors(path, header_only=False, keys=set(others))[0] if others else {}
+
+    return FlatFile(Path(path), tuple(starts), tuple(positions), 4), read_safetensors
 
 
 def _check_crc(path: Path, member: str, crc: int, expected: int) -> None:

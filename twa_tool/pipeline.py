@@ -14,7 +14,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -25,9 +25,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from . import __version__
 from .checkpoints import (
     CheckpointFile,
-    FlatFile,
     HeaderInfo,
     ZipLayout,
+    column_file,
     discover,
     load_checkpoint,
     raise_if_refused,
@@ -332,8 +332,7 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
             assert builder is not None
             builder.flush()
         except BaseException as err:
-            for future in digests:  # do not hash the remaining files on the way out
-                future.cancel()
+            _abandon(digests)
             if builder is not None:
                 builder.close()
             if isinstance(err, ValueError) and str(err).startswith("vector "):  # non-finite: name file and tensor
@@ -363,10 +362,11 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
                       reader: Reader, on_event: EventSink, storage: str) -> Stream | None:
     """``stream_checkpoints`` for a bf16/int8 basis: never holds the float32 basis (``build_by_columns``).
 
-    The first and the last file are loaded safely and kept; every file between must share the first one's
-    layout (``ZipLayout``) and is then read a column block at a time, straight from the file, two or three
-    times (the page cache serves the later passes). The buffers of those files are read once, for the
-    mean; their CRCs are checked in the hashing thread's single read. Peak memory is the basis in its
+    The first and the last file are loaded safely and kept; every file between must be a torch zip sharing
+    the first one's layout (``ZipLayout``) or a safetensors file with the first one's keys (``column_file``),
+    and is then read a column block at a time, straight from the file, two or three times (the page cache
+    serves the later passes). The buffers of those files are read once, for the mean; the CRCs of a zip
+    are checked in the hashing thread's single read. Peak memory is the basis in its
     storage format, two loaded checkpoints and a block of rows per thread, instead of the float32 basis.
 
     Returns None, having read little, when the files do not qualify (pickle trusted, a layout that
@@ -380,12 +380,11 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
     if any(first[n].dtype != torch.float32 for n in names):
         return None
     layout = zip_layout(files[0].path, first) if len(files) > 2 else None
-    members = [layout.matches(entry.path) if layout is not None else None for entry in files[1:-1]]
-    if any(m is None for m in members):
+    found = [column_file(entry.path, names, first, layout) for entry in files[1:-1]]
+    middle = [m for m in found if m is not None]
+    if len(middle) < len(found):
         return None
-    assert layout is not None or not members
     trainable = set(names)
-    buffers = [k for k in first if k not in trainable]
     on_event(Event("phase", "reading checkpoints (buffers; weights read by column blocks)", total=len(files)))
     sums: dict[str, torch.Tensor] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="twa-sha256") as hasher:
@@ -400,18 +399,15 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
                     state = last = reader.load(entry.path)
                     check_compatible(model, state, str(entry.path))
                 else:
-                    assert layout is not None
-                    state = {k: torch.empty(shape, dtype=dtype) for k in buffers for dtype, shape in [layout.spec(k)]}
-                    layout.read_into(entry.path, members[index - 1], state, check_crc=False)  # checked by the hasher
+                    state = middle[index - 1][1]()  # the buffers; a zip's CRCs: the hasher checks them
                 _check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
                 for key, value in state.items():
                     if value.is_floating_point() and key not in trainable:
                         sums[key] = sums[key] + value.double() if key in sums else value.double()
                 on_event(Event("advance"))
-            if last[names[0]].dtype != torch.float32 or any(last[n].dtype != first[n].dtype for n in names):
-                return None
-            flat = [FlatFile.of(entry.path, layout, m, names) for entry, m in zip(files[1:-1], members)
-                    if layout is not None and m is not None]
+            if any(last[n].dtype != torch.float32 for n in names):
+                return _abandon(digests)
+            flat = [m[0] for m in middle]
             ends = [[first[n] for n in names], [last[n] for n in names]]
 
             def read(index: int, cols: slice, out: torch.Tensor) -> None:
@@ -439,12 +435,11 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
                 raise NumericalError(f"{files[index].path}: the parameters' norm overflows float32; the "
                                      f"checkpoint is corrupt or diverged, drop it with --range/--last") from None
             if build is None:
-                return None
+                return _abandon(digests)
             for _ in range(passes):
                 on_event(Event("advance"))
         except BaseException:
-            for future in digests:
-                future.cancel()
+            _abandon(digests)
             raise
         sha256 = [future.result() for future in digests]  # a corrupt file (CRC mismatch) raises here
     subspace = build.subspace
@@ -458,6 +453,12 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
         mean_state[name] = build.mean[offset:offset + n].view(last[name].shape).to(last[name].dtype)
         offset += n
     return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256)
+
+
+def _abandon(digests: list[Future]) -> None:
+    """Do not hash the files not hashed yet (the executor would wait for them on the way out)."""
+    for future in digests:
+        future.cancel()
 
 
 def _read_direct(path: Path, layout: ZipLayout, members: dict[str, tuple[int, int]], builder: BasisBuilder,
