@@ -13,9 +13,11 @@ Each path runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is
 * twa: ``pipeline.stream_checkpoints`` as ``twa average`` runs it: the first file loaded safely (zip
   CRCs checked first), the others read straight into their basis rows (their pickle compared with the
   first file's, never run; CRCs checked on the bytes read), key/shape and finiteness validation, the
-  sha256 of every file (a second thread), the exact float64 mean, and the basis (float32, in the basis
-  buffer: consecutive differences and their Gram matrix streamed while loading on worker threads, then
-  Cholesky-QR in one fused pass), stored as float32, bf16 or int8 (rounded in place).
+  sha256 of every file (a second thread), the exact float64 mean, and the basis. float32: in the basis
+  buffer (consecutive differences and their Gram matrix streamed while loading on worker threads, then
+  Cholesky-QR in one fused pass). bf16/int8: by column passes over the files (``stream_by_columns``:
+  the same arithmetic a block of columns at a time, each block rounded as it is computed), so the
+  float32 basis is never held.
 * ``--average``: the whole ``twa average`` command (``w1_data``, one epoch, the SWA baseline).
 
 ``--threads N`` sets torch's thread count in every path (default: torch's, all cores). The reference

@@ -317,8 +317,8 @@ def run_options(fn: Callable) -> Callable:
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Same seed on CPU gives bit-identical output."),
         click.option("--basis-dtype", type=click.Choice(["float32", "bf16", "int8"]), default="float32",
-                     show_default=True, help="Storage of the basis during training: bf16 halves it, int8 (per-block "
-                                             "scaled) quarters it."),
+                     show_default=True, help="Storage of the basis: bf16 halves it, int8 (per-block scaled) quarters "
+                                             "it (for twa average: the build's peak memory too)."),
     ]):
         fn = option(fn)
     return fn

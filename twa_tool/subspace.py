@@ -23,8 +23,10 @@ whose residual against the kept ones is below ``rtol`` times its own norm is dro
 
 Storage. The finished basis can be kept as float32, bfloat16 or int8 (per row and per block of
 ``QUANT_BLOCK`` columns scaled, as the TWA journal version's low-bit P): 4, 2 or ~1 bytes per entry.
-The low-precision bases are built in float32 and rounded once at the end; their rows are orthonormal
-to the rounding error of the format (documented in ``STORAGE_TOLERANCE``).
+``BasisBuilder`` builds in float32 and rounds once at the end (in place). ``build_by_columns`` runs the
+same fast path by passes over blocks of columns, reading every vector's block from where it lies (files
+in the page cache), and rounds each block of the result as it is computed: the float32 basis is never
+held. Either way the rows are orthonormal to the rounding error of the format (``STORAGE_TOLERANCE``).
 """
 
 from __future__ import annotations
@@ -964,8 +966,9 @@ def build_by_columns(count: int, dim: int, read: ColumnReader, storage: str = "f
     Returns None when the Gram matrix cannot decide a vector (too close to the ones before it: a pivot
     below ``_GRAM_PIVOT_FLOOR``); ``BasisBuilder``'s general path, which holds the rows, is needed then.
     Raises ``ValueError("vector i has non-finite entries")`` like ``BasisBuilder``. The blocks are shared by
-    the caller and ``threads - 1`` workers, one torch thread per operation, and every partial result is
-    summed in block order: the result does not depend on ``threads``.
+    the caller and ``threads - 1`` workers (at least one, as ``BasisBuilder`` with ``background``: while
+    one thread waits for a read, the other computes), one torch thread per operation, and every partial
+    result is summed in block order: the result does not depend on ``threads``.
     """
     if storage not in ("float32", "bf16", "int8"):
         raise ValueError(f"storage {storage!r}: build_by_columns stores float32, bf16 or int8")
@@ -973,7 +976,7 @@ def build_by_columns(count: int, dim: int, read: ColumnReader, storage: str = "f
     if width % QUANT_BLOCK:
         raise ValueError(f"block={width} is not a multiple of QUANT_BLOCK={QUANT_BLOCK}")
     blocks = list(_chunks(dim, width))
-    workers = _Workers(max(0, (threads or torch.get_num_threads()) - 1))
+    workers = _Workers(max(1, (threads or torch.get_num_threads()) - 1))  # as BasisBuilder: reader + worker
     buffers: dict[tuple[int, str], torch.Tensor] = {}  # per thread: the rows, and Q1 / Q
 
     def buffer(name: str, rows: int, n: int) -> torch.Tensor:
