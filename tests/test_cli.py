@@ -243,9 +243,21 @@ def test_low_precision_basis_end_to_end(full_run: tuple[object, Path], demo_ckpt
     reference = json.loads(full_run[0].stdout)
     basis = report["basis"]
     assert basis["storage"] == storage and basis["rank"] == reference["basis"]["rank"]
+    assert basis["build"] == "columns" and reference["basis"]["build"] == "rows"  # the float32 basis never held
+    assert not any("basis-dtype" in w for w in report["warnings"])
     ratio = reference["basis"]["bytes"] / basis["bytes"]
     assert ratio == 2 if storage == "bf16" else 3.9 < ratio < 4
     assert reference["basis"]["orthonormality_error"] < basis["orthonormality_error"] <= STORAGE_TOLERANCE[storage]
     # the swa baseline does not depend on the basis; twa still trains to a working model
     assert report["metrics"]["swa"] == reference["metrics"]["swa"]
     assert report["metrics"]["twa"]["accuracy"] > 0.3
+
+
+def test_a_low_precision_basis_built_through_float32_says_why(plain_pt_ckpts: Path, tmp_path: Path) -> None:
+    result = run(plain_pt_ckpts, *FAST, *model_flags(), "--basis-dtype", "int8", "--baselines", "swa", "--trust-pickle",
+                 "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["basis"]["build"] == "rows" and report["basis"]["storage"] == "int8"
+    assert any(w.startswith("--basis-dtype int8: built through a float32 basis") and "--trust-pickle" in w
+               for w in report["warnings"])

@@ -156,6 +156,7 @@ def test_low_precision_stream_reads_columns_and_never_allocates_the_float32_basi
     loaded = count_loads(monkeypatch)
     ours = stream(tmp_path / "ckpts", storage)
     assert loaded == [files[0].path, files[-1].path]  # the others: buffers once, weights by column blocks
+    assert ours.build == "columns" and ours.not_by_columns is None
     assert allocated == [(9, ours.subspace.basis.dim, subspace.STORAGE_DTYPES[storage])]
     monkeypatch.setattr(pipeline, "COLUMN_BUILD_STORAGE", ())
     theirs = stream(tmp_path / "ckpts", storage)  # the one-read build: float32 basis, rounded at the end
@@ -195,11 +196,13 @@ def test_another_layout_or_an_undecidable_gram_matrix_falls_back_to_the_usual_bu
     state = torch.load(files[3].path, weights_only=True)
     torch.save({"epoch": 3, "state_dict": state}, files[3].path)  # another pickle, the same weights
     mixed = stream(tmp_path / "ckpts", "bf16")
-    assert calls == [] and mixed.subspace.kept == expected.subspace.kept
+    assert calls == [] and mixed.subspace.kept == expected.subspace.kept and mixed.build == "rows"
+    assert mixed.not_by_columns.startswith(f"{files[3].name} cannot be read in place")
     torch.save(state, files[3].path)
     monkeypatch.setattr(pipeline, "build_by_columns", lambda *args, **kwargs: spy(*args, **kwargs) and None)
     fallback = stream(tmp_path / "ckpts", "bf16")
     assert calls == [1] and fallback.subspace.kept == expected.subspace.kept
+    assert "too close to each other" in fallback.not_by_columns
 
 
 def test_non_finite_weights_in_a_column_read_file_name_it(tmp_path: Path) -> None:

@@ -113,6 +113,8 @@ class Stream:
     sha256: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     shard: Shard | None = None  # under torchrun: this rank's columns of the basis (``subspace`` holds them)
+    build: str = "rows"  # "columns": by column passes over the files (``stream_by_columns``)
+    not_by_columns: str | None = None  # why a bf16/int8 basis was built the float32 way
 
 
 @dataclass(frozen=True)
@@ -290,10 +292,12 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
     sums its inner products over the ranks: each rank ends with its column shard of the one basis.
     """
     dist = dist or Dist()
+    reason = None
     if storage in COLUMN_BUILD_STORAGE and not dist.active:
         stream = stream_by_columns(files, model, names, rtol, reader, on_event, storage)
-        if stream is not None:
+        if isinstance(stream, Stream):
             return stream
+        reason = stream
     d = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
     columns = dist.columns(d) if dist.active else None
     reduce = _reducer(dist) if dist.active else None
@@ -355,11 +359,12 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
         offset += n
     subspace = builder.finish(storage)
     shard = Shard(subspace, columns, d, dist) if columns is not None else None
-    return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256, shard=shard)
+    return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256, shard=shard,
+                  not_by_columns=reason)
 
 
 def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list[str], rtol: float,
-                      reader: Reader, on_event: EventSink, storage: str) -> Stream | None:
+                      reader: Reader, on_event: EventSink, storage: str) -> Stream | str:
     """``stream_checkpoints`` for a bf16/int8 basis: never holds the float32 basis (``build_by_columns``).
 
     The first and the last file are loaded safely and kept; every file between must be a torch zip sharing
@@ -369,21 +374,24 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
     are checked in the hashing thread's single read. Peak memory is the basis in its
     storage format, two loaded checkpoints and a block of rows per thread, instead of the float32 basis.
 
-    Returns None, having read little, when the files do not qualify (pickle trusted, a layout that
-    differs, non-float32 parameters), and None after the first pass when the Gram matrix cannot decide a
-    checkpoint (``BasisBuilder``'s general path needs the rows): the caller streams them the usual way.
+    Returns why not, instead of a stream, having read little, when the files do not qualify (pickle
+    trusted, a layout that differs, non-float32 parameters), or after the first pass when the Gram matrix
+    cannot decide a checkpoint (``BasisBuilder``'s general path needs the rows): the caller then streams
+    them the usual way.
     """
-    if reader.trust_pickle or len(files) < 2:
-        return None
+    if reader.trust_pickle:
+        return "--trust-pickle: every file is loaded through pickle"
     first = reader.load(files[0].path)
     check_compatible(model, first, str(files[0].path))
     if any(first[n].dtype != torch.float32 for n in names):
-        return None
+        return f"{files[0].name}: the parameters are not all float32"
     layout = zip_layout(files[0].path, first) if len(files) > 2 else None
     found = [column_file(entry.path, names, first, layout) for entry in files[1:-1]]
     middle = [m for m in found if m is not None]
     if len(middle) < len(found):
-        return None
+        other = next(entry for entry, m in zip(files[1:-1], found) if m is None)
+        return (f"{other.name} cannot be read in place (not a torch zip laid out as {files[0].name}, nor a "
+                f"safetensors file with its keys and float32 parameters)")
     trainable = set(names)
     on_event(Event("phase", "reading checkpoints (buffers; weights read by column blocks)", total=len(files)))
     sums: dict[str, torch.Tensor] = {}
@@ -406,7 +414,8 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
                         sums[key] = sums[key] + value.double() if key in sums else value.double()
                 on_event(Event("advance"))
             if any(last[n].dtype != torch.float32 for n in names):
-                return _abandon(digests)
+                _abandon(digests)
+                return f"{files[-1].name}: the parameters are not all float32"
             flat = [m[0] for m in middle]
             ends = [[first[n] for n in names], [last[n] for n in names]]
 
@@ -435,7 +444,9 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
                 raise NumericalError(f"{files[index].path}: the parameters' norm overflows float32; the "
                                      f"checkpoint is corrupt or diverged, drop it with --range/--last") from None
             if build is None:
-                return _abandon(digests)
+                _abandon(digests)
+                return ("checkpoints too close to each other for the Gram matrix to decide their rank (block "
+                        "Gram-Schmidt over the rows needed)")
             for _ in range(passes):
                 on_event(Event("advance"))
         except BaseException:
@@ -452,7 +463,7 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
         n = last[name].numel()
         mean_state[name] = build.mean[offset:offset + n].view(last[name].shape).to(last[name].dtype)
         offset += n
-    return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256)
+    return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256, build="columns")
 
 
 def _abandon(digests: list[Future]) -> None:
@@ -766,6 +777,9 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
              if dist.is_main else None)
     stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event, storage=config.basis_dtype,
                                 dist=dist)
+    if stream.not_by_columns is not None:
+        warn(f"--basis-dtype {config.basis_dtype}: built through a float32 basis, so the peak memory is that of "
+             f"float32 ({stream.not_by_columns})")
     for index in stream.subspace.dropped:
         warn(f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or combination); "
              f"dropped from the basis")
@@ -868,7 +882,7 @@ def run_facts(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen
         "excluded": [{"name": d.name, "reason": d.reason} for d in chosen.dropped],
         "basis": {"rank": subspace.rank, "orthonormality_error": orthonormality,
                   "span_residual": span_residual, "storage": subspace.basis.storage,
-                  "bytes": basis_bytes},
+                  "bytes": basis_bytes, "build": stream.build},
         "model": {"spec": spec, "args": dict(model_args), "parameters": int(weights.numel())},
         "config": _config_dict(config),
         "inputs": [{"name": f.name, "path": str(f.path), "sha256": h} for f, h in zip(files, stream.sha256)],
