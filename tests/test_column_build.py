@@ -249,3 +249,20 @@ def test_a_safetensors_file_with_other_keys_or_dtypes_is_loaded_the_usual_way(
     flat.read(slice(3, 9), out[:6])
     assert torch.equal(out[:6], torch.cat([state["3.bias"], state["0.weight"].reshape(-1)])[3:9])
     assert set(others()) == set(state) - {"3.bias", "0.weight"}
+
+
+def test_a_file_replaced_between_the_passes_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_trajectory(tmp_path / "ckpts", k=5)
+    middle = discover(tmp_path / "ckpts")[2].path
+    original = pipeline.build_by_columns
+
+    def build_then_replace(*args, **kwargs):
+        built = original(*args, **kwargs)
+        state = torch.load(middle, weights_only=True)
+        torch.save(state, tmp_path / "new.pt")
+        (tmp_path / "new.pt").replace(middle)  # the same bytes, another file: the passes may have mixed them
+        return built
+
+    monkeypatch.setattr(pipeline, "build_by_columns", build_then_replace)
+    with pytest.raises(CheckpointError, match=rf"{middle.name}: changed while it was being read"):
+        stream(tmp_path / "ckpts", "bf16")

@@ -528,6 +528,19 @@ class FlatFile:
     starts: tuple[int, ...]  # entry of the vector where each tensor starts (and the vector's size, last)
     positions: tuple[int, ...]  # byte of the file where each tensor starts
     itemsize: int
+    stamp: tuple[int, int, int] = (0, 0, 0)  # the file's (inode, size, mtime in ns) when it was planned
+
+    @staticmethod
+    def stamp_of(path: Path) -> tuple[int, int, int]:
+        info = os.stat(path)
+        return info.st_ino, info.st_size, info.st_mtime_ns
+
+    def check_unchanged(self) -> None:
+        """A ``CheckpointError`` when the file was replaced or rewritten since it was planned: its reads,
+        spread over several passes, may then mix two versions."""
+        if self.stamp_of(self.path) != self.stamp:
+            raise CheckpointError(f"{self.path}: changed while it was being read; wait until the checkpoints "
+                                  f"are written, then rerun")
 
     @classmethod
     def of(cls, path: Path, layout: ZipLayout, members: Mapping[str, tuple[int, int]], keys: Sequence[str]) -> FlatFile:
@@ -536,7 +549,7 @@ class FlatFile:
         for size in sizes:
             starts.append(starts[-1] + size)
         itemsize = torch.tensor([], dtype=layout.spec(keys[0])[0]).element_size() if keys else 4
-        return cls(Path(path), tuple(starts), tuple(layout.offsets(members, keys)), itemsize)
+        return cls(Path(path), tuple(starts), tuple(layout.offsets(members, keys)), itemsize, cls.stamp_of(path))
 
     def read(self, cols: slice, out: torch.Tensor) -> None:
         """Entries ``cols`` of the vector into ``out`` (contiguous, the tensors' dtype, ``cols``' length)."""
@@ -608,7 +621,7 @@ def column_file(path: Path, names: Sequence[str], first: Mapping[str, torch.Tens
     def read_safetensors() -> dict[str, torch.Tensor]:
         return _read_safetensors(path, header_only=False, keys=set(others))[0] if others else {}
 
-    return FlatFile(Path(path), tuple(starts), tuple(positions), 4), read_safetensors
+    return FlatFile(Path(path), tuple(starts), tuple(positions), 4, FlatFile.stamp_of(path)), read_safetensors
 
 
 def _check_crc(path: Path, member: str, crc: int, expected: int) -> None:
