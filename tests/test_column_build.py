@@ -266,3 +266,14 @@ def test_a_file_replaced_between_the_passes_is_an_error(tmp_path: Path, monkeypa
     monkeypatch.setattr(pipeline, "build_by_columns", build_then_replace)
     with pytest.raises(CheckpointError, match=rf"{middle.name}: changed while it was being read"):
         stream(tmp_path / "ckpts", "bf16")
+
+
+def test_ordered_sum_adds_in_block_order_and_holds_only_early_results() -> None:
+    values = [torch.tensor([1.0], dtype=torch.float64), torch.tensor([1e16], dtype=torch.float64),
+              torch.tensor([-1e16], dtype=torch.float64)]
+    total = subspace._OrderedSum((1,))
+    total.add(2, values[2])
+    total.add(1, values[1])
+    assert total.total.item() == 0 and len(total._early) == 2  # waiting for block 0
+    total.add(0, values[0])
+    assert total.total.item() == 0.0 and not total._early  # (1 + 1e16) - 1e16: in block order (as arrived: 1)

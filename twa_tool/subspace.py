@@ -944,6 +944,25 @@ class ColumnBuild:
     mean: torch.Tensor
 
 
+class _OrderedSum:
+    """The float64 sum of per-block results that threads hand in in any order, added in block order (so
+    bit-identical for any thread count) as soon as the next block's result is in: only the results that
+    arrived early are held, not one per block."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.total = torch.zeros(shape, dtype=torch.float64)
+        self._early: dict[int, torch.Tensor] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def add(self, index: int, value: torch.Tensor) -> None:
+        with self._lock:
+            self._early[index] = value
+            while self._next in self._early:
+                self.total += self._early.pop(self._next)
+                self._next += 1
+
+
 def column_block(count: int) -> int:
     """Columns per block of ``build_by_columns``: a multiple of ``QUANT_BLOCK``, about 16 MB of rows."""
     return max(QUANT_BLOCK, (1 << 22) // max(1, count) // QUANT_BLOCK * QUANT_BLOCK)
@@ -1003,28 +1022,27 @@ def build_by_columns(count: int, dim: int, read: ColumnReader, storage: str = "f
 
     try:
         mean = torch.empty(dim, dtype=torch.float64)
-        squares: list[torch.Tensor | None] = [None] * len(blocks)
-        grams: list[torch.Tensor | None] = [None] * len(blocks)
+        squares, grams = _OrderedSum((count,)), _OrderedSum((count, count))
 
         def gram_pass(index: int) -> None:
             cols = blocks[index]
 
             def raw(x: torch.Tensor) -> None:  # numpy sums float32 into float64 exactly, no float64 copy
                 x.numpy().sum(axis=0, dtype=np.float64, out=mean[cols].numpy())
-                squares[index] = torch.linalg.vector_norm(x, dim=1).to(torch.float64).square()
+                squares.add(index, torch.linalg.vector_norm(x, dim=1).to(torch.float64).square())
 
             x = differences(cols, raw)
             total = torch.zeros(count, count, dtype=torch.float64)
             _add_lower_gram(x, total)
-            grams[index] = total
+            grams.add(index, total)
 
         run(gram_pass, "gram")
-        norms = torch.stack(squares).sum(0).sqrt() if blocks else torch.zeros(count, dtype=torch.float64)  # type: ignore[arg-type]
+        norms = squares.total.sqrt()
         bad = (~torch.isfinite(norms)).nonzero()
         if len(bad):
             raise ValueError(f"vector {int(bad[0])} has non-finite entries")
         mean /= count
-        gram = _symmetric(_sum_in_order(grams, count))
+        gram = _symmetric(grams.total)
         chol = _cholesky_in_order(gram, rtol * norms, norms == 0)
         if chol.stop < count:
             return None
@@ -1049,17 +1067,17 @@ def build_by_columns(count: int, dim: int, read: ColumnReader, storage: str = "f
             _apply_staircase(t1, steps1, differences(cols), q1)
             return q1
 
-        grams2: list[torch.Tensor | None] = [None] * len(blocks)
+        grams2 = _OrderedSum((m, m))
 
         def orthonormal_pass(index: int) -> None:
             q1 = first_transform(blocks[index])
             total = torch.zeros(m, m, dtype=torch.float64)
             _add_lower_gram(q1, total)
-            grams2[index] = total
+            grams2.add(index, total)
             store(q1, blocks[index])
 
         run(orthonormal_pass, "orthonormal")
-        gram2 = _symmetric(_sum_in_order(grams2, m))
+        gram2 = _symmetric(grams2.total)
         eye = torch.eye(m, dtype=torch.float64)
         lower2 = eye
         if (gram2 - eye).abs().max() > _ORTHONORMAL_ENOUGH:
