@@ -501,13 +501,7 @@ class ZipLayout:
                 if out.dtype != dtype or out.numel() != _numel(shape) or not out.is_contiguous():
                     raise ValueError(f"target for {key} is not a contiguous {dtype} tensor of {_numel(shape)} entries")
                 view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-                position, done = members[member][0] + offset, 0
-                while done < len(view):
-                    n = os.preadv(fd, [view[done:]], position + done)
-                    if n == 0:
-                        raise CheckpointError(f"{path}: ends inside tensor {key}; the file is truncated, "
-                                              f"re-copy or remove it")
-                    done += n
+                _pread_exactly(fd, view, members[member][0] + offset, f"{path}: ends inside tensor {key}")
                 if check_crc and offset == 0 and len(view) == sizes[member]:
                     whole.add(member)
                     _check_crc(path, member, zlib.crc32(view), members[member][1])
@@ -560,14 +554,9 @@ class FlatFile:
                 lo, hi = max(cols.start, self.starts[i]), min(cols.stop, self.starts[i + 1])
                 if lo >= hi:
                     continue
-                target = view[(lo - cols.start) * self.itemsize:(hi - cols.start) * self.itemsize]
-                at, done = position + (lo - self.starts[i]) * self.itemsize, 0
-                while done < len(target):
-                    n = os.preadv(fd, [target[done:]], at + done)
-                    if n == 0:
-                        raise CheckpointError(f"{self.path}: ends inside a tensor; the file is truncated (or was "
-                                              f"changed while being read), re-copy or remove it")
-                    done += n
+                _pread_exactly(fd, view[(lo - cols.start) * self.itemsize:(hi - cols.start) * self.itemsize],
+                               position + (lo - self.starts[i]) * self.itemsize,
+                               f"{self.path}: ends inside a tensor (or was changed while being read)")
         finally:
             os.close(fd)
 
@@ -622,6 +611,17 @@ def column_file(path: Path, names: Sequence[str], first: Mapping[str, torch.Tens
         return _read_safetensors(path, header_only=False, keys=set(others))[0] if others else {}
 
     return FlatFile(Path(path), tuple(starts), tuple(positions), 4, FlatFile.stamp_of(path)), read_safetensors
+
+
+def _pread_exactly(fd: int, view: memoryview, position: int, where: str) -> None:
+    """Fill ``view`` from ``fd`` at byte ``position`` (``preadv``, no intermediate copy); a truncated file is a
+    ``CheckpointError`` that starts with ``where``."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], position + done)
+        if n == 0:
+            raise CheckpointError(f"{where}; the file is truncated, re-copy or remove it")
+        done += n
 
 
 def _check_crc(path: Path, member: str, crc: int, expected: int) -> None:

@@ -328,9 +328,7 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
                         layout = zip_layout(entry.path, state)
                 if members is None:
                     builder.push(_column_parts([state[n] for n in names], columns))
-                for key, value in state.items():
-                    if value.is_floating_point() and key not in trainable:
-                        sums[key] = sums[key] + value.double() if key in sums else value.double()
+                _add_buffers(sums, state, trainable)
                 last = state
                 on_event(Event("advance"))
             assert builder is not None
@@ -339,24 +337,15 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
             _abandon(digests)
             if builder is not None:
                 builder.close()
-            if isinstance(err, ValueError) and str(err).startswith("vector "):  # non-finite: name file and tensor
-                index = int(str(err).split()[1])
-                _check_finite(reader.load(files[index].path), str(files[index].path))
-                raise NumericalError(f"{files[index].path}: the parameters' norm overflows float32; the "
-                                     f"checkpoint is corrupt or diverged, drop it with --range/--last") from None
+            if isinstance(err, ValueError) and str(err).startswith("vector "):
+                raise _non_finite(err, files, reader) from None
             raise
         sha256 = [future.result() for future in digests]
-    if len(builder.kept) < 2:
-        raise NumericalError(f"only {len(builder.kept)} linearly independent checkpoint(s) among {len(files)}; "
-                             f"TWA needs at least 2 distinct checkpoints")
-    mean_state = {k: (sums[k] / len(files)).to(v.dtype) if k in sums else v.clone() for k, v in last.items()}
-    mean, offset = builder.mean(), 0
+    _check_rank(len(builder.kept), len(files))
+    mean = builder.mean()
     if columns is not None:
         mean = dist.gather_columns(mean.to(dist.comm_device), d).cpu()
-    for name in names:
-        n = last[name].numel()
-        mean_state[name] = mean[offset:offset + n].view(last[name].shape).to(last[name].dtype)
-        offset += n
+    mean_state = _mean_state(last, sums, len(files), mean, names)
     subspace = builder.finish(storage)
     shard = Shard(subspace, columns, d, dist) if columns is not None else None
     return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256, shard=shard,
@@ -409,9 +398,7 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
                 else:
                     state = middle[index - 1][1]()  # the buffers; a zip's CRCs: the hasher checks them
                 _check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
-                for key, value in state.items():
-                    if value.is_floating_point() and key not in trainable:
-                        sums[key] = sums[key] + value.double() if key in sums else value.double()
+                _add_buffers(sums, state, trainable)
                 on_event(Event("advance"))
             if any(last[n].dtype != torch.float32 for n in names):
                 _abandon(digests)
@@ -439,10 +426,7 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
             except ValueError as err:
                 if not str(err).startswith("vector "):
                     raise
-                index = int(str(err).split()[1])  # non-finite: name the file and tensor
-                _check_finite(reader.load(files[index].path), str(files[index].path))
-                raise NumericalError(f"{files[index].path}: the parameters' norm overflows float32; the "
-                                     f"checkpoint is corrupt or diverged, drop it with --range/--last") from None
+                raise _non_finite(err, files, reader) from None
             if build is None:
                 _abandon(digests)
                 return ("checkpoints too close to each other for the Gram matrix to decide their rank (block "
@@ -455,17 +439,44 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
             _abandon(digests)
             raise
         sha256 = [future.result() for future in digests]  # a corrupt file (CRC mismatch) raises here
-    subspace = build.subspace
-    if subspace.rank < 2:
-        raise NumericalError(f"only {subspace.rank} linearly independent checkpoint(s) among {len(files)}; "
-                             f"TWA needs at least 2 distinct checkpoints")
-    mean_state = {k: (sums[k] / len(files)).to(v.dtype) if k in sums else v.clone() for k, v in last.items()}
+    _check_rank(build.subspace.rank, len(files))
+    return Stream(subspace=build.subspace, mean_state=_mean_state(last, sums, len(files), build.mean, names),
+                  last_state=last, sha256=sha256, build="columns")
+
+
+def _add_buffers(sums: dict[str, torch.Tensor], state: dict[str, torch.Tensor], trainable: set[str]) -> None:
+    """Add a checkpoint's floating buffers (not trainable: BN statistics) to their float64 sums."""
+    for key, value in state.items():
+        if value.is_floating_point() and key not in trainable:
+            sums[key] = sums[key] + value.double() if key in sums else value.double()
+
+
+def _mean_state(last: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], count: int, mean: torch.Tensor,
+                names: list[str]) -> dict[str, torch.Tensor]:
+    """The SWA state: the float64 ``mean`` of the flat parameters ``names``, the mean of the floating
+    buffers, the last checkpoint's other entries; each in the last checkpoint's dtype."""
+    state = {k: (sums[k] / count).to(v.dtype) if k in sums else v.clone() for k, v in last.items()}
     offset = 0
     for name in names:
         n = last[name].numel()
-        mean_state[name] = build.mean[offset:offset + n].view(last[name].shape).to(last[name].dtype)
+        state[name] = mean[offset:offset + n].view(last[name].shape).to(last[name].dtype)
         offset += n
-    return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256, build="columns")
+    return state
+
+
+def _check_rank(rank: int, total: int) -> None:
+    if rank < 2:
+        raise NumericalError(f"only {rank} linearly independent checkpoint(s) among {total}; "
+                             f"TWA needs at least 2 distinct checkpoints")
+
+
+def _non_finite(err: ValueError, files: list[CheckpointFile], reader: Reader) -> NumericalError:
+    """The error for a builder's ``vector i has non-finite entries``: naming the file, and the tensor when a
+    safe load finds it (``_check_finite`` raises that one itself)."""
+    index = int(str(err).split()[1])
+    _check_finite(reader.load(files[index].path), str(files[index].path))
+    return NumericalError(f"{files[index].path}: the parameters' norm overflows float32; the checkpoint is "
+                          f"corrupt or diverged, drop it with --range/--last")
 
 
 def _abandon(digests: list[Future]) -> None:
