@@ -34,6 +34,7 @@ import contextlib
 import functools
 import hashlib
 import importlib
+import itertools
 import json
 import mmap
 import os
@@ -388,17 +389,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20, verify_zip_crc: bool = False) 
         for file in sorted(files, key=lambda p: p.name):
             digest.update(f"{file.name}\0{sha256_file(file, chunk, verify_zip_crc)}\n".encode())
         return digest.hexdigest()
-    verify_zip_crc = verify_zip_crc and _sniff(path) == "torch-zip"
-    if not verify_zip_crc and path.stat().st_size:  # hashed in place: no copy into a buffer (less system time)
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return hashlib.sha256(mapped).hexdigest()
-    members = _zip_member_ranges(path) if verify_zip_crc else []
+    members = _zip_member_ranges(path) if verify_zip_crc and _sniff(path) == "torch-zip" else []
     crcs = [0] * len(members)
     digest = hashlib.sha256()
     size = path.stat().st_size
     with open(path, "rb") as f, (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size
                                  else contextlib.nullcontext(b"")) as mapped, memoryview(mapped) as whole:
-        for position in range(0, size, chunk):  # in place (no copy), a cache-sized piece for both sums
+        # hashed in place (no copy: less system time), in cache-sized pieces the CRCs read while in cache
+        for position in range(0, size, chunk):
             with whole[position:position + chunk] as view:
                 digest.update(view)
                 for i, (_, start, end, _) in enumerate(members):
@@ -514,9 +512,10 @@ class ZipLayout:
 
 @dataclass(frozen=True)
 class FlatFile:
-    """A torch zip checkpoint's tensors ``keys`` as one flat vector (their flattened concatenation), read a
-    range of entries at a time straight from the file (``pread``): the file stays in the page cache, not
-    in the process. Safe to read from several threads at once. The caller checks the file's CRCs."""
+    """Some tensors of a checkpoint file (torch zip or safetensors) as one flat vector (their flattened
+    concatenation), read a range of entries at a time straight from the file (``pread``): the file stays
+    in the page cache, not in the process. Safe to read from several threads at once. The caller checks
+    the file's integrity (a zip's CRCs)."""
 
     path: Path
     starts: tuple[int, ...]  # entry of the vector where each tensor starts (and the vector's size, last)
@@ -537,13 +536,15 @@ class FlatFile:
                                   f"are written, then rerun")
 
     @classmethod
+    def at(cls, path: Path, sizes: Sequence[int], positions: Sequence[int], itemsize: int) -> FlatFile:
+        """Tensors of ``sizes`` entries each, starting at byte ``positions`` of ``path``, stamped now."""
+        return cls(Path(path), (0, *itertools.accumulate(sizes)), tuple(positions), itemsize, cls.stamp_of(path))
+
+    @classmethod
     def of(cls, path: Path, layout: ZipLayout, members: Mapping[str, tuple[int, int]], keys: Sequence[str]) -> FlatFile:
-        sizes = [_numel(layout.spec(k)[1]) for k in keys]
-        starts = [0]
-        for size in sizes:
-            starts.append(starts[-1] + size)
+        """Tensors ``keys`` of a torch zip that shares ``layout`` (``members`` from ``layout.matches``)."""
         itemsize = torch.tensor([], dtype=layout.spec(keys[0])[0]).element_size() if keys else 4
-        return cls(Path(path), tuple(starts), tuple(layout.offsets(members, keys)), itemsize, cls.stamp_of(path))
+        return cls.at(path, [_numel(layout.spec(k)[1]) for k in keys], layout.offsets(members, keys), itemsize)
 
     def read(self, cols: slice, out: torch.Tensor) -> None:
         """Entries ``cols`` of the vector into ``out`` (contiguous, the tensors' dtype, ``cols``' length)."""
@@ -591,7 +592,7 @@ def column_file(path: Path, names: Sequence[str], first: Mapping[str, torch.Tens
         return None
     with open(path, "rb") as f:
         data = 8 + struct.unpack("<Q", f.read(8))[0]
-    starts, positions = [0], []
+    positions = []
     for name in names:
         entry, numel = entries[name], first[name].numel()
         try:
@@ -601,16 +602,15 @@ def column_file(path: Path, names: Sequence[str], first: Mapping[str, torch.Tens
             return None
         if not fits or first[name].dtype != torch.float32 or end - begin != 4 * numel:
             return None
-        starts.append(starts[-1] + numel)
         positions.append(data + begin)
-    size = Path(path).stat().st_size
-    if any(at + 4 * (hi - lo) > size for at, lo, hi in zip(positions, starts, starts[1:])):
-        return None
+    flat = FlatFile.at(path, [first[n].numel() for n in names], positions, 4)
+    if any(at + 4 * (hi - lo) > flat.stamp[1] for at, lo, hi in zip(positions, flat.starts, flat.starts[1:])):
+        return None  # a tensor past the end of the file
 
     def read_safetensors() -> dict[str, torch.Tensor]:
         return _read_safetensors(path, header_only=False, keys=set(others))[0] if others else {}
 
-    return FlatFile(Path(path), tuple(starts), tuple(positions), 4, FlatFile.stamp_of(path)), read_safetensors
+    return flat, read_safetensors
 
 
 def _pread_exactly(fd: int, view: memoryview, position: int, where: str) -> None:

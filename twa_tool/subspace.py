@@ -145,7 +145,7 @@ def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor, gram: bool =
     d = y.shape[1]
     step = max(1024, (1 << 20) // max(1, m))  # ~4 MB of output per chunk
     groups = list(_chunks(d, max(step, -(-d // _GROUPS))))
-    products: list[torch.Tensor | None] = [None] * len(groups)
+    products = _OrderedSum((m, m)) if gram else None
     buffers: dict[int, torch.Tensor] = {}  # one chunk buffer per thread
 
     def group(index: int) -> None:
@@ -154,7 +154,7 @@ def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor, gram: bool =
         if buffer is None:
             buffer = buffers.setdefault(threading.get_ident(),
                                         torch.empty(m, min(step, d), dtype=y.dtype))
-        total = torch.zeros(m, m, dtype=torch.float64) if gram else None
+        total = torch.zeros(m, m, dtype=torch.float64) if products is not None else None
         for chunk in _chunks(cols.stop - cols.start, step):
             chunk = slice(cols.start + chunk.start, cols.start + chunk.stop)
             part = buffer[:, : chunk.stop - chunk.start]
@@ -162,12 +162,11 @@ def _transform(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor, gram: bool =
             out[:, chunk].copy_(part)
             if total is not None:
                 _add_lower_gram(part, total)
-        products[index] = total
+        if products is not None and total is not None:
+            products.add(index, total)
 
     _shared(_Job(len(groups), group, lambda: None), workers)
-    if not gram:
-        return None
-    return _symmetric(_sum_in_order(products, m))
+    return None if products is None else _symmetric(products.total)
 
 
 def _staircase(t: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -191,13 +190,29 @@ def _add_lower_gram(part: torch.Tensor, total: torch.Tensor) -> None:
         total[r0:r1, :r1] += (part[r0:r1] @ part[:r1].T).to(torch.float64)
 
 
-def _sum_in_order(parts: Sequence[torch.Tensor | None], m: int) -> torch.Tensor:
-    """The sum of per-chunk float64 ``m x m`` results, in chunk order (deterministic for any threads)."""
-    total = torch.zeros(m, m, dtype=torch.float64)
-    for part in parts:
-        assert part is not None
-        total += part
-    return total
+class _OrderedSum:
+    """The float64 sum of per-block results that threads hand in in any order, added in block order (so
+    bit-identical for any thread count) as soon as the next block's result is in: only the results that
+    arrived early are held, not one per block."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.total = torch.zeros(shape, dtype=torch.float64)
+        self._early: dict[int, torch.Tensor] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def add(self, index: int, value: torch.Tensor) -> None:
+        with self._lock:
+            self._early[index] = value
+            while self._next in self._early:
+                self.total += self._early.pop(self._next)
+                self._next += 1
+
+
+def _differences_in_place(rows: torch.Tensor) -> None:
+    """Row i becomes row i minus row i-1 (i >= 1), last row first: no temporary."""
+    for i in range(rows.shape[0] - 1, 0, -1):
+        rows[i] -= rows[i - 1]
 
 
 def _symmetric(lower: torch.Tensor) -> torch.Tensor:
@@ -614,8 +629,7 @@ class BasisBuilder:
                 np.add(total, part.numpy().sum(axis=0, dtype=np.float64), out=total)
             squares[index] = torch.linalg.vector_norm(part, dim=1).to(torch.float64).square()
             last = part[-1].clone()
-            for i in range(b - 1, 0, -1):  # in place, last row first: no temporary
-                part[i] -= part[i - 1]
+            _differences_in_place(part)
             if first:
                 part[0] -= self._previous[cols]
             self._previous[cols] = last
@@ -944,25 +958,6 @@ class ColumnBuild:
     mean: torch.Tensor
 
 
-class _OrderedSum:
-    """The float64 sum of per-block results that threads hand in in any order, added in block order (so
-    bit-identical for any thread count) as soon as the next block's result is in: only the results that
-    arrived early are held, not one per block."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.total = torch.zeros(shape, dtype=torch.float64)
-        self._early: dict[int, torch.Tensor] = {}
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def add(self, index: int, value: torch.Tensor) -> None:
-        with self._lock:
-            self._early[index] = value
-            while self._next in self._early:
-                self.total += self._early.pop(self._next)
-                self._next += 1
-
-
 def column_block(count: int) -> int:
     """Columns per block of ``build_by_columns``: a multiple of ``QUANT_BLOCK``, about 16 MB of rows."""
     return max(QUANT_BLOCK, (1 << 22) // max(1, count) // QUANT_BLOCK * QUANT_BLOCK)
@@ -1011,8 +1006,7 @@ def build_by_columns(count: int, dim: int, read: ColumnReader, storage: str = "f
             read(i, cols, x[i])
         if raw is not None:
             raw(x)
-        for i in range(count - 1, 0, -1):  # in place, last row first
-            x[i] -= x[i - 1]
+        _differences_in_place(x)
         return x
 
     def run(job: Callable[[int], None], name: str) -> None:
