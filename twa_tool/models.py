@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ModelError
+from .errors import CheckpointError, InputError, ModelError
 
 ModelArgs = tuple[tuple[str, str], ...]
 
@@ -147,6 +147,36 @@ def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(f"--model {spec}: returned {type(model).__name__}, expected a torch.nn.Module")
     return model
+
+
+def check_accepts(model: nn.Module, example: object, num_classes: int | None, model_name: str,
+                  data_name: str) -> None:
+    """Run one example of the data through ``model`` (eval mode, no grad: its weights and BatchNorm
+    statistics stay as they are), so a model that does not fit the data is an ``InputError`` before any
+    checkpoint is read, not a shape error after all of them.
+
+    ``example`` is one item of the dataset; items that are not ``(tensor, target, ...)`` are not checked.
+    A model with fewer outputs than the data has classes is refused too (``num_classes``, when known).
+    """
+    if not isinstance(example, (tuple, list)) or not example or not isinstance(example[0], torch.Tensor):
+        return
+    inputs = example[0].unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"--data {data_name}: its inputs (shape {tuple(example[0].shape)}) do not fit --model "
+                         f"{model_name} ({reason}); pick the --data the checkpoints were trained on, or the "
+                         f"matching --model/--model-arg (e.g. in_channels)") from None
+    finally:
+        model.train(was_training)
+    if num_classes and isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] < num_classes:
+        raise InputError(f"--data {data_name} has {num_classes} classes but --model {model_name} outputs "
+                         f"{out.shape[1]}; pick the --data the checkpoints were trained on, or the matching "
+                         f"--model-arg num_classes")
 
 
 def spec_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ModelArgs] | None:

@@ -43,6 +43,7 @@ from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
     build_model,
+    check_accepts,
     check_compatible,
     flatten,
     key_problems,
@@ -786,6 +787,11 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
         check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
         return dry_run_result(config, files, chosen, spec, model_args, model, output_names, output_bytes, warnings,
                               dist.world_size)
+    data_clock = time.perf_counter()
+    data = build_data_once(config, dist)
+    if len(data.eval):  # one example through the model, before any checkpoint is read
+        check_accepts(model, data.eval[0], data.num_classes, spec, config.data)
+    timings["data_s"] = time.perf_counter() - data_clock
     together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
              if dist.is_main else None)
     stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event, storage=config.basis_dtype,
@@ -796,9 +802,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     for index in stream.subspace.dropped:
         warn(f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or combination); "
              f"dropped from the basis")
-    timings["load_and_basis_s"] = time.perf_counter() - clock
+    timings["load_and_basis_s"] = time.perf_counter() - clock - timings["data_s"]
 
-    data = build_data_once(config, dist)
     fit_data: Dataset = data.train
     if config.fit_on == "holdout":
         _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)

@@ -46,6 +46,7 @@ from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
     build_model,
+    check_accepts,
     check_compatible,
     flatten,
     load_state,
@@ -471,8 +472,8 @@ def soup_data(config: SoupConfig) -> tuple[Dataset, Dataset, Dataset, dict]:
     else:
         fit, heldout = split_holdout(data.train, config.holdout_fraction, config.seed)
         source = f"--holdout-fraction {config.holdout_fraction} of --data's fit split (seed {config.seed})"
-    facts = {"spec": config.data, "name": data.name, "heldout": source, "fit_examples": len(fit),
-             "heldout_examples": len(heldout), "eval_examples": len(data.eval)}
+    facts = {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "heldout": source,
+             "fit_examples": len(fit), "heldout_examples": len(heldout), "eval_examples": len(data.eval)}
     return fit, heldout, data.eval, facts
 
 
@@ -510,8 +511,11 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         on_event(Event("warning", message))
     outputs, size = output_names(config, inputs.model)
     sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
-    prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size)
     fit, heldout, eval_data, data_facts = soup_data(config)
+    for data_name, dataset in ((config.data, eval_data), (config.holdout or config.data, heldout)):
+        if len(dataset):  # one example through the model, before any ingredient is read
+            check_accepts(inputs.model, dataset[0], data_facts["num_classes"], inputs.spec, data_name)
+    prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size)
     names = trainable_names(inputs.model)
     dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[0].path).tensors.items()}
 

@@ -1,0 +1,90 @@
+"""A model that does not fit the data is refused before any checkpoint is read (``models.check_accepts``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from twa_tool.cli import cli
+from twa_tool.errors import InputError
+from twa_tool.models import build_model, check_accepts
+
+RGB_ARGS = (("in_channels", "3"), ("num_classes", "10"), ("width", "4"))
+
+
+def rgb_flags() -> list[str]:
+    return ["--model", "twa:cnn"] + [f for k, v in RGB_ARGS for f in ("--model-arg", f"{k}={v}")]
+
+
+def test_a_fitting_example_passes_and_leaves_the_model_as_it_was() -> None:
+    model = build_model("twa:cnn", RGB_ARGS).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_accepts(model, (torch.randn(3, 16, 16), 4), 10, "twa:cnn", "x")
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics and batch count untouched
+    model.eval()
+    check_accepts(model, (torch.randn(3, 16, 16), 4), 10, "twa:cnn", "x")
+    assert not model.training
+
+
+def test_wrong_channels_name_the_flags_and_the_shape() -> None:
+    model = build_model("twa:cnn", RGB_ARGS)
+    with pytest.raises(InputError) as err:
+        check_accepts(model, (torch.randn(1, 16, 16), 4), 10, "twa:cnn", "fashion-mnist")
+    message = str(err.value)
+    assert "--data fashion-mnist" in message and "--model twa:cnn" in message and "(1, 16, 16)" in message
+    assert "3 channels" in message and "\n" not in message
+
+
+def test_fewer_outputs_than_classes_is_refused() -> None:
+    model = build_model("twa:cnn", (("in_channels", "3"), ("num_classes", "5"), ("width", "4")))
+    with pytest.raises(InputError, match="has 10 classes but --model twa:cnn outputs 5"):
+        check_accepts(model, (torch.randn(3, 16, 16), 4), 10, "twa:cnn", "cifar10")
+    check_accepts(model, (torch.randn(3, 16, 16), 4), 5, "twa:cnn", "cifar10")  # as many: fine
+    check_accepts(model, (torch.randn(3, 16, 16), 4), None, "twa:cnn", "mine.py:data")  # unknown: not checked
+
+
+def test_items_that_are_not_input_target_pairs_are_not_checked() -> None:
+    model = build_model("twa:cnn", RGB_ARGS)
+    for example in ({"image": torch.randn(1, 16, 16)}, (), ("text", 1)):
+        check_accepts(model, example, 10, "twa:cnn", "mine.py:data")
+
+
+@pytest.fixture(scope="module")
+def rgb_ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three 3-channel checkpoints: the synthetic data has one channel."""
+    folder = tmp_path_factory.mktemp("rgb") / "ckpts"
+    folder.mkdir()
+    torch.manual_seed(0)
+    model = build_model("twa:cnn", RGB_ARGS)
+    for i in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        torch.save(model.state_dict(), folder / f"{i}.pt")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["average", "soup"])
+def test_cli_refuses_before_reading_any_checkpoint(command: str, rgb_ckpts: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import twa_tool.pipeline as pipeline
+    import twa_tool.soup as soup
+
+    def no_reading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a checkpoint was read")
+
+    monkeypatch.setattr(pipeline, "stream_checkpoints", no_reading)
+    monkeypatch.setattr(soup, "read_uniform", no_reading)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, [command, str(rgb_ckpts), *rgb_flags(), "--data", "synthetic", "--out", str(out)])
+    assert result.exit_code == 4, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    expected = "--data synthetic: its inputs (shape (1, 16, 16)) do not fit"
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
