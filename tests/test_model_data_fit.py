@@ -22,19 +22,19 @@ def rgb_flags() -> list[str]:
 def test_a_fitting_example_passes_and_leaves_the_model_as_it_was() -> None:
     model = build_model("twa:cnn", RGB_ARGS).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    check_accepts(model, (torch.randn(3, 16, 16), 4), 10, "twa:cnn", "x")
+    check_accepts(model, [(torch.randn(3, 16, 16), 4)], 10, "twa:cnn", "x")
     assert model.training
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics and batch count untouched
     model.eval()
-    check_accepts(model, (torch.randn(3, 16, 16), 4), 10, "twa:cnn", "x")
+    check_accepts(model, [(torch.randn(3, 16, 16), 4)], 10, "twa:cnn", "x")
     assert not model.training
 
 
 def test_wrong_channels_name_the_flags_and_the_shape() -> None:
     model = build_model("twa:cnn", RGB_ARGS)
     with pytest.raises(InputError) as err:
-        check_accepts(model, (torch.randn(1, 16, 16), 4), 10, "twa:cnn", "fashion-mnist")
+        check_accepts(model, [(torch.randn(1, 16, 16), 4)], 10, "twa:cnn", "fashion-mnist")
     message = str(err.value)
     assert "--data fashion-mnist" in message and "--model twa:cnn" in message and "(1, 16, 16)" in message
     assert "3 channels" in message and "\n" not in message
@@ -43,15 +43,32 @@ def test_wrong_channels_name_the_flags_and_the_shape() -> None:
 def test_fewer_outputs_than_classes_is_refused() -> None:
     model = build_model("twa:cnn", (("in_channels", "3"), ("num_classes", "5"), ("width", "4")))
     with pytest.raises(InputError, match="has 10 classes but --model twa:cnn outputs 5"):
-        check_accepts(model, (torch.randn(3, 16, 16), 4), 10, "twa:cnn", "cifar10")
-    check_accepts(model, (torch.randn(3, 16, 16), 4), 5, "twa:cnn", "cifar10")  # as many: fine
-    check_accepts(model, (torch.randn(3, 16, 16), 4), None, "twa:cnn", "mine.py:data")  # unknown: not checked
+        check_accepts(model, [(torch.randn(3, 16, 16), 4)], 10, "twa:cnn", "cifar10")
+    check_accepts(model, [(torch.randn(3, 16, 16), 4)], 5, "twa:cnn", "cifar10")  # as many: fine
+    check_accepts(model, [(torch.randn(3, 16, 16), 4)], None, "twa:cnn", "mine.py:data")  # unknown: not checked
 
 
 def test_items_that_are_not_input_target_pairs_are_not_checked() -> None:
     model = build_model("twa:cnn", RGB_ARGS)
     for example in ({"image": torch.randn(1, 16, 16)}, (), ("text", 1)):
-        check_accepts(model, example, 10, "twa:cnn", "mine.py:data")
+        check_accepts(model, [example], 10, "twa:cnn", "mine.py:data")
+    check_accepts(model, [], 10, "twa:cnn", "mine.py:data")  # empty
+
+
+def test_the_example_is_drawn_with_the_rng_forked() -> None:
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            return torch.randn(3, 16, 16), 0  # a random transform draws from torch's RNG
+
+    model = build_model("twa:cnn", RGB_ARGS)
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    check_accepts(model, Augmented(), 10, "twa:cnn", "x")
+    assert torch.equal(torch.rand(3), expected)
 
 
 @pytest.fixture(scope="module")

@@ -149,15 +149,20 @@ def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
     return model
 
 
-def check_accepts(model: nn.Module, example: object, num_classes: int | None, model_name: str,
+def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, model_name: str,
                   data_name: str) -> None:
-    """Run one example of the data through ``model`` (eval mode, no grad: its weights and BatchNorm
+    """Run the first example of ``dataset`` through ``model`` (eval mode, no grad: its weights and BatchNorm
     statistics stay as they are), so a model that does not fit the data is an ``InputError`` before any
     checkpoint is read, not a shape error after all of them.
 
-    ``example`` is one item of the dataset; items that are not ``(tensor, target, ...)`` are not checked.
-    A model with fewer outputs than the data has classes is refused too (``num_classes``, when known).
+    The example is drawn with torch's RNG forked (a random transform leaves the run's stream as it was).
+    Empty datasets, and items that are not ``(tensor, target, ...)``, are not checked. A model with fewer
+    outputs than the data has classes is refused too (``num_classes``, when known).
     """
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or not len(dataset):
+        return
+    with torch.random.fork_rng(devices=[]):
+        example = dataset[0]
     if not isinstance(example, (tuple, list)) or not example or not isinstance(example[0], torch.Tensor):
         return
     inputs = example[0].unsqueeze(0)

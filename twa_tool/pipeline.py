@@ -789,8 +789,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
                               dist.world_size)
     data_clock = time.perf_counter()
     data = build_data_once(config, dist)
-    if len(data.eval):  # one example through the model, before any checkpoint is read
-        check_accepts(model, data.eval[0], data.num_classes, spec, config.data)
+    check_accepts(model, data.eval, data.num_classes, spec, config.data)  # before any checkpoint is read
     timings["data_s"] = time.perf_counter() - data_clock
     together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
              if dist.is_main else None)

@@ -512,9 +512,9 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     outputs, size = output_names(config, inputs.model)
     sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
     fit, heldout, eval_data, data_facts = soup_data(config)
-    for data_name, dataset in ((config.data, eval_data), (config.holdout or config.data, heldout)):
-        if len(dataset):  # one example through the model, before any ingredient is read
-            check_accepts(inputs.model, dataset[0], data_facts["num_classes"], inputs.spec, data_name)
+    checks = ((config.data, eval_data), (config.holdout, heldout)) if config.holdout else ((config.data, eval_data),)
+    for data_name, dataset in checks:  # one example through the model, before any ingredient is read
+        check_accepts(inputs.model, dataset, data_facts["num_classes"], inputs.spec, data_name)
     prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size)
     names = trainable_names(inputs.model)
     dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[0].path).tensors.items()}
