@@ -6,6 +6,7 @@ perturbation of the previous one), written as plain ``torch.save`` state dicts.
     python benchmarks/basis_bench.py --k 50 100                      # one markdown table
     python benchmarks/basis_bench.py --k 50 100 --step --average     # + projected step, whole `twa average`
     python benchmarks/basis_bench.py --k 50 100 --threads 1          # one torch thread per operation
+    python benchmarks/basis_bench.py --k 100 --step --device cuda    # the projected step on a GPU
 
 Each path runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own:
 * reference: what the paper's code does (flatten every checkpoint to numpy, stack, copy into a torch
@@ -149,17 +150,22 @@ def run_child(kind: str, folder: Path, k: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def projected_step_line(k: int) -> str:
-    """Time of the projection g -> P^T (P g) against a plain SGD step of resnet18 (batch 128, 32x32)."""
+def projected_step_line(k: int, device: torch.device) -> str:
+    """Time of the projection g -> P^T (P g) against a plain SGD step of resnet18 (batch 128, 32x32), both on
+    ``device`` (an accelerator is synchronised before every clock read)."""
     from twa_tool.subspace import quantize
     from twa_tool.trainer import project
 
-    model = torchvision.models.resnet18(num_classes=10)
+    model = torchvision.models.resnet18(num_classes=10).to(device)
     d = sum(p.numel() for p in model.parameters())
-    basis = torch.linalg.qr(torch.randn(d, k))[0].T.contiguous()
+    basis = torch.linalg.qr(torch.randn(d, k))[0].T.contiguous().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-    g = torch.randn(d)
+    x, y = torch.randn(128, 3, 32, 32, device=device), torch.randint(0, 10, (128,), device=device)
+    g = torch.randn(d, device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def sgd_step() -> None:
         opt.zero_grad()
@@ -167,19 +173,23 @@ def projected_step_line(k: int) -> str:
         opt.step()
 
     def timed(fn, repeat: int = 3) -> float:
+        repeat = repeat if device.type == "cpu" else 20
         fn()
+        sync()
         clock = time.perf_counter()
         for _ in range(repeat):
             fn()
+        sync()
         return (time.perf_counter() - clock) / repeat
 
     step_s = timed(sgd_step)
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     lines = []
     for storage in ("float32", "bf16", "int8"):
         stored = quantize(basis, storage)
         proj_s = timed(lambda stored=stored: project(stored, g))
-        lines.append(f"projected step, resnet18, K={k}, batch 128 at 32x32, {torch.get_num_threads()} threads, "
-                     f"{storage} basis: SGD step {step_s * 1e3:.0f} ms, projection {proj_s * 1e3:.0f} ms = "
+        lines.append(f"projected step, resnet18, K={k}, batch 128 at 32x32, {where}, "
+                     f"{storage} basis: SGD step {step_s * 1e3:.1f} ms, projection {proj_s * 1e3:.1f} ms = "
                      f"{100 * proj_s / step_s:.0f}% of the step")
     return "\n".join(lines)
 
@@ -196,6 +206,9 @@ def main() -> None:
                         help="basis storage formats of the twa rows")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every path (default: torch's)")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the projected step (--step), e.g. cuda; the builds run on the CPU, where "
+                             "twa reads checkpoints")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,7 +242,7 @@ def main() -> None:
                       f"{r['peak_bytes'] / ref['peak_bytes']:.2f} |")
     if args.step:
         print()
-        print(projected_step_line(max(args.k)))
+        print(projected_step_line(max(args.k), torch.device(args.device)))
     del paths
 
 

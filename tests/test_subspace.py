@@ -190,6 +190,9 @@ def test_low_precision_basis_within_its_documented_tolerance(storage: str) -> No
     dense = torch.cat([part for _, part in low.basis.column_chunks(torch.float64)], dim=1)
     g = torch.randn(30_000, dtype=torch.float64)
     assert torch.allclose(low.project(g), dense.T @ (dense @ g), atol=1e-10)
+    # the accelerator's chunking (few wide chunks), run here on the CPU: the same projection
+    assert torch.allclose(low.basis.project(g, step=1 << 25), dense.T @ (dense @ g), atol=1e-10)
+    assert torch.allclose(low.basis.project(g, step=5000), dense.T @ (dense @ g), atol=1e-10)  # a ragged last chunk
     # and close to the projection onto the exact span, to the format's documented precision
     p64 = full.basis.values
     exact = p64.T @ (p64 @ g)

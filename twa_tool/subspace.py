@@ -98,6 +98,10 @@ _CHUNK = 1 << 18
 #: Columns per float32 product of a projection's first pass on the CPU (summed in float64).
 _PROJECT_CHUNK = 1 << 12
 
+#: Entries per dequantized chunk of a bf16/int8 projection on an accelerator (float32: 128 MB). The CPU's
+#: cache-sized chunks would mean thousands of small kernel launches per step there.
+_ACCELERATOR_CHUNK_ENTRIES = 1 << 25
+
 #: Fixed column groups of the final pass, shared by the threads (their products summed in order).
 _GROUPS = 64
 
@@ -334,12 +338,14 @@ class Basis:
         for cols in _chunks(self.dim, step):
             yield cols, self.chunk(cols, dtype)
 
-    def project(self, g: torch.Tensor) -> torch.Tensor:
+    def project(self, g: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """Orthogonal projection ``P^T (P g)`` in ``g``'s dtype: two passes over the basis.
 
         The coordinates ``P g`` are summed in float64 over column chunks: one float32 product over all D
         columns is off by ~1e-5 relative at D = 11M on the CPU (1e-6 at D = 4e4), the chunked sum by
-        ~3e-7, for ~10% more time. On an accelerator a dense basis takes one product per pass."""
+        ~3e-7, for ~10% more time. On an accelerator a dense basis takes one product per pass, and a
+        bf16/int8 one is dequantized ``step`` columns at a time (default: cache-sized on the CPU, about
+        ``_ACCELERATOR_CHUNK_ENTRIES`` entries elsewhere)."""
         dense = self.scales is None and self.values.dtype == g.dtype  # in g's dtype: no conversion
         if dense and (g.device.type != "cpu" or self.dim <= _PROJECT_CHUNK):
             return self.values.T @ (self.values @ g)
@@ -348,11 +354,13 @@ class Basis:
             for cols in _chunks(self.dim, _PROJECT_CHUNK):
                 beta += self.values[:, cols] @ g[cols]
             return self.values.T @ beta.to(g.dtype)
-        for cols, part in self.column_chunks(g.dtype):
+        if step is None and g.device.type != "cpu":
+            step = _ACCELERATOR_CHUNK_ENTRIES // max(1, self.rank)
+        for cols, part in self.column_chunks(g.dtype, step):
             beta += part @ g[cols]
         beta = beta.to(g.dtype)
         out = torch.empty_like(g)
-        for cols, part in self.column_chunks(g.dtype):
+        for cols, part in self.column_chunks(g.dtype, step):
             out[cols] = part.T @ beta
         return out
 
