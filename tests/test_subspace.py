@@ -322,6 +322,20 @@ def background_blocks_give_the_same_basis_and_raise_their_errors() -> None:
         builder.finish()
 
 
+def test_non_finite_is_its_own_error_with_the_index() -> None:
+    """The pipeline names the file from ``NonFiniteVector.index``; other ``vector ...`` errors are not it."""
+    builder = BasisBuilder(capacity=5, block=2)
+    builder.push(torch.ones(10))
+    with pytest.raises(subspace.NonFiniteVector) as err:  # the full block is prepared at once
+        builder.push(torch.full((10,), 3e38))  # every entry finite, the squared norm overflows
+    assert err.value.index == 1 and str(err.value) == "vector 1 has non-finite entries"
+    sized = BasisBuilder(capacity=5)
+    sized.push(torch.ones(10))
+    with pytest.raises(ValueError, match="vector 1 has 11 entries") as err:
+        sized.push(torch.ones(11))
+    assert not isinstance(err.value, subspace.NonFiniteVector)
+
+
 # ---------------------------------------------------------------------------------------------
 # The streamed-Gram fast path and what it must keep from the one-by-one build
 

@@ -59,6 +59,7 @@ from .subspace import (
     STORAGE_DTYPES,
     Basis,
     BasisBuilder,
+    NonFiniteVector,
     Subspace,
     build_by_columns,
     column_block,
@@ -338,7 +339,7 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
             _abandon(digests)
             if builder is not None:
                 builder.close()
-            if isinstance(err, ValueError) and str(err).startswith("vector "):
+            if isinstance(err, NonFiniteVector):
                 raise _non_finite(err, files, reader) from None
             raise
         sha256 = [future.result() for future in digests]
@@ -424,9 +425,7 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
             d = sum(first[n].numel() for n in names)
             try:
                 build = build_by_columns(len(files), d, read, storage=storage, rtol=rtol, on_pass=on_pass)
-            except ValueError as err:
-                if not str(err).startswith("vector "):
-                    raise
+            except NonFiniteVector as err:
                 raise _non_finite(err, files, reader) from None
             if build is None:
                 _abandon(digests)
@@ -471,10 +470,10 @@ def _check_rank(rank: int, total: int) -> None:
                              f"TWA needs at least 2 distinct checkpoints")
 
 
-def _non_finite(err: ValueError, files: list[CheckpointFile], reader: Reader) -> NumericalError:
-    """The error for a builder's ``vector i has non-finite entries``: naming the file, and the tensor when a
-    safe load finds it (``_check_finite`` raises that one itself)."""
-    index = int(str(err).split()[1])
+def _non_finite(err: NonFiniteVector, files: list[CheckpointFile], reader: Reader) -> NumericalError:
+    """The error for a builder's ``NonFiniteVector``: naming the file, and the tensor when a safe load finds it
+    (``_check_finite`` raises that one itself)."""
+    index = err.index
     _check_finite(reader.load(files[index].path), str(files[index].path))
     return NumericalError(f"{files[index].path}: the parameters' norm overflows float32; the checkpoint is "
                           f"corrupt or diverged, drop it with --range/--last")

@@ -194,6 +194,14 @@ def _add_lower_gram(part: torch.Tensor, total: torch.Tensor) -> None:
         total[r0:r1, :r1] += (part[r0:r1] @ part[:r1].T).to(torch.float64)
 
 
+class NonFiniteVector(ValueError):
+    """Vector ``index`` (in push order) has non-finite entries (or its norm overflows float32)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"vector {index} has non-finite entries")
+        self.index = index
+
+
 class _OrderedSum:
     """The float64 sum of per-block results that threads hand in in any order, added in block order (so
     bit-identical for any thread count) as soon as the next block's result is in: only the results that
@@ -650,7 +658,7 @@ class BasisBuilder:
                 norms2 = self._reduce(norms2)
             bad = (~torch.isfinite(norms2)).nonzero()
             if len(bad):
-                raise ValueError(f"vector {first + int(bad[0])} has non-finite entries")
+                raise NonFiniteVector(first + int(bad[0]))
             self._norms[first:n] = norms2.sqrt()
             if gram:
                 total = torch.stack(products).sum(0) if chunks else torch.zeros(b, n, dtype=torch.float64)
@@ -987,7 +995,7 @@ def build_by_columns(count: int, dim: int, read: ColumnReader, storage: str = "f
 
     Returns None when the Gram matrix cannot decide a vector (too close to the ones before it: a pivot
     below ``_GRAM_PIVOT_FLOOR``); ``BasisBuilder``'s general path, which holds the rows, is needed then.
-    Raises ``ValueError("vector i has non-finite entries")`` like ``BasisBuilder``. The blocks are shared by
+    Raises ``NonFiniteVector`` (a ``ValueError``) like ``BasisBuilder``. The blocks are shared by
     the caller and ``threads - 1`` workers (at least one, as ``BasisBuilder`` with ``background``: while
     one thread waits for a read, the other computes), one torch thread per operation, and every partial
     result is summed in block order: the result does not depend on ``threads``.
@@ -1042,7 +1050,7 @@ def build_by_columns(count: int, dim: int, read: ColumnReader, storage: str = "f
         norms = squares.total.sqrt()
         bad = (~torch.isfinite(norms)).nonzero()
         if len(bad):
-            raise ValueError(f"vector {int(bad[0])} has non-finite entries")
+            raise NonFiniteVector(int(bad[0]))
         mean /= count
         gram = _symmetric(grams.total)
         chol = _cholesky_in_order(gram, rtol * norms, norms == 0)
