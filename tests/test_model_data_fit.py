@@ -105,3 +105,47 @@ def test_cli_refuses_before_reading_any_checkpoint(command: str, rgb_ckpts: Path
     assert len(errors) == 1 and expected in errors[0], result.stderr
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_dry_run_checks_the_data_against_the_model(rgb_ckpts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["average", str(rgb_ckpts), *rgb_flags(), "--out", str(out), "--dry-run"]
+    result = CliRunner().invoke(cli, [*args, "--data", "synthetic"])
+    assert result.exit_code == 4, result.output
+    assert "--data synthetic: its inputs (shape (1, 16, 16)) do not fit" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_dry_run_reports_the_data_it_would_use(demo_ckpts: Path, tmp_path: Path) -> None:
+    import json
+
+    args = ["average", str(demo_ckpts), "--data", "synthetic", "--out", str(tmp_path / "o"), "--dry-run", "--json",
+            "--fit-on", "holdout", "--holdout-fraction", "0.25"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)["data"]
+    assert data["num_classes"] == 10 and data["fit_on"] == "holdout" and not data["would_download"]
+    assert data["fit_examples"] == round(0.25 * data["bn_examples"]) and data["eval_examples"] > 0
+    assert "one went through the model" in result.stderr
+
+
+def test_dry_run_names_missing_data_and_never_downloads(demo_ckpts: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import twa_tool.data as data
+
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a dry run downloaded")
+
+    monkeypatch.setattr(data, "_torchvision_download", no_download)
+    base = ["average", str(demo_ckpts), "--data", "mnist", "--data-root",
+            str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--dry-run"]
+    result = CliRunner().invoke(cli, base)
+    assert result.exit_code == 4, result.output
+    assert "--data mnist: no MNIST files under" in result.stderr and "--download" in result.stderr
+    result = CliRunner().invoke(cli, [*base, "--download", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["data"] == {"spec": "mnist", "would_download": True}
+    assert "the run would download it" in result.stderr
+    assert not (tmp_path / "empty").exists() and not (tmp_path / "o").exists()

@@ -350,8 +350,8 @@ def run_options(fn: Callable) -> Callable:
               help="Fault injection for tests: oom-basis, pause-write, kill-rank1.")
 @click.option("--dist-timeout", type=float, default=300.0, show_default=True, metavar="SECONDS",
               help="Under torchrun: how long a rank waits for the others in a collective before the run fails.")
-@click.option("--dry-run", is_flag=True, help="Print the selection, a memory estimate and what would be written; "
-                                                 "touch nothing.")
+@click.option("--dry-run", is_flag=True, help="Check the checkpoints, data and output folder; print the selection, "
+                                                 "a memory estimate and what would be written; touch nothing.")
 @common_output_options
 def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: tuple[str, ...], weights: str,
             strip_prefix: str | None, allow_globals: tuple[str, ...], trust_pickle: bool, data: str,

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from twa_tool.errors import ConfigError, DataError, TwaError
+from twa_tool.errors import ConfigError, DataError, MissingData, TwaError
 
 Transform = Callable[[Any], Any]
 Builder = Callable[[Path | None, bool], "DataSplits"]
@@ -342,7 +342,7 @@ def _build_cifar(layout: _CifarLayout, root: Path | None, download: bool) -> Dat
     if directory is None:
         missing = next(f for f in layout.train_files + layout.test_files if not (base / layout.folder / f).is_file())
         expected = str(base / layout.folder / missing)
-        raise DataError(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
+        raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # as in the TWA reference code
     t = _transforms()
     train_tf = _normalized(mean, std, t.RandomCrop(32, padding=4), t.RandomHorizontalFlip())
@@ -458,7 +458,7 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
         directory = _first_dir(candidates, _has_idx_files)
     if directory is None:
         expected = f"{base / _idx_stems('train')[0]}[.gz] and the other three IDX files, or the same in {raw_dir}"
-        raise DataError(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
+        raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
     train = NormalizedGrayDataset(*_read_idx_split(directory, "train", layout.name), layout.mean, layout.std)
     test = NormalizedGrayDataset(*_read_idx_split(directory, "t10k", layout.name), layout.mean, layout.std)
     return DataSplits(train=train, eval=test, num_classes=10, name=layout.name)
@@ -504,7 +504,7 @@ def _build_svhn(root: Path | None, download: bool) -> DataSplits:
                 f"--data svhn: download into {base} failed ({reason}); check the network, or pass --data-root DIR"
             ) from exc
         expected = f"{base / 'train_32x32.mat'} and {base / 'test_32x32.mat'}"
-        raise DataError(_missing_message("svhn", "SVHN", base, expected, downloadable=True)) from exc
+        raise MissingData(_missing_message("svhn", "SVHN", base, expected, downloadable=True)) from exc
     return DataSplits(train=train, eval=test, num_classes=10, name="svhn")
 
 

@@ -47,6 +47,10 @@ class DataError(InputError):
     """A dataset cannot be found or read."""
 
 
+class MissingData(DataError):
+    """A dataset's files are not on disk (``--download`` could fetch them)."""
+
+
 class ModelError(InputError):
     """The model cannot be built from its spec."""
 

@@ -38,7 +38,7 @@ from .checkpoints import (
 from .config import AverageConfig, SoupConfig
 from .data import build_data, split_holdout
 from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
-from .errors import CheckpointError, ConfigError, DistributedError, ModelError, NumericalError
+from .errors import CheckpointError, ConfigError, DistributedError, MissingData, ModelError, NumericalError
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
@@ -676,11 +676,30 @@ def memory_estimate(model: nn.Module, k: int, ranks: int = 1, storage: str = "fl
     return {**parts, "total": sum(parts.values())}
 
 
+def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
+    """``--dry-run``'s check of ``--data``: the datasets built without downloading, the holdout split
+    made, and one example through the model, as the run would do before reading any checkpoint. Files
+    that ``--download`` would fetch are reported (``would_download``), not fetched."""
+    try:
+        data = build_data(config.data, root=config.data_root, download=False)
+    except MissingData:
+        if not config.download:
+            raise
+        return {"spec": config.data, "would_download": True}
+    check_accepts(model, data.eval, data.num_classes, spec, config.data)
+    fit = len(data.train)
+    if config.fit_on == "holdout":
+        fit = len(split_holdout(data.train, config.holdout_fraction, config.seed)[1])
+    return {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "fit_on": config.fit_on,
+            "fit_examples": fit, "bn_examples": len(data.train), "eval_examples": len(data.eval),
+            "would_download": False}
+
+
 def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen, spec: str,
                    model_args: tuple[tuple[str, str], ...], model: nn.Module, output_names: tuple[str, ...],
-                   output_bytes: int, warnings: list[str], ranks: int = 1) -> AverageResult:
-    """What a run would do: the selection, a memory estimate (per rank under torchrun) and the files it would
-    write; nothing touched."""
+                   output_bytes: int, warnings: list[str], data: dict, ranks: int = 1) -> AverageResult:
+    """What a run would do: the selection, the data, a memory estimate (per rank under torchrun) and the
+    files it would write; nothing touched."""
     report = {
         "schema_version": SCHEMA_VERSION, "tool": "twa", "version": __version__, "command": "average",
         "dry_run": True,
@@ -689,6 +708,7 @@ def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: C
         "excluded": [{"name": d.name, "reason": d.reason} for d in chosen.dropped],
         "model": {"spec": spec, "args": dict(model_args),
                   "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+        "data": data,
         "memory_estimate_bytes": memory_estimate(model, len(files), ranks, config.basis_dtype),
         "would_write": [str(config.out_dir / n) for n in output_names],
         "output_bytes": output_bytes,
@@ -784,8 +804,9 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     inputs = tuple(f.path for f in files)
     if config.dry_run:
         check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
+        data_plan = planned_data(config, model, spec)
         return dry_run_result(config, files, chosen, spec, model_args, model, output_names, output_bytes, warnings,
-                              dist.world_size)
+                              data_plan, dist.world_size)
     data_clock = time.perf_counter()
     data = build_data_once(config, dist)
     check_accepts(model, data.eval, data.num_classes, spec, config.data)  # before any checkpoint is read

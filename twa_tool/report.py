@@ -60,6 +60,13 @@ def render_dry_run(report: dict, console: Console) -> None:
     parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items() if k != "total")
     console.print(f"model {report['model']['spec']}: {report['model']['parameters']:,} trainable parameters; "
                   f"peak memory about {memory['total'] / 2**20:.1f} MiB ({parts})", soft_wrap=True)
+    data = report["data"]
+    if data["would_download"]:
+        console.print(f"data {data['spec']}: not on disk; the run would download it (--download)", soft_wrap=True)
+    else:
+        console.print(f"data {data['spec']}: {data['num_classes']} classes, {data['fit_examples']:,} examples to fit "
+                      f"on ({data['fit_on']}), {data['eval_examples']:,} to evaluate; one went through the model",
+                      soft_wrap=True)
     for path in report["would_write"]:
         console.print(f"would write {path}", soft_wrap=True)
     console.print("nothing was written")
