@@ -1251,7 +1251,7 @@ def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool
     if kind in ("torch-zip", "torch-legacy"):
         return _read_torch(path, trust_pickle, weights, header_only, crc_checked)
     raise CheckpointError(f"{path}: unknown file format (not safetensors nor a torch checkpoint); "
-                          f"remove it from the folder or select around it with --range")
+                          f"remove it from the folder or leave it out with --exclude {path.name}")
 
 
 def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "raw", strip_prefix: str | None = None,

@@ -164,7 +164,7 @@ def split_holdout(dataset: Dataset, fraction: float, seed: int) -> tuple[Subset,
     if size - holdout_size < 1:
         raise DataError(
             f"--holdout-fraction {fraction}: the dataset has only {size} samples, too few to hold "
-            f"{holdout_size} out and keep any; use a larger dataset or --fit-on train"
+            f"{holdout_size} out and keep any; lower --holdout-fraction or use a larger dataset"
         )
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
     holdout = sorted(order[:holdout_size].tolist())

@@ -149,15 +149,55 @@ def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
     return model
 
 
+def _known_targets(dataset: object, first: object) -> torch.Tensor | None:
+    """The dataset's class targets when it exposes them cheaply (torchvision's ``targets``, a
+    ``TensorDataset``'s second tensor, a ``Subset`` of either), else the first example's; None when they
+    are not class indices (e.g. per-class probabilities)."""
+    from torch.utils.data import Subset, TensorDataset
+
+    indices = None
+    while isinstance(dataset, Subset):
+        indices = dataset.indices if indices is None else [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    known = None
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) > 1:
+        known = dataset.tensors[1]
+    elif hasattr(dataset, "targets"):
+        try:
+            known = torch.as_tensor(dataset.targets)
+        except (TypeError, ValueError, RuntimeError):
+            known = None
+    if known is not None and known.ndim == 1:
+        return known[torch.as_tensor(indices, dtype=torch.long)] if indices is not None else known
+    target = torch.as_tensor(first) if isinstance(first, (int, float, torch.Tensor)) else None
+    return target.reshape(1) if target is not None and target.ndim == 0 else None
+
+
+def _check_targets(targets: torch.Tensor, outputs: int | None, model_name: str, flag: str, data_name: str) -> None:
+    """Class-index targets must be integers within the model's outputs (else the loss fails mid-run)."""
+    if targets.numel() == 0:
+        return
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise InputError(f"{flag} {data_name}: its targets are {targets.dtype}, not integer class indices; "
+                         f"return integer labels (e.g. torch.long) from the dataset")
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or (outputs is not None and high >= outputs):
+        raise InputError(f"{flag} {data_name} has class labels from {low} to {high} but --model {model_name} "
+                         f"outputs {outputs} classes; pick the {flag} the checkpoints were trained on, or the "
+                         f"matching --model-arg num_classes")
+
+
 def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, model_name: str,
-                  data_name: str) -> None:
+                  data_name: str, flag: str = "--data") -> None:
     """Run the first example of ``dataset`` through ``model`` (eval mode, no grad: its weights and BatchNorm
     statistics stay as they are), so a model that does not fit the data is an ``InputError`` before any
     checkpoint is read, not a shape error after all of them.
 
     The example is drawn with torch's RNG forked (a random transform leaves the run's stream as it was).
     Empty datasets, and items that are not ``(tensor, target, ...)``, are not checked. A model with fewer
-    outputs than the data has classes is refused too (``num_classes``, when known).
+    outputs than the data has classes is refused too (``num_classes``, when known), and so are class labels
+    that are not integers or fall outside the model's outputs (every label when the dataset exposes its
+    ``targets``, else the first example's). ``flag`` names the option the data came from.
     """
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or not len(dataset):
         return
@@ -173,15 +213,20 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
             out = model(inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"--data {data_name}: its inputs (shape {tuple(example[0].shape)}) do not fit --model "
-                         f"{model_name} ({reason}); pick the --data the checkpoints were trained on, or the "
+        raise InputError(f"{flag} {data_name}: its inputs (shape {tuple(example[0].shape)}) do not fit --model "
+                         f"{model_name} ({reason}); pick the {flag} the checkpoints were trained on, or the "
                          f"matching --model/--model-arg (e.g. in_channels)") from None
     finally:
         model.train(was_training)
-    if num_classes and isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] < num_classes:
-        raise InputError(f"--data {data_name} has {num_classes} classes but --model {model_name} outputs "
-                         f"{out.shape[1]}; pick the --data the checkpoints were trained on, or the matching "
+    outputs = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+    if num_classes and outputs is not None and outputs < num_classes:
+        raise InputError(f"{flag} {data_name} has {num_classes} classes but --model {model_name} outputs "
+                         f"{outputs}; pick the {flag} the checkpoints were trained on, or the matching "
                          f"--model-arg num_classes")
+    if len(example) > 1:
+        targets = _known_targets(dataset, example[1])
+        if targets is not None:
+            _check_targets(targets, outputs, model_name, flag, data_name)
 
 
 def spec_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ModelArgs] | None:

@@ -248,11 +248,13 @@ def group_rows(rows: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
     return out
 
 
-def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+def _check_finite(state: dict[str, torch.Tensor], source: str, fix: str | None = None) -> None:
+    """Refuse NaN/Inf in any floating tensor, naming ``source`` and the tensor; ``fix`` defaults to leaving
+    the file out (``--exclude``, which every command has)."""
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise NumericalError(f"{source}: tensor {key} has non-finite values (NaN/Inf); drop this checkpoint "
-                                 f"with --range/--last")
+            fix = fix or f"leave this checkpoint out with --exclude {Path(source).name}"
+            raise NumericalError(f"{source}: tensor {key} has non-finite values (NaN/Inf); {fix}")
 
 
 def _work_dtype(state: dict[str, torch.Tensor], names: list[str]) -> torch.dtype:
@@ -476,7 +478,7 @@ def _non_finite(err: NonFiniteVector, files: list[CheckpointFile], reader: Reade
     index = err.index
     _check_finite(reader.load(files[index].path), str(files[index].path))
     return NumericalError(f"{files[index].path}: the parameters' norm overflows float32; the checkpoint is "
-                          f"corrupt or diverged, drop it with --range/--last")
+                          f"corrupt or diverged, leave it out with --exclude {files[index].name}")
 
 
 def _abandon(digests: list[Future]) -> None:
@@ -686,7 +688,8 @@ def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
         if not config.download:
             raise
         return {"spec": config.data, "would_download": True}
-    check_accepts(model, data.eval, data.num_classes, spec, config.data)
+    for split in (data.train, data.eval):
+        check_accepts(model, split, data.num_classes, spec, config.data)
     fit = len(data.train)
     if config.fit_on == "holdout":
         fit = len(split_holdout(data.train, config.holdout_fraction, config.seed)[1])
@@ -809,7 +812,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
                               data_plan, dist.world_size)
     data_clock = time.perf_counter()
     data = build_data_once(config, dist)
-    check_accepts(model, data.eval, data.num_classes, spec, config.data)  # before any checkpoint is read
+    for split in (data.train, data.eval):  # before any checkpoint is read
+        check_accepts(model, split, data.num_classes, spec, config.data)
     timings["data_s"] = time.perf_counter() - data_clock
     together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
              if dist.is_main else None)

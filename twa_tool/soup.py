@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .checkpoints import CheckpointFile, discover, raise_if_refused, sha256_file
 from .config import CoefficientTrainConfig, Selection, SoupConfig
-from .data import build_data, split_holdout
-from .errors import CheckpointError, NumericalError
+from .data import DataSplits, build_data, split_holdout
+from .errors import CheckpointError, NumericalError, TwaError
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
@@ -463,11 +463,24 @@ def _loader(dataset: Dataset, config: SoupConfig, shuffle: bool) -> DataLoader:
                       generator=torch.Generator().manual_seed(config.seed))
 
 
+def _holdout_data(config: SoupConfig) -> DataSplits:
+    """``--holdout``'s datasets (its eval split is the held-out set); errors name ``--holdout``, not ``--data``."""
+    assert config.holdout is not None
+    try:
+        return build_data(config.holdout, root=config.data_root, download=config.download)
+    except TwaError as exc:
+        message = str(exc)
+        if not message.startswith("--data "):
+            raise
+        renamed = type(exc)("--holdout " + message[len("--data "):], exc.details)
+        raise renamed.with_traceback(exc.__traceback__) from exc.__cause__
+
+
 def soup_data(config: SoupConfig) -> tuple[Dataset, Dataset, Dataset, dict]:
     """(fit, held-out, eval) splits: the held-out part is carved from the fit split or given by ``--holdout``."""
     data = build_data(config.data, root=config.data_root, download=config.download)
     if config.holdout is not None:
-        fit, heldout = data.train, build_data(config.holdout, root=config.data_root, download=config.download).eval
+        fit, heldout = data.train, _holdout_data(config).eval
         source = f"--holdout {config.holdout}"
     else:
         fit, heldout = split_holdout(data.train, config.holdout_fraction, config.seed)
@@ -512,12 +525,14 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     outputs, size = output_names(config, inputs.model)
     sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
     fit, heldout, eval_data, data_facts = soup_data(config)
-    checks = ((config.data, eval_data), (config.holdout, heldout)) if config.holdout else ((config.data, eval_data),)
-    for data_name, dataset in checks:  # one example through the model, before any ingredient is read
-        check_accepts(inputs.model, dataset, data_facts["num_classes"], inputs.spec, data_name)
+    checks = [("--data", config.data, fit), ("--data", config.data, eval_data)]
+    if config.holdout:
+        checks.append(("--holdout", config.holdout, heldout))
+    for flag, data_name, dataset in checks:  # one example through the model, before any ingredient is read
+        check_accepts(inputs.model, dataset, data_facts["num_classes"], inputs.spec, data_name, flag)
     prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size)
     names = trainable_names(inputs.model)
-    dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[0].path).tensors.items()}
+    dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[-1].path).tensors.items()}
 
     clock = time.perf_counter()
     uniform, center, digests = read_uniform(inputs, names, on_event)
@@ -579,7 +594,7 @@ def evaluate_ingredients(inputs: Inputs, names: list[str], directions: Direction
         directions.set_row(index, flatten(state, names, torch.float32))
         ingredients[entry.name] = evaluator.both(state)
         on_event(Event("advance"))
-    best = max(reversed(list(ingredients)), key=lambda n: ingredients[n]["heldout"]["accuracy"])
+    best = max(ingredients, key=lambda n: ingredients[n]["heldout"]["accuracy"])  # ties: file order, as greedy
     return {"ingredients": ingredients, "best_single": {**ingredients[best], "ingredient": best}}
 
 
@@ -647,7 +662,8 @@ def _load(inputs: Inputs, entry: CheckpointFile) -> State:
     """One checkpoint through the safe reader, checked against the model and for finite values."""
     state = inputs.reader.load(entry.path)
     check_compatible(inputs.model, state, str(entry.path))
-    _check_finite(state, str(entry.path))
+    is_base = inputs.base is not None and entry.path == inputs.base.path
+    _check_finite(state, str(entry.path), "pass a finite pretrained model as --base" if is_base else None)
     return state
 
 

@@ -1,0 +1,151 @@
+"""`twa soup` on awkward inputs: a bad --holdout is named as such and refused before any ingredient is read,
+labels are checked against the model, fixes name flags soup has, dtypes and ties follow the documented rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Subset, TensorDataset
+
+from tests.conftest import TINY_ARGS, model_flags
+from twa_tool.cli import cli
+from twa_tool.errors import InputError
+from twa_tool.models import build_model, check_accepts
+
+HOLDOUTS = '''
+import torch
+from torch.utils.data import TensorDataset
+from twa_tool.data import build_data
+
+def _with(x, y):
+    data = build_data("synthetic")
+    return data.train, TensorDataset(x, y)
+
+def labels_37():
+    return _with(torch.randn(20, 1, 16, 16), torch.full((20,), 37))
+
+def three_channels():
+    return _with(torch.randn(20, 3, 16, 16), torch.zeros(20, dtype=torch.long))
+
+def float_labels():
+    return _with(torch.randn(20, 1, 16, 16), torch.zeros(20))
+'''
+
+
+@pytest.fixture(scope="module")
+def ingredients(demo_ckpts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ingredients") / "ft"
+    out.mkdir()
+    for epoch in range(1, 4):
+        save_file(load_file(demo_ckpts / f"{epoch}.safetensors"), str(out / f"ft-{epoch}.safetensors"))
+    return out
+
+
+def soup(folder: Path, out: Path, *extra: str):
+    args = ["soup", str(folder), *model_flags(), "--data", "synthetic", "--epochs", "1", "--batch-size", "256",
+            "--threads", "1", "--out", str(out), *extra]
+    return CliRunner().invoke(cli, args)
+
+
+@pytest.mark.parametrize("function, text", [
+    ("labels_37", "has class labels from 37 to 37 but --model twa:cnn outputs 10 classes"),
+    ("three_channels", "its inputs (shape (3, 16, 16)) do not fit --model twa:cnn"),
+    ("float_labels", "its targets are torch.float32, not integer class indices"),
+])
+def test_a_bad_holdout_is_named_and_refused_before_reading(function: str, text: str, ingredients: Path,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import twa_tool.soup as soup_module
+
+    def no_reading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an ingredient was read")
+
+    monkeypatch.setattr(soup_module, "read_uniform", no_reading)
+    (tmp_path / "holdouts.py").write_text(HOLDOUTS)
+    spec = f"{tmp_path / 'holdouts.py'}:{function}"
+    result = soup(ingredients, tmp_path / "out", "--holdout", spec)
+    assert result.exit_code == 4, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: --holdout {spec}") and text in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_holdout_file_names_holdout(ingredients: Path, tmp_path: Path) -> None:
+    result = soup(ingredients, tmp_path / "out", "--holdout", "nofile.py:heldout")
+    assert result.exit_code != 0 and "error: --holdout nofile.py:heldout" in result.stderr, result.stderr
+    assert "--data nofile" not in result.stderr
+
+
+def test_labels_are_checked_through_subsets_and_targets() -> None:
+    model = build_model("twa:cnn", TINY_ARGS)
+    x = torch.randn(6, 1, 16, 16)
+    labels = torch.tensor([0, 1, 2, 3, 4, 12])  # only the last is out of range
+    check_accepts(model, TensorDataset(x, labels.clamp(max=9)), 10, "twa:cnn", "d")
+    with pytest.raises(InputError, match="labels from 0 to 12"):
+        check_accepts(model, TensorDataset(x, labels), None, "twa:cnn", "d")  # every label, not the first only
+    check_accepts(model, Subset(TensorDataset(x, labels), [0, 1, 2]), None, "twa:cnn", "d")  # the subset's labels
+    with pytest.raises(InputError, match="from -1 to 11"):
+        check_accepts(model, TensorDataset(x, labels - 1), None, "twa:cnn", "d")
+
+    class WithTargets(torch.utils.data.Dataset):
+        targets = [3, 4, 10]
+
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            return x[index], self.targets[index]
+
+    with pytest.raises(InputError, match="labels from 3 to 10"):
+        check_accepts(model, WithTargets(), 10, "twa:cnn", "d")
+    soft = TensorDataset(x, torch.softmax(torch.randn(6, 10), 1))  # class probabilities: not indices, not checked
+    check_accepts(model, soft, None, "twa:cnn", "d")
+
+
+def test_non_finite_ingredient_and_base_name_fixes_soup_has(ingredients: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    for path in ingredients.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    state = load_file(ingredients / "ft-2.safetensors")
+    state["head.weight"][0, 0] = float("nan")
+    save_file(state, str(folder / "ft-2.safetensors"))
+    result = soup(folder, tmp_path / "o1")
+    assert result.exit_code == 6 and "leave this checkpoint out with --exclude ft-2.safetensors" in result.stderr
+    save_file(state, str(tmp_path / "base.safetensors"))
+    result = soup(ingredients, tmp_path / "o2", "--base", str(tmp_path / "base.safetensors"))
+    assert result.exit_code == 6 and "pass a finite pretrained model as --base" in result.stderr, result.stderr
+    assert "--range" not in result.stderr
+
+
+def test_mixed_dtypes_are_written_in_the_last_ingredients(ingredients: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    for i, path in enumerate(sorted(ingredients.iterdir())):
+        state = load_file(path)
+        if i == 0:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        save_file(state, str(folder / path.name))
+    result = soup(folder, tmp_path / "out", "--method", "uniform")
+    assert result.exit_code == 0, result.output
+    assert load_file(tmp_path / "out" / "model.safetensors")["head.weight"].dtype == torch.float32
+
+
+def test_best_single_breaks_ties_in_file_order_as_greedy_does(ingredients: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "tie"
+    folder.mkdir()
+    state = load_file(ingredients / "ft-3.safetensors")
+    save_file(state, str(folder / "a.safetensors"))
+    state["head.weight"][0, 0] += 1e-6  # the same accuracy, not a byte-identical copy
+    save_file(state, str(folder / "b.safetensors"))
+    save_file(load_file(ingredients / "ft-1.safetensors"), str(folder / "c.safetensors"))
+    result = soup(folder, tmp_path / "out", "--method", "uniform")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    accuracy = {n: m["heldout"]["accuracy"] for n, m in report["metrics"]["ingredients"].items()}
+    assert accuracy["a.safetensors"] == accuracy["b.safetensors"]  # the tie this test is about
+    assert report["metrics"]["best_single"]["ingredient"] == report["greedy"]["soup"][0] == "a.safetensors"
