@@ -149,3 +149,21 @@ def test_dry_run_names_missing_data_and_never_downloads(demo_ckpts: Path, tmp_pa
     assert json.loads(result.stdout)["data"] == {"spec": "mnist", "would_download": True}
     assert "the run would download it" in result.stderr
     assert not (tmp_path / "empty").exists() and not (tmp_path / "o").exists()
+
+
+def test_an_integer_tensor_where_the_model_has_floats_is_refused(demo_ckpts: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for path in sorted(demo_ckpts.iterdir()):
+        state = load_file(path)
+        if path.name == "4.safetensors":  # the last: its dtypes would be the output's
+            state["head.bias"] = state["head.bias"].round().to(torch.int64)
+        save_file(state, str(folder / path.name))
+    from tests.conftest import model_flags
+
+    result = CliRunner().invoke(cli, ["average", str(folder), *model_flags(), "--data", "synthetic",
+                                      "--out", str(tmp_path / "o"), "--dry-run"])
+    assert result.exit_code == 4, result.output
+    assert "do not match the model" in result.stderr and "dtype int64" in result.stderr, result.stderr

@@ -219,8 +219,12 @@ def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Read
     rows: list[tuple[str, ...]] = []
     bad_files = set()
     headers = {entry.name: reader.header(entry.path) for entry in files}
+    floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
     for entry in files:
-        problems = key_problems(expected, {k: tuple(shape) for k, (shape, _) in headers[entry.name].tensors.items()})
+        tensors = headers[entry.name].tensors
+        problems = key_problems(expected, {k: tuple(shape) for k, (shape, _) in tensors.items()})
+        problems += [(k, f"dtype {dtype}", "model floating point") for k, (_, dtype) in tensors.items()  # truncated
+                     if k in floating and not dtype.startswith(("float", "bfloat"))]
         rows += [(entry.name, *p) for p in problems]
         if problems:
             bad_files.add(entry.name)
