@@ -82,6 +82,25 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path: Path, monkeypatch: pyt
     assert not marker.exists()
 
 
+class Gone:
+    """Saved as a class of a module that is then no longer importable."""
+
+
+def test_trusted_pickle_of_missing_code_names_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    module = types.ModuleType("a_module_that_is_not_installed")
+    module.Gone = Gone
+    with monkeypatch.context() as patch:  # importable only while saving
+        patch.setitem(sys.modules, module.__name__, module)
+        patch.setattr(Gone, "__module__", module.__name__)
+        torch.save({"state_dict": small_state(), "extra": Gone()}, tmp_path / "2.pt")
+    with pytest.raises(CheckpointError, match=r"2\.pt: unpickling it needs code that is not importable here "
+                                              r"\(ModuleNotFoundError"):
+        load_checkpoint(tmp_path / "2.pt", trust_pickle=True)
+
+
 @pytest.mark.parametrize("content", [b"", b"garbage bytes", b"PK\x03\x04truncated zip"])
 def test_corrupt_files_are_checkpoint_errors(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "3.pt"

@@ -129,7 +129,8 @@ CASES = {
     "metadata not a string (row 9)": (case_metadata_not_string, 4, "2.safetensors"),
     "missing key (row 16)": (case_missing_key, 4, "(first: 2.safetensors)"),
     "+Inf (row 20)": (case_inf, 6, "2.safetensors: tensor features.0.weight has non-finite values"),
-    "only duplicates (row 21)": (case_only_duplicates, 4, "TWA needs at least 2"),
+    "only duplicates (row 21)": (case_only_duplicates, 4,
+                                 "(1 of them links or byte-identical copies of others, counted once); TWA needs"),
     "dependent (row 21)": (case_dependent, 6, "linearly independent"),
     "only unsupported files (row 28)": (case_only_unsupported, 4, "no checkpoints found"),
 }

@@ -807,7 +807,13 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
         _check_zip(path, verify_crc=not (header_only or crc_checked))
     try:
         if trust_pickle.full:
-            return torch.load(str(path), map_location="cpu", weights_only=False, mmap=is_zip)
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=False, mmap=is_zip)
+            except (ModuleNotFoundError, AttributeError) as err:  # a class it pickled cannot be found here
+                raise CheckpointError(
+                    f"{path}: unpickling it needs code that is not importable here ({type(err).__name__}: {err}); "
+                    f"run twa where that code is importable (its project's environment), or convert the file to "
+                    f"safetensors") from None
         with torch.serialization.safe_globals([*_safe_globals(), *trust_pickle.extra_globals()]):
             try:
                 return torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)

@@ -163,8 +163,11 @@ def select_checkpoints(config: AverageConfig) -> Chosen:
     for entry in chosen.files:
         raise_if_refused(entry.path)
     if len(chosen.files) < 2:
-        raise CheckpointError(f"{config.checkpoint_dir}: {len(chosen.files)} of {len(files)} checkpoints selected; "
-                              f"TWA needs at least 2, widen the selection (--range/--last/--every/--include)")
+        aliases = sum(1 for d in chosen.dropped if d.alias_of is not None)
+        why = f" ({aliases} of them links or byte-identical copies of others, counted once)" if aliases else ""
+        raise CheckpointError(f"{config.checkpoint_dir}: {len(chosen.files)} of {len(files)} checkpoints "
+                              f"selected{why}; TWA needs at least 2 distinct ones: widen the selection "
+                              f"(--range/--last/--every/--include) or add checkpoints")
     return chosen
 
 
