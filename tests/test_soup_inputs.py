@@ -149,3 +149,13 @@ def test_best_single_breaks_ties_in_file_order_as_greedy_does(ingredients: Path,
     accuracy = {n: m["heldout"]["accuracy"] for n, m in report["metrics"]["ingredients"].items()}
     assert accuracy["a.safetensors"] == accuracy["b.safetensors"]  # the tie this test is about
     assert report["metrics"]["best_single"]["ingredient"] == report["greedy"]["soup"][0] == "a.safetensors"
+
+
+def test_holdout_equal_to_the_eval_split_is_warned_and_threads_are_recorded(ingredients: Path,
+                                                                            tmp_path: Path) -> None:
+    result = soup(ingredients, tmp_path / "out", "--method", "uniform", "--holdout", "Synthetic")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert any("is --data's own evaluation split" in w for w in report["warnings"])
+    assert "is --data's own evaluation split" in result.stderr
+    assert report["threads"] == 1  # soup() passes --threads 1

@@ -935,6 +935,7 @@ def run_facts(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen
         "config": _config_dict(config),
         "inputs": [{"name": f.name, "path": str(f.path), "sha256": h} for f, h in zip(files, stream.sha256)],
         "versions": {"twa": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "threads": torch.get_num_threads(),  # CPU results are byte-identical for the same seed and count
     }
 
 

@@ -525,6 +525,12 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     outputs, size = output_names(config, inputs.model)
     sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
     fit, heldout, eval_data, data_facts = soup_data(config)
+    if config.holdout is not None and config.holdout.strip().lower() == config.data.strip().lower():
+        message = (f"--holdout {config.holdout} is --data's own evaluation split: the soups are chosen on the "
+                   f"examples they are evaluated on, so the eval numbers are not held out; use "
+                   f"--holdout-fraction (carved from the fit split) or another --holdout")
+        inputs.warnings.append(message)
+        on_event(Event("warning", message))
     checks = [("--data", config.data, fit), ("--data", config.data, eval_data)]
     if config.holdout:
         checks.append(("--holdout", config.holdout, heldout))
@@ -654,6 +660,7 @@ def soup_report(config: SoupConfig, inputs: Inputs, metrics: dict, greedy: Greed
         "inputs": [{"name": f.name, "path": str(f.path), "sha256": h} for f, h in zip(files, digests)],
         "config": _config_dict(config),
         "versions": {"twa": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "threads": torch.get_num_threads(),  # CPU results are byte-identical for the same seed and count
         "warnings": inputs.warnings,
     }
 
