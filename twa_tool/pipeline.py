@@ -803,7 +803,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     output_names, output_bytes = planned_outputs(config, headers[files[-1].name].tensors)
     inputs = tuple(f.path for f in files)
     if config.dry_run:
-        check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
+        check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes,
+                     config.checkpoint_dir)
         data_plan = planned_data(config, model, spec)
         return dry_run_result(config, files, chosen, spec, model_args, model, output_names, output_bytes, warnings,
                               data_plan, dist.world_size)
@@ -811,8 +812,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     data = build_data_once(config, dist)
     check_accepts(model, data.eval, data.num_classes, spec, config.data)  # before any checkpoint is read
     timings["data_s"] = time.perf_counter() - data_clock
-    together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
-             if dist.is_main else None)
+    together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes,
+                                              config.checkpoint_dir) if dist.is_main else None)
     stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event, storage=config.basis_dtype,
                                 dist=dist)
     if stream.not_by_columns is not None:

@@ -67,7 +67,16 @@ from .pipeline import (
 )
 from .selection import select
 from .trainer import SCHEDULES, FlatGrad, Metrics, StepInfo, autocast, evaluate, recalibrate_bn
-from .writer import cast_state, model_file_names, plan_shards, prepare_output_dir, save_json, write_bytes, write_model
+from .writer import (
+    cast_state,
+    check_output,
+    model_file_names,
+    plan_shards,
+    prepare_output_dir,
+    save_json,
+    write_bytes,
+    write_model,
+)
 
 METHODS = ("uniform", "greedy", "twa")
 State = dict[str, torch.Tensor]
@@ -511,11 +520,12 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         on_event(Event("warning", message))
     outputs, size = output_names(config, inputs.model)
     sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
+    check_output(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)  # before the data
     fit, heldout, eval_data, data_facts = soup_data(config)
     checks = ((config.data, eval_data), (config.holdout, heldout)) if config.holdout else ((config.data, eval_data),)
     for data_name, dataset in checks:  # one example through the model, before any ingredient is read
         check_accepts(inputs.model, dataset, data_facts["num_classes"], inputs.spec, data_name)
-    prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size)
+    prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)
     names = trainable_names(inputs.model)
     dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[0].path).tensors.items()}
 

@@ -79,16 +79,23 @@ def remove_stale_temps(out_dir: Path) -> list[str]:
 
 
 def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs: tuple[Path, ...] = (),
-                 needed_bytes: int = 0) -> None:
-    """Everything about the output that can fail, checked before any heavy work, touching nothing."""
+                 needed_bytes: int = 0, input_dir: Path | None = None) -> None:
+    """Everything about the output that can fail, checked before any heavy work, touching nothing.
+
+    ``input_dir`` is the folder the inputs are discovered in: an output in it or anywhere under it
+    would be read as a checkpoint by the next run, so it is refused (symlinks resolved).
+    """
     targets = {(out_dir / n).resolve() for n in names}
     clash = next((p for p in inputs if p.resolve() in targets), None)
     if clash is not None:
         raise OutputError(f"{out_dir}: writing there would overwrite the input {clash}; choose another --out")
     folder = next((p.parent for p in inputs if p.resolve().parent == out_dir.resolve()), None)
-    if folder is not None:
+    if folder is not None or (input_dir is not None and out_dir.resolve() == input_dir.resolve()):
         raise OutputError(f"{out_dir}: is the checkpoint folder (the output would become an input of the next run); "
                           f"choose another --out")
+    if input_dir is not None and input_dir.resolve() in out_dir.resolve().parents:
+        raise OutputError(f"--out {out_dir}: is inside the input folder {input_dir} (the next run would read the "
+                          f"output as a checkpoint); choose an --out outside {input_dir}")
     existing = [n for n in names if (out_dir / n).exists() or (out_dir / n).is_symlink()]
     if existing and not overwrite:
         raise OutputError(f"{out_dir / existing[0]} already exists; pass --overwrite or choose another --out")
@@ -105,9 +112,9 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
 
 
 def prepare_output_dir(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs: tuple[Path, ...] = (),
-                       needed_bytes: int = 0) -> None:
+                       needed_bytes: int = 0, input_dir: Path | None = None) -> None:
     """Check the output (see ``check_output``), create ``out_dir`` and clear stale temp files in it."""
-    check_output(out_dir, names, overwrite, inputs, needed_bytes)
+    check_output(out_dir, names, overwrite, inputs, needed_bytes, input_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
