@@ -67,13 +67,12 @@ from .subspace import (
 )
 from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
 from .writer import (
+    StagedOutput,
     cast_state,
     check_output,
     model_file_names,
     plan_shards,
     prepare_output_dir,
-    save_json,
-    write_bytes,
     write_model,
 )
 
@@ -958,22 +957,22 @@ def write_outputs(config: AverageConfig, report: dict, files: list[CheckpointFil
         "twa.seed": str(config.seed),
     }
     report_path = config.out_dir / REPORT_FILE
-    written = write_model(config.out_dir, cast_state(state, config.out_dtype), metadata, config.max_shard_size,
-                          hf_folder(files[-1], config.checkpoint_dir),
-                          pause_before_rename_s=60.0 if "pause-write" in config.faults else 0.0)
-    report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
-                         "files": [{"path": path, "sha256": digest} for path, digest in written.files],
-                         "report": {"path": str(report_path)}}
-    save_json(report_path, report)
-    write_human_report(config.out_dir, report)
+    with StagedOutput(config.out_dir) as staged:  # every file to a temp first; renamed together, or none
+        written = write_model(staged, cast_state(state, config.out_dtype), metadata, config.max_shard_size,
+                              hf_folder(files[-1], config.checkpoint_dir))
+        report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
+                             "files": [{"path": path, "sha256": digest} for path, digest in written.files],
+                             "report": {"path": str(report_path)}}
+        staged.save_json(REPORT_FILE, report)
+        stage_human_report(staged, report)
+        staged.commit(pause_before_rename_s=60.0 if "pause-write" in config.faults else 0.0)
     return AverageResult(report=report, model_path=written.main, report_path=report_path,
                          warnings=tuple(report["warnings"]))
 
 
-def write_human_report(out_dir: Path, report: dict) -> None:
+def stage_human_report(staged: StagedOutput, report: dict) -> None:
     """report.md beside report.json, with PNG figures when matplotlib is installed."""
     figures, note = render_plots(report)
     for name, png in figures.items():
-        write_bytes(out_dir / name, png)
-    write_bytes(out_dir / HUMAN_REPORT_FILE, markdown_report(report, list(figures), note).encode())
-
+        staged.write_bytes(name, png)
+    staged.write_bytes(HUMAN_REPORT_FILE, markdown_report(report, list(figures), note).encode())

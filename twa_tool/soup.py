@@ -68,13 +68,12 @@ from .pipeline import (
 from .selection import select
 from .trainer import SCHEDULES, FlatGrad, Metrics, StepInfo, autocast, evaluate, recalibrate_bn
 from .writer import (
+    StagedOutput,
     cast_state,
     check_output,
     model_file_names,
     plan_shards,
     prepare_output_dir,
-    save_json,
-    write_bytes,
     write_model,
 )
 
@@ -673,7 +672,7 @@ def _config_dict(config: SoupConfig) -> dict:
 
 
 def write_soup(config: SoupConfig, report: dict, state: State, inputs: Inputs) -> SoupResult:
-    """Write the chosen soup (with provenance metadata), report.json and report.md, each atomically."""
+    """Write the chosen soup (with provenance metadata), report.json and report.md, all or nothing."""
     from .report import markdown_soup_report
 
     method = report["written_method"]
@@ -689,12 +688,14 @@ def write_soup(config: SoupConfig, report: dict, state: State, inputs: Inputs) -
     }
     if inputs.base is not None:
         metadata["twa.base"] = json.dumps({"name": inputs.base.name, "sha256": sha256_file(inputs.base.path)})
-    written = write_model(config.out_dir, cast_state(state, config.out_dtype), metadata, config.max_shard_size)
     report_path = config.out_dir / REPORT_FILE
-    report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
-                         "files": [{"path": p, "sha256": h} for p, h in written.files],
-                         "report": {"path": str(report_path)}}
-    save_json(report_path, report)
-    write_bytes(config.out_dir / HUMAN_REPORT_FILE, markdown_soup_report(report).encode())
+    with StagedOutput(config.out_dir) as staged:  # every file to a temp first; renamed together, or none
+        written = write_model(staged, cast_state(state, config.out_dtype), metadata, config.max_shard_size)
+        report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
+                             "files": [{"path": p, "sha256": h} for p, h in written.files],
+                             "report": {"path": str(report_path)}}
+        staged.save_json(REPORT_FILE, report)
+        staged.write_bytes(HUMAN_REPORT_FILE, markdown_soup_report(report).encode())
+        staged.commit()
     return SoupResult(report=report, model_path=written.main, report_path=report_path,
                       warnings=tuple(report["warnings"]))

@@ -1,0 +1,178 @@
+"""Output safety: every output is all or nothing (staged to temps, renamed together with signals deferred)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pathlib
+import signal
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import model_flags, snapshot
+from safetensors.torch import load_file
+
+from twa_tool.cli import cli
+from twa_tool.errors import OutputError
+from twa_tool.writer import TEMP_PREFIX, StagedOutput, signals_deferred
+
+FAST = ["--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--baselines", "none", "--threads", "1"]
+FALLBACK = ["--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--threads", "1", "--lr", "1000",
+            "--schedule", "constant", "--fail-if-worse-than", "best", "--on-worse", "fallback"]
+
+
+def average(ckpts: Path, out: Path, *extra: str):
+    return CliRunner().invoke(cli, ["average", str(ckpts), *extra, "--out", str(out)])
+
+
+def soup(ckpts: Path, out: Path, *extra: str):
+    return CliRunner().invoke(cli, ["soup", str(ckpts), *model_flags(), "--data", "synthetic", "--epochs", "1",
+                                    "--batch-size", "256", "--threads", "1", "--method", "uniform", *extra,
+                                    "--out", str(out)])
+
+
+def previous_output(out: Path) -> dict[str, tuple[str, int]]:
+    """A folder holding an earlier run's files (their content does not matter); its snapshot."""
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the previous model")
+    (out / "report.json").write_text("{}")
+    (out / "report.md").write_text("old report")
+    return snapshot(out)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fail_when_staging(monkeypatch: pytest.MonkeyPatch, suffix: str, error: BaseException) -> None:
+    """Make the write of the staged file whose name ends with ``suffix`` fail part-way."""
+    original = pathlib.Path.write_bytes
+
+    def write_bytes(self: Path, data: bytes) -> int:
+        if self.name.startswith(TEMP_PREFIX) and f"-{suffix}-" in self.name:
+            original(self, data[: len(data) // 2])
+            raise error
+        return original(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+
+
+@pytest.mark.parametrize("flags", [FAST, FALLBACK], ids=["twa", "gate-fallback"])
+def test_interrupt_before_the_last_file_leaves_the_previous_output(demo_ckpts: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   flags: list[str]) -> None:
+    """SIGINT while report.md is written: the model and report.json are not in place either."""
+    out = tmp_path / "o"
+    before = previous_output(out)
+    fail_when_staging(monkeypatch, "report.md", KeyboardInterrupt())
+    result = average(demo_ckpts, out, *flags, "--overwrite")
+    assert result.exit_code == 130, result.output
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("png", [False, True])
+def test_disk_full_leaves_the_previous_output(demo_ckpts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              png: bool) -> None:
+    out = tmp_path / "o"
+    before = previous_output(out)
+    if png:  # the figures, written after the model and report.json (no matplotlib needed)
+        monkeypatch.setattr("twa_tool.pipeline.render_plots", lambda report: ({"accuracy.png": b"\x89PNG"}, None))
+    fail_when_staging(monkeypatch, "accuracy.png" if png else "report.md",
+                      OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    result = average(demo_ckpts, out, *FAST, "--overwrite")
+    assert result.exit_code == 7, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "cannot write (No space left on device)" in line
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_the_renames_is_handled_after_them(demo_ckpts: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, sig: int, code: int) -> None:
+    """A signal between two renames waits for the last one: the output is the new one, whole and consistent."""
+    out = tmp_path / "o"
+    previous_output(out)
+    original = os.replace
+    sent = []
+
+    def replace(src, dst) -> None:
+        original(src, dst)
+        if Path(dst).parent == out and not sent:
+            sent.append(dst)
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(os, "replace", replace)
+    result = average(demo_ckpts, out, *FAST, "--overwrite")
+    assert result.exit_code == code, result.output
+    assert sent, "the run never reached the renames"
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"]["model"]["sha256"] == sha(out / "model.safetensors")
+    assert (out / "report.md").read_text() != "old report"
+    assert not list(out.glob(f"{TEMP_PREFIX}*"))
+
+
+def test_soup_interrupt_or_disk_full_leaves_the_previous_output(demo_ckpts: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "o"
+    before = previous_output(out)
+    with monkeypatch.context() as patch:
+        fail_when_staging(patch, "report.md", KeyboardInterrupt())
+        interrupted = soup(demo_ckpts, out, "--overwrite")
+    assert interrupted.exit_code == 130, interrupted.output
+    assert snapshot(out) == before
+    fail_when_staging(monkeypatch, "report.json", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    full = soup(demo_ckpts, out, "--overwrite")
+    assert full.exit_code == 7 and "No space left on device" in full.stderr, full.output
+    assert snapshot(out) == before
+
+
+def test_a_failed_rename_phase_puts_everything_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a").write_bytes(b"old a")
+    (tmp_path / "b").write_bytes(b"old b")
+    original = os.replace
+
+    def replace(src, dst) -> None:
+        if Path(dst).name == "c" and Path(src).name.startswith(TEMP_PREFIX):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        original(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OutputError, match="c: cannot put the output in place .*the previous output was kept"):
+        with StagedOutput(tmp_path) as staged:
+            for name in ("a", "new", "c", "b"):
+                staged.write_bytes(name, f"new {name}".encode())
+            staged.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert (tmp_path / "a").read_bytes() == b"old a" and (tmp_path / "b").read_bytes() == b"old b"
+
+
+def test_staged_files_appear_only_on_commit(tmp_path: Path) -> None:
+    with StagedOutput(tmp_path) as staged:
+        digest = staged.write_bytes("x", b"data")
+        assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(TEMP_PREFIX)] == []
+        assert staged.commit() == (tmp_path / "x",)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"] and digest == sha(tmp_path / "x")
+    with StagedOutput(tmp_path) as staged:
+        staged.write_bytes("y", b"never committed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_signals_are_deferred_to_the_end_of_the_block() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    reached = False
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached = True
+    assert reached and signal.getsignal(signal.SIGINT) == before
+
+
+def test_safetensors_output_loads(demo_ckpts: Path, tmp_path: Path) -> None:
+    result = average(demo_ckpts, tmp_path / "o", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["outputs"]["model"]["sha256"] == sha(tmp_path / "o" / "model.safetensors")
+    load_file(tmp_path / "o" / "model.safetensors")
