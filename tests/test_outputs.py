@@ -176,3 +176,64 @@ def test_safetensors_output_loads(demo_ckpts: Path, tmp_path: Path) -> None:
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["outputs"]["model"]["sha256"] == sha(tmp_path / "o" / "model.safetensors")
     load_file(tmp_path / "o" / "model.safetensors")
+
+
+# ------------------------------------------------------------------ a rerun leaves no stale output
+
+
+def names_in(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir())
+
+
+def test_overwrite_switching_layout_removes_the_other_layouts_files(demo_ckpts: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unsharded then sharded then unsharded again: a loader never finds the previous layout's model."""
+    monkeypatch.setattr("twa_tool.pipeline.render_plots", lambda report: ({}, "no plots"))
+    out = tmp_path / "o"
+    first = average(demo_ckpts, out, *FAST)
+    assert first.exit_code == 0, first.output
+    (out / "notes.txt").write_text("mine")  # not a twa output: never touched
+    sharded = average(demo_ckpts, out, *FAST, "--overwrite", "--max-shard-size", "1KB")
+    assert sharded.exit_code == 0, sharded.output
+    shards = [n for n in names_in(out) if n.startswith("model-")]
+    assert len(shards) > 1 and "model.safetensors" not in names_in(out)
+    assert names_in(out) == sorted([*shards, "model.safetensors.index.json", "notes.txt", "report.json", "report.md"])
+    again = average(demo_ckpts, out, *FAST, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert names_in(out) == ["model.safetensors", "notes.txt", "report.json", "report.md"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_figures_not_drawn_this_time_are_removed(demo_ckpts: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "o"
+    previous_output(out)
+    for name in ("coefficients.png", "accuracy.png"):
+        (out / name).write_bytes(b"an earlier run's figure")
+    monkeypatch.setattr("twa_tool.plots._pyplot", lambda: None)  # matplotlib missing this time
+    result = average(demo_ckpts, out, *FAST, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert names_in(out) == ["model.safetensors", "report.json", "report.md"]
+
+
+def test_any_earlier_output_needs_overwrite(demo_ckpts: Path, tmp_path: Path) -> None:
+    """A sharded run into a folder holding only an earlier model.safetensors would remove it: refused."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the previous model")
+    before = snapshot(out)
+    result = average(demo_ckpts, out, *FAST, "--max-shard-size", "1KB")
+    assert result.exit_code == 7, result.output
+    assert "model.safetensors already exists; pass --overwrite" in result.stderr
+    assert snapshot(out) == before
+
+
+def test_soup_over_an_average_output_keeps_only_the_soup(demo_ckpts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    previous_output(out)
+    for name in ("coefficients.png", "accuracy.png", "model-00001-of-00002.safetensors",
+                 "model-00002-of-00002.safetensors", "model.safetensors.index.json"):
+        (out / name).write_bytes(b"an earlier run's file")
+    result = soup(demo_ckpts, out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert names_in(out) == ["model.safetensors", "report.json", "report.md"]

@@ -67,6 +67,8 @@ from .subspace import (
 )
 from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
 from .writer import (
+    HUMAN_REPORT_FILE,
+    REPORT_FILE,
     StagedOutput,
     cast_state,
     check_output,
@@ -76,14 +78,12 @@ from .writer import (
     write_model,
 )
 
-REPORT_FILE = "report.json"
 #: Checkpoints prepared together on the worker thread (differences, streamed Gram matrix), and the block
 #: size of the fallback orthogonalisation (BCGS2 + CholQR2); all in the basis buffer: no extra memory.
 BASIS_BLOCK = 16
 #: Basis storage formats built by column passes over the files (``stream_by_columns``): the float32
 #: basis is never held, so the peak is the narrower basis. A float32 basis is built in one read.
 COLUMN_BUILD_STORAGE = ("bf16", "int8")
-HUMAN_REPORT_FILE = "report.md"
 SCHEMA_VERSION = 1
 
 

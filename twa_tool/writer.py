@@ -29,10 +29,16 @@ import torch
 
 from .checkpoints import SAFETENSORS_DTYPES, sha256_file
 from .errors import CheckpointError, ConfigError, OutputError
+from .plots import PLOT_FILES
 
 TEMP_PREFIX = ".twa-tmp-"
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+REPORT_FILE = "report.json"
+HUMAN_REPORT_FILE = "report.md"
+#: Every name twa writes as an output (besides shards): a rerun replaces all of them, never other files.
+OUTPUT_FILES = (MODEL_FILE, INDEX_FILE, REPORT_FILE, HUMAN_REPORT_FILE, *PLOT_FILES)
+_SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 #: Files copied from a Hugging Face input folder so ``from_pretrained`` works on the output.
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
@@ -81,6 +87,35 @@ def remove_stale_temps(out_dir: Path) -> list[str]:
     return removed
 
 
+def is_output_name(name: str) -> bool:
+    """Is ``name`` one of the files twa writes as an output (model, shard, index, reports, figures)?"""
+    return name in OUTPUT_FILES or _SHARD_FILE.match(name) is not None
+
+
+def outputs_in(out_dir: Path) -> list[str]:
+    """The names of twa output files (or links) already in ``out_dir``, e.g. an earlier run's."""
+    if not out_dir.is_dir():
+        return []
+    return sorted(p.name for p in out_dir.iterdir() if is_output_name(p.name) and (p.is_file() or p.is_symlink()))
+
+
+def remove_stale_outputs(out_dir: Path, written: tuple[str, ...]) -> list[str]:
+    """Remove the twa output files in ``out_dir`` that this run did not write (the other layout's model
+    files, figures not drawn this time), so the folder holds one consistent output. Other files stay."""
+    removed = []
+    for name in outputs_in(out_dir):
+        if name not in written:
+            try:
+                (out_dir / name).unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                raise OutputError(f"{out_dir / name}: an earlier run's output could not be removed ({err.strerror}); "
+                                  f"remove it by hand") from None
+            removed.append(name)
+    return removed
+
+
 def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs: tuple[Path, ...] = (),
                  needed_bytes: int = 0, input_dir: Path | None = None) -> None:
     """Everything about the output that can fail, checked before any heavy work, touching nothing.
@@ -100,6 +135,8 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
         raise OutputError(f"--out {out_dir}: is inside the input folder {input_dir} (the next run would read the "
                           f"output as a checkpoint); choose an --out outside {input_dir}")
     existing = [n for n in names if (out_dir / n).exists() or (out_dir / n).is_symlink()]
+    if any(is_output_name(n) for n in names):  # a run replaces every earlier output there, not only its names
+        existing += [n for n in outputs_in(out_dir) if n not in existing]
     if existing and not overwrite:
         raise OutputError(f"{out_dir / existing[0]} already exists; pass --overwrite or choose another --out")
     parent = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
@@ -330,7 +367,8 @@ class StagedOutput:
             shutil.copyfile(source, tmp)
 
     def commit(self, pause_before_rename_s: float = 0.0) -> tuple[Path, ...]:
-        """Rename every staged file into place, all or none; return the final paths.
+        """Rename every staged file into place, all or none, then remove the twa outputs of an earlier run
+        that this one did not write (``remove_stale_outputs``); return the final paths.
 
         ``pause_before_rename_s`` is a fault-injection hook for tests (a kill while the temps exist).
         """
@@ -342,6 +380,7 @@ class StagedOutput:
                 _replace_all(self.out_dir, self._temps)
             finally:
                 self.discard()  # after a failed phase: the temps left; after a commit: nothing
+            remove_stale_outputs(self.out_dir, tuple(p.name for p in paths))
             _fsync_dir(self.out_dir)
         return paths
 
