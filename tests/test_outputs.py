@@ -237,3 +237,51 @@ def test_soup_over_an_average_output_keeps_only_the_soup(demo_ckpts: Path, tmp_p
     result = soup(demo_ckpts, out, "--overwrite")
     assert result.exit_code == 0, result.output
     assert names_in(out) == ["model.safetensors", "report.json", "report.md"]
+
+
+# ------------------------------------------------------------------ a failed run leaves no empty folder
+
+
+def test_a_failed_run_removes_the_folders_it_created(demo_ckpts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "o"
+    result = average(demo_ckpts, out, *FAST, "--lr", "1e30", "--schedule", "constant")
+    assert result.exit_code == 6, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error, code", [(KeyboardInterrupt(), 130), (OSError(errno.EIO, "I/O error"), 1)])
+def test_an_interrupted_run_removes_the_folder_it_created(demo_ckpts: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, error: BaseException,
+                                                          code: int) -> None:
+    def train(*args, **kwargs):
+        assert (tmp_path / "o").is_dir()  # created before the heavy work
+        raise error
+
+    monkeypatch.setattr("twa_tool.pipeline.train_projected", train)
+    result = average(demo_ckpts, tmp_path / "o", *FAST)
+    assert result.exit_code == code, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_the_run_did_not_create_or_that_holds_files_stays(demo_ckpts: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = average(demo_ckpts, tmp_path / "empty", *FAST, "--lr", "1e30", "--schedule", "constant")
+    assert result.exit_code == 6 and (tmp_path / "empty").is_dir()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    result = average(demo_ckpts, tmp_path / "busy", *FAST, "--lr", "1e30", "--schedule", "constant")
+    assert result.exit_code == 6 and names_in(tmp_path / "busy") == ["notes.txt"]
+
+
+def test_a_failed_soup_removes_the_folder_it_created(demo_ckpts: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from twa_tool.errors import NumericalError
+
+    def greedy(*args, **kwargs):
+        assert (tmp_path / "o").is_dir()
+        raise NumericalError("greedy: non-finite loss")
+
+    monkeypatch.setattr("twa_tool.soup.run_greedy", greedy)
+    result = soup(demo_ckpts, tmp_path / "o")
+    assert result.exit_code == 6, result.output
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -75,6 +76,7 @@ from .writer import (
     model_file_names,
     plan_shards,
     prepare_output_dir,
+    removed_if_empty,
     write_model,
 )
 
@@ -85,6 +87,7 @@ BASIS_BLOCK = 16
 #: basis is never held, so the peak is the narrower basis. A float32 basis is built in one read.
 COLUMN_BUILD_STORAGE = ("bf16", "int8")
 SCHEMA_VERSION = 1
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -811,56 +814,57 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     data = build_data_once(config, dist)
     check_accepts(model, data.eval, data.num_classes, spec, config.data)  # before any checkpoint is read
     timings["data_s"] = time.perf_counter() - data_clock
-    together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes,
-                                              config.checkpoint_dir) if dist.is_main else None)
-    stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event, storage=config.basis_dtype,
-                                dist=dist)
-    if stream.not_by_columns is not None:
-        warn(f"--basis-dtype {config.basis_dtype}: built through a float32 basis, so the peak memory is that of "
-             f"float32 ({stream.not_by_columns})")
-    for index in stream.subspace.dropped:
-        warn(f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or combination); "
-             f"dropped from the basis")
-    timings["load_and_basis_s"] = time.perf_counter() - clock - timings["data_s"]
+    created = together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs,
+                                                        output_bytes, config.checkpoint_dir) if dist.is_main else None)
+    with removed_if_empty(created or ()):  # a failed run leaves no empty --out behind
+        stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event,
+                                    storage=config.basis_dtype, dist=dist)
+        if stream.not_by_columns is not None:
+            warn(f"--basis-dtype {config.basis_dtype}: built through a float32 basis, so the peak memory is that of "
+                 f"float32 ({stream.not_by_columns})")
+        for index in stream.subspace.dropped:
+            warn(f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or combination); "
+                 f"dropped from the basis")
+        timings["load_and_basis_s"] = time.perf_counter() - clock - timings["data_s"]
 
-    fit_data: Dataset = data.train
-    if config.fit_on == "holdout":
-        _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
-    model.to(device)
-    eval_loader = _loader(data.eval, config, shuffle=False, seed=config.seed, dist=dist)
-    evaluator = Evaluator(model=model, reader=reader, bn_data=data.train, eval_loader=eval_loader, config=config,
-                          device=device, dist=dist)
+        fit_data: Dataset = data.train
+        if config.fit_on == "holdout":
+            _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
+        model.to(device)
+        eval_loader = _loader(data.eval, config, shuffle=False, seed=config.seed, dist=dist)
+        evaluator = Evaluator(model=model, reader=reader, bn_data=data.train, eval_loader=eval_loader, config=config,
+                              device=device, dist=dist)
 
-    clock = time.perf_counter()
-    metrics, per_checkpoint = run_baselines(config, files, stream, evaluator, on_event)
-    timings["baselines_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    metrics["twa"], train_summary, weights = run_twa(config, files, stream, evaluator, fit_data, names, on_event)
-    timings["twa_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        metrics, per_checkpoint = run_baselines(config, files, stream, evaluator, on_event)
+        timings["baselines_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        metrics["twa"], train_summary, weights = run_twa(config, files, stream, evaluator, fit_data, names, on_event)
+        timings["twa_s"] = time.perf_counter() - clock
 
-    report = {
-        **run_facts(config, files, chosen, stream, weights, spec, model_args),
-        "metrics": metrics,
-        "checkpoint_metrics": per_checkpoint,
-        "train": train_summary,
-        "data": {"spec": config.data, "name": data.name, "fit_on": config.fit_on,
-                 "fit_examples": len(fit_data), "bn_examples": len(data.train), "eval_examples": len(data.eval)},
-        "device": str(device),
-        "timings": timings,
-        "warnings": warnings,
-    }
-    if dist.active:
-        report["distributed"] = distributed_facts(dist, stream)
-    written_method, state = choose_output(config, report, files, stream, evaluator)
-    if not dist.active:
-        return write_outputs(config, report, files, state, written_method)
-    written = together(dist, lambda: write_outputs(config, report, files, state, written_method)
-                       if dist.is_main else None)
-    return written or AverageResult(report=report, model_path=config.out_dir / output_names[0],
-                                    report_path=config.out_dir / REPORT_FILE, warnings=tuple(warnings))
+        report = {
+            **run_facts(config, files, chosen, stream, weights, spec, model_args),
+            "metrics": metrics,
+            "checkpoint_metrics": per_checkpoint,
+            "train": train_summary,
+            "data": {"spec": config.data, "name": data.name, "fit_on": config.fit_on,
+                     "fit_examples": len(fit_data), "bn_examples": len(data.train), "eval_examples": len(data.eval)},
+            "device": str(device),
+            "timings": timings,
+            "warnings": warnings,
+        }
+        if dist.active:
+            report["distributed"] = distributed_facts(dist, stream)
+        written_method, state = choose_output(config, report, files, stream, evaluator)
+        if not dist.active:
+            return write_outputs(config, report, files, state, written_method)
+        written = together(dist, lambda: write_outputs(config, report, files, state, written_method)
+                           if dist.is_main else None)
+        return written or AverageResult(report=report, model_path=config.out_dir / output_names[0],
+                                        report_path=config.out_dir / REPORT_FILE, warnings=tuple(warnings))
 
 
-def together(dist: Dist, step: Callable[[], AverageResult | None]) -> AverageResult | None:
+def together(dist: Dist, step: Callable[[], T | None]) -> T | None:
     """Run a step that only some ranks do (rank 0's checks and writes), then agree: when it failed on any
     rank, the others fail too, at once, instead of waiting in the next collective until the timeout."""
     try:

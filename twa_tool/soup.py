@@ -74,6 +74,7 @@ from .writer import (
     model_file_names,
     plan_shards,
     prepare_output_dir,
+    removed_if_empty,
     write_model,
 )
 
@@ -524,46 +525,46 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     checks = ((config.data, eval_data), (config.holdout, heldout)) if config.holdout else ((config.data, eval_data),)
     for data_name, dataset in checks:  # one example through the model, before any ingredient is read
         check_accepts(inputs.model, dataset, data_facts["num_classes"], inputs.spec, data_name)
-    prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)
     names = trainable_names(inputs.model)
     dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[0].path).tensors.items()}
+    created = prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)
+    with removed_if_empty(created):  # a failed run leaves no empty --out behind
+        clock = time.perf_counter()
+        uniform, center, digests = read_uniform(inputs, names, on_event)
+        origin = flatten(_load(inputs, inputs.base), names, torch.float32) if inputs.base else None
+        directions = Directions(center, center - origin if origin is not None else center,
+                                segments_of(inputs.model, names), len(inputs.files), config.basis_dtype)
+        timings["uniform_s"] = time.perf_counter() - clock
+        inputs.model.to(device)
+        evaluator = SoupEvaluator(inputs.model, device, _loader(fit, config, False), _loader(heldout, config, False),
+                                  _loader(eval_data, config, False), config.seed, config.amp)
 
-    clock = time.perf_counter()
-    uniform, center, digests = read_uniform(inputs, names, on_event)
-    origin = flatten(_load(inputs, inputs.base), names, torch.float32) if inputs.base else None
-    directions = Directions(center, center - origin if origin is not None else center,
-                            segments_of(inputs.model, names), len(inputs.files), config.basis_dtype)
-    timings["uniform_s"] = time.perf_counter() - clock
-    inputs.model.to(device)
-    evaluator = SoupEvaluator(inputs.model, device, _loader(fit, config, False), _loader(heldout, config, False),
-                              _loader(eval_data, config, False), config.seed, config.amp)
+        clock = time.perf_counter()
+        metrics = evaluate_ingredients(inputs, names, directions, evaluator, on_event)
+        timings["ingredients_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        on_event(Event("phase", "uniform soup", total=1))
+        metrics["uniform"] = evaluator.both(uniform)
+        on_event(Event("advance"))
+        greedy = run_greedy(inputs, metrics, evaluator, on_event)
+        metrics["greedy"] = evaluator.both(greedy.state)
+        timings["greedy_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        fitted, columns = run_twa(config, inputs.model, names, uniform, directions, evaluator,
+                                  _loader(heldout, config, shuffle=True), on_event)
+        metrics["twa"] = evaluator.both()
+        timings["twa_s"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    metrics = evaluate_ingredients(inputs, names, directions, evaluator, on_event)
-    timings["ingredients_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    on_event(Event("phase", "uniform soup", total=1))
-    metrics["uniform"] = evaluator.both(uniform)
-    on_event(Event("advance"))
-    greedy = run_greedy(inputs, metrics, evaluator, on_event)
-    metrics["greedy"] = evaluator.both(greedy.state)
-    timings["greedy_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    fitted, columns = run_twa(config, inputs.model, names, uniform, directions, evaluator,
-                              _loader(heldout, config, shuffle=True), on_event)
-    metrics["twa"] = evaluator.both()
-    timings["twa_s"] = time.perf_counter() - clock
-
-    report = soup_report(config, inputs, metrics, greedy, fitted, directions, columns, uniform, digests)
-    report.update(data=data_facts, device=str(device), timings=timings)
-    del directions
-    chosen = {"uniform": uniform, "greedy": greedy.state}.get(report["written_method"])
-    if chosen is not None:  # (the model holds the TWA soup, BN re-estimated, as it was evaluated)
-        evaluator.settle(chosen)  # written with the BN statistics it was evaluated with
-    del uniform, greedy, chosen
-    state = {k: v.to(dtypes[k]) for k, v in evaluator.snapshot().items()}  # the ingredients' dtypes
-    report["memory"]["peak_rss_bytes"] = peak_rss_bytes()
-    return write_soup(config, report, state, inputs)
+        report = soup_report(config, inputs, metrics, greedy, fitted, directions, columns, uniform, digests)
+        report.update(data=data_facts, device=str(device), timings=timings)
+        del directions
+        chosen = {"uniform": uniform, "greedy": greedy.state}.get(report["written_method"])
+        if chosen is not None:  # (the model holds the TWA soup, BN re-estimated, as it was evaluated)
+            evaluator.settle(chosen)  # written with the BN statistics it was evaluated with
+        del uniform, greedy, chosen
+        state = {k: v.to(dtypes[k]) for k, v in evaluator.snapshot().items()}  # the ingredients' dtypes
+        report["memory"]["peak_rss_bytes"] = peak_rss_bytes()
+        return write_soup(config, report, state, inputs)
 
 
 def read_uniform(inputs: Inputs, names: list[str], on_event: EventSink) -> tuple[State, torch.Tensor, list[str]]:

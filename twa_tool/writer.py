@@ -152,16 +152,43 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
 
 
 def prepare_output_dir(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs: tuple[Path, ...] = (),
-                       needed_bytes: int = 0, input_dir: Path | None = None) -> None:
-    """Check the output (see ``check_output``), create ``out_dir`` and clear stale temp files in it."""
+                       needed_bytes: int = 0, input_dir: Path | None = None) -> tuple[Path, ...]:
+    """Check the output (see ``check_output``), create ``out_dir`` and clear stale temp files in it.
+
+    Returns the folders it created, deepest first, for ``removed_if_empty`` to take back if the run fails.
+    """
     check_output(out_dir, names, overwrite, inputs, needed_bytes, input_dir)
+    created = tuple(p for p in (out_dir, *out_dir.parents) if not (p.exists() or p.is_symlink()))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
+        remove_empty_dirs(created)
         raise OutputError(f"{out_dir}: cannot create output directory ({err.strerror})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise OutputError(f"{out_dir}: not writable; choose another --out")
-    remove_stale_temps(out_dir)
+    with removed_if_empty(created):
+        if not os.access(out_dir, os.W_OK):
+            raise OutputError(f"{out_dir}: not writable; choose another --out")
+        remove_stale_temps(out_dir)
+    return created
+
+
+def remove_empty_dirs(created: tuple[Path, ...]) -> None:
+    """Remove the folders a run created (deepest first) while they are empty: a failed run leaves no empty
+    --out behind. A folder that holds anything (another run's temp file, a user's file) stays."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+@contextmanager
+def removed_if_empty(created: tuple[Path, ...]) -> Iterator[None]:
+    """On any failure or signal in the block, ``remove_empty_dirs(created)``; then let it propagate."""
+    try:
+        yield
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> None:
