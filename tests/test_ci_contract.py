@@ -102,6 +102,27 @@ def test_output_over_an_input_is_refused(demo_ckpts: Path, tmp_path: Path) -> No
     assert digest(demo_ckpts) == before
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize("through_link", [False, True])
+def test_output_inside_the_checkpoint_folder_is_refused(demo_ckpts: Path, tmp_path: Path, dry_run: bool,
+                                                         through_link: bool) -> None:
+    """The next run would read ck/twa/ as a checkpoint: refused before any work, even through a symlink."""
+    import shutil
+
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(demo_ckpts, ckpts)
+    before = digest(ckpts)
+    if through_link:
+        (tmp_path / "link").symlink_to(ckpts)
+    out = (tmp_path / "link" if through_link else ckpts) / "twa"
+    result = invoke(ckpts, *FAST, "--out", out, *(["--dry-run"] if dry_run else []))
+    assert result.exit_code == 7, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --out ") and "is inside the input folder" in line and "choose an --out" in line
+    assert "reading checkpoints" not in result.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == sorted(digest(demo_ckpts)) and digest(ckpts) == before
+
+
 def test_output_file_that_is_an_input_is_refused(tmp_path: Path) -> None:
     from twa_tool.errors import OutputError
     from twa_tool.writer import check_output

@@ -262,6 +262,18 @@ def test_soup_refuses_to_overwrite(soup_run: tuple[object, Path], finetunes: Pat
     assert (out / "model.safetensors").read_bytes() == before
 
 
+def test_soup_output_inside_the_fine_tunes_folder_is_refused(finetunes: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "ft"
+    shutil.copytree(finetunes, folder)
+    names = sorted(p.name for p in folder.iterdir())
+    result = CliRunner().invoke(cli, soup_args(folder, folder / "soup"))
+    assert result.exit_code == 7, result.output
+    assert "--out" in result.stderr and "is inside the input folder" in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == names
+
+
 def test_soup_layer_granularity_int8_and_holdout_spec(finetunes: Path, tmp_path: Path) -> None:
     holdout = tmp_path / "holdout.py"
     holdout.write_text("from twa_tool.data import build_data\n\n"

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -67,25 +68,26 @@ from .subspace import (
 )
 from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
 from .writer import (
+    HUMAN_REPORT_FILE,
+    REPORT_FILE,
+    StagedOutput,
     cast_state,
     check_output,
     model_file_names,
     plan_shards,
     prepare_output_dir,
-    save_json,
-    write_bytes,
+    removed_if_empty,
     write_model,
 )
 
-REPORT_FILE = "report.json"
 #: Checkpoints prepared together on the worker thread (differences, streamed Gram matrix), and the block
 #: size of the fallback orthogonalisation (BCGS2 + CholQR2); all in the basis buffer: no extra memory.
 BASIS_BLOCK = 16
 #: Basis storage formats built by column passes over the files (``stream_by_columns``): the float32
 #: basis is never held, so the peak is the narrower basis. A float32 basis is built in one read.
 COLUMN_BUILD_STORAGE = ("bf16", "int8")
-HUMAN_REPORT_FILE = "report.md"
 SCHEMA_VERSION = 1
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -813,7 +815,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     output_names, output_bytes = planned_outputs(config, headers[files[-1].name].tensors)
     inputs = tuple(f.path for f in files)
     if config.dry_run:
-        check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
+        check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes,
+                     config.checkpoint_dir)
         data_plan = planned_data(config, model, spec)
         return dry_run_result(config, files, chosen, spec, model_args, model, output_names, output_bytes, warnings,
                               data_plan, dist.world_size)
@@ -822,56 +825,57 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     for split in (data.train, data.eval):  # before any checkpoint is read
         check_accepts(model, split, data.num_classes, spec, config.data)
     timings["data_s"] = time.perf_counter() - data_clock
-    together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs, output_bytes)
-             if dist.is_main else None)
-    stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event, storage=config.basis_dtype,
-                                dist=dist)
-    if stream.not_by_columns is not None:
-        warn(f"--basis-dtype {config.basis_dtype}: built through a float32 basis, so the peak memory is that of "
-             f"float32 ({stream.not_by_columns})")
-    for index in stream.subspace.dropped:
-        warn(f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or combination); "
-             f"dropped from the basis")
-    timings["load_and_basis_s"] = time.perf_counter() - clock - timings["data_s"]
+    created = together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs,
+                                                        output_bytes, config.checkpoint_dir) if dist.is_main else None)
+    with removed_if_empty(created or ()):  # a failed run leaves no empty --out behind
+        stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event,
+                                    storage=config.basis_dtype, dist=dist)
+        if stream.not_by_columns is not None:
+            warn(f"--basis-dtype {config.basis_dtype}: built through a float32 basis, so the peak memory is that of "
+                 f"float32 ({stream.not_by_columns})")
+        for index in stream.subspace.dropped:
+            warn(f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or combination); "
+                 f"dropped from the basis")
+        timings["load_and_basis_s"] = time.perf_counter() - clock - timings["data_s"]
 
-    fit_data: Dataset = data.train
-    if config.fit_on == "holdout":
-        _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
-    model.to(device)
-    eval_loader = _loader(data.eval, config, shuffle=False, seed=config.seed, dist=dist)
-    evaluator = Evaluator(model=model, reader=reader, bn_data=data.train, eval_loader=eval_loader, config=config,
-                          device=device, dist=dist)
+        fit_data: Dataset = data.train
+        if config.fit_on == "holdout":
+            _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
+        model.to(device)
+        eval_loader = _loader(data.eval, config, shuffle=False, seed=config.seed, dist=dist)
+        evaluator = Evaluator(model=model, reader=reader, bn_data=data.train, eval_loader=eval_loader, config=config,
+                              device=device, dist=dist)
 
-    clock = time.perf_counter()
-    metrics, per_checkpoint = run_baselines(config, files, stream, evaluator, on_event)
-    timings["baselines_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    metrics["twa"], train_summary, weights = run_twa(config, files, stream, evaluator, fit_data, names, on_event)
-    timings["twa_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        metrics, per_checkpoint = run_baselines(config, files, stream, evaluator, on_event)
+        timings["baselines_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        metrics["twa"], train_summary, weights = run_twa(config, files, stream, evaluator, fit_data, names, on_event)
+        timings["twa_s"] = time.perf_counter() - clock
 
-    report = {
-        **run_facts(config, files, chosen, stream, weights, spec, model_args),
-        "metrics": metrics,
-        "checkpoint_metrics": per_checkpoint,
-        "train": train_summary,
-        "data": {"spec": config.data, "name": data.name, "fit_on": config.fit_on,
-                 "fit_examples": len(fit_data), "bn_examples": len(data.train), "eval_examples": len(data.eval)},
-        "device": str(device),
-        "timings": timings,
-        "warnings": warnings,
-    }
-    if dist.active:
-        report["distributed"] = distributed_facts(dist, stream)
-    written_method, state = choose_output(config, report, files, stream, evaluator)
-    if not dist.active:
-        return write_outputs(config, report, files, state, written_method)
-    written = together(dist, lambda: write_outputs(config, report, files, state, written_method)
-                       if dist.is_main else None)
-    return written or AverageResult(report=report, model_path=config.out_dir / output_names[0],
-                                    report_path=config.out_dir / REPORT_FILE, warnings=tuple(warnings))
+        report = {
+            **run_facts(config, files, chosen, stream, weights, spec, model_args),
+            "metrics": metrics,
+            "checkpoint_metrics": per_checkpoint,
+            "train": train_summary,
+            "data": {"spec": config.data, "name": data.name, "fit_on": config.fit_on,
+                     "fit_examples": len(fit_data), "bn_examples": len(data.train), "eval_examples": len(data.eval)},
+            "device": str(device),
+            "timings": timings,
+            "warnings": warnings,
+        }
+        if dist.active:
+            report["distributed"] = distributed_facts(dist, stream)
+        written_method, state = choose_output(config, report, files, stream, evaluator)
+        if not dist.active:
+            return write_outputs(config, report, files, state, written_method)
+        written = together(dist, lambda: write_outputs(config, report, files, state, written_method)
+                           if dist.is_main else None)
+        return written or AverageResult(report=report, model_path=config.out_dir / output_names[0],
+                                        report_path=config.out_dir / REPORT_FILE, warnings=tuple(warnings))
 
 
-def together(dist: Dist, step: Callable[[], AverageResult | None]) -> AverageResult | None:
+def together(dist: Dist, step: Callable[[], T | None]) -> T | None:
     """Run a step that only some ranks do (rank 0's checks and writes), then agree: when it failed on any
     rank, the others fail too, at once, instead of waiting in the next collective until the timeout."""
     try:
@@ -969,22 +973,22 @@ def write_outputs(config: AverageConfig, report: dict, files: list[CheckpointFil
         "twa.seed": str(config.seed),
     }
     report_path = config.out_dir / REPORT_FILE
-    written = write_model(config.out_dir, cast_state(state, config.out_dtype), metadata, config.max_shard_size,
-                          hf_folder(files[-1], config.checkpoint_dir),
-                          pause_before_rename_s=60.0 if "pause-write" in config.faults else 0.0)
-    report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
-                         "files": [{"path": path, "sha256": digest} for path, digest in written.files],
-                         "report": {"path": str(report_path)}}
-    save_json(report_path, report)
-    write_human_report(config.out_dir, report)
+    with StagedOutput(config.out_dir) as staged:  # every file to a temp first; renamed together, or none
+        written = write_model(staged, cast_state(state, config.out_dtype), metadata, config.max_shard_size,
+                              hf_folder(files[-1], config.checkpoint_dir))
+        report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
+                             "files": [{"path": path, "sha256": digest} for path, digest in written.files],
+                             "report": {"path": str(report_path)}}
+        staged.save_json(REPORT_FILE, report)
+        stage_human_report(staged, report)
+        staged.commit(pause_before_rename_s=60.0 if "pause-write" in config.faults else 0.0)
     return AverageResult(report=report, model_path=written.main, report_path=report_path,
                          warnings=tuple(report["warnings"]))
 
 
-def write_human_report(out_dir: Path, report: dict) -> None:
+def stage_human_report(staged: StagedOutput, report: dict) -> None:
     """report.md beside report.json, with PNG figures when matplotlib is installed."""
     figures, note = render_plots(report)
     for name, png in figures.items():
-        write_bytes(out_dir / name, png)
-    write_bytes(out_dir / HUMAN_REPORT_FILE, markdown_report(report, list(figures), note).encode())
-
+        staged.write_bytes(name, png)
+    staged.write_bytes(HUMAN_REPORT_FILE, markdown_report(report, list(figures), note).encode())

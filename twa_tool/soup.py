@@ -67,7 +67,16 @@ from .pipeline import (
 )
 from .selection import select
 from .trainer import SCHEDULES, FlatGrad, Metrics, StepInfo, autocast, evaluate, recalibrate_bn
-from .writer import cast_state, model_file_names, plan_shards, prepare_output_dir, save_json, write_bytes, write_model
+from .writer import (
+    StagedOutput,
+    cast_state,
+    check_output,
+    model_file_names,
+    plan_shards,
+    prepare_output_dir,
+    removed_if_empty,
+    write_model,
+)
 
 METHODS = ("uniform", "greedy", "twa")
 State = dict[str, torch.Tensor]
@@ -524,6 +533,7 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         on_event(Event("warning", message))
     outputs, size = output_names(config, inputs.model)
     sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
+    check_output(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)  # before the data
     fit, heldout, eval_data, data_facts = soup_data(config)
     if config.holdout is not None and config.holdout.strip().lower() == config.data.strip().lower():
         message = (f"--holdout {config.holdout} is --data's own evaluation split: the soups are chosen on the "
@@ -536,46 +546,46 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         checks.append(("--holdout", config.holdout, heldout))
     for flag, data_name, dataset in checks:  # one example through the model, before any ingredient is read
         check_accepts(inputs.model, dataset, data_facts["num_classes"], inputs.spec, data_name, flag)
-    prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size)
     names = trainable_names(inputs.model)
     dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[-1].path).tensors.items()}
+    created = prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)
+    with removed_if_empty(created):  # a failed run leaves no empty --out behind
+        clock = time.perf_counter()
+        uniform, center, digests = read_uniform(inputs, names, on_event)
+        origin = flatten(_load(inputs, inputs.base), names, torch.float32) if inputs.base else None
+        directions = Directions(center, center - origin if origin is not None else center,
+                                segments_of(inputs.model, names), len(inputs.files), config.basis_dtype)
+        timings["uniform_s"] = time.perf_counter() - clock
+        inputs.model.to(device)
+        evaluator = SoupEvaluator(inputs.model, device, _loader(fit, config, False), _loader(heldout, config, False),
+                                  _loader(eval_data, config, False), config.seed, config.amp)
 
-    clock = time.perf_counter()
-    uniform, center, digests = read_uniform(inputs, names, on_event)
-    origin = flatten(_load(inputs, inputs.base), names, torch.float32) if inputs.base else None
-    directions = Directions(center, center - origin if origin is not None else center,
-                            segments_of(inputs.model, names), len(inputs.files), config.basis_dtype)
-    timings["uniform_s"] = time.perf_counter() - clock
-    inputs.model.to(device)
-    evaluator = SoupEvaluator(inputs.model, device, _loader(fit, config, False), _loader(heldout, config, False),
-                              _loader(eval_data, config, False), config.seed, config.amp)
+        clock = time.perf_counter()
+        metrics = evaluate_ingredients(inputs, names, directions, evaluator, on_event)
+        timings["ingredients_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        on_event(Event("phase", "uniform soup", total=1))
+        metrics["uniform"] = evaluator.both(uniform)
+        on_event(Event("advance"))
+        greedy = run_greedy(inputs, metrics, evaluator, on_event)
+        metrics["greedy"] = evaluator.both(greedy.state)
+        timings["greedy_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        fitted, columns = run_twa(config, inputs.model, names, uniform, directions, evaluator,
+                                  _loader(heldout, config, shuffle=True), on_event)
+        metrics["twa"] = evaluator.both()
+        timings["twa_s"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    metrics = evaluate_ingredients(inputs, names, directions, evaluator, on_event)
-    timings["ingredients_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    on_event(Event("phase", "uniform soup", total=1))
-    metrics["uniform"] = evaluator.both(uniform)
-    on_event(Event("advance"))
-    greedy = run_greedy(inputs, metrics, evaluator, on_event)
-    metrics["greedy"] = evaluator.both(greedy.state)
-    timings["greedy_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    fitted, columns = run_twa(config, inputs.model, names, uniform, directions, evaluator,
-                              _loader(heldout, config, shuffle=True), on_event)
-    metrics["twa"] = evaluator.both()
-    timings["twa_s"] = time.perf_counter() - clock
-
-    report = soup_report(config, inputs, metrics, greedy, fitted, directions, columns, uniform, digests)
-    report.update(data=data_facts, device=str(device), timings=timings)
-    del directions
-    chosen = {"uniform": uniform, "greedy": greedy.state}.get(report["written_method"])
-    if chosen is not None:  # (the model holds the TWA soup, BN re-estimated, as it was evaluated)
-        evaluator.settle(chosen)  # written with the BN statistics it was evaluated with
-    del uniform, greedy, chosen
-    state = {k: v.to(dtypes[k]) for k, v in evaluator.snapshot().items()}  # the ingredients' dtypes
-    report["memory"]["peak_rss_bytes"] = peak_rss_bytes()
-    return write_soup(config, report, state, inputs)
+        report = soup_report(config, inputs, metrics, greedy, fitted, directions, columns, uniform, digests)
+        report.update(data=data_facts, device=str(device), timings=timings)
+        del directions
+        chosen = {"uniform": uniform, "greedy": greedy.state}.get(report["written_method"])
+        if chosen is not None:  # (the model holds the TWA soup, BN re-estimated, as it was evaluated)
+            evaluator.settle(chosen)  # written with the BN statistics it was evaluated with
+        del uniform, greedy, chosen
+        state = {k: v.to(dtypes[k]) for k, v in evaluator.snapshot().items()}  # the ingredients' dtypes
+        report["memory"]["peak_rss_bytes"] = peak_rss_bytes()
+        return write_soup(config, report, state, inputs)
 
 
 def read_uniform(inputs: Inputs, names: list[str], on_event: EventSink) -> tuple[State, torch.Tensor, list[str]]:
@@ -686,7 +696,7 @@ def _config_dict(config: SoupConfig) -> dict:
 
 
 def write_soup(config: SoupConfig, report: dict, state: State, inputs: Inputs) -> SoupResult:
-    """Write the chosen soup (with provenance metadata), report.json and report.md, each atomically."""
+    """Write the chosen soup (with provenance metadata), report.json and report.md, all or nothing."""
     from .report import markdown_soup_report
 
     method = report["written_method"]
@@ -702,12 +712,14 @@ def write_soup(config: SoupConfig, report: dict, state: State, inputs: Inputs) -
     }
     if inputs.base is not None:
         metadata["twa.base"] = json.dumps({"name": inputs.base.name, "sha256": sha256_file(inputs.base.path)})
-    written = write_model(config.out_dir, cast_state(state, config.out_dtype), metadata, config.max_shard_size)
     report_path = config.out_dir / REPORT_FILE
-    report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
-                         "files": [{"path": p, "sha256": h} for p, h in written.files],
-                         "report": {"path": str(report_path)}}
-    save_json(report_path, report)
-    write_bytes(config.out_dir / HUMAN_REPORT_FILE, markdown_soup_report(report).encode())
+    with StagedOutput(config.out_dir) as staged:  # every file to a temp first; renamed together, or none
+        written = write_model(staged, cast_state(state, config.out_dtype), metadata, config.max_shard_size)
+        report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
+                             "files": [{"path": p, "sha256": h} for p, h in written.files],
+                             "report": {"path": str(report_path)}}
+        staged.save_json(REPORT_FILE, report)
+        staged.write_bytes(HUMAN_REPORT_FILE, markdown_soup_report(report).encode())
+        staged.commit()
     return SoupResult(report=report, model_path=written.main, report_path=report_path,
                       warnings=tuple(report["warnings"]))

@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
+import signal
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -26,10 +29,16 @@ import torch
 
 from .checkpoints import SAFETENSORS_DTYPES, sha256_file
 from .errors import CheckpointError, ConfigError, OutputError
+from .plots import PLOT_FILES
 
 TEMP_PREFIX = ".twa-tmp-"
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+REPORT_FILE = "report.json"
+HUMAN_REPORT_FILE = "report.md"
+#: Every name twa writes as an output (besides shards): a rerun replaces all of them, never other files.
+OUTPUT_FILES = (MODEL_FILE, INDEX_FILE, REPORT_FILE, HUMAN_REPORT_FILE, *PLOT_FILES)
+_SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 #: Files copied from a Hugging Face input folder so ``from_pretrained`` works on the output.
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
@@ -78,18 +87,56 @@ def remove_stale_temps(out_dir: Path) -> list[str]:
     return removed
 
 
+def is_output_name(name: str) -> bool:
+    """Is ``name`` one of the files twa writes as an output (model, shard, index, reports, figures)?"""
+    return name in OUTPUT_FILES or _SHARD_FILE.match(name) is not None
+
+
+def outputs_in(out_dir: Path) -> list[str]:
+    """The names of twa output files (or links) already in ``out_dir``, e.g. an earlier run's."""
+    if not out_dir.is_dir():
+        return []
+    return sorted(p.name for p in out_dir.iterdir() if is_output_name(p.name) and (p.is_file() or p.is_symlink()))
+
+
+def remove_stale_outputs(out_dir: Path, written: tuple[str, ...]) -> list[str]:
+    """Remove the twa output files in ``out_dir`` that this run did not write (the other layout's model
+    files, figures not drawn this time), so the folder holds one consistent output. Other files stay."""
+    removed = []
+    for name in outputs_in(out_dir):
+        if name not in written:
+            try:
+                (out_dir / name).unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                raise OutputError(f"{out_dir / name}: an earlier run's output could not be removed ({err.strerror}); "
+                                  f"remove it by hand") from None
+            removed.append(name)
+    return removed
+
+
 def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs: tuple[Path, ...] = (),
-                 needed_bytes: int = 0) -> None:
-    """Everything about the output that can fail, checked before any heavy work, touching nothing."""
+                 needed_bytes: int = 0, input_dir: Path | None = None) -> None:
+    """Everything about the output that can fail, checked before any heavy work, touching nothing.
+
+    ``input_dir`` is the folder the inputs are discovered in: an output in it or anywhere under it
+    would be read as a checkpoint by the next run, so it is refused (symlinks resolved).
+    """
     targets = {(out_dir / n).resolve() for n in names}
     clash = next((p for p in inputs if p.resolve() in targets), None)
     if clash is not None:
         raise OutputError(f"{out_dir}: writing there would overwrite the input {clash}; choose another --out")
     folder = next((p.parent for p in inputs if p.resolve().parent == out_dir.resolve()), None)
-    if folder is not None:
+    if folder is not None or (input_dir is not None and out_dir.resolve() == input_dir.resolve()):
         raise OutputError(f"{out_dir}: is the checkpoint folder (the output would become an input of the next run); "
                           f"choose another --out")
+    if input_dir is not None and input_dir.resolve() in out_dir.resolve().parents:
+        raise OutputError(f"--out {out_dir}: is inside the input folder {input_dir} (the next run would read the "
+                          f"output as a checkpoint); choose an --out outside {input_dir}")
     existing = [n for n in names if (out_dir / n).exists() or (out_dir / n).is_symlink()]
+    if any(is_output_name(n) for n in names):  # a run replaces every earlier output there, not only its names
+        existing += [n for n in outputs_in(out_dir) if n not in existing]
     if existing and not overwrite:
         raise OutputError(f"{out_dir / existing[0]} already exists; pass --overwrite or choose another --out")
     parent = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
@@ -105,16 +152,43 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
 
 
 def prepare_output_dir(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs: tuple[Path, ...] = (),
-                       needed_bytes: int = 0) -> None:
-    """Check the output (see ``check_output``), create ``out_dir`` and clear stale temp files in it."""
-    check_output(out_dir, names, overwrite, inputs, needed_bytes)
+                       needed_bytes: int = 0, input_dir: Path | None = None) -> tuple[Path, ...]:
+    """Check the output (see ``check_output``), create ``out_dir`` and clear stale temp files in it.
+
+    Returns the folders it created, deepest first, for ``removed_if_empty`` to take back if the run fails.
+    """
+    check_output(out_dir, names, overwrite, inputs, needed_bytes, input_dir)
+    created = tuple(p for p in (out_dir, *out_dir.parents) if not (p.exists() or p.is_symlink()))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
+        remove_empty_dirs(created)
         raise OutputError(f"{out_dir}: cannot create output directory ({err.strerror})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise OutputError(f"{out_dir}: not writable; choose another --out")
-    remove_stale_temps(out_dir)
+    with removed_if_empty(created):
+        if not os.access(out_dir, os.W_OK):
+            raise OutputError(f"{out_dir}: not writable; choose another --out")
+        remove_stale_temps(out_dir)
+    return created
+
+
+def remove_empty_dirs(created: tuple[Path, ...]) -> None:
+    """Remove the folders a run created (deepest first) while they are empty: a failed run leaves no empty
+    --out behind. A folder that holds anything (another run's temp file, a user's file) stays."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+@contextmanager
+def removed_if_empty(created: tuple[Path, ...]) -> Iterator[None]:
+    """On any failure or signal in the block, ``remove_empty_dirs(created)``; then let it propagate."""
+    try:
+        yield
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> None:
@@ -182,6 +256,160 @@ def save_json(path: Path, document: object) -> None:
     except OSError as err:
         raise OutputError(f"{path}: cannot write ({err.strerror}); check free space and permissions") from None
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs, then hand the first one received to the handler that
+    was in place before (so the run still stops with 130/143, right after the block). Main thread only:
+    elsewhere signals are not delivered to Python code, and the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}  # None: installed outside Python, left alone
+    for signum in previous:
+        signal.signal(signum, lambda received, frame: pending.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def _backup(final: Path) -> Path | None:
+    """A hard link to the file ``final`` (so a failed rename phase can put it back), or None when there is
+    no file there or the file system has no hard links."""
+    if not (final.is_file() or final.is_symlink()):
+        return None
+    backup = final.parent / f"{TEMP_PREFIX}{os.getpid()}-{final.name}-old-{secrets.token_hex(4)}"
+    try:
+        os.link(final, backup, follow_symlinks=False)
+    except OSError:
+        return None
+    return backup
+
+
+def _replace_all(out_dir: Path, temps: Mapping[str, Path]) -> None:
+    """Rename every temp onto its name. On an error the renames already done are undone (a replaced file
+    is restored from its hard-link backup, a new one removed) and OutputError names the file."""
+    undo: list[tuple[Path, Path | None, bool]] = []  # (final, backup, existed before)
+    try:
+        for name, tmp in temps.items():
+            final = out_dir / name
+            existed = final.exists() or final.is_symlink()
+            undo.append((final, _backup(final), existed))
+            os.replace(tmp, final)
+    except OSError as err:
+        failed = undo[-1][0]
+        for path, backup, existed in reversed(undo):
+            try:
+                if backup is not None:
+                    os.replace(backup, path)
+                elif not existed:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass  # best effort: the error below is the one to report
+        raise OutputError(f"{failed}: cannot put the output in place ({err.strerror}); the previous output was kept; "
+                          f"check permissions on {out_dir}") from None
+    finally:
+        for _, backup, _ in undo:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames durable (not every platform can open a directory: best effort)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class StagedOutput:
+    """The files of one output, all or nothing. Each file is written to a temp name in ``out_dir`` and
+    fsync'ed; ``commit`` then renames them all into place in one short phase with SIGINT/SIGTERM deferred.
+    Leaving the ``with`` block without a commit (an error, a signal) removes every temp: nothing changes.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self._temps: dict[str, Path] = {}  # final name -> temp path, in write order
+
+    def __enter__(self) -> StagedOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._temps)
+
+    def discard(self) -> None:
+        for tmp in self._temps.values():
+            tmp.unlink(missing_ok=True)
+        self._temps.clear()
+
+    @contextmanager
+    def _temp(self, name: str) -> Iterator[Path]:
+        if name in self._temps:
+            raise ValueError(f"{name}: staged twice")
+        final = self.out_dir / name
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{name}-", dir=self.out_dir)
+            os.close(fd)
+            self._temps[name] = Path(tmp)
+            yield Path(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise OutputError(f"{final}: cannot write ({err.strerror}); check free space and permissions") from None
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        """Stage a file with these bytes; return its sha256."""
+        with self._temp(name) as tmp:
+            tmp.write_bytes(data)
+        return sha256_file(self._temps[name])
+
+    def save_json(self, name: str, document: object) -> str:
+        return self.write_bytes(name, (json.dumps(document, indent=2) + "\n").encode())
+
+    def save_safetensors(self, name: str, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+        """Stage a state dict as safetensors with string metadata (see ``save_file``); return its sha256."""
+        meta = {"format": "pt", **{k: str(v) for k, v in metadata.items()}}
+        with self._temp(name) as tmp:
+            save_file(state, str(tmp), metadata=meta)
+        return sha256_file(self._temps[name])
+
+    def copy_file(self, name: str, source: Path) -> None:
+        with self._temp(name) as tmp:
+            shutil.copyfile(source, tmp)
+
+    def commit(self, pause_before_rename_s: float = 0.0) -> tuple[Path, ...]:
+        """Rename every staged file into place, all or none, then remove the twa outputs of an earlier run
+        that this one did not write (``remove_stale_outputs``); return the final paths.
+
+        ``pause_before_rename_s`` is a fault-injection hook for tests (a kill while the temps exist).
+        """
+        if pause_before_rename_s:
+            time.sleep(pause_before_rename_s)
+        paths = tuple(self.out_dir / n for n in self._temps)
+        with signals_deferred():
+            try:
+                _replace_all(self.out_dir, self._temps)
+            finally:
+                self.discard()  # after a failed phase: the temps left; after a commit: nothing
+            remove_stale_outputs(self.out_dir, tuple(p.name for p in paths))
+            _fsync_dir(self.out_dir)
+        return paths
 
 
 def parse_size(text: str) -> int:
@@ -237,39 +465,33 @@ class WrittenModel:
         return Path(self.files[-1][0])
 
 
-def write_model(out_dir: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                max_shard_bytes: int | None = None, hf_source: Path | None = None, *,
-                pause_before_rename_s: float = 0.0) -> WrittenModel:
-    """Write the model (one file, or shards + index written last) and the HF side files."""
+def write_model(staged: StagedOutput, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                max_shard_bytes: int | None = None, hf_source: Path | None = None) -> WrittenModel:
+    """Stage the model (one file, or shards + index) and the HF side files; ``staged.commit`` puts them in place."""
     shards = plan_shards(state, max_shard_bytes)
     names = model_file_names(len(shards))
     written = []
     weight_map = {}
     for name, keys in zip(names, shards):
-        path = out_dir / name
-        written.append((str(path), save_safetensors(path, {k: state[k] for k in keys}, metadata,
-                                                    pause_before_rename_s)))
+        digest = staged.save_safetensors(name, {k: state[k] for k in keys}, metadata)
+        written.append((str(staged.out_dir / name), digest))
         weight_map.update({k: name for k in keys})
     if len(shards) > 1:
         total = sum(v.numel() * v.element_size() for v in state.values())
         index = {"metadata": {"total_size": total, **dict(metadata)}, "weight_map": dict(sorted(weight_map.items()))}
-        save_json(out_dir / INDEX_FILE, index)
-        written.append((str(out_dir / INDEX_FILE), sha256_file(out_dir / INDEX_FILE)))
+        written.append((str(staged.out_dir / INDEX_FILE), staged.save_json(INDEX_FILE, index)))
     if hf_source is not None:
-        copy_side_files(hf_source, out_dir)
+        copy_side_files(hf_source, staged)
     return WrittenModel(files=tuple(written))
 
 
-def copy_side_files(source: Path, out_dir: Path) -> list[str]:
-    """Copy config/tokenizer files of a Hugging Face folder (plain files only, never through symlinks)."""
+def copy_side_files(source: Path, staged: StagedOutput) -> list[str]:
+    """Stage copies of the config/tokenizer files of a Hugging Face folder (plain files only, never through
+    symlinks)."""
     copied = []
     for name in HF_SIDE_FILES:
         src = source / name
         if src.is_file() and not src.is_symlink():
-            try:
-                with atomic_path(out_dir / name) as tmp:
-                    shutil.copyfile(src, tmp)
-            except OSError as err:
-                raise OutputError(f"{out_dir / name}: cannot write ({err.strerror})") from None
+            staged.copy_file(name, src)
             copied.append(name)
     return copied

@@ -1,0 +1,287 @@
+"""Output safety: every output is all or nothing (staged to temps, renamed together with signals deferred)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pathlib
+import signal
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import model_flags, snapshot
+from safetensors.torch import load_file
+
+from twa_tool.cli import cli
+from twa_tool.errors import OutputError
+from twa_tool.writer import TEMP_PREFIX, StagedOutput, signals_deferred
+
+FAST = ["--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--baselines", "none", "--threads", "1"]
+FALLBACK = ["--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--threads", "1", "--lr", "1000",
+            "--schedule", "constant", "--fail-if-worse-than", "best", "--on-worse", "fallback"]
+
+
+def average(ckpts: Path, out: Path, *extra: str):
+    return CliRunner().invoke(cli, ["average", str(ckpts), *extra, "--out", str(out)])
+
+
+def soup(ckpts: Path, out: Path, *extra: str):
+    return CliRunner().invoke(cli, ["soup", str(ckpts), *model_flags(), "--data", "synthetic", "--epochs", "1",
+                                    "--batch-size", "256", "--threads", "1", "--method", "uniform", *extra,
+                                    "--out", str(out)])
+
+
+def previous_output(out: Path) -> dict[str, tuple[str, int]]:
+    """A folder holding an earlier run's files (their content does not matter); its snapshot."""
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the previous model")
+    (out / "report.json").write_text("{}")
+    (out / "report.md").write_text("old report")
+    return snapshot(out)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fail_when_staging(monkeypatch: pytest.MonkeyPatch, suffix: str, error: BaseException) -> None:
+    """Make the write of the staged file whose name ends with ``suffix`` fail part-way."""
+    original = pathlib.Path.write_bytes
+
+    def write_bytes(self: Path, data: bytes) -> int:
+        if self.name.startswith(TEMP_PREFIX) and f"-{suffix}-" in self.name:
+            original(self, data[: len(data) // 2])
+            raise error
+        return original(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+
+
+@pytest.mark.parametrize("flags", [FAST, FALLBACK], ids=["twa", "gate-fallback"])
+def test_interrupt_before_the_last_file_leaves_the_previous_output(demo_ckpts: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   flags: list[str]) -> None:
+    """SIGINT while report.md is written: the model and report.json are not in place either."""
+    out = tmp_path / "o"
+    before = previous_output(out)
+    fail_when_staging(monkeypatch, "report.md", KeyboardInterrupt())
+    result = average(demo_ckpts, out, *flags, "--overwrite")
+    assert result.exit_code == 130, result.output
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("png", [False, True])
+def test_disk_full_leaves_the_previous_output(demo_ckpts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              png: bool) -> None:
+    out = tmp_path / "o"
+    before = previous_output(out)
+    if png:  # the figures, written after the model and report.json (no matplotlib needed)
+        monkeypatch.setattr("twa_tool.pipeline.render_plots", lambda report: ({"accuracy.png": b"\x89PNG"}, None))
+    fail_when_staging(monkeypatch, "accuracy.png" if png else "report.md",
+                      OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    result = average(demo_ckpts, out, *FAST, "--overwrite")
+    assert result.exit_code == 7, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "cannot write (No space left on device)" in line
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_the_renames_is_handled_after_them(demo_ckpts: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, sig: int, code: int) -> None:
+    """A signal between two renames waits for the last one: the output is the new one, whole and consistent."""
+    out = tmp_path / "o"
+    previous_output(out)
+    original = os.replace
+    sent = []
+
+    def replace(src, dst) -> None:
+        original(src, dst)
+        if Path(dst).parent == out and not sent:
+            sent.append(dst)
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(os, "replace", replace)
+    result = average(demo_ckpts, out, *FAST, "--overwrite")
+    assert result.exit_code == code, result.output
+    assert sent, "the run never reached the renames"
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"]["model"]["sha256"] == sha(out / "model.safetensors")
+    assert (out / "report.md").read_text() != "old report"
+    assert not list(out.glob(f"{TEMP_PREFIX}*"))
+
+
+def test_soup_interrupt_or_disk_full_leaves_the_previous_output(demo_ckpts: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "o"
+    before = previous_output(out)
+    with monkeypatch.context() as patch:
+        fail_when_staging(patch, "report.md", KeyboardInterrupt())
+        interrupted = soup(demo_ckpts, out, "--overwrite")
+    assert interrupted.exit_code == 130, interrupted.output
+    assert snapshot(out) == before
+    fail_when_staging(monkeypatch, "report.json", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    full = soup(demo_ckpts, out, "--overwrite")
+    assert full.exit_code == 7 and "No space left on device" in full.stderr, full.output
+    assert snapshot(out) == before
+
+
+def test_a_failed_rename_phase_puts_everything_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a").write_bytes(b"old a")
+    (tmp_path / "b").write_bytes(b"old b")
+    original = os.replace
+
+    def replace(src, dst) -> None:
+        if Path(dst).name == "c" and Path(src).name.startswith(TEMP_PREFIX):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        original(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OutputError, match="c: cannot put the output in place .*the previous output was kept"):
+        with StagedOutput(tmp_path) as staged:
+            for name in ("a", "new", "c", "b"):
+                staged.write_bytes(name, f"new {name}".encode())
+            staged.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert (tmp_path / "a").read_bytes() == b"old a" and (tmp_path / "b").read_bytes() == b"old b"
+
+
+def test_staged_files_appear_only_on_commit(tmp_path: Path) -> None:
+    with StagedOutput(tmp_path) as staged:
+        digest = staged.write_bytes("x", b"data")
+        assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(TEMP_PREFIX)] == []
+        assert staged.commit() == (tmp_path / "x",)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"] and digest == sha(tmp_path / "x")
+    with StagedOutput(tmp_path) as staged:
+        staged.write_bytes("y", b"never committed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_signals_are_deferred_to_the_end_of_the_block() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    reached = False
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached = True
+    assert reached and signal.getsignal(signal.SIGINT) == before
+
+
+def test_safetensors_output_loads(demo_ckpts: Path, tmp_path: Path) -> None:
+    result = average(demo_ckpts, tmp_path / "o", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["outputs"]["model"]["sha256"] == sha(tmp_path / "o" / "model.safetensors")
+    load_file(tmp_path / "o" / "model.safetensors")
+
+
+# ------------------------------------------------------------------ a rerun leaves no stale output
+
+
+def names_in(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir())
+
+
+def test_overwrite_switching_layout_removes_the_other_layouts_files(demo_ckpts: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unsharded then sharded then unsharded again: a loader never finds the previous layout's model."""
+    monkeypatch.setattr("twa_tool.pipeline.render_plots", lambda report: ({}, "no plots"))
+    out = tmp_path / "o"
+    first = average(demo_ckpts, out, *FAST)
+    assert first.exit_code == 0, first.output
+    (out / "notes.txt").write_text("mine")  # not a twa output: never touched
+    sharded = average(demo_ckpts, out, *FAST, "--overwrite", "--max-shard-size", "1KB")
+    assert sharded.exit_code == 0, sharded.output
+    shards = [n for n in names_in(out) if n.startswith("model-")]
+    assert len(shards) > 1 and "model.safetensors" not in names_in(out)
+    assert names_in(out) == sorted([*shards, "model.safetensors.index.json", "notes.txt", "report.json", "report.md"])
+    again = average(demo_ckpts, out, *FAST, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert names_in(out) == ["model.safetensors", "notes.txt", "report.json", "report.md"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_figures_not_drawn_this_time_are_removed(demo_ckpts: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "o"
+    previous_output(out)
+    for name in ("coefficients.png", "accuracy.png"):
+        (out / name).write_bytes(b"an earlier run's figure")
+    monkeypatch.setattr("twa_tool.plots._pyplot", lambda: None)  # matplotlib missing this time
+    result = average(demo_ckpts, out, *FAST, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert names_in(out) == ["model.safetensors", "report.json", "report.md"]
+
+
+def test_any_earlier_output_needs_overwrite(demo_ckpts: Path, tmp_path: Path) -> None:
+    """A sharded run into a folder holding only an earlier model.safetensors would remove it: refused."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the previous model")
+    before = snapshot(out)
+    result = average(demo_ckpts, out, *FAST, "--max-shard-size", "1KB")
+    assert result.exit_code == 7, result.output
+    assert "model.safetensors already exists; pass --overwrite" in result.stderr
+    assert snapshot(out) == before
+
+
+def test_soup_over_an_average_output_keeps_only_the_soup(demo_ckpts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    previous_output(out)
+    for name in ("coefficients.png", "accuracy.png", "model-00001-of-00002.safetensors",
+                 "model-00002-of-00002.safetensors", "model.safetensors.index.json"):
+        (out / name).write_bytes(b"an earlier run's file")
+    result = soup(demo_ckpts, out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert names_in(out) == ["model.safetensors", "report.json", "report.md"]
+
+
+# ------------------------------------------------------------------ a failed run leaves no empty folder
+
+
+def test_a_failed_run_removes_the_folders_it_created(demo_ckpts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "o"
+    result = average(demo_ckpts, out, *FAST, "--lr", "1e30", "--schedule", "constant")
+    assert result.exit_code == 6, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error, code", [(KeyboardInterrupt(), 130), (OSError(errno.EIO, "I/O error"), 1)])
+def test_an_interrupted_run_removes_the_folder_it_created(demo_ckpts: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, error: BaseException,
+                                                          code: int) -> None:
+    def train(*args, **kwargs):
+        assert (tmp_path / "o").is_dir()  # created before the heavy work
+        raise error
+
+    monkeypatch.setattr("twa_tool.pipeline.train_projected", train)
+    result = average(demo_ckpts, tmp_path / "o", *FAST)
+    assert result.exit_code == code, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_the_run_did_not_create_or_that_holds_files_stays(demo_ckpts: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = average(demo_ckpts, tmp_path / "empty", *FAST, "--lr", "1e30", "--schedule", "constant")
+    assert result.exit_code == 6 and (tmp_path / "empty").is_dir()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    result = average(demo_ckpts, tmp_path / "busy", *FAST, "--lr", "1e30", "--schedule", "constant")
+    assert result.exit_code == 6 and names_in(tmp_path / "busy") == ["notes.txt"]
+
+
+def test_a_failed_soup_removes_the_folder_it_created(demo_ckpts: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from twa_tool.errors import NumericalError
+
+    def greedy(*args, **kwargs):
+        assert (tmp_path / "o").is_dir()
+        raise NumericalError("greedy: non-finite loss")
+
+    monkeypatch.setattr("twa_tool.soup.run_greedy", greedy)
+    result = soup(demo_ckpts, tmp_path / "o")
+    assert result.exit_code == 6, result.output
+    assert list(tmp_path.iterdir()) == []
