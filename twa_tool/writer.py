@@ -10,6 +10,7 @@ and when the input was a Hugging Face folder its ``config.json`` and tokenizer f
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -53,6 +54,7 @@ def atomic_path(final: Path, pause_before_rename_s: float = 0.0) -> Iterator[Pat
     ``pause_before_rename_s`` is a fault-injection hook for tests (a kill while the temp exists).
     """
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{final.name}-", dir=final.parent)
+    os.fchmod(fd, _file_mode())  # mkstemp's 0600 would make outputs private: use the umask as open() does
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -64,6 +66,14 @@ def atomic_path(final: Path, pause_before_rename_s: float = 0.0) -> Iterator[Pat
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@functools.cache
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process's umask (read once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _pid_alive(pid: int) -> bool:
@@ -365,6 +375,7 @@ class StagedOutput:
         final = self.out_dir / name
         try:
             fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{name}-", dir=self.out_dir)
+            os.fchmod(fd, _file_mode())
             os.close(fd)
             self._temps[name] = Path(tmp)
             yield Path(tmp)
