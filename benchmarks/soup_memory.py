@@ -21,6 +21,8 @@ from safetensors.torch import save_file
 
 from twa_tool.models import build_model
 
+DTYPES = ("float32", "bf16", "int8")  # twa soup --basis-dtype
+
 BASELINE = """
 import resource, torch
 from twa_tool.data import build_data
@@ -56,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=30000)
     parser.add_argument("--k", type=int, nargs="+", default=[8])
-    parser.add_argument("--dtype", nargs="+", choices=["float32", "bf16", "int8"], default=["float32", "bf16", "int8"],
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES),
                         help="basis dtypes to measure (twa soup --basis-dtype)")
     parser.add_argument("--work", type=Path, default=Path("runs/soup_memory"))
     args = parser.parse_args()
