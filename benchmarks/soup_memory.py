@@ -5,7 +5,7 @@ the base; data: the built-in synthetic set (16 x 16, 2000 fit / 500 eval), 1 epo
 fitting. Each run is a fresh process (``python -m twa_tool soup``), so ``memory.peak_rss_bytes`` in its
 report is that run's own. The baseline is a process that imports twa, builds the data and the model.
 
-    python benchmarks/soup_memory.py --hidden 30000 --k 8 16 --dtype float32 bfloat16 int8
+    python benchmarks/soup_memory.py --hidden 30000 --k 8 16 --dtype float32 bf16 int8
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from twa_tool.models import build_model
+
+DTYPES = ("float32", "bf16", "int8")  # twa soup --basis-dtype
 
 BASELINE = """
 import resource, torch
@@ -56,7 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=30000)
     parser.add_argument("--k", type=int, nargs="+", default=[8])
-    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16", "int8"])
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES),
+                        help="basis dtypes to measure (twa soup --basis-dtype)")
     parser.add_argument("--work", type=Path, default=Path("runs/soup_memory"))
     args = parser.parse_args()
     print("| K | D | basis dtype | directions (MiB) | formula K·D·b + 8·D + 14·S (MiB) | peak RSS (MiB) | "

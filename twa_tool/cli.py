@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -35,9 +36,10 @@ from .config import (
     parse_key_values,
     parse_range,
 )
-from .errors import DistributedError, QualityGateFailed, TwaError
-from .pipeline import Event
-from .writer import parse_size
+from .errors import ConfigError, DistributedError, QualityGateFailed, TwaError
+
+if TYPE_CHECKING:  # torch loads inside the commands, where Ctrl-C and errors are handled
+    from .pipeline import Event
 
 EXIT_CODES_HELP = """\b
 Exit codes: 0 ok, 1 unexpected failure, 2 usage error, 3 quality gate failed,
@@ -54,19 +56,47 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while torch imports and raise them right after: raised inside torch's C++
+    initialisation, the exception either aborts the process (SIGABRT, no message) or is swallowed (the run goes
+    on after Ctrl-C)."""
+    if not _main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if pending:
+        raise KeyboardInterrupt() if pending[0] == signal.SIGINT else Terminated()
+
+
 def set_threads(threads: int | None) -> None:
     """``--threads``: torch's intra-op CPU threads (a process-wide setting, so the CLI owns it)."""
     if threads is not None:
         if threads < 1:
-            raise click.BadParameter("must be at least 1", param_hint="--threads")
+            raise ConfigError(f"--threads {threads}: must be at least 1")
         import torch
 
         torch.set_num_threads(threads)
 
 
+def parse_size(text: str) -> int:
+    """``--max-shard-size`` (the writer's parser, imported late: it loads torch)."""
+    from .writer import parse_size as parse
+
+    return parse(text)
+
+
 def make_console(quiet: bool) -> Console:
     no_color = bool(os.environ.get("NO_COLOR"))
-    return Console(stderr=True, quiet=quiet, no_color=no_color, highlight=False)
+    # emoji off: rich would turn a user's ":x:" or "data.py:train:" into emoji (user text is also escaped)
+    return Console(stderr=True, quiet=quiet, no_color=no_color, highlight=False, emoji=False)
 
 
 class ProgressSink:
@@ -99,7 +129,7 @@ class ProgressSink:
         if _main_thread():
             self._handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         if self.interactive:
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
             self.progress.start()
         return self
@@ -114,13 +144,13 @@ class ProgressSink:
         if self.signalled is not None:  # the signal's first raise was dropped
             raise self.signalled()
         if event.kind == "warning":
-            self.console.print(f"[yellow]warning:[/yellow] {event.message}", soft_wrap=True)
+            self.console.print(f"[yellow]warning:[/yellow] {escape(event.message)}", soft_wrap=True)
         elif event.kind == "phase":
             self.phase, self.total, self.done = event.message, event.total, 0
             if self.progress is not None:
                 self.task = self.progress.add_task(event.message, total=event.total)
             else:
-                self.console.print(f"{event.message} ...")
+                self.console.print(f"{event.message} ...", markup=False)
                 self.last_line = time.monotonic()
             self.started = time.monotonic()
         else:
@@ -167,6 +197,8 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> N
     prefix = f"rank {rank}: " if rank else ""
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
+        with signals_held():
+            import torch  # noqa: F401  (every command needs it; the heavy part of the start)
         body()
     except TwaError as err:
         if rank and err.exit_code == DistributedError.exit_code:
@@ -215,7 +247,49 @@ def emit(report: dict, as_json: bool, console: Console, render: Callable[[dict, 
     render(report, console)
 
 
-@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+class TwaGroup(click.Group):
+    """Click's group with twa's error contract in standalone mode (the ``twa`` command, ``CliRunner``): a usage
+    error is one line ``error: ...`` and exit 2 (not click's Usage/Try/Error block), and Ctrl-C or SIGTERM
+    before a command's own handling (argument parsing, imports) is one line and exit 130/143."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            sys.exit(report_usage_error(err))
+        except (click.Abort, KeyboardInterrupt, Terminated) as err:
+            sys.exit(report_interrupt(err, verbose="-v" in argv or "--verbose" in argv))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def report_usage_error(err: click.ClickException) -> int:
+    """Print a click error as one line (``error: ... (see 'twa average --help')``); return its exit code."""
+    message = err.format_message().rstrip(".")
+    ctx = getattr(err, "ctx", None)
+    if isinstance(err, click.UsageError) and ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    make_console(quiet=False).print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    return err.exit_code
+
+
+def report_interrupt(err: BaseException, verbose: bool) -> int:
+    """Ctrl-C (click wraps it in ``Abort``) or SIGTERM before a command started writing: one line, 130 or 143."""
+    console = make_console(quiet=False)
+    if verbose:
+        console.print("".join(traceback.format_exception(err)), markup=False, highlight=False)
+    word, code = ("terminated", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+    console.print(f"[red]{word}[/red]: nothing was written")
+    return code
+
+
+@click.group(cls=TwaGroup, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="twa")
 def cli() -> None:
     """Trainable Weight Averaging: turn a folder of checkpoints into one better model."""
@@ -370,9 +444,9 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
     (`torchrun --nproc-per-node N -m twa_tool average ...`) the ranks share the data and the basis.
     """
     console = make_console(quiet or torchrun_rank() != 0)
-    set_threads(threads)
 
     def body() -> None:
+        set_threads(threads)
         from .pipeline import run_average
         from .report import render_average, render_dry_run
 
@@ -388,10 +462,10 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             out_dtype=out_dtype, basis_dtype=basis_dtype,
             max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
             fail_if_worse_than=fail_if_worse_than, tolerance=tolerance, on_worse=on_worse, dry_run=dry_run,
-            faults=faults)
+            dist_timeout=dist_timeout, faults=faults)
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
-        with process_group(device, dist_timeout) as dist, ProgressSink(console) as sink:
+        with process_group(device, config.dist_timeout) as dist, ProgressSink(console) as sink:
             result = run_average(config, on_event=sink, dist=dist)
         if dist.is_main:
             emit(result.report, as_json, console, render_dry_run if dry_run else render_average)
@@ -494,9 +568,9 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
     acceptance, TWA's coefficients, the written soup) and on the evaluation split (reported only).
     """
     console = make_console(quiet)
-    set_threads(threads)
 
     def body() -> None:
+        set_threads(threads)
         from .report import render_soup
         from .soup import run_soup
 
@@ -537,33 +611,56 @@ def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, ep
     """Offline end-to-end demo: train a small CNN saving a checkpoint per epoch, then run TWA on them.
 
     Equivalent to a short training script followed by
-    `twa average OUT/ckpts --data DATA --out OUT/twa`.
+    `twa average OUT/ckpts --data DATA --out OUT/twa`. Every flag is checked before training; a failed
+    or interrupted demo removes the checkpoints and folders it created.
     """
     console = make_console(quiet)
 
     def body() -> None:
-        from .demo import DemoTrainConfig, train_checkpoints
+        from .demo import DemoTrainConfig, missing_folders, remove_partial, train_checkpoints
         from .pipeline import run_average
         from .report import render_average
+        from .writer import MODEL_FILE, check_output
 
         in_channels = "3" if data in ("cifar10", "cifar100", "svhn") else "1"
         train_config = DemoTrainConfig(out_dir=out_dir / "ckpts", data=data, data_root=data_root,
                                        epochs=train_epochs, seed=seed, overwrite=overwrite,
                                        model_args=(("in_channels", in_channels), ("num_classes", "10"),
                                                    ("width", "8")))
-        console.print(f"training {train_config.model} on {data} for {train_epochs} epochs "
-                      f"-> {train_config.out_dir}")
-        train_checkpoints(train_config, on_epoch=lambda e, loss: console.print(f"  epoch {e}: train loss {loss:.4f}"))
+        # every flag of both steps is checked before training, so a typo costs no run and leaves no ckpts/
         config = AverageConfig(checkpoint_dir=train_config.out_dir, out_dir=out_dir / "twa", data=data,
                                data_root=data_root, train=TrainConfig(lr=lr, epochs=epochs), seed=seed,
                                overwrite=overwrite, out_dtype=out_dtype,
                                max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
-        console.print(f"twa average {config.checkpoint_dir} --data {data} --epochs {epochs} --out {config.out_dir}")
-        with ProgressSink(console) as sink:
-            result = run_average(config, on_event=sink)
+        check_output(config.out_dir, (MODEL_FILE, "report.json"), overwrite)
+        console.print(f"training {train_config.model} on {data} for {train_epochs} epochs "
+                      f"-> {train_config.out_dir}", markup=False)
+        created = missing_folders(train_config.out_dir, config.out_dir)
+        written = train_checkpoints(train_config, on_epoch=lambda e, loss: console.print(f"  epoch {e}: train loss "
+                                                                                         f"{loss:.4f}"))
+        console.print(f"twa average {config.checkpoint_dir} --data {data} --epochs {epochs} --out {config.out_dir}",
+                      markup=False)
+        try:
+            with ProgressSink(console) as sink:
+                result = run_average(config, on_event=sink)
+        except BaseException:  # a failed or interrupted demo leaves nothing: the rerun starts clean
+            remove_partial(written, created)
+            raise
         emit(result.report, as_json, console, render_average)
 
     run_reported(verbose, console, body)
+
+
+def add_flag_envvars(group: click.Group, prefix: str = "TWA") -> None:
+    """Give every visible option of every command the variable its long flag names: ``--range`` of ``average``
+    reads ``TWA_AVERAGE_RANGE``, ``--allow-global`` ``TWA_AVERAGE_ALLOW_GLOBAL``. Click's own name, from the
+    parameter (``TWA_AVERAGE_RANGE_``, ``TWA_AVERAGE_AS_JSON``), still works under ``auto_envvar_prefix``."""
+    for command_name, command in group.commands.items():
+        for param in command.params:
+            longs = [opt for opt in param.opts if opt.startswith("--")]
+            if isinstance(param, click.Option) and not param.hidden and param.envvar is None and longs:
+                flag = longs[0][2:].replace("-", "_").upper()
+                param.envvar = f"{prefix}_{command_name.upper()}_{flag}"
 
 
 BACKEND_WORDS = ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset")
@@ -584,8 +681,6 @@ def process_group(device: str, timeout_s: float) -> Iterator:
     from .distributed import init, shutdown
     from .pipeline import resolve_device
 
-    if timeout_s <= 0:
-        raise click.BadParameter("must be positive", param_hint="--dist-timeout")
     dist = init(resolve_device(device), timeout_s)
     try:
         yield dist
@@ -597,6 +692,15 @@ def process_group(device: str, timeout_s: float) -> Iterator:
     shutdown(dist)
 
 
+add_flag_envvars(cli)
+
+
 def main() -> None:
-    """Console-script entry point; ``TWA_*`` environment variables provide option defaults."""
-    cli(auto_envvar_prefix="TWA")
+    """Console-script entry point; ``TWA_*`` environment variables provide option defaults.
+
+    SIGTERM raises ``Terminated`` from here on (commands report it as exit 143, as ``TwaGroup`` does before
+    them); this module imports only click and rich, so an early Ctrl-C also lands in ``TwaGroup``.
+    """
+    if _main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    cli.main(auto_envvar_prefix="TWA")

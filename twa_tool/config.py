@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,14 +67,18 @@ class TrainConfig:
         check_optimizer_fields(self)
 
 
+def check_finite(flag: str, value: float, minimum: float, inclusive: bool = True) -> None:
+    """A float flag must be a finite number above ``minimum`` (nan and inf fail here, not mid-run)."""
+    if not (math.isfinite(value) and (value >= minimum if inclusive else value > minimum)):
+        raise ConfigError(f"{flag} {value}: must be a finite number {'>=' if inclusive else '>'} {minimum:g}")
+
+
 def check_optimizer_fields(config: TrainConfig | CoefficientTrainConfig) -> None:
     """The flags both trainers share: --schedule, --lr, --wd, --momentum, --epochs, --batch-size."""
     if config.schedule not in SCHEDULES:
         raise ConfigError(f"--schedule {config.schedule}: choose one of {', '.join(SCHEDULES)}")
-    if not config.lr > 0:
-        raise ConfigError(f"--lr {config.lr}: must be positive")
-    if config.weight_decay < 0:
-        raise ConfigError(f"--wd {config.weight_decay}: must be >= 0")
+    check_finite("--lr", config.lr, minimum=0.0, inclusive=False)
+    check_finite("--wd", config.weight_decay, minimum=0.0)
     if not 0 <= config.momentum < 1:
         raise ConfigError(f"--momentum {config.momentum}: must be in [0, 1)")
     if config.epochs < 0:
@@ -116,6 +121,7 @@ class AverageConfig:
     tolerance: float = 0.0
     on_worse: str = "keep"
     dry_run: bool = False
+    dist_timeout: float = 300.0  # seconds a torchrun rank waits in a collective (the CLI's process group)
     faults: tuple[str, ...] = ()  # fault injection for tests (hidden --fault), e.g. "oom-basis"
 
     def __post_init__(self) -> None:
@@ -147,10 +153,12 @@ class AverageConfig:
             raise ConfigError(f"--on-worse {self.on_worse}: choose keep or fallback")
         if self.on_worse == "fallback" and not self.baselines:
             raise ConfigError("--on-worse fallback needs at least one of --baselines last,best,swa")
-        if self.tolerance < 0:
-            raise ConfigError(f"--tolerance {self.tolerance}: must be >= 0 (accuracy as a fraction, e.g. 0.002)")
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise ConfigError(f"--tolerance {self.tolerance}: must be a finite number >= 0 (accuracy as a fraction, "
+                              f"e.g. 0.002)")
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers {self.num_workers}: must be >= 0")
+        check_finite("--dist-timeout", self.dist_timeout, minimum=0.0, inclusive=False)
 
 
 def parse_baselines(text: str) -> tuple[str, ...]:

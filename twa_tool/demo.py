@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from .data import build_data
+from .errors import ConfigError
 from .models import MODEL_ARGS_METADATA_KEY, MODEL_METADATA_KEY, build_model
 from .writer import prepare_output_dir, save_safetensors
 
@@ -34,21 +35,61 @@ class DemoTrainConfig:
     seed: int = 0
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"--train-epochs {self.epochs}: must be at least 1 (TWA needs 2 checkpoints: the "
+                              f"init and one per epoch)")
+
 
 def train_checkpoints(config: DemoTrainConfig, on_epoch: Callable[[int, float], None] | None = None) -> list[Path]:
-    """Train with plain SGD; write ``0.safetensors`` (the init) and ``E.safetensors`` after each epoch E."""
+    """Train with plain SGD; write ``0.safetensors`` (the init) and ``E.safetensors`` after each epoch E.
+
+    The data and model are built before the output folder is touched; when training fails or is interrupted
+    (``BaseException``: Ctrl-C, SIGTERM), the checkpoints this call wrote and the folders it created are removed.
+    """
     torch.manual_seed(config.seed)
     names = tuple(f"{e}.safetensors" for e in range(config.epochs + 1))
-    prepare_output_dir(config.out_dir, names, config.overwrite)
     data = build_data(config.data, root=config.data_root)
     model = build_model(config.model, config.model_args)
-    loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True,
+    created = missing_folders(config.out_dir)
+    prepare_output_dir(config.out_dir, names, config.overwrite)
+    written: list[Path] = []
+    try:
+        _train(config, names, data.train, model, on_epoch, written)
+    except BaseException:
+        remove_partial(written, created)
+        raise
+    return written
+
+
+def missing_folders(*paths: Path) -> list[Path]:
+    """The folders among ``paths`` and their parents that do not exist yet, deepest first: what creating
+    ``paths`` adds, so what a failed run removes."""
+    missing = {d for path in paths for d in (path, *path.parents) if not d.exists() and not d.is_symlink()}
+    return sorted(missing, key=lambda d: len(d.parts), reverse=True)
+
+
+def remove_partial(files: list[Path], folders: list[Path]) -> None:
+    """Delete ``files``, then each of ``folders`` (deepest first) that is empty."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty (or gone): it holds something this run did not write
+
+
+def _train(config: DemoTrainConfig, names: tuple[str, ...], dataset: torch.utils.data.Dataset,
+           model: torch.nn.Module, on_epoch: Callable[[int, float], None] | None, written: list[Path]) -> None:
+    """The SGD loop; appends each checkpoint to ``written`` just before it is saved."""
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(config.seed))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     metadata = {MODEL_METADATA_KEY: config.model, MODEL_ARGS_METADATA_KEY: json.dumps(dict(config.model_args))}
-    paths = [config.out_dir / names[0]]
-    save_safetensors(paths[0], model.state_dict(), {**metadata, "twa.epoch": "0"})
+    written.append(config.out_dir / names[0])  # before the save: a signal may land after its rename
+    save_safetensors(written[-1], model.state_dict(), {**metadata, "twa.epoch": "0"})
     for epoch in range(1, config.epochs + 1):
         model.train()
         total, count = 0.0, 0
@@ -59,8 +100,7 @@ def train_checkpoints(config: DemoTrainConfig, on_epoch: Callable[[int, float], 
             optimizer.step()
             total += loss.item() * len(targets)
             count += len(targets)
-        paths.append(config.out_dir / names[epoch])
-        save_safetensors(paths[-1], model.state_dict(), {**metadata, "twa.epoch": str(epoch)})
+        written.append(config.out_dir / names[epoch])
+        save_safetensors(written[-1], model.state_dict(), {**metadata, "twa.epoch": str(epoch)})
         if on_epoch is not None:
             on_epoch(epoch, total / count)
-    return paths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 METHOD_LABELS = {
@@ -26,7 +27,7 @@ def metrics_table(report: dict, title: str = "Evaluation split") -> Table:
     for name, values in metrics.items():
         label = METHOD_LABELS.get(name, name)
         if "checkpoint" in values:
-            label += f" [dim]({values['checkpoint']})[/dim]"
+            label += f" [dim]({escape(values['checkpoint'])})[/dim]"
         row = [label, f"{100 * values['accuracy']:.2f}%", f"{values['loss']:.4f}"]
         if reference_name:
             delta = 100 * (values["accuracy"] - metrics[reference_name]["accuracy"])
@@ -45,7 +46,7 @@ def coefficients_table(report: dict, limit: int = 12) -> Table:
     table.add_column("checkpoint")
     table.add_column("a", justify="right")
     for name, value in shown:
-        table.add_row(name, f"{value:+.4f}")
+        table.add_row(escape(name), f"{value:+.4f}")
     table.caption = f"Σ a = {sum(report['coefficients']):.4f}"
     return table
 
@@ -53,22 +54,23 @@ def coefficients_table(report: dict, limit: int = 12) -> Table:
 def render_dry_run(report: dict, console: Console) -> None:
     """The plan of a ``--dry-run``: selection, memory estimate, files that would be written."""
     console.print(f"dry run: {len(report['checkpoints'])} checkpoints selected: {', '.join(report['checkpoints'])}",
-                  soft_wrap=True)
+                  soft_wrap=True, markup=False)
     for item in report["excluded"]:
-        console.print(f"  left out {item['name']}: {item['reason']}", soft_wrap=True)
+        console.print(f"  left out {item['name']}: {item['reason']}", soft_wrap=True, markup=False)
     memory = report["memory_estimate_bytes"]
     parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items() if k != "total")
     console.print(f"model {report['model']['spec']}: {report['model']['parameters']:,} trainable parameters; "
-                  f"peak memory about {memory['total'] / 2**20:.1f} MiB ({parts})", soft_wrap=True)
+                  f"peak memory about {memory['total'] / 2**20:.1f} MiB ({parts})", soft_wrap=True, markup=False)
     data = report["data"]
     if data["would_download"]:
-        console.print(f"data {data['spec']}: not on disk; the run would download it (--download)", soft_wrap=True)
+        console.print(f"data {data['spec']}: not on disk; the run would download it (--download)", soft_wrap=True,
+                      markup=False)
     else:
         console.print(f"data {data['spec']}: {data['num_classes']} classes, {data['fit_examples']:,} examples to fit "
                       f"on ({data['fit_on']}), {data['eval_examples']:,} to evaluate; one went through the model",
-                      soft_wrap=True)
+                      soft_wrap=True, markup=False)
     for path in report["would_write"]:
-        console.print(f"would write {path}", soft_wrap=True)
+        console.print(f"would write {path}", soft_wrap=True, markup=False)
     console.print("nothing was written")
 
 
@@ -88,8 +90,8 @@ def render_average(report: dict, console: Console) -> None:
     outputs = report.get("outputs", {})
     if "model" in outputs:
         for item in outputs.get("files", [outputs["model"]]):
-            console.print(f"wrote {item['path']}  sha256 {item['sha256']}", soft_wrap=True)
-        console.print(f"wrote {outputs['report']['path']}", soft_wrap=True)
+            console.print(f"wrote {item['path']}  sha256 {item['sha256']}", soft_wrap=True, markup=False)
+        console.print(f"wrote {outputs['report']['path']}", soft_wrap=True, markup=False)
 
 
 def _epoch_step(row: dict) -> str:
@@ -100,7 +102,7 @@ def _epoch_step(row: dict) -> str:
 
 def render_inspect(catalog: dict, console: Console) -> None:
     """One table: every candidate with what was detected, and whether `twa average` would use it."""
-    table = Table(title=f"{catalog['directory']}")
+    table = Table(title=escape(str(catalog["directory"])))
     for column in ("#", "file", "producer", "container", "weights", "dtype", "params", "epoch/step", "metrics",
                    "selection"):
         table.add_column(column, justify="right" if column in ("#", "params") else "left")
@@ -109,14 +111,15 @@ def render_inspect(catalog: dict, console: Console) -> None:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in row["metrics"].items()) or "-"
         status = "[green]selected[/green]" if row["status"] == "selected" else f"[dim]{row['status']}[/dim]"
         if row.get("error"):
-            status = f"[red]{row['error']}[/red]"
-        table.add_row(index, row["name"], row["producer"] or "-", row["container"] or "-", row["weights"] or "-",
-                      ",".join(row["dtypes"]) or "-", f"{row['parameters']:,}", _epoch_step(row), metrics, status)
+            status = f"[red]{escape(row['error'])}[/red]"
+        table.add_row(index, escape(row["name"]), row["producer"] or "-", row["container"] or "-",
+                      row["weights"] or "-", ",".join(row["dtypes"]) or "-", f"{row['parameters']:,}", _epoch_step(row),
+                      metrics, status)
     console.print(table)
     if catalog["ignored_files"]:
-        console.print(f"ignored (not weights, never unpickled): {', '.join(catalog['ignored_files'])}")
+        console.print(f"ignored (not weights, never unpickled): {', '.join(catalog['ignored_files'])}", markup=False)
     for warning in catalog.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
     console.print(f"{len(catalog['checkpoints'])} selected, {len(catalog['not_selected'])} left out")
 
 
@@ -184,7 +187,7 @@ def soup_table(report: dict) -> Table:
     greedy = set(report["greedy"]["soup"])
     for name, a in zip(report["ingredients"], report["coefficients"]["twa"]):
         values = report["metrics"]["ingredients"][name]
-        table.add_row(name + (" [dim](in greedy)[/dim]" if name in greedy else ""),
+        table.add_row(escape(name) + (" [dim](in greedy)[/dim]" if name in greedy else ""),
                       f"{100 * values['heldout']['accuracy']:.2f}%", f"{values['heldout']['loss']:.4f}",
                       f"{100 * values['eval']['accuracy']:.2f}%", f"{values['eval']['loss']:.4f}", f"{a:+.4f}")
     table.caption = (f"coefficient: TWA's λ per {'task vector' if report['base'] else 'ingredient'}"
@@ -203,12 +206,12 @@ def render_soup(report: dict, console: Console) -> None:
     memory = report["memory"]
     console.print(f"written: {report['written_method']} (chosen by {report['chosen_by']}); directions "
                   f"{memory['directions_bytes'] / 2**20:.1f} MiB ({memory['basis_dtype']}), peak RSS "
-                  f"{memory['peak_rss_bytes'] / 2**20:.0f} MiB", soft_wrap=True)
+                  f"{memory['peak_rss_bytes'] / 2**20:.0f} MiB", soft_wrap=True, markup=False)
     outputs = report.get("outputs", {})
     for item in outputs.get("files", []):
-        console.print(f"wrote {item['path']}  sha256 {item['sha256']}", soft_wrap=True)
+        console.print(f"wrote {item['path']}  sha256 {item['sha256']}", soft_wrap=True, markup=False)
     if "report" in outputs:
-        console.print(f"wrote {outputs['report']['path']}", soft_wrap=True)
+        console.print(f"wrote {outputs['report']['path']}", soft_wrap=True, markup=False)
 
 
 def markdown_soup_report(report: dict) -> str:

@@ -1,0 +1,276 @@
+"""The CLI's usage contract: environment defaults, flag validation, one-line errors, signals, demo hygiene."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from twa_tool.cli import ProgressSink, cli, make_console
+from twa_tool.pipeline import Event
+
+FAST = ["--data", "synthetic", "--epochs", "1", "--threads", "1"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args: object, env: dict | None = None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env, prog_name="twa")
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def assert_one_line_error(result, code: int, *texts: str, progress: bool = False) -> None:
+    """Exit ``code`` and one stderr line, ``error: ...`` with ``texts`` (``progress``: other lines may precede it)."""
+    assert result.exit_code == code, result.output
+    lines = error_lines(result)
+    if progress:
+        assert not any(line.startswith(("Usage:", "Try ", "Error:")) for line in lines), result.stderr
+        lines = [line for line in lines if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert all(text in lines[0] for text in texts), lines[0]
+    assert "Traceback" not in result.output
+
+
+# --- 1. every option reads TWA_<COMMAND>_<FLAG> -------------------------------------------------------------------
+
+def _sample(param: click.Option) -> tuple[str, object]:
+    """An environment value for the option and what click should parse it to (never the default)."""
+    if param.is_flag:
+        return "1", True
+    if isinstance(param.type, click.Choice):
+        choice = next(c for c in reversed(param.type.choices) if c != param.default)
+        return choice, choice
+    if param.type is click.INT:
+        return "7", 7
+    if param.type is click.FLOAT:
+        return "0.25", 0.25
+    if isinstance(param.type, click.Path):
+        return "some/where", Path("some/where")
+    return "x:y", "x:y"
+
+
+@pytest.mark.parametrize("command_name", ["average", "soup", "inspect", "demo"])
+def test_every_option_reads_its_flag_named_variable(command_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    command = cli.commands[command_name]
+    options = [p for p in command.params if isinstance(p, click.Option) and not p.hidden]
+    arguments = ["ck"] * sum(isinstance(p, click.Argument) for p in command.params)
+    for name in [k for k in os.environ if k.startswith("TWA_")]:
+        monkeypatch.delenv(name)
+    for param in options:
+        flag = max(param.opts, key=len)
+        variable = f"TWA_{command_name.upper()}_{flag[2:].replace('-', '_').upper()}"
+        text, expected = _sample(param)
+        if param.multiple:
+            text, expected = f"{text} {text}", (expected, expected)
+        required = [a for p in options if p.required and p is not param for a in (p.opts[0], "x")]
+        monkeypatch.setenv(variable, text)
+        ctx = command.make_context(command_name, [*arguments, *required])
+        monkeypatch.delenv(variable)
+        assert ctx.params[param.name] == expected, (variable, ctx.params[param.name])
+
+
+def test_environment_values_are_validated_like_flags(demo_ckpts: Path, tmp_path: Path) -> None:
+    result = invoke("average", demo_ckpts, *FAST, "--out", tmp_path / "o", env={"TWA_AVERAGE_RANGE": "bad"})
+    assert_one_line_error(result, 2, "--range bad: expected A:B")
+    result = invoke("inspect", demo_ckpts, env={"TWA_INSPECT_RANGE": "1:x"})
+    assert_one_line_error(result, 2, "--range 1:x")
+
+
+def test_click_parameter_names_still_work_under_the_prefix(demo_ckpts: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["inspect", str(demo_ckpts)], env={"TWA_INSPECT_RANGE_": "bad"},
+                                auto_envvar_prefix="TWA")
+    assert_one_line_error(result, 2, "--range bad")
+
+
+# --- 2. float flags: nan and inf are usage errors ------------------------------------------------------------------
+
+FLOAT_FLAGS = [(name, max(p.opts, key=len)) for name in ("average", "soup") for p in cli.commands[name].params
+               if isinstance(p, click.Option) and p.type is click.FLOAT]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("command_name, flag", FLOAT_FLAGS)
+def test_non_finite_floats_are_one_line_usage_errors(command_name: str, flag: str, value: str,
+                                                     tmp_path: Path) -> None:
+    result = invoke(command_name, tmp_path / "nowhere", *FAST, flag, value, "--out", tmp_path / "o")
+    assert_one_line_error(result, 2, f"{flag} {value}:")
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--wd", "nan"], "--wd nan: must be a finite number >= 0"),
+    (["--lr", "inf"], "--lr inf: must be a finite number > 0"),
+    (["--dist-timeout", "0"], "--dist-timeout 0.0: must be a finite number > 0"),
+    (["--dist-timeout", "-5"], "--dist-timeout -5.0: must be a finite number > 0"),
+    (["--threads", "0"], "--threads 0: must be at least 1"),
+])
+def test_bad_numbers_name_the_flag(args: list[str], text: str, tmp_path: Path) -> None:
+    assert_one_line_error(invoke("average", tmp_path / "nowhere", *FAST, *args, "--out", tmp_path / "o"), 2, text)
+
+
+# --- 3. user text is printed as written (no emoji codes, no markup) ------------------------------------------------
+
+def test_user_text_is_not_turned_into_emoji_or_markup(demo_ckpts: Path, tmp_path: Path) -> None:
+    result = invoke("inspect", demo_ckpts, "--range", "1:x:")
+    assert_one_line_error(result, 2, "--range 1:x::")
+    result = invoke("inspect", demo_ckpts, "--range", "[bold]1:x")
+    assert_one_line_error(result, 2, "--range [bold]1:x:")
+    result = invoke("soup", demo_ckpts, *FAST, "--holdout", "data.py:train:", "--out", tmp_path / "o")
+    assert result.exit_code in (2, 4) and "data.py:train:" in result.stderr, result.stderr
+
+
+def test_progress_warnings_and_phases_print_user_text_as_written() -> None:
+    console = make_console(quiet=False)
+    console.file = __import__("io").StringIO()
+    with ProgressSink(console) as sink:
+        sink(Event("warning", "ck/[red]:train:.pt: skipped"))
+        sink(Event("phase", "reading :x: [bold]", total=1))
+    text = console.file.getvalue()
+    assert "ck/[red]:train:.pt: skipped" in text and "reading :x: [bold]" in text
+
+
+def test_file_and_folder_names_are_not_read_as_markup(demo_ckpts: Path, tmp_path: Path) -> None:
+    import shutil
+
+    ckpts = tmp_path / "a[/b]" / "c[bold]"
+    ckpts.mkdir(parents=True)
+    for i in range(2):
+        shutil.copy(demo_ckpts / f"{i}.safetensors", ckpts / f"{i}[bold]:x:.safetensors")
+    result = invoke("inspect", ckpts, env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert str(ckpts) in result.stderr and "1[bold]:x:.safetensors" in result.stderr
+
+
+# --- 4. signals before the command's body, and usage errors, are one line --------------------------------------
+
+def _wait_for_torch(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Until the process has started loading torch's shared library (mid-import)."""
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if "libtorch" in maps.read_text():
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+    pytest.fail("torch never loaded")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_while_torch_imports_is_one_line(demo_ckpts: Path, tmp_path: Path, signum: int, code: int,
+                                                  word: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "twa_tool", "average", str(demo_ckpts), *FAST, "--out",
+                                str(tmp_path / "o")], stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for_torch(process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(word), stderr
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_usage_errors_are_one_line_and_help_still_works(tmp_path: Path) -> None:
+    result = invoke("average", tmp_path, "--data", "synthetic", "--nope")
+    assert_one_line_error(result, 2, "--nope", "twa average --help")
+    result = invoke("average", tmp_path, "--data", "synthetic")
+    assert_one_line_error(result, 2, "--out")
+    result = invoke("average", tmp_path, "--out", tmp_path / "o", "--data", "synthetic", "--epochs", "x")
+    assert_one_line_error(result, 2, "--epochs")
+    result = invoke("bogus")
+    assert_one_line_error(result, 2, "bogus")
+    result = invoke("average", "--help")
+    assert result.exit_code == 0 and "Usage:" in result.stdout and "--dist-timeout" in result.stdout
+    assert invoke("--version").exit_code == 0
+
+
+# --- 5. a dangling symlink among the checkpoints -------------------------------------------------------------------
+
+def test_a_dangling_symlink_is_an_input_error_naming_the_fix(demo_ckpts: Path, tmp_path: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(3):
+        (ckpts / f"{i}.safetensors").symlink_to(demo_ckpts / f"{i}.safetensors")
+    (ckpts / "9.safetensors").symlink_to("gone.safetensors")
+    for command in (["inspect", ckpts], ["average", ckpts, *FAST, "--out", tmp_path / "o"]):
+        result = invoke(*command)
+        assert_one_line_error(result, 4, "9.safetensors: a symlink to gone.safetensors, which does not exist",
+                              "--exclude 9.safetensors")
+    assert invoke("inspect", ckpts, "--exclude", "9.safetensors").exit_code == 0
+
+
+# --- 6. twa demo checks every flag before training and leaves nothing when it fails ------------------------------
+
+@pytest.mark.parametrize("args, text", [
+    (["--train-epochs", "-1"], "--train-epochs -1: must be at least 1"),
+    (["--train-epochs", "0"], "--train-epochs 0: must be at least 1"),
+    (["--lr", "-1"], "--lr -1.0"),
+    (["--lr", "nan"], "--lr nan"),
+    (["--epochs", "-1"], "--epochs -1"),
+    (["--data", "bogus"], "--data bogus"),
+    (["--max-shard-size", "lots"], "--max-shard-size"),
+])
+def test_demo_checks_flags_before_training(args: list[str], text: str, tmp_path: Path) -> None:
+    result = invoke("demo", "--out", tmp_path / "d", *args)
+    assert_one_line_error(result, 2, text, progress=True)
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_refuses_an_existing_average_output_before_training(tmp_path: Path) -> None:
+    (tmp_path / "d" / "twa").mkdir(parents=True)
+    (tmp_path / "d" / "twa" / "report.json").write_text("{}")
+    result = invoke("demo", "--out", tmp_path / "d", "--train-epochs", "1")
+    assert_one_line_error(result, 7, "report.json already exists; pass --overwrite")
+    assert not (tmp_path / "d" / "ckpts").exists()
+
+
+@pytest.mark.parametrize("during", ["training", "averaging"])
+def test_an_interrupted_demo_leaves_nothing(during: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import twa_tool.demo
+    import twa_tool.pipeline
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    if during == "training":
+        real = twa_tool.demo.save_safetensors
+        calls = []
+
+        def save_then_interrupt(*args: object, **kwargs: object) -> None:
+            real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 2:
+                interrupt()
+
+        monkeypatch.setattr(twa_tool.demo, "save_safetensors", save_then_interrupt)
+    else:
+        monkeypatch.setattr(twa_tool.pipeline, "run_average", interrupt)
+    (tmp_path / "keep").mkdir()
+    result = invoke("demo", "--out", tmp_path / "keep" / "new" / "d", "--train-epochs", "2")
+    assert result.exit_code == 130, result.output
+    assert "interrupted: no partial output was left" in result.stderr
+    assert list((tmp_path / "keep").iterdir()) == []
+
+
+# --- 7. benchmarks/soup_memory.py passes names twa soup accepts ---------------------------------------------------
+
+def test_soup_memory_default_dtypes_are_basis_dtypes() -> None:
+    spec = importlib.util.spec_from_file_location("soup_memory", ROOT / "benchmarks" / "soup_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    choices = next(p for p in cli.commands["soup"].params if p.name == "basis_dtype").type.choices
+    assert set(module.DTYPES) == set(choices)
