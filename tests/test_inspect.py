@@ -125,3 +125,19 @@ def test_integer_buffers_are_copied_not_averaged(demo_ckpts: Path) -> None:
     assert stream.mean_state[key] == states[-1][key] != sum(s[key] for s in states) // len(states)
     mean = sum(s["features.1.running_mean"].double() for s in states) / len(states)
     assert torch.allclose(stream.mean_state["features.1.running_mean"].double(), mean, atol=1e-6)
+
+
+def test_inspect_lists_an_unreadable_selected_checkpoint_and_fails(demo_ckpts: Path, tmp_path: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for path in demo_ckpts.iterdir():
+        (ckpts / path.name).write_bytes(path.read_bytes())
+    (ckpts / "2.safetensors").write_bytes(b"garbage")
+    result = invoke("inspect", ckpts, "--json")
+    assert result.exit_code == 4, result.output
+    listed = json.loads(result.stdout)["checkpoints"]
+    assert [c["name"] for c in listed if c["error"]] == ["2.safetensors"]  # the listing still comes first
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "1 of the 5 selected checkpoints cannot be read" in errors[0]
+    assert "2.safetensors" in errors[0] and "--exclude" in errors[0]
+    assert invoke("inspect", ckpts, "--exclude", "2.safetensors").exit_code == 0

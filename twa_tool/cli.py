@@ -36,7 +36,7 @@ from .config import (
     parse_key_values,
     parse_range,
 )
-from .errors import ConfigError, DistributedError, QualityGateFailed, TwaError
+from .errors import CheckpointError, ConfigError, DistributedError, QualityGateFailed, TwaError
 
 if TYPE_CHECKING:  # torch loads inside the commands, where Ctrl-C and errors are handled
     from .pipeline import Event
@@ -505,6 +505,11 @@ def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, allow_
         catalog = inspect_directory(checkpoint_dir, selection, weights, strip_prefix, trust_pickle,
                                     allow_globals).as_dict()
         emit(catalog, as_json, console, render_inspect)
+        unreadable = [c for c in catalog["checkpoints"] if c["error"]]
+        if unreadable:  # listed above; a CI pre-check must not pass on a folder `twa average` would fail on
+            raise CheckpointError(f"{len(unreadable)} of the {len(catalog['checkpoints'])} selected checkpoints "
+                                  f"cannot be read (first: {unreadable[0]['error']}); twa average would fail on "
+                                  f"them: replace them, or leave them out with --exclude")
 
     run_reported(verbose, console, body)
 

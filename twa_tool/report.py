@@ -103,9 +103,9 @@ def _epoch_step(row: dict) -> str:
 def render_inspect(catalog: dict, console: Console) -> None:
     """One table: every candidate with what was detected, and whether `twa average` would use it."""
     table = Table(title=escape(str(catalog["directory"])))
-    for column in ("#", "file", "producer", "container", "weights", "dtype", "params", "epoch/step", "metrics",
-                   "selection"):
-        table.add_column(column, justify="right" if column in ("#", "params") else "left")
+    for column in ("#", "file", "producer", "container", "weights", "dtype", "entries", "epoch/step", "metrics",
+                   "selection"):  # entries: every tensor's, parameters and buffers (headers know no more)
+        table.add_column(column, justify="right" if column in ("#", "entries") else "left")
     rows = [(str(i), r) for i, r in enumerate(catalog["checkpoints"])] + [("", r) for r in catalog["not_selected"]]
     for index, row in rows:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in row["metrics"].items()) or "-"
