@@ -247,3 +247,23 @@ def test_a_dropped_signal_raises_again_at_the_next_progress_event(sig: int, rais
         with pytest.raises(raised):
             sink(Event("advance"))
     assert signal.getsignal(sig) == before
+
+
+def test_dry_run_checks_start_against_the_selection(demo_ckpts: Path, tmp_path: Path) -> None:
+    for extra in (["--start", "99"], ["--start", "2", "--last", "2"]):
+        result = invoke(demo_ckpts, *FAST, "--out", tmp_path / "o", "--dry-run", *extra)
+        assert result.exit_code == 2, result.output
+        assert "checkpoints are selected (indices 0.." in result.stderr
+    assert invoke(demo_ckpts, *FAST, "--out", tmp_path / "o", "--dry-run", "--start", "-1").exit_code == 0
+
+
+@pytest.mark.parametrize("extra, text", [
+    (["--out", ""], "Invalid value for '--out': is empty"),
+    (["--out", "o", "--tolerance", "2"], "--tolerance 2.0: must be a number from 0 to 1"),
+])
+def test_values_that_would_silently_mislead_are_refused(demo_ckpts: Path, tmp_path: Path, monkeypatch,
+                                                        extra: list[str], text: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke(demo_ckpts, *FAST, "--fail-if-worse-than", "last", *extra)
+    assert result.exit_code == 2 and text in result.stderr, result.output
+    assert not list(tmp_path.iterdir())  # nothing written into the working directory

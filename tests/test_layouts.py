@@ -238,3 +238,20 @@ def test_refusals_keep_inputs_and_existing_output(case: str, demo_ckpts: Path, t
     root.mkdir()
     build(root, states(demo_ckpts)[0])
     assert_refused_cleanly(root, tmp_path, code, text, FAST)
+
+
+def test_copied_hf_files_are_planned_outputs_never_overwritten_without_the_flag(demo_ckpts: Path,
+                                                                                tmp_path: Path) -> None:
+    root = tmp_path / "hf"
+    for i, sd in enumerate(states(demo_ckpts)):
+        hf(root, i, sd)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": 1}')
+    base = ["average", str(root), *model_flags(), *FAST, "--epochs", "0", "--out", str(out)]
+    plan = CliRunner().invoke(cli, [*base, "--dry-run", "--overwrite", "--json"])
+    assert plan.exit_code == 0, plan.output
+    assert {str(out / "config.json"), str(out / "tokenizer.json")} <= set(json.loads(plan.stdout)["would_write"])
+    result = CliRunner().invoke(cli, base)
+    assert result.exit_code == 7 and f"{out / 'config.json'} already exists; pass --overwrite" in result.stderr
+    assert json.loads((out / "config.json").read_text()) == {"mine": 1}

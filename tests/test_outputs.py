@@ -112,6 +112,23 @@ def test_signal_during_the_renames_is_handled_after_them(demo_ckpts: Path, tmp_p
     assert report["outputs"]["model"]["sha256"] == sha(out / "model.safetensors")
     assert (out / "report.md").read_text() != "old report"
     assert not list(out.glob(f"{TEMP_PREFIX}*"))
+    assert f"after the output was written: {out} is complete" in result.stderr, result.stderr
+
+
+def test_ctrl_c_after_the_output_is_written_says_it_is_complete(demo_ckpts: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped while printing the summary: the output is whole, and the message must not say nothing was written."""
+    import twa_tool.report as report
+
+    def render(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "render_average", render)
+    out = tmp_path / "o"
+    result = average(demo_ckpts, out, *FAST)
+    assert result.exit_code == 130, result.output
+    assert f"interrupted after the output was written: {out} is complete" in result.stderr, result.stderr
+    assert json.loads((out / "report.json").read_text())["outputs"]["model"]["sha256"] == sha(out / "model.safetensors")
 
 
 def test_soup_interrupt_or_disk_full_leaves_the_previous_output(demo_ckpts: Path, tmp_path: Path,

@@ -76,6 +76,21 @@ def signals_held() -> Iterator[None]:
         raise KeyboardInterrupt() if pending[0] == signal.SIGINT else Terminated()
 
 
+class OutDir(click.Path):
+    """``--out``: a folder; an empty value (which ``Path`` would read as the current directory) is refused."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; pass the output folder (e.g. runs/twa)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUT_DIR = OutDir()
+
+
 def set_threads(threads: int | None) -> None:
     """``--threads``: torch's intra-op CPU threads (a process-wide setting, so the CLI owns it)."""
     if threads is not None:
@@ -183,8 +198,17 @@ def _record_for_torchrun(err: BaseException) -> None:
         get_error_handler().record_exception(err)
 
 
-def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> None:
-    """Run a command body, mapping failures to one line and the documented exit code.
+def _interrupted(word: str, err: BaseException, written: list[Path]) -> str:
+    """The line for a stopped run: whether its output had already been written (complete) or not at all."""
+    done = getattr(err, "twa_output_complete", None) or (written[-1] if written else None)
+    if done is not None:
+        return f"[red]{word}[/red] after the output was written: {escape(str(done))} is complete"
+    return f"[red]{word}[/red]: no partial output was left"
+
+
+def run_reported(verbose: bool, console: Console, body: Callable[[], None], written: list[Path] | None = None) -> None:
+    """Run a command body, mapping failures to one line and the documented exit code. ``written``: the body
+    appends the output folder once its output is in place, so a late Ctrl-C is not reported as nothing written.
 
     Errors are printed even with ``-q`` (on a console of their own). Under torchrun, rank 0 prints; the
     other ranks only print errors that are their own (unexpected ones and broken process groups, with
@@ -210,11 +234,11 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None]) -> N
             console.print(details_text(err.details), soft_wrap=True, markup=False, highlight=False)
         _record_for_torchrun(err)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]: no partial output was left")
+    except KeyboardInterrupt as err:
+        console.print(_interrupted("interrupted", err, written or []), soft_wrap=True)
         sys.exit(130)
-    except Terminated:
-        console.print("[red]terminated[/red]: no partial output was left")
+    except Terminated as err:
+        console.print(_interrupted("terminated", err, written or []), soft_wrap=True)
         sys.exit(143)
     except Exception as err:  # unexpected: still one line, traceback with -v
         console = make_console(quiet=False)
@@ -400,7 +424,7 @@ def run_options(fn: Callable) -> Callable:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("checkpoint_dir", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--out", "out_dir", type=OUT_DIR, required=True,
               help="Output folder for model.safetensors and report.json.")
 @model_options
 @reader_options
@@ -445,6 +469,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
     """
     console = make_console(quiet or torchrun_rank() != 0)
 
+    written: list[Path] = []  # the output folder, once its output is in place
     def body() -> None:
         set_threads(threads)
         from .pipeline import run_average
@@ -467,6 +492,8 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
         with process_group(device, config.dist_timeout) as dist, ProgressSink(console) as sink:
             result = run_average(config, on_event=sink, dist=dist)
+            if not dry_run:
+                written.append(config.out_dir)
         if dist.is_main:
             emit(result.report, as_json, console, render_dry_run if dry_run else render_average)
         gate = result.report.get("quality_gate")
@@ -476,7 +503,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
                 f"{100 * gate['baseline_accuracy']:.2f}% (tolerance {100 * gate['tolerance']:.2f} points); wrote "
                 f"{gate['written']} to {result.model_path}")
 
-    run_reported(verbose, console, body)
+    run_reported(verbose, console, body, written)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -538,7 +565,7 @@ def soup_train_options(fn: Callable) -> Callable:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("finetunes_dir", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--out", "out_dir", type=OUT_DIR, required=True,
               help="Output folder for model.safetensors, report.json and report.md.")
 @model_options
 @click.option("--base", type=click.Path(path_type=Path), default=None,
@@ -574,6 +601,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
     """
     console = make_console(quiet)
 
+    written: list[Path] = []  # the output folder, once its output is in place
     def body() -> None:
         set_threads(threads)
         from .report import render_soup
@@ -594,13 +622,14 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
         with ProgressSink(console) as sink:
             result = run_soup(config, on_event=sink)
+            written.append(config.out_dir)
         emit(result.report, as_json, console, render_soup)
 
-    run_reported(verbose, console, body)
+    run_reported(verbose, console, body, written)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+@click.option("--out", "out_dir", type=OUT_DIR, default=Path("runs/demo"), show_default=True,
               help="Folder for ckpts/ (the training run) and twa/ (the averaged model).")
 @click.option("--data", default="synthetic", show_default=True,
               help="Dataset for the demo run (synthetic needs no files; fashion-mnist reads the Debian package).")
@@ -621,6 +650,7 @@ def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, ep
     """
     console = make_console(quiet)
 
+    written: list[Path] = []  # the output folder, once its output is in place
     def body() -> None:
         from .demo import DemoTrainConfig, missing_folders, remove_partial, train_checkpoints
         from .pipeline import run_average
@@ -641,19 +671,21 @@ def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, ep
         console.print(f"training {train_config.model} on {data} for {train_epochs} epochs "
                       f"-> {train_config.out_dir}", markup=False)
         created = missing_folders(train_config.out_dir, config.out_dir)
-        written = train_checkpoints(train_config, on_epoch=lambda e, loss: console.print(f"  epoch {e}: train loss "
-                                                                                         f"{loss:.4f}"))
+        checkpoints = train_checkpoints(train_config, on_epoch=lambda e, loss: console.print(
+            f"  epoch {e}: train loss {loss:.4f}"))
         console.print(f"twa average {config.checkpoint_dir} --data {data} --epochs {epochs} --out {config.out_dir}",
                       markup=False)
         try:
             with ProgressSink(console) as sink:
                 result = run_average(config, on_event=sink)
-        except BaseException:  # a failed or interrupted demo leaves nothing: the rerun starts clean
-            remove_partial(written, created)
+                written.append(config.out_dir)
+        except BaseException as err:  # a failed or interrupted demo leaves nothing: the rerun starts clean
+            if getattr(err, "twa_output_complete", None) is None:  # (unless its output is already whole)
+                remove_partial(checkpoints, created)
             raise
         emit(result.report, as_json, console, render_average)
 
-    run_reported(verbose, console, body)
+    run_reported(verbose, console, body, written)
 
 
 def add_flag_envvars(group: click.Group, prefix: str = "TWA") -> None:

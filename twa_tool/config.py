@@ -153,9 +153,9 @@ class AverageConfig:
             raise ConfigError(f"--on-worse {self.on_worse}: choose keep or fallback")
         if self.on_worse == "fallback" and not self.baselines:
             raise ConfigError("--on-worse fallback needs at least one of --baselines last,best,swa")
-        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
-            raise ConfigError(f"--tolerance {self.tolerance}: must be a finite number >= 0 (accuracy as a fraction, "
-                              f"e.g. 0.002)")
+        if not (math.isfinite(self.tolerance) and 0 <= self.tolerance <= 1):
+            raise ConfigError(f"--tolerance {self.tolerance}: must be a number from 0 to 1 (accuracy as a fraction, "
+                              f"e.g. 0.002 for 0.2 points)")
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers {self.num_workers}: must be >= 0")
         check_finite("--dist-timeout", self.dist_timeout, minimum=0.0, inclusive=False)

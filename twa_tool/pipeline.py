@@ -77,6 +77,7 @@ from .writer import (
     plan_shards,
     prepare_output_dir,
     removed_if_empty,
+    side_file_names,
     write_model,
 )
 
@@ -600,10 +601,16 @@ def start_state(config: AverageConfig, files: list[CheckpointFile], stream: Stre
         return "mean", stream.mean_state
     if config.start == "last":
         return files[-1].name, stream.last_state
-    index = int(config.start)
-    if not -len(files) <= index < len(files):
-        raise ConfigError(f"--start {index}: only {len(files)} checkpoints are selected (indices 0..{len(files) - 1})")
+    index = start_index(config.start, len(files))
     return files[index].name, reader.load(files[index].path)
+
+
+def start_index(start: str, count: int) -> int:
+    """``--start INDEX`` checked against the ``count`` selected checkpoints (before any heavy work too)."""
+    index = int(start)
+    if not -count <= index < count:
+        raise ConfigError(f"--start {index}: only {count} checkpoints are selected (indices 0..{count - 1})")
+    return index
 
 
 def place_basis(basis: Basis, device: torch.device, inject_oom: bool, on_event: EventSink) -> Basis:
@@ -805,6 +812,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     for dropped in chosen.dropped:
         if dropped.alias_of is not None:
             warn(f"{dropped.name}: {dropped.reason}; counted once")
+    if config.start not in ("mean", "last"):
+        start_index(config.start, len(files))  # a dry run catches it too
     spec, model_args = resolve_model_spec(config, files[0])
     model = build_model(spec, model_args)
     names = trainable_names(model)
@@ -813,6 +822,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     for message in notes:
         warn(message)
     output_names, output_bytes = planned_outputs(config, headers[files[-1].name].tensors)
+    output_names += side_file_names(hf_folder(files[-1], config.checkpoint_dir))  # copied HF config/tokenizer
     inputs = tuple(f.path for f in files)
     if config.dry_run:
         check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes,

@@ -413,13 +413,20 @@ class StagedOutput:
         if pause_before_rename_s:
             time.sleep(pause_before_rename_s)
         paths = tuple(self.out_dir / n for n in self._temps)
-        with signals_deferred():
-            try:
-                _replace_all(self.out_dir, self._temps)
-            finally:
-                self.discard()  # after a failed phase: the temps left; after a commit: nothing
-            remove_stale_outputs(self.out_dir, tuple(p.name for p in paths))
-            _fsync_dir(self.out_dir)
+        committed = False
+        try:
+            with signals_deferred():
+                try:
+                    _replace_all(self.out_dir, self._temps)
+                finally:
+                    self.discard()  # after a failed phase: the temps left; after a commit: nothing
+                committed = True
+                remove_stale_outputs(self.out_dir, tuple(p.name for p in paths))
+                _fsync_dir(self.out_dir)
+        except BaseException as err:
+            if committed:  # e.g. the signal held during the renames: the output is in place and whole
+                err.twa_output_complete = self.out_dir  # type: ignore[attr-defined]
+            raise
         return paths
 
 
@@ -496,13 +503,17 @@ def write_model(staged: StagedOutput, state: Mapping[str, torch.Tensor], metadat
     return WrittenModel(files=tuple(written))
 
 
+def side_file_names(source: Path | None) -> tuple[str, ...]:
+    """The config/tokenizer files of a Hugging Face folder that the output gets copies of (plain files only,
+    never through symlinks); none without a folder."""
+    if source is None:
+        return ()
+    return tuple(n for n in HF_SIDE_FILES if (source / n).is_file() and not (source / n).is_symlink())
+
+
 def copy_side_files(source: Path, staged: StagedOutput) -> list[str]:
-    """Stage copies of the config/tokenizer files of a Hugging Face folder (plain files only, never through
-    symlinks)."""
-    copied = []
-    for name in HF_SIDE_FILES:
-        src = source / name
-        if src.is_file() and not src.is_symlink():
-            staged.copy_file(name, src)
-            copied.append(name)
+    """Stage copies of the config/tokenizer files of a Hugging Face folder (``side_file_names``)."""
+    copied = list(side_file_names(source))
+    for name in copied:
+        staged.copy_file(name, source / name)
     return copied
