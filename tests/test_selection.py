@@ -81,3 +81,16 @@ def test_top_k_by_metric(tmp_path: Path) -> None:
 def test_selection_flag_errors(kwargs: dict, text: str) -> None:
     with pytest.raises(ConfigError, match=text):
         Selection(**kwargs)
+
+
+def test_the_exclude_hint_matches_exactly_the_named_file() -> None:
+    import shlex
+
+    from twa_tool.errors import exclude_hint
+    from twa_tool.selection import _matches
+
+    names = ["ft-[3].safetensors", "ft-3.safetensors", "a b.pt", "x*.pt", "xy.pt", "plain.pt"]
+    for name in names:
+        flag, pattern = shlex.split(exclude_hint(name))
+        assert flag == "--exclude"
+        assert [n for n in names if _matches(n, (pattern,))] == [name]

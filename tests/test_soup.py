@@ -291,6 +291,7 @@ def test_soup_layer_granularity_int8_and_holdout_spec(finetunes: Path, tmp_path:
     tensors = trainable_names(build_model("twa:cnn", TINY_ARGS))
     assert list(report["twa"]["by_tensor"]) == tensors
     assert all(len(v) == 4 for v in report["twa"]["by_tensor"].values())
+    assert "a summary. The exact mix is `twa.by_tensor`" in (out / "report.md").read_text()
     best = max(("uniform", "greedy", "twa"), key=lambda m: report["metrics"][m]["heldout"]["accuracy"])
     assert report["metrics"][report["written_method"]]["heldout"]["accuracy"] == \
         report["metrics"][best]["heldout"]["accuracy"]

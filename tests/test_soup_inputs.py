@@ -102,8 +102,28 @@ def test_labels_are_checked_through_subsets_and_targets() -> None:
 
     with pytest.raises(InputError, match="labels from 3 to 10"):
         check_accepts(model, WithTargets(), 10, "twa:cnn", "d")
-    soft = TensorDataset(x, torch.softmax(torch.randn(6, 10), 1))  # class probabilities: not indices, not checked
-    check_accepts(model, soft, None, "twa:cnn", "d")
+    soft = TensorDataset(x, torch.softmax(torch.randn(6, 10), 1))  # class probabilities: not indices
+    with pytest.raises(InputError, match=r"its targets have shape \(10,\) per example"):
+        check_accepts(model, soft, None, "twa:cnn", "d")
+
+    class Coarse(WithTargets):  # torchvision's pattern: targets raw, target_transform applied per item
+        targets = [18, 19, 4]
+        target_transform = staticmethod(lambda t: t // 2)
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            return x[index], self.target_transform(self.targets[index])
+
+    check_accepts(model, Coarse(), 10, "twa:cnn", "d")  # the labels it returns (9, 9, 2) fit
+
+    class NoTargets(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return x[index], torch.nn.functional.one_hot(torch.tensor(3), 10)
+
+    with pytest.raises(InputError, match="not one-hot or probabilities"):
+        check_accepts(model, NoTargets(), 10, "twa:cnn", "d")
 
 
 def test_non_finite_ingredient_and_base_name_fixes_soup_has(ingredients: Path, tmp_path: Path) -> None:
@@ -159,3 +179,93 @@ def test_holdout_equal_to_the_eval_split_is_warned_and_threads_are_recorded(ingr
     assert any("is --data's own evaluation split" in w for w in report["warnings"])
     assert "is --data's own evaluation split" in result.stderr
     assert report["threads"] == 1  # soup() passes --threads 1
+
+
+def test_the_mean_is_not_rounded_to_a_narrower_first_ingredient() -> None:
+    from twa_tool.soup import StateSum
+
+    torch.manual_seed(0)
+    states = [{"w": torch.randn(64).bfloat16()}] + [{"w": torch.randn(64)} for _ in range(3)]
+    total = StateSum()
+    for state in states:
+        total.add(state)
+    exact = sum(s["w"].double() for s in states) / 4
+    mean = total.mean()["w"]
+    assert mean.dtype == torch.float32 and torch.allclose(mean.double(), exact, rtol=0, atol=1e-6)
+    fresh = StateSum()
+    fresh.add(states[0])
+    assert fresh.candidate(states[1])["w"].dtype == torch.float32  # greedy's candidates too
+
+
+MLP_DATA = '''
+import torch
+from torch.utils.data import TensorDataset
+
+def one_over(n):
+    g = torch.Generator().manual_seed(n)
+    return TensorDataset(torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+def fit_and_eval():  # 2 * 64 + 1 examples: a last batch of one at --batch-size 64
+    return one_over(129), one_over(40)
+
+def heldout():
+    return one_over(20), one_over(65)
+'''
+
+
+def test_a_last_batch_of_one_example_does_not_break_batchnorm1d(tmp_path: Path) -> None:
+    from twa_tool.models import build_model
+    from twa_tool.writer import save_safetensors
+
+    folder = tmp_path / "mlp"
+    folder.mkdir()
+    torch.manual_seed(0)
+    model = build_model("twa:mlp", (("hidden", "8"),))
+    meta = {"twa.model": "twa:mlp", "twa.model_args": '{"hidden": 8}'}
+    for i in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        save_safetensors(folder / f"{i}.safetensors", model.state_dict(), meta)
+    (tmp_path / "mlpdata.py").write_text(MLP_DATA)
+    data, common = str(tmp_path / "mlpdata.py"), ["--epochs", "1", "--batch-size", "64", "--threads", "1"]
+    result = CliRunner().invoke(cli, ["soup", str(folder), "--data", f"{data}:fit_and_eval", "--holdout",
+                                      f"{data}:heldout", *common, "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["average", str(folder), "--data", f"{data}:fit_and_eval", *common,
+                                      "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+
+
+def test_labels_the_first_example_hides_fail_as_one_line_data_errors() -> None:
+    from twa_tool.errors import DataError
+    from twa_tool.trainer import class_loss
+
+    logits = torch.randn(3, 10)
+    with pytest.raises(DataError, match=r"outside the model's 10 outputs \(Target 11 is out of bounds"):
+        class_loss(logits, torch.tensor([1, 2, 11]))
+    with pytest.raises(DataError, match="one integer class index per example"):
+        class_loss(logits, torch.zeros(3, 10))
+    assert torch.isclose(class_loss(logits, torch.tensor([1, 2, 3])),
+                         torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2, 3])))
+
+
+def test_base_errors_name_base(ingredients: Path, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk")
+    result = soup(ingredients, tmp_path / "o", "--base", str(junk))
+    assert result.exit_code == 4 and f"error: --base {junk}: " in result.stderr, result.stderr
+    assert "--exclude" not in result.stderr and "pass the pretrained weights" in result.stderr
+    wide = tmp_path / "wide.safetensors"
+    save_file(build_model("twa:cnn", (("in_channels", "1"), ("width", "8"))).state_dict(), str(wide))
+    result = soup(ingredients, tmp_path / "o", "--base", str(wide))
+    assert result.exit_code == 4 and f"error: --base {wide}: 1 of 1 checkpoints do not match" in result.stderr
+
+
+def test_same_data_compares_file_specs_by_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from twa_tool.soup import same_data
+
+    monkeypatch.chdir(tmp_path)
+    assert same_data("hd.py:same", "./hd.py:same") and same_data("hd.py:same", f"{tmp_path}/hd.py:same")
+    assert not same_data("hd.py:same", "hd.py:other") and not same_data("HD2.py:good", "hd2.py:good")
+    assert same_data(" Fashion_MNIST ", "fashion-mnist") and not same_data("mnist", "fashion-mnist")

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CheckpointError, ConfigError, TwaError, UnsafeInputError
+from .errors import CheckpointError, ConfigError, TwaError, UnsafeInputError, exclude_hint
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 #: Files trainers leave beside the weights that are not weights (and must never be unpickled).
@@ -1257,7 +1257,7 @@ def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool
     if kind in ("torch-zip", "torch-legacy"):
         return _read_torch(path, trust_pickle, weights, header_only, crc_checked)
     raise CheckpointError(f"{path}: unknown file format (not safetensors nor a torch checkpoint); "
-                          f"remove it from the folder or leave it out with --exclude {path.name}")
+                          f"remove it from the folder or leave it out with {exclude_hint(path.name)}")
 
 
 def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "raw", strip_prefix: str | None = None,

@@ -6,6 +6,9 @@ prints that one line (no traceback unless ``-v``) and exits with ``exit_code``.
 
 from __future__ import annotations
 
+import glob
+import shlex
+
 
 class TwaError(Exception):
     """Base class of every error twa reports to the user. Exit code 1 unless a subclass says otherwise.
@@ -77,3 +80,9 @@ class DistributedError(TwaError):
     """Another rank of a torchrun job failed, or the process group broke (a peer died or timed out)."""
 
     exit_code = 8
+
+
+def exclude_hint(name: str) -> str:
+    """``--exclude NAME`` as a user can paste it: glob characters escaped (``--exclude`` takes a pattern),
+    quoted for the shell when needed."""
+    return f"--exclude {shlex.quote(glob.escape(name))}"

@@ -150,9 +150,9 @@ def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
 
 
 def _known_targets(dataset: object, first: object) -> torch.Tensor | None:
-    """The dataset's class targets when it exposes them cheaply (torchvision's ``targets``, a
-    ``TensorDataset``'s second tensor, a ``Subset`` of either), else the first example's; None when they
-    are not class indices (e.g. per-class probabilities)."""
+    """The dataset's class targets, one row per example, when it exposes them cheaply (torchvision's
+    ``targets`` unless a ``target_transform`` changes them, a ``TensorDataset``'s second tensor, a ``Subset``
+    of either), else the first example's; None when the target is not a number or tensor."""
     from torch.utils.data import Subset, TensorDataset
 
     indices = None
@@ -162,21 +162,24 @@ def _known_targets(dataset: object, first: object) -> torch.Tensor | None:
     known = None
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) > 1:
         known = dataset.tensors[1]
-    elif hasattr(dataset, "targets"):
+    elif hasattr(dataset, "targets") and getattr(dataset, "target_transform", None) is None:
         try:
             known = torch.as_tensor(dataset.targets)
         except (TypeError, ValueError, RuntimeError):
             known = None
-    if known is not None and known.ndim == 1:
+    if known is not None and known.ndim >= 1:
         return known[torch.as_tensor(indices, dtype=torch.long)] if indices is not None else known
-    target = torch.as_tensor(first) if isinstance(first, (int, float, torch.Tensor)) else None
-    return target.reshape(1) if target is not None and target.ndim == 0 else None
+    target = torch.as_tensor(first) if isinstance(first, (int, float, bool, torch.Tensor)) else None
+    return None if target is None else target.unsqueeze(0)
 
 
 def _check_targets(targets: torch.Tensor, outputs: int | None, model_name: str, flag: str, data_name: str) -> None:
     """Class-index targets must be integers within the model's outputs (else the loss fails mid-run)."""
     if targets.numel() == 0:
         return
+    if targets.ndim != 1:
+        raise InputError(f"{flag} {data_name}: its targets have shape {tuple(targets.shape[1:])} per example; twa "
+                         f"needs one integer class index per example (not one-hot or probabilities)")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise InputError(f"{flag} {data_name}: its targets are {targets.dtype}, not integer class indices; "
                          f"return integer labels (e.g. torch.long) from the dataset")

@@ -39,7 +39,15 @@ from .checkpoints import (
 from .config import AverageConfig, SoupConfig
 from .data import build_data, split_holdout
 from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
-from .errors import CheckpointError, ConfigError, DistributedError, MissingData, ModelError, NumericalError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DistributedError,
+    MissingData,
+    ModelError,
+    NumericalError,
+    exclude_hint,
+)
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
@@ -66,7 +74,7 @@ from .subspace import (
     column_block,
     orthonormality_error,
 )
-from .trainer import Metrics, StepInfo, evaluate, recalibrate_bn, train_projected
+from .trainer import Metrics, StepInfo, drop_single_last, evaluate, recalibrate_bn, train_projected
 from .writer import (
     HUMAN_REPORT_FILE,
     REPORT_FILE,
@@ -263,7 +271,7 @@ def _check_finite(state: dict[str, torch.Tensor], source: str, fix: str | None =
     the file out (``--exclude``, which every command has)."""
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            fix = fix or f"leave this checkpoint out with --exclude {Path(source).name}"
+            fix = fix or f"leave this checkpoint out with {exclude_hint(Path(source).name)}"
             raise NumericalError(f"{source}: tensor {key} has non-finite values (NaN/Inf); {fix}")
 
 
@@ -488,7 +496,7 @@ def _non_finite(err: NonFiniteVector, files: list[CheckpointFile], reader: Reade
     index = err.index
     _check_finite(reader.load(files[index].path), str(files[index].path))
     return NumericalError(f"{files[index].path}: the parameters' norm overflows float32; the checkpoint is "
-                          f"corrupt or diverged, leave it out with --exclude {files[index].name}")
+                          f"corrupt or diverged, leave it out with {exclude_hint(files[index].name)}")
 
 
 def _abandon(digests: list[Future]) -> None:
@@ -523,17 +531,20 @@ def _reducer(dist: Dist):
     return reduce
 
 
-def _loader(dataset: Dataset, config: AverageConfig, shuffle: bool, seed: int, dist: Dist | None = None) -> DataLoader:
+def _loader(dataset: Dataset, config: AverageConfig, shuffle: bool, seed: int, dist: Dist | None = None,
+            train_mode: bool = False) -> DataLoader:
     """Batches of ``--batch-size``. Under torchrun, every rank walks the same global batches (same seeded
     order as one process): a shuffled (training) loader yields this rank's part of each batch, an ordered
-    one (evaluation, BN) every N-th whole batch."""
+    one (evaluation, BN) every N-th whole batch. A ``train_mode`` pass (training, BN) drops a last batch of
+    a single example (``drop_single_last``)."""
     generator = torch.Generator().manual_seed(seed)
+    drop = train_mode and drop_single_last(len(dataset), config.train.batch_size)  # type: ignore[arg-type]
     if dist is None or not dist.active:
         return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=shuffle,
                           num_workers=config.num_workers, generator=generator,
-                          worker_init_fn=None, drop_last=False)
+                          worker_init_fn=None, drop_last=drop)
     order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    batches = BatchSampler(order, config.train.batch_size, drop_last=False)
+    batches = BatchSampler(order, config.train.batch_size, drop_last=drop)
     if shuffle:
         return DataLoader(dataset, batch_sampler=RankBatches(batches, dist), num_workers=config.num_workers,
                           generator=generator, collate_fn=EmptyAwareCollate(dataset[0]))
@@ -555,7 +566,8 @@ class Evaluator:
 
     def bn_pass(self) -> None:
         torch.manual_seed(self.config.seed)  # same augmentation draws for every model
-        loader = _loader(self.bn_data, self.config, shuffle=False, seed=self.config.seed, dist=self.dist)
+        loader = _loader(self.bn_data, self.config, shuffle=False, seed=self.config.seed, dist=self.dist,
+                         train_mode=True)
         recalibrate_bn(self.model, loader, self.device, self.dist if self.dist.active else None)
 
     def recalibrated(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -636,7 +648,7 @@ def run_twa(config: AverageConfig, files: list[CheckpointFile], stream: Stream, 
     if stream.shard is not None:
         basis = replace(stream.shard, subspace=replace(stream.subspace, basis=basis))
     dist = evaluator.dist
-    loader = _loader(fit_data, config, shuffle=True, seed=config.seed, dist=dist)
+    loader = _loader(fit_data, config, shuffle=True, seed=config.seed, dist=dist, train_mode=True)
     on_event(Event("phase", f"training coefficients ({config.train.epochs} epochs)",
                    total=config.train.epochs * len(loader)))
     torch.manual_seed(config.seed)

@@ -241,4 +241,7 @@ def markdown_soup_report(report: dict) -> str:
     c = report["coefficients"]
     lines += [f"| {n} | {u:.4f} | {g:.4f} | {t:+.4f} |"
               for n, u, g, t in zip(report["ingredients"], c["uniform"], c["greedy"], c["twa"])]
+    if report["twa"]["granularity"] == "layer":
+        lines += ["", "With layer granularity the twa column is each ingredient's λ averaged over the tensors, "
+                      "weighted by their sizes: a summary. The exact mix is `twa.by_tensor` in report.json."]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .checkpoints import CheckpointFile
 from .config import Selection
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, exclude_hint
 
 #: Bytes hashed from each end of a file to find candidate copies cheaply before a full hash.
 PROBE_BYTES = 1 << 20
@@ -69,8 +69,8 @@ def find_aliases(files: list[CheckpointFile]) -> dict[str, tuple[str, str]]:
         real = entry.path.resolve()
         if not real.exists():
             what = f"a symlink to {os.readlink(entry.path)}, which" if entry.path.is_symlink() else "it"
-            raise CheckpointError(f"{entry.path}: {what} does not exist; remove the link or pass --exclude "
-                                  f"{entry.name}")
+            raise CheckpointError(f"{entry.path}: {what} does not exist; remove the link or pass "
+                                  f"{exclude_hint(entry.name)}")
         stat = real.stat()
         if real in by_real:
             aliases[entry.name] = (by_real[real], "symlink to the same file")

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
@@ -66,7 +65,17 @@ from .pipeline import (
     validate_headers,
 )
 from .selection import select
-from .trainer import SCHEDULES, FlatGrad, Metrics, StepInfo, autocast, evaluate, recalibrate_bn
+from .trainer import (
+    SCHEDULES,
+    FlatGrad,
+    Metrics,
+    StepInfo,
+    autocast,
+    class_loss,
+    drop_single_last,
+    evaluate,
+    recalibrate_bn,
+)
 from .writer import (
     StagedOutput,
     cast_state,
@@ -90,10 +99,15 @@ def _ignore(_: Event) -> None:
 
 
 class StateSum:
-    """Float64 running sum of the floating tensors of state dicts (non-floating ones: the first state's)."""
+    """Float64 running sum of the floating tensors of state dicts (non-floating ones: the first state's).
+
+    Averages come out in the widest floating dtype among the states summed (``torch.promote_types``): a
+    bf16 first ingredient does not round the mean of float32 ones; the writer casts to the output dtype.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
         self.reference: State = {}
         self.count = 0
 
@@ -103,19 +117,19 @@ class StateSum:
         for key, value in state.items():
             if value.is_floating_point():
                 self.sums[key] = self.sums[key] + value.double() if key in self.sums else value.double()
+                self.dtypes[key] = torch.promote_types(self.dtypes.get(key, value.dtype), value.dtype)
         self.count += 1
 
     def mean(self) -> State:
-        """The average, each tensor in the dtype of the first state."""
-        return self._average(self.sums, self.count)
+        """The average, each floating tensor in the widest dtype of the states summed."""
+        return {k: (self.sums[k] / self.count).to(self.dtypes[k]) if k in self.sums else v.clone()
+                for k, v in self.reference.items()}
 
     def candidate(self, state: Mapping[str, torch.Tensor]) -> State:
         """The average with ``state`` added, without adding it: ``(sum + w) / (n + 1)``."""
-        return {k: ((self.sums[k] + state[k].double()) / (self.count + 1)).to(v.dtype) if k in self.sums
+        return {k: ((self.sums[k] + state[k].double()) / (self.count + 1)).to(
+                    torch.promote_types(self.dtypes[k], state[k].dtype)) if k in self.sums
                 else v.clone() for k, v in self.reference.items()}  # one float64 temporary at a time
-
-    def _average(self, sums: Mapping[str, torch.Tensor], count: int) -> State:
-        return {k: (sums[k] / count).to(v.dtype) if k in sums else v.clone() for k, v in self.reference.items()}
 
 
 def uniform_soup(states: Iterable[Mapping[str, torch.Tensor]]) -> State:
@@ -337,7 +351,7 @@ def fit_coefficients(model: nn.Module, names: list[str], directions: Directions,
             write_flat(model, names, directions.weights(lam.detach(), columns))
             flat.buffer.zero_()
             with autocast(device, amp):
-                loss = F.cross_entropy(model(inputs.to(device)), targets.to(device))
+                loss = class_loss(model(inputs.to(device)), targets.to(device))
             value = loss.item()
             if not torch.isfinite(loss):
                 raise NumericalError(f"soup training loss became {value} at epoch {epoch + 1} step {step + 1} "
@@ -452,10 +466,35 @@ def find_inputs(config: SoupConfig) -> Inputs:
     spec, model_args = resolve_model_spec(config, files[0])
     model = build_model(spec, model_args)
     reader = Reader.for_run(config, model)
-    notes, _ = validate_headers(files + ([base] if base else []), model, reader, spec)
+    notes, _ = validate_headers(files, model, reader, spec)
+    if base is not None:
+        check_base(base, model, reader, spec)
     warnings = [f"{d.name}: {d.reason}; counted once" for d in chosen.dropped if d.alias_of is not None]
     warnings += notes
     return Inputs(files, base, spec, model_args, model, reader, excluded, warnings)
+
+
+def check_base(base: CheckpointFile, model: nn.Module, reader: Reader, spec: str) -> None:
+    """``--base`` read from its header and checked against the model; errors name ``--base`` (the fixes
+    for a file in the folder, such as ``--exclude``, do not apply to it)."""
+    try:
+        validate_headers([base], model, reader, spec)
+    except CheckpointError as err:
+        reason = str(err).split("; ")[0]
+        raise CheckpointError(f"--base {base.path}: {reason}; pass the pretrained weights the fine-tunes "
+                              f"started from (the same --model)", err.details) from None
+
+
+def same_data(a: str, b: str) -> bool:
+    """Do two data specs name the same data? Registry names ignoring case; ``file.py:fn`` by resolved path."""
+    def key(spec: str) -> tuple[str, ...]:
+        text = spec.strip()
+        path, sep, function = text.rpartition(":")
+        if sep and path.endswith(".py"):
+            return (str(Path(path).expanduser().resolve()), function)
+        return (text.lower().replace("_", "-"),)
+
+    return key(a) == key(b)
 
 
 def output_names(config: SoupConfig, model: nn.Module) -> tuple[tuple[str, ...], int]:
@@ -467,9 +506,11 @@ def output_names(config: SoupConfig, model: nn.Module) -> tuple[tuple[str, ...],
         v.numel() * v.element_size() for v in cast.values())
 
 
-def _loader(dataset: Dataset, config: SoupConfig, shuffle: bool) -> DataLoader:
+def _loader(dataset: Dataset, config: SoupConfig, shuffle: bool, train_mode: bool = False) -> DataLoader:
+    """Batches of ``--batch-size``; a ``train_mode`` pass (fitting, BN) drops a last batch of one example."""
+    drop = train_mode and drop_single_last(len(dataset), config.train.batch_size)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=shuffle, num_workers=config.num_workers,
-                      generator=torch.Generator().manual_seed(config.seed))
+                      generator=torch.Generator().manual_seed(config.seed), drop_last=drop)
 
 
 def _holdout_data(config: SoupConfig) -> DataSplits:
@@ -535,8 +576,8 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
     check_output(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)  # before the data
     fit, heldout, eval_data, data_facts = soup_data(config)
-    if config.holdout is not None and config.holdout.strip().lower() == config.data.strip().lower():
-        message = (f"--holdout {config.holdout} is --data's own evaluation split: the soups are chosen on the "
+    if config.holdout is not None and same_data(config.holdout, config.data):
+        message = (f"--holdout {config.holdout.strip()} is --data's own evaluation split: the soups are chosen on the "
                    f"examples they are evaluated on, so the eval numbers are not held out; use "
                    f"--holdout-fraction (carved from the fit split) or another --holdout")
         inputs.warnings.append(message)
@@ -557,7 +598,8 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
                                 segments_of(inputs.model, names), len(inputs.files), config.basis_dtype)
         timings["uniform_s"] = time.perf_counter() - clock
         inputs.model.to(device)
-        evaluator = SoupEvaluator(inputs.model, device, _loader(fit, config, False), _loader(heldout, config, False),
+        evaluator = SoupEvaluator(inputs.model, device, _loader(fit, config, False, train_mode=True),
+                                  _loader(heldout, config, False),
                                   _loader(eval_data, config, False), config.seed, config.amp)
 
         clock = time.perf_counter()
@@ -572,7 +614,7 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         timings["greedy_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         fitted, columns = run_twa(config, inputs.model, names, uniform, directions, evaluator,
-                                  _loader(heldout, config, shuffle=True), on_event)
+                                  _loader(heldout, config, shuffle=True, train_mode=True), on_event)
         metrics["twa"] = evaluator.both()
         timings["twa_s"] = time.perf_counter() - clock
 

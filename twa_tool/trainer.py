@@ -21,7 +21,7 @@ from torch.optim.swa_utils import update_bn
 
 from .config import TrainConfig
 from .distributed import Dist, Shard, global_batchnorm, merge_bn_statistics
-from .errors import NumericalError
+from .errors import DataError, NumericalError
 from .subspace import Basis
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ class _Local:
         return nullcontext()
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-        loss = F.cross_entropy(logits, targets)
+        loss = class_loss(logits, targets)
         return loss, loss.item(), len(targets)
 
     def gradient(self, g: torch.Tensor) -> torch.Tensor:
@@ -242,7 +242,7 @@ class _Sharded:
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         dist = self.shard.dist
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        loss_sum = class_loss(logits.float(), targets, reduction="sum")
         sums = dist.sum(torch.stack([loss_sum.detach().double(), torch.tensor(float(len(targets)),
                                      dtype=torch.float64, device=loss_sum.device)]).to(dist.comm_device))
         examples = int(sums[1].item())
@@ -268,7 +268,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str 
         inputs, targets = _batch_to(batch, device)
         with autocast(device, amp):
             logits = model(inputs)
-        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        loss_sum += class_loss(logits.float(), targets, reduction="sum").item()
         correct += (logits.argmax(dim=1) == targets).sum().item()
         count += len(targets)
     model.train(was_training)
@@ -282,6 +282,25 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str 
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def class_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy against integer class indices; targets of another kind, or a label outside the model's
+    outputs, are a one-line ``DataError`` (``check_accepts`` catches most before any checkpoint is read)."""
+    if targets.ndim != 1 or targets.is_floating_point() or targets.dtype == torch.bool:
+        raise DataError(f"the data's targets are {targets.dtype} with shape {tuple(targets.shape[1:])} per example; "
+                        f"twa needs one integer class index per example: check --data (and --holdout)")
+    try:
+        return F.cross_entropy(logits, targets, reduction=reduction)
+    except IndexError as err:  # e.g. "Target 11 is out of bounds."
+        raise DataError(f"a class label is outside the model's {logits.shape[-1]} outputs ({err}); check the labels "
+                        f"of --data (and --holdout), or --model-arg num_classes") from None
+
+
+def drop_single_last(size: int, batch_size: int) -> bool:
+    """Whether a train-mode pass over ``size`` examples drops its last batch: only when that batch would hold
+    one example, which BatchNorm cannot normalise (one value per channel is an error in training mode)."""
+    return size > 1 and size % batch_size == 1
 
 
 def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, dist: Dist | None = None) -> bool:
