@@ -37,6 +37,7 @@ from .config import (
     parse_range,
 )
 from .errors import CheckpointError, ConfigError, DistributedError, QualityGateFailed, TwaError
+from .signals import signals_deferred
 
 if TYPE_CHECKING:  # torch loads inside the commands, where Ctrl-C and errors are handled
     from .pipeline import Event
@@ -54,26 +55,6 @@ class Terminated(BaseException):
 
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
-
-
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while torch imports and raise them right after: raised inside torch's C++
-    initialisation, the exception either aborts the process (SIGABRT, no message) or is swallowed (the run goes
-    on after Ctrl-C)."""
-    if not _main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if pending:
-        raise KeyboardInterrupt() if pending[0] == signal.SIGINT else Terminated()
 
 
 class OutDir(click.Path):
@@ -221,7 +202,7 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
     prefix = f"rank {rank}: " if rank else ""
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        with signals_held():
+        with signals_deferred():  # raised inside torch's C++ start-up, a signal aborts or is lost
             import torch  # noqa: F401  (every command needs it; the heavy part of the start)
         body()
     except TwaError as err:

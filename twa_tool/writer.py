@@ -16,10 +16,8 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import struct
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,6 +29,7 @@ import torch
 from .checkpoints import SAFETENSORS_DTYPES, sha256_file
 from .errors import CheckpointError, ConfigError, OutputError
 from .plots import PLOT_FILES
+from .signals import signals_deferred
 
 TEMP_PREFIX = ".twa-tmp-"
 MODEL_FILE = "model.safetensors"
@@ -265,28 +264,6 @@ def save_json(path: Path, document: object) -> None:
             tmp.write_text(json.dumps(document, indent=2) + "\n")
     except OSError as err:
         raise OutputError(f"{path}: cannot write ({err.strerror}); check free space and permissions") from None
-
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM while the block runs, then hand the first one received to the handler that
-    was in place before (so the run still stops with 130/143, right after the block). Main thread only:
-    elsewhere signals are not delivered to Python code, and the block just runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    previous = {s: h for s, h in previous.items() if h is not None}  # None: installed outside Python, left alone
-    for signum in previous:
-        signal.signal(signum, lambda received, frame: pending.append(received))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if pending:
-            signal.raise_signal(pending[0])
-
 
 def _backup(final: Path) -> Path | None:
     """A hard link to the file ``final`` (so a failed rename phase can put it back), or None when there is
