@@ -11,7 +11,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from twa_tool.checkpoints import discover, load_checkpoint
 from twa_tool.errors import CheckpointError, OutputError, UnsafeInputError
-from twa_tool.writer import prepare_output_dir, save_json, save_safetensors
+from twa_tool.writer import prepare_output_dir, save_safetensors
 
 
 def small_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -152,7 +152,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest
 
 
 def test_existing_output_is_refused_without_overwrite(tmp_path: Path) -> None:
-    save_json(tmp_path / "report.json", {"a": 1})
+    (tmp_path / "report.json").write_text('{"a": 1}\n')
     before = (tmp_path / "report.json").read_bytes()
     with pytest.raises(OutputError, match="report.json already exists; pass --overwrite"):
         prepare_output_dir(tmp_path, ("model.safetensors", "report.json"), overwrite=False)

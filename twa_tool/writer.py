@@ -248,23 +248,6 @@ def save_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Ma
     return sha256_file(path)
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write a small file atomically."""
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
-    except OSError as err:
-        raise OutputError(f"{path}: cannot write ({err.strerror}); check free space and permissions") from None
-
-
-def save_json(path: Path, document: object) -> None:
-    """Write JSON atomically."""
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(document, indent=2) + "\n")
-    except OSError as err:
-        raise OutputError(f"{path}: cannot write ({err.strerror}); check free space and permissions") from None
-
 def _backup(final: Path) -> Path | None:
     """A hard link to the file ``final`` (so a failed rename phase can put it back), or None when there is
     no file there or the file system has no hard links."""
