@@ -232,6 +232,14 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
             _check_targets(targets, outputs, model_name, flag, data_name)
 
 
+def check_data_fits(model: nn.Module, splits: tuple[object, ...], num_classes: int | None, spec: str,
+                    data_spec: str, flag: str = "--data") -> None:
+    """Every split of a data option against the model (``check_accepts``): by ``twa average`` and its
+    ``--dry-run``, and by ``twa soup`` for ``--data`` and ``--holdout``."""
+    for split in splits:
+        check_accepts(model, split, num_classes, spec, data_spec, flag)
+
+
 def spec_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ModelArgs] | None:
     """The model spec a checkpoint records about itself (``twa.model`` metadata or a timm ``arch``)."""
     if MODEL_METADATA_KEY in metadata:

@@ -37,7 +37,7 @@ from .checkpoints import (
     zip_layout,
 )
 from .config import AverageConfig, SoupConfig
-from .data import DataSplits, build_data, split_holdout
+from .data import build_data, split_holdout
 from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
 from .errors import (
     CheckpointError,
@@ -52,8 +52,8 @@ from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
     build_model,
-    check_accepts,
     check_compatible,
+    check_data_fits,
     flatten,
     key_problems,
     load_state,
@@ -706,12 +706,6 @@ def memory_estimate(model: nn.Module, k: int, ranks: int = 1, storage: str = "fl
     return {**parts, "total": sum(parts.values())}
 
 
-def check_data_fits(model: nn.Module, data: DataSplits, spec: str, data_spec: str) -> None:
-    """Both splits of ``--data`` against the model (``check_accepts``), by the run and by ``--dry-run``."""
-    for split in (data.train, data.eval):
-        check_accepts(model, split, data.num_classes, spec, data_spec)
-
-
 def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     """``--dry-run``'s check of ``--data``: the datasets built without downloading, the holdout split
     made, and one example through the model, as the run would do before reading any checkpoint. Files
@@ -722,7 +716,7 @@ def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
         if not config.download:
             raise
         return {"spec": config.data, "would_download": True}
-    check_data_fits(model, data, spec, config.data)
+    check_data_fits(model, (data.train, data.eval), data.num_classes, spec, config.data)
     fit = len(data.train)
     if config.fit_on == "holdout":
         fit = len(split_holdout(data.train, config.holdout_fraction, config.seed)[1])
@@ -849,7 +843,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
                               data_plan, dist.world_size)
     data_clock = time.perf_counter()
     data = build_data_once(config, dist)
-    check_data_fits(model, data, spec, config.data)  # before any checkpoint is read
+    check_data_fits(model, (data.train, data.eval), data.num_classes, spec,
+                    config.data)  # before any checkpoint is read
     timings["data_s"] = time.perf_counter() - data_clock
     created = together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs,
                                                         output_bytes, config.checkpoint_dir) if dist.is_main else None)

@@ -45,8 +45,8 @@ from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
     build_model,
-    check_accepts,
     check_compatible,
+    check_data_fits,
     flatten,
     load_state,
     trainable_names,
@@ -582,11 +582,10 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
                    f"--holdout-fraction (carved from the fit split) or another --holdout")
         inputs.warnings.append(message)
         on_event(Event("warning", message))
-    checks = [("--data", config.data, fit), ("--data", config.data, eval_data)]
+    classes = data_facts["num_classes"]  # one example of each split through the model, before any ingredient is read
+    check_data_fits(inputs.model, (fit, eval_data), classes, inputs.spec, config.data)
     if config.holdout:
-        checks.append(("--holdout", config.holdout, heldout))
-    for flag, data_name, dataset in checks:  # one example through the model, before any ingredient is read
-        check_accepts(inputs.model, dataset, data_facts["num_classes"], inputs.spec, data_name, flag)
+        check_data_fits(inputs.model, (heldout,), classes, inputs.spec, config.holdout, "--holdout")
     names = trainable_names(inputs.model)
     dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[-1].path).tensors.items()}
     created = prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)
