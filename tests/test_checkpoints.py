@@ -156,7 +156,8 @@ def test_existing_output_is_refused_without_overwrite(tmp_path: Path) -> None:
     before = (tmp_path / "report.json").read_bytes()
     with pytest.raises(OutputError, match="report.json already exists; pass --overwrite"):
         prepare_output_dir(tmp_path, ("model.safetensors", "report.json"), overwrite=False)
-    prepare_output_dir(tmp_path, ("model.safetensors", "report.json"), overwrite=True)
+    with prepare_output_dir(tmp_path, ("model.safetensors", "report.json"), overwrite=True):
+        pass
     assert (tmp_path / "report.json").read_bytes() == before
 
 

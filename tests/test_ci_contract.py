@@ -267,3 +267,15 @@ def test_values_that_would_silently_mislead_are_refused(demo_ckpts: Path, tmp_pa
     result = invoke(demo_ckpts, *FAST, "--fail-if-worse-than", "last", *extra)
     assert result.exit_code == 2 and text in result.stderr, result.output
     assert not list(tmp_path.iterdir())  # nothing written into the working directory
+
+
+def test_space_message_names_the_margin_when_free_exceeds_the_output(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """More free space than the output's size, less than size + margin: the message must say why that fails."""
+    from twa_tool.errors import OutputError
+    from twa_tool.writer import check_output
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("twa_tool.writer.shutil.disk_usage", lambda p: usage(0, 0, 110 << 20))
+    with pytest.raises(OutputError, match=r"110 MiB free, the output needs about 100 MiB plus a 16 MiB margin"):
+        check_output(tmp_path / "o", ("model.safetensors",), False, needed_bytes=100 << 20)

@@ -8,6 +8,9 @@ import json
 import os
 import pathlib
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from safetensors.torch import load_file
 
 from twa_tool.cli import cli
 from twa_tool.errors import OutputError
-from twa_tool.writer import TEMP_PREFIX, StagedOutput, signals_deferred
+from twa_tool.writer import TEMP_PREFIX, StagedOutput, prepare_output_dir, signals_deferred
 
 FAST = ["--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--baselines", "none", "--threads", "1"]
 FALLBACK = ["--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--threads", "1", "--lr", "1000",
@@ -302,3 +305,54 @@ def test_a_failed_soup_removes_the_folder_it_created(demo_ckpts: Path, tmp_path:
     result = soup(demo_ckpts, tmp_path / "o")
     assert result.exit_code == 6, result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_run_on_a_claimed_output_folder_fails_at_once(tmp_path: Path) -> None:
+    """Two runs with one --out would mix one's model with the other's report: the folder is locked per run."""
+    out = tmp_path / "o"
+    with prepare_output_dir(out, ("model.safetensors", "report.json"), overwrite=False):
+        with pytest.raises(OutputError, match=r"--out .*o: another twa run is writing there; wait for it"):
+            prepare_output_dir(out, ("model.safetensors", "report.json"), overwrite=True)
+        assert out.is_dir()  # the refused run takes nothing away from the holder
+    with prepare_output_dir(out, ("model.safetensors", "report.json"), overwrite=False):
+        pass  # released: the next run gets it
+
+
+def test_outputs_written_while_waiting_for_the_lock_need_overwrite(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that finished between this run's check and its lock has left its outputs: they are checked again."""
+    import twa_tool.writer as writer
+
+    out = tmp_path / "o"
+    out.mkdir()
+    take = writer._lock_folder
+
+    def other_run_finishes_first(folder: Path):
+        (folder / "report.json").write_text("{}\n")
+        return take(folder)
+
+    monkeypatch.setattr(writer, "_lock_folder", other_run_finishes_first)
+    with pytest.raises(OutputError, match="report.json already exists; pass --overwrite"):
+        prepare_output_dir(out, ("model.safetensors", "report.json"), overwrite=False)
+    monkeypatch.setattr(writer, "_lock_folder", take)
+    with prepare_output_dir(out, ("model.safetensors", "report.json"), overwrite=True):
+        pass  # the refusal released the lock
+
+
+def test_a_run_on_an_output_folder_another_run_is_writing_exits_7(demo_ckpts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    args = [sys.executable, "-m", "twa_tool", "average", str(demo_ckpts), *FAST, "--out", str(out)]
+    first = subprocess.Popen([*args, "--fault", "pause-write"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob(f"{TEMP_PREFIX}*")) and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert list(out.glob(f"{TEMP_PREFIX}*")), "the first run never reached its write"
+        second = average(demo_ckpts, out, *FAST, "--overwrite")
+        assert second.exit_code == 7, second.output
+        assert second.stderr.strip().endswith("another twa run is writing there; wait for it to finish or choose "
+                                              "another --out")
+        assert list(out.glob(f"{TEMP_PREFIX}*")), "the refused run touched the first run's files"
+    finally:
+        first.kill()
+        first.wait(timeout=30)

@@ -52,13 +52,13 @@ def train_checkpoints(config: DemoTrainConfig, on_epoch: Callable[[int, float], 
     data = build_data(config.data, root=config.data_root)
     model = build_model(config.model, config.model_args)
     created = missing_folders(config.out_dir)
-    prepare_output_dir(config.out_dir, names, config.overwrite)
     written: list[Path] = []
-    try:
-        _train(config, names, data.train, model, on_epoch, written)
-    except BaseException:
-        remove_partial(written, created)
-        raise
+    with prepare_output_dir(config.out_dir, names, config.overwrite):  # locked: one demo per folder at a time
+        try:
+            _train(config, names, data.train, model, on_epoch, written)
+        except BaseException:
+            remove_partial(written, created)
+            raise
     return written
 
 

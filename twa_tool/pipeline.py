@@ -15,6 +15,7 @@ import platform
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
@@ -84,7 +85,6 @@ from .writer import (
     model_file_names,
     plan_shards,
     prepare_output_dir,
-    removed_if_empty,
     side_file_names,
     write_model,
 )
@@ -846,9 +846,9 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     check_data_fits(model, (data.train, data.eval), data.num_classes, spec,
                     config.data)  # before any checkpoint is read
     timings["data_s"] = time.perf_counter() - data_clock
-    created = together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs,
-                                                        output_bytes, config.checkpoint_dir) if dist.is_main else None)
-    with removed_if_empty(created or ()):  # a failed run leaves no empty --out behind
+    claim = together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs,
+                                                      output_bytes, config.checkpoint_dir) if dist.is_main else None)
+    with claim or nullcontext():  # --out locked for this run; a failed run leaves no empty --out behind
         stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event,
                                     storage=config.basis_dtype, dist=dist)
         if stream.not_by_columns is not None:

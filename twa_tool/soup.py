@@ -83,7 +83,6 @@ from .writer import (
     model_file_names,
     plan_shards,
     prepare_output_dir,
-    removed_if_empty,
     write_model,
 )
 
@@ -588,8 +587,8 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         check_data_fits(inputs.model, (heldout,), classes, inputs.spec, config.holdout, "--holdout")
     names = trainable_names(inputs.model)
     dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[-1].path).tensors.items()}
-    created = prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)
-    with removed_if_empty(created):  # a failed run leaves no empty --out behind
+    with prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size,
+                            config.finetunes_dir):  # --out locked for this run; a failed run leaves no empty --out
         clock = time.perf_counter()
         uniform, center, digests = read_uniform(inputs, names, on_event)
         origin = flatten(_load(inputs, inputs.base), names, torch.float32) if inputs.base else None

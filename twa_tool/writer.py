@@ -44,6 +44,8 @@ HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
                  "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
                  "added_tokens.json", "preprocessor_config.json")
 OUT_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Free space a run leaves on top of its outputs' size (a full disk breaks more than this run).
+_SPACE_MARGIN = 16 << 20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 @contextmanager
@@ -155,16 +157,74 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
         raise OutputError(f"{parent}: not writable; choose another --out")
     if parent is not None and needed_bytes:
         free = shutil.disk_usage(parent).free
-        if free < needed_bytes + (16 << 20):
+        if free < needed_bytes + _SPACE_MARGIN:
             raise OutputError(f"{parent}: not enough free space ({free >> 20} MiB free, the output needs about "
-                              f"{needed_bytes >> 20} MiB); free space or choose another --out")
+                              f"{needed_bytes >> 20} MiB plus a {_SPACE_MARGIN >> 20} MiB margin); free space or "
+                              f"choose another --out")
+
+
+class ClaimedOutput:
+    """An output folder a run has checked, created where it was missing, and locked for itself: a second
+    twa run with the same ``--out`` fails at once (``OutputError``) instead of mixing its files with this
+    run's. Use it as a context manager around the run: leaving it releases the lock, and on a failure or a
+    signal first removes the folders the run created while they are still empty (``remove_empty_dirs``).
+
+    The lock is ``flock`` on the folder itself (advisory, held by the open folder, so the kernel drops it
+    when the process dies); where ``flock`` is missing or the file system refuses it, runs are unlocked.
+    """
+
+    def __init__(self, out_dir: Path, created: tuple[Path, ...], lock_fd: int | None) -> None:
+        self.out_dir = out_dir
+        self.created = created
+        self._lock_fd = lock_fd
+
+    def __enter__(self) -> ClaimedOutput:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        try:
+            if exc_type is not None:
+                remove_empty_dirs(self.created)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the folder drops its flock
+            self._lock_fd = None
+
+
+def _lock_folder(out_dir: Path) -> int | None:
+    """Take ``out_dir``'s exclusive ``flock`` without waiting; return the open folder that holds it, or None
+    where locking is not available. ``OutputError`` when another process (another twa run) holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX
+        return None
+    try:
+        fd = os.open(out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError(f"--out {out_dir}: another twa run is writing there; wait for it to finish or choose "
+                          f"another --out") from None
+    except OSError:  # a file system without flock: no lock, as before
+        os.close(fd)
+        return None
+    return fd
 
 
 def prepare_output_dir(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs: tuple[Path, ...] = (),
-                       needed_bytes: int = 0, input_dir: Path | None = None) -> tuple[Path, ...]:
-    """Check the output (see ``check_output``), create ``out_dir`` and clear stale temp files in it.
+                       needed_bytes: int = 0, input_dir: Path | None = None) -> ClaimedOutput:
+    """Check the output (see ``check_output``), create ``out_dir``, lock it for this run and clear stale temp
+    files in it. The checks run again once the lock is held: a run that finished in between has left its
+    outputs, which need ``--overwrite`` like any other.
 
-    Returns the folders it created, deepest first, for ``removed_if_empty`` to take back if the run fails.
+    Returns the ``ClaimedOutput`` to hold around the run (it releases the lock and takes back the folders
+    it created if the run fails).
     """
     check_output(out_dir, names, overwrite, inputs, needed_bytes, input_dir)
     created = tuple(p for p in (out_dir, *out_dir.parents) if not (p.exists() or p.is_symlink()))
@@ -176,8 +236,14 @@ def prepare_output_dir(out_dir: Path, names: tuple[str, ...], overwrite: bool, i
     with removed_if_empty(created):
         if not os.access(out_dir, os.W_OK):
             raise OutputError(f"{out_dir}: not writable; choose another --out")
-        remove_stale_temps(out_dir)
-    return created
+        claim = ClaimedOutput(out_dir, created, _lock_folder(out_dir))
+        try:
+            check_output(out_dir, names, overwrite, inputs, 0, input_dir)
+            remove_stale_temps(out_dir)
+        except BaseException:
+            claim.release()
+            raise
+    return claim
 
 
 def remove_empty_dirs(created: tuple[Path, ...]) -> None:
