@@ -184,6 +184,26 @@ def test_a_signal_while_torch_imports_is_one_line(demo_ckpts: Path, tmp_path: Pa
     assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("entry", ["twa", "-m"])
+def test_a_ctrl_c_while_the_cli_itself_loads_is_one_line(entry: str) -> None:
+    """The window before click and rich are loaded: a KeyboardInterrupt raised by that import (as a Ctrl-C
+    there would) is one line and exit 130 through the console script's entry and ``python -m twa_tool``."""
+    start = ("from twa_tool.entry import main; main()" if entry == "twa"
+             else "import runpy; runpy.run_module('twa_tool', run_name='__main__')")
+    program = ("import sys\n"
+               "class Interrupt:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'click':\n"
+               "            raise KeyboardInterrupt\n"
+               "sys.meta_path.insert(0, Interrupt())\n"
+               "sys.argv = ['twa', '--help']\n" + start + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "interrupted: nothing was written\n"
+    assert 'twa = "twa_tool.entry:main"' in (ROOT / "pyproject.toml").read_text()  # what the script runs
+
+
 def test_usage_errors_are_one_line_and_help_still_works(tmp_path: Path) -> None:
     result = invoke("average", tmp_path, "--data", "synthetic", "--nope")
     assert_one_line_error(result, 2, "--nope", "twa average --help")

@@ -1,6 +1,6 @@
 """``python -m twa_tool``: the same CLI as ``twa``."""
 
-from .cli import main
+from .entry import main
 
 if __name__ == "__main__":
     main()
