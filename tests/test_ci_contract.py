@@ -279,3 +279,19 @@ def test_space_message_names_the_margin_when_free_exceeds_the_output(tmp_path: P
     monkeypatch.setattr("twa_tool.writer.shutil.disk_usage", lambda p: usage(0, 0, 110 << 20))
     with pytest.raises(OutputError, match=r"110 MiB free, the output needs about 100 MiB plus a 16 MiB margin"):
         check_output(tmp_path / "o", ("model.safetensors",), False, needed_bytes=100 << 20)
+
+
+def test_an_output_beside_a_file_read_from_outside_the_input_folder_is_allowed(tmp_path: Path) -> None:
+    """soup's --base in folder B, --out B: B is not read as an ingredient folder; the base itself is protected."""
+    from twa_tool.errors import OutputError
+    from twa_tool.writer import check_output
+
+    finetunes, models = tmp_path / "finetunes", tmp_path / "models"
+    inputs = (finetunes / "ft-0.safetensors", models / "base.safetensors")
+    check_output(models, ("model.safetensors", "report.json"), False, inputs, input_dir=finetunes)
+    with pytest.raises(OutputError, match="would overwrite the input"):
+        check_output(models, ("base.safetensors",), True, inputs, input_dir=finetunes)
+    with pytest.raises(OutputError, match="is the checkpoint folder"):
+        check_output(finetunes, ("model.safetensors",), False, inputs, input_dir=finetunes)
+    with pytest.raises(OutputError, match="is the checkpoint folder"):
+        check_output(models, ("model.safetensors",), False, inputs)  # no input folder given: every input's

@@ -132,14 +132,18 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
     """Everything about the output that can fail, checked before any heavy work, touching nothing.
 
     ``input_dir`` is the folder the inputs are discovered in: an output in it or anywhere under it
-    would be read as a checkpoint by the next run, so it is refused (symlinks resolved).
+    would be read as a checkpoint by the next run, so it is refused (symlinks resolved). Without it, the
+    folders of ``inputs`` are refused. Any ``inputs`` file itself is never overwritten.
     """
     targets = {(out_dir / n).resolve() for n in names}
     clash = next((p for p in inputs if p.resolve() in targets), None)
     if clash is not None:
         raise OutputError(f"{out_dir}: writing there would overwrite the input {clash}; choose another --out")
-    folder = next((p.parent for p in inputs if p.resolve().parent == out_dir.resolve()), None)
-    if folder is not None or (input_dir is not None and out_dir.resolve() == input_dir.resolve()):
+    if input_dir is None:  # the inputs' own folders are the input folders
+        folder = next((p.parent for p in inputs if p.resolve().parent == out_dir.resolve()), None)
+    else:  # only ``input_dir`` is read again: e.g. soup's --base may live where the output goes
+        folder = input_dir if out_dir.resolve() == input_dir.resolve() else None
+    if folder is not None:
         raise OutputError(f"{out_dir}: is the checkpoint folder (the output would become an input of the next run); "
                           f"choose another --out")
     if input_dir is not None and input_dir.resolve() in out_dir.resolve().parents:
