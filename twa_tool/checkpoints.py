@@ -471,7 +471,10 @@ class ZipLayout:
     def matches(self, path: Path) -> dict[str, tuple[int, int]] | None:
         """``path``'s members (suffix -> (data start, CRC-32)) when it shares this layout, else None. Runs
         the structural zip checks (a ``CheckpointError`` for a corrupt archive) and compares the bytes of
-        the non-storage members with this layout's file."""
+        the non-storage members with this layout's file. Another format (safetensors, a legacy pickle, a
+        sharded folder) is None: ``load_checkpoint`` reads it."""
+        if not Path(path).is_file() or _sniff(path) != "torch-zip":
+            return None
         ranges = _zip_member_ranges(path)
         if tuple((_member_suffix(n), end - start) for n, start, end, _ in ranges) != self.sizes:
             return None
@@ -572,7 +575,7 @@ def column_file(path: Path, names: Sequence[str], first: Mapping[str, torch.Tens
     verify_zip_crc=True)``); the other tensors of a safetensors file are read through ``safe_open``, which
     validates the file."""
     others = [k for k in first if k not in set(names)]
-    kind = _sniff(path)
+    kind = _sniff(path) if Path(path).is_file() else "folder"  # a sharded folder is loaded the usual way
     if kind == "torch-zip" and layout is not None:
         members = layout.matches(path)
         if members is None:
