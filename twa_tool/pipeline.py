@@ -157,9 +157,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _stored_metric(name: str) -> Callable[[CheckpointFile], float | None]:
+def _stored_metric(name: str, config: AverageConfig) -> Callable[[CheckpointFile], float | None]:
+    """``--by NAME`` of a checkpoint, read with the run's options (``--weights``, ``--allow-global``,
+    ``--trust-pickle``), as ``twa inspect`` reads it."""
     def metric_of(entry: CheckpointFile) -> float | None:
-        return read_header(entry.path).metrics.get(name)
+        return read_header(entry.path, weights=config.weights, trust_pickle=config.trust_pickle,
+                           allow_globals=config.allow_globals).metrics.get(name)
 
     return metric_of
 
@@ -170,7 +173,7 @@ def select_checkpoints(config: AverageConfig) -> Chosen:
         raise CheckpointError(f"{config.checkpoint_dir}: no checkpoints found (looked for "
                               f"*.safetensors, *.pt, *.pth, *.bin, *.ckpt); check the path")
     by = config.selection.by
-    chosen = select(files, config.selection, _stored_metric(by) if by else None)
+    chosen = select(files, config.selection, _stored_metric(by, config) if by else None)
     for entry in chosen.files:
         raise_if_refused(entry.path)
     if len(chosen.files) < 2:
