@@ -524,3 +524,18 @@ def test_missing_path_is_a_checkpoint_error(tmp_path: Path) -> None:
     os.mkdir(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="empty: no model weights in this folder"):
         load_checkpoint(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("flag", ["module.", "module"])
+def test_strip_prefix_module_on_a_ddp_checkpoint_is_not_an_error(tmp_path: Path, flag: str) -> None:
+    """DDP's module. is always stripped; a user who also passes --strip-prefix module. gets the same weights,
+    not "not every key starts with it" about keys that all do."""
+    sd = state(1)
+    torch.save({"model": prefixed(sd, "module."), "optimizer": {}}, tmp_path / "ep1.pth")
+    loaded = load_checkpoint(tmp_path / "ep1.pth", strip_prefix=flag)
+    assert_same(loaded.state, sd)
+    assert loaded.prefix == "module."
+    assert set(read_header(tmp_path / "ep1.pth", strip_prefix=flag).tensors) == set(sd)
+    torch.save(sd, tmp_path / "plain.pt")  # without the wrapper the flag is still checked
+    with pytest.raises(CheckpointError, match="--strip-prefix 'module.': not every key starts with it"):
+        load_checkpoint(tmp_path / "plain.pt", strip_prefix="module.")

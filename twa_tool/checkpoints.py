@@ -1212,7 +1212,9 @@ def _apply_prefixes(found: _Found, path: Path, strip_prefix: str | None,
         keys = list(entries)
         dotted = strip_prefix if strip_prefix.endswith(".") else strip_prefix + "."
         prefix = next((p for p in (dotted, strip_prefix) if all(k.startswith(p) for k in keys)), None)
-        if prefix is None:
+        if prefix is None and dotted in WRAPPER_PREFIXES and dotted in stripped:
+            pass  # DDP's module. / torch.compile's _orig_mod.: already stripped, as always
+        elif prefix is None:
             example = next((k for k in keys if not k.startswith(strip_prefix)), "")
             raise CheckpointError(f"{path}: --strip-prefix {strip_prefix!r}: not every key starts with it "
                                   f"(e.g. {example!r})")
