@@ -539,3 +539,17 @@ def test_strip_prefix_module_on_a_ddp_checkpoint_is_not_an_error(tmp_path: Path,
     torch.save(sd, tmp_path / "plain.pt")  # without the wrapper the flag is still checked
     with pytest.raises(CheckpointError, match="--strip-prefix 'module.': not every key starts with it"):
         load_checkpoint(tmp_path / "plain.pt", strip_prefix="module.")
+
+
+def test_a_whole_model_pickle_names_every_global_to_allow(tmp_path: Path) -> None:
+    """`torch.save(model)`: exit 5, and the message lists every class --allow-global needs (9, sorted), so allowing
+    them all loads it; none is hidden behind "and N more"."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Dropout(), nn.Linear(2, 3), nn.Tanh())
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(UnsafeInputError) as refused:
+        load_checkpoint(tmp_path / "whole.pt")
+    listed = str(refused.value).split("code objects (", 1)[1].split(")", 1)[0].split(", ")
+    assert listed == sorted(listed) and len(listed) == 9 and "torch.nn.modules.activation.Tanh" in listed
+    loaded = load_checkpoint(tmp_path / "whole.pt", allow_globals=tuple(listed))
+    assert loaded.state.keys() == model.state_dict().keys()

@@ -822,10 +822,9 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
                 return torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
             except Exception as err:  # classified below, inside the allow-list context
                 unsafe = _unsafe_globals(path) or re.findall(r"GLOBAL (\S+) was not an allowed global", str(err))
-                if unsafe:
-                    more = f" and {len(unsafe) - 5} more" if len(unsafe) > 5 else ""
+                if unsafe:  # every name, in a stable order: each is what --allow-global needs
                     raise UnsafeInputError(
-                        f"{path}: refused to unpickle code objects ({', '.join(unsafe[:5])}{more}); convert the "
+                        f"{path}: refused to unpickle code objects ({', '.join(sorted(set(unsafe)))}); convert the "
                         f"file to safetensors, allow each with --allow-global NAME, or pass --trust-pickle if you "
                         f"trust its origin") from None
                 detail = _weights_only_detail(err)
