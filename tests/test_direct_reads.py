@@ -134,3 +134,34 @@ def test_the_layout_places_views_and_shared_storages_or_declines(tmp_path: Path)
     # tensors not mapped from the file (a copy, or a plain load): no layout rather than a wrong one
     assert zip_layout(tmp_path / "x.pt", {k: v.clone() for k, v in state.items()}) is None
     assert zip_layout(tmp_path / "x.pt", torch.load(tmp_path / "x.pt", weights_only=True)) is None
+
+
+@pytest.mark.parametrize("storage", ["float32", "bf16"])
+def test_files_of_other_formats_after_a_torch_zip_are_loaded_not_called_corrupt(tmp_path: Path,
+                                                                                storage: str) -> None:
+    """A folder mixing formats: a safetensors file, a legacy (non-zip) pickle and a sharded Hugging Face
+    folder after the first torch zip are other layouts, read safely, not "corrupt torch checkpoints"."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = write_trajectory(tmp_path / "ckpts", k=6)
+    files = discover(tmp_path / "ckpts")
+    states = [torch.load(f.path, weights_only=True) for f in files]
+    save_file(states[1], str(files[1].path.with_suffix(".safetensors")))
+    files[1].path.unlink()
+    torch.save(states[2], files[2].path, _use_new_zipfile_serialization=False)
+    folder = files[3].path.with_suffix("")
+    folder.mkdir()
+    save_file(states[3], str(folder / "model-00001-of-00001.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "model-00001-of-00001.safetensors" for k in states[3]}}))
+    files[3].path.unlink()
+    mixed = stream_checkpoints(discover(tmp_path / "ckpts"), model, trainable_names(model), 1e-5,
+                               Reader.for_run(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path,
+                                                            data="synthetic"), model),
+                               lambda e: None, block=4, storage=storage)
+    assert list(mixed.subspace.kept) == list(range(6))
+    expected = torch.stack([torch.cat([s[n].reshape(-1) for n in trainable_names(model)]) for s in states])
+    mean = torch.cat([mixed.mean_state[n].reshape(-1) for n in trainable_names(model)])
+    torch.testing.assert_close(mean, expected.double().mean(0).float())

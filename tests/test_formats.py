@@ -524,3 +524,32 @@ def test_missing_path_is_a_checkpoint_error(tmp_path: Path) -> None:
     os.mkdir(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="empty: no model weights in this folder"):
         load_checkpoint(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("flag", ["module.", "module"])
+def test_strip_prefix_module_on_a_ddp_checkpoint_is_not_an_error(tmp_path: Path, flag: str) -> None:
+    """DDP's module. is always stripped; a user who also passes --strip-prefix module. gets the same weights,
+    not "not every key starts with it" about keys that all do."""
+    sd = state(1)
+    torch.save({"model": prefixed(sd, "module."), "optimizer": {}}, tmp_path / "ep1.pth")
+    loaded = load_checkpoint(tmp_path / "ep1.pth", strip_prefix=flag)
+    assert_same(loaded.state, sd)
+    assert loaded.prefix == "module."
+    assert set(read_header(tmp_path / "ep1.pth", strip_prefix=flag).tensors) == set(sd)
+    torch.save(sd, tmp_path / "plain.pt")  # without the wrapper the flag is still checked
+    with pytest.raises(CheckpointError, match="--strip-prefix 'module.': not every key starts with it"):
+        load_checkpoint(tmp_path / "plain.pt", strip_prefix="module.")
+
+
+def test_a_whole_model_pickle_names_every_global_to_allow(tmp_path: Path) -> None:
+    """`torch.save(model)`: exit 5, and the message lists every class --allow-global needs (9, sorted), so allowing
+    them all loads it; none is hidden behind "and N more"."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Dropout(), nn.Linear(2, 3), nn.Tanh())
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(UnsafeInputError) as refused:
+        load_checkpoint(tmp_path / "whole.pt")
+    listed = str(refused.value).split("code objects (", 1)[1].split(")", 1)[0].split(", ")
+    assert listed == sorted(listed) and len(listed) == 9 and "torch.nn.modules.activation.Tanh" in listed
+    loaded = load_checkpoint(tmp_path / "whole.pt", allow_globals=tuple(listed))
+    assert loaded.state.keys() == model.state_dict().keys()

@@ -141,3 +141,12 @@ def test_inspect_lists_an_unreadable_selected_checkpoint_and_fails(demo_ckpts: P
     assert len(errors) == 1 and "1 of the 5 selected checkpoints cannot be read" in errors[0]
     assert "2.safetensors" in errors[0] and "--exclude" in errors[0]
     assert invoke("inspect", ckpts, "--exclude", "2.safetensors").exit_code == 0
+
+
+def test_inspect_of_a_folder_without_checkpoints_fails_like_average(tmp_path: Path) -> None:
+    """A CI pre-check must not pass on a folder `twa average` refuses ("no checkpoints found", exit 4)."""
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "notes.txt").write_text("no weights here")
+    result = invoke("inspect", tmp_path / "ckpts", "--json")
+    assert result.exit_code == 4 and "no checkpoints found" in result.stderr
+    assert json.loads(result.stdout)["checkpoints"] == []  # the JSON is still printed first

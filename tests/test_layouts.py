@@ -255,3 +255,66 @@ def test_copied_hf_files_are_planned_outputs_never_overwritten_without_the_flag(
     result = CliRunner().invoke(cli, base)
     assert result.exit_code == 7 and f"{out / 'config.json'} already exists; pass --overwrite" in result.stderr
     assert json.loads((out / "config.json").read_text()) == {"mine": 1}
+
+
+TIED_MODEL = '''
+import torch
+from torch import nn
+
+
+class Tied(nn.Module):
+    """A model whose output layer is tied to another (one Parameter under two state-dict keys)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Linear(256, 32)
+        self.head = nn.Linear(32, num_classes, bias=False)
+        self.lm = nn.Linear(32, num_classes, bias=False)
+        self.lm.weight = self.head.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm(torch.relu(self.body(x.flatten(1))))
+
+
+def build(num_classes: int = 10) -> nn.Module:
+    return Tied(num_classes)
+'''
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_tied_weights_stored_once_are_read_under_both_keys(tmp_path: Path, sharded: bool) -> None:
+    """safetensors' save_model and Hugging Face's save_pretrained store a tied weight once (`lm.weight` is
+    dropped for `head.weight`): the model's alias is filled from its twin, not reported missing."""
+    from safetensors.torch import save_model
+
+    (tmp_path / "tied.py").write_text(TIED_MODEL)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tied_model", tmp_path / "tied.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = tmp_path / "ckpts"
+    heads = []
+    for i in range(3):
+        torch.manual_seed(i)
+        model = module.build()
+        torch.nn.init.normal_(model.head.weight)
+        heads.append(model.head.weight.detach().clone())
+        folder = root / f"checkpoint-{i + 1}"
+        folder.mkdir(parents=True)
+        save_model(model, str(folder / "model.safetensors"))
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            assert "lm.weight" not in f.keys()  # stored once, under the first name
+        if sharded:
+            (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+            with safe_open(str(folder / "model-00001-of-00001.safetensors"), "pt") as f:
+                keys = list(f.keys())
+            (folder / "model.safetensors.index.json").write_text(json.dumps(
+                {"weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["average", str(root), "--model", f"{tmp_path / 'tied.py'}:build", *FAST,
+                                      "--epochs", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = load_file(out / "model.safetensors")
+    mean = (sum(h.double() for h in heads) / 3).float()
+    assert torch.allclose(saved["head.weight"], mean, atol=1e-6) and torch.equal(saved["lm.weight"],
+                                                                                 saved["head.weight"])

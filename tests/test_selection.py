@@ -94,3 +94,27 @@ def test_the_exclude_hint_matches_exactly_the_named_file() -> None:
         flag, pattern = shlex.split(exclude_hint(name))
         assert flag == "--exclude"
         assert [n for n in names if _matches(n, (pattern,))] == [name]
+
+
+def test_top_k_reads_the_metric_with_the_runs_pickle_options(tmp_path: Path) -> None:
+    """`--top-k --by` reads each file's stored metric with --allow-global / --trust-pickle, as the run and
+    `twa inspect` read the file: a Lightning checkpoint whose hparams hold a PosixPath is not refused."""
+    from twa_tool.config import AverageConfig
+    from twa_tool.errors import UnsafeInputError
+    from twa_tool.pipeline import select_checkpoints
+
+    for epoch, loss in enumerate([0.5, 0.1, 0.4, 0.2]):
+        name = f"epoch={epoch}-step={epoch * 10}.ckpt"
+        monitor = {"monitor": "val_loss", "best_k_models": {str(tmp_path / name): torch.tensor(loss)}}
+        torch.save({"epoch": epoch, "global_step": epoch * 10, "pytorch-lightning_version": "2.5.0",
+                    "state_dict": {"model.w": torch.full((3,), float(epoch))},
+                    "hyper_parameters": {"data_dir": Path("/data")},
+                    "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": monitor}}, tmp_path / name)
+    top2 = Selection(top_k=2, by="val_loss", mode="min")
+    with pytest.raises(UnsafeInputError, match="PosixPath"):
+        select_checkpoints(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic",
+                                         selection=top2))
+    for options in ({"allow_globals": ("pathlib.PosixPath",)}, {"trust_pickle": True}):
+        chosen = select_checkpoints(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic",
+                                                  selection=top2, **options))
+        assert names(chosen) == ["epoch=1-step=10.ckpt", "epoch=3-step=30.ckpt"]

@@ -471,7 +471,10 @@ class ZipLayout:
     def matches(self, path: Path) -> dict[str, tuple[int, int]] | None:
         """``path``'s members (suffix -> (data start, CRC-32)) when it shares this layout, else None. Runs
         the structural zip checks (a ``CheckpointError`` for a corrupt archive) and compares the bytes of
-        the non-storage members with this layout's file."""
+        the non-storage members with this layout's file. Another format (safetensors, a legacy pickle, a
+        sharded folder) is None: ``load_checkpoint`` reads it."""
+        if not Path(path).is_file() or _sniff(path) != "torch-zip":
+            return None
         ranges = _zip_member_ranges(path)
         if tuple((_member_suffix(n), end - start) for n, start, end, _ in ranges) != self.sizes:
             return None
@@ -572,7 +575,7 @@ def column_file(path: Path, names: Sequence[str], first: Mapping[str, torch.Tens
     verify_zip_crc=True)``); the other tensors of a safetensors file are read through ``safe_open``, which
     validates the file."""
     others = [k for k in first if k not in set(names)]
-    kind = _sniff(path)
+    kind = _sniff(path) if Path(path).is_file() else "folder"  # a sharded folder is loaded the usual way
     if kind == "torch-zip" and layout is not None:
         members = layout.matches(path)
         if members is None:
@@ -819,10 +822,9 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
                 return torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
             except Exception as err:  # classified below, inside the allow-list context
                 unsafe = _unsafe_globals(path) or re.findall(r"GLOBAL (\S+) was not an allowed global", str(err))
-                if unsafe:
-                    more = f" and {len(unsafe) - 5} more" if len(unsafe) > 5 else ""
+                if unsafe:  # every name, in a stable order: each is what --allow-global needs
                     raise UnsafeInputError(
-                        f"{path}: refused to unpickle code objects ({', '.join(unsafe[:5])}{more}); convert the "
+                        f"{path}: refused to unpickle code objects ({', '.join(sorted(set(unsafe)))}); convert the "
                         f"file to safetensors, allow each with --allow-global NAME, or pass --trust-pickle if you "
                         f"trust its origin") from None
                 detail = _weights_only_detail(err)
@@ -1209,7 +1211,9 @@ def _apply_prefixes(found: _Found, path: Path, strip_prefix: str | None,
         keys = list(entries)
         dotted = strip_prefix if strip_prefix.endswith(".") else strip_prefix + "."
         prefix = next((p for p in (dotted, strip_prefix) if all(k.startswith(p) for k in keys)), None)
-        if prefix is None:
+        if prefix is None and dotted in WRAPPER_PREFIXES and dotted in stripped:
+            pass  # DDP's module. / torch.compile's _orig_mod.: already stripped, as always
+        elif prefix is None:
             example = next((k for k in keys if not k.startswith(strip_prefix)), "")
             raise CheckpointError(f"{path}: --strip-prefix {strip_prefix!r}: not every key starts with it "
                                   f"(e.g. {example!r})")

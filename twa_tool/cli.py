@@ -513,6 +513,9 @@ def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, allow_
         catalog = inspect_directory(checkpoint_dir, selection, weights, strip_prefix, trust_pickle,
                                     allow_globals).as_dict()
         emit(catalog, as_json, console, render_inspect)
+        if not catalog["checkpoints"] and not catalog["not_selected"]:  # as `twa average` fails on it
+            raise CheckpointError(f"{checkpoint_dir}: no checkpoints found (looked for *.safetensors, *.pt, *.pth, "
+                                  f"*.bin, *.ckpt and checkpoint-<step>/ folders); check the path")
         unreadable = [c for c in catalog["checkpoints"] if c["error"]]
         if unreadable:  # listed above; a CI pre-check must not pass on a folder `twa average` would fail on
             raise CheckpointError(f"{len(unreadable)} of the {len(catalog['checkpoints'])} selected checkpoints "

@@ -255,6 +255,19 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def tied_keys(model: nn.Module) -> dict[str, str]:
+    """Keys of the model's state dict that are the same tensor as an earlier key (tied weights, e.g. an
+    LM head tied to the embedding), mapped to that key. ``safetensors.torch.save_model`` and Hugging Face's
+    ``save_pretrained`` store such a tensor once, so a checkpoint may lack the alias."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        source = first.setdefault(id(value), key)
+        if source != key:
+            tied[key] = source
+    return tied
+
+
 def flatten(state: Mapping[str, torch.Tensor], names: list[str], dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Concatenate the named tensors of a state dict into one flat vector."""
     return torch.cat([state[n].detach().reshape(-1).to(dtype) for n in names])

@@ -59,6 +59,7 @@ from .models import (
     key_problems,
     load_state,
     spec_from_metadata,
+    tied_keys,
     trainable_names,
 )
 from .plots import PLOT_FILES, render_plots
@@ -157,9 +158,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _stored_metric(name: str) -> Callable[[CheckpointFile], float | None]:
+def _stored_metric(name: str, config: AverageConfig) -> Callable[[CheckpointFile], float | None]:
+    """``--by NAME`` of a checkpoint, read with the run's options (``--weights``, ``--allow-global``,
+    ``--trust-pickle``), as ``twa inspect`` reads it."""
     def metric_of(entry: CheckpointFile) -> float | None:
-        return read_header(entry.path).metrics.get(name)
+        return read_header(entry.path, weights=config.weights, trust_pickle=config.trust_pickle,
+                           allow_globals=config.allow_globals).metrics.get(name)
 
     return metric_of
 
@@ -170,7 +174,7 @@ def select_checkpoints(config: AverageConfig) -> Chosen:
         raise CheckpointError(f"{config.checkpoint_dir}: no checkpoints found (looked for "
                               f"*.safetensors, *.pt, *.pth, *.bin, *.ckpt); check the path")
     by = config.selection.by
-    chosen = select(files, config.selection, _stored_metric(by) if by else None)
+    chosen = select(files, config.selection, _stored_metric(by, config) if by else None)
     for entry in chosen.files:
         raise_if_refused(entry.path)
     if len(chosen.files) < 2:
@@ -206,21 +210,30 @@ class Reader:
     trust_pickle: bool
     allow_globals: tuple[str, ...]
     model_keys: frozenset[str]
+    tied: tuple[tuple[str, str], ...] = ()  # (alias, key): tied weights a file may store once (``tied_keys``)
 
     @classmethod
     def for_run(cls, config: AverageConfig | SoupConfig, model: nn.Module) -> Reader:
         return cls(config.weights, config.strip_prefix, config.trust_pickle, config.allow_globals,
-                   frozenset(model.state_dict()))
+                   frozenset(model.state_dict()), tuple(tied_keys(model).items()))
 
     def _options(self) -> dict:
         return {"weights": self.weights, "trust_pickle": self.trust_pickle, "strip_prefix": self.strip_prefix,
                 "allow_globals": self.allow_globals, "model_keys": set(self.model_keys)}
 
+    def _untie(self, entries: dict) -> dict:
+        """A tied weight the file stored once (safetensors, ``save_pretrained``) is given under its alias too."""
+        for alias, key in self.tied:
+            if alias not in entries and key in entries:
+                entries[alias] = entries[key]
+        return entries
+
     def load(self, path: Path, crc_checked: bool = False) -> dict[str, torch.Tensor]:
-        return load_checkpoint(path, **self._options(), crc_checked=crc_checked).state
+        return self._untie(load_checkpoint(path, **self._options(), crc_checked=crc_checked).state)
 
     def header(self, path: Path) -> HeaderInfo:
-        return read_header(path, **self._options())
+        header = read_header(path, **self._options())
+        return replace(header, tensors=self._untie(dict(header.tensors)))
 
 
 def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Reader,
