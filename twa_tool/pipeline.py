@@ -235,6 +235,15 @@ class Reader:
         header = read_header(path, **self._options())
         return replace(header, tensors=self._untie(dict(header.tensors)))
 
+    def as_stored(self, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+        """``state`` with the keys the file ``path`` stores: a tied alias it stored once is left out again,
+        so the output has the input's keys (and not a second copy of, e.g., a tied embedding)."""
+        if not self.tied:
+            return state
+        stored = read_header(path, **self._options()).tensors
+        omit = {alias for alias, key in self.tied if alias not in stored and key in stored}
+        return {k: v for k, v in state.items() if k not in omit}
+
 
 def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Reader,
                      spec: str) -> tuple[list[str], dict[str, HeaderInfo]]:
@@ -901,6 +910,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
         if dist.active:
             report["distributed"] = distributed_facts(dist, stream)
         written_method, state = choose_output(config, report, files, stream, evaluator)
+        state = reader.as_stored(state, files[-1].path)  # the input's keys (a tied weight stored once)
         if not dist.active:
             return write_outputs(config, report, files, state, written_method)
         written = together(dist, lambda: write_outputs(config, report, files, state, written_method)

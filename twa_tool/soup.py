@@ -754,7 +754,8 @@ def write_soup(config: SoupConfig, report: dict, state: State, inputs: Inputs) -
         metadata["twa.base"] = json.dumps({"name": inputs.base.name, "sha256": sha256_file(inputs.base.path)})
     report_path = config.out_dir / REPORT_FILE
     with StagedOutput(config.out_dir) as staged:  # every file to a temp first; renamed together, or none
-        written = write_model(staged, cast_state(state, config.out_dtype), metadata, config.max_shard_size)
+        stored = inputs.reader.as_stored(dict(state), inputs.files[-1].path)  # the input's keys (tied weights)
+        written = write_model(staged, cast_state(stored, config.out_dtype), metadata, config.max_shard_size)
         report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
                              "files": [{"path": p, "sha256": h} for p, h in written.files],
                              "report": {"path": str(report_path)}}
