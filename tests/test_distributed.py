@@ -174,3 +174,23 @@ def test_rank_batches_partition_the_single_process_batches() -> None:
     assert [len(p[-1]) for p in parts] == [1, 1, 1]  # the last batch of 3 split evenly
     strided = [list(RankStride(BatchSampler(range(23), 5, False), Dist(rank=r, world_size=2))) for r in range(2)]
     assert [len(s) for s in strided] == [3, 2] and sorted(sum(strided[0] + strided[1], [])) == list(range(23))
+
+
+def test_a_rank_that_never_joins_is_a_process_group_failure(demo_ckpts: Path, tmp_path: Path) -> None:
+    """Rank 0 of a group of 2 whose rank 1 never starts: the rendezvous times out after --dist-timeout, which is
+    exit 8 and one line (it was an 'unexpected error: DistStoreError', exit 1)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "twa_tool", "average", str(demo_ckpts), *model_flags(), *ARGS,
+                           "--out", str(out), "--dist-timeout", "2"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 8, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: the torchrun process group failed"), proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

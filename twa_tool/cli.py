@@ -693,21 +693,23 @@ def _first_sentence(message: str) -> str:
 @contextmanager
 def process_group(device: str, timeout_s: float) -> Iterator:
     """The torchrun process group for one run (a single-process ``Dist`` outside torchrun); a broken group
-    (a peer died, a collective timed out) becomes a ``DistributedError``."""
+    (a peer died, a collective timed out, a rank that never joined) becomes a ``DistributedError``."""
     import torch.distributed as tdist
 
     from .distributed import init, shutdown
     from .pipeline import resolve_device
 
-    dist = init(resolve_device(device), timeout_s)
+    dist = None
     try:
+        dist = init(resolve_device(device), timeout_s)  # waits for every rank to join, up to the timeout
         yield dist
+        shutdown(dist)
     except RuntimeError as err:  # DistError (a RuntimeError) and the backends' own errors
-        if isinstance(err, tdist.DistError) or (dist.active and any(word in str(err) for word in BACKEND_WORDS)):
+        active = dist is None or dist.active
+        if isinstance(err, tdist.DistError) or (active and any(word in str(err) for word in BACKEND_WORDS)):
             raise DistributedError(f"the torchrun process group failed ({_first_sentence(str(err))}); another "
                                    f"rank died or timed out (--dist-timeout {timeout_s:g}s)") from None
         raise
-    shutdown(dist)
 
 
 add_flag_envvars(cli)
