@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import model_flags
 from safetensors.torch import load_file
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
+from twa_tool.cli import cli
 from twa_tool.distributed import Dist, RankBatches, RankStride
 from twa_tool.pipeline import _column_parts
 from twa_tool.subspace import BasisBuilder
@@ -194,3 +196,21 @@ def test_a_rank_that_never_joins_is_a_process_group_failure(demo_ckpts: Path, tm
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("error: the torchrun process group failed"), proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["soup", "demo"])
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_soup_and_demo_refuse_torchrun(demo_ckpts: Path, tmp_path: Path, command: str, rank: str) -> None:
+    """Under torchrun every rank ran the whole soup (or demo), printed it, printed --json N times and wrote the
+    same folder; they run on one process, so each rank refuses with one usage error (printed by rank 0 only)."""
+    args = {"soup": ["soup", str(demo_ckpts), *model_flags(), "--data", "synthetic", "--device", "cpu", "--json"],
+            "demo": ["demo", "--json"]}[command]
+    env = {"RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank}
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "out")], env=env)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and not (tmp_path / "out").exists()
+    lines = result.stderr.splitlines()
+    if rank == "0":
+        assert len(lines) == 1 and lines[0].startswith(f"error: twa {command} runs on one process"), lines
+    else:
+        assert lines == []

@@ -171,6 +171,14 @@ def torchrun_rank() -> int:
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
+def single_process_only(command: str) -> None:
+    """``twa soup`` and ``twa demo`` run on one process: under torchrun every rank would run the whole job, print
+    it and write the same output folder, so they refuse (only ``twa average`` shares its work between ranks)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"twa {command} runs on one process, not under torchrun (only twa average shares its "
+                          f"work between ranks); run it without torchrun")
+
+
 def _record_for_torchrun(err: BaseException) -> None:
     """Under torchrun, leave the error where its failure summary shows it as the root cause."""
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
@@ -584,6 +592,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
 
     written: list[Path] = []  # the output folder, once its output is in place
     def body() -> None:
+        single_process_only("soup")
         set_threads(threads)
         from .report import render_soup
         from .soup import run_soup
@@ -633,6 +642,7 @@ def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, ep
 
     written: list[Path] = []  # the output folder, once its output is in place
     def body() -> None:
+        single_process_only("demo")
         from .demo import DemoTrainConfig, missing_folders, remove_partial, train_checkpoints
         from .pipeline import run_average
         from .report import render_average
