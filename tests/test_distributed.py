@@ -214,3 +214,18 @@ def test_soup_and_demo_refuse_torchrun(demo_ckpts: Path, tmp_path: Path, command
         assert len(lines) == 1 and lines[0].startswith(f"error: twa {command} runs on one process"), lines
     else:
         assert lines == []
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_torchrun_failure_summary_has_the_one_line_error(tmp_path: Path, verbose: bool) -> None:
+    """torchrun's failure summary prints the error file each failed rank leaves: the one-line error, with the
+    traceback only under -v (it printed twa's traceback for every input error)."""
+    error_file = tmp_path / "error.json"
+    args = ["average", str(tmp_path / "missing"), "--data", "synthetic", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, args + (["-v"] if verbose else []),
+                                env={"TORCHELASTIC_ERROR_FILE": str(error_file)})
+    assert result.exit_code == 4
+    message = json.loads(error_file.read_text())["message"]
+    assert message["message"].startswith("CheckpointError: ") and "no such directory" in message["message"]
+    assert int(message["extraInfo"]["timestamp"]) > 0
+    assert ("Traceback" in message["extraInfo"].get("py_callstack", "")) == verbose

@@ -179,12 +179,19 @@ def single_process_only(command: str) -> None:
                           f"work between ranks); run it without torchrun")
 
 
-def _record_for_torchrun(err: BaseException) -> None:
-    """Under torchrun, leave the error where its failure summary shows it as the root cause."""
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+def _record_for_torchrun(err: BaseException, verbose: bool) -> None:
+    """Under torchrun, leave the error where its failure summary shows it as the root cause: the one line, and
+    the traceback only with ``-v`` (torchrun prints what the file holds)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    if verbose:
         from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
         get_error_handler().record_exception(err)
+        return
+    message = {"message": f"{type(err).__name__}: {err}", "extraInfo": {"timestamp": str(int(time.time()))}}
+    Path(path).write_text(json.dumps({"message": message}))
 
 
 def _interrupted(word: str, err: BaseException, written: list[Path]) -> str:
@@ -221,7 +228,7 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
         console.print(f"[red]{prefix}error:[/red] {escape(str(err))}", soft_wrap=True)
         if err.details:
             console.print(details_text(err.details), soft_wrap=True, markup=False, highlight=False)
-        _record_for_torchrun(err)
+        _record_for_torchrun(err, verbose)
         sys.exit(err.exit_code)
     except KeyboardInterrupt as err:
         console.print(_interrupted("interrupted", err, written or []), soft_wrap=True)
@@ -235,7 +242,7 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
             console.print(traceback.format_exc(), markup=False, highlight=False)
         console.print(f"[red]{prefix}unexpected error:[/red] {type(err).__name__}: {escape(str(err))} (rerun with -v "
                       f"for the traceback)", soft_wrap=True)
-        _record_for_torchrun(err)
+        _record_for_torchrun(err, verbose)
         sys.exit(1)
     finally:
         if previous is not None:
