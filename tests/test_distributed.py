@@ -229,3 +229,28 @@ def test_torchrun_failure_summary_has_the_one_line_error(tmp_path: Path, verbose
     assert message["message"].startswith("CheckpointError: ") and "no such directory" in message["message"]
     assert int(message["extraInfo"]["timestamp"]) > 0
     assert ("Traceback" in message["extraInfo"].get("py_callstack", "")) == verbose
+
+
+FAIL_THEN_SIGTERM = """
+import os, signal, sys
+import twa_tool.cli as cli
+exit = sys.exit
+def exit_after_sigterm(code=None):  # torchrun's SIGTERM (another rank failed) lands while this rank exits
+    os.kill(os.getpid(), signal.SIGTERM)
+    exit(code)
+sys.exit = exit_after_sigterm
+sys.argv = ["twa", "average", "ckpts", "--data", "synthetic", "--out", "out", "--lr", "-1"]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_failed_rank_keeps_its_line_and_code_when_torchrun_stops_it(tmp_path: Path, rank: str) -> None:
+    """A rank that failed keeps its exit code and its one line when torchrun's SIGTERM lands while it exits
+    (it printed a second line, 'terminated: nothing was written', and exited 143)."""
+    env = {**os.environ, "RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank}
+    proc = subprocess.run([sys.executable, "-c", FAIL_THEN_SIGTERM], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    expected = ["error: --lr -1.0: must be a finite number > 0"] if rank == "0" else []
+    assert proc.stderr.splitlines() == expected

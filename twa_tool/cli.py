@@ -216,10 +216,15 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
         console = make_console(quiet=not verbose)
     prefix = f"rank {rank}: " if rank else ""
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    final = False  # under torchrun, once this rank failed: signals ignored until it exits
     try:
-        with signals_deferred():  # raised inside torch's C++ start-up, a signal aborts or is lost
-            import torch  # noqa: F401  (every command needs it; the heavy part of the start)
-        body()
+        try:
+            with signals_deferred():  # raised inside torch's C++ start-up, a signal aborts or is lost
+                import torch  # noqa: F401  (every command needs it; the heavy part of the start)
+            body()
+        except BaseException:
+            final = _final_under_torchrun()
+            raise
     except TwaError as err:
         if rank and err.exit_code == DistributedError.exit_code:
             console = make_console(quiet=False)
@@ -245,8 +250,20 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
         _record_for_torchrun(err, verbose)
         sys.exit(1)
     finally:
-        if previous is not None:
+        if previous is not None and not final:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _final_under_torchrun() -> bool:
+    """Under torchrun, a rank that failed has its line and exit code: from now on SIGTERM and SIGINT are ignored
+    (torchrun sends SIGTERM to every rank as soon as one fails; raised while this one reports or exits, it
+    printed a second line, 'terminated: nothing was written', and turned the code into 143 or a kill).
+    Returns whether it did (never on a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not _main_thread():
+        return False
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    return True
 
 
 def details_text(rows: list[tuple[str, ...]]) -> str:
