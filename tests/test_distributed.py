@@ -254,3 +254,60 @@ def test_a_failed_rank_keeps_its_line_and_code_when_torchrun_stops_it(tmp_path: 
     assert proc.returncode == 2, proc.stderr
     expected = ["error: --lr -1.0: must be a finite number > 0"] if rank == "0" else []
     assert proc.stderr.splitlines() == expected
+
+
+RANKWISE = """
+import os, sys
+from twa_tool.cli import main
+if os.environ["RANK"] == "1":  # rank 1 launched with other flags or another folder than rank 0
+    sys.argv = [arg.replace(os.environ["RANK1_FROM"], os.environ["RANK1_TO"]) for arg in sys.argv]
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def other_folders(demo_ckpts: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo checkpoints with one file's bytes changed (same size), and without the first file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("other")
+    changed, fewer = root / "changed", root / "fewer"
+    for folder in (changed, fewer):
+        folder.mkdir()
+        for path in demo_ckpts.iterdir():
+            (folder / path.name).write_bytes(path.read_bytes())
+    with safe_open(changed / "2.safetensors", "pt") as f:
+        metadata = f.metadata()
+    state = load_file(changed / "2.safetensors")
+    state["head.bias"] = state["head.bias"] + 0.01
+    save_file(state, changed / "2.safetensors", metadata=metadata)
+    (fewer / "0.safetensors").unlink()
+    return {"changed": changed, "fewer": fewer}
+
+
+@pytest.mark.parametrize("swap, code, text", [
+    (("--seed=0", "--seed=1"), 2, "torchrun rank 1 was started with other settings than rank 0 (seed 1 vs 0)"),
+    (("--lr=0.05", "--lr=0.5"), 2, "(train.lr 0.5 vs 0.05)"),
+    ("changed", 4, "torchrun rank 1 read other bytes for 2.safetensors than rank 0"),
+    ("fewer", 4, "torchrun rank 1 selected other checkpoints than rank 0 (4 vs 5"),
+])
+def test_ranks_started_differently_refuse_together(demo_ckpts: Path, other_folders: dict[str, Path],
+                                                   tmp_path: Path, swap: tuple | str, code: int, text: str) -> None:
+    """A rank started with another seed or lr, or given another folder, silently walked other batches or took
+    other steps (exit 0, rank 0's result written) or broke a collective (SIGABRT); now every rank refuses."""
+    old, new = swap if isinstance(swap, tuple) else (str(demo_ckpts), str(other_folders[swap]))
+    script = tmp_path / "rankwise.py"
+    script.write_text(RANKWISE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK1_FROM": old, "RANK1_TO": new}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "--max-restarts=0", str(script), "average", str(demo_ckpts), *model_flags(), *ARGS,
+                           "--epochs", "1", "--seed=0", "--lr=0.05", "--out", str(out), "--dist-timeout", "30"],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(("error:", "rank 1: error:"))]
+    assert len(errors) == 1 and errors[0].startswith("error: torchrun rank 1 "), proc.stderr[-3000:]
+    assert text in errors[0]
+    assert proc.stderr.count(f"exitcode  : {code} ") == 2, proc.stderr[-3000:]  # both ranks, the same code
+    assert not out.exists()

@@ -816,10 +816,12 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
         warnings.append(message)
         on_event(Event("warning", message))
 
+    check_same_run(dist, config)
     torch.manual_seed(config.seed)
     device = dist.device(resolve_device(config.device))
     chosen = select_checkpoints(config)
     files = list(chosen.files)
+    check_same_files(dist, files)
     for dropped in chosen.dropped:
         if dropped.alias_of is not None:
             warn(f"{dropped.name}: {dropped.reason}; counted once")
@@ -851,6 +853,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     with removed_if_empty(created or ()):  # a failed run leaves no empty --out behind
         stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event,
                                     storage=config.basis_dtype, dist=dist)
+        check_same_files(dist, files, stream.sha256)
         if stream.not_by_columns is not None:
             warn(f"--basis-dtype {config.basis_dtype}: built through a float32 basis, so the peak memory is that of "
                  f"float32 ({stream.not_by_columns})")
@@ -894,6 +897,53 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
                            if dist.is_main else None)
         return written or AverageResult(report=report, model_path=config.out_dir / output_names[0],
                                         report_path=config.out_dir / REPORT_FILE, warnings=tuple(warnings))
+
+
+#: Settings that may differ between torchrun ranks: where each node keeps the files, and per-process ones.
+PER_RANK_SETTINGS = ("checkpoint_dir", "out_dir", "data_root", "num_workers", "dist_timeout")
+
+
+def check_same_run(dist: Dist, config: AverageConfig) -> None:
+    """Under torchrun, every rank must run the same job: a rank started with another seed or lr silently walked
+    other batches or took other steps (rank 0 wrote its own result), another --range or --epochs broke or hung
+    a collective. Every rank compares all the settings (but the folders), so all refuse together."""
+    if not dist.active:
+        return
+    flat = {}
+    for key, value in _config_dict(config).items():
+        if key not in PER_RANK_SETTINGS:
+            flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    ranks = dist.gather_objects(flat)
+    for rank, other in enumerate(ranks[1:], start=1):
+        differs = [f"{k} {other.get(k)!r} vs {v!r}" for k, v in ranks[0].items() if other.get(k) != v]
+        if differs:
+            raise ConfigError(f"torchrun rank {rank} was started with other settings than rank 0 "
+                              f"({', '.join(differs[:3])}); start every rank with the same flags")
+
+
+def check_same_files(dist: Dist, files: list[CheckpointFile], digests: list[str] | None = None) -> None:
+    """Under torchrun, every rank must read the same checkpoints: the same selection (names and sizes), and
+    once read, the same bytes (sha256). A rank that saw another file built its basis shard from it."""
+    if not dist.active:
+        return
+    mine = [(f.name, f.path.stat().st_size if digests is None else digests[i]) for i, f in enumerate(files)]
+    ranks = dist.gather_objects(mine)
+    for rank, other in enumerate(ranks[1:], start=1):
+        if other == ranks[0]:
+            continue
+        first = next(i for i, (a, b) in enumerate(itertools.zip_longest(ranks[0], other)) if a != b)
+        ours, theirs = (r[first] if first < len(r) else None for r in (ranks[0], other))
+        if digests is not None and ours is not None and theirs is not None and ours[0] == theirs[0]:
+            raise CheckpointError(f"torchrun rank {rank} read other bytes for {ours[0]} than rank 0 (sha256 "
+                                  f"{theirs[1][:12]} vs {ours[1][:12]}); every rank must see the same checkpoint "
+                                  f"files")
+
+        def described(entry: tuple | None) -> str:
+            return "none" if entry is None else f"{entry[0]} of {entry[1]} bytes" if digests is None else entry[0]
+
+        raise CheckpointError(f"torchrun rank {rank} selected other checkpoints than rank 0 ({len(other)} vs "
+                              f"{len(ranks[0])}; number {first + 1}: {described(theirs)} vs {described(ours)}); "
+                              f"every rank must see the same checkpoint files")
 
 
 def together(dist: Dist, step: Callable[[], T | None]) -> T | None:
