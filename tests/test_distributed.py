@@ -311,3 +311,43 @@ def test_ranks_started_differently_refuse_together(demo_ckpts: Path, other_folde
     assert text in errors[0]
     assert proc.stderr.count(f"exitcode  : {code} ") == 2, proc.stderr[-3000:]  # both ranks, the same code
     assert not out.exists()
+
+
+SMALL_DATA = """
+import torch
+from torch.utils.data import TensorDataset
+
+def make():
+    x = torch.randn(25, 16, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    return TensorDataset(x[:20], y[:20]), TensorDataset(x[20:], y[20:])
+"""
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_single_example_batchnorm_split_is_refused(tmp_path: Path, dry_run: bool) -> None:
+    """A held-out split of one example under a BatchNorm model: one process failed with 'unexpected error:
+    ValueError: Expected more than 1 value per channel' (exit 1) while torchrun ran (its global-batch BN
+    normalises one example to zero variance); both now refuse it before reading a checkpoint (exit 4)."""
+    from safetensors.torch import save_file
+
+    from twa_tool.models import MLP
+
+    torch.manual_seed(0)
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    state = MLP(in_features=16, num_classes=2, hidden=4).state_dict()
+    for i in range(3):
+        save_file({k: v + 0.1 * (i + 1) * torch.randn_like(v) if v.is_floating_point() else v
+                   for k, v in state.items()}, ckpts / f"{i}.safetensors")
+    (tmp_path / "small.py").write_text(SMALL_DATA)
+    args = ["average", str(ckpts), "--model", "twa:mlp", "--model-arg", "in_features=16", "--model-arg",
+            "num_classes=2", "--model-arg", "hidden=4", "--data", f"{tmp_path / 'small.py'}:make", "--device", "cpu",
+            "--epochs", "1", "--batch-size", "8", "--fit-on", "holdout", "--holdout-fraction", "0.05",
+            "--out", str(tmp_path / "out")] + (["--dry-run"] if dry_run else [])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 4, result.output
+    assert result.stderr.splitlines() == ["error: the held-out split (--fit-on holdout) has 1 example; the model's "
+                                          "BatchNorm layers need at least 2 in training mode: use more data, or "
+                                          "raise --holdout-fraction"]
+    assert not (tmp_path / "out").exists()

@@ -42,6 +42,7 @@ from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
 from .errors import (
     CheckpointError,
     ConfigError,
+    DataError,
     DistributedError,
     MissingData,
     ModelError,
@@ -74,7 +75,15 @@ from .subspace import (
     column_block,
     orthonormality_error,
 )
-from .trainer import Metrics, StepInfo, drop_single_last, evaluate, recalibrate_bn, train_projected
+from .trainer import (
+    Metrics,
+    StepInfo,
+    drop_single_last,
+    evaluate,
+    has_batchnorm,
+    recalibrate_bn,
+    train_projected,
+)
 from .writer import (
     HUMAN_REPORT_FILE,
     REPORT_FILE,
@@ -706,6 +715,21 @@ def memory_estimate(model: nn.Module, k: int, ranks: int = 1, storage: str = "fl
     return {**parts, "total": sum(parts.values())}
 
 
+def check_train_mode_sizes(model: nn.Module, config: AverageConfig, train: int, fit: int) -> None:
+    """With BatchNorm, the train-mode passes (BN re-estimation on the train split, fitting on the fit split) need
+    2 examples: one alone is an error in training mode on one process, and normalised to zero variance under
+    torchrun (whose BN uses the global batch), so the two disagreed; refused before any checkpoint is read."""
+    if not has_batchnorm(model):
+        return
+    splits = [("--data's train split", train, "")]
+    if config.fit_on == "holdout":
+        splits.append(("the held-out split (--fit-on holdout)", fit, ", or raise --holdout-fraction"))
+    for what, size, fix in splits:
+        if size < 2:
+            raise DataError(f"{what} has {size} example; the model's BatchNorm layers need at least 2 in training "
+                            f"mode: use more data{fix}")
+
+
 def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     """``--dry-run``'s check of ``--data``: the datasets built without downloading, the holdout split
     made, and one example through the model, as the run would do before reading any checkpoint. Files
@@ -720,6 +744,7 @@ def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     fit = len(data.train)
     if config.fit_on == "holdout":
         fit = len(split_holdout(data.train, config.holdout_fraction, config.seed)[1])
+    check_train_mode_sizes(model, config, len(data.train), fit)
     return {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "fit_on": config.fit_on,
             "fit_examples": fit, "bn_examples": len(data.train), "eval_examples": len(data.eval),
             "would_download": False}
@@ -847,6 +872,10 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     data = build_data_once(config, dist)
     check_data_fits(model, (data.train, data.eval), data.num_classes, spec,
                     config.data)  # before any checkpoint is read
+    fit_data: Dataset = data.train
+    if config.fit_on == "holdout":
+        _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
+    check_train_mode_sizes(model, config, len(data.train), len(fit_data))
     timings["data_s"] = time.perf_counter() - data_clock
     created = together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs,
                                                         output_bytes, config.checkpoint_dir) if dist.is_main else None)
@@ -862,9 +891,6 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
                  f"dropped from the basis")
         timings["load_and_basis_s"] = time.perf_counter() - clock - timings["data_s"]
 
-        fit_data: Dataset = data.train
-        if config.fit_on == "holdout":
-            _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
         model.to(device)
         eval_loader = _loader(data.eval, config, shuffle=False, seed=config.seed, dist=dist)
         evaluator = Evaluator(model=model, reader=reader, bn_data=data.train, eval_loader=eval_loader, config=config,
