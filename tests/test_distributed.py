@@ -199,8 +199,21 @@ def test_a_rank_that_never_joins_is_a_process_group_failure(demo_ckpts: Path, tm
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+@pytest.fixture
+def signals_restored() -> object:
+    """A command failing in this process under a torchrun environment ignores SIGINT/SIGTERM until its exit
+    (``cli._final_under_torchrun``); the test process gets its handlers back."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
 @pytest.mark.parametrize("command", ["soup", "demo"])
 @pytest.mark.parametrize("rank", ["0", "1"])
+@pytest.mark.usefixtures("signals_restored")
 def test_soup_and_demo_refuse_torchrun(demo_ckpts: Path, tmp_path: Path, command: str, rank: str) -> None:
     """Under torchrun every rank ran the whole soup (or demo), printed it, printed --json N times and wrote the
     same folder; they run on one process, so each rank refuses with one usage error (printed by rank 0 only)."""
