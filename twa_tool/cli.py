@@ -743,7 +743,20 @@ def process_group(device: str, timeout_s: float) -> Iterator:
         if isinstance(err, tdist.DistError) or (active and any(word in str(err) for word in BACKEND_WORDS)):
             raise DistributedError(f"the torchrun process group failed ({_first_sentence(str(err))}); another "
                                    f"rank died or timed out (--dist-timeout {timeout_s:g}s)") from None
+        _leave(dist)
         raise
+    except BaseException:
+        _leave(dist)
+        raise
+
+
+def _leave(dist: object) -> None:
+    """A failed rank whose group still works (every rank refused the same input) leaves it at once: torn down
+    later, at exit, after a peer closed its side, gloo aborted the process (SIGABRT instead of the exit code)."""
+    import torch.distributed as tdist
+
+    if getattr(dist, "active", False) and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 add_flag_envvars(cli)
