@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import model_flags
 from safetensors.torch import load_file
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
+from twa_tool.cli import cli
 from twa_tool.distributed import Dist, RankBatches, RankStride
 from twa_tool.pipeline import _column_parts
 from twa_tool.subspace import BasisBuilder
@@ -174,3 +177,193 @@ def test_rank_batches_partition_the_single_process_batches() -> None:
     assert [len(p[-1]) for p in parts] == [1, 1, 1]  # the last batch of 3 split evenly
     strided = [list(RankStride(BatchSampler(range(23), 5, False), Dist(rank=r, world_size=2))) for r in range(2)]
     assert [len(s) for s in strided] == [3, 2] and sorted(sum(strided[0] + strided[1], [])) == list(range(23))
+
+
+def test_a_rank_that_never_joins_is_a_process_group_failure(demo_ckpts: Path, tmp_path: Path) -> None:
+    """Rank 0 of a group of 2 whose rank 1 never starts: the rendezvous times out after --dist-timeout, which is
+    exit 8 and one line (it was an 'unexpected error: DistStoreError', exit 1)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "twa_tool", "average", str(demo_ckpts), *model_flags(), *ARGS,
+                           "--out", str(out), "--dist-timeout", "2"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 8, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: the torchrun process group failed"), proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.fixture
+def signals_restored() -> object:
+    """A command failing in this process under a torchrun environment ignores SIGINT/SIGTERM until its exit
+    (``cli._final_under_torchrun``); the test process gets its handlers back."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize("command", ["soup", "demo"])
+@pytest.mark.parametrize("rank", ["0", "1"])
+@pytest.mark.usefixtures("signals_restored")
+def test_soup_and_demo_refuse_torchrun(demo_ckpts: Path, tmp_path: Path, command: str, rank: str) -> None:
+    """Under torchrun every rank ran the whole soup (or demo), printed it, printed --json N times and wrote the
+    same folder; they run on one process, so each rank refuses with one usage error (printed by rank 0 only)."""
+    args = {"soup": ["soup", str(demo_ckpts), *model_flags(), "--data", "synthetic", "--device", "cpu", "--json"],
+            "demo": ["demo", "--json"]}[command]
+    env = {"RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank}
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "out")], env=env)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and not (tmp_path / "out").exists()
+    lines = result.stderr.splitlines()
+    if rank == "0":
+        assert len(lines) == 1 and lines[0].startswith(f"error: twa {command} runs on one process"), lines
+    else:
+        assert lines == []
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_torchrun_failure_summary_has_the_one_line_error(tmp_path: Path, verbose: bool) -> None:
+    """torchrun's failure summary prints the error file each failed rank leaves: the one-line error, with the
+    traceback only under -v (it printed twa's traceback for every input error)."""
+    error_file = tmp_path / "error.json"
+    args = ["average", str(tmp_path / "missing"), "--data", "synthetic", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, args + (["-v"] if verbose else []),
+                                env={"TORCHELASTIC_ERROR_FILE": str(error_file)})
+    assert result.exit_code == 4
+    message = json.loads(error_file.read_text())["message"]
+    assert message["message"].startswith("CheckpointError: ") and "no such directory" in message["message"]
+    assert int(message["extraInfo"]["timestamp"]) > 0
+    assert ("Traceback" in message["extraInfo"].get("py_callstack", "")) == verbose
+
+
+FAIL_THEN_SIGTERM = """
+import os, signal, sys
+import twa_tool.cli as cli
+exit = sys.exit
+def exit_after_sigterm(code=None):  # torchrun's SIGTERM (another rank failed) lands while this rank exits
+    os.kill(os.getpid(), signal.SIGTERM)
+    exit(code)
+sys.exit = exit_after_sigterm
+sys.argv = ["twa", "average", "ckpts", "--data", "synthetic", "--out", "out", "--lr", "-1"]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_failed_rank_keeps_its_line_and_code_when_torchrun_stops_it(tmp_path: Path, rank: str) -> None:
+    """A rank that failed keeps its exit code and its one line when torchrun's SIGTERM lands while it exits
+    (it printed a second line, 'terminated: nothing was written', and exited 143)."""
+    env = {**os.environ, "RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank}
+    proc = subprocess.run([sys.executable, "-c", FAIL_THEN_SIGTERM], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    expected = ["error: --lr -1.0: must be a finite number > 0"] if rank == "0" else []
+    assert proc.stderr.splitlines() == expected
+
+
+RANKWISE = """
+import os, sys
+from twa_tool.cli import main
+if os.environ["RANK"] == "1":  # rank 1 launched with other flags or another folder than rank 0
+    sys.argv = [arg.replace(os.environ["RANK1_FROM"], os.environ["RANK1_TO"]) for arg in sys.argv]
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def other_folders(demo_ckpts: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo checkpoints with one file's bytes changed (same size), and without the first file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("other")
+    changed, fewer = root / "changed", root / "fewer"
+    for folder in (changed, fewer):
+        folder.mkdir()
+        for path in demo_ckpts.iterdir():
+            (folder / path.name).write_bytes(path.read_bytes())
+    with safe_open(changed / "2.safetensors", "pt") as f:
+        metadata = f.metadata()
+    state = load_file(changed / "2.safetensors")
+    state["head.bias"] = state["head.bias"] + 0.01
+    save_file(state, changed / "2.safetensors", metadata=metadata)
+    (fewer / "0.safetensors").unlink()
+    return {"changed": changed, "fewer": fewer}
+
+
+@pytest.mark.parametrize("swap, code, text", [
+    (("--seed=0", "--seed=1"), 2, "torchrun rank 1 was started with other settings than rank 0 (seed 1 vs 0)"),
+    (("--lr=0.05", "--lr=0.5"), 2, "(train.lr 0.5 vs 0.05)"),
+    ("changed", 4, "torchrun rank 1 read other bytes for 2.safetensors than rank 0"),
+    ("fewer", 4, "torchrun rank 1 selected other checkpoints than rank 0 (4 vs 5"),
+])
+def test_ranks_started_differently_refuse_together(demo_ckpts: Path, other_folders: dict[str, Path],
+                                                   tmp_path: Path, swap: tuple | str, code: int, text: str) -> None:
+    """A rank started with another seed or lr, or given another folder, silently walked other batches or took
+    other steps (exit 0, rank 0's result written) or broke a collective (SIGABRT); now every rank refuses."""
+    old, new = swap if isinstance(swap, tuple) else (str(demo_ckpts), str(other_folders[swap]))
+    script = tmp_path / "rankwise.py"
+    script.write_text(RANKWISE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK1_FROM": old, "RANK1_TO": new}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "--max-restarts=0", str(script), "average", str(demo_ckpts), *model_flags(), *ARGS,
+                           "--epochs", "1", "--seed=0", "--lr=0.05", "--out", str(out), "--dist-timeout", "30"],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(("error:", "rank 1: error:"))]
+    assert len(errors) == 1 and errors[0].startswith("error: torchrun rank 1 "), proc.stderr[-3000:]
+    assert text in errors[0]
+    codes = re.findall(r"exitcode  : (-?\d+) ", proc.stderr)
+    # both ranks, the same code (or 143: torchrun stopped a rank that was still leaving the check)
+    assert sorted(codes) in ([str(code)] * 2, sorted([str(code), "143"])), proc.stderr[-3000:]
+    assert not out.exists()
+
+
+SMALL_DATA = """
+import torch
+from torch.utils.data import TensorDataset
+
+def make():
+    x = torch.randn(25, 16, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    return TensorDataset(x[:20], y[:20]), TensorDataset(x[20:], y[20:])
+"""
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_single_example_batchnorm_split_is_refused(tmp_path: Path, dry_run: bool) -> None:
+    """A held-out split of one example under a BatchNorm model: one process failed with 'unexpected error:
+    ValueError: Expected more than 1 value per channel' (exit 1) while torchrun ran (its global-batch BN
+    normalises one example to zero variance); both now refuse it before reading a checkpoint (exit 4)."""
+    from safetensors.torch import save_file
+
+    from twa_tool.models import MLP
+
+    torch.manual_seed(0)
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    state = MLP(in_features=16, num_classes=2, hidden=4).state_dict()
+    for i in range(3):
+        save_file({k: v + 0.1 * (i + 1) * torch.randn_like(v) if v.is_floating_point() else v
+                   for k, v in state.items()}, ckpts / f"{i}.safetensors")
+    (tmp_path / "small.py").write_text(SMALL_DATA)
+    args = ["average", str(ckpts), "--model", "twa:mlp", "--model-arg", "in_features=16", "--model-arg",
+            "num_classes=2", "--model-arg", "hidden=4", "--data", f"{tmp_path / 'small.py'}:make", "--device", "cpu",
+            "--epochs", "1", "--batch-size", "8", "--fit-on", "holdout", "--holdout-fraction", "0.05",
+            "--out", str(tmp_path / "out")] + (["--dry-run"] if dry_run else [])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 4, result.output
+    assert result.stderr.splitlines() == ["error: the held-out split (--fit-on holdout) has 1 example; the model's "
+                                          "BatchNorm layers need at least 2 in training mode: use more data, or "
+                                          "raise --holdout-fraction"]
+    assert not (tmp_path / "out").exists()

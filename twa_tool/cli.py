@@ -171,12 +171,27 @@ def torchrun_rank() -> int:
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
-def _record_for_torchrun(err: BaseException) -> None:
-    """Under torchrun, leave the error where its failure summary shows it as the root cause."""
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+def single_process_only(command: str) -> None:
+    """``twa soup`` and ``twa demo`` run on one process: under torchrun every rank would run the whole job, print
+    it and write the same output folder, so they refuse (only ``twa average`` shares its work between ranks)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"twa {command} runs on one process, not under torchrun (only twa average shares its "
+                          f"work between ranks); run it without torchrun")
+
+
+def _record_for_torchrun(err: BaseException, verbose: bool) -> None:
+    """Under torchrun, leave the error where its failure summary shows it as the root cause: the one line, and
+    the traceback only with ``-v`` (torchrun prints what the file holds)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    if verbose:
         from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
         get_error_handler().record_exception(err)
+        return
+    message = {"message": f"{type(err).__name__}: {err}", "extraInfo": {"timestamp": str(int(time.time()))}}
+    Path(path).write_text(json.dumps({"message": message}))
 
 
 def _interrupted(word: str, err: BaseException, written: list[Path]) -> str:
@@ -201,10 +216,15 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
         console = make_console(quiet=not verbose)
     prefix = f"rank {rank}: " if rank else ""
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    final = False  # under torchrun, once this rank failed: signals ignored until it exits
     try:
-        with signals_deferred():  # raised inside torch's C++ start-up, a signal aborts or is lost
-            import torch  # noqa: F401  (every command needs it; the heavy part of the start)
-        body()
+        try:
+            with signals_deferred():  # raised inside torch's C++ start-up, a signal aborts or is lost
+                import torch  # noqa: F401  (every command needs it; the heavy part of the start)
+            body()
+        except BaseException:
+            final = _final_under_torchrun()
+            raise
     except TwaError as err:
         if rank and err.exit_code == DistributedError.exit_code:
             console = make_console(quiet=False)
@@ -213,7 +233,7 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
         console.print(f"[red]{prefix}error:[/red] {escape(str(err))}", soft_wrap=True)
         if err.details:
             console.print(details_text(err.details), soft_wrap=True, markup=False, highlight=False)
-        _record_for_torchrun(err)
+        _record_for_torchrun(err, verbose)
         sys.exit(err.exit_code)
     except KeyboardInterrupt as err:
         console.print(_interrupted("interrupted", err, written or []), soft_wrap=True)
@@ -227,11 +247,23 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
             console.print(traceback.format_exc(), markup=False, highlight=False)
         console.print(f"[red]{prefix}unexpected error:[/red] {type(err).__name__}: {escape(str(err))} (rerun with -v "
                       f"for the traceback)", soft_wrap=True)
-        _record_for_torchrun(err)
+        _record_for_torchrun(err, verbose)
         sys.exit(1)
     finally:
-        if previous is not None:
+        if previous is not None and not final:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _final_under_torchrun() -> bool:
+    """Under torchrun, a rank that failed has its line and exit code: from now on SIGTERM and SIGINT are ignored
+    (torchrun sends SIGTERM to every rank as soon as one fails; raised while this one reports or exits, it
+    printed a second line, 'terminated: nothing was written', and turned the code into 143 or a kill).
+    Returns whether it did (never on a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not _main_thread():
+        return False
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    return True
 
 
 def details_text(rows: list[tuple[str, ...]]) -> str:
@@ -587,6 +619,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
 
     written: list[Path] = []  # the output folder, once its output is in place
     def body() -> None:
+        single_process_only("soup")
         set_threads(threads)
         from .report import render_soup
         from .soup import run_soup
@@ -636,6 +669,7 @@ def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, ep
 
     written: list[Path] = []  # the output folder, once its output is in place
     def body() -> None:
+        single_process_only("demo")
         from .demo import DemoTrainConfig, missing_folders, remove_partial, train_checkpoints
         from .pipeline import run_average
         from .report import render_average
@@ -696,21 +730,36 @@ def _first_sentence(message: str) -> str:
 @contextmanager
 def process_group(device: str, timeout_s: float) -> Iterator:
     """The torchrun process group for one run (a single-process ``Dist`` outside torchrun); a broken group
-    (a peer died, a collective timed out) becomes a ``DistributedError``."""
+    (a peer died, a collective timed out, a rank that never joined) becomes a ``DistributedError``."""
     import torch.distributed as tdist
 
     from .distributed import init, shutdown
     from .pipeline import resolve_device
 
-    dist = init(resolve_device(device), timeout_s)
+    dist = None
     try:
+        dist = init(resolve_device(device), timeout_s)  # waits for every rank to join, up to the timeout
         yield dist
+        shutdown(dist)
     except RuntimeError as err:  # DistError (a RuntimeError) and the backends' own errors
-        if isinstance(err, tdist.DistError) or (dist.active and any(word in str(err) for word in BACKEND_WORDS)):
+        active = dist is None or dist.active
+        if isinstance(err, tdist.DistError) or (active and any(word in str(err) for word in BACKEND_WORDS)):
             raise DistributedError(f"the torchrun process group failed ({_first_sentence(str(err))}); another "
                                    f"rank died or timed out (--dist-timeout {timeout_s:g}s)") from None
+        _leave(dist)
         raise
-    shutdown(dist)
+    except BaseException:
+        _leave(dist)
+        raise
+
+
+def _leave(dist: object) -> None:
+    """A failed rank whose group still works (every rank refused the same input) leaves it at once: torn down
+    later, at exit, after a peer closed its side, gloo aborted the process (SIGABRT instead of the exit code)."""
+    import torch.distributed as tdist
+
+    if getattr(dist, "active", False) and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 add_flag_envvars(cli)

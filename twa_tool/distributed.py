@@ -111,6 +111,14 @@ class Dist:
         tdist.all_gather_object(out, value)
         return [float(v) for v in out]  # type: ignore[arg-type]
 
+    def gather_objects(self, value: object) -> list:
+        """A picklable value from every rank, in rank order."""
+        if not self.active:
+            return [value]
+        out = [None] * self.world_size
+        tdist.all_gather_object(out, value)
+        return out
+
     def all_ok(self, ok: bool) -> bool:
         """True when every rank says ok (one all-reduce): lets ranks fail together instead of waiting."""
         if not self.active:

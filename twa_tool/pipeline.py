@@ -43,6 +43,7 @@ from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
 from .errors import (
     CheckpointError,
     ConfigError,
+    DataError,
     DistributedError,
     MissingData,
     ModelError,
@@ -76,7 +77,15 @@ from .subspace import (
     column_block,
     orthonormality_error,
 )
-from .trainer import Metrics, StepInfo, drop_single_last, evaluate, recalibrate_bn, train_projected
+from .trainer import (
+    Metrics,
+    StepInfo,
+    drop_single_last,
+    evaluate,
+    has_batchnorm,
+    recalibrate_bn,
+    train_projected,
+)
 from .writer import (
     HUMAN_REPORT_FILE,
     REPORT_FILE,
@@ -728,6 +737,21 @@ def memory_estimate(model: nn.Module, k: int, ranks: int = 1, storage: str = "fl
     return {**parts, "total": sum(parts.values())}
 
 
+def check_train_mode_sizes(model: nn.Module, config: AverageConfig, train: int, fit: int) -> None:
+    """With BatchNorm, the train-mode passes (BN re-estimation on the train split, fitting on the fit split) need
+    2 examples: one alone is an error in training mode on one process, and normalised to zero variance under
+    torchrun (whose BN uses the global batch), so the two disagreed; refused before any checkpoint is read."""
+    if not has_batchnorm(model):
+        return
+    splits = [("--data's train split", train, "")]
+    if config.fit_on == "holdout":
+        splits.append(("the held-out split (--fit-on holdout)", fit, ", or raise --holdout-fraction"))
+    for what, size, fix in splits:
+        if size < 2:
+            raise DataError(f"{what} has {size} example; the model's BatchNorm layers need at least 2 in training "
+                            f"mode: use more data{fix}")
+
+
 def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     """``--dry-run``'s check of ``--data``: the datasets built without downloading, the holdout split
     made, and one example through the model, as the run would do before reading any checkpoint. Files
@@ -742,6 +766,7 @@ def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     fit = len(data.train)
     if config.fit_on == "holdout":
         fit = len(split_holdout(data.train, config.holdout_fraction, config.seed)[1])
+    check_train_mode_sizes(model, config, len(data.train), fit)
     return {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "fit_on": config.fit_on,
             "fit_examples": fit, "bn_examples": len(data.train), "eval_examples": len(data.eval),
             "would_download": False}
@@ -838,10 +863,12 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
         warnings.append(message)
         on_event(Event("warning", message))
 
+    check_same_run(dist, config)
     torch.manual_seed(config.seed)
     device = dist.device(resolve_device(config.device))
     chosen = select_checkpoints(config)
     files = list(chosen.files)
+    check_same_files(dist, files)
     for dropped in chosen.dropped:
         if dropped.alias_of is not None:
             warn(f"{dropped.name}: {dropped.reason}; counted once")
@@ -867,12 +894,17 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     data = build_data_once(config, dist)
     check_data_fits(model, (data.train, data.eval), data.num_classes, spec,
                     config.data)  # before any checkpoint is read
+    fit_data: Dataset = data.train
+    if config.fit_on == "holdout":
+        _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
+    check_train_mode_sizes(model, config, len(data.train), len(fit_data))
     timings["data_s"] = time.perf_counter() - data_clock
     claim = together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs,
                                                       output_bytes, config.checkpoint_dir) if dist.is_main else None)
     with claim or nullcontext():  # --out locked for this run; a failed run leaves no empty --out behind
         stream = stream_checkpoints(files, model, names, config.rank_rtol, reader, on_event,
                                     storage=config.basis_dtype, dist=dist)
+        check_same_files(dist, files, stream.sha256)
         if stream.not_by_columns is not None:
             warn(f"--basis-dtype {config.basis_dtype}: built through a float32 basis, so the peak memory is that of "
                  f"float32 ({stream.not_by_columns})")
@@ -881,9 +913,6 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
                  f"dropped from the basis")
         timings["load_and_basis_s"] = time.perf_counter() - clock - timings["data_s"]
 
-        fit_data: Dataset = data.train
-        if config.fit_on == "holdout":
-            _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
         model.to(device)
         eval_loader = _loader(data.eval, config, shuffle=False, seed=config.seed, dist=dist)
         evaluator = Evaluator(model=model, reader=reader, bn_data=data.train, eval_loader=eval_loader, config=config,
@@ -917,6 +946,53 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
                            if dist.is_main else None)
         return written or AverageResult(report=report, model_path=config.out_dir / output_names[0],
                                         report_path=config.out_dir / REPORT_FILE, warnings=tuple(warnings))
+
+
+#: Settings that may differ between torchrun ranks: where each node keeps the files, and per-process ones.
+PER_RANK_SETTINGS = ("checkpoint_dir", "out_dir", "data_root", "num_workers", "dist_timeout")
+
+
+def check_same_run(dist: Dist, config: AverageConfig) -> None:
+    """Under torchrun, every rank must run the same job: a rank started with another seed or lr silently walked
+    other batches or took other steps (rank 0 wrote its own result), another --range or --epochs broke or hung
+    a collective. Every rank compares all the settings (but the folders), so all refuse together."""
+    if not dist.active:
+        return
+    flat = {}
+    for key, value in _config_dict(config).items():
+        if key not in PER_RANK_SETTINGS:
+            flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    ranks = dist.gather_objects(flat)
+    for rank, other in enumerate(ranks[1:], start=1):
+        differs = [f"{k} {other.get(k)!r} vs {v!r}" for k, v in ranks[0].items() if other.get(k) != v]
+        if differs:
+            raise ConfigError(f"torchrun rank {rank} was started with other settings than rank 0 "
+                              f"({', '.join(differs[:3])}); start every rank with the same flags")
+
+
+def check_same_files(dist: Dist, files: list[CheckpointFile], digests: list[str] | None = None) -> None:
+    """Under torchrun, every rank must read the same checkpoints: the same selection (names and sizes), and
+    once read, the same bytes (sha256). A rank that saw another file built its basis shard from it."""
+    if not dist.active:
+        return
+    mine = [(f.name, f.path.stat().st_size if digests is None else digests[i]) for i, f in enumerate(files)]
+    ranks = dist.gather_objects(mine)
+    for rank, other in enumerate(ranks[1:], start=1):
+        if other == ranks[0]:
+            continue
+        first = next(i for i, (a, b) in enumerate(itertools.zip_longest(ranks[0], other)) if a != b)
+        ours, theirs = (r[first] if first < len(r) else None for r in (ranks[0], other))
+        if digests is not None and ours is not None and theirs is not None and ours[0] == theirs[0]:
+            raise CheckpointError(f"torchrun rank {rank} read other bytes for {ours[0]} than rank 0 (sha256 "
+                                  f"{theirs[1][:12]} vs {ours[1][:12]}); every rank must see the same checkpoint "
+                                  f"files")
+
+        def described(entry: tuple | None) -> str:
+            return "none" if entry is None else f"{entry[0]} of {entry[1]} bytes" if digests is None else entry[0]
+
+        raise CheckpointError(f"torchrun rank {rank} selected other checkpoints than rank 0 ({len(other)} vs "
+                              f"{len(ranks[0])}; number {first + 1}: {described(theirs)} vs {described(ours)}); "
+                              f"every rank must see the same checkpoint files")
 
 
 def together(dist: Dist, step: Callable[[], T | None]) -> T | None:
