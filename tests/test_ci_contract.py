@@ -190,12 +190,15 @@ def test_concurrent_runs_never_interleave(demo_ckpts: Path, tmp_path: Path) -> N
     out = tmp_path / "o"
     args = [str(demo_ckpts), *FAST, "--baselines", "none", "--out", str(out), "--overwrite"]
     procs = [run_twa(args) for _ in range(2)]
-    for proc in procs:
-        proc.communicate(timeout=300)
-    assert all(p.returncode == 0 for p in procs)
+    errors = [proc.communicate(timeout=300)[1] for proc in procs]
+    assert 0 in [p.returncode for p in procs], errors
+    for proc, stderr in zip(procs, errors):  # a run that met the other one's lock stops at once, naming it
+        assert proc.returncode == 0 or (proc.returncode == 7 and "another twa run is writing there" in stderr), stderr
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "coefficients.png", "model.safetensors",
                                                      "report.json", "report.md"]
     load_file(out / "model.safetensors")  # a valid file, not an interleaving
+    report = json.loads((out / "report.json").read_text())  # and the report of that model, not of the other run's
+    assert report["outputs"]["model"]["sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_human_report_with_and_without_matplotlib(demo_ckpts: Path, tmp_path: Path,
