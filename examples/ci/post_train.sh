@@ -14,8 +14,8 @@ from twa_tool.demo import DemoTrainConfig, train_checkpoints
 train_checkpoints(DemoTrainConfig(out_dir=Path(sys.argv[1]) / "ckpts", epochs=6, overwrite=True))
 PY
 
-# 2. what will be used, without touching anything
-twa average "$OUT/ckpts" --data synthetic --out "$OUT/twa" --dry-run
+# 2. what will be used, without touching anything (--overwrite: a rerun replaces the last run's output)
+twa average "$OUT/ckpts" --data synthetic --out "$OUT/twa" --overwrite --dry-run
 
 # 3. TWA with a quality gate; the report goes to a file, human logs to stderr
 status=0
