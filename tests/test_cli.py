@@ -172,6 +172,11 @@ def test_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "ckpts").mkdir()
     result = run(tmp_path / "ckpts", *FAST, "--out", tmp_path / "o")
     assert result.exit_code == 4 and "no checkpoints found" in result.stderr
+    assert "*.pth.tar and checkpoint-<step>/ folders" in result.stderr  # every layout discover finds
+    soup = CliRunner().invoke(cli, ["soup", str(tmp_path / "ckpts"), "--data", "synthetic", "--out",
+                                    str(tmp_path / "s")])
+    assert soup.exit_code == 4 and soup.stderr.strip().splitlines()[-1].endswith(
+        "*.pth.tar and checkpoint-<step>/ folders); check the path")
 
 
 def test_output_feeds_back_without_model_flag(full_run: tuple[object, Path], tmp_path: Path) -> None:

@@ -328,6 +328,13 @@ def _hf_layout(folder: Path) -> tuple[str, Path] | None:
     return None
 
 
+def no_checkpoints(directory: Path) -> CheckpointError:
+    """The error for a folder where ``discover`` found nothing, naming everything it looks for."""
+    patterns = ", ".join(f"*{suffix}" for suffix in WEIGHT_SUFFIXES)
+    return CheckpointError(f"{directory}: no checkpoints found (looked for {patterns} and checkpoint-<step>/ "
+                           f"folders); check the path")
+
+
 def discover(directory: Path) -> list[CheckpointFile]:
     """List the checkpoints in ``directory`` in numeric order.
 

@@ -539,6 +539,7 @@ def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, allow_
 
     def body() -> None:
         from .catalog import inspect_directory
+        from .checkpoints import no_checkpoints
         from .report import render_inspect
 
         selection = make_selection(include, exclude, range_, every, last, top_k, by, mode)
@@ -546,8 +547,7 @@ def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, allow_
                                     allow_globals).as_dict()
         emit(catalog, as_json, console, render_inspect)
         if not catalog["checkpoints"] and not catalog["not_selected"]:  # as `twa average` fails on it
-            raise CheckpointError(f"{checkpoint_dir}: no checkpoints found (looked for *.safetensors, *.pt, *.pth, "
-                                  f"*.bin, *.ckpt and checkpoint-<step>/ folders); check the path")
+            raise no_checkpoints(checkpoint_dir)
         unreadable = [c for c in catalog["checkpoints"] if c["error"]]
         if unreadable:  # listed above; a CI pre-check must not pass on a folder `twa average` would fail on
             raise CheckpointError(f"{len(unreadable)} of the {len(catalog['checkpoints'])} selected checkpoints "

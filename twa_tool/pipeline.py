@@ -32,6 +32,7 @@ from .checkpoints import (
     column_file,
     discover,
     load_checkpoint,
+    no_checkpoints,
     raise_if_refused,
     read_header,
     sha256_file,
@@ -180,8 +181,7 @@ def _stored_metric(name: str, config: AverageConfig) -> Callable[[CheckpointFile
 def select_checkpoints(config: AverageConfig) -> Chosen:
     files = discover(config.checkpoint_dir)
     if not files:
-        raise CheckpointError(f"{config.checkpoint_dir}: no checkpoints found (looked for "
-                              f"*.safetensors, *.pt, *.pth, *.bin, *.ckpt); check the path")
+        raise no_checkpoints(config.checkpoint_dir)
     by = config.selection.by
     chosen = select(files, config.selection, _stored_metric(by, config) if by else None)
     for entry in chosen.files:

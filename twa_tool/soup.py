@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from .checkpoints import CheckpointFile, discover, raise_if_refused, sha256_file
+from .checkpoints import CheckpointFile, discover, no_checkpoints, raise_if_refused, sha256_file
 from .config import CoefficientTrainConfig, Selection, SoupConfig
 from .data import DataSplits, build_data, split_holdout
 from .errors import CheckpointError, NumericalError, TwaError
@@ -446,8 +446,7 @@ def find_inputs(config: SoupConfig) -> Inputs:
     """Discover the ingredients (file-name order, aliases counted once, the base left out), build the model."""
     found = discover(config.finetunes_dir)
     if not found:
-        raise CheckpointError(f"{config.finetunes_dir}: no checkpoints found (looked for *.safetensors, *.pt, *.pth, "
-                              f"*.bin, *.ckpt); check the path")
+        raise no_checkpoints(config.finetunes_dir)
     chosen = select(found, Selection(include=config.include, exclude=config.exclude))
     base = None
     if config.base is not None:
