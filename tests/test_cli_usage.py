@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -243,11 +244,18 @@ def test_a_dangling_symlink_is_an_input_error_naming_the_fix(demo_ckpts: Path, t
     (["--epochs", "-1"], "--epochs -1"),
     (["--data", "bogus"], "--data bogus"),
     (["--max-shard-size", "lots"], "--max-shard-size"),
+    (["--threads", "0"], "--threads 0: must be at least 1"),
 ])
 def test_demo_checks_flags_before_training(args: list[str], text: str, tmp_path: Path) -> None:
     result = invoke("demo", "--out", tmp_path / "d", *args)
     assert_one_line_error(result, 2, text, progress=True)
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_threads_reach_the_run(tmp_path: Path) -> None:
+    result = invoke("demo", "--out", tmp_path / "d", "--train-epochs", "2", "--epochs", "1", "--threads", "1", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "d" / "twa" / "report.json").read_text())["threads"] == 1
 
 
 def test_demo_refuses_an_existing_average_output_before_training(tmp_path: Path) -> None:

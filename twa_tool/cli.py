@@ -655,10 +655,12 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
 @click.option("--epochs", type=int, default=4, show_default=True, help="TWA epochs.")
 @click.option("--lr", type=float, default=2.0, show_default=True, help="TWA learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine).")
 @common_output_options
 def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, epochs: int, lr: float, seed: int,
-         out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool, quiet: bool,
-         verbose: bool) -> None:
+         threads: int | None, out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool,
+         quiet: bool, verbose: bool) -> None:
     """Offline end-to-end demo: train a small CNN saving a checkpoint per epoch, then run TWA on them.
 
     Equivalent to a short training script followed by
@@ -675,6 +677,7 @@ def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, ep
         from .report import render_average
         from .writer import MODEL_FILE, check_output
 
+        set_threads(threads)
         in_channels = "3" if data in ("cifar10", "cifar100", "svhn") else "1"
         train_config = DemoTrainConfig(out_dir=out_dir / "ckpts", data=data, data_root=data_root,
                                        epochs=train_epochs, seed=seed, overwrite=overwrite,
