@@ -21,7 +21,6 @@ from twa_tool.checkpoints import (
     discover,
     load_checkpoint,
     read_header,
-    read_metadata,
     refusal_reason,
     sha256_file,
 )
@@ -104,7 +103,7 @@ def test_hf_folders_round_trip_with_trainer_state(tmp_path: Path, sharded: bool,
     assert header.tensors == {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sd.items()}
     assert header.step == 500 and header.producer == "huggingface"
     if not legacy:
-        assert read_metadata(entry.path) == {"format": "pt"}
+        assert header.metadata == {"format": "pt"}
     with pytest.raises(CheckpointError, match="no EMA copy"):
         load_checkpoint(entry.path, weights="ema")
 
@@ -553,3 +552,19 @@ def test_a_whole_model_pickle_names_every_global_to_allow(tmp_path: Path) -> Non
     assert listed == sorted(listed) and len(listed) == 9 and "torch.nn.modules.activation.Tanh" in listed
     loaded = load_checkpoint(tmp_path / "whole.pt", allow_globals=tuple(listed))
     assert loaded.state.keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("content, text", [
+    (b"", "empty file (0 bytes): the save was interrupted"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 46827520\n",
+     "a Git LFS pointer, not the weights: fetch them with `git lfs pull`"),
+    (b"not a checkpoint at all", "unknown file format (not safetensors nor a torch checkpoint)"),
+])
+@pytest.mark.parametrize("name", ["3.pt", "3.safetensors"])
+def test_a_file_named_like_a_checkpoint_without_weights_says_why(tmp_path: Path, content: bytes, text: str,
+                                                                 name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert text in str(err.value) and "--exclude 3." in str(err.value)

@@ -1267,8 +1267,26 @@ def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool
         return _Found(entries=entries, metadata=metadata, producer="safetensors")
     if kind in ("torch-zip", "torch-legacy"):
         return _read_torch(path, trust_pickle, weights, header_only, crc_checked)
-    raise CheckpointError(f"{path}: unknown file format (not safetensors nor a torch checkpoint); "
-                          f"remove it from the folder or leave it out with {exclude_hint(path.name)}")
+    raise CheckpointError(f"{path}: {_not_weights(path)}; remove it from the folder or leave it out with "
+                          f"{exclude_hint(path.name)}")
+
+
+#: The first bytes of a Git LFS pointer file (the weights were never fetched).
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _not_weights(path: Path) -> str:
+    """Why a file named like a checkpoint holds none, as specific as its first bytes allow."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LFS_POINTER))
+    except OSError:
+        head = b"?"
+    if not head:
+        return "empty file (0 bytes): the save was interrupted or the copy is incomplete"
+    if head == _LFS_POINTER:
+        return "a Git LFS pointer, not the weights: fetch them with `git lfs pull`"
+    return "unknown file format (not safetensors nor a torch checkpoint)"
 
 
 def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "raw", strip_prefix: str | None = None,
@@ -1321,21 +1339,6 @@ def read_header(path: Path, *, weights: str = "raw", trust_pickle: bool = False,
     return HeaderInfo(tensors=tensors, metadata=found.metadata, producer=found.producer, epoch=found.epoch,
                       step=found.step, metrics=found.metrics, container=found.container, weights=found.weights,
                       prefix=prefix)
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """Header metadata of a safetensors file or HF folder without reading tensors ({} for other formats)."""
-    path = Path(path)
-    try:
-        if path.is_dir() or path.name in FOLDER_INDEX_FILES:
-            folder = path if path.is_dir() else path.parent
-            return dict(_read(folder, False, "raw", header_only=True).metadata) if _hf_layout(folder) else {}
-        if _sniff(path) != "safetensors":
-            return {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, TwaError):
-        return {}
 
 
 SAFETENSORS_DTYPES = {
