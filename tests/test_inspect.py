@@ -150,3 +150,16 @@ def test_inspect_of_a_folder_without_checkpoints_fails_like_average(tmp_path: Pa
     result = invoke("inspect", tmp_path / "ckpts", "--json")
     assert result.exit_code == 4 and "no checkpoints found" in result.stderr
     assert json.loads(result.stdout)["checkpoints"] == []  # the JSON is still printed first
+
+
+def test_inspect_of_a_selection_average_refuses_fails_like_it(demo_ckpts: Path, tmp_path: Path) -> None:
+    """Fewer than 2 distinct selected checkpoints: `twa average` exits 4, so the pre-check does too, same line."""
+    refused = invoke("inspect", demo_ckpts, "--last", "1", "--json")
+    assert refused.exit_code == 4
+    listing = json.loads(refused.stdout)  # printed first
+    assert len(listing["checkpoints"]) == 1 and "TWA needs at least 2 distinct ones" in listing["refusal"]
+    assert listing["refusal"] in refused.stderr
+    average = invoke("average", demo_ckpts, "--last", "1", "--data", "synthetic", "--out", tmp_path / "o")
+    assert average.exit_code == 4 and listing["refusal"] in average.stderr
+    passed = invoke("inspect", demo_ckpts, "--last", "2", "--json")
+    assert passed.exit_code == 0 and json.loads(passed.stdout)["refusal"] is None

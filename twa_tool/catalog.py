@@ -54,6 +54,7 @@ class Catalog:
     others: tuple[Entry, ...]
     ignored: tuple[str, ...] = field(default=())
     warnings: tuple[str, ...] = field(default=())
+    refusal: str | None = None  # why `twa average` would refuse this selection (fewer than 2 distinct checkpoints)
 
     def as_dict(self) -> dict:
         return {
@@ -62,6 +63,7 @@ class Catalog:
             "not_selected": [e.as_dict() for e in self.others],
             "ignored_files": list(self.ignored),
             "warnings": list(self.warnings),
+            "refusal": self.refusal,
         }
 
 
@@ -97,6 +99,7 @@ def inspect_directory(directory: Path, selection: Selection, weights: str = "raw
     notes = [order_conflict(readable, [found[n].step for n in readable], "step")
              or order_conflict(readable, [found[n].epoch for n in readable], "epoch"),
              mixed_dtypes({n: found[n].tensors for n in readable})]
+    too_few = chosen.too_few(directory, len(files)) if files else None  # what `twa average` would refuse
     return Catalog(directory=directory, selected=tuple(entries[f.name] for f in chosen.files),
                    others=tuple(e for e in entries.values() if e.status != "selected"), ignored=tuple(ignored),
-                   warnings=tuple(n for n in notes if n))
+                   warnings=tuple(n for n in notes if n), refusal=str(too_few) if too_few else None)

@@ -553,6 +553,8 @@ def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, allow_
             raise CheckpointError(f"{len(unreadable)} of the {len(catalog['checkpoints'])} selected checkpoints "
                                   f"cannot be read (first: {unreadable[0]['error']}); twa average would fail on "
                                   f"them: replace them, or leave them out with --exclude")
+        if catalog["refusal"]:  # fewer than 2 distinct selected: as `twa average` refuses it
+            raise CheckpointError(catalog["refusal"])
 
     run_reported(verbose, console, body)
 

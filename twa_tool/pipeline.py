@@ -186,12 +186,9 @@ def select_checkpoints(config: AverageConfig) -> Chosen:
     chosen = select(files, config.selection, _stored_metric(by, config) if by else None)
     for entry in chosen.files:
         raise_if_refused(entry.path)
-    if len(chosen.files) < 2:
-        aliases = sum(1 for d in chosen.dropped if d.alias_of is not None)
-        why = f" ({aliases} of them links or byte-identical copies of others, counted once)" if aliases else ""
-        raise CheckpointError(f"{config.checkpoint_dir}: {len(chosen.files)} of {len(files)} checkpoints "
-                              f"selected{why}; TWA needs at least 2 distinct ones: widen the selection "
-                              f"(--range/--last/--every/--include) or add checkpoints")
+    too_few = chosen.too_few(config.checkpoint_dir, len(files))
+    if too_few is not None:
+        raise too_few
     return chosen
 
 

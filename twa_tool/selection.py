@@ -37,6 +37,16 @@ class Chosen:
     files: tuple[CheckpointFile, ...]
     dropped: tuple[Dropped, ...]
 
+    def too_few(self, directory: Path, found: int) -> CheckpointError | None:
+        """The error for a selection TWA cannot average (fewer than 2 distinct checkpoints), else None."""
+        if len(self.files) >= 2:
+            return None
+        aliases = sum(1 for d in self.dropped if d.alias_of is not None)
+        why = f" ({aliases} of them links or byte-identical copies of others, counted once)" if aliases else ""
+        return CheckpointError(f"{directory}: {len(self.files)} of {found} checkpoints selected{why}; TWA needs at "
+                               f"least 2 distinct ones: widen the selection (--range/--last/--every/--include) or "
+                               f"add checkpoints")
+
 
 def _probe(path: Path) -> tuple[int, str]:
     """(size, hash of the first and last MiB): equal for copies, almost never for different weights."""
