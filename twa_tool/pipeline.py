@@ -642,7 +642,11 @@ def start_state(config: AverageConfig, files: list[CheckpointFile], stream: Stre
     if config.start == "last":
         return files[-1].name, stream.last_state
     index = start_index(config.start, len(files))
-    return files[index].name, reader.load(files[index].path)
+    state = reader.load(files[index].path)
+    # Integer buffers are the last checkpoint's whatever the start point (as for --start mean|last);
+    # BatchNorm's num_batches_tracked is then set by the BN re-estimation.
+    last = stream.last_state
+    return files[index].name, {k: v if v.is_floating_point() else last.get(k, v).clone() for k, v in state.items()}
 
 
 def start_index(start: str, count: int) -> int:
