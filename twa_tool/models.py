@@ -124,6 +124,8 @@ def load_callable(spec: str, flag: str) -> Callable:
             module = importlib.import_module(target)
         except ImportError as err:
             raise ModelError(f"{flag} {spec}: cannot import {target} ({err}); check the module path") from None
+        except Exception as err:  # user code: any failure on import is reported as such
+            raise ModelError(f"{flag} {spec}: importing {target} failed ({type(err).__name__}: {err})") from err
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ModelError(f"{flag} {spec}: {target} has no callable {attr}")
@@ -144,6 +146,10 @@ def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
         raise
     except TypeError as err:
         raise ModelError(f"--model {spec}: bad --model-arg ({err})") from None
+    except (Exception, SystemExit) as err:  # user or library code: e.g. num_classes=-1, a raise or sys.exit
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ModelError(f"--model {spec}: building the model failed ({type(err).__name__}: {reason}); check "
+                         f"--model and --model-arg") from err
     if not isinstance(model, nn.Module):
         raise ModelError(f"--model {spec}: returned {type(model).__name__}, expected a torch.nn.Module")
     return model
@@ -243,7 +249,14 @@ def check_data_fits(model: nn.Module, splits: tuple[object, ...], num_classes: i
 def spec_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ModelArgs] | None:
     """The model spec a checkpoint records about itself (``twa.model`` metadata or a timm ``arch``)."""
     if MODEL_METADATA_KEY in metadata:
-        raw_args = json.loads(metadata.get(MODEL_ARGS_METADATA_KEY, "{}") or "{}")
+        text = metadata.get(MODEL_ARGS_METADATA_KEY, "{}") or "{}"
+        try:
+            raw_args = json.loads(text)
+        except ValueError:
+            raw_args = None
+        if not isinstance(raw_args, dict):
+            raise ModelError(f"its {MODEL_ARGS_METADATA_KEY} metadata is not a JSON object ({text[:60]!r}); pass "
+                             f"--model and --model-arg")
         return metadata[MODEL_METADATA_KEY], tuple((str(k), str(v)) for k, v in raw_args.items())
     if "arch" in metadata:
         return f"timm:{metadata['arch']}", ()
