@@ -413,6 +413,18 @@ USER_FILE = textwrap.dedent(
     def boom():
         raise ValueError("no such\\nshard")
 
+    class Unreadable(TensorDataset):
+        def __getitem__(self, index):
+            raise OSError("shard 0 unreadable")
+
+    def unreadable():
+        return Unreadable(torch.zeros(2, 2)), make()[1]
+
+    def exits():
+        import sys
+
+        sys.exit(3)
+
     NOT_CALLABLE = 3
     """
 )
@@ -446,6 +458,8 @@ def test_module_function_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         ("empty", "fit dataset is empty"),
         ("singles", r"\(input, target\) pairs"),
         ("boom", "raised ValueError: no such shard"),
+        ("unreadable", r"reading the fit dataset's first example failed \(OSError: shard 0 unreadable\)"),
+        ("exits", "raised SystemExit: 3"),
     ],
 )
 def test_file_function_bad_results_are_data_errors(tmp_path: Path, function: str, pattern: str) -> None:

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from twa_tool.errors import ConfigError, DataError, MissingData, TwaError
+from twa_tool.errors import ConfigError, DataError, MissingData, TwaError, one_line
 
 Transform = Callable[[Any], Any]
 Builder = Callable[[Path | None, bool], "DataSplits"]
@@ -674,7 +674,11 @@ def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
         )
     if len(dataset) == 0:
         raise DataError(f"--data {spec}: the {role} dataset is empty")
-    sample = dataset[0]
+    try:
+        sample = dataset[0]
+    except Exception as exc:  # user code: any failure is reported with its type
+        raise DataError(f"--data {spec}: reading the {role} dataset's first example failed ({one_line(exc)}); "
+                        "fix the dataset or its files") from exc
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
         raise DataError(
             f"--data {spec}: the {role} dataset must yield (input, target) pairs, got {type(sample).__name__}"
@@ -690,7 +694,7 @@ def _build_from_function(spec: str, root: Path | None) -> DataSplits:
         result = function(**kwargs)
     except TwaError:
         raise
-    except Exception as exc:  # user code: any failure is reported with its type
+    except (Exception, SystemExit) as exc:  # user code: any failure (a sys.exit too) is reported with its type
         reason = " ".join(str(exc).split())
         raise DataError(f"--data {spec}: the function raised {type(exc).__name__}: {reason}") from exc
     if not (isinstance(result, (tuple, list)) and len(result) == 2):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InputError, ModelError
+from .errors import CheckpointError, InputError, ModelError, one_line
 
 ModelArgs = tuple[tuple[str, str], ...]
 
@@ -202,19 +202,36 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
     statistics stay as they are), so a model that does not fit the data is an ``InputError`` before any
     checkpoint is read, not a shape error after all of them.
 
-    The example is drawn with torch's RNG forked (a random transform leaves the run's stream as it was).
-    Empty datasets, and items that are not ``(tensor, target, ...)``, are not checked. A model with fewer
-    outputs than the data has classes is refused too (``num_classes``, when known), and so are class labels
-    that are not integers or fall outside the model's outputs (every label when the dataset exposes its
-    ``targets``, else the first example's). ``flag`` names the option the data came from.
+    The example is drawn with torch's RNG forked (a random transform leaves the run's stream as it was) and
+    batched as the data loader batches it (``default_collate``), so an example that cannot be read or batched,
+    or whose inputs or targets do not batch into tensors (a PIL image without ``ToTensor``, string labels), is
+    refused too. Empty datasets, and items that are not ``(input, target, ...)`` sequences, are not checked. A
+    model with fewer outputs than the data has classes is refused too (``num_classes``, when known), and so are
+    class labels that are not integers or fall outside the model's outputs (every label when the dataset exposes
+    its ``targets``, else the first example's). ``flag`` names the option the data came from.
     """
+    from torch.utils.data import default_collate
+
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or not len(dataset):
         return
     with torch.random.fork_rng(devices=[]):
-        example = dataset[0]
-    if not isinstance(example, (tuple, list)) or not example or not isinstance(example[0], torch.Tensor):
+        try:
+            example = dataset[0]
+        except Exception as err:  # user or third-party dataset code: any failure is the data's
+            raise InputError(f"{flag} {data_name}: reading its first example failed ({one_line(err)}); fix the "
+                             f"dataset or its files") from err
+    if not isinstance(example, (tuple, list)) or not example:
         return
-    inputs = example[0].unsqueeze(0)
+    try:
+        batch = default_collate([example])
+    except (TypeError, RuntimeError, ValueError) as err:
+        raise InputError(f"{flag} {data_name}: its examples cannot be batched ({one_line(err)}); return tensors "
+                         f"(e.g. add transforms.ToTensor()) and integer labels") from None
+    for position, what in ((0, "inputs"), (1, "targets"))[:len(example)]:
+        if not isinstance(batch[position], torch.Tensor):
+            raise InputError(f"{flag} {data_name}: its {what} are {type(example[position]).__name__}, not tensors "
+                             f"or numbers; return a tensor (e.g. add transforms.ToTensor()) and an integer label")
+    inputs = batch[0]
     was_training = model.training
     model.eval()
     try:
@@ -222,9 +239,10 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
             out = model(inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"{flag} {data_name}: its inputs (shape {tuple(example[0].shape)}) do not fit --model "
-                         f"{model_name} ({reason}); pick the {flag} the checkpoints were trained on, or the "
-                         f"matching --model/--model-arg (e.g. in_channels)") from None
+        dtype = "" if inputs.dtype == torch.float32 else f", {inputs.dtype}"
+        raise InputError(f"{flag} {data_name}: its inputs (shape {tuple(inputs.shape[1:])}{dtype}) do not fit --model "
+                         f"{model_name} ({reason}); pick the {flag} the checkpoints were trained on, or the matching "
+                         f"--model/--model-arg (e.g. in_channels)") from None
     finally:
         model.train(was_training)
     outputs = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
@@ -233,7 +251,7 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
                          f"{outputs}; pick the {flag} the checkpoints were trained on, or the matching "
                          f"--model-arg num_classes")
     if len(example) > 1:
-        targets = _known_targets(dataset, example[1])
+        targets = _known_targets(dataset, batch[1][0])
         if targets is not None:
             _check_targets(targets, outputs, model_name, flag, data_name)
 
