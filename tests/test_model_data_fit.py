@@ -197,3 +197,39 @@ def test_an_integer_tensor_where_the_model_has_floats_is_refused(demo_ckpts: Pat
                                       "--out", str(tmp_path / "o"), "--dry-run"])
     assert result.exit_code == 4, result.output
     assert "do not match the model" in result.stderr and "dtype int64" in result.stderr, result.stderr
+
+
+LATE_FAILURE = """
+import torch
+from torch.utils.data import Dataset
+
+
+class Images(Dataset):
+    def __init__(self, n, broken):
+        self.n, self.broken = n, broken
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        if index == self.broken:
+            raise OSError(f"cannot identify image file 'train/{index}.jpg'")
+        return torch.randn(1, 16, 16), torch.tensor(index % 10, dtype=torch.int32)
+
+
+def data():
+    return Images(40, broken=33), Images(10, broken=-1)
+"""
+
+
+def test_an_example_that_fails_mid_run_is_exit_4_naming_it(demo_ckpts: Path, tmp_path: Path) -> None:
+    # int32 labels pass; the 34th image cannot be read: one line, exit 4, nothing written (was exit 1)
+    (tmp_path / "late.py").write_text(LATE_FAILURE)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["average", str(demo_ckpts), "--model", "twa:cnn", "--model-arg", "width=4",
+                                      "--data", f"{tmp_path / 'late.py'}:data", "--out", str(out), "--epochs", "1",
+                                      "--baselines", "none", "--threads", "1", "--batch-size", "16"])
+    assert result.exit_code == 4, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot identify image file 'train/33.jpg'" in errors[0], result.stderr
+    assert "Traceback" not in result.output and not out.exists()
