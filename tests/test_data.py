@@ -375,6 +375,16 @@ def test_image_folder_class_mismatch_is_data_error(tmp_path: Path) -> None:
         build_data(f"imagefolder:{tmp_path}")
 
 
+def test_image_folder_class_mismatch_names_the_odd_folders(tmp_path: Path) -> None:
+    # a stray .ipynb_checkpoints folder counts as a class: the message said only "(3 vs 3)"
+    write_image_tree(tmp_path, {"a": (1, 2, 3), "b": (4, 5, 6)}, per_class=1)
+    for split, name in (("train", "c"), ("val", ".ipynb_checkpoints")):
+        (tmp_path / split / name).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / split / name / "0.png")
+    with pytest.raises(DataError, match=r"\(3 vs 3; only in train: c; only in val: .ipynb_checkpoints\)"):
+        build_data(f"imagefolder:{tmp_path}")
+
+
 def test_image_folder_without_images_is_data_error(tmp_path: Path) -> None:
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "val" / "a").mkdir(parents=True)

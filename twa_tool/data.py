@@ -531,9 +531,16 @@ def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"--data {name}: {' '.join(str(exc).split())}; {fix}") from exc
     if train.classes != test.classes:
+        only = [
+            f"only in {split}: {', '.join(sorted(extra)[:3])}{'...' if len(extra) > 3 else ''}"
+            for split, extra in (("train", set(train.classes) - set(test.classes)),
+                                 ("val", set(test.classes) - set(train.classes)))
+            if extra
+        ]
         raise DataError(
             f"--data {name}: {directory / 'train'} and {directory / 'val'} have different class folders "
-            f"({len(train.classes)} vs {len(test.classes)}); both need the same CLASS subdirectories"
+            f"({len(train.classes)} vs {len(test.classes)}; {'; '.join(only)}); both need the same CLASS "
+            "subdirectories"
         )
     return DataSplits(train=train, eval=test, num_classes=len(train.classes), name=name)
 
