@@ -375,6 +375,16 @@ def test_image_folder_class_mismatch_is_data_error(tmp_path: Path) -> None:
         build_data(f"imagefolder:{tmp_path}")
 
 
+def test_image_folder_class_mismatch_names_the_odd_folders(tmp_path: Path) -> None:
+    # a stray .ipynb_checkpoints folder counts as a class: the message said only "(3 vs 3)"
+    write_image_tree(tmp_path, {"a": (1, 2, 3), "b": (4, 5, 6)}, per_class=1)
+    for split, name in (("train", "c"), ("val", ".ipynb_checkpoints")):
+        (tmp_path / split / name).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / split / name / "0.png")
+    with pytest.raises(DataError, match=r"\(3 vs 3; only in train: c; only in val: .ipynb_checkpoints\)"):
+        build_data(f"imagefolder:{tmp_path}")
+
+
 def test_image_folder_without_images_is_data_error(tmp_path: Path) -> None:
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "val" / "a").mkdir(parents=True)
@@ -413,6 +423,18 @@ USER_FILE = textwrap.dedent(
     def boom():
         raise ValueError("no such\\nshard")
 
+    class Unreadable(TensorDataset):
+        def __getitem__(self, index):
+            raise OSError("shard 0 unreadable")
+
+    def unreadable():
+        return Unreadable(torch.zeros(2, 2)), make()[1]
+
+    def exits():
+        import sys
+
+        sys.exit(3)
+
     NOT_CALLABLE = 3
     """
 )
@@ -446,6 +468,8 @@ def test_module_function_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         ("empty", "fit dataset is empty"),
         ("singles", r"\(input, target\) pairs"),
         ("boom", "raised ValueError: no such shard"),
+        ("unreadable", r"reading the fit dataset's first example failed \(OSError: shard 0 unreadable\)"),
+        ("exits", "raised SystemExit: 3"),
     ],
 )
 def test_file_function_bad_results_are_data_errors(tmp_path: Path, function: str, pattern: str) -> None:

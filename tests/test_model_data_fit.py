@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from twa_tool.cli import cli
 from twa_tool.errors import InputError
@@ -50,9 +52,37 @@ def test_fewer_outputs_than_classes_is_refused() -> None:
 
 def test_items_that_are_not_input_target_pairs_are_not_checked() -> None:
     model = build_model("twa:cnn", RGB_ARGS)
-    for example in ({"image": torch.randn(1, 16, 16)}, (), ("text", 1)):
+    for example in ({"image": torch.randn(1, 16, 16)}, ()):
         check_accepts(model, [example], 10, "twa:cnn", "mine.py:data")
     check_accepts(model, [], 10, "twa:cnn", "mine.py:data")  # empty
+
+
+class Failing(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        raise KeyError(index)
+
+
+@pytest.mark.parametrize("dataset, text", [
+    (Failing(), r"reading its first example failed \(KeyError: 0\)"),
+    ([(Image.new("RGB", (16, 16)), 1)], r"its examples cannot be batched \(TypeError: default_collate"),
+    ([("text", 1)], "its inputs are str, not tensors"),
+    ([(torch.randn(3, 16, 16), "cat")], "its targets are str, not tensors"),
+    ([(np.random.rand(3, 16, 16), 1)], r"its inputs \(shape \(3, 16, 16\), torch.float64\) do not fit"),
+])
+def test_examples_the_loader_or_the_model_cannot_take_are_refused(dataset: object, text: str) -> None:
+    # each of these passed the check and failed mid-run as an 'unexpected error' (exit 1)
+    model = build_model("twa:cnn", RGB_ARGS)
+    with pytest.raises(InputError, match=text) as info:
+        check_accepts(model, dataset, 10, "twa:cnn", "mine.py:data")
+    assert str(info.value).startswith("--data mine.py:data: ") and "\n" not in str(info.value)
+
+
+def test_numpy_float32_examples_are_accepted_as_the_loader_batches_them() -> None:
+    check_accepts(build_model("twa:cnn", RGB_ARGS), [(np.zeros((3, 16, 16), np.float32), np.int64(2))], 10,
+                  "twa:cnn", "mine.py:data")
 
 
 def test_the_example_is_drawn_with_the_rng_forked() -> None:
@@ -167,3 +197,39 @@ def test_an_integer_tensor_where_the_model_has_floats_is_refused(demo_ckpts: Pat
                                       "--out", str(tmp_path / "o"), "--dry-run"])
     assert result.exit_code == 4, result.output
     assert "do not match the model" in result.stderr and "dtype int64" in result.stderr, result.stderr
+
+
+LATE_FAILURE = """
+import torch
+from torch.utils.data import Dataset
+
+
+class Images(Dataset):
+    def __init__(self, n, broken):
+        self.n, self.broken = n, broken
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        if index == self.broken:
+            raise OSError(f"cannot identify image file 'train/{index}.jpg'")
+        return torch.randn(1, 16, 16), torch.tensor(index % 10, dtype=torch.int32)
+
+
+def data():
+    return Images(40, broken=33), Images(10, broken=-1)
+"""
+
+
+def test_an_example_that_fails_mid_run_is_exit_4_naming_it(demo_ckpts: Path, tmp_path: Path) -> None:
+    # int32 labels pass; the 34th image cannot be read: one line, exit 4, nothing written (was exit 1)
+    (tmp_path / "late.py").write_text(LATE_FAILURE)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["average", str(demo_ckpts), "--model", "twa:cnn", "--model-arg", "width=4",
+                                      "--data", f"{tmp_path / 'late.py'}:data", "--out", str(out), "--epochs", "1",
+                                      "--baselines", "none", "--threads", "1", "--batch-size", "16"])
+    assert result.exit_code == 4, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot identify image file 'train/33.jpg'" in errors[0], result.stderr
+    assert "Traceback" not in result.output and not out.exists()

@@ -64,3 +64,61 @@ def test_flatten_write_flat_round_trip_and_compatibility() -> None:
     with pytest.raises(CheckpointError, match=r"x\.pt: does not match the model: missing 1 keys \(net\.1\.weight\); "
                                               r"unexpected 1 keys \(extra\)"):
         check_compatible(model, state, "x.pt")
+
+
+USER_MODELS = """
+import sys
+import torch
+
+
+def fails(**kwargs):
+    raise RuntimeError("weights server down")
+
+
+def exits(**kwargs):
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("attr, text", [("fails", r"building the model failed \(RuntimeError: weights server down\)"),
+                                        ("exits", r"building the model failed \(SystemExit: 2\)")])
+def test_a_constructor_that_raises_is_a_model_error(tmp_path: Path, attr: str, text: str) -> None:
+    (tmp_path / "net.py").write_text(USER_MODELS)
+    with pytest.raises(ModelError, match=text):
+        build_model(f"{tmp_path / 'net.py'}:{attr}")
+
+
+def test_a_model_arg_the_constructor_rejects_with_a_runtime_error_is_a_model_error() -> None:
+    with pytest.raises(ModelError, match=r"--model twa:cnn: building the model failed \(RuntimeError: .*negative"):
+        build_model("twa:cnn", (("num_classes", "-1"),))
+
+
+def test_a_module_that_raises_on_import_is_a_model_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "twa_boom_models.py").write_text("raise RuntimeError('config file missing')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelError, match=r"importing twa_boom_models failed \(RuntimeError: config file missing\)"):
+        build_model("twa_boom_models:make")
+
+
+@pytest.mark.parametrize("args", ["{width: 4", "[1, 2]"])
+def test_model_args_metadata_that_is_not_a_json_object_is_a_model_error(args: str) -> None:
+    with pytest.raises(ModelError, match="twa.model_args metadata is not a JSON object"):
+        spec_from_metadata({"twa.model": "twa:cnn", "twa.model_args": args})
+
+
+def test_cli_names_the_checkpoint_with_bad_model_args_metadata(demo_ckpts: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from twa_tool.cli import cli
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for path in sorted(demo_ckpts.glob("*.safetensors"))[:3]:
+        save_file(load_file(path), folder / path.name, metadata={"twa.model": "twa:cnn", "twa.model_args": "{width"})
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["average", str(folder), "--data", "synthetic", "--out", str(out), "--dry-run"])
+    assert result.exit_code == 4, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "twa.model_args metadata is not a JSON object" in errors[0], result.stderr
+    assert str(folder) in errors[0] and "Traceback" not in result.output and not out.exists()

@@ -138,3 +138,33 @@ def test_evaluate_counts_accuracy_and_loss() -> None:
     assert metrics.count == 40
     assert metrics.accuracy == pytest.approx((logits.argmax(1) == dataset.tensors[1]).float().mean().item())
     assert metrics.loss == pytest.approx(F.cross_entropy(logits, dataset.tensors[1]).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8])
+def test_integer_labels_of_any_width_are_class_indices(dtype: torch.dtype) -> None:
+    # cross_entropy takes only long or uint8 targets: int32 labels failed mid-run as an 'unexpected error'
+    from twa_tool.trainer import class_loss
+
+    logits, targets = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    assert torch.equal(class_loss(logits, targets.to(dtype)), class_loss(logits, targets))
+
+
+def test_a_batch_that_cannot_be_read_is_a_data_error() -> None:
+    from twa_tool.errors import DataError
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            if index == 5:
+                raise OSError("cannot identify image file 'val/cat/5.jpg'")
+            return torch.randn(6), index % 3
+
+    model = TinyBN()
+    loader = DataLoader(Broken(), batch_size=4)
+    for run in (lambda: evaluate(model, loader, torch.device("cpu")),
+                lambda: recalibrate_bn(model, loader, torch.device("cpu"))):
+        with pytest.raises(DataError, match=r"reading a batch of --data .*\(OSError: cannot identify image file "
+                                            r"'val/cat/5.jpg'\)"):
+            run()

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from twa_tool.errors import ConfigError, DataError, MissingData, TwaError
+from twa_tool.errors import ConfigError, DataError, MissingData, TwaError, one_line
 
 Transform = Callable[[Any], Any]
 Builder = Callable[[Path | None, bool], "DataSplits"]
@@ -531,9 +531,16 @@ def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"--data {name}: {' '.join(str(exc).split())}; {fix}") from exc
     if train.classes != test.classes:
+        only = [
+            f"only in {split}: {', '.join(sorted(extra)[:3])}{'...' if len(extra) > 3 else ''}"
+            for split, extra in (("train", set(train.classes) - set(test.classes)),
+                                 ("val", set(test.classes) - set(train.classes)))
+            if extra
+        ]
         raise DataError(
             f"--data {name}: {directory / 'train'} and {directory / 'val'} have different class folders "
-            f"({len(train.classes)} vs {len(test.classes)}); both need the same CLASS subdirectories"
+            f"({len(train.classes)} vs {len(test.classes)}; {'; '.join(only)}); both need the same CLASS "
+            "subdirectories"
         )
     return DataSplits(train=train, eval=test, num_classes=len(train.classes), name=name)
 
@@ -674,7 +681,11 @@ def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
         )
     if len(dataset) == 0:
         raise DataError(f"--data {spec}: the {role} dataset is empty")
-    sample = dataset[0]
+    try:
+        sample = dataset[0]
+    except Exception as exc:  # user code: any failure is reported with its type
+        raise DataError(f"--data {spec}: reading the {role} dataset's first example failed ({one_line(exc)}); "
+                        "fix the dataset or its files") from exc
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
         raise DataError(
             f"--data {spec}: the {role} dataset must yield (input, target) pairs, got {type(sample).__name__}"
@@ -690,7 +701,7 @@ def _build_from_function(spec: str, root: Path | None) -> DataSplits:
         result = function(**kwargs)
     except TwaError:
         raise
-    except Exception as exc:  # user code: any failure is reported with its type
+    except (Exception, SystemExit) as exc:  # user code: any failure (a sys.exit too) is reported with its type
         reason = " ".join(str(exc).split())
         raise DataError(f"--data {spec}: the function raised {type(exc).__name__}: {reason}") from exc
     if not (isinstance(result, (tuple, list)) and len(result) == 2):

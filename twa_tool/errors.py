@@ -86,3 +86,12 @@ def exclude_hint(name: str) -> str:
     """``--exclude NAME`` as a user can paste it: glob characters escaped (``--exclude`` takes a pattern),
     quoted for the shell when needed."""
     return f"--exclude {shlex.quote(glob.escape(name))}"
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` of an exception on one line. A DataLoader worker's error (``Caught Type in DataLoader
+    worker process N.`` and the worker's traceback) gives the traceback's last line, the original error."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1]
+    return f"{type(err).__name__}: {' '.join(lines)}" if lines else type(err).__name__

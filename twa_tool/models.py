@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InputError, ModelError
+from .errors import CheckpointError, InputError, ModelError, one_line
 
 ModelArgs = tuple[tuple[str, str], ...]
 
@@ -124,6 +124,8 @@ def load_callable(spec: str, flag: str) -> Callable:
             module = importlib.import_module(target)
         except ImportError as err:
             raise ModelError(f"{flag} {spec}: cannot import {target} ({err}); check the module path") from None
+        except Exception as err:  # user code: any failure on import is reported as such
+            raise ModelError(f"{flag} {spec}: importing {target} failed ({type(err).__name__}: {err})") from err
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ModelError(f"{flag} {spec}: {target} has no callable {attr}")
@@ -144,6 +146,10 @@ def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
         raise
     except TypeError as err:
         raise ModelError(f"--model {spec}: bad --model-arg ({err})") from None
+    except (Exception, SystemExit) as err:  # user or library code: e.g. num_classes=-1, a raise or sys.exit
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ModelError(f"--model {spec}: building the model failed ({type(err).__name__}: {reason}); check "
+                         f"--model and --model-arg") from err
     if not isinstance(model, nn.Module):
         raise ModelError(f"--model {spec}: returned {type(model).__name__}, expected a torch.nn.Module")
     return model
@@ -196,19 +202,36 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
     statistics stay as they are), so a model that does not fit the data is an ``InputError`` before any
     checkpoint is read, not a shape error after all of them.
 
-    The example is drawn with torch's RNG forked (a random transform leaves the run's stream as it was).
-    Empty datasets, and items that are not ``(tensor, target, ...)``, are not checked. A model with fewer
-    outputs than the data has classes is refused too (``num_classes``, when known), and so are class labels
-    that are not integers or fall outside the model's outputs (every label when the dataset exposes its
-    ``targets``, else the first example's). ``flag`` names the option the data came from.
+    The example is drawn with torch's RNG forked (a random transform leaves the run's stream as it was) and
+    batched as the data loader batches it (``default_collate``), so an example that cannot be read or batched,
+    or whose inputs or targets do not batch into tensors (a PIL image without ``ToTensor``, string labels), is
+    refused too. Empty datasets, and items that are not ``(input, target, ...)`` sequences, are not checked. A
+    model with fewer outputs than the data has classes is refused too (``num_classes``, when known), and so are
+    class labels that are not integers or fall outside the model's outputs (every label when the dataset exposes
+    its ``targets``, else the first example's). ``flag`` names the option the data came from.
     """
+    from torch.utils.data import default_collate
+
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or not len(dataset):
         return
     with torch.random.fork_rng(devices=[]):
-        example = dataset[0]
-    if not isinstance(example, (tuple, list)) or not example or not isinstance(example[0], torch.Tensor):
+        try:
+            example = dataset[0]
+        except Exception as err:  # user or third-party dataset code: any failure is the data's
+            raise InputError(f"{flag} {data_name}: reading its first example failed ({one_line(err)}); fix the "
+                             f"dataset or its files") from err
+    if not isinstance(example, (tuple, list)) or not example:
         return
-    inputs = example[0].unsqueeze(0)
+    try:
+        batch = default_collate([example])
+    except (TypeError, RuntimeError, ValueError) as err:
+        raise InputError(f"{flag} {data_name}: its examples cannot be batched ({one_line(err)}); return tensors "
+                         f"(e.g. add transforms.ToTensor()) and integer labels") from None
+    for position, what in ((0, "inputs"), (1, "targets"))[:len(example)]:
+        if not isinstance(batch[position], torch.Tensor):
+            raise InputError(f"{flag} {data_name}: its {what} are {type(example[position]).__name__}, not tensors "
+                             f"or numbers; return a tensor (e.g. add transforms.ToTensor()) and an integer label")
+    inputs = batch[0]
     was_training = model.training
     model.eval()
     try:
@@ -216,9 +239,10 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
             out = model(inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"{flag} {data_name}: its inputs (shape {tuple(example[0].shape)}) do not fit --model "
-                         f"{model_name} ({reason}); pick the {flag} the checkpoints were trained on, or the "
-                         f"matching --model/--model-arg (e.g. in_channels)") from None
+        dtype = "" if inputs.dtype == torch.float32 else f", {inputs.dtype}"
+        raise InputError(f"{flag} {data_name}: its inputs (shape {tuple(inputs.shape[1:])}{dtype}) do not fit --model "
+                         f"{model_name} ({reason}); pick the {flag} the checkpoints were trained on, or the matching "
+                         f"--model/--model-arg (e.g. in_channels)") from None
     finally:
         model.train(was_training)
     outputs = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
@@ -227,7 +251,7 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
                          f"{outputs}; pick the {flag} the checkpoints were trained on, or the matching "
                          f"--model-arg num_classes")
     if len(example) > 1:
-        targets = _known_targets(dataset, example[1])
+        targets = _known_targets(dataset, batch[1][0])
         if targets is not None:
             _check_targets(targets, outputs, model_name, flag, data_name)
 
@@ -243,7 +267,14 @@ def check_data_fits(model: nn.Module, splits: tuple[object, ...], num_classes: i
 def spec_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ModelArgs] | None:
     """The model spec a checkpoint records about itself (``twa.model`` metadata or a timm ``arch``)."""
     if MODEL_METADATA_KEY in metadata:
-        raw_args = json.loads(metadata.get(MODEL_ARGS_METADATA_KEY, "{}") or "{}")
+        text = metadata.get(MODEL_ARGS_METADATA_KEY, "{}") or "{}"
+        try:
+            raw_args = json.loads(text)
+        except ValueError:
+            raw_args = None
+        if not isinstance(raw_args, dict):
+            raise ModelError(f"its {MODEL_ARGS_METADATA_KEY} metadata is not a JSON object ({text[:60]!r}); pass "
+                             f"--model and --model-arg")
         return metadata[MODEL_METADATA_KEY], tuple((str(k), str(v)) for k, v in raw_args.items())
     if "arch" in metadata:
         return f"timm:{metadata['arch']}", ()

@@ -199,7 +199,10 @@ def resolve_model_spec(config: AverageConfig | SoupConfig,
         return config.model, config.model_args
     metadata = read_header(first.path, weights=config.weights, trust_pickle=config.trust_pickle,
                            allow_globals=config.allow_globals).metadata
-    found = spec_from_metadata(metadata)
+    try:
+        found = spec_from_metadata(metadata)
+    except ModelError as err:
+        raise ModelError(f"{first.path}: {err}") from None
     if found is None:
         raise ModelError(f"{first.path}: the checkpoint does not record its architecture; pass --model "
                          f"(e.g. --model torchvision:resnet18 --model-arg num_classes=10, or file.py:function)")

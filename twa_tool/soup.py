@@ -67,6 +67,7 @@ from .pipeline import (
 from .selection import select
 from .trainer import (
     SCHEDULES,
+    Batches,
     FlatGrad,
     Metrics,
     StepInfo,
@@ -343,7 +344,7 @@ def fit_coefficients(model: nn.Module, names: list[str], directions: Directions,
     steps, losses = 0, []
     for epoch in range(config.epochs):
         total, count = 0.0, 0
-        for step, (inputs, targets) in enumerate(loader):
+        for step, (inputs, targets) in enumerate(Batches(loader)):
             lr = config.lr * lr_factor(config, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr

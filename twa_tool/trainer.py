@@ -10,7 +10,7 @@ momentum buffer are both combinations of vectors in the span, so the iterates st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -21,7 +21,7 @@ from torch.optim.swa_utils import update_bn
 
 from .config import TrainConfig
 from .distributed import Dist, Shard, global_batchnorm, merge_bn_statistics
-from .errors import DataError, NumericalError
+from .errors import DataError, NumericalError, TwaError, one_line
 from .subspace import Basis
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +136,33 @@ def project(basis: Basis, g: torch.Tensor) -> torch.Tensor:
     return basis.project(g)
 
 
+class Batches:
+    """``loader`` iterated with its failures (an image file that cannot be read, examples that cannot be batched,
+    an error in the dataset's own code) as a one-line ``DataError`` naming the data, not an unexpected error
+    after minutes of work; ``len`` is the loader's."""
+
+    def __init__(self, loader: Iterable) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator:
+        try:
+            iterator = iter(self.loader)
+            while True:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                yield batch
+        except TwaError:
+            raise
+        except Exception as err:
+            raise DataError(f"reading a batch of --data (or --holdout) failed ({one_line(err)}); fix or remove the "
+                            f"example it names, or the dataset's code") from err
+
+
 def _batch_to(batch: object, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     inputs, targets = batch[0], batch[1]
     return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -180,7 +207,7 @@ def train_projected(
     with replica.context(model):
         for epoch in range(config.epochs):
             total, count = 0.0, 0
-            for step, batch in enumerate(loader):
+            for step, batch in enumerate(Batches(loader)):
                 lr = config.lr * schedule(epoch, step, steps_per_epoch, config.epochs)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -264,7 +291,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str 
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
-    for batch in loader:
+    for batch in Batches(loader):
         inputs, targets = _batch_to(batch, device)
         with autocast(device, amp):
             logits = model(inputs)
@@ -290,6 +317,8 @@ def class_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
     if targets.ndim != 1 or targets.is_floating_point() or targets.dtype == torch.bool:
         raise DataError(f"the data's targets are {targets.dtype} with shape {tuple(targets.shape[1:])} per example; "
                         f"twa needs one integer class index per example: check --data (and --holdout)")
+    if targets.dtype not in (torch.long, torch.uint8):
+        targets = targets.long()  # int32/int16/int8 labels are class indices too; cross_entropy takes only these
     try:
         return F.cross_entropy(logits, targets, reduction=reduction)
     except IndexError as err:  # e.g. "Target 11 is out of bounds."
@@ -312,7 +341,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, dis
     """
     if not has_batchnorm(model):
         return False
-    update_bn(loader, model, device=device)
+    update_bn(Batches(loader), model, device=device)
     if dist is not None:
         merge_bn_statistics(model, len(loader), dist)  # type: ignore[arg-type]
     return True
