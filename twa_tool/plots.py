@@ -37,7 +37,7 @@ def render_plots(report: dict) -> tuple[dict[str, bytes], str | None]:
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(names) + 2), 3))
     ax.bar(range(len(names)), report["coefficients"], color="tab:blue")
     ax.axhline(1 / len(names), color="tab:orange", linestyle="--", label="SWA (uniform)")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7, parse_math=False)  # "$" in a name is text
     ax.set_ylabel("coefficient aᵢ")
     ax.set_title("TWA coefficients over the checkpoints")
     ax.legend(fontsize=8)
@@ -51,7 +51,7 @@ def render_plots(report: dict) -> tuple[dict[str, bytes], str | None]:
         xs = [i for i, n in enumerate(names) if n in per]
         ax.plot(xs, [100 * per[names[i]]["accuracy"] for i in xs], marker="o",
                 label="each checkpoint (BN re-estimated)")
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7, parse_math=False)  # "$" in a name is text
     for method, style in (("swa", "tab:orange"), ("twa", "tab:green"), ("last", "tab:gray")):
         if method in metrics:
             ax.axhline(100 * metrics[method]["accuracy"], color=style, linestyle="--", label=method.upper())

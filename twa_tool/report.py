@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -123,22 +125,41 @@ def render_inspect(catalog: dict, console: Console) -> None:
     console.print(f"{len(catalog['checkpoints'])} selected, {len(catalog['not_selected'])} left out")
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|~$])")
+
+
+def md_text(text: object) -> str:
+    """``text`` (a file name, a label) as literal Markdown inside a table cell: ``|`` would split the cell and
+    ``*``/``_``/backticks turn into emphasis or code, so every such character is backslash-escaped."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
+
+
+def md_code(text: object) -> str:
+    """``text`` as a Markdown code span whose fence is longer than any run of backticks inside it."""
+    text = " ".join(str(text).splitlines())
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def markdown_report(report: dict, images: list[str], note: str | None = None) -> str:
     """report.md: the baseline table, the coefficients and the figures, for people and CI artifact viewers."""
     metrics = report["metrics"]
     lines = ["# twa average report", "",
-             f"{len(report['checkpoints'])} checkpoints, model `{report['model']['spec']}`, "
-             f"data `{report['data']['spec']}` (fit on {report['data']['fit_on']}), device {report['device']}.", "",
+             f"{len(report['checkpoints'])} checkpoints, model {md_code(report['model']['spec'])}, "
+             f"data {md_code(report['data']['spec'])} (fit on {report['data']['fit_on']}), "
+             f"device {report['device']}.", "",
              "| method | accuracy | loss |", "|---|---:|---:|"]
     for name, values in metrics.items():
         label = METHOD_LABELS.get(name, name) + (f" ({values['checkpoint']})" if "checkpoint" in values else "")
+        label = md_text(label)
         lines.append(f"| {label} | {100 * values['accuracy']:.2f}% | {values['loss']:.4f} |")
     gate = report.get("quality_gate")
     if gate is not None:
         lines += ["", f"Quality gate vs {gate['against']} (tolerance {100 * gate['tolerance']:.2f} points): "
                       f"{'passed' if gate['passed'] else 'FAILED'}; wrote {gate['written']}."]
     lines += ["", "| checkpoint | coefficient |", "|---|---:|"]
-    lines += [f"| {n} | {a:+.4f} |" for n, a in zip(report["checkpoints"], report["coefficients"])]
+    lines += [f"| {md_text(n)} | {a:+.4f} |" for n, a in zip(report["checkpoints"], report["coefficients"])]
     basis = report["basis"]
     lines += ["", f"Basis rank {basis['rank']}, max|PPᵀ−I| = {basis['orthonormality_error']:.1e}, distance of the "
                   f"result to the span {basis['span_residual']:.1e}."]
@@ -218,7 +239,8 @@ def markdown_soup_report(report: dict) -> str:
     """report.md of ``twa soup``: methods and ingredients side by side, the greedy trace, the coefficients."""
     data = report["data"]
     lines = ["# twa soup report", "",
-             f"{len(report['ingredients'])} ingredients, model `{report['model']['spec']}`, data `{data['spec']}` "
+             f"{len(report['ingredients'])} ingredients, model {md_code(report['model']['spec'])}, "
+             f"data {md_code(data['spec'])} "
              f"(held-out: {data['heldout']}, {data['heldout_examples']} examples; eval {data['eval_examples']}), "
              f"device {report['device']}. Written: **{report['written_method']}** (chosen by "
              f"{report['chosen_by']}).", "",
@@ -228,18 +250,18 @@ def markdown_soup_report(report: dict) -> str:
         return (f"| {label} | {100 * values['heldout']['accuracy']:.2f}% | {values['heldout']['loss']:.4f} | "
                 f"{100 * values['eval']['accuracy']:.2f}% | {values['eval']['loss']:.4f} |")
 
-    lines += [row(label, values) for _, label, values in _soup_rows(report)]
-    lines += [row(name, report["metrics"]["ingredients"][name]) for name in report["ingredients"]]
+    lines += [row(md_text(label), values) for _, label, values in _soup_rows(report)]
+    lines += [row(md_text(name), report["metrics"]["ingredients"][name]) for name in report["ingredients"]]
     lines += ["", "Greedy soup (ranked by held-out accuracy; a candidate joins only if the soup's held-out accuracy "
                   "strictly improves):", "", "| candidate | held-out acc of soup + candidate | accepted |",
               "|---|---:|---|"]
-    lines += [f"| {s['candidate']} | {100 * s['heldout_accuracy']:.2f}% | {'yes' if s['accepted'] else 'no'} |"
+    lines += [f"| {md_text(s['candidate'])} | {100 * s['heldout_accuracy']:.2f}% | {'yes' if s['accepted'] else 'no'} |"
               for s in report["greedy"]["trace"]]
     of = "task vector" if report["base"] else "ingredient"
     lines += ["", f"Coefficients per {of} (TWA granularity {report['twa']['granularity']}):", "",
               "| " + of + " | uniform | greedy | twa |", "|---|---:|---:|---:|"]
     c = report["coefficients"]
-    lines += [f"| {n} | {u:.4f} | {g:.4f} | {t:+.4f} |"
+    lines += [f"| {md_text(n)} | {u:.4f} | {g:.4f} | {t:+.4f} |"
               for n, u, g, t in zip(report["ingredients"], c["uniform"], c["greedy"], c["twa"])]
     if report["twa"]["granularity"] == "layer":
         lines += ["", "With layer granularity the twa column is each ingredient's λ averaged over the tensors, "
