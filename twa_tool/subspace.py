@@ -65,7 +65,8 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 #: Documented bounds per storage format: max|P P^T - I| (float32: the build; bf16: twice its unit
 #: roundoff 2^-9, reached when a row is concentrated on few entries; int8: twice the per-entry rounding
 #: of 1/254 of a block's largest entry), and the relative error of a projected vector against the
-#: float64 projection onto the exact span. Tests hold these; measured values are far below them.
+#: float64 projection onto the exact span. Tests hold these. The projection bounds are limits, not proofs:
+#: int8 can exceed 5e-2 where one 4096-column block mixes entries of very different size (README).
 STORAGE_TOLERANCE: dict[str, float] = {"float64": 1e-12, "float32": 1e-5, "bf16": 4e-3, "int8": 1e-2}
 PROJECTION_TOLERANCE: dict[str, float] = {"float64": 1e-12, "float32": 1e-6, "bf16": 1e-2, "int8": 5e-2}
 
