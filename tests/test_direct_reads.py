@@ -165,3 +165,24 @@ def test_files_of_other_formats_after_a_torch_zip_are_loaded_not_called_corrupt(
     expected = torch.stack([torch.cat([s[n].reshape(-1) for n in trainable_names(model)]) for s in states])
     mean = torch.cat([mixed.mean_state[n].reshape(-1) for n in trainable_names(model)])
     torch.testing.assert_close(mean, expected.double().mean(0).float())
+
+
+def test_a_sharded_folder_is_named_as_the_reason_for_the_float32_build(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    model = write_trajectory(tmp_path / "ckpts", k=4)
+    files = discover(tmp_path / "ckpts")
+    state = torch.load(files[1].path, weights_only=True)
+    folder = files[1].path.with_suffix("")
+    folder.mkdir()
+    save_file(state, str(folder / "model-00001-of-00001.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "model-00001-of-00001.safetensors" for k in state}}))
+    files[1].path.unlink()
+    stream = stream_checkpoints(discover(tmp_path / "ckpts"), model, trainable_names(model), 1e-5,
+                                Reader.for_run(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path,
+                                                             data="synthetic"), model),
+                                lambda e: None, block=4, storage="int8")
+    assert stream.not_by_columns == f"{folder.name} is a sharded folder, which is read whole"

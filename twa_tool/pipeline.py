@@ -432,8 +432,11 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
     middle = [m for m in found if m is not None]
     if len(middle) < len(found):
         other = next(entry for entry, m in zip(files[1:-1], found) if m is None)
-        return (f"{other.name} cannot be read in place (not a torch zip laid out as {files[0].name}, nor a "
-                f"safetensors file with its keys and float32 parameters)")
+        if other.path.is_dir():
+            return f"{other.name} is a sharded folder, which is read whole"
+        return (f"{other.name} cannot be read in place: not a torch zip laid out as {files[0].name} (its pickle "
+                f"differs, e.g. a stored epoch or metric), nor a safetensors file with its keys and float32 "
+                f"parameters")
     trainable = set(names)
     on_event(Event("phase", "reading checkpoints (buffers; weights read by column blocks)", total=len(files)))
     sums: dict[str, torch.Tensor] = {}
