@@ -194,7 +194,7 @@ def test_another_layout_or_an_undecidable_gram_matrix_falls_back_to_the_usual_bu
 
     monkeypatch.setattr(pipeline, "build_by_columns", spy)
     state = torch.load(files[3].path, weights_only=True)
-    torch.save({"epoch": 3, "state_dict": state}, files[3].path)  # another pickle, the same weights
+    torch.save(state, files[3].path, _use_new_zipfile_serialization=False)  # not a zip: no places to read
     mixed = stream(tmp_path / "ckpts", "bf16")
     assert calls == [] and mixed.subspace.kept == expected.subspace.kept and mixed.build == "rows"
     assert mixed.not_by_columns.startswith(f"{files[3].name} cannot be read in place")
@@ -277,3 +277,28 @@ def test_ordered_sum_adds_in_block_order_and_holds_only_early_results() -> None:
     assert total.total.item() == 0 and len(total._early) == 2  # waiting for block 0
     total.add(0, values[0])
     assert total.total.item() == 0.0 and not total._early  # (1 + 1e16) - 1e16: in block order (as arrived: 1)
+
+
+def test_trainer_files_whose_pickles_all_differ_are_read_by_columns(tmp_path: Path) -> None:
+    """Lightning (and timm) store an epoch, step or metric in every file, so no two pickles are alike: each
+    file is placed by its own layout and still read in place; the basis is bit-identical to that of the
+    same weights saved as plain state dicts, and a corrupt file still fails its CRC."""
+    write_trajectory(tmp_path / "plain", k=6)
+    (tmp_path / "lightning").mkdir()
+    for i, entry in enumerate(discover(tmp_path / "plain")):
+        state = torch.load(entry.path, weights_only=True)
+        torch.save({"epoch": i, "global_step": 7 * i, "state_dict": {f"model.{k}": v for k, v in state.items()},
+                    "callbacks": {"ModelCheckpoint": {"best_model_score": torch.tensor(1.0 / (i + 1))}}},
+                   tmp_path / "lightning" / f"epoch={i}-step={7 * i}.ckpt")
+    plain, trainer = stream(tmp_path / "plain", "int8"), stream(tmp_path / "lightning", "int8")
+    assert trainer.build == "columns" and trainer.not_by_columns is None
+    assert torch.equal(trainer.subspace.basis.values, plain.subspace.basis.values)
+    assert torch.equal(trainer.subspace.basis.scales, plain.subspace.basis.scales)
+    assert all(torch.equal(trainer.mean_state[k], plain.mean_state[k]) for k in plain.mean_state)
+    middle = discover(tmp_path / "lightning")[2].path
+    data = bytearray(middle.read_bytes())
+    at = data.find(torch.load(middle, weights_only=True)["state_dict"]["model.0.weight"].numpy().tobytes()[:64])
+    data[at + 8] ^= 0xFF  # one byte of a weight: the member's CRC no longer matches
+    middle.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC mismatch"):
+        stream(tmp_path / "lightning", "int8")

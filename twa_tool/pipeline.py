@@ -27,6 +27,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from . import __version__
 from .checkpoints import (
     CheckpointFile,
+    FlatFile,
     HeaderInfo,
     ZipLayout,
     column_file,
@@ -405,16 +406,37 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
                   not_by_columns=reason)
 
 
+def _by_own_layout(path: Path, names: list[str], first: dict[str, torch.Tensor],
+                   reader: Reader) -> tuple[FlatFile, Callable[[], dict[str, torch.Tensor]]] | None:
+    """``column_file`` for a torch zip laid out unlike the first file: trainers store an epoch, a step or a
+    metric in each file's pickle (Lightning, timm), so no two pickles are alike. Its own layout comes from a
+    safe memory-mapped load of that file (the weights-only unpickler; the data is compared, not kept); None
+    when that does not place its tensors, or its parameters are not float32 (the caller then says why not).
+    The CRCs are the hashing thread's, as for every file read in place."""
+    if not path.is_file():
+        return None
+    try:
+        state = reader.load(path, crc_checked=True)
+    except CheckpointError:
+        return None  # loaded again the usual way, which names the problem
+    if any(n not in state or state[n].dtype != torch.float32 for n in names):
+        return None
+    own = zip_layout(path, state)
+    del state  # the mapping goes; only the places stay
+    return column_file(path, names, first, own) if own is not None else None
+
+
 def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list[str], rtol: float,
                       reader: Reader, on_event: EventSink, storage: str) -> Stream | str:
     """``stream_checkpoints`` for a bf16/int8 basis: never holds the float32 basis (``build_by_columns``).
 
-    The first and the last file are loaded safely and kept; every file between must be a torch zip sharing
-    the first one's layout (``ZipLayout``) or a safetensors file with the first one's keys (``column_file``),
-    and is then read a column block at a time, straight from the file, two or three times (the page cache
-    serves the later passes). The buffers of those files are read once, for the mean; the CRCs of a zip
-    are checked in the hashing thread's single read. Peak memory is the basis in its
-    storage format, two loaded checkpoints and a block of rows per thread, instead of the float32 basis.
+    The first and the last file are loaded safely and kept; every file between must be a torch zip (sharing
+    the first one's layout, ``ZipLayout``, or else placed by its own, ``_by_own_layout``) or a safetensors file
+    with the first one's keys (``column_file``), and is then read a column block at a time, straight from the
+    file, two or three times (the page cache serves the later passes). The buffers of those files are read
+    once, for the mean; the CRCs of a zip are checked in the hashing thread's single read. Peak memory is the
+    basis in its storage format, two loaded checkpoints and a block of rows per thread, instead of the float32
+    basis.
 
     Returns why not, instead of a stream, having read little, when the files do not qualify (pickle
     trusted, a layout that differs, non-float32 parameters), or after the first pass when the Gram matrix
@@ -428,7 +450,8 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
     if any(first[n].dtype != torch.float32 for n in names):
         return f"{files[0].name}: the parameters are not all float32"
     layout = zip_layout(files[0].path, first) if len(files) > 2 else None
-    found = [column_file(entry.path, names, first, layout) for entry in files[1:-1]]
+    found = [column_file(entry.path, names, first, layout) or _by_own_layout(entry.path, names, first, reader)
+             for entry in files[1:-1]]
     middle = [m for m in found if m is not None]
     if len(middle) < len(found):
         other = next(entry for entry, m in zip(files[1:-1], found) if m is None)
