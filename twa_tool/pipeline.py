@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import time
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -413,7 +414,7 @@ def _by_own_layout(path: Path, names: list[str], first: dict[str, torch.Tensor],
     safe memory-mapped load of that file (the weights-only unpickler; the data is compared, not kept); None
     when that does not place its tensors, or its parameters are not float32 (the caller then says why not).
     The CRCs are the hashing thread's, as for every file read in place."""
-    if not path.is_file():
+    if not path.is_file() or not zipfile.is_zipfile(path):  # nothing else has places to read from
         return None
     try:
         state = reader.load(path, crc_checked=True)
