@@ -451,6 +451,21 @@ def test_file_function_spec_passes_root(tmp_path: Path) -> None:
     assert sys.modules["twa_user_data_my_data"].SEEN["root"] == tmp_path / "r"
 
 
+def test_file_function_spec_imports_the_modules_beside_it(tmp_path: Path) -> None:
+    """As ``python my_data.py`` would: a data file may import its helper modules from its own folder."""
+    (tmp_path / "twa_test_helpers_d.py").write_text(USER_FILE)
+    path = tmp_path / "my_data_siblings.py"
+    path.write_text("from twa_test_helpers_d import make\n")
+    before = list(sys.path)
+    splits = build_data(f"{path}:make", root=tmp_path)
+    assert len(splits.train) == 4 and len(splits.eval) == 2
+    assert sys.path == before
+    path.write_text("import twa_test_no_such_helper_d\n\ndef make():\n    pass\n")
+    with pytest.raises(DataError, match="running .*my_data_siblings.py failed.*twa_test_no_such_helper_d"):
+        build_data(f"{path}:make")
+    assert sys.path == before and "twa_user_data_my_data_siblings" not in sys.modules
+
+
 def test_module_function_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     package = tmp_path / "userpkg_twa_test"
     package.mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,16 @@ def test_file_and_module_function_specs(tmp_path: Path) -> None:
     model = build_model(f"{tmp_path / 'net.py'}:make", (("hidden", "7"),))
     assert isinstance(model, nn.Linear) and model.out_features == 7
     assert isinstance(build_model("torch.nn:Identity"), nn.Identity)
+
+
+def test_file_spec_imports_the_modules_beside_it(tmp_path: Path) -> None:
+    """As ``python net.py`` would: a model file may import its helper modules from its own folder."""
+    (tmp_path / "twa_test_blocks_m.py").write_text("import torch\n\ndef head(n):\n    return torch.nn.Linear(2, n)\n")
+    (tmp_path / "net.py").write_text("from twa_test_blocks_m import head\n\ndef make(n=3):\n    return head(n)\n")
+    before = list(sys.path)
+    model = build_model(f"{tmp_path / 'net.py'}:make", (("n", "5"),))
+    assert isinstance(model, nn.Linear) and model.out_features == 5
+    assert sys.path == before  # the folder is on sys.path only while the file runs
 
 
 @pytest.mark.parametrize("spec, text", [

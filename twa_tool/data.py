@@ -24,7 +24,6 @@ import importlib.util
 import inspect
 import math
 import pickle
-import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from twa_tool.errors import ConfigError, DataError, MissingData, TwaError, one_line
+from twa_tool.usercode import NotPythonSource, run_file
 
 Transform = Callable[[Any], Any]
 Builder = Callable[[Path | None, bool], "DataSplits"]
@@ -633,18 +633,12 @@ def _import_file(path: Path, spec: str) -> Any:
     """Executes ``path`` as a module (registered in ``sys.modules`` while it runs)."""
     if not path.is_file():
         raise ConfigError(f"--data {spec}: {path} does not exist; write path/to/file.py:function")
-    module_name = f"twa_user_data_{path.stem}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise ConfigError(f"--data {spec}: cannot load {path} as Python source")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
     try:
-        module_spec.loader.exec_module(module)
+        return run_file(path, f"twa_user_data_{path.stem}")
+    except NotPythonSource as exc:
+        raise ConfigError(f"--data {spec}: {exc}") from None
     except Exception as exc:  # user code: any failure on import is reported as such
-        del sys.modules[module_name]
         raise DataError(f"--data {spec}: running {path} failed ({type(exc).__name__}: {exc})") from exc
-    return module
 
 
 def _load_function(spec: str) -> Callable[..., Any]:

@@ -14,7 +14,6 @@ import ast
 import importlib
 import importlib.util
 import json
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, InputError, ModelError, one_line
+from .usercode import run_file
 
 ModelArgs = tuple[tuple[str, str], ...]
 
@@ -110,14 +110,9 @@ def load_callable(spec: str, flag: str) -> Callable:
         path = Path(target).expanduser()
         if not path.is_file():
             raise ModelError(f"{flag} {spec}: {path} not found")
-        mod_name = f"_twa_user_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
         try:
-            module_spec.loader.exec_module(module)
+            module = run_file(path, f"_twa_user_{abs(hash(str(path.resolve())))}")
         except Exception as err:
-            sys.modules.pop(mod_name, None)
             raise ModelError(f"{flag} {spec}: importing {path} failed ({type(err).__name__}: {err})") from err
     else:
         try:
