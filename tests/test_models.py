@@ -133,3 +133,24 @@ def test_cli_names_the_checkpoint_with_bad_model_args_metadata(demo_ckpts: Path,
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "twa.model_args metadata is not a JSON object" in errors[0], result.stderr
     assert str(folder) in errors[0] and "Traceback" not in result.output and not out.exists()
+
+
+def test_model_args_update_the_recorded_ones(demo_ckpts: Path, tmp_path: Path) -> None:
+    """Without --model, --model-arg adds to or replaces the checkpoints' recorded arguments; it does not
+    drop the others (which would build the wrong architecture)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from twa_tool.cli import cli
+
+    def dry_run(*args: str):
+        return CliRunner().invoke(cli, ["average", str(demo_ckpts), "--data", "synthetic", "--out",
+                                        str(tmp_path / "out"), "--dry-run", "--json", *args])
+
+    result = dry_run("--model-arg", "num_classes=10")
+    assert result.exit_code == 0, result.output
+    model = json.loads(result.stdout)["model"]
+    assert model["spec"] == "twa:cnn" and model["args"] == {"in_channels": "1", "num_classes": "10", "width": "4"}
+    result = dry_run("--model-arg", "width=8")  # replaced: the checkpoints no longer fit the model
+    assert result.exit_code == 4 and "Traceback" not in result.output, result.output

@@ -196,7 +196,8 @@ def select_checkpoints(config: AverageConfig) -> Chosen:
 
 def resolve_model_spec(config: AverageConfig | SoupConfig,
                        first: CheckpointFile) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """``--model``/``--model-arg``, or the architecture the first checkpoint records."""
+    """``--model``/``--model-arg``, or the architecture the first checkpoint records, with its recorded
+    constructor arguments updated by any ``--model-arg`` (which adds a key or replaces its value)."""
     if config.model:
         return config.model, config.model_args
     metadata = read_header(first.path, weights=config.weights, trust_pickle=config.trust_pickle,
@@ -209,7 +210,7 @@ def resolve_model_spec(config: AverageConfig | SoupConfig,
         raise ModelError(f"{first.path}: the checkpoint does not record its architecture; pass --model "
                          f"(e.g. --model torchvision:resnet18 --model-arg num_classes=10, or file.py:function)")
     spec, args = found
-    return spec, config.model_args or args
+    return spec, tuple({**dict(args), **dict(config.model_args)}.items())
 
 
 @dataclass(frozen=True)
