@@ -163,3 +163,20 @@ def test_inspect_of_a_selection_average_refuses_fails_like_it(demo_ckpts: Path, 
     assert average.exit_code == 4 and listing["refusal"] in average.stderr
     passed = invoke("inspect", demo_ckpts, "--last", "2", "--json")
     assert passed.exit_code == 0 and json.loads(passed.stdout)["refusal"] is None
+
+
+def test_inspect_table_in_a_log_is_not_squeezed_to_80_columns(demo_ckpts: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """stderr that is not a terminal (a CI log) gets a wide table: long file names stay on one line."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    names = [f"run-{'x' * 40}-epoch={i:03d}.safetensors" for i in range(3)]
+    for source, name in zip(sorted(demo_ckpts.glob("*.safetensors")), names):
+        os.link(source, folder / name)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    result = CliRunner().invoke(cli, ["inspect", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert all(any(name in line for line in result.stderr.splitlines()) for name in names), result.stderr
+    monkeypatch.setenv("COLUMNS", "80")  # an explicit width still wins
+    result = CliRunner().invoke(cli, ["inspect", str(folder)])
+    assert max(len(line) for line in result.stderr.splitlines()) <= 80, result.stderr

@@ -89,10 +89,16 @@ def parse_size(text: str) -> int:
     return parse(text)
 
 
+LOG_WIDTH = 400  # stderr when it is not a terminal and COLUMNS is not set (rich: 80); tables take their content's width
+
+
 def make_console(quiet: bool) -> Console:
     no_color = bool(os.environ.get("NO_COLOR"))
     # emoji off: rich would turn a user's ":x:" or "data.py:train:" into emoji (user text is also escaped)
-    return Console(stderr=True, quiet=quiet, no_color=no_color, highlight=False, emoji=False)
+    console = Console(stderr=True, quiet=quiet, no_color=no_color, highlight=False, emoji=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:  # a CI log: tables not squeezed to 80 columns
+        console.width = LOG_WIDTH
+    return console
 
 
 class ProgressSink:
