@@ -62,6 +62,8 @@ def test_gate_fallback_writes_the_best_baseline(gate_reports: dict, demo_ckpts: 
     with safe_open(out / "model.safetensors", framework="pt") as f:
         meta = f.metadata()
     assert meta["twa.method"] == best_baseline
+    assert json.loads(meta["twa.coefficients"]) == report["written_coefficients"] != report["coefficients"]
+    assert sum(report["written_coefficients"]) == pytest.approx(1.0)  # a checkpoint (one 1.0) or SWA's 1/K each
     saved = load_file(out / "model.safetensors")
     if best_baseline in ("best", "last"):
         source = load_file(demo_ckpts / metrics[best_baseline]["checkpoint"])

@@ -1108,6 +1108,7 @@ def choose_output(config: AverageConfig, report: dict, files: list[CheckpointFil
     if gate is not None:
         report["quality_gate"] = {**gate, "written": written_method}
     report["written_method"] = written_method
+    report["written_coefficients"] = written_coefficients(written_method, report["coefficients"], files, metrics)
     return written_method, state
 
 
@@ -1119,8 +1120,7 @@ def write_outputs(config: AverageConfig, report: dict, files: list[CheckpointFil
         "twa.method": written_method,
         MODEL_METADATA_KEY: report["model"]["spec"],
         MODEL_ARGS_METADATA_KEY: json.dumps(report["model"]["args"]),
-        "twa.coefficients": json.dumps(written_coefficients(written_method, report["coefficients"], files,
-                                                            report["metrics"])),
+        "twa.coefficients": json.dumps(report["written_coefficients"]),
         "twa.sources": json.dumps([{"name": s["name"], "sha256": s["sha256"]} for s in report["inputs"]]),
         "twa.seed": str(config.seed),
     }
