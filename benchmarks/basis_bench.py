@@ -210,8 +210,8 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every path (default: torch's)")
     parser.add_argument("--device", default="cpu",
-                        help="device of the projected step (--step): cpu, cuda or cuda:N; the builds run on the CPU, where "
-                             "twa reads checkpoints")
+                        help="device of the projected step (--step): cpu, cuda or cuda:N; the builds run on the "
+                             "CPU, where twa reads checkpoints")
     args = parser.parse_args()
     if min(args.k) < 2:
         parser.error(f"--k {min(args.k)}: a basis needs at least 2 checkpoints")
