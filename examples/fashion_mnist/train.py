@@ -44,7 +44,10 @@ def parse_args() -> argparse.Namespace:
                         help="folder with the four Fashion-MNIST IDX files (default: the Debian package "
                              "/usr/share/datasets/fashion-mnist or ~/.cache/twa/data)")
     parser.add_argument("--download", action="store_true", help="download the dataset if it is missing")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs {args.epochs}: train at least 1 epoch")
+    return args
 
 
 def as_tensors(dataset: Dataset) -> TensorDataset:
@@ -83,7 +86,8 @@ def main() -> None:
 
     model = cnn(num_classes=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    milestones = [int(0.5 * args.epochs), int(0.75 * args.epochs)]
+    # after epoch 10 and 15 of 20; never before the first epoch (a short run starts at --lr, not --lr/100)
+    milestones = [max(1, int(0.5 * args.epochs)), max(1, int(0.75 * args.epochs))]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
     torch.save(model.state_dict(), args.out / "0.pt")
