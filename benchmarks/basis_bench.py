@@ -146,7 +146,10 @@ def child(path_kind: str, folder: Path, k: int) -> None:
 def run_child(kind: str, folder: Path, k: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", kind, "--dir", str(folder), "--k", str(k),
                           "--threads", str(torch.get_num_threads())],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines() or ["(no output)"]
+        sys.exit(f"error: the {kind} path at K={k} failed (exit {out.returncode}): {lines[-1]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -196,20 +199,33 @@ def projected_step_line(k: int, device: torch.device) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, nargs="+", default=[50, 100])
+    parser.add_argument("--k", type=int, nargs="+", default=[50, 100], help="numbers of checkpoints (at least 2)")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/twa-bench-w1"))
     parser.add_argument("--step", action="store_true", help="also time the projected step")
     parser.add_argument("--average", action="store_true",
                         help="also run the whole `twa average` (w1_data, 1 epoch) per storage: its peak RSS "
                              "against the reference path's")
-    parser.add_argument("--storage", nargs="+", default=["float32", "bf16", "int8"],
-                        help="basis storage formats of the twa rows")
+    parser.add_argument("--storage", nargs="+", choices=["float32", "bf16", "int8"],
+                        default=["float32", "bf16", "int8"], help="basis storage formats of the twa rows")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every path (default: torch's)")
     parser.add_argument("--device", default="cpu",
-                        help="device of the projected step (--step), e.g. cuda; the builds run on the CPU, where "
-                             "twa reads checkpoints")
+                        help="device of the projected step (--step): cpu, cuda or cuda:N; the builds run on the "
+                             "CPU, where twa reads checkpoints")
     args = parser.parse_args()
+    if min(args.k) < 2:
+        parser.error(f"--k {min(args.k)}: a basis needs at least 2 checkpoints")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be a positive integer (leave it out for torch's default)")
+    if args.step:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            parser.error(f"--device {args.device}: the step is timed on cpu, cuda or cuda:N")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -242,7 +258,7 @@ def main() -> None:
                       f"{r['peak_bytes'] / ref['peak_bytes']:.2f} |")
     if args.step:
         print()
-        print(projected_step_line(max(args.k), torch.device(args.device)))
+        print(projected_step_line(max(args.k), device))
     del paths
 
 

@@ -9,6 +9,7 @@ in-process, and prints one table. The baseline is reading every file fully, as a
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -38,16 +39,23 @@ def write_folder(folder: Path, count: int, fmt: str) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--count", type=int, default=100, help="number of checkpoints (at least 2)")
     parser.add_argument("--format", choices=["safetensors", "pt"], default="safetensors")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/twa-bench-inspect"))
     args = parser.parse_args()
+    if args.count < 2:
+        parser.error(f"--count {args.count}: twa inspect refuses fewer than 2 checkpoints")
     folder = args.dir / args.format
     paths = write_folder(folder, args.count, args.format)
+    others = sorted(set(folder.iterdir()) - set(paths))
+    if others:  # twa inspect lists the whole folder: the table would count the wrong number of files
+        sys.exit(f"error: {folder} holds {len(others)} other file(s) ({others[0].name}, ...), e.g. from a run with a "
+                 f"larger --count; pass another --dir or delete them")
     clock = time.perf_counter()
     result = CliRunner().invoke(cli, ["inspect", str(folder), "--json"])
     inspect_s = time.perf_counter() - clock
-    assert result.exit_code == 0, result.output
+    if result.exit_code != 0:
+        sys.exit(f"error: twa inspect {folder} failed (exit {result.exit_code}): {result.stderr.strip()}")
     sample = paths[: min(5, len(paths))]
     clock = time.perf_counter()
     for path in sample:

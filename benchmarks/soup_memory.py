@@ -50,19 +50,25 @@ def run(folder: Path, base: Path, out: Path, hidden: int, dtype: str, epochs: in
     command = [sys.executable, "-m", "twa_tool", "soup", str(folder), "--model", "twa:mlp", "--model-arg",
                f"hidden={hidden}", "--data", "synthetic", "--base", str(base), "--basis-dtype", dtype, "--epochs",
                str(epochs), "--threads", "1", "--out", str(out), "--overwrite", "-q"]
-    subprocess.run(command, check=True)
+    code = subprocess.run(command).returncode
+    if code != 0:  # twa has printed its one-line error above
+        sys.exit(f"error: twa soup failed (exit {code}) on {folder} with --basis-dtype {dtype}")
     return json.loads((out / "report.json").read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=30000)
-    parser.add_argument("--k", type=int, nargs="+", default=[8])
+    parser.add_argument("--hidden", type=int, default=30000, help="hidden units of twa:mlp (sets D)")
+    parser.add_argument("--k", type=int, nargs="+", default=[8], help="numbers of fine-tunes (at least 2)")
     parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES),
                         help="basis dtypes to measure (twa soup --basis-dtype)")
     parser.add_argument("--work", type=Path, default=Path("runs/soup_memory"))
     args = parser.parse_args()
-    print("| K | D | basis dtype | directions (MiB) | formula K·D·b + 8·D + 14·S (MiB) | peak RSS (MiB) | "
+    if min(args.k) < 2:
+        parser.error(f"--k {min(args.k)}: a soup needs at least 2 fine-tunes")
+    if args.hidden < 1:
+        parser.error(f"--hidden {args.hidden}: must be a positive integer")
+    print("| K | D | basis dtype | directions + c + ū (MiB) | formula K·D·b + 8·D + 14·S (MiB) | peak RSS (MiB) | "
           "peak RSS − baseline (MiB) |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     folder = args.work / f"ft-{args.hidden}-{max(args.k)}"

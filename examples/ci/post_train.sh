@@ -23,7 +23,8 @@ twa average "$OUT/ckpts" --data synthetic --epochs 4 --out "$OUT/twa" --overwrit
     --json --fail-if-worse-than swa --tolerance 0.005 --on-worse fallback > "$OUT/twa.json" || status=$?
 case $status in
   0) echo "TWA passed the gate" ;;
-  3) echo "TWA was worse than SWA: the SWA model was written instead (see $OUT/twa.json)" ;;
+  3) written=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['written_method'])" "$OUT/twa.json")
+     echo "TWA was worse than SWA: the $written baseline was written instead (see $OUT/twa.json)" ;;
   *) echo "twa failed with exit code $status" >&2; exit $status ;;
 esac
 python -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: round(v['accuracy'], 4) for k, v in r['metrics'].items()})" "$OUT/twa.json"

@@ -10,19 +10,27 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 [[ -x .venv/bin/twa ]] && export PATH="$PWD/.venv/bin:$PATH"
 OUT=${OUT:-runs/fashion_mnist}
+DATA_ROOT=${DATA_ROOT:-}       # as run.sh: empty means the Debian package /usr/share/datasets/fashion-mnist
 MODEL=examples/fashion_mnist/model.py:cnn
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SWEEP="$OUT/lr_sweep"
 mkdir -p "$SWEEP"
 [[ -f "$OUT/ckpts/20.pt" ]] || { echo "error: $OUT/ckpts/20.pt missing; run examples/fashion_mnist/run.sh first" >&2; exit 2; }
+data_root_args=()
+[[ -n "$DATA_ROOT" ]] && data_root_args=(--data-root "$DATA_ROOT")
 
 average() {  # average NAME TWA-OPTIONS...
   local name=$1 t=$SECONDS
   shift
   if [[ -s "$SWEEP/$name.json" ]]; then echo "== $name: exists, skipped" >&2; return; fi
   echo "== $name: twa average $OUT/ckpts $*" >&2
-  twa average "$OUT/ckpts" --model "$MODEL" --data fashion-mnist --epochs 2 --baselines swa "$@" \
-    --out "$SWEEP/$name" --overwrite --json > "$SWEEP/$name.json" 2> "$SWEEP/$name.log"
+  twa average "$OUT/ckpts" --model "$MODEL" --data fashion-mnist ${data_root_args[@]+"${data_root_args[@]}"} \
+    --epochs 2 --baselines swa "$@" --out "$SWEEP/$name" --overwrite --json > "$SWEEP/$name.json" \
+    2> "$SWEEP/$name.log" || {
+    local code=$?
+    echo "error: $name failed (exit $code): $(tail -n 1 "$SWEEP/$name.log"); log in $SWEEP/$name.log" >&2
+    exit "$code"
+  }
   echo "$name $((SECONDS - t))s" | tee -a "$SWEEP/timings.txt" >&2
 }
 

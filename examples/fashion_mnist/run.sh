@@ -19,7 +19,7 @@ MODEL=examples/fashion_mnist/model.py:cnn
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 mkdir -p "$OUT"
-data_root_args=()
+data_root_args=()   # expanded as ${a[@]+"${a[@]}"}: bash < 4.4 (macOS) calls an empty "${a[@]}" unbound under set -u
 [[ -n "$DATA_ROOT" ]] && data_root_args=(--data-root "$DATA_ROOT")
 timings="$OUT/timings.txt"
 echo "# $(date -Is) OMP_NUM_THREADS=$OMP_NUM_THREADS TWA_LR=$TWA_LR" >> "$timings"
@@ -30,14 +30,14 @@ if [[ -f "$OUT/ckpts/20.pt" ]]; then
   echo "== train: $OUT/ckpts/20.pt exists, skipping training" >&2
 else
   t=$SECONDS
-  python examples/fashion_mnist/train.py --out "$OUT/ckpts" --epochs 20 "${data_root_args[@]}"
+  python examples/fashion_mnist/train.py --out "$OUT/ckpts" --epochs 20 ${data_root_args[@]+"${data_root_args[@]}"}
   log_time train "$t"
 fi
 
 # 2. Head: init + epochs 1..10 (half the budget, before any lr decay) + 2 TWA epochs,
 #    against the full 20-epoch run (the paper's "100 + 10 vs 200" on CIFAR, scaled down).
 t=$SECONDS
-twa average "$OUT/ckpts" --range 0:11 --model "$MODEL" --data fashion-mnist "${data_root_args[@]}" \
+twa average "$OUT/ckpts" --range 0:11 --model "$MODEL" --data fashion-mnist ${data_root_args[@]+"${data_root_args[@]}"} \
   --epochs 2 --lr "$TWA_LR" --out "$OUT/head" --overwrite --json \
   > "$OUT/head.json" 2> >(tee "$OUT/head.log" >&2)
 log_time head "$t"
@@ -46,7 +46,7 @@ log_time head "$t"
 #    (as the reference's tail runs).
 t=$SECONDS
 twa average "$OUT/ckpts" --range 11:21 --start last --wd 5e-5 --model "$MODEL" --data fashion-mnist \
-  "${data_root_args[@]}" --epochs 2 --lr "$TWA_LR" --out "$OUT/tail" --overwrite --json \
+  ${data_root_args[@]+"${data_root_args[@]}"} --epochs 2 --lr "$TWA_LR" --out "$OUT/tail" --overwrite --json \
   > "$OUT/tail.json" 2> >(tee "$OUT/tail.log" >&2)
 log_time tail "$t"
 

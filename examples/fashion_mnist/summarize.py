@@ -47,22 +47,35 @@ def row(label: str, report: dict, regular: float, regular_epochs: int) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def read_json(path: Path, what: str) -> dict:
+    """The JSON document at ``path``, or exit with one line naming the file and what writes it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a JSON document"
+        sys.exit(f"error: {path}: {reason}; {what}")
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print(__doc__.strip(), file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
     run_dir = Path(argv[0])
-    history = json.loads((run_dir / "ckpts" / "history.json").read_text())
+    history = read_json(run_dir / "ckpts" / "history.json", "it is written by examples/fashion_mnist/train.py")
     regular_epochs = max(int(e) for e in history)
     regular = history[str(regular_epochs)]["test_accuracy"]
+    bad = [a for a in argv[1:] if "=" not in a]
+    if bad:
+        sys.exit(f"error: {bad[0]}: expected LABEL=REPORT.json (e.g. head_lr1=$OUT/lr_sweep/head_lr1.json)")
     pairs = [a.split("=", 1) for a in argv[1:]] or [["head", run_dir / "head.json"], ["tail", run_dir / "tail.json"]]
+    reports = [(label, read_json(path, "it is the stdout of `twa average ... --json` (see its .log beside it)"))
+               for label, path in pairs]
 
     print("| stage | checkpoints (n) | epochs used (SGD + TWA) | TWA settings | last | best (ckpt) | SWA | TWA "
           "| TWA − SWA | regular run |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     seconds = []
-    for label, path in pairs:
-        report = json.loads(Path(path).read_text())
+    for label, report in reports:
         print(row(label, report, regular, regular_epochs))
         seconds.append(f"{label} {sum(report['timings'].values()):.0f}s")
     best_epoch = max(history, key=lambda e: history[e]["test_accuracy"])

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import cnn  # noqa: E402  (this example's model file)
 
 from twa_tool.data import build_data  # noqa: E402
+from twa_tool.errors import TwaError  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,7 +43,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=None,
                         help="folder with the four Fashion-MNIST IDX files (default: the Debian package "
                              "/usr/share/datasets/fashion-mnist or ~/.cache/twa/data)")
-    return parser.parse_args()
+    parser.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs {args.epochs}: train at least 1 epoch")
+    return args
 
 
 def as_tensors(dataset: Dataset) -> TensorDataset:
@@ -68,9 +73,12 @@ def evaluate(model: torch.nn.Module, loader: DataLoader) -> tuple[float, float]:
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
+    try:
+        data = build_data("fashion-mnist", root=args.data_root, download=args.download)
+    except TwaError as exc:  # e.g. no dataset files under --data-root: one line, as twa prints it
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     args.out.mkdir(parents=True, exist_ok=True)
-
-    data = build_data("fashion-mnist", root=args.data_root)
     train_set, test_set = as_tensors(data.train), as_tensors(data.eval)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(args.seed))
@@ -78,7 +86,8 @@ def main() -> None:
 
     model = cnn(num_classes=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    milestones = [int(0.5 * args.epochs), int(0.75 * args.epochs)]
+    # after epoch 10 and 15 of 20; never before the first epoch (a short run starts at --lr, not --lr/100)
+    milestones = [max(1, int(0.5 * args.epochs)), max(1, int(0.75 * args.epochs))]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
     torch.save(model.state_dict(), args.out / "0.pt")

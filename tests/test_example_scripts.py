@@ -1,0 +1,84 @@
+"""The scripts beside the tool (benchmarks/, examples/): bad arguments are one-line errors before any work."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUMMARIZE = ROOT / "examples" / "fashion_mnist" / "summarize.py"
+
+
+def load_script(relative: str):
+    spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("script", "args", "message"), [
+    ("benchmarks/basis_bench.py", ["--k", "50", "1"], "--k 1: a basis needs at least 2 checkpoints"),
+    ("benchmarks/basis_bench.py", ["--storage", "fp8"], "invalid choice: 'fp8'"),
+    ("benchmarks/basis_bench.py", ["--threads", "0"], "--threads 0: must be a positive integer"),
+    ("benchmarks/basis_bench.py", ["--step", "--device", "gpu"], "--device gpu: the step is timed on cpu, cuda"),
+    ("benchmarks/soup_memory.py", ["--k", "1"], "--k 1: a soup needs at least 2 fine-tunes"),
+    ("benchmarks/inspect_speed.py", ["--count", "1"], "--count 1: twa inspect refuses fewer than 2"),
+])
+def test_benchmark_usage_errors(script: str, args: list[str], message: str, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    module = load_script(script)
+    monkeypatch.setattr(sys, "argv", [script, *args, "--dir" if "soup" not in script else "--work", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused before writing anything
+
+
+def summarize(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SUMMARIZE), *map(str, args)], capture_output=True, text=True)
+
+
+def report(names: list[str], start: str) -> dict:
+    return {"checkpoints": names,
+            "config": {"train": {"epochs": 2, "lr": 2.0, "weight_decay": 1e-5}},
+            "train": {"start": start}, "data": {"fit_on": "train", "fit_examples": 60000},
+            "metrics": {"last": {"accuracy": 0.9176}, "best": {"accuracy": 0.9182, "checkpoint": "9.pt"},
+                        "swa": {"accuracy": 0.9217}, "twa": {"accuracy": 0.9226}},
+            "timings": {"load_and_basis_s": 10.0, "twa_s": 50.0}}
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    (tmp_path / "ckpts").mkdir()
+    history = {str(e): {"test_accuracy": 0.9 + e / 1000, "seconds": 1.0} for e in range(21)}
+    (tmp_path / "ckpts" / "history.json").write_text(json.dumps(history))
+    (tmp_path / "head.json").write_text(json.dumps(report([f"{i}.pt" for i in range(11)], "mean")))
+    return tmp_path
+
+
+def test_summarize_table(run_dir: Path) -> None:
+    result = summarize(run_dir, f"head={run_dir / 'head.json'}")
+    assert result.returncode == 0, result.stderr
+    assert ("| head | 0.pt..10.pt (11) | 10 + 2 | lr 2, wd 1e-05, start mean | 91.76 | 91.82 (9.pt) | 92.17 "
+            "| **92.26** | +0.09 | 92.00 (20 ep) |") in result.stdout
+    assert "twa average time (load + baselines + TWA): head 60s." in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["{run}/nowhere"], "nowhere/ckpts/history.json: No such file or directory; it is written by"),
+    (["{run}", "{run}/head.json"], "head.json: expected LABEL=REPORT.json"),
+    (["{run}"], "tail.json: No such file or directory; it is the stdout of `twa average ... --json`"),
+    (["{run}", "x={run}/empty.json"], "empty.json: not a JSON document"),
+])
+def test_summarize_errors_are_one_line(run_dir: Path, args: list[str], message: str) -> None:
+    (run_dir / "empty.json").write_text("")  # what a failed `twa average --json > x.json` leaves
+    result = summarize(*(a.format(run=run_dir) for a in args))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
