@@ -269,3 +269,32 @@ def test_same_data_compares_file_specs_by_path(tmp_path: Path, monkeypatch: pyte
     assert same_data("hd.py:same", "./hd.py:same") and same_data("hd.py:same", f"{tmp_path}/hd.py:same")
     assert not same_data("hd.py:same", "hd.py:other") and not same_data("HD2.py:good", "hd2.py:good")
     assert same_data(" Fashion_MNIST ", "fashion-mnist") and not same_data("mnist", "fashion-mnist")
+
+
+@pytest.mark.parametrize("how, reason", [("hard link", "the --base model (hard link to the same file)"),
+                                         ("copy", "the --base model (byte-identical copy)")])
+def test_a_link_or_copy_of_the_base_in_the_folder_is_not_an_ingredient(how: str, reason: str, ingredients: Path,
+                                                                       demo_ckpts: Path, tmp_path: Path) -> None:
+    """The pretrained model copied or hard-linked into the folder is the --base, not a fourth fine-tune that the
+    uniform soup would average in."""
+    import os
+    import shutil
+
+    folder = tmp_path / "ft"
+    shutil.copytree(ingredients, folder)
+    base = tmp_path / "pretrained.safetensors"
+    shutil.copyfile(demo_ckpts / "0.safetensors", base)
+    if how == "hard link":
+        os.link(base, folder / "pretrained.safetensors")
+    else:
+        shutil.copyfile(base, folder / "pretrained.safetensors")
+    result = soup(folder, tmp_path / "out", "--base", str(base), "--method", "uniform")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["ingredients"] == ["ft-1.safetensors", "ft-2.safetensors", "ft-3.safetensors"]
+    assert {"name": "pretrained.safetensors", "reason": reason} in report["excluded"]
+    assert report["coefficients"]["uniform"] == [1 / 3] * 3
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    states = [load_file(folder / name) for name in report["ingredients"]]
+    mean = torch.stack([s["head.weight"].double() for s in states]).mean(0).float()
+    assert torch.equal(written["head.weight"], mean)

@@ -64,7 +64,7 @@ from .pipeline import (
     resolve_model_spec,
     validate_headers,
 )
-from .selection import select
+from .selection import same_file, select
 from .trainer import (
     SCHEDULES,
     Batches,
@@ -454,9 +454,12 @@ def find_inputs(config: SoupConfig) -> Inputs:
         if not config.base.exists():
             raise CheckpointError(f"--base {config.base}: not found; pass the pretrained model's file")
         base = CheckpointFile(name=config.base.name, path=config.base)
-    files = [f for f in chosen.files if base is None or f.path.resolve() != base.path.resolve()]
+    as_base = {f.name: same_file(f.path, base.path) for f in chosen.files} if base is not None else {}
+    files = [f for f in chosen.files if as_base.get(f.name) is None]  # the base, or a link or copy of it
     excluded = [{"name": d.name, "reason": d.reason} for d in chosen.dropped]
-    excluded += [{"name": f.name, "reason": "the --base model"} for f in chosen.files if f not in files]
+    excluded += [{"name": f.name, "reason": "the --base model" + ("" if as_base[f.name].startswith("symlink")
+                                                                  else f" ({as_base[f.name]})")}
+                 for f in chosen.files if f not in files]
     for entry in files + ([base] if base else []):
         raise_if_refused(entry.path)
     if len(files) < 2:
