@@ -298,3 +298,18 @@ def test_a_link_or_copy_of_the_base_in_the_folder_is_not_an_ingredient(how: str,
     states = [load_file(folder / name) for name in report["ingredients"]]
     mean = torch.stack([s["head.weight"].double() for s in states]).mean(0).float()
     assert torch.equal(written["head.weight"], mean)
+
+
+def test_too_few_distinct_ingredients_names_what_was_counted_once(ingredients: Path, tmp_path: Path) -> None:
+    """Two files that are one fine-tune: the error says why only one ingredient was found, as twa average does."""
+    import shutil
+
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    shutil.copyfile(ingredients / "ft-1.safetensors", folder / "a.safetensors")
+    shutil.copyfile(ingredients / "ft-1.safetensors", folder / "b.safetensors")
+    result = soup(folder, tmp_path / "out")
+    assert result.exit_code == 4, result.output
+    assert (f"error: {folder}: 1 ingredient(s) found (b.safetensors: byte-identical copy of a.safetensors, counted "
+            f"once); a soup needs at least 2 distinct fine-tunes") in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

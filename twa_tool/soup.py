@@ -463,8 +463,12 @@ def find_inputs(config: SoupConfig) -> Inputs:
     for entry in files + ([base] if base else []):
         raise_if_refused(entry.path)
     if len(files) < 2:
-        raise CheckpointError(f"{config.finetunes_dir}: {len(files)} ingredient(s) found; a soup needs at least 2 "
-                              f"fine-tunes (check --include/--exclude)")
+        left_out = [f"{d.name}: {d.reason}, counted once" for d in chosen.dropped if d.alias_of is not None]
+        left_out += [f"{f.name}: the --base model" for f in chosen.files if f not in files]
+        more = f"; {len(left_out) - 1} more left out" if len(left_out) > 1 else ""
+        why = f" ({left_out[0]}{more})" if left_out else ""
+        raise CheckpointError(f"{config.finetunes_dir}: {len(files)} ingredient(s) found{why}; a soup needs at least "
+                              f"2 distinct fine-tunes (check --include/--exclude)")
     spec, model_args = resolve_model_spec(config, files[0])
     model = build_model(spec, model_args)
     reader = Reader.for_run(config, model)
