@@ -313,3 +313,55 @@ def test_too_few_distinct_ingredients_names_what_was_counted_once(ingredients: P
     assert (f"error: {folder}: 1 ingredient(s) found (b.safetensors: byte-identical copy of a.safetensors, counted "
             f"once); a soup needs at least 2 distinct fine-tunes") in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+FROZEN_MODEL = '''
+import torch
+from torch import nn
+
+class Frozen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 10)
+        self.a.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.a(x.flatten(1)[:, :16]))))
+
+def frozen():
+    return Frozen()
+'''
+
+
+def test_twa_soup_mixes_trainable_parameters_and_keeps_frozen_ones_uniform(tmp_path: Path) -> None:
+    """README: λ mixes the trainable parameters (written = Σ λᵢ wᵢ with the reported λ); frozen ones keep the
+    uniform soup's values (not (Σ λᵢ)·w, which would rescale them)."""
+    import importlib.util
+
+    (tmp_path / "frozen_model.py").write_text(FROZEN_MODEL)
+    spec = importlib.util.spec_from_file_location("frozen_model", tmp_path / "frozen_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    base = module.frozen().state_dict()
+    states = []
+    for i in range(3):
+        state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.items()}
+        save_file(state, str(folder / f"ft-{i}.safetensors"))
+        states.append(state)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["soup", str(folder), "--model", f"{tmp_path / 'frozen_model.py'}:frozen",
+                                      "--data", "synthetic", "--epochs", "2", "--lr", "0.05", "--batch-size", "256",
+                                      "--threads", "1", "--method", "twa", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lam = json.loads((out / "report.json").read_text())["coefficients"]["twa"]
+    assert abs(sum(lam) - 1) > 1e-3  # the fit moved Σλ away from 1: Σ λᵢ wᵢ would rescale frozen weights
+    written = load_file(out / "model.safetensors")
+    mix = sum(a * s["head.weight"].double() for a, s in zip(lam, states))
+    torch.testing.assert_close(written["head.weight"].double(), mix, atol=1e-6, rtol=1e-5)
+    uniform = torch.stack([s["a.weight"].double() for s in states]).mean(0).float()
+    assert torch.equal(written["a.weight"], uniform)
