@@ -365,3 +365,24 @@ def test_twa_soup_mixes_trainable_parameters_and_keeps_frozen_ones_uniform(tmp_p
     torch.testing.assert_close(written["head.weight"].double(), mix, atol=1e-6, rtol=1e-5)
     uniform = torch.stack([s["a.weight"].double() for s in states]).mean(0).float()
     assert torch.equal(written["a.weight"], uniform)
+
+
+def test_hugging_face_fine_tunes_get_their_config_and_tokenizer_files_copied(ingredients: Path,
+                                                                             tmp_path: Path) -> None:
+    """As twa average does (README, Inputs): a soup of HF folders is loadable next to its config.json."""
+    folder = tmp_path / "ft"
+    for i in (1, 2):
+        run = folder / f"ft-{i}"
+        run.mkdir(parents=True)
+        (run / "model.safetensors").write_bytes((ingredients / f"ft-{i}.safetensors").read_bytes())
+        (run / "config.json").write_text(json.dumps({"run": i}))
+        (run / "tokenizer_config.json").write_text("{}")
+    out = tmp_path / "out"
+    result = soup(folder, out, "--method", "uniform")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text()) == {"run": 2}  # the last ingredient's, as its layout
+    assert (out / "tokenizer_config.json").read_text() == "{}"
+    for name in ("model.safetensors", "report.json", "report.md"):
+        (out / name).unlink()
+    result = soup(folder, out, "--method", "uniform")  # the copied files are outputs: refused without --overwrite
+    assert result.exit_code == 7 and "config.json already exists" in result.stderr, result.output
