@@ -269,3 +269,120 @@ def test_same_data_compares_file_specs_by_path(tmp_path: Path, monkeypatch: pyte
     assert same_data("hd.py:same", "./hd.py:same") and same_data("hd.py:same", f"{tmp_path}/hd.py:same")
     assert not same_data("hd.py:same", "hd.py:other") and not same_data("HD2.py:good", "hd2.py:good")
     assert same_data(" Fashion_MNIST ", "fashion-mnist") and not same_data("mnist", "fashion-mnist")
+
+
+@pytest.mark.parametrize("how, reason", [("hard link", "the --base model (hard link to the same file)"),
+                                         ("copy", "the --base model (byte-identical copy)")])
+def test_a_link_or_copy_of_the_base_in_the_folder_is_not_an_ingredient(how: str, reason: str, ingredients: Path,
+                                                                       demo_ckpts: Path, tmp_path: Path) -> None:
+    """The pretrained model copied or hard-linked into the folder is the --base, not a fourth fine-tune that the
+    uniform soup would average in."""
+    import os
+    import shutil
+
+    folder = tmp_path / "ft"
+    shutil.copytree(ingredients, folder)
+    base = tmp_path / "pretrained.safetensors"
+    shutil.copyfile(demo_ckpts / "0.safetensors", base)
+    if how == "hard link":
+        os.link(base, folder / "pretrained.safetensors")
+    else:
+        shutil.copyfile(base, folder / "pretrained.safetensors")
+    result = soup(folder, tmp_path / "out", "--base", str(base), "--method", "uniform")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["ingredients"] == ["ft-1.safetensors", "ft-2.safetensors", "ft-3.safetensors"]
+    assert {"name": "pretrained.safetensors", "reason": reason} in report["excluded"]
+    assert report["coefficients"]["uniform"] == [1 / 3] * 3
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    states = [load_file(folder / name) for name in report["ingredients"]]
+    mean = torch.stack([s["head.weight"].double() for s in states]).mean(0).float()
+    assert torch.equal(written["head.weight"], mean)
+
+
+def test_too_few_distinct_ingredients_names_what_was_counted_once(ingredients: Path, tmp_path: Path) -> None:
+    """Two files that are one fine-tune: the error says why only one ingredient was found, as twa average does."""
+    import shutil
+
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    shutil.copyfile(ingredients / "ft-1.safetensors", folder / "a.safetensors")
+    shutil.copyfile(ingredients / "ft-1.safetensors", folder / "b.safetensors")
+    result = soup(folder, tmp_path / "out")
+    assert result.exit_code == 4, result.output
+    assert (f"error: {folder}: 1 ingredient(s) found (b.safetensors: byte-identical copy of a.safetensors, counted "
+            f"once); a soup needs at least 2 distinct fine-tunes") in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+FROZEN_MODEL = '''
+import torch
+from torch import nn
+
+class Frozen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 10)
+        self.a.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.a(x.flatten(1)[:, :16]))))
+
+def frozen():
+    return Frozen()
+'''
+
+
+def test_twa_soup_mixes_trainable_parameters_and_keeps_frozen_ones_uniform(tmp_path: Path) -> None:
+    """README: λ mixes the trainable parameters (written = Σ λᵢ wᵢ with the reported λ); frozen ones keep the
+    uniform soup's values (not (Σ λᵢ)·w, which would rescale them)."""
+    import importlib.util
+
+    (tmp_path / "frozen_model.py").write_text(FROZEN_MODEL)
+    spec = importlib.util.spec_from_file_location("frozen_model", tmp_path / "frozen_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    base = module.frozen().state_dict()
+    states = []
+    for i in range(3):
+        state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.items()}
+        save_file(state, str(folder / f"ft-{i}.safetensors"))
+        states.append(state)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["soup", str(folder), "--model", f"{tmp_path / 'frozen_model.py'}:frozen",
+                                      "--data", "synthetic", "--epochs", "2", "--lr", "0.05", "--batch-size", "256",
+                                      "--threads", "1", "--method", "twa", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lam = json.loads((out / "report.json").read_text())["coefficients"]["twa"]
+    assert abs(sum(lam) - 1) > 1e-3  # the fit moved Σλ away from 1: Σ λᵢ wᵢ would rescale frozen weights
+    written = load_file(out / "model.safetensors")
+    mix = sum(a * s["head.weight"].double() for a, s in zip(lam, states))
+    torch.testing.assert_close(written["head.weight"].double(), mix, atol=1e-6, rtol=1e-5)
+    uniform = torch.stack([s["a.weight"].double() for s in states]).mean(0).float()
+    assert torch.equal(written["a.weight"], uniform)
+
+
+def test_hugging_face_fine_tunes_get_their_config_and_tokenizer_files_copied(ingredients: Path,
+                                                                             tmp_path: Path) -> None:
+    """As twa average does (README, Inputs): a soup of HF folders is loadable next to its config.json."""
+    folder = tmp_path / "ft"
+    for i in (1, 2):
+        run = folder / f"ft-{i}"
+        run.mkdir(parents=True)
+        (run / "model.safetensors").write_bytes((ingredients / f"ft-{i}.safetensors").read_bytes())
+        (run / "config.json").write_text(json.dumps({"run": i}))
+        (run / "tokenizer_config.json").write_text("{}")
+    out = tmp_path / "out"
+    result = soup(folder, out, "--method", "uniform")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text()) == {"run": 2}  # the last ingredient's, as its layout
+    assert (out / "tokenizer_config.json").read_text() == "{}"
+    for name in ("model.safetensors", "report.json", "report.md"):
+        (out / name).unlink()
+    result = soup(folder, out, "--method", "uniform")  # the copied files are outputs: refused without --overwrite
+    assert result.exit_code == 7 and "config.json already exists" in result.stderr, result.output

@@ -108,6 +108,20 @@ def find_aliases(files: list[CheckpointFile]) -> dict[str, tuple[str, str]]:
     return aliases
 
 
+def same_file(path: Path, other: Path) -> str | None:
+    """How ``path`` duplicates ``other`` (the same file through a symlink or path, a hard link, identical
+    bytes), or None when it is another file; the full hash only runs when size and probe agree."""
+    if path.resolve() == other.resolve():
+        return "symlink to the same file"
+    if not (path.is_file() and other.is_file()):
+        return None  # folders (sharded checkpoints): by path only
+    if os.path.samefile(path, other):
+        return "hard link to the same file"
+    if _probe(path) == _probe(other) and _full_hash(path) == _full_hash(other):
+        return "byte-identical copy"
+    return None
+
+
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 

@@ -60,11 +60,12 @@ from .pipeline import (
     EventSink,
     Reader,
     _check_finite,
+    hf_folder,
     resolve_device,
     resolve_model_spec,
     validate_headers,
 )
-from .selection import select
+from .selection import same_file, select
 from .trainer import (
     SCHEDULES,
     Batches,
@@ -84,6 +85,7 @@ from .writer import (
     model_file_names,
     plan_shards,
     prepare_output_dir,
+    side_file_names,
     write_model,
 )
 
@@ -454,14 +456,21 @@ def find_inputs(config: SoupConfig) -> Inputs:
         if not config.base.exists():
             raise CheckpointError(f"--base {config.base}: not found; pass the pretrained model's file")
         base = CheckpointFile(name=config.base.name, path=config.base)
-    files = [f for f in chosen.files if base is None or f.path.resolve() != base.path.resolve()]
+    as_base = {f.name: same_file(f.path, base.path) for f in chosen.files} if base is not None else {}
+    files = [f for f in chosen.files if as_base.get(f.name) is None]  # the base, or a link or copy of it
     excluded = [{"name": d.name, "reason": d.reason} for d in chosen.dropped]
-    excluded += [{"name": f.name, "reason": "the --base model"} for f in chosen.files if f not in files]
+    excluded += [{"name": f.name, "reason": "the --base model" + ("" if as_base[f.name].startswith("symlink")
+                                                                  else f" ({as_base[f.name]})")}
+                 for f in chosen.files if f not in files]
     for entry in files + ([base] if base else []):
         raise_if_refused(entry.path)
     if len(files) < 2:
-        raise CheckpointError(f"{config.finetunes_dir}: {len(files)} ingredient(s) found; a soup needs at least 2 "
-                              f"fine-tunes (check --include/--exclude)")
+        left_out = [f"{d.name}: {d.reason}, counted once" for d in chosen.dropped if d.alias_of is not None]
+        left_out += [f"{f.name}: the --base model" for f in chosen.files if f not in files]
+        more = f"; {len(left_out) - 1} more left out" if len(left_out) > 1 else ""
+        why = f" ({left_out[0]}{more})" if left_out else ""
+        raise CheckpointError(f"{config.finetunes_dir}: {len(files)} ingredient(s) found{why}; a soup needs at least "
+                              f"2 distinct fine-tunes (check --include/--exclude)")
     spec, model_args = resolve_model_spec(config, files[0])
     model = build_model(spec, model_args)
     reader = Reader.for_run(config, model)
@@ -496,12 +505,12 @@ def same_data(a: str, b: str) -> bool:
     return key(a) == key(b)
 
 
-def output_names(config: SoupConfig, model: nn.Module) -> tuple[tuple[str, ...], int]:
-    """The files this run writes and the model's size on disk."""
+def output_names(config: SoupConfig, model: nn.Module, hf_source: Path | None = None) -> tuple[tuple[str, ...], int]:
+    """The files this run writes (with the copied config/tokenizer files of ``hf_source``) and the model's size."""
     meta = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
     cast = cast_state(meta, config.out_dtype)
     shards = plan_shards(cast, config.max_shard_size)
-    return (*model_file_names(len(shards)), REPORT_FILE, HUMAN_REPORT_FILE), sum(
+    return (*model_file_names(len(shards)), REPORT_FILE, HUMAN_REPORT_FILE, *side_file_names(hf_source)), sum(
         v.numel() * v.element_size() for v in cast.values())
 
 
@@ -571,7 +580,7 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     inputs = find_inputs(config)
     for message in inputs.warnings:
         on_event(Event("warning", message))
-    outputs, size = output_names(config, inputs.model)
+    outputs, size = output_names(config, inputs.model, hf_folder(inputs.files[-1], config.finetunes_dir))
     sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
     check_output(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)  # before the data
     fit, heldout, eval_data, data_facts = soup_data(config)
@@ -755,7 +764,8 @@ def write_soup(config: SoupConfig, report: dict, state: State, inputs: Inputs) -
     report_path = config.out_dir / REPORT_FILE
     with StagedOutput(config.out_dir) as staged:  # every file to a temp first; renamed together, or none
         stored = inputs.reader.as_stored(dict(state), inputs.files[-1].path)  # the input's keys (tied weights)
-        written = write_model(staged, cast_state(stored, config.out_dtype), metadata, config.max_shard_size)
+        written = write_model(staged, cast_state(stored, config.out_dtype), metadata, config.max_shard_size,
+                              hf_folder(inputs.files[-1], config.finetunes_dir))  # its config/tokenizer files
         report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
                              "files": [{"path": p, "sha256": h} for p, h in written.files],
                              "report": {"path": str(report_path)}}
