@@ -1,0 +1,47 @@
+"""`twa average`'s training and run options at their edges: --device, --lr/--wd, --seed, --batch-size,
+--fail-if-worse-than, --amp, --num-workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from twa_tool.cli import cli
+from twa_tool.errors import ConfigError
+
+FAST = ["--data", "synthetic", "--epochs", "1", "--batch-size", "256", "--lr", "0.5", "--threads", "1",
+        "--baselines", "none"]
+
+
+def run(*args: object):
+    return CliRunner().invoke(cli, ["average", *map(str, args)], prog_name="twa")
+
+
+def assert_one_line_error(result, code: int, text: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("device", ["meta", "xla", "xpu", "hpu"])
+def test_a_device_twa_does_not_run_on_is_a_usage_error(device: str, demo_ckpts: Path, tmp_path: Path) -> None:
+    # torch.device() parses these: 'meta' ran the whole job on meta tensors (dozens of torch warnings, then
+    # 'unexpected error: RuntimeError: Tensor.item() cannot be called on meta tensors', exit 1); 'xla' was an
+    # unexpected error too
+    result = run(demo_ckpts, *FAST, "--device", device, "--out", tmp_path / "o")
+    assert_one_line_error(result, 2, f"--device {device}: use auto, cpu, cuda, cuda:N or mps")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_cuda_index_the_machine_lacks_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from twa_tool.pipeline import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\) \(cuda:0..cuda:1\)"):
+        resolve_device("cuda:2")
