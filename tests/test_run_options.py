@@ -45,3 +45,30 @@ def test_a_cuda_index_the_machine_lacks_is_a_usage_error(monkeypatch: pytest.Mon
     assert resolve_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(ConfigError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\) \(cuda:0..cuda:1\)"):
         resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--lr", "1e300"], "--lr 1e+300: too large; the weights are float32, so it must be at most 3.403e+38"),
+    (["--wd", "1e39"], "--wd 1e+39: too large"),
+    (["--seed", str(2**64)], f"--seed {2**64}: must be a 64-bit integer"),
+    (["--seed", str(-2**63 - 1)], f"--seed {-2**63 - 1}: must be a 64-bit integer"),
+])
+def test_numbers_torch_cannot_take_are_usage_errors(args: list[str], text: str, demo_ckpts: Path,
+                                                    tmp_path: Path) -> None:
+    # were 'unexpected error: RuntimeError: value cannot be converted to type float without overflow' from the
+    # first SGD step (after reading every checkpoint and evaluating the baselines), and 'unexpected error:
+    # ValueError: Overflow when unpacking long long' from torch.manual_seed; both exit 1
+    result = run(demo_ckpts, *FAST, "--device", "cpu", *args, "--out", tmp_path / "o")
+    assert_one_line_error(result, 2, text)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_largest_values_torch_takes_are_accepted() -> None:
+    from twa_tool.config import AverageConfig, CoefficientTrainConfig, TrainConfig
+
+    TrainConfig(lr=3.4e38, weight_decay=3.4e38)
+    for seed in (-2**63, 2**64 - 1):
+        AverageConfig(checkpoint_dir=Path("c"), out_dir=Path("o"), data="synthetic", seed=seed)
+        torch.manual_seed(seed)  # what the run does with it
+    with pytest.raises(ConfigError, match=r"--lr 1e\+39: too large"):
+        CoefficientTrainConfig(lr=1e39)  # twa soup shares the check
