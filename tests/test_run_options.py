@@ -72,3 +72,23 @@ def test_the_largest_values_torch_takes_are_accepted() -> None:
         torch.manual_seed(seed)  # what the run does with it
     with pytest.raises(ConfigError, match=r"--lr 1e\+39: too large"):
         CoefficientTrainConfig(lr=1e39)  # twa soup shares the check
+
+
+@pytest.mark.parametrize("baseline, twa, tolerance, passed", [
+    (0.02, 0.018, 0.002, True),  # 10 vs 9 of 500: 0.018 >= 0.02 - 0.002 is False in floating point
+    (0.92, 0.82, 0.1, True),  # 460 vs 410 of 500
+    (0.545, 0.495, 0.05, True),  # 1090 vs 990 of 2000
+    (0.84, 0.84, 0.0, True),
+    (0.84, 0.838, 0.0, False),
+    (0.02, 0.016, 0.002, False),  # 2 examples short with a tolerance of 1
+    (0.9132, 0.9111, 0.002, False),  # 21 of 10,000 short with a tolerance of 20
+])
+def test_a_shortfall_of_exactly_the_tolerance_passes_the_gate(baseline: float, twa: float, tolerance: float,
+                                                              passed: bool) -> None:
+    from twa_tool.config import AverageConfig
+    from twa_tool.pipeline import quality_gate
+
+    config = AverageConfig(checkpoint_dir=Path("c"), out_dir=Path("o"), data="synthetic", fail_if_worse_than="swa",
+                           tolerance=tolerance)
+    gate = quality_gate(config, {"swa": {"accuracy": baseline}, "twa": {"accuracy": twa}})
+    assert gate is not None and gate["passed"] is passed

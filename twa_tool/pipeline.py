@@ -838,8 +838,11 @@ def quality_gate(config: AverageConfig, metrics: dict[str, dict]) -> dict | None
         return None
     baseline = metrics[config.fail_if_worse_than]["accuracy"]
     result = metrics["twa"]["accuracy"]
+    # "below by more than the tolerance": a shortfall of exactly the tolerance passes, whatever the rounding of
+    # the fractions (0.018 >= 0.02 - 0.002 is False in floating point); 1e-9 is far below any accuracy's step
+    passed = baseline - result <= config.tolerance + 1e-9
     return {"against": config.fail_if_worse_than, "tolerance": config.tolerance, "twa_accuracy": result,
-            "baseline_accuracy": baseline, "passed": result >= baseline - config.tolerance,
+            "baseline_accuracy": baseline, "passed": passed,
             "on_worse": config.on_worse}
 
 
