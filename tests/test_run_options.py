@@ -92,3 +92,47 @@ def test_a_shortfall_of_exactly_the_tolerance_passes_the_gate(baseline: float, t
                            tolerance=tolerance)
     gate = quality_gate(config, {"swa": {"accuracy": baseline}, "twa": {"accuracy": twa}})
     assert gate is not None and gate["passed"] is passed
+
+
+@pytest.fixture(scope="module")
+def mlp_ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three perturbed copies of twa:mlp (Linear -> BatchNorm1d -> ...), which fits the synthetic data."""
+    from twa_tool.models import build_model
+
+    out = tmp_path_factory.mktemp("mlp")
+    torch.manual_seed(0)
+    state = build_model("twa:mlp").state_dict()
+    for i in range(3):
+        torch.save({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()},
+                   out / f"{i}.pt")
+    return out
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_batch_size_1_with_batchnorm1d_is_refused_before_any_work(dry_run: bool, mlp_ckpts: Path,
+                                                                  tmp_path: Path) -> None:
+    # was 'unexpected error: ValueError: Expected more than 1 value per channel when training' (exit 1) after every
+    # checkpoint was read, and --dry-run passed
+    result = run(mlp_ckpts, "--model", "twa:mlp", *FAST, "--batch-size", "1", "--out", tmp_path / "o",
+                 *(["--dry-run"] if dry_run else []))
+    assert_one_line_error(result, 2, "--batch-size 1: the model's BatchNorm layers cannot normalise a batch of one "
+                                     "example in training mode")
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_batch_of_one_check_leaves_a_model_that_takes_it_as_it_was() -> None:
+    from twa_tool.config import AverageConfig, TrainConfig
+    from twa_tool.data import build_data
+    from twa_tool.models import build_model
+    from twa_tool.pipeline import check_batch_of_one
+
+    model = build_model("twa:cnn", (("in_channels", "1"), ("width", "4")))  # BatchNorm2d: one example is fine
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = AverageConfig(checkpoint_dir=Path("c"), out_dir=Path("o"), data="synthetic",
+                           train=TrainConfig(batch_size=1))
+    rng = torch.get_rng_state()
+    check_batch_of_one(model, config, build_data("synthetic").train)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics and the count untouched
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)

@@ -788,6 +788,32 @@ def check_train_mode_sizes(model: nn.Module, config: AverageConfig, train: int, 
                             f"mode: use more data{fix}")
 
 
+def check_batch_of_one(model: nn.Module, config: AverageConfig, dataset: Dataset) -> None:
+    """``--batch-size 1``: every train-mode batch (fitting, BN re-estimation) holds one example, which a BatchNorm
+    layer that sees one value per channel (``BatchNorm1d`` after a linear layer) cannot normalise. One example
+    goes through the model in training mode before any checkpoint is read, so that is a usage error naming the
+    flag, not an unexpected error after all of them; the model's weights and statistics are put back."""
+    if config.train.batch_size != 1 or not has_batchnorm(model) or not len(dataset):  # type: ignore[arg-type]
+        return
+    from torch.utils.data import default_collate
+
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # a random transform or dropout leaves the
+            inputs = default_collate([dataset[0]])[0]               # run's random stream as it was
+            model.train()
+            model(inputs)
+    except ValueError as err:
+        if "more than 1 value per channel" not in str(err):
+            raise
+        raise ConfigError("--batch-size 1: the model's BatchNorm layers cannot normalise a batch of one example in "
+                          "training mode (one value per channel); use --batch-size 2 or more") from None
+    finally:
+        model.load_state_dict(saved)
+        model.train(was_training)
+
+
 def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     """``--dry-run``'s check of ``--data``: the datasets built without downloading, the holdout split
     made, and one example through the model, as the run would do before reading any checkpoint. Files
@@ -803,6 +829,7 @@ def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     if config.fit_on == "holdout":
         fit = len(split_holdout(data.train, config.holdout_fraction, config.seed)[1])
     check_train_mode_sizes(model, config, len(data.train), fit)
+    check_batch_of_one(model, config, data.train)
     return {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "fit_on": config.fit_on,
             "fit_examples": fit, "bn_examples": len(data.train), "eval_examples": len(data.eval),
             "would_download": False}
@@ -937,6 +964,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     if config.fit_on == "holdout":
         _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
     check_train_mode_sizes(model, config, len(data.train), len(fit_data))
+    check_batch_of_one(model, config, data.train)
     timings["data_s"] = time.perf_counter() - data_clock
     claim = together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs,
                                                       output_bytes, config.checkpoint_dir) if dist.is_main else None)
