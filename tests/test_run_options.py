@@ -136,3 +136,66 @@ def test_the_batch_of_one_check_leaves_a_model_that_takes_it_as_it_was() -> None
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics and the count untouched
     assert not model.training and torch.equal(torch.get_rng_state(), rng)
+
+
+WORKER_SCRIPT = """
+import multiprocessing, sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1], force=True)
+    from twa_tool.config import AverageConfig, TrainConfig
+    from twa_tool.data import build_data
+    from twa_tool.pipeline import _loader
+
+    data = build_data(sys.argv[2])
+    config = AverageConfig(checkpoint_dir=Path("c"), out_dir=Path("o"), data=sys.argv[2], num_workers=1,
+                           train=TrainConfig(batch_size=4))
+    with_workers = [b for _, b in zip(range(2), _loader(data.train, config, shuffle=True, seed=0))]
+    in_process = [b for _, b in zip(range(2), _loader(data.train, replace(config, num_workers=0), shuffle=True,
+                                                    seed=0))]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(with_workers, in_process))
+    print("same batches")
+"""
+
+USER_DATA = """
+import torch
+from torch.utils.data import Dataset
+
+
+class Noise(Dataset):
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(n)
+        self.x, self.y = torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def splits():
+    return Noise(40), Noise(12)
+"""
+
+
+def test_num_workers_with_a_file_dataset_under_spawn(tmp_path: Path) -> None:
+    # spawn is macOS's start method (and forkserver Linux's from Python 3.14): the workers unpickle the dataset,
+    # whose class lives in the module twa ran from file.py, which they could not import; each worker printed a
+    # traceback ('No module named twa_user_data_mydata') and the run failed with exit 4, 'reading a batch of --data
+    # failed (DataLoader worker ... exited unexpectedly); fix or remove the example it names'
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "mydata.py").write_text(USER_DATA)
+    (tmp_path / "check.py").write_text(WORKER_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(tmp_path / "check.py"), "spawn", f"{tmp_path / 'mydata.py'}:splits"],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0 and "same batches" in result.stdout, result.stderr[-2000:]

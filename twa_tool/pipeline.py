@@ -41,7 +41,7 @@ from .checkpoints import (
     zip_layout,
 )
 from .config import AverageConfig, SoupConfig
-from .data import build_data, split_holdout
+from .data import build_data, for_workers, split_holdout
 from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
 from .errors import (
     CheckpointError,
@@ -602,6 +602,7 @@ def _loader(dataset: Dataset, config: AverageConfig, shuffle: bool, seed: int, d
     a single example (``drop_single_last``)."""
     generator = torch.Generator().manual_seed(seed)
     drop = train_mode and drop_single_last(len(dataset), config.train.batch_size)  # type: ignore[arg-type]
+    dataset = for_workers(dataset, config.num_workers)
     if dist is None or not dist.active:
         return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=shuffle,
                           num_workers=config.num_workers, generator=generator,
