@@ -199,3 +199,31 @@ def test_num_workers_with_a_file_dataset_under_spawn(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(tmp_path / "check.py"), "spawn", f"{tmp_path / 'mydata.py'}:splits"],
                             capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0 and "same batches" in result.stdout, result.stderr[-2000:]
+
+
+def test_amp_bf16_really_autocasts_on_cpu() -> None:
+    # test_mixed_precision_runs_on_cpu passes whether or not --amp reaches the trainer; this one does not
+    import copy
+
+    from conftest import TinyBN
+
+    from twa_tool.config import TrainConfig
+    from twa_tool.models import flatten, trainable_names
+    from twa_tool.subspace import build_subspace
+    from twa_tool.trainer import train_projected
+
+    torch.manual_seed(0)
+    model = TinyBN()
+    names = trainable_names(model)
+    base = flatten(dict(model.named_parameters()), names)
+    basis = build_subspace([base + 0.1 * torch.randn_like(base) for _ in range(3)]).basis
+    x = torch.randn(32, 6)
+    batches = [(x, (x[:, 0] > 0).long())]
+    config = TrainConfig(lr=0.5, epochs=2, batch_size=32, schedule="constant")
+    results = {}
+    for amp in ("off", "bf16"):
+        trained = copy.deepcopy(model)
+        train_projected(trained, names, basis, batches, config, torch.device("cpu"), amp)
+        results[amp] = flatten(dict(trained.named_parameters()), names)
+    assert not torch.equal(results["off"], results["bf16"])  # bf16 matmuls round differently
+    assert torch.allclose(results["off"], results["bf16"], atol=0.05)  # but it is the same training
