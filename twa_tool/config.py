@@ -12,6 +12,7 @@ SCHEDULES = ("step", "linear", "constant", "cosine")
 BASELINES = ("last", "best", "swa")
 AMP_MODES = ("off", "bf16", "fp16")
 FIT_ON = ("train", "holdout")
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch here
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,22 @@ def check_finite(flag: str, value: float, minimum: float, inclusive: bool = True
         raise ConfigError(f"{flag} {value}: must be a finite number {'>=' if inclusive else '>'} {minimum:g}")
 
 
+def check_seed(seed: int) -> None:
+    """``--seed`` within what ``torch.manual_seed`` takes (a 64-bit integer, signed or not)."""
+    if not -2**63 <= seed < 2**64:
+        raise ConfigError(f"--seed {seed}: must be a 64-bit integer (from {-2**63} to {2**64 - 1})")
+
+
 def check_optimizer_fields(config: TrainConfig | CoefficientTrainConfig) -> None:
     """The flags both trainers share: --schedule, --lr, --wd, --momentum, --epochs, --batch-size."""
     if config.schedule not in SCHEDULES:
         raise ConfigError(f"--schedule {config.schedule}: choose one of {', '.join(SCHEDULES)}")
     check_finite("--lr", config.lr, minimum=0.0, inclusive=False)
     check_finite("--wd", config.weight_decay, minimum=0.0)
+    for flag, value in (("--lr", config.lr), ("--wd", config.weight_decay)):
+        if value > FLOAT32_MAX:  # the optimizer's step multiplies float32 weights by it: it must be one
+            raise ConfigError(f"{flag} {value:g}: too large; the weights are float32, so it must be at most "
+                              f"{FLOAT32_MAX:.4g}")
     if not 0 <= config.momentum < 1:
         raise ConfigError(f"--momentum {config.momentum}: must be in [0, 1)")
     if config.epochs < 0:
@@ -158,6 +169,7 @@ class AverageConfig:
                               f"e.g. 0.002 for 0.2 points)")
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers {self.num_workers}: must be >= 0")
+        check_seed(self.seed)
         check_finite("--dist-timeout", self.dist_timeout, minimum=0.0, inclusive=False)
 
 
@@ -272,3 +284,4 @@ class SoupConfig:
             raise ConfigError(f"--out-dtype {self.out_dtype}: choose auto, float32, float16 or bfloat16")
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers {self.num_workers}: must be >= 0")
+        check_seed(self.seed)

@@ -24,6 +24,7 @@ import importlib.util
 import inspect
 import math
 import pickle
+import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -634,11 +635,65 @@ def _import_file(path: Path, spec: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"--data {spec}: {path} does not exist; write path/to/file.py:function")
     try:
-        return run_file(path, f"twa_user_data_{path.stem}")
+        return run_file(path, f"{USER_MODULE_PREFIX}{path.stem}")
     except NotPythonSource as exc:
         raise ConfigError(f"--data {spec}: {exc}") from None
     except Exception as exc:  # user code: any failure on import is reported as such
         raise DataError(f"--data {spec}: running {path} failed ({type(exc).__name__}: {exc})") from exc
+
+
+USER_MODULE_PREFIX = "twa_user_data_"
+
+
+def _load_user_files(files: tuple[tuple[str, str], ...]) -> None:
+    """In a DataLoader worker started by spawn or forkserver (macOS, Python 3.14 on Linux): run the
+    ``file.py:function`` modules the parent ran, under the same names, before the dataset is unpickled."""
+    for name, path in files:
+        if name not in sys.modules:
+            run_file(Path(path), name)
+
+
+class _UserFiles:
+    """Pickles as the call that loads the user's data files (``_load_user_files``)."""
+
+    def __init__(self, files: tuple[tuple[str, str], ...]) -> None:
+        self.files = files
+
+    def __reduce__(self) -> tuple:
+        return _load_user_files, (self.files,)
+
+
+def _unwrapped(_: None, dataset: Dataset) -> Dataset:
+    return dataset
+
+
+class WorkerDataset(Dataset):
+    """``dataset`` for DataLoader workers. A worker started by spawn or forkserver unpickles the dataset, whose
+    classes may live in a ``file.py:function`` module: that module exists only in the parent's ``sys.modules``
+    (it is not importable by name), so this pickles as "run those files, then the dataset" and unpickles as the
+    plain dataset. Under fork nothing is pickled and it only delegates."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.files = tuple((name, str(module.__file__)) for name, module in list(sys.modules.items())
+                           if name.startswith(USER_MODULE_PREFIX) and getattr(module, "__file__", None))
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __reduce__(self) -> tuple:
+        return _unwrapped, (_UserFiles(self.files), self.dataset)  # unpickled in this order
+
+
+def for_workers(dataset: Dataset, num_workers: int) -> Dataset:
+    """``dataset`` as a DataLoader with ``num_workers`` should get it (``WorkerDataset`` when workers may need the
+    user's data files)."""
+    if num_workers > 0 and any(name.startswith(USER_MODULE_PREFIX) for name in list(sys.modules)):
+        return WorkerDataset(dataset)
+    return dataset
 
 
 def _load_function(spec: str) -> Callable[..., Any]:

@@ -41,7 +41,7 @@ from .checkpoints import (
     zip_layout,
 )
 from .config import AverageConfig, SoupConfig
-from .data import build_data, split_holdout
+from .data import build_data, for_workers, split_holdout
 from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
 from .errors import (
     CheckpointError,
@@ -162,9 +162,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # torch also parses meta, xla, xpu...
+        raise ConfigError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of them, or cuda")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu or auto")
     return device
@@ -598,6 +603,7 @@ def _loader(dataset: Dataset, config: AverageConfig, shuffle: bool, seed: int, d
     a single example (``drop_single_last``)."""
     generator = torch.Generator().manual_seed(seed)
     drop = train_mode and drop_single_last(len(dataset), config.train.batch_size)  # type: ignore[arg-type]
+    dataset = for_workers(dataset, config.num_workers)
     if dist is None or not dist.active:
         return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=shuffle,
                           num_workers=config.num_workers, generator=generator,
@@ -784,6 +790,32 @@ def check_train_mode_sizes(model: nn.Module, config: AverageConfig, train: int, 
                             f"mode: use more data{fix}")
 
 
+def check_batch_of_one(model: nn.Module, config: AverageConfig, dataset: Dataset) -> None:
+    """``--batch-size 1``: every train-mode batch (fitting, BN re-estimation) holds one example, which a BatchNorm
+    layer that sees one value per channel (``BatchNorm1d`` after a linear layer) cannot normalise. One example
+    goes through the model in training mode before any checkpoint is read, so that is a usage error naming the
+    flag, not an unexpected error after all of them; the model's weights and statistics are put back."""
+    if config.train.batch_size != 1 or not has_batchnorm(model) or not len(dataset):  # type: ignore[arg-type]
+        return
+    from torch.utils.data import default_collate
+
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # a random transform or dropout leaves the
+            inputs = default_collate([dataset[0]])[0]               # run's random stream as it was
+            model.train()
+            model(inputs)
+    except ValueError as err:
+        if "more than 1 value per channel" not in str(err):
+            raise
+        raise ConfigError("--batch-size 1: the model's BatchNorm layers cannot normalise a batch of one example in "
+                          "training mode (one value per channel); use --batch-size 2 or more") from None
+    finally:
+        model.load_state_dict(saved)
+        model.train(was_training)
+
+
 def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     """``--dry-run``'s check of ``--data``: the datasets built without downloading, the holdout split
     made, and one example through the model, as the run would do before reading any checkpoint. Files
@@ -799,6 +831,7 @@ def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     if config.fit_on == "holdout":
         fit = len(split_holdout(data.train, config.holdout_fraction, config.seed)[1])
     check_train_mode_sizes(model, config, len(data.train), fit)
+    check_batch_of_one(model, config, data.train)
     return {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "fit_on": config.fit_on,
             "fit_examples": fit, "bn_examples": len(data.train), "eval_examples": len(data.eval),
             "would_download": False}
@@ -834,8 +867,11 @@ def quality_gate(config: AverageConfig, metrics: dict[str, dict]) -> dict | None
         return None
     baseline = metrics[config.fail_if_worse_than]["accuracy"]
     result = metrics["twa"]["accuracy"]
+    # "below by more than the tolerance": a shortfall of exactly the tolerance passes, whatever the rounding of
+    # the fractions (0.018 >= 0.02 - 0.002 is False in floating point); 1e-9 is far below any accuracy's step
+    passed = baseline - result <= config.tolerance + 1e-9
     return {"against": config.fail_if_worse_than, "tolerance": config.tolerance, "twa_accuracy": result,
-            "baseline_accuracy": baseline, "passed": result >= baseline - config.tolerance,
+            "baseline_accuracy": baseline, "passed": passed,
             "on_worse": config.on_worse}
 
 
@@ -930,6 +966,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     if config.fit_on == "holdout":
         _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
     check_train_mode_sizes(model, config, len(data.train), len(fit_data))
+    check_batch_of_one(model, config, data.train)
     timings["data_s"] = time.perf_counter() - data_clock
     claim = together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs,
                                                       output_bytes, config.checkpoint_dir) if dist.is_main else None)

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .checkpoints import CheckpointFile, discover, no_checkpoints, raise_if_refused, sha256_file
 from .config import CoefficientTrainConfig, Selection, SoupConfig
-from .data import DataSplits, build_data, split_holdout
+from .data import DataSplits, build_data, for_workers, split_holdout
 from .errors import CheckpointError, NumericalError, TwaError
 from .models import (
     MODEL_ARGS_METADATA_KEY,
@@ -517,8 +517,9 @@ def output_names(config: SoupConfig, model: nn.Module, hf_source: Path | None = 
 def _loader(dataset: Dataset, config: SoupConfig, shuffle: bool, train_mode: bool = False) -> DataLoader:
     """Batches of ``--batch-size``; a ``train_mode`` pass (fitting, BN) drops a last batch of one example."""
     drop = train_mode and drop_single_last(len(dataset), config.train.batch_size)  # type: ignore[arg-type]
-    return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=shuffle, num_workers=config.num_workers,
-                      generator=torch.Generator().manual_seed(config.seed), drop_last=drop)
+    return DataLoader(for_workers(dataset, config.num_workers), batch_size=config.train.batch_size, shuffle=shuffle,
+                      num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed),
+                      drop_last=drop)
 
 
 def _holdout_data(config: SoupConfig) -> DataSplits:
