@@ -266,3 +266,40 @@ def test_a_low_precision_basis_built_through_float32_says_why(plain_pt_ckpts: Pa
     assert report["basis"]["build"] == "rows" and report["basis"]["storage"] == "int8"
     assert any(w.startswith("--basis-dtype int8: built through a float32 basis") and "--trust-pickle" in w
                for w in report["warnings"])
+
+
+LOUD_DATA = '''
+import torch
+from twa_tool.data import build_data
+
+print("loud: imported")
+
+
+class Loud(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        print("loud: example", index)
+        return self.dataset[index]
+
+
+def splits():
+    print("loud: building")
+    data = build_data("synthetic")
+    return Loud(data.train), data.eval
+'''
+
+
+def test_what_user_code_prints_goes_to_stderr_and_json_stays_alone_on_stdout(demo_ckpts: Path,
+                                                                               tmp_path: Path) -> None:
+    (tmp_path / "loud.py").write_text(LOUD_DATA)
+    result = run(demo_ckpts, *FAST, "--data", f"{tmp_path / 'loud.py'}:splits", "--baselines", "none",
+                 "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"]["twa"]["accuracy"] > 0  # one JSON document, nothing else
+    assert "loud: imported" in result.stderr and "loud: building" in result.stderr
+    assert "loud: example" in result.stderr

@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -284,6 +284,12 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def user_prints_to_stderr() -> AbstractContextManager:
+    """Around a run, which calls the user's code (``--model``/``--data`` files, datasets, models): whatever it
+    prints goes to stderr, so stdout holds nothing but the ``--json`` document."""
+    return redirect_stdout(sys.stderr)
+
+
 def emit(report: dict, as_json: bool, console: Console, render: Callable[[dict, Console], None]) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -509,7 +515,8 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             dist_timeout=dist_timeout, faults=faults)
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
-        with process_group(device, config.dist_timeout) as dist, ProgressSink(console) as sink:
+        with process_group(device, config.dist_timeout) as dist, ProgressSink(console) as sink, \
+                user_prints_to_stderr():
             result = run_average(config, on_event=sink, dist=dist)
             if not dry_run:
                 written.append(config.out_dir)
@@ -645,7 +652,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
             max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
-        with ProgressSink(console) as sink:
+        with ProgressSink(console) as sink, user_prints_to_stderr():
             result = run_soup(config, on_event=sink)
             written.append(config.out_dir)
         emit(result.report, as_json, console, render_soup)
