@@ -120,6 +120,17 @@ def test_batch_size_1_with_batchnorm1d_is_refused_before_any_work(dry_run: bool,
     assert not (tmp_path / "o").exists()
 
 
+def test_soup_batch_size_1_with_batchnorm1d_is_refused_before_any_work(mlp_ckpts: Path, tmp_path: Path) -> None:
+    # was 'unexpected error: ValueError: Expected more than 1 value per channel when training' (exit 1) after every
+    # ingredient was read and evaluated
+    result = CliRunner().invoke(cli, ["soup", str(mlp_ckpts), "--model", "twa:mlp", "--data", "synthetic", "--epochs",
+                                      "1", "--batch-size", "1", "--threads", "1", "--out", str(tmp_path / "o")],
+                                prog_name="twa")
+    assert_one_line_error(result, 2, "--batch-size 1: the model's BatchNorm layers cannot normalise a batch of one "
+                                     "example in training mode")
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_batch_of_one_check_leaves_a_model_that_takes_it_as_it_was() -> None:
     from twa_tool.config import AverageConfig, TrainConfig
     from twa_tool.data import build_data

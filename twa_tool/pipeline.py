@@ -790,7 +790,7 @@ def check_train_mode_sizes(model: nn.Module, config: AverageConfig, train: int, 
                             f"mode: use more data{fix}")
 
 
-def check_batch_of_one(model: nn.Module, config: AverageConfig, dataset: Dataset) -> None:
+def check_batch_of_one(model: nn.Module, config: AverageConfig | SoupConfig, dataset: Dataset) -> None:
     """``--batch-size 1``: every train-mode batch (fitting, BN re-estimation) holds one example, which a BatchNorm
     layer that sees one value per channel (``BatchNorm1d`` after a linear layer) cannot normalise. One example
     goes through the model in training mode before any checkpoint is read, so that is a usage error naming the

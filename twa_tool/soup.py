@@ -60,6 +60,7 @@ from .pipeline import (
     EventSink,
     Reader,
     _check_finite,
+    check_batch_of_one,
     hf_folder,
     resolve_device,
     resolve_model_spec,
@@ -595,6 +596,7 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     check_data_fits(inputs.model, (fit, eval_data), classes, inputs.spec, config.data)
     if config.holdout:
         check_data_fits(inputs.model, (heldout,), classes, inputs.spec, config.holdout, "--holdout")
+    check_batch_of_one(inputs.model, config, fit)
     names = trainable_names(inputs.model)
     dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[-1].path).tensors.items()}
     with prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size,
