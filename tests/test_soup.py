@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -230,6 +231,10 @@ def test_soup_writes_model_and_report(soup_run: tuple[object, Path], finetunes: 
     assert set(report["coefficients"]) == {"uniform", "greedy", "twa"}
     assert report["coefficients"]["uniform"] == [0.25] * 4
     assert report["coefficients_of"] == "task_vectors"
+    base_sha256 = hashlib.sha256((finetunes / "base.safetensors").read_bytes()).hexdigest()
+    assert report["base"] == str(finetunes / "base.safetensors") and report["base_sha256"] == base_sha256
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert json.loads(f.metadata()["twa.base"]) == {"name": "base.safetensors", "sha256": base_sha256}
     assert report["greedy"]["trace"][0]["accepted"] and report["greedy"]["soup"][0] == report["greedy"]["trace"][0][
         "candidate"]
     assert report["written_method"] == "uniform" and report["chosen_by"] == "--method"

@@ -704,6 +704,7 @@ def soup_report(config: SoupConfig, inputs: Inputs, metrics: dict, greedy: Greed
         "schema_version": SCHEMA_VERSION, "tool": "twa", "version": __version__, "command": "soup",
         "ingredients": [f.name for f in files],
         "base": str(inputs.base.path) if inputs.base else None,
+        "base_sha256": sha256_file(inputs.base.path) if inputs.base else None,
         "coefficients_of": "task_vectors" if inputs.base else "ingredients",
         "metrics": metrics,
         "coefficients": {"uniform": [1 / len(files)] * len(files),
@@ -763,7 +764,7 @@ def write_soup(config: SoupConfig, report: dict, state: State, inputs: Inputs) -
         "twa.seed": str(config.seed),
     }
     if inputs.base is not None:
-        metadata["twa.base"] = json.dumps({"name": inputs.base.name, "sha256": sha256_file(inputs.base.path)})
+        metadata["twa.base"] = json.dumps({"name": inputs.base.name, "sha256": report["base_sha256"]})
     report_path = config.out_dir / REPORT_FILE
     with StagedOutput(config.out_dir) as staged:  # every file to a temp first; renamed together, or none
         stored = inputs.reader.as_stored(dict(state), inputs.files[-1].path)  # the input's keys (tied weights)
