@@ -238,3 +238,11 @@ def test_amp_bf16_really_autocasts_on_cpu() -> None:
         results[amp] = flatten(dict(trained.named_parameters()), names)
     assert not torch.equal(results["off"], results["bf16"])  # bf16 matmuls round differently
     assert torch.allclose(results["off"], results["bf16"], atol=0.05)  # but it is the same training
+
+
+@pytest.mark.parametrize(("text", "expected"), [("NONE", ()), ("", ()), ("SWA,Last", ("swa", "last")),
+                                                ("swa, swa ,best", ("swa", "best"))])
+def test_baselines_are_read_whatever_their_case(text: str, expected: tuple[str, ...]) -> None:
+    from twa_tool.config import parse_baselines
+
+    assert parse_baselines(text) == expected  # 'NONE' was accepted while 'SWA' was an unknown baseline

@@ -178,7 +178,7 @@ def parse_baselines(text: str) -> tuple[str, ...]:
     text = text.strip()
     if text.lower() == "none" or text == "":
         return ()
-    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    names = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
     return names
 
 
