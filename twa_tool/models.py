@@ -276,6 +276,30 @@ def spec_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ModelArgs] | N
     return None
 
 
+#: Constructor arguments of the registered builders that load or download weights (timm's ``checkpoint_path``
+#: unpickles a file): never taken from a checkpoint's metadata, only from ``--model-arg``.
+LOADING_ARGS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+                          "weights", "weights_backbone"})
+
+
+def recorded_spec_problem(spec: str, args: ModelArgs) -> str | None:
+    """Why a spec read from a checkpoint's metadata must not be built without the user naming it, or None.
+
+    A checkpoint is data: only the registered builders (``twa:``, ``torchvision:``, ``timm:``), which build
+    a model by name, may come from it. ``package.module:function`` and ``path/to/file.py:function`` would
+    import and run code the file names (``os:system``...), and some builder arguments load or download
+    weights; those need ``--model`` / ``--model-arg`` from the user."""
+    prefix, sep, _ = spec.partition(":")
+    if not sep or prefix not in MODEL_FACTORIES:
+        return (f"its {MODEL_METADATA_KEY} metadata names {spec!r}, code that building the model would import and "
+                f"run; pass --model yourself if you trust it")
+    loading = sorted(k for k, _ in args if k in LOADING_ARGS)
+    if loading:
+        return (f"its {MODEL_ARGS_METADATA_KEY} metadata sets {loading[0]}, which loads or downloads weights; pass "
+                f"--model and --model-arg yourself if you trust it")
+    return None
+
+
 def trainable_names(model: nn.Module) -> list[str]:
     """Names of the parameters TWA averages over (requires_grad), in ``named_parameters`` order."""
     return [n for n, p in model.named_parameters() if p.requires_grad]

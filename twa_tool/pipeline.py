@@ -51,6 +51,7 @@ from .errors import (
     MissingData,
     ModelError,
     NumericalError,
+    UnsafeInputError,
     exclude_hint,
 )
 from .models import (
@@ -62,6 +63,7 @@ from .models import (
     flatten,
     key_problems,
     load_state,
+    recorded_spec_problem,
     spec_from_metadata,
     tied_keys,
     trainable_names,
@@ -215,6 +217,10 @@ def resolve_model_spec(config: AverageConfig | SoupConfig,
         raise ModelError(f"{first.path}: the checkpoint does not record its architecture; pass --model "
                          f"(e.g. --model torchvision:resnet18 --model-arg num_classes=10, or file.py:function)")
     spec, args = found
+    given = {k for k, _ in config.model_args}
+    problem = recorded_spec_problem(spec, tuple((k, v) for k, v in args if k not in given))
+    if problem is not None:  # a checkpoint is data: it never names code for twa to run
+        raise UnsafeInputError(f"{first.path}: {problem}")
     return spec, tuple({**dict(args), **dict(config.model_args)}.items())
 
 
