@@ -4,6 +4,9 @@ code, never code run, a hang or a traceback."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,24 @@ def test_a_model_spec_recorded_in_a_checkpoint_never_runs_code(tmp_path: Path, r
     result = twa("soup", ckpts, "--data", "synthetic", "--out", tmp_path / "out")
     assert result.exit_code == 5, result.output
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_device_named_like_a_checkpoint_is_refused_without_waiting(tmp_path: Path, kind: str) -> None:
+    """Before, a FIFO named ``2.pt`` made ``twa inspect`` and ``twa average`` wait forever for a writer (the
+    format sniff opened it); now any non-regular file is a one-line error naming it, exit 4."""
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(2):
+        save_file(tiny_state(i), ckpts / f"{i}.safetensors")
+    if kind == "fifo":
+        os.mkfifo(ckpts / "2.pt")
+    else:
+        (ckpts / "2.pt").symlink_to("/dev/zero")
+    for command in (["inspect", ckpts], ["average", ckpts, "--model", "twa:mlp", "--data", "synthetic", "--dry-run",
+                                         "--out", tmp_path / "out"]):
+        run = subprocess.run([sys.executable, "-m", "twa_tool", *map(str, command)], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "COLUMNS": "300"})
+        assert run.returncode == 4, run.stderr
+        assert "2.pt: not a regular file" in run.stderr and "Traceback" not in run.stderr
+

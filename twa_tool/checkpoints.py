@@ -278,6 +278,9 @@ def _file_refusal(path: Path) -> tuple[type[TwaError], str] | None:
         return CheckpointError, _deepspeed_message(path)
     if _FSDP_FILE.search(name) or name == ".metadata":
         return CheckpointError, _fsdp_message(path)
+    if path.exists() and not path.is_file():  # opening a FIFO waits for a writer; a device never ends
+        return CheckpointError, (f"{path}: not a regular file (a FIFO, socket or device), so not a checkpoint; "
+                                 f"remove it from the folder or leave it out with {exclude_hint(name)}")
     try:
         if _sniff(path) == "torch-zip":
             with zipfile.ZipFile(path) as zf:
@@ -1250,7 +1253,7 @@ def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool
             raise CheckpointError(f"{path}: no model weights in this folder (looked for "
                                   f"{', '.join(FOLDER_WEIGHT_FILES + FOLDER_INDEX_FILES)})")
         return _read_hf(path, layout[1], trust_pickle, weights, header_only, crc_checked)
-    refused = _file_refusal(path) if path.is_file() else None
+    refused = _file_refusal(path) if path.exists() else None
     if refused is not None:
         raise refused[0](refused[1])
     if path.name in FOLDER_INDEX_FILES or (path.name in FOLDER_WEIGHT_FILES and _is_hf_weight_file(path)):
