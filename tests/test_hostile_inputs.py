@@ -77,3 +77,41 @@ def test_a_fifo_or_device_named_like_a_checkpoint_is_refused_without_waiting(tmp
         assert run.returncode == 4, run.stderr
         assert "2.pt: not a regular file" in run.stderr and "Traceback" not in run.stderr
 
+
+def hf_folders(root: Path, k: int = 3) -> None:
+    for i in range(k):
+        folder = root / f"checkpoint-{i + 1}"
+        folder.mkdir(parents=True)
+        save_file(tiny_state(i), folder / "model.safetensors")
+        (folder / "trainer_state.json").write_text(json.dumps(
+            {"global_step": i + 1, "log_history": [{"step": i + 1, "loss": 0.5}]}))
+
+
+@pytest.mark.parametrize("case", ["deep trainer_state", "deep index", "huge integer metric"])
+def test_hostile_json_side_files_are_named_errors(tmp_path: Path, case: str) -> None:
+    """Before, a ``trainer_state.json`` or index nested 100,000 deep was ``unexpected error: RecursionError`` and
+    a metric of 400 digits ``unexpected error: OverflowError`` (exit 1, no file named); now the deep file is a
+    one-line error naming it (exit 4) and a metric beyond float's range is not a metric."""
+    ckpts = tmp_path / "ckpts"
+    hf_folders(ckpts)
+    folder = ckpts / "checkpoint-2"
+    deep = "[" * 100_000 + "]" * 100_000
+    if case == "deep trainer_state":
+        (folder / "trainer_state.json").write_text(deep)
+    elif case == "deep index":
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+        (folder / "model.safetensors.index.json").write_text(deep)
+    else:
+        (folder / "trainer_state.json").write_text(
+            '{"global_step": 2, "log_history": [{"step": 2, "loss": 1' + "0" * 400 + ', "acc": 0.5}]}')
+    result = twa("inspect", ckpts, "--json")
+    if case == "huge integer metric":
+        assert result.exit_code == 0, result.output
+        row = json.loads(result.stdout)["checkpoints"][1]
+        assert row["metrics"] == {"acc": 0.5}
+        return
+    assert result.exit_code == 4, result.output
+    assert "nested too deeply" in result.output and "Traceback" not in result.output
+    result = twa("average", ckpts, "--model", "twa:mlp", "--data", "synthetic", "--dry-run", "--out", tmp_path / "out")
+    assert result.exit_code == 4, result.output
+    assert "checkpoint-2" in one_error(result) and "nested too deeply" in one_error(result)

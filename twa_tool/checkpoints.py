@@ -866,6 +866,9 @@ def _read_json(path: Path) -> object:
             raise CheckpointError(f"{path}: {size} bytes, over the {MAX_JSON_BYTES >> 20} MiB limit for checkpoint "
                                   f"JSON files; not a genuine index/trainer-state file")
         return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_reject_duplicates)
+    except RecursionError:  # [[[[...: nested deeper than Python's JSON decoder recurses
+        raise CheckpointError(f"{path}: unreadable JSON (nested too deeply); not a genuine index/trainer-state "
+                              f"file, re-save or remove it") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable JSON ({err}); re-save or remove it") from None
 
@@ -896,7 +899,10 @@ def _as_float(value: object) -> float | None:
     if isinstance(value, torch.Tensor):
         return float(value.item()) if value.numel() == 1 and not value.is_complex() else None
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float's range (a hostile trainer_state.json or pickle)
+            return None
     if type(value).__module__ == "numpy" and hasattr(value, "item"):
         return _as_float(value.item())
     return None
