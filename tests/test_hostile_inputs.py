@@ -115,3 +115,27 @@ def test_hostile_json_side_files_are_named_errors(tmp_path: Path, case: str) -> 
     result = twa("average", ckpts, "--model", "twa:mlp", "--data", "synthetic", "--dry-run", "--out", tmp_path / "out")
     assert result.exit_code == 4, result.output
     assert "checkpoint-2" in one_error(result) and "nested too deeply" in one_error(result)
+
+
+@pytest.mark.parametrize("shard", ["training_args.bin", "optimizer.pt", "trainer_state.json"])
+def test_an_index_naming_a_non_weight_file_as_a_shard_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 shard: str) -> None:
+    """The README promises that training_args.bin and optimizer files are never unpickled. Before, an index
+    naming one as a shard had it unpickled: through the safe unpickler, and fully with --trust-pickle, so a
+    payload in training_args.bin ran. Now such a shard name is refused (exit 4) and nothing runs."""
+    from conftest import Payload
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("TWA_TEST_MARKER", str(marker))
+    ckpts = tmp_path / "ckpts"
+    hf_folders(ckpts)
+    folder = ckpts / "checkpoint-2"
+    state = tiny_state(1)
+    (folder / "model.safetensors").unlink()
+    torch.save({"state_dict": state, "x": Payload()}, folder / shard)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: shard for k in state}}))
+    result = twa("average", ckpts, "--model", "twa:mlp", "--data", "synthetic", "--dry-run", "--trust-pickle",
+                 "--out", tmp_path / "out")
+    assert not marker.exists()
+    assert result.exit_code == 4, result.output
+    assert f"shard name '{shard}' is not a weight file" in one_error(result)

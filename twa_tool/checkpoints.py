@@ -22,7 +22,8 @@ Safety
 * torch zip archives are checked with ``zipfile`` first: the archive opens, every member is
   ``ZIP_STORED`` (torch never compresses; a compressed member is a zip-bomb risk), member names are
   plain, declared sizes fit the file, CRCs are valid; TorchScript archives (code) are refused.
-* Shard names in an index file must stay inside the checkpoint folder.
+* Shard names in an index file must be weight files (never optimizer, training_args...) inside the checkpoint
+  folder.
 * PEFT adapter-only, DeepSpeed ZeRO and FSDP sharded checkpoints are refused with the command that
   converts them (see ``refusal_reason``).
 """
@@ -1077,6 +1078,9 @@ def _shard_path(folder: Path, index: Path, name: object) -> Path:
             or os.path.isabs(name) or "\0" in name:
         raise CheckpointError(f"{index}: shard name {name!r} is not a plain file name inside the checkpoint folder "
                               f"(path traversal?); refusing to read it")
+    if not name.endswith(WEIGHT_SUFFIXES) or NON_WEIGHT_STEMS.match(_strip_suffix(name)):
+        raise CheckpointError(f"{index}: shard name {name!r} is not a weight file (optimizer, scheduler, RNG and "
+                              f"training_args files are never read, let alone unpickled); re-save the checkpoint")
     root = folder.resolve()
     target = (folder / name).resolve()
     if target.parent != root and root not in target.parents:
