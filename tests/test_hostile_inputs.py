@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from twa_tool.checkpoints import sha256_file
 from twa_tool.cli import cli
+from twa_tool.errors import CheckpointError
 
 
 def tiny_state(seed: int) -> dict[str, torch.Tensor]:
@@ -139,3 +142,41 @@ def test_an_index_naming_a_non_weight_file_as_a_shard_is_refused(tmp_path: Path,
     assert not marker.exists()
     assert result.exit_code == 4, result.output
     assert f"shard name '{shard}' is not a weight file" in one_error(result)
+
+
+def central_directory(data: bytes) -> list[tuple[int, str]]:
+    """(offset of the central directory entry, member name) of each member of a small zip."""
+    eocd = data.rfind(b"PK\x05\x06")
+    count, _, position = struct.unpack("<HII", data[eocd + 10:eocd + 20])
+    entries = []
+    for _ in range(count):
+        name_len, extra_len, comment_len = struct.unpack("<HHH", data[position + 28:position + 34])
+        entries.append((position, data[position + 46:position + 46 + name_len].decode()))
+        position += 46 + name_len + extra_len + comment_len
+    return entries
+
+
+def test_a_zip_member_pointing_at_another_members_bytes_is_not_read_directly(tmp_path: Path) -> None:
+    """Before, a later checkpoint whose central directory sent one storage member (with the CRC to match) to
+    another member's local header passed ``ZipLayout.matches`` and was read straight into the basis, though
+    the safe load (``zipfile.testzip``) refuses it; now the member table is checked like zipfile does (local
+    header names, members inside the file, no overlap), so the direct read refuses it too."""
+    from test_direct_reads import run, write_trajectory
+
+    root = tmp_path / "ckpts"
+    model = write_trajectory(root, k=6)
+    hostile = root / "step_14.pt"
+    data = bytearray(hostile.read_bytes())
+    by_size: dict[int, list[int]] = {}
+    for position, name in central_directory(bytes(data)):
+        if "/data/" in name:
+            by_size.setdefault(struct.unpack("<I", data[position + 20:position + 24])[0], []).append(position)
+    first, second = next(positions for positions in by_size.values() if len(positions) > 1)[:2]
+    data[second + 42:second + 46] = data[first + 42:first + 46]  # its local header offset: the other member's
+    data[second + 16:second + 20] = data[first + 16:first + 20]  # and that member's CRC
+    hostile.write_bytes(bytes(data))
+    assert torch.load(hostile, weights_only=True)  # torch itself reads it (the same bytes twice)
+    with pytest.raises(CheckpointError, match="step_14.pt: zip member .* local header disagrees"):
+        run(root, model)
+    with pytest.raises(CheckpointError, match="step_14.pt"):
+        sha256_file(hostile, verify_zip_crc=True)

@@ -422,8 +422,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20, verify_zip_crc: bool = False) 
 def _zip_member_ranges(path: Path) -> list[tuple[str, int, int, int]]:
     """(name, data start, data end, CRC-32) of each member of a stored (uncompressed) zip."""
     _check_zip(path, verify_crc=False)  # structure first: stored members, sane names and sizes
-    ranges = []
+    ranges, spans = [], []
     with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         for info in zf.infolist():
             f.seek(info.header_offset)
             local = f.read(30)
@@ -431,8 +432,19 @@ def _zip_member_ranges(path: Path) -> list[tuple[str, int, int, int]]:
                 raise CheckpointError(f"{path}: zip member {info.filename} has no local header; the file is "
                                       f"corrupt, re-copy or remove it")
             name_len, extra_len = struct.unpack("<HH", local[26:30])
+            name = f.read(name_len).decode("utf-8" if info.flag_bits & 0x800 else "cp437", errors="replace")
             start = info.header_offset + 30 + name_len + extra_len
+            if name != info.orig_filename or start + info.compress_size > size:
+                raise CheckpointError(f"{path}: zip member {info.filename}'s local header disagrees with the central "
+                                      f"directory or its data runs past the end; the file is corrupt or hostile, "
+                                      f"re-copy or remove it")
             ranges.append((info.filename, start, start + info.compress_size, info.CRC))
+            spans.append((info.header_offset, start + info.compress_size, info.filename))
+    spans.sort()
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:  # torch.save writes each member once, one after the other
+            raise CheckpointError(f"{path}: zip members {name} and {other} overlap; the file is corrupt or hostile, "
+                                  f"re-copy or remove it")
     return ranges
 
 
