@@ -180,3 +180,46 @@ def test_a_zip_member_pointing_at_another_members_bytes_is_not_read_directly(tmp
         run(root, model)
     with pytest.raises(CheckpointError, match="step_14.pt"):
         sha256_file(hostile, verify_zip_crc=True)
+
+
+def safetensors_with(state: dict[str, torch.Tensor], edit) -> bytes:
+    from safetensors.torch import save
+
+    raw = save(state)
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = edit(json.loads(raw[8:8 + length]))
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + length:]
+
+
+def negative_offset(header: dict) -> dict:
+    begin, end = header["fc.weight"]["data_offsets"]
+    header["fc.weight"]["data_offsets"] = [begin - 8, end - 8]
+    return header
+
+
+def overlapping(header: dict) -> dict:
+    header["fc.bias"]["data_offsets"] = header["fc.weight"]["data_offsets"][:1] + \
+        [header["fc.weight"]["data_offsets"][0] + 12]
+    return header
+
+
+@pytest.mark.parametrize("case", ["negative offset", "overlapping offsets", "header length 2^62", "nested header"])
+def test_column_reads_of_a_safetensors_file_validate_it_first(tmp_path: Path, case: str) -> None:
+    """``column_file`` (the bf16/int8 column build) read a middle safetensors file's places from its header with
+    its own JSON parse, never validated: a negative or overlapping ``data_offsets`` was read (header bytes as
+    weights), a header length of 2^62 asked for that much memory (MemoryError) and a deeply nested header
+    was a RecursionError. A file swapped after the pre-flight check gets there. Now the file is validated as a
+    load validates it: a CheckpointError naming it."""
+    from twa_tool.checkpoints import column_file
+
+    first = {k: v.float() for k, v in tiny_state(0).items()}
+    path = tmp_path / "1.safetensors"
+    content = {"negative offset": lambda: safetensors_with(tiny_state(1), negative_offset),
+               "overlapping offsets": lambda: safetensors_with(tiny_state(1), overlapping),
+               "header length 2^62": lambda: struct.pack("<Q", 2 ** 62) + b"{" + b" " * 63,
+               "nested header": lambda: safetensors_with(tiny_state(1), lambda h: b"{\"a\": " + b"[" * 100_000)}[case]()
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="1.safetensors"):
+        column_file(path, ["fc.weight"], first, None)

@@ -69,6 +69,8 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 PRODUCERS = ("safetensors", "torch", "huggingface", "lightning", "timm", "fairseq", "averaged-model")
 WEIGHT_KINDS = ("raw", "ema")
 MIN_TORCH_FOR_PICKLE = (2, 6)
+#: safetensors' own cap on its JSON header (``MAX_HEADER_SIZE``).
+MAX_SAFETENSORS_HEADER = 100_000_000
 #: Cap on the JSON side files read (index, trainer state): a bigger one is not a genuine file.
 MAX_JSON_BYTES = 64 << 20
 #: Spellings under which Lightning's ``AttributeDict`` (a dict subclass) appears in old ``.ckpt`` files.
@@ -612,7 +614,11 @@ def column_file(path: Path, names: Sequence[str], first: Mapping[str, torch.Tens
         return FlatFile.of(path, layout, members, names), read_zip
     if kind != "safetensors":
         return None
-    header = _safetensors_header(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu"):  # offsets, sizes, coverage: as for a load
+            header = _safetensors_header(path)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({err}); re-save or remove it") from None
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
     if set(entries) != set(first):
         return None
@@ -739,9 +745,14 @@ def _safetensors_header(path: Path) -> dict:
     """The raw JSON header (after safe_open validated the file), refusing duplicate tensor names."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(length)
+        raw = f.read(min(length, MAX_SAFETENSORS_HEADER + 1))  # never an allocation a header asks for
     try:
+        if len(raw) != length or length > MAX_SAFETENSORS_HEADER:
+            raise ValueError(f"header length {length}, the file holds {len(raw)} bytes after it (limit "
+                             f"{MAX_SAFETENSORS_HEADER})")
         return json.loads(raw, object_pairs_hook=_reject_duplicates)
+    except RecursionError:
+        raise CheckpointError(f"{path}: invalid safetensors header (nested too deeply); re-save or remove it") from None
     except ValueError as err:
         raise CheckpointError(f"{path}: invalid safetensors header ({err}); re-save or remove it") from None
 
