@@ -223,3 +223,25 @@ def test_column_reads_of_a_safetensors_file_validate_it_first(tmp_path: Path, ca
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match="1.safetensors"):
         column_file(path, ["fc.weight"], first, None)
+
+
+def test_a_blocked_global_in_a_legacy_pickle_is_refused_as_unsafe(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A legacy (non-zip) torch pickle calling ``os.mkdir``: torch cannot list its globals statically, and its
+    refusal names a module it always blocks. Before, that was exit 4 'cannot read torch checkpoint (Weights
+    only load failed. ... Re-running torch.load with weights_only set to False will likely succeed...)', torch's
+    advice to load it unsafely; now it is the unsafe-global refusal (exit 5) naming the global, and nothing ran."""
+    from conftest import Payload
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("TWA_TEST_MARKER", str(marker))
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(2):
+        save_file(tiny_state(i), ckpts / f"{i}.safetensors")
+    torch.save({"state_dict": tiny_state(2), "x": Payload()}, ckpts / "2.pt", _use_new_zipfile_serialization=False)
+    result = twa("average", ckpts, "--model", "twa:mlp", "--data", "synthetic", "--dry-run", "--out", tmp_path / "out")
+    assert result.exit_code == 5, result.output
+    error = one_error(result)
+    assert "2.pt: refused to unpickle code objects (posix.mkdir)" in error and "weights_only" not in error
+    assert not marker.exists()

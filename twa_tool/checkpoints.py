@@ -825,12 +825,17 @@ def _weights_only_detail(err: Exception) -> str:
     text = str(err)
     if "WeightsUnpickler error:" in text:
         text = text.rsplit("WeightsUnpickler error:", 1)[1]
+    elif text.startswith("Weights only load failed") and "\n\n" in text:  # torch's advice to load unsafely: not ours
+        text = text.split("\n\n", 1)[1]
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     line = lines[0] if lines else type(err).__name__
     line = re.sub(r"\x1b\[[0-9;]*m", "", line)
     return line if len(line) <= 200 else line[:197] + "..."
 
 
+#: A global the weights-only unpickler refused, as its message names it (legacy pickles, which
+#: ``get_unsafe_globals_in_checkpoint`` cannot scan): not allow-listed, or in a module torch always blocks.
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)")
 _POLICY_REFUSAL = re.compile(r"allowlist|allowed global|Can only|unrecognized function|is blocked|not an allowed")
 
 
@@ -855,7 +860,7 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
             try:
                 return torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
             except Exception as err:  # classified below, inside the allow-list context
-                unsafe = _unsafe_globals(path) or re.findall(r"GLOBAL (\S+) was not an allowed global", str(err))
+                unsafe = _unsafe_globals(path) or _REFUSED_GLOBAL.findall(str(err))
                 if unsafe:  # every name, in a stable order: each is what --allow-global needs
                     raise UnsafeInputError(
                         f"{path}: refused to unpickle code objects ({', '.join(sorted(set(unsafe)))}); convert the "
