@@ -776,8 +776,10 @@ def _leave(dist: object) -> None:
     later, at exit, after a peer closed its side, gloo aborted the process (SIGABRT instead of the exit code)."""
     import torch.distributed as tdist
 
+    from .distributed import destroy_process_group
+
     if getattr(dist, "active", False) and tdist.is_initialized():
-        tdist.destroy_process_group()
+        destroy_process_group()
 
 
 add_flag_envvars(cli)

@@ -158,7 +158,26 @@ def shutdown(dist: Dist) -> None:
     peer (rank 0, still writing the outputs) has the group open (gloo can abort a process on that)."""
     if dist.active and tdist.is_initialized():
         tdist.barrier()
-        tdist.destroy_process_group()
+        destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """``torch.distributed.destroy_process_group``, with gloo's worker threads joined without the GIL.
+
+    torch 2.6 (before pytorch/pytorch#154976) frees the ``ProcessGroup`` with the GIL held, and its gloo
+    backend joins its worker threads there; a worker still dropping the last reference to a finished
+    collective's tensors needs the GIL for that, so both wait forever (seen on 2.6: a rank that refused
+    its input right after a gather hung in this call until torchrun killed it, 30 s later). Holding
+    the backend across the call leaves its last reference here, and the gloo backend's own binding releases
+    the GIL while it joins."""
+    backend = None
+    if tdist.get_backend() == "gloo":
+        try:
+            backend = tdist.group.WORLD._get_backend(torch.device("cpu"))
+        except (AttributeError, RuntimeError):  # a private API: without it, the plain call
+            backend = None
+    tdist.destroy_process_group()
+    del backend  # ProcessGroupGloo's destructor, GIL released
 
 
 # ---------------------------------------------------------------------------------------------
