@@ -245,3 +245,20 @@ def test_a_blocked_global_in_a_legacy_pickle_is_refused_as_unsafe(tmp_path: Path
     error = one_error(result)
     assert "2.pt: refused to unpickle code objects (posix.mkdir)" in error and "weights_only" not in error
     assert not marker.exists()
+
+
+def test_bytes_before_a_zips_first_member_are_refused(tmp_path: Path) -> None:
+    """zipfile reads an archive with bytes prepended (a self-extractor) and shifts every offset; torch refuses it.
+    The direct reader's member table must refuse it too, rather than read at the shifted offsets."""
+    from twa_tool.checkpoints import ZipLayout, _zip_member_ranges, zip_layout
+
+    first, second = tmp_path / "0.pt", tmp_path / "1.pt"
+    torch.save(tiny_state(0), first)
+    torch.save(tiny_state(1), second)
+    layout = zip_layout(first, torch.load(first, mmap=True, weights_only=True))
+    assert isinstance(layout, ZipLayout) and layout.matches(second) is not None
+    second.write_bytes(b"PK\x03\x04" + bytes(60) + second.read_bytes())
+    with pytest.raises(CheckpointError, match="64 bytes before the zip's first member"):
+        _zip_member_ranges(second)
+    with pytest.raises(CheckpointError, match="before the zip's first member"):
+        layout.matches(second)

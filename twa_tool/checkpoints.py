@@ -443,6 +443,9 @@ def _zip_member_ranges(path: Path) -> list[tuple[str, int, int, int]]:
             ranges.append((info.filename, start, start + info.compress_size, info.CRC))
             spans.append((info.header_offset, start + info.compress_size, info.filename))
     spans.sort()
+    if spans and spans[0][0] != 0:  # torch.save starts with its first member; zipfile would skip what precedes it
+        raise CheckpointError(f"{path}: {spans[0][0]} bytes before the zip's first member; the file is corrupt or "
+                              f"hostile, re-copy or remove it")
     for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
         if begin < end:  # torch.save writes each member once, one after the other
             raise CheckpointError(f"{path}: zip members {name} and {other} overlap; the file is corrupt or hostile, "
