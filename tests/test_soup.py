@@ -307,6 +307,8 @@ def test_soup_layer_granularity_int8_and_holdout_spec(finetunes: Path, tmp_path:
     (["--base", "missing.safetensors"], 4, "--base missing.safetensors: not found"),
     (["--method", "soupy"], 2, "--method"),
     (["--holdout-fraction", "1.5"], 2, "--holdout-fraction 1.5"),
+    (["--holdout", "synthetic", "--holdout-fraction", "0.3"], 2,
+     "--holdout-fraction 0.3 has no effect with --holdout"),
 ])
 def test_soup_bad_input_one_line(finetunes: Path, tmp_path: Path, extra: list[str], code: int, text: str) -> None:
     result = CliRunner().invoke(cli, soup_args(finetunes, tmp_path / "out", *extra))

@@ -631,10 +631,15 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
     acceptance, TWA's coefficients, the written soup) and on the evaluation split (reported only).
     """
     console = make_console(quiet)
+    fraction_typed = click.get_current_context().get_parameter_source("holdout_fraction") \
+        is click.core.ParameterSource.COMMANDLINE
 
     written: list[Path] = []  # the output folder, once its output is in place
     def body() -> None:
         single_process_only("soup")
+        if holdout is not None and fraction_typed:
+            raise ConfigError(f"--holdout-fraction {holdout_fraction} has no effect with --holdout (its evaluation "
+                              "split is the held-out split): drop one of the two")
         set_threads(threads)
         from .report import render_soup
         from .soup import run_soup
