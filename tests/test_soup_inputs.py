@@ -179,6 +179,17 @@ def test_holdout_equal_to_the_eval_split_is_warned_and_threads_are_recorded(ingr
     assert any("is --data's own evaluation split" in w for w in report["warnings"])
     assert "is --data's own evaluation split" in result.stderr
     assert report["threads"] == 1  # soup() passes --threads 1
+    assert not any("held-out split has" in w for w in report["warnings"])  # 500 examples
+
+
+def test_a_small_held_out_split_is_warned(ingredients: Path, tmp_path: Path) -> None:
+    result = soup(ingredients, tmp_path / "out", "--method", "uniform", "--holdout-fraction", "0.01")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["data"]["heldout_examples"] == 20
+    text = "the held-out split has 20 examples: its accuracies move in steps of 5 points"
+    assert any(w.startswith(text) for w in report["warnings"]), report["warnings"]
+    assert text in " ".join(result.stderr.split())
 
 
 def test_the_mean_is_not_rounded_to_a_narrower_first_ingredient() -> None:

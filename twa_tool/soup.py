@@ -536,6 +536,10 @@ def _holdout_data(config: SoupConfig) -> DataSplits:
         raise renamed.with_traceback(exc.__traceback__) from exc.__cause__
 
 
+#: Below this many held-out examples a soup run warns that its choices are mostly chance.
+FEW_HELDOUT = 100
+
+
 def soup_data(config: SoupConfig) -> tuple[Dataset, Dataset, Dataset, dict]:
     """(fit, held-out, eval) splits: the held-out part is carved from the fit split or given by ``--holdout``."""
     data = build_data(config.data, root=config.data_root, download=config.download)
@@ -590,6 +594,13 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         message = (f"--holdout {config.holdout.strip()} is --data's own evaluation split: the soups are chosen on the "
                    f"examples they are evaluated on, so the eval numbers are not held out; use "
                    f"--holdout-fraction (carved from the fit split) or another --holdout")
+        inputs.warnings.append(message)
+        on_event(Event("warning", message))
+    if data_facts["heldout_examples"] < FEW_HELDOUT:
+        count = data_facts["heldout_examples"]
+        message = (f"the held-out split has {count} example{'s' if count != 1 else ''}: its accuracies move in "
+                   f"steps of {100 / count:.3g} points, so the choices made on it (greedy's, the written soup) are "
+                   f"mostly chance; hold out at least {FEW_HELDOUT} (--holdout-fraction or --holdout)")
         inputs.warnings.append(message)
         on_event(Event("warning", message))
     classes = data_facts["num_classes"]  # one example of each split through the model, before any ingredient is read
