@@ -153,7 +153,7 @@ def run_child(kind: str, folder: Path, k: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def projected_step_line(k: int, device: torch.device) -> str:
+def projected_step_line(k: int, device: torch.device, storages: list[str]) -> str:
     """Time of the projection g -> P^T (P g) against a plain SGD step of resnet18 (batch 128, 32x32), both on
     ``device`` (an accelerator is synchronised before every clock read)."""
     from twa_tool.subspace import quantize
@@ -188,7 +188,7 @@ def projected_step_line(k: int, device: torch.device) -> str:
     step_s = timed(sgd_step)
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     lines = []
-    for storage in ("float32", "bf16", "int8"):
+    for storage in storages:
         stored = quantize(basis, storage)
         proj_s = timed(lambda stored=stored: project(stored, g))
         lines.append(f"projected step, resnet18, K={k}, batch 128 at 32x32, {where}, "
@@ -201,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, nargs="+", default=[50, 100], help="numbers of checkpoints (at least 2)")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/twa-bench-w1"))
-    parser.add_argument("--step", action="store_true", help="also time the projected step")
+    parser.add_argument("--step", action="store_true", help="also time the projected step (one line per --storage)")
     parser.add_argument("--average", action="store_true",
                         help="also run the whole `twa average` (w1_data, 1 epoch) per storage: its peak RSS "
                              "against the reference path's")
@@ -258,7 +258,7 @@ def main() -> None:
                       f"{r['peak_bytes'] / ref['peak_bytes']:.2f} |")
     if args.step:
         print()
-        print(projected_step_line(max(args.k), device))
+        print(projected_step_line(max(args.k), device, args.storage))
     del paths
 
 
