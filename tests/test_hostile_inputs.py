@@ -61,6 +61,44 @@ def test_a_model_spec_recorded_in_a_checkpoint_never_runs_code(tmp_path: Path, r
     assert not marker.exists()
 
 
+def test_a_recorded_model_larger_than_its_file_is_refused_before_it_is_built(tmp_path: Path) -> None:
+    """Before, ``twa.model_args`` asking for a huge model (here 10^6 x 10^6 weights, 4 TB) had twa allocate it
+    before any header check; now the recorded model is built on the meta device first and refused when it has
+    more values than the file holds: exit 4, naming the file, the model and the fix."""
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(3):
+        save_file(tiny_state(i), ckpts / f"{i}.safetensors",
+                  metadata={"twa.model": "twa:mlp", "twa.model_args": json.dumps({"in_features": 10**6,
+                                                                                  "hidden": 10**6})})
+    for command in ("average", "soup"):
+        result = twa(command, ckpts, "--data", "synthetic", "--out", tmp_path / "out")
+        assert result.exit_code == 4, result.output
+        error = one_error(result)
+        assert "0.safetensors: the model it records (twa:mlp in_features=1000000, hidden=1000000) has" in error
+        assert "values but the file holds 15; pass --model and --model-arg" in error
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_recorded_model_the_size_of_its_file_is_still_built(tmp_path: Path) -> None:
+    from twa_tool.checkpoints import CheckpointFile
+    from twa_tool.config import AverageConfig
+    from twa_tool.pipeline import resolve_model_spec
+
+    path = tmp_path / "0.safetensors"
+    save_file({"w": torch.zeros(2, 3)}, path, metadata={"twa.model": "twa:mlp", "twa.model_args": "{}"})
+    entry = CheckpointFile(path=path, name=path.name)
+    config = AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic")
+    with pytest.raises(CheckpointError, match="the model it records"):
+        resolve_model_spec(config, entry)  # twa:mlp at its defaults has far more than 6 values
+    from twa_tool.models import build_model
+
+    state = build_model("twa:mlp", (("hidden", "2"),)).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, path,
+              metadata={"twa.model": "twa:mlp", "twa.model_args": '{"hidden": 2}'})
+    assert resolve_model_spec(config, entry) == ("twa:mlp", (("hidden", "2"),))
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_a_fifo_or_device_named_like_a_checkpoint_is_refused_without_waiting(tmp_path: Path, kind: str) -> None:
     """Before, a FIFO named ``2.pt`` made ``twa inspect`` and ``twa average`` wait forever for a writer (the

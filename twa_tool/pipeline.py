@@ -207,8 +207,9 @@ def resolve_model_spec(config: AverageConfig | SoupConfig,
     constructor arguments updated by any ``--model-arg`` (which adds a key or replaces its value)."""
     if config.model:
         return config.model, config.model_args
-    metadata = read_header(first.path, weights=config.weights, trust_pickle=config.trust_pickle,
-                           allow_globals=config.allow_globals).metadata
+    header = read_header(first.path, weights=config.weights, trust_pickle=config.trust_pickle,
+                         allow_globals=config.allow_globals)
+    metadata = header.metadata
     try:
         found = spec_from_metadata(metadata)
     except ModelError as err:
@@ -221,7 +222,28 @@ def resolve_model_spec(config: AverageConfig | SoupConfig,
     problem = recorded_spec_problem(spec, tuple((k, v) for k, v in args if k not in given))
     if problem is not None:  # a checkpoint is data: it never names code for twa to run
         raise UnsafeInputError(f"{first.path}: {problem}")
-    return spec, tuple({**dict(args), **dict(config.model_args)}.items())
+    merged = tuple({**dict(args), **dict(config.model_args)}.items())
+    _check_recorded_size(spec, merged, header.tensors, first.path)
+    return spec, merged
+
+
+def _check_recorded_size(spec: str, args: tuple[tuple[str, str], ...],
+                         tensors: dict[str, tuple[tuple[int, ...], str]], path: Path) -> None:
+    """A model recorded in a file is built on the meta device first (no memory) and refused when it has more
+    state values than the file holds: its tensors could never match, and a file's metadata must not make
+    twa allocate an arbitrarily large model. A model that cannot be built on meta is left to the real build."""
+    try:
+        with torch.device("meta"):
+            probe = build_model(spec, args)
+    except ModelError:
+        return
+    unique = {id(v): v for v in probe.state_dict(keep_vars=True).values()}  # tied weights once: files omit them
+    needed = sum(v.numel() for v in unique.values())
+    held = sum(math.prod(shape) for shape, _ in tensors.values())
+    if needed > held:
+        shown = ", ".join(f"{k}={v}" for k, v in args)
+        raise CheckpointError(f"{path}: the model it records ({spec}{f' {shown}' if shown else ''}) has {needed:,} "
+                              f"values but the file holds {held:,}; pass --model and --model-arg")
 
 
 @dataclass(frozen=True)
