@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +74,24 @@ def test_figures_draw_names_with_dollar_signs_as_text() -> None:
     figures, note = render_plots(average_report())  # "x$^$_3.pt" was parsed as mathtext: ValueError
     assert note is None and set(figures) == {"coefficients.png", "accuracy.png"}
     assert all(png.startswith(b"\x89PNG") for png in figures.values())
+
+
+@pytest.mark.parametrize("error", ["ImportError('numpy.core.multiarray failed to import')",
+                                   "AttributeError('_ARRAY_API not found')"])
+def test_a_matplotlib_that_cannot_be_imported_is_named_not_called_missing(
+        error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """matplotlib < 3.8.4 was built for numpy 1.x and fails to import under numpy 2: report.md said it "is not
+    installed" (its ImportError was taken for a missing package), and any other import error failed the run
+    after its model was computed."""
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text(f"raise {error}\n")
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    figures, note = render_plots(average_report())
+    assert figures == {} and note is not None
+    assert note.startswith("plots skipped: matplotlib") and "is installed but cannot be imported" in note
+    assert f"({error.split('(')[0]}: " in note and note.endswith("upgrade it: pip install -U matplotlib")
+    line = markdown_report(average_report(), [], note).splitlines()[-1]  # the italic note line
+    assert line.startswith("_plots skipped") and line.endswith("_")
+    assert "_" not in line[1:-1].replace("\\_", "")  # "_ARRAY_API" quoted from the error cannot end the emphasis

@@ -5,19 +5,35 @@ Pure: returns PNG bytes; the pipeline writes them. Without matplotlib it returns
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import io
 
 PLOT_FILES = ("coefficients.png", "accuracy.png")
 
 
+class _Unusable(Exception):
+    """matplotlib is installed but cannot be imported (e.g. a build for numpy 1.x under numpy 2)."""
+
+
 def _pyplot():
+    """``matplotlib.pyplot`` (Agg), or None when matplotlib is not installed; raises ``_Unusable`` when it is
+    installed but its import fails."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    except Exception as exc:  # a broken optional extra must not fail a run whose model is already computed
+        try:
+            version = " " + importlib.metadata.version("matplotlib")
+        except importlib.metadata.PackageNotFoundError:
+            version = ""
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise _Unusable(f"matplotlib{version} is installed but cannot be imported "
+                        f"({type(exc).__name__}: {reason}); upgrade it: pip install -U matplotlib") from exc
     return plt
 
 
@@ -28,8 +44,11 @@ def _png(fig) -> bytes:
 
 
 def render_plots(report: dict) -> tuple[dict[str, bytes], str | None]:
-    """(file name -> PNG bytes, note). The note explains a skip (matplotlib missing)."""
-    plt = _pyplot()
+    """(file name -> PNG bytes, note). The note explains a skip (matplotlib missing or not importable)."""
+    try:
+        plt = _pyplot()
+    except _Unusable as exc:
+        return {}, f"plots skipped: {exc}"
     if plt is None:
         return {}, "plots skipped: matplotlib is not installed (pip install 'twa-tool[plots]')"
     names = report["checkpoints"]

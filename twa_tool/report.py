@@ -165,7 +165,7 @@ def markdown_report(report: dict, images: list[str], note: str | None = None) ->
                   f"result to the span {basis['span_residual']:.1e}."]
     lines += [""] + [f"![{name}]({name})" for name in images]
     if note:
-        lines += ["", f"_{note}_"]
+        lines += ["", f"_{md_text(note)}_"]  # the note can quote an exception: `_ARRAY_API`
     return "\n".join(lines) + "\n"
 
 
