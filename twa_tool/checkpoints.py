@@ -960,7 +960,9 @@ def _detect_producer(obj: Mapping) -> str:
         return "lightning"
     if isinstance(obj.get("arch"), str) and ("state_dict" in keys or "state_dict_ema" in keys):
         return "timm"
-    if "model" in keys and keys & {"cfg", "args", "optimizer_history", "extra_state"}:
+    # fairseq's save_state always writes optimizer_history and extra_state (cfg since the hydra configs); an
+    # ``args`` namespace beside ``model`` alone is torchvision's reference scripts, whose epoch is top-level.
+    if "model" in keys and keys & {"cfg", "optimizer_history", "extra_state"}:
         return "fairseq"
     return "torch"
 
