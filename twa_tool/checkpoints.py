@@ -713,6 +713,49 @@ def zip_layout(path: Path, state: Mapping[str, torch.Tensor]) -> ZipLayout | Non
 # Low-level readers.
 
 
+def zip_contents_key(path: Path) -> tuple | None:
+    """For a torch zip checkpoint: its members as (name without the archive folder, size, CRC-32), from the
+    central directory only; None for any other file or an unreadable zip.
+
+    ``torch.save`` names the archive folder after the file, so saving one object to two names (torchvision's
+    reference scripts write ``model_<epoch>.pth`` and ``checkpoint.pth``) gives files whose bytes differ
+    only there: equal keys mark candidates, ``zip_contents_digest`` confirms."""
+    try:
+        if _sniff(path) != "torch-zip":
+            return None
+        with zipfile.ZipFile(path) as zf:
+            return tuple(sorted((_member_suffix(i.filename), i.file_size, i.CRC) for i in zf.infolist()
+                                if _member_suffix(i.filename) not in _VOLATILE_MEMBERS))
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return None
+
+
+def zip_contents_digest(path: Path) -> str | None:
+    """SHA-256 over every member's name (without the archive folder) and bytes, volatile ones left out: equal
+    for two saves of the same object under different file names. None when the zip is not a sane torch zip
+    (its load reports why)."""
+    try:
+        ranges = _zip_member_ranges(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for name, start, end, _ in sorted(ranges, key=lambda r: _member_suffix(r[0])):
+                suffix = _member_suffix(name)
+                if suffix in _VOLATILE_MEMBERS:
+                    continue
+                digest.update(suffix.encode() + b"\0" + str(end - start).encode() + b"\0")
+                f.seek(start)
+                left = end - start
+                while left:
+                    block = f.read(min(left, 1 << 22))
+                    if not block:
+                        return None
+                    digest.update(block)
+                    left -= len(block)
+        return digest.hexdigest()
+    except (TwaError, OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return None
+
+
 def _sniff(path: Path) -> str:
     """Detect the container from its first bytes, not its extension."""
     with open(path, "rb") as f:
