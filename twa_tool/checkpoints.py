@@ -334,6 +334,13 @@ def _hf_layout(folder: Path) -> tuple[str, Path] | None:
     return None
 
 
+def weights_path(path: Path) -> Path:
+    """The path ``discover`` lists for ``path``: a folder's single weight file (``save_pretrained``,
+    ``checkpoint-<step>/``), else ``path`` itself (a file, or a sharded folder)."""
+    layout = _hf_layout(path) if path.is_dir() else None
+    return layout[1] if layout is not None and layout[0] == "file" else path
+
+
 def no_checkpoints(directory: Path) -> CheckpointError:
     """The error for a folder where ``discover`` found nothing, naming everything it looks for."""
     patterns = ", ".join(f"*{suffix}" for suffix in WEIGHT_SUFFIXES)

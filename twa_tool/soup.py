@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from .checkpoints import CheckpointFile, discover, no_checkpoints, raise_if_refused, sha256_file
+from .checkpoints import CheckpointFile, discover, no_checkpoints, raise_if_refused, sha256_file, weights_path
 from .config import CoefficientTrainConfig, Selection, SoupConfig
 from .data import DataSplits, build_data, for_workers, split_holdout
 from .errors import CheckpointError, NumericalError, TwaError
@@ -457,7 +457,8 @@ def find_inputs(config: SoupConfig) -> Inputs:
         if not config.base.exists():
             raise CheckpointError(f"--base {config.base}: not found; pass the pretrained model's file")
         base = CheckpointFile(name=config.base.name, path=config.base)
-    as_base = {f.name: same_file(f.path, base.path) for f in chosen.files} if base is not None else {}
+    # a save_pretrained folder is listed by its weight file: compare --base the same way, folder or file
+    as_base = {f.name: same_file(f.path, weights_path(base.path)) for f in chosen.files} if base is not None else {}
     files = [f for f in chosen.files if as_base.get(f.name) is None]  # the base, or a link or copy of it
     excluded = [{"name": d.name, "reason": d.reason} for d in chosen.dropped]
     excluded += [{"name": f.name, "reason": "the --base model" + ("" if as_base[f.name].startswith("symlink")
