@@ -44,7 +44,6 @@ from .errors import CheckpointError, NumericalError, TwaError
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
-    build_model,
     check_compatible,
     check_data_fits,
     flatten,
@@ -60,10 +59,10 @@ from .pipeline import (
     EventSink,
     Reader,
     _check_finite,
+    build_run_model,
     check_batch_of_one,
     hf_folder,
     resolve_device,
-    resolve_model_spec,
     validate_headers,
 )
 from .selection import same_file, select
@@ -473,8 +472,7 @@ def find_inputs(config: SoupConfig) -> Inputs:
         why = f" ({left_out[0]}{more})" if left_out else ""
         raise CheckpointError(f"{config.finetunes_dir}: {len(files)} ingredient(s) found{why}; a soup needs at least "
                               f"2 distinct fine-tunes (check --include/--exclude)")
-    spec, model_args = resolve_model_spec(config, files[0])
-    model = build_model(spec, model_args)
+    spec, model_args, model = build_run_model(config, files[0])
     reader = Reader.for_run(config, model)
     notes, _ = validate_headers(files, model, reader, spec)
     if base is not None:
