@@ -239,6 +239,23 @@ def test_timm_arch_key_names_the_model(plain_pt_ckpts: Path, tmp_path: Path) -> 
         assert result.exit_code == 4 and "do not match the model" in result.stderr
 
 
+def test_a_recorded_arch_that_cannot_be_built_is_not_blamed_on_model(plain_pt_ckpts: Path, tmp_path: Path) -> None:
+    """timm's CheckpointSaver without ``args`` records ``type(model).__name__.lower()`` as ``arch`` ("resnet"):
+    no timm model has that name. The error named ``--model timm:resnet``, a flag the user never passed."""
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for epoch in (1, 2):
+        torch.save({"epoch": epoch, "arch": "resnet", "version": 2, "metric": 90.0 + epoch,
+                    "state_dict": torch.load(plain_pt_ckpts / f"{epoch}.pt", weights_only=True)},
+                   ckpts / f"checkpoint-{epoch}.pth.tar")
+    result = run(ckpts, "--data", "synthetic", "--out", tmp_path / "o")
+    assert result.exit_code == 4, result.output
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {ckpts / 'checkpoint-1.pth.tar'}: the architecture it records, timm:resnet, "
+                            f"cannot be built (") and "pass --model yourself" in error, result.stderr
+    assert "--model timm:resnet:" not in result.stderr
+
+
 @pytest.mark.parametrize("storage", ["bf16", "int8"])
 def test_low_precision_basis_end_to_end(full_run: tuple[object, Path], demo_ckpts: Path, tmp_path: Path,
                                         storage: str) -> None:

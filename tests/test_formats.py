@@ -304,6 +304,22 @@ def test_fairseq_checkpoint(tmp_path: Path) -> None:
         ("fairseq", "model", 5, 4500, {"val_loss": 3.1})
 
 
+def test_torchvision_reference_script_checkpoint(tmp_path: Path) -> None:
+    """references/classification/train.py saves model_<epoch>.pth as below (model_ema: an AveragedModel's
+    state dict); the ``args`` namespace beside ``model`` made it read as fairseq, losing the top-level epoch."""
+    raw, ema = state(21), state(22)
+    torch.save({"model": raw, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+                "lr_scheduler": {"step_size": 30, "last_epoch": 4}, "epoch": 3,
+                "args": argparse.Namespace(model="resnet18", lr=0.1, epochs=90, model_ema=True),
+                "model_ema": {**prefixed(ema, "module."), "n_averaged": torch.tensor(40)}}, tmp_path / "model_3.pth")
+    got = load_checkpoint(tmp_path / "model_3.pth")
+    assert_same(got.state, raw)
+    assert (got.producer, got.container, got.epoch, got.step, got.metrics) == ("torch", "model", 3, None, {})
+    got_ema = load_checkpoint(tmp_path / "model_3.pth", weights="ema")
+    assert_same(got_ema.state, ema)
+    assert (got_ema.container, got_ema.prefix, got_ema.epoch) == ("model_ema", "module.", 3)
+
+
 def test_averaged_model_dump_needs_weights_ema(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     swa = torch.optim.swa_utils.AveragedModel(model)

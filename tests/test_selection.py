@@ -12,7 +12,7 @@ import torch
 from twa_tool.checkpoints import discover
 from twa_tool.config import Selection
 from twa_tool.errors import ConfigError
-from twa_tool.selection import find_aliases, select
+from twa_tool.selection import find_aliases, same_file, select
 
 
 def write_run(folder: Path, epochs: int = 6) -> None:
@@ -59,6 +59,23 @@ def test_same_size_different_content_is_not_an_alias(tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0xFF  # differs only in the middle: the cheap probe matches, the full hash does not
     (tmp_path / "2.pt").write_bytes(bytes(data))
     assert find_aliases(discover(tmp_path)) == {}
+
+
+def test_same_torch_save_under_another_name_is_an_alias(tmp_path: Path) -> None:
+    """torchvision's reference scripts save each epoch's dict as model_<E>.pth and again as checkpoint.pth:
+    torch.save names the zip's archive folder after the file, so the bytes differ, the contents do not."""
+    for e in range(3):
+        saved = {"model": {"w": torch.full((1000,), float(e))}, "epoch": e}
+        torch.save(saved, tmp_path / f"model_{e}.pth")
+        torch.save(saved, tmp_path / "checkpoint.pth")
+    torch.save({"model": {"w": torch.full((1000,), 2.0)}, "epoch": 3}, tmp_path / "other.pth")  # pickle differs
+    assert (tmp_path / "checkpoint.pth").read_bytes() != (tmp_path / "model_2.pth").read_bytes()
+    chosen = select(discover(tmp_path), Selection())
+    assert names(chosen) == ["model_0.pth", "model_1.pth", "model_2.pth", "other.pth"]
+    assert {d.name: (d.alias_of, d.reason) for d in chosen.dropped} == {
+        "checkpoint.pth": ("model_2.pth", "identical torch save of model_2.pth")}
+    assert same_file(tmp_path / "checkpoint.pth", tmp_path / "model_2.pth") == "identical torch save"
+    assert same_file(tmp_path / "other.pth", tmp_path / "model_2.pth") is None
 
 
 def test_top_k_by_metric(tmp_path: Path) -> None:

@@ -282,6 +282,25 @@ def test_same_data_compares_file_specs_by_path(tmp_path: Path, monkeypatch: pyte
     assert same_data(" Fashion_MNIST ", "fashion-mnist") and not same_data("mnist", "fashion-mnist")
 
 
+def test_a_save_pretrained_base_folder_inside_the_folder_is_not_an_ingredient(ingredients: Path, demo_ckpts: Path,
+                                                                               tmp_path: Path) -> None:
+    """Hugging Face fine-tunes and their base as save_pretrained folders (model.safetensors + config.json), the
+    base inside the fine-tunes' folder and passed as a folder, as `--base finetunes/base`: the ingredient is
+    listed by its weight file, --base by the folder, and the two were not recognised as the same model."""
+    folder = tmp_path / "ft"
+    for name, source in [*((f"ft-{e}", ingredients / f"ft-{e}.safetensors") for e in range(1, 4)),
+                         ("base", demo_ckpts / "0.safetensors")]:
+        (folder / name).mkdir(parents=True)
+        save_file(load_file(source), str(folder / name / "model.safetensors"))
+        (folder / name / "config.json").write_text('{"model_type": "bert"}')
+    result = soup(folder, tmp_path / "out", "--base", str(folder / "base"), "--method", "uniform", "--epochs", "0")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["ingredients"] == ["ft-1", "ft-2", "ft-3"]
+    assert {"name": "base", "reason": "the --base model"} in report["excluded"]
+    assert report["coefficients"]["uniform"] == [1 / 3] * 3
+
+
 @pytest.mark.parametrize("how, reason", [("hard link", "the --base model (hard link to the same file)"),
                                          ("copy", "the --base model (byte-identical copy)")])
 def test_a_link_or_copy_of_the_base_in_the_folder_is_not_an_ingredient(how: str, reason: str, ingredients: Path,

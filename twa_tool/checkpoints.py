@@ -334,6 +334,13 @@ def _hf_layout(folder: Path) -> tuple[str, Path] | None:
     return None
 
 
+def weights_path(path: Path) -> Path:
+    """The path ``discover`` lists for ``path``: a folder's single weight file (``save_pretrained``,
+    ``checkpoint-<step>/``), else ``path`` itself (a file, or a sharded folder)."""
+    layout = _hf_layout(path) if path.is_dir() else None
+    return layout[1] if layout is not None and layout[0] == "file" else path
+
+
 def no_checkpoints(directory: Path) -> CheckpointError:
     """The error for a folder where ``discover`` found nothing, naming everything it looks for."""
     patterns = ", ".join(f"*{suffix}" for suffix in WEIGHT_SUFFIXES)
@@ -713,6 +720,49 @@ def zip_layout(path: Path, state: Mapping[str, torch.Tensor]) -> ZipLayout | Non
 # Low-level readers.
 
 
+def zip_contents_key(path: Path) -> tuple | None:
+    """For a torch zip checkpoint: its members as (name without the archive folder, size, CRC-32), from the
+    central directory only; None for any other file or an unreadable zip.
+
+    ``torch.save`` names the archive folder after the file, so saving one object to two names (torchvision's
+    reference scripts write ``model_<epoch>.pth`` and ``checkpoint.pth``) gives files whose bytes differ
+    only there: equal keys mark candidates, ``zip_contents_digest`` confirms."""
+    try:
+        if _sniff(path) != "torch-zip":
+            return None
+        with zipfile.ZipFile(path) as zf:
+            return tuple(sorted((_member_suffix(i.filename), i.file_size, i.CRC) for i in zf.infolist()
+                                if _member_suffix(i.filename) not in _VOLATILE_MEMBERS))
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return None
+
+
+def zip_contents_digest(path: Path) -> str | None:
+    """SHA-256 over every member's name (without the archive folder) and bytes, volatile ones left out: equal
+    for two saves of the same object under different file names. None when the zip is not a sane torch zip
+    (its load reports why)."""
+    try:
+        ranges = _zip_member_ranges(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for name, start, end, _ in sorted(ranges, key=lambda r: _member_suffix(r[0])):
+                suffix = _member_suffix(name)
+                if suffix in _VOLATILE_MEMBERS:
+                    continue
+                digest.update(suffix.encode() + b"\0" + str(end - start).encode() + b"\0")
+                f.seek(start)
+                left = end - start
+                while left:
+                    block = f.read(min(left, 1 << 22))
+                    if not block:
+                        return None
+                    digest.update(block)
+                    left -= len(block)
+        return digest.hexdigest()
+    except (TwaError, OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return None
+
+
 def _sniff(path: Path) -> str:
     """Detect the container from its first bytes, not its extension."""
     with open(path, "rb") as f:
@@ -960,7 +1010,9 @@ def _detect_producer(obj: Mapping) -> str:
         return "lightning"
     if isinstance(obj.get("arch"), str) and ("state_dict" in keys or "state_dict_ema" in keys):
         return "timm"
-    if "model" in keys and keys & {"cfg", "args", "optimizer_history", "extra_state"}:
+    # fairseq's save_state always writes optimizer_history and extra_state (cfg since the hydra configs); an
+    # ``args`` namespace beside ``model`` alone is torchvision's reference scripts, whose epoch is top-level.
+    if "model" in keys and keys & {"cfg", "optimizer_history", "extra_state"}:
         return "fairseq"
     return "torch"
 

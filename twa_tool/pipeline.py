@@ -246,6 +246,24 @@ def _check_recorded_size(spec: str, args: tuple[tuple[str, str], ...],
                               f"values but the file holds {held:,}; pass --model and --model-arg")
 
 
+def build_run_model(config: AverageConfig | SoupConfig,
+                    first: CheckpointFile) -> tuple[str, tuple[tuple[str, str], ...], nn.Module]:
+    """(spec, arguments, model) for the run: ``resolve_model_spec``, built. When the spec came from the first
+    checkpoint and cannot be built, the error says so, not ``--model ...`` the user never passed (timm's
+    ``CheckpointSaver`` without ``args`` records the model's class name, ``resnet``, ``visiontransformer``...,
+    as ``arch``, which is no timm model name)."""
+    spec, model_args = resolve_model_spec(config, first)
+    try:
+        return spec, model_args, build_model(spec, model_args)
+    except ModelError as err:
+        if config.model:
+            raise
+        detail = str(err).removeprefix(f"--model {spec}: ").removesuffix("; check --model and --model-arg")
+        raise ModelError(f"{first.path}: the architecture it records, {spec}, cannot be built ({detail}); pass "
+                         f"--model yourself (e.g. --model timm:resnet50 --model-arg num_classes=10, or "
+                         f"file.py:function)") from None
+
+
 @dataclass(frozen=True)
 class Reader:
     """Loads checkpoints with the run's options: raw/EMA weights, prefixes matched to the model, pickle trust."""
@@ -970,8 +988,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
             warn(f"{dropped.name}: {dropped.reason}; counted once")
     if config.start not in ("mean", "last"):
         start_index(config.start, len(files))  # a dry run catches it too
-    spec, model_args = resolve_model_spec(config, files[0])
-    model = build_model(spec, model_args)
+    spec, model_args, model = build_run_model(config, files[0])
     names = trainable_names(model)
     reader = Reader.for_run(config, model)
     notes, headers = validate_headers(files, model, reader, spec)

@@ -1,8 +1,9 @@
 """Which checkpoints a run uses: filters, numeric slices, metric top-k, and alias de-duplication.
 
 Order of operations (documented in ``twa average --help``): discover in numeric order ->
-``--include``/``--exclude`` globs -> drop aliases (symlinks, hard links, byte-identical copies;
-the first name in numeric order is kept, so ``20.pt`` wins over ``last.pt``) -> ``--range`` ->
+``--include``/``--exclude`` globs -> drop aliases (symlinks, hard links, byte-identical copies, the same
+torch save under another name; the first name in numeric order is kept, so ``20.pt`` wins over ``last.pt``)
+-> ``--range`` ->
 ``--every`` -> ``--last`` -> ``--top-k`` by a stored metric (kept in numeric order).
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import CheckpointFile
+from .checkpoints import CheckpointFile, zip_contents_digest, zip_contents_key
 from .config import Selection
 from .errors import CheckpointError, ConfigError, exclude_hint
 
@@ -69,12 +70,15 @@ def _full_hash(path: Path) -> str:
 
 
 def find_aliases(files: list[CheckpointFile]) -> dict[str, tuple[str, str]]:
-    """Map each alias name to (name it duplicates, how): symlink/same path, hard link, identical bytes."""
+    """Map each alias name to (name it duplicates, how): symlink/same path, hard link, identical bytes, or the
+    same torch save under another file name (``torch.save`` names its archive folder after the file)."""
     aliases: dict[str, tuple[str, str]] = {}
     by_real: dict[Path, str] = {}
     by_inode: dict[tuple[int, int], str] = {}
     by_probe: dict[tuple[int, str], list[CheckpointFile]] = {}
     full: dict[Path, str] = {}
+    by_contents: dict[tuple, list[CheckpointFile]] = {}
+    digests: dict[Path, str | None] = {}
     for entry in files:
         real = entry.path.resolve()
         if not real.exists():
@@ -103,8 +107,20 @@ def find_aliases(files: list[CheckpointFile]) -> dict[str, tuple[str, str]]:
                 break
         if twin is not None:
             aliases[entry.name] = (twin.name, "byte-identical copy")
-        else:
-            by_probe.setdefault(key, []).append(entry)
+            continue
+        contents = zip_contents_key(real)  # None unless a torch zip
+        for other in by_contents.get(contents, []) if contents is not None else []:
+            digests.setdefault(other.path, zip_contents_digest(other.path.resolve()))
+            digests.setdefault(entry.path, zip_contents_digest(real))
+            if digests[entry.path] is not None and digests[other.path] == digests[entry.path]:
+                twin = other
+                break
+        if twin is not None:
+            aliases[entry.name] = (twin.name, SAME_SAVE)
+            continue
+        by_probe.setdefault(key, []).append(entry)
+        if contents is not None:
+            by_contents.setdefault(contents, []).append(entry)
     return aliases
 
 
@@ -119,7 +135,22 @@ def same_file(path: Path, other: Path) -> str | None:
         return "hard link to the same file"
     if _probe(path) == _probe(other) and _full_hash(path) == _full_hash(other):
         return "byte-identical copy"
+    if _same_save(path, other):
+        return SAME_SAVE
     return None
+
+
+#: How an alias is named when it is the same torch save under another file name.
+SAME_SAVE = "identical torch save"
+
+
+def _same_save(path: Path, other: Path) -> bool:
+    """Two torch zips holding the same object, saved under different names (only the archive folder differs)."""
+    key = zip_contents_key(path)
+    if key is None or key != zip_contents_key(other):
+        return False
+    digest = zip_contents_digest(path)
+    return digest is not None and digest == zip_contents_digest(other)
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:

@@ -37,14 +37,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from .checkpoints import CheckpointFile, discover, no_checkpoints, raise_if_refused, sha256_file
+from .checkpoints import CheckpointFile, discover, no_checkpoints, raise_if_refused, sha256_file, weights_path
 from .config import CoefficientTrainConfig, Selection, SoupConfig
 from .data import DataSplits, build_data, for_workers, split_holdout
 from .errors import CheckpointError, NumericalError, TwaError
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
-    build_model,
     check_compatible,
     check_data_fits,
     flatten,
@@ -60,10 +59,10 @@ from .pipeline import (
     EventSink,
     Reader,
     _check_finite,
+    build_run_model,
     check_batch_of_one,
     hf_folder,
     resolve_device,
-    resolve_model_spec,
     validate_headers,
 )
 from .selection import same_file, select
@@ -457,7 +456,8 @@ def find_inputs(config: SoupConfig) -> Inputs:
         if not config.base.exists():
             raise CheckpointError(f"--base {config.base}: not found; pass the pretrained model's file")
         base = CheckpointFile(name=config.base.name, path=config.base)
-    as_base = {f.name: same_file(f.path, base.path) for f in chosen.files} if base is not None else {}
+    # a save_pretrained folder is listed by its weight file: compare --base the same way, folder or file
+    as_base = {f.name: same_file(f.path, weights_path(base.path)) for f in chosen.files} if base is not None else {}
     files = [f for f in chosen.files if as_base.get(f.name) is None]  # the base, or a link or copy of it
     excluded = [{"name": d.name, "reason": d.reason} for d in chosen.dropped]
     excluded += [{"name": f.name, "reason": "the --base model" + ("" if as_base[f.name].startswith("symlink")
@@ -472,8 +472,7 @@ def find_inputs(config: SoupConfig) -> Inputs:
         why = f" ({left_out[0]}{more})" if left_out else ""
         raise CheckpointError(f"{config.finetunes_dir}: {len(files)} ingredient(s) found{why}; a soup needs at least "
                               f"2 distinct fine-tunes (check --include/--exclude)")
-    spec, model_args = resolve_model_spec(config, files[0])
-    model = build_model(spec, model_args)
+    spec, model_args, model = build_run_model(config, files[0])
     reader = Reader.for_run(config, model)
     notes, _ = validate_headers(files, model, reader, spec)
     if base is not None:
