@@ -288,6 +288,23 @@ def test_timm_pth_tar_raw_and_ema(tmp_path: Path) -> None:
     assert header.tensors["bn.num_batches_tracked"] == ((), "int64")
 
 
+@pytest.mark.parametrize("args, recorded", [
+    (argparse.Namespace(model="resnet18", num_classes=4), (("num_classes", "4"),)),
+    ({"model": "resnet18", "num_classes": 4}, (("num_classes", "4"),)),
+    (argparse.Namespace(model="resnet18", num_classes=None), ()),  # train.py without --num-classes
+    (argparse.Namespace(model="resnet18", num_classes=True), ()),
+    (None, ()),
+])
+def test_timm_run_records_its_num_classes(tmp_path: Path, args: object, recorded: tuple) -> None:
+    """timm's train.py fine-tunes with --num-classes, kept in the checkpoint's ``args``; before, only ``arch``
+    was used without --model, so every fine-tune needed ``--model-arg num_classes=...`` to match its head."""
+    from twa_tool.models import spec_from_metadata
+
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": state(12), "args": args}, tmp_path / "c.pth.tar")
+    metadata = read_header(tmp_path / "c.pth.tar").metadata
+    assert spec_from_metadata(metadata) == ("timm:resnet18", recorded)
+
+
 def test_fairseq_checkpoint(tmp_path: Path) -> None:
     sd = state(11)
     torch.save({"args": None, "cfg": {"model": {"_name": "transformer"}, "optimization": {"lr": [0.0005]}},

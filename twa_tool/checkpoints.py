@@ -1135,6 +1135,13 @@ def _lightning_swa_state(obj: Mapping) -> tuple[dict, str] | None:
     return None
 
 
+def _recorded_num_classes(args: object) -> int | None:
+    """``num_classes`` of a timm run's ``args`` (an ``argparse.Namespace`` or a dict), when it is a positive int:
+    timm's ``train.py`` fine-tunes with ``--num-classes``, which the ``arch`` alone does not tell."""
+    value = args.get("num_classes") if isinstance(args, Mapping) else getattr(args, "num_classes", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _read_torch(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool,
                crc_checked: bool = False) -> _Found:
     obj = _torch_load(path, trust_pickle, header_only, crc_checked)
@@ -1145,6 +1152,9 @@ def _read_torch(path: Path, trust_pickle: PickleTrust, weights: str, header_only
     if top is not None:
         if isinstance(top.get("arch"), str):
             metadata["arch"] = top["arch"]
+            classes = _recorded_num_classes(top.get("args"))
+            if classes is not None:
+                metadata["num_classes"] = str(classes)
         epoch, step, metrics = _trainer_info(top, "torch" if producer == "averaged-model" else producer, path)
     entries = {k: (tuple(v.shape), _dtype_name(v.dtype)) for k, v in state.items()} if header_only else state
     return _Found(entries=entries, metadata=metadata, producer=producer, container=container, weights=weights,
