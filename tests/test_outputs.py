@@ -259,6 +259,20 @@ def test_soup_over_an_average_output_keeps_only_the_soup(demo_ckpts: Path, tmp_p
     assert names_in(out) == ["model.safetensors", "report.json", "report.md"]
 
 
+def test_an_input_is_never_removed_as_an_earlier_output(demo_ckpts: Path, tmp_path: Path) -> None:
+    """soup's --base kept as model.safetensors where the output goes: a sharded run would remove it as the
+    unsharded layout's stale file after writing its shards (it did, with --overwrite); refused before any work."""
+    out = tmp_path / "o"
+    out.mkdir()
+    base = out / "model.safetensors"
+    base.write_bytes((demo_ckpts / "0.safetensors").read_bytes())
+    before = snapshot(out)
+    result = soup(demo_ckpts, out, "--base", str(base), "--overwrite", "--max-shard-size", "1KB")
+    assert result.exit_code == 7, result.output
+    assert f"would remove (as an earlier run's output) the input {base}" in result.stderr
+    assert snapshot(out) == before
+
+
 # ------------------------------------------------------------------ a failed run leaves no empty folder
 
 
