@@ -273,6 +273,22 @@ def test_an_input_is_never_removed_as_an_earlier_output(demo_ckpts: Path, tmp_pa
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("command", ["average", "soup"])
+def test_a_folder_named_as_an_output_file_is_refused_before_work(command: str, demo_ckpts: Path,
+                                                                 tmp_path: Path) -> None:
+    """No rename can replace a folder: this failed only at the commit, after the whole run (wrongly blaming
+    permissions); now it is refused before any checkpoint is read, and nothing changes."""
+    out = tmp_path / "o"
+    (out / "report.md").mkdir(parents=True)
+    before = snapshot(out)
+    run = average(demo_ckpts, out, *FAST, "--overwrite") if command == "average" else soup(demo_ckpts, out,
+                                                                                            "--overwrite")
+    assert run.exit_code == 7, run.output
+    assert f"{out / 'report.md'}: is a folder where the output writes a file" in run.stderr
+    assert "reading" not in run.stderr
+    assert snapshot(out) == before and names_in(out) == ["report.md"]
+
+
 # ------------------------------------------------------------------ a failed run leaves no empty folder
 
 
