@@ -134,6 +134,42 @@ def test_ctrl_c_after_the_output_is_written_says_it_is_complete(demo_ckpts: Path
     assert json.loads((out / "report.json").read_text())["outputs"]["model"]["sha256"] == sha(out / "model.safetensors")
 
 
+EXITING = """
+import atexit, sys, time
+def slow_exit():  # registered before torch: runs after its atexit callbacks, as the interpreter's teardown goes on
+    sys.stderr.write("EXITING\\n"); sys.stderr.flush(); time.sleep(20)
+atexit.register(slow_exit)
+sys.argv = ["twa", *sys.argv[1:]]
+from twa_tool.entry import main
+main()
+"""
+
+
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"),
+                                                   (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_while_the_interpreter_exits_ends_it_at_once(demo_ckpts: Path, sig: int, code: int,
+                                                             word: str) -> None:
+    """After a command has finished, Python's shutdown (torch's teardown: 1-2 s measured) still runs: a signal
+    then raised into an atexit callback, printed 'Exception ignored ... Traceback' and the process exited 0.
+    It now exits at once with 130/143 and one line, stdout (the --json document) flushed first."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-c", EXITING, "inspect", str(demo_ckpts), "--json"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.strip() == "EXITING":
+            process.send_signal(sig)
+            break
+    out, err = process.communicate(timeout=15)
+    err = "".join(lines) + err
+    assert process.returncode == code, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert f"{word} while exiting, after the command had finished" in err
+    assert len(json.loads(out)["checkpoints"]) == 5
+
+
 def test_soup_interrupt_or_disk_full_leaves_the_previous_output(demo_ckpts: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "o"
