@@ -804,8 +804,10 @@ def exit_at_once_on_signal() -> None:
     """Once the command has ended (its result printed, its exit code chosen), the interpreter still shuts down
     (torch's teardown takes a second or more): a SIGINT/SIGTERM then ends the process at once with 130/143 and
     one line, with stdout flushed (the ``--json`` document stays whole). Raised into an atexit callback as
-    before, it printed a traceback ('Exception ignored in atexit callback') and the process exited 0.
-    An ignored signal (a failed torchrun rank's, ``_final_under_torchrun``) stays ignored."""
+    before, it printed a traceback ('Exception ignored in atexit callback') and the process exited 0. (After the
+    exit handlers Python puts back the default actions, no Python code runs again, and the signal ends the process
+    itself; shells report that as 130/143 too.) An ignored signal (a failed torchrun rank's,
+    ``_final_under_torchrun``) stays ignored."""
 
     def on_signal(signum: int, frame: object) -> None:
         for stream in (sys.stdout, sys.stderr):
