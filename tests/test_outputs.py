@@ -325,6 +325,27 @@ def test_a_folder_named_as_an_output_file_is_refused_before_work(command: str, d
     assert snapshot(out) == before and names_in(out) == ["report.md"]
 
 
+def test_a_shorter_demo_replaces_the_longer_ones_checkpoints(tmp_path: Path) -> None:
+    """twa demo --overwrite --train-epochs 1 after a 2-epoch demo left the earlier run's 2.safetensors beside the
+    new 0 and 1, and averaged all three (two runs mixed); now the earlier run's numbered checkpoints go with
+    --overwrite and are refused without it. Other files stay."""
+    from twa_tool.demo import DemoTrainConfig, train_checkpoints
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    (ckpts / "2.safetensors").write_bytes(b"an earlier, longer demo's last checkpoint")
+    (ckpts / "notes.txt").write_text("mine")
+    before = snapshot(ckpts)
+    config = DemoTrainConfig(out_dir=ckpts, epochs=1, model_args=(("in_channels", "1"), ("num_classes", "10"),
+                                                                  ("width", "2")), batch_size=512)
+    with pytest.raises(OutputError, match=r"2.safetensors already exists \(an earlier run's checkpoint"):
+        train_checkpoints(config)
+    assert snapshot(ckpts) == before
+    written = train_checkpoints(DemoTrainConfig(**{**config.__dict__, "overwrite": True}))
+    assert [p.name for p in written] == ["0.safetensors", "1.safetensors"]
+    assert names_in(ckpts) == ["0.safetensors", "1.safetensors", "notes.txt"]
+
+
 # ------------------------------------------------------------------ a failed run leaves no empty folder
 
 
