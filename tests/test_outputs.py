@@ -134,6 +134,42 @@ def test_ctrl_c_after_the_output_is_written_says_it_is_complete(demo_ckpts: Path
     assert json.loads((out / "report.json").read_text())["outputs"]["model"]["sha256"] == sha(out / "model.safetensors")
 
 
+EXITING = """
+import atexit, sys, time
+def slow_exit():  # registered before torch: runs after its atexit callbacks, as the interpreter's teardown goes on
+    sys.stderr.write("EXITING\\n"); sys.stderr.flush(); time.sleep(20)
+atexit.register(slow_exit)
+sys.argv = ["twa", *sys.argv[1:]]
+from twa_tool.entry import main
+main()
+"""
+
+
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"),
+                                                   (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_while_the_interpreter_exits_ends_it_at_once(demo_ckpts: Path, sig: int, code: int,
+                                                             word: str) -> None:
+    """After a command has finished, Python's shutdown (torch's teardown: 1-2 s measured) still runs: a signal
+    then raised into an atexit callback, printed 'Exception ignored ... Traceback' and the process exited 0.
+    It now exits at once with 130/143 and one line, stdout (the --json document) flushed first."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-c", EXITING, "inspect", str(demo_ckpts), "--json"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.strip() == "EXITING":
+            process.send_signal(sig)
+            break
+    out, err = process.communicate(timeout=15)
+    err = "".join(lines) + err
+    assert process.returncode == code, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert f"{word} while exiting, after the command had finished" in err
+    assert len(json.loads(out)["checkpoints"]) == 5
+
+
 def test_soup_interrupt_or_disk_full_leaves_the_previous_output(demo_ckpts: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "o"
@@ -257,6 +293,57 @@ def test_soup_over_an_average_output_keeps_only_the_soup(demo_ckpts: Path, tmp_p
     result = soup(demo_ckpts, out, "--overwrite")
     assert result.exit_code == 0, result.output
     assert names_in(out) == ["model.safetensors", "report.json", "report.md"]
+
+
+def test_an_input_is_never_removed_as_an_earlier_output(demo_ckpts: Path, tmp_path: Path) -> None:
+    """soup's --base kept as model.safetensors where the output goes: a sharded run would remove it as the
+    unsharded layout's stale file after writing its shards (it did, with --overwrite); refused before any work."""
+    out = tmp_path / "o"
+    out.mkdir()
+    base = out / "model.safetensors"
+    base.write_bytes((demo_ckpts / "0.safetensors").read_bytes())
+    before = snapshot(out)
+    result = soup(demo_ckpts, out, "--base", str(base), "--overwrite", "--max-shard-size", "1KB")
+    assert result.exit_code == 7, result.output
+    assert f"would remove (as an earlier run's output) the input {base}" in result.stderr
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("command", ["average", "soup"])
+def test_a_folder_named_as_an_output_file_is_refused_before_work(command: str, demo_ckpts: Path,
+                                                                 tmp_path: Path) -> None:
+    """No rename can replace a folder: this failed only at the commit, after the whole run (wrongly blaming
+    permissions); now it is refused before any checkpoint is read, and nothing changes."""
+    out = tmp_path / "o"
+    (out / "report.md").mkdir(parents=True)
+    before = snapshot(out)
+    run = average(demo_ckpts, out, *FAST, "--overwrite") if command == "average" else soup(demo_ckpts, out,
+                                                                                            "--overwrite")
+    assert run.exit_code == 7, run.output
+    assert f"{out / 'report.md'}: is a folder where the output writes a file" in run.stderr
+    assert "reading" not in run.stderr
+    assert snapshot(out) == before and names_in(out) == ["report.md"]
+
+
+def test_a_shorter_demo_replaces_the_longer_ones_checkpoints(tmp_path: Path) -> None:
+    """twa demo --overwrite --train-epochs 1 after a 2-epoch demo left the earlier run's 2.safetensors beside the
+    new 0 and 1, and averaged all three (two runs mixed); now the earlier run's numbered checkpoints go with
+    --overwrite and are refused without it. Other files stay."""
+    from twa_tool.demo import DemoTrainConfig, train_checkpoints
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    (ckpts / "2.safetensors").write_bytes(b"an earlier, longer demo's last checkpoint")
+    (ckpts / "notes.txt").write_text("mine")
+    before = snapshot(ckpts)
+    config = DemoTrainConfig(out_dir=ckpts, epochs=1, model_args=(("in_channels", "1"), ("num_classes", "10"),
+                                                                  ("width", "2")), batch_size=512)
+    with pytest.raises(OutputError, match=r"2.safetensors already exists \(an earlier run's checkpoint"):
+        train_checkpoints(config)
+    assert snapshot(ckpts) == before
+    written = train_checkpoints(DemoTrainConfig(**{**config.__dict__, "overwrite": True}))
+    assert [p.name for p in written] == ["0.safetensors", "1.safetensors"]
+    assert names_in(ckpts) == ["0.safetensors", "1.safetensors", "notes.txt"]
 
 
 # ------------------------------------------------------------------ a failed run leaves no empty folder

@@ -798,4 +798,35 @@ def main() -> None:
     """
     if _main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    cli.main(auto_envvar_prefix="TWA")
+    try:
+        cli.main(auto_envvar_prefix="TWA")
+    finally:
+        if _main_thread():
+            exit_at_once_on_signal()
+
+
+def exit_at_once_on_signal() -> None:
+    """Once the command has ended (its result printed, its exit code chosen), the interpreter still shuts down
+    (torch's teardown takes a second or more): a SIGINT/SIGTERM then ends the process at once with 130/143 and
+    one line, with stdout flushed (the ``--json`` document stays whole). Raised into an atexit callback as
+    before, it printed a traceback ('Exception ignored in atexit callback') and the process exited 0. (After the
+    exit handlers Python puts back the default actions, no Python code runs again, and the signal ends the process
+    itself; shells report that as 130/143 too.) An ignored signal (a failed torchrun rank's,
+    ``_final_under_torchrun``) stays ignored."""
+
+    def on_signal(signum: int, frame: object) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, RuntimeError):  # closed, broken pipe, a write the signal interrupted
+                pass
+        word = "interrupted" if signum == signal.SIGINT else "terminated"
+        try:
+            os.write(2, f"{word} while exiting, after the command had finished (see above)\n".encode())
+        except OSError:
+            pass
+        os._exit(130 if signum == signal.SIGINT else 143)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, on_signal)

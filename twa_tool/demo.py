@@ -6,6 +6,7 @@ It stands in for the user's own training script, so ``twa demo`` works offline o
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from .data import build_data
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .models import MODEL_ARGS_METADATA_KEY, MODEL_METADATA_KEY, build_model
 from .writer import prepare_output_dir, save_safetensors
 
@@ -54,12 +55,30 @@ def train_checkpoints(config: DemoTrainConfig, on_epoch: Callable[[int, float], 
     created = missing_folders(config.out_dir)
     written: list[Path] = []
     with prepare_output_dir(config.out_dir, names, config.overwrite):  # locked: one demo per folder at a time
+        remove_earlier_checkpoints(config.out_dir, names, config.overwrite)
         try:
             _train(config, names, data.train, model, on_epoch, written)
         except BaseException:
             remove_partial(written, created)
             raise
     return written
+
+
+_DEMO_CHECKPOINT = re.compile(r"^\d+\.safetensors$")
+
+
+def remove_earlier_checkpoints(out_dir: Path, names: tuple[str, ...], overwrite: bool) -> list[str]:
+    """The numbered checkpoints of an earlier demo that this one does not write (a longer run's ``5.safetensors``
+    after ``--train-epochs 2``) would be averaged with the new ones: with ``--overwrite`` they are removed (the
+    earlier run is being replaced), without it refused like the names this run writes. Other files stay."""
+    earlier = sorted((p.name for p in out_dir.iterdir() if _DEMO_CHECKPOINT.match(p.name) and p.name not in names
+                      and (p.is_file() or p.is_symlink())), key=lambda n: int(n.split(".")[0]))
+    if earlier and not overwrite:
+        raise OutputError(f"{out_dir / earlier[0]} already exists (an earlier run's checkpoint: twa average would "
+                          f"read it with this run's); pass --overwrite or choose another --out")
+    for name in earlier:
+        (out_dir / name).unlink(missing_ok=True)
+    return earlier
 
 
 def missing_folders(*paths: Path) -> list[Path]:

@@ -133,12 +133,15 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
 
     ``input_dir`` is the folder the inputs are discovered in: an output in it or anywhere under it
     would be read as a checkpoint by the next run, so it is refused (symlinks resolved). Without it, the
-    folders of ``inputs`` are refused. Any ``inputs`` file itself is never overwritten.
+    folders of ``inputs`` are refused. Any ``inputs`` file itself is never overwritten, nor removed as an
+    earlier run's output (e.g. soup's ``--base`` kept as ``model.safetensors`` where a sharded output goes).
     """
-    targets = {(out_dir / n).resolve() for n in names}
+    replaced = set(names) | (set(outputs_in(out_dir)) if any(is_output_name(n) for n in names) else set())
+    targets = {(out_dir / n).resolve(): n for n in replaced}
     clash = next((p for p in inputs if p.resolve() in targets), None)
     if clash is not None:
-        raise OutputError(f"{out_dir}: writing there would overwrite the input {clash}; choose another --out")
+        verb = "overwrite" if targets[clash.resolve()] in names else "remove (as an earlier run's output)"
+        raise OutputError(f"{out_dir}: writing there would {verb} the input {clash}; choose another --out")
     if input_dir is None:  # the inputs' own folders are the input folders
         folder = next((p.parent for p in inputs if p.resolve().parent == out_dir.resolve()), None)
     else:  # only ``input_dir`` is read again: e.g. soup's --base may live where the output goes
@@ -149,6 +152,10 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
     if input_dir is not None and input_dir.resolve() in out_dir.resolve().parents:
         raise OutputError(f"--out {out_dir}: is inside the input folder {input_dir} (the next run would read the "
                           f"output as a checkpoint); choose an --out outside {input_dir}")
+    folder_named = next((n for n in names if (out_dir / n).is_dir() and not (out_dir / n).is_symlink()), None)
+    if folder_named is not None:  # no rename can replace it: found now, not after the whole run
+        raise OutputError(f"{out_dir / folder_named}: is a folder where the output writes a file; move it away or "
+                          f"choose another --out")
     existing = [n for n in names if (out_dir / n).exists() or (out_dir / n).is_symlink()]
     if any(is_output_name(n) for n in names):  # a run replaces every earlier output there, not only its names
         existing += [n for n in outputs_in(out_dir) if n not in existing]
