@@ -202,6 +202,19 @@ def test_low_precision_basis_within_its_documented_tolerance(storage: str) -> No
     assert 1e-5 < error <= PROJECTION_TOLERANCE[storage]
 
 
+@pytest.mark.parametrize("step", [None, 4096, 5000, 1 << 25])
+def test_int8_projection_of_a_float32_gradient_is_its_dequantized_rows(step: int | None) -> None:
+    """The CPU int8 projection scales the partial products and the coefficients, not every entry: it must equal
+    P^T (P g) with P the dequantized rows, for float32 gradients (training's), ragged last blocks included."""
+    low = build_subspace(trajectory(7, 4096 * 5 + 1000), storage="int8")
+    dense = torch.cat([part for _, part in low.basis.column_chunks(torch.float64)], dim=1)
+    g = torch.randn(dense.shape[1], generator=torch.Generator().manual_seed(2))
+    expected = dense.T @ (dense @ g.double())
+    got = low.basis.project(g, step=step)
+    assert got.dtype == torch.float32
+    assert torch.linalg.vector_norm(got.double() - expected) <= 1e-6 * torch.linalg.vector_norm(expected)
+
+
 def test_int8_chunks_dequantize_every_column_block() -> None:
     values = torch.randn(3, 3 * 4096 + 17)
     values[1, 4096:8192] = 0  # an all-zero block stays exactly zero
