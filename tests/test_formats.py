@@ -601,3 +601,31 @@ def test_a_file_named_like_a_checkpoint_without_weights_says_why(tmp_path: Path,
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     assert text in str(err.value) and "--exclude 3." in str(err.value)
+
+
+def test_a_sharded_final_model_beside_the_checkpoint_folders_is_one_checkpoint(tmp_path: Path) -> None:
+    """``Trainer.save_model`` writes the final model into output_dir itself, beside ``checkpoint-<step>/``; when
+    it is sharded, each shard used to be listed as a checkpoint of its own (which matched no model)."""
+    from twa_tool.catalog import inspect_directory
+    from twa_tool.config import Selection
+
+    for step in (1, 2):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        save_file(state(step), folder / "model.safetensors")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    final = state(3)
+    keys = sorted(final)
+    shards = {"model-00001-of-00002.safetensors": keys[:2], "model-00002-of-00002.safetensors": keys[2:]}
+    for name, names in shards.items():
+        save_file({k: final[k] for k in names}, tmp_path / name)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}))
+    (tmp_path / "config.json").write_text("{}")
+    found = discover(tmp_path)
+    assert [(f.name, f.path) for f in found] == [("checkpoint-1", tmp_path / "checkpoint-1" / "model.safetensors"),
+                                                ("checkpoint-2", tmp_path / "checkpoint-2" / "model.safetensors"),
+                                                ("model.safetensors.index.json", tmp_path)]
+    assert_same(load_checkpoint(tmp_path).state, final)
+    catalog = inspect_directory(tmp_path, Selection())
+    assert catalog.ignored == ("config.json",)

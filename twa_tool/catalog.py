@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoints import CheckpointFile, HeaderInfo, discover, read_header
+from .checkpoints import CheckpointFile, HeaderInfo, discover, folder_weight_files, read_header
 from .config import Selection
 from .errors import TwaError
 from .selection import mixed_dtypes, order_conflict, select
@@ -93,6 +93,8 @@ def inspect_directory(directory: Path, selection: Selection, weights: str = "raw
                              status="selected" if f.name in selected_names else reasons.get(f.name, "not selected"),
                              error=headers[f.name][1]) for f in files}
     weight_paths = {f.path for f in files} | {f.path.parent for f in files}
+    if any(f.path == directory for f in files):  # a sharded model saved in the folder itself: one entry
+        weight_paths |= set(folder_weight_files(directory))
     ignored = sorted(p.name for p in directory.iterdir() if p not in weight_paths and not p.name.startswith("."))
     readable = [f.name for f in chosen.files if headers[f.name][0] is not None]
     found = {n: headers[n][0] for n in readable}

@@ -383,11 +383,26 @@ def discover(directory: Path) -> list[CheckpointFile]:
         if NON_WEIGHT_STEMS.match(_strip_suffix(entry.name)):
             continue
         found.append(CheckpointFile(name=entry.name, path=entry))
+    found = _group_top_level_shards(directory, found)
     if not found:
         refused = _folder_refusal(directory)
         if refused is not None:
             raise refused[0](refused[1])
     return sorted(found, key=order_key)
+
+
+def _group_top_level_shards(directory: Path, found: list[CheckpointFile]) -> list[CheckpointFile]:
+    """A sharded model saved in ``directory`` itself (``Trainer.save_model`` writes the final model beside the
+    ``checkpoint-<step>/`` folders) is one checkpoint, listed under its index's name, not one per shard."""
+    layout = _hf_layout(directory)
+    if layout is None or layout[0] != "index":
+        return found
+    try:
+        shards = {shard.resolve() for shard in _index_shards(layout[1])}
+    except (CheckpointError, OSError):
+        return found  # a broken index: its shards stay listed, and reading them says what is wrong
+    kept = [entry for entry in found if entry.path.resolve() not in shards]
+    return kept + [CheckpointFile(name=layout[1].name, path=directory)]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20, verify_zip_crc: bool = False) -> str:
@@ -402,7 +417,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20, verify_zip_crc: bool = False) 
     """
     path = Path(path)
     if path.is_dir():
-        files = _folder_weight_files(path)
+        files = folder_weight_files(path)
         if not files:
             raise CheckpointError(f"{path}: no model weights in this folder to hash")
         digest = hashlib.sha256()
@@ -1196,7 +1211,8 @@ def _index_shards(index: Path) -> dict[Path, set[str]]:
     return shards
 
 
-def _folder_weight_files(folder: Path) -> list[Path]:
+def folder_weight_files(folder: Path) -> list[Path]:
+    """The weight files of a ``checkpoint-<step>/`` style folder: its weight file, or its index and shards."""
     layout = _hf_layout(folder)
     if layout is None:
         return []
