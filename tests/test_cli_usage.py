@@ -87,6 +87,28 @@ def test_environment_values_are_validated_like_flags(demo_ckpts: Path, tmp_path:
     assert_one_line_error(result, 2, "--range 1:x")
 
 
+def test_a_usage_error_names_the_variable_that_set_the_flag(demo_ckpts: Path, tmp_path: Path) -> None:
+    """A value from a TWA_* variable (set once in a profile or CI file, then forgotten) is named in the error, which
+    otherwise blames a flag the command line does not have; a flag given on the command line is not."""
+    out = ["--out", tmp_path / "o"]
+    result = invoke("average", demo_ckpts, *FAST, *out, env={"TWA_AVERAGE_BASIS_DTYPE": "int9"})
+    assert_one_line_error(result, 2, "'--basis-dtype': 'int9' is not one of",
+                          "(from the environment: TWA_AVERAGE_BASIS_DTYPE=int9; see 'twa average --help')")
+    result = invoke("demo", "--out", tmp_path / "d", env={"TWA_DEMO_THREADS": "0"})
+    assert_one_line_error(result, 2, "--threads 0: must be at least 1 (from the environment: TWA_DEMO_THREADS=0)")
+    assert not (tmp_path / "d").exists()
+    result = invoke("average", demo_ckpts, *FAST, *out, "--fail-if-worse-than", "best",
+                    env={"TWA_AVERAGE_BASELINES": "swa"})
+    assert_one_line_error(result, 2, "add it to --baselines (from the environment: TWA_AVERAGE_BASELINES=swa)")
+    result = invoke("average", demo_ckpts, *FAST, *out, "--basis-dtype", "int9",
+                    env={"TWA_AVERAGE_BASIS_DTYPE": "int8"})
+    assert_one_line_error(result, 2, "'--basis-dtype': 'int9'")
+    assert "environment" not in result.stderr
+    result = CliRunner().invoke(cli, ["inspect", str(demo_ckpts)], env={"TWA_INSPECT_RANGE_": "bad"},
+                                auto_envvar_prefix="TWA")  # click's own name for the parameter
+    assert_one_line_error(result, 2, "--range bad", "(from the environment: TWA_INSPECT_RANGE_=bad)")
+
+
 def test_click_parameter_names_still_work_under_the_prefix(demo_ckpts: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["inspect", str(demo_ckpts)], env={"TWA_INSPECT_RANGE_": "bad"},
                                 auto_envvar_prefix="TWA")

@@ -236,7 +236,11 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
             console = make_console(quiet=False)
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
-        console.print(f"[red]{prefix}error:[/red] {escape(str(err))}", soft_wrap=True)
+        message = str(err)
+        if isinstance(err, ConfigError):  # a flag's value may come from a TWA_* variable the user forgot
+            note = environment_note(click.get_current_context(silent=True), re.findall(r"--[a-z][a-z0-9-]*", message))
+            message += f" ({note})" if note else ""
+        console.print(f"[red]{prefix}error:[/red] {escape(message)}", soft_wrap=True)
         if err.details:
             console.print(details_text(err.details), soft_wrap=True, markup=False, highlight=False)
         _record_for_torchrun(err, verbose)
@@ -323,9 +327,29 @@ def report_usage_error(err: click.ClickException) -> int:
     message = err.format_message().rstrip(".")
     ctx = getattr(err, "ctx", None)
     if isinstance(err, click.UsageError) and ctx is not None:
-        message += f" (see '{ctx.command_path} --help')"
+        param = getattr(err, "param", None)
+        note = environment_note(ctx, param.opts if param is not None else [])
+        message += f" ({note}; see '{ctx.command_path} --help')" if note else f" (see '{ctx.command_path} --help')"
     make_console(quiet=False).print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return err.exit_code
+
+
+def environment_note(ctx: click.Context | None, flags: list[str]) -> str:
+    """``from the environment: TWA_AVERAGE_RANGE=bad`` when any of ``flags`` took its value from a variable (one
+    set in a shell profile or a CI file is easily forgotten: the error names a flag the command line lacks)."""
+    from click.core import ParameterSource
+
+    found = []
+    for param in ctx.command.params if ctx is not None else []:
+        if param.name is None or not set(flags) & set(param.opts):
+            continue
+        if ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
+            continue
+        names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
+        if ctx.auto_envvar_prefix:  # click's own name, from the parameter (TWA_AVERAGE_AS_JSON)
+            names.append(f"{ctx.auto_envvar_prefix}_{param.name.upper()}")
+        found += [f"{name}={os.environ[name]}" for name in names if name in os.environ][:1]
+    return f"from the environment: {', '.join(found)}" if found else ""
 
 
 def report_interrupt(err: BaseException, verbose: bool) -> int:
