@@ -316,6 +316,31 @@ def test_an_interrupted_demo_leaves_nothing(during: str, tmp_path: Path, monkeyp
     assert list((tmp_path / "keep").iterdir()) == []
 
 
+def test_demo_takes_the_download_its_missing_data_error_advises(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`twa demo --data cifar10` without the files says "pass --data-root DIR ..., or --download": the demo takes
+    --download (it had no such option: exit 2) and hands it to the dataset (a stand-in download writes tiny files)."""
+    import numpy as np
+
+    import twa_tool.data
+    from tests.test_data import write_cifar10
+
+    calls = []
+
+    def download(name: str, class_name: str, root: Path, **kwargs: object) -> None:
+        calls.append(name)
+        write_cifar10(root, np.random.default_rng(0))
+
+    monkeypatch.setattr(twa_tool.data, "_torchvision_download", download)
+    args = ["demo", "--data", "cifar10", "--data-root", tmp_path / "data", "--out", tmp_path / "d", "--train-epochs",
+            "1", "--epochs", "1", "--threads", "1"]
+    assert_one_line_error(invoke(*args), 4, "no CIFAR-10 files", "or --download", progress=True)
+    assert calls == [] and not (tmp_path / "d").exists()
+    result = invoke(*args, "--download")
+    assert result.exit_code == 0, result.output
+    assert calls == ["cifar10"] and (tmp_path / "d" / "twa" / "model.safetensors").is_file()
+
+
 # --- 7. benchmarks/soup_memory.py passes names twa soup accepts ---------------------------------------------------
 
 def test_soup_memory_default_dtypes_are_basis_dtypes() -> None:

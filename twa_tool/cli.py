@@ -690,6 +690,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
 @click.option("--data", default="synthetic", show_default=True,
               help="Dataset for the demo run (synthetic needs no files; fashion-mnist reads the Debian package).")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None)
+@click.option("--download", is_flag=True, help="Allow downloading the dataset (off: offline by default).")
 @click.option("--train-epochs", type=int, default=8, show_default=True, help="Epochs of the plain SGD run.")
 @click.option("--epochs", type=int, default=4, show_default=True, help="TWA epochs.")
 @click.option("--lr", type=float, default=2.0, show_default=True, help="TWA learning rate.")
@@ -697,8 +698,8 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine).")
 @common_output_options
-def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, epochs: int, lr: float, seed: int,
-         threads: int | None, out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool,
+def demo(out_dir: Path, data: str, data_root: Path | None, download: bool, train_epochs: int, epochs: int, lr: float,
+         seed: int, threads: int | None, out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool,
          quiet: bool, verbose: bool) -> None:
     """Offline end-to-end demo: train a small CNN saving a checkpoint per epoch, then run TWA on them.
 
@@ -718,7 +719,7 @@ def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, ep
 
         set_threads(threads)
         in_channels = "3" if data in ("cifar10", "cifar100", "svhn") else "1"
-        train_config = DemoTrainConfig(out_dir=out_dir / "ckpts", data=data, data_root=data_root,
+        train_config = DemoTrainConfig(out_dir=out_dir / "ckpts", data=data, data_root=data_root, download=download,
                                        epochs=train_epochs, seed=seed, overwrite=overwrite,
                                        model_args=(("in_channels", in_channels), ("num_classes", "10"),
                                                    ("width", "8")))

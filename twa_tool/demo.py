@@ -27,6 +27,7 @@ class DemoTrainConfig:
     model: str = "twa:cnn"
     model_args: tuple[tuple[str, str], ...] = (("in_channels", "1"), ("num_classes", "10"), ("width", "8"))
     data_root: Path | None = None
+    download: bool = False
     epochs: int = 8
     lr: float = 0.05
     momentum: float = 0.9
@@ -49,7 +50,7 @@ def train_checkpoints(config: DemoTrainConfig, on_epoch: Callable[[int, float], 
     """
     torch.manual_seed(config.seed)
     names = tuple(f"{e}.safetensors" for e in range(config.epochs + 1))
-    data = build_data(config.data, root=config.data_root)
+    data = build_data(config.data, root=config.data_root, download=config.download)
     model = build_model(config.model, config.model_args)
     created = missing_folders(config.out_dir)
     written: list[Path] = []
