@@ -2,8 +2,8 @@
 
 The only module that talks to the user. Human output goes to stderr (rich), machine output
 (``--json``) to stdout. Errors are one line naming the file or flag and the fix; ``-v`` adds the
-traceback. Exit codes: 0 ok, 1 unexpected, 2 usage, 4 bad input, 5 unsafe input, 6 numerical
-failure, 7 output failure, 130 interrupted, 143 terminated.
+traceback. Exit codes: 0 ok, 1 unexpected, 2 usage, 3 quality gate, 4 bad input, 5 unsafe input, 6 numerical
+failure, 7 output failure, 8 another torchrun rank failed, 130 interrupted, 143 terminated.
 """
 
 from __future__ import annotations
