@@ -341,6 +341,25 @@ def test_demo_takes_the_download_its_missing_data_error_advises(tmp_path: Path,
     assert calls == ["cifar10"] and (tmp_path / "d" / "twa" / "model.safetensors").is_file()
 
 
+def test_demo_cnn_takes_its_channels_and_classes_from_the_data(tmp_path: Path) -> None:
+    """`twa demo --data cifar100` trained a 10-class CNN on labels up to 99 ("unexpected error: IndexError: Target
+    89 is out of bounds", exit 1); the CNN's in_channels and num_classes now follow the data, and are recorded."""
+    import numpy as np
+    from safetensors import safe_open
+
+    from tests.test_data import random_rows, write_cifar_batch
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "data" / "cifar-100-python"
+    write_cifar_batch(folder / "train", random_rows(rng, 8), [0, 99, 50, 7, 3, 98, 1, 2], "fine_labels")
+    write_cifar_batch(folder / "test", random_rows(rng, 4), [98, 1, 5, 6], "fine_labels")
+    result = invoke("demo", "--data", "cifar100", "--data-root", tmp_path / "data", "--out", tmp_path / "d",
+                    "--train-epochs", "1", "--epochs", "1", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    with safe_open(tmp_path / "d" / "ckpts" / "0.safetensors", framework="pt") as f:
+        assert json.loads(f.metadata()["twa.model_args"]) == {"in_channels": "3", "num_classes": "100", "width": "8"}
+
+
 # --- 7. benchmarks/soup_memory.py passes names twa soup accepts ---------------------------------------------------
 
 def test_soup_memory_default_dtypes_are_basis_dtypes() -> None:
