@@ -87,6 +87,28 @@ def test_environment_values_are_validated_like_flags(demo_ckpts: Path, tmp_path:
     assert_one_line_error(result, 2, "--range 1:x")
 
 
+def test_a_usage_error_names_the_variable_that_set_the_flag(demo_ckpts: Path, tmp_path: Path) -> None:
+    """A value from a TWA_* variable (set once in a profile or CI file, then forgotten) is named in the error, which
+    otherwise blames a flag the command line does not have; a flag given on the command line is not."""
+    out = ["--out", tmp_path / "o"]
+    result = invoke("average", demo_ckpts, *FAST, *out, env={"TWA_AVERAGE_BASIS_DTYPE": "int9"})
+    assert_one_line_error(result, 2, "'--basis-dtype': 'int9' is not one of",
+                          "(from the environment: TWA_AVERAGE_BASIS_DTYPE=int9; see 'twa average --help')")
+    result = invoke("demo", "--out", tmp_path / "d", env={"TWA_DEMO_THREADS": "0"})
+    assert_one_line_error(result, 2, "--threads 0: must be at least 1 (from the environment: TWA_DEMO_THREADS=0)")
+    assert not (tmp_path / "d").exists()
+    result = invoke("average", demo_ckpts, *FAST, *out, "--fail-if-worse-than", "best",
+                    env={"TWA_AVERAGE_BASELINES": "swa"})
+    assert_one_line_error(result, 2, "add it to --baselines (from the environment: TWA_AVERAGE_BASELINES=swa)")
+    result = invoke("average", demo_ckpts, *FAST, *out, "--basis-dtype", "int9",
+                    env={"TWA_AVERAGE_BASIS_DTYPE": "int8"})
+    assert_one_line_error(result, 2, "'--basis-dtype': 'int9'")
+    assert "environment" not in result.stderr
+    result = CliRunner().invoke(cli, ["inspect", str(demo_ckpts)], env={"TWA_INSPECT_RANGE_": "bad"},
+                                auto_envvar_prefix="TWA")  # click's own name for the parameter
+    assert_one_line_error(result, 2, "--range bad", "(from the environment: TWA_INSPECT_RANGE_=bad)")
+
+
 def test_click_parameter_names_still_work_under_the_prefix(demo_ckpts: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["inspect", str(demo_ckpts)], env={"TWA_INSPECT_RANGE_": "bad"},
                                 auto_envvar_prefix="TWA")
@@ -292,6 +314,50 @@ def test_an_interrupted_demo_leaves_nothing(during: str, tmp_path: Path, monkeyp
     assert result.exit_code == 130, result.output
     assert "interrupted: no partial output was left" in result.stderr
     assert list((tmp_path / "keep").iterdir()) == []
+
+
+def test_demo_takes_the_download_its_missing_data_error_advises(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`twa demo --data cifar10` without the files says "pass --data-root DIR ..., or --download": the demo takes
+    --download (it had no such option: exit 2) and hands it to the dataset (a stand-in download writes tiny files)."""
+    import numpy as np
+
+    import twa_tool.data
+    from tests.test_data import write_cifar10
+
+    calls = []
+
+    def download(name: str, class_name: str, root: Path, **kwargs: object) -> None:
+        calls.append(name)
+        write_cifar10(root, np.random.default_rng(0))
+
+    monkeypatch.setattr(twa_tool.data, "_torchvision_download", download)
+    args = ["demo", "--data", "cifar10", "--data-root", tmp_path / "data", "--out", tmp_path / "d", "--train-epochs",
+            "1", "--epochs", "1", "--threads", "1"]
+    assert_one_line_error(invoke(*args), 4, "no CIFAR-10 files", "or --download", progress=True)
+    assert calls == [] and not (tmp_path / "d").exists()
+    result = invoke(*args, "--download")
+    assert result.exit_code == 0, result.output
+    assert calls == ["cifar10"] and (tmp_path / "d" / "twa" / "model.safetensors").is_file()
+
+
+def test_demo_cnn_takes_its_channels_and_classes_from_the_data(tmp_path: Path) -> None:
+    """`twa demo --data cifar100` trained a 10-class CNN on labels up to 99 ("unexpected error: IndexError: Target
+    89 is out of bounds", exit 1); the CNN's in_channels and num_classes now follow the data, and are recorded."""
+    import numpy as np
+    from safetensors import safe_open
+
+    from tests.test_data import random_rows, write_cifar_batch
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "data" / "cifar-100-python"
+    write_cifar_batch(folder / "train", random_rows(rng, 8), [0, 99, 50, 7, 3, 98, 1, 2], "fine_labels")
+    write_cifar_batch(folder / "test", random_rows(rng, 4), [98, 1, 5, 6], "fine_labels")
+    result = invoke("demo", "--data", "cifar100", "--data-root", tmp_path / "data", "--out", tmp_path / "d",
+                    "--train-epochs", "1", "--epochs", "1", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    with safe_open(tmp_path / "d" / "ckpts" / "0.safetensors", framework="pt") as f:
+        assert json.loads(f.metadata()["twa.model_args"]) == {"in_channels": "3", "num_classes": "100", "width": "8"}
 
 
 # --- 7. benchmarks/soup_memory.py passes names twa soup accepts ---------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +84,45 @@ def test_summarize_errors_are_one_line(run_dir: Path, args: list[str], message: 
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def script_array(script: str, name: str, out: Path) -> list[str]:
+    """The bash array ``name=(...)`` a script defines, expanded by bash with ``OUT=out``."""
+    match = re.search(rf"^{name}=\(.*?\)", (ROOT / script).read_text(), re.M | re.S)
+    assert match, f"{script} defines no {name}=(...)"
+    expanded = subprocess.run(["bash", "-c", f'OUT={shlex.quote(str(out))}; {match.group(0)}; printf "%s\\0" '
+                                             f'"${{{name}[@]}}"'], capture_output=True, text=True, check=True)
+    return expanded.stdout.split("\0")[:-1]
+
+
+@pytest.mark.parametrize("script", ["examples/soup/run.sh", "examples/soup/sweep.sh"])
+def test_soup_example_commands_build_the_recorded_model(script: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example's `twa soup` options on ingredients written as make_finetunes.py writes them (a file spec in
+    twa.model, which twa never runs unless --model names it): the run gets past the model (it was refused, exit 5).
+    Only --data/--holdout are replaced (tiny data: the real ones read 22k Fashion-MNIST images)."""
+    import torch
+    from click.testing import CliRunner
+
+    from twa_tool.cli import cli
+    from twa_tool.writer import save_safetensors
+
+    spec = re.search(r'^MODEL_SPEC = "(.*)"', (ROOT / "examples/soup/make_finetunes.py").read_text(), re.M)[1]
+    metadata = {"twa.model": spec, "twa.model_args": "{}"}  # as make_finetunes.py writes them
+    cnn = load_script("examples/fashion_mnist/model.py").cnn
+    (tmp_path / "finetunes").mkdir()
+    for seed, name in enumerate(["pretrained.safetensors", "finetunes/ft-0.safetensors", "finetunes/ft-1.safetensors"]):
+        torch.manual_seed(seed)
+        save_safetensors(tmp_path / name, cnn().state_dict(), metadata)
+    data = tmp_path / "tiny.py"
+    data.write_text("import torch\nfrom torch.utils.data import TensorDataset\n\n\ndef make():\n"
+                    "    g = torch.Generator().manual_seed(0)\n"
+                    "    x, y = torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)\n"
+                    "    d = TensorDataset(x, y)\n"
+                    "    return d, d\n")
+    monkeypatch.chdir(ROOT)  # the scripts run from the repository root (relative model and data specs)
+    args = ["soup", str(tmp_path / "finetunes"), *script_array(script, "common", tmp_path), "--out",
+            str(tmp_path / "soup"), "--data", f"{data}:make", "--holdout", f"{data}:make", "--epochs", "1", "-q"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "soup" / "report.json").read_text())["model"]["spec"] == spec

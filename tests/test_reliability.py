@@ -262,6 +262,36 @@ def test_sigkill_during_the_write_then_a_clean_rerun(demo_ckpts: Path, tmp_path:
     load_file(out / "model.safetensors")
 
 
+class Config:
+    """Pickled as ``__main__.Config``, as a class defined in a training script is (see the test below)."""
+
+    def __init__(self) -> None:
+        self.lr = 0.1
+
+
+def test_a_class_of_the_saving_script_gets_the_fix_that_works(demo_ckpts: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`torch.save({"model": ..., "config": Config()})` in a training script pickles `__main__.Config`, which no
+    other program can import: the refusal advised --allow-global __main__.Config (exit 2, "cannot import it") and
+    --trust-pickle (exit 4, "run twa where that code is importable"). Each now gives the fix that works."""
+    import __main__
+
+    monkeypatch.setattr(Config, "__module__", "__main__")
+    monkeypatch.setattr(__main__, "Config", Config, raising=False)
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    for i in (1, 2):
+        torch.save({"model": good(demo_ckpts, i), "config": Config()}, root / f"{i}.pt")
+    monkeypatch.delattr(__main__, "Config")  # as in twa's process: its __main__ is not the training script
+    args = ["average", str(root), *model_flags(), *FAST, "--out", str(tmp_path / "o")]
+    fix = "load it where that class is defined (the training script) and save the state dict alone"
+    for extra, code in (([], 5), (["--allow-global", "__main__.Config"], 2), (["--trust-pickle"], 4)):
+        result = CliRunner().invoke(cli, [*args, *extra])
+        assert result.exit_code == code, result.output
+        assert fix in result.stderr and "pass --trust-pickle" not in result.stderr, result.stderr
+        assert not (tmp_path / "o").exists()
+
+
 def test_unknown_class_in_hparams_needs_an_explicit_allow(demo_ckpts: Path, tmp_path: Path) -> None:
     """Row 13: a Lightning-like checkpoint whose hparams hold a class is refused naming it, never loaded by a
     silent fallback; --allow-global for exactly that name loads it."""

@@ -118,8 +118,17 @@ class PickleTrust:
         return [_resolve_global(name) for name in self.allow]
 
 
+#: The fix for a pickle that holds a class of the script that saved it (``__main__``): no other program can
+#: import that class, so neither --allow-global nor --trust-pickle can load the file.
+MAIN_CLASS_FIX = ("a class defined in the script that saved the file (__main__) cannot be imported by any other "
+                  "program, so neither --allow-global nor --trust-pickle can load it: load it where that class "
+                  "is defined (the training script) and save the state dict alone (torch.save or safetensors)")
+
+
 def _resolve_global(name: str) -> object:
     module, _, attr = name.rpartition(".")
+    if module == "__main__":
+        raise ConfigError(f"--allow-global {name}: {MAIN_CLASS_FIX}")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError, ValueError):
@@ -920,6 +929,8 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
             try:
                 return torch.load(str(path), map_location="cpu", weights_only=False, mmap=is_zip)
             except (ModuleNotFoundError, AttributeError) as err:  # a class it pickled cannot be found here
+                if any(name.startswith("__main__.") for name in _unsafe_globals(path)):
+                    raise CheckpointError(f"{path}: {MAIN_CLASS_FIX}") from None
                 raise CheckpointError(
                     f"{path}: unpickling it needs code that is not importable here ({type(err).__name__}: {err}); "
                     f"run twa where that code is importable (its project's environment), or convert the file to "
@@ -930,10 +941,11 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
             except Exception as err:  # classified below, inside the allow-list context
                 unsafe = _unsafe_globals(path) or _REFUSED_GLOBAL.findall(str(err))
                 if unsafe:  # every name, in a stable order: each is what --allow-global needs
-                    raise UnsafeInputError(
-                        f"{path}: refused to unpickle code objects ({', '.join(sorted(set(unsafe)))}); convert the "
-                        f"file to safetensors, allow each with --allow-global NAME, or pass --trust-pickle if you "
-                        f"trust its origin") from None
+                    fix = (MAIN_CLASS_FIX if any(name.startswith("__main__.") for name in unsafe) else
+                           "convert the file to safetensors, allow each with --allow-global NAME, or pass "
+                           "--trust-pickle if you trust its origin")
+                    raise UnsafeInputError(f"{path}: refused to unpickle code objects "
+                                           f"({', '.join(sorted(set(unsafe)))}); {fix}") from None
                 detail = _weights_only_detail(err)
                 if isinstance(err, pickle.UnpicklingError) and _POLICY_REFUSAL.search(detail):
                     raise UnsafeInputError(

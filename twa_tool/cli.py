@@ -2,8 +2,8 @@
 
 The only module that talks to the user. Human output goes to stderr (rich), machine output
 (``--json``) to stdout. Errors are one line naming the file or flag and the fix; ``-v`` adds the
-traceback. Exit codes: 0 ok, 1 unexpected, 2 usage, 4 bad input, 5 unsafe input, 6 numerical
-failure, 7 output failure, 130 interrupted, 143 terminated.
+traceback. Exit codes: 0 ok, 1 unexpected, 2 usage, 3 quality gate, 4 bad input, 5 unsafe input, 6 numerical
+failure, 7 output failure, 8 another torchrun rank failed, 130 interrupted, 143 terminated.
 """
 
 from __future__ import annotations
@@ -236,7 +236,11 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
             console = make_console(quiet=False)
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
-        console.print(f"[red]{prefix}error:[/red] {escape(str(err))}", soft_wrap=True)
+        message = str(err)
+        if isinstance(err, ConfigError):  # a flag's value may come from a TWA_* variable the user forgot
+            note = environment_note(click.get_current_context(silent=True), re.findall(r"--[a-z][a-z0-9-]*", message))
+            message += f" ({note})" if note else ""
+        console.print(f"[red]{prefix}error:[/red] {escape(message)}", soft_wrap=True)
         if err.details:
             console.print(details_text(err.details), soft_wrap=True, markup=False, highlight=False)
         _record_for_torchrun(err, verbose)
@@ -323,9 +327,29 @@ def report_usage_error(err: click.ClickException) -> int:
     message = err.format_message().rstrip(".")
     ctx = getattr(err, "ctx", None)
     if isinstance(err, click.UsageError) and ctx is not None:
-        message += f" (see '{ctx.command_path} --help')"
+        param = getattr(err, "param", None)
+        note = environment_note(ctx, param.opts if param is not None else [])
+        message += f" ({note}; see '{ctx.command_path} --help')" if note else f" (see '{ctx.command_path} --help')"
     make_console(quiet=False).print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return err.exit_code
+
+
+def environment_note(ctx: click.Context | None, flags: list[str]) -> str:
+    """``from the environment: TWA_AVERAGE_RANGE=bad`` when any of ``flags`` took its value from a variable (one
+    set in a shell profile or a CI file is easily forgotten: the error names a flag the command line lacks)."""
+    from click.core import ParameterSource
+
+    found = []
+    for param in ctx.command.params if ctx is not None else []:
+        if param.name is None or not set(flags) & set(param.opts):
+            continue
+        if ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
+            continue
+        names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
+        if ctx.auto_envvar_prefix:  # click's own name, from the parameter (TWA_AVERAGE_AS_JSON)
+            names.append(f"{ctx.auto_envvar_prefix}_{param.name.upper()}")
+        found += [f"{name}={os.environ[name]}" for name in names if name in os.environ][:1]
+    return f"from the environment: {', '.join(found)}" if found else ""
 
 
 def report_interrupt(err: BaseException, verbose: bool) -> int:
@@ -671,6 +695,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
 @click.option("--data", default="synthetic", show_default=True,
               help="Dataset for the demo run (synthetic needs no files; fashion-mnist reads the Debian package).")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None)
+@click.option("--download", is_flag=True, help="Allow downloading the dataset (off: offline by default).")
 @click.option("--train-epochs", type=int, default=8, show_default=True, help="Epochs of the plain SGD run.")
 @click.option("--epochs", type=int, default=4, show_default=True, help="TWA epochs.")
 @click.option("--lr", type=float, default=2.0, show_default=True, help="TWA learning rate.")
@@ -678,8 +703,8 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine).")
 @common_output_options
-def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, epochs: int, lr: float, seed: int,
-         threads: int | None, out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool,
+def demo(out_dir: Path, data: str, data_root: Path | None, download: bool, train_epochs: int, epochs: int, lr: float,
+         seed: int, threads: int | None, out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool,
          quiet: bool, verbose: bool) -> None:
     """Offline end-to-end demo: train a small CNN saving a checkpoint per epoch, then run TWA on them.
 
@@ -698,11 +723,8 @@ def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, ep
         from .writer import MODEL_FILE, check_output
 
         set_threads(threads)
-        in_channels = "3" if data in ("cifar10", "cifar100", "svhn") else "1"
-        train_config = DemoTrainConfig(out_dir=out_dir / "ckpts", data=data, data_root=data_root,
-                                       epochs=train_epochs, seed=seed, overwrite=overwrite,
-                                       model_args=(("in_channels", in_channels), ("num_classes", "10"),
-                                                   ("width", "8")))
+        train_config = DemoTrainConfig(out_dir=out_dir / "ckpts", data=data, data_root=data_root, download=download,
+                                       epochs=train_epochs, seed=seed, overwrite=overwrite)
         # every flag of both steps is checked before training, so a typo costs no run and leaves no ckpts/
         config = AverageConfig(checkpoint_dir=train_config.out_dir, out_dir=out_dir / "twa", data=data,
                                data_root=data_root, train=TrainConfig(lr=lr, epochs=epochs), seed=seed,

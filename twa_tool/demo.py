@@ -15,9 +15,9 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from .data import build_data
+from .data import DataSplits, build_data
 from .errors import ConfigError, OutputError
-from .models import MODEL_ARGS_METADATA_KEY, MODEL_METADATA_KEY, build_model
+from .models import MODEL_ARGS_METADATA_KEY, MODEL_METADATA_KEY, build_model, check_data_fits
 from .writer import prepare_output_dir, save_safetensors
 
 
@@ -26,8 +26,10 @@ class DemoTrainConfig:
     out_dir: Path
     data: str = "synthetic"
     model: str = "twa:cnn"
-    model_args: tuple[tuple[str, str], ...] = (("in_channels", "1"), ("num_classes", "10"), ("width", "8"))
+    #: ``twa:cnn``'s ``in_channels`` and ``num_classes``, when not given, follow the data (``data_model_args``)
+    model_args: tuple[tuple[str, str], ...] = (("width", "8"),)
     data_root: Path | None = None
+    download: bool = False
     epochs: int = 8
     lr: float = 0.05
     momentum: float = 0.9
@@ -50,14 +52,16 @@ def train_checkpoints(config: DemoTrainConfig, on_epoch: Callable[[int, float], 
     """
     torch.manual_seed(config.seed)
     names = tuple(f"{e}.safetensors" for e in range(config.epochs + 1))
-    data = build_data(config.data, root=config.data_root)
-    model = build_model(config.model, config.model_args)
+    data = build_data(config.data, root=config.data_root, download=config.download)
+    model_args = data_model_args(config, data)
+    model = build_model(config.model, model_args)
+    check_data_fits(model, (data.train, data.eval), data.num_classes, config.model, config.data)
     created = missing_folders(config.out_dir)
     written: list[Path] = []
     with prepare_output_dir(config.out_dir, names, config.overwrite):  # locked: one demo per folder at a time
         remove_earlier_checkpoints(config.out_dir, names, config.overwrite)
         try:
-            _train(config, names, data.train, model, on_epoch, written)
+            _train(config, model_args, names, data.train, model, on_epoch, written)
         except BaseException:
             remove_partial(written, created)
             raise
@@ -81,6 +85,25 @@ def remove_earlier_checkpoints(out_dir: Path, names: tuple[str, ...], overwrite:
     return earlier
 
 
+def data_model_args(config: DemoTrainConfig, data: DataSplits) -> tuple[tuple[str, str], ...]:
+    """``config.model_args``, with ``twa:cnn``'s ``in_channels`` (the first example's channels) and
+    ``num_classes`` (the dataset's, when known) added where not given: CIFAR-100 has 100 classes, an
+    image folder 3 channels."""
+    given = dict(config.model_args)
+    if config.model != "twa:cnn":
+        return config.model_args
+    found = {}
+    if "in_channels" not in given and len(data.train):
+        with torch.random.fork_rng(devices=[]):  # a random transform leaves the run's stream as it was
+            example = data.train[0]
+        inputs = example[0] if isinstance(example, (tuple, list)) and example else None
+        if isinstance(inputs, torch.Tensor) and inputs.ndim == 3:
+            found["in_channels"] = str(inputs.shape[0])
+    if "num_classes" not in given and data.num_classes:
+        found["num_classes"] = str(data.num_classes)
+    return tuple({**found, **given}.items())
+
+
 def missing_folders(*paths: Path) -> list[Path]:
     """The folders among ``paths`` and their parents that do not exist yet, deepest first: what creating
     ``paths`` adds, so what a failed run removes."""
@@ -99,14 +122,15 @@ def remove_partial(files: list[Path], folders: list[Path]) -> None:
             pass  # not empty (or gone): it holds something this run did not write
 
 
-def _train(config: DemoTrainConfig, names: tuple[str, ...], dataset: torch.utils.data.Dataset,
+def _train(config: DemoTrainConfig, model_args: tuple[tuple[str, str], ...], names: tuple[str, ...],
+           dataset: torch.utils.data.Dataset,
            model: torch.nn.Module, on_epoch: Callable[[int, float], None] | None, written: list[Path]) -> None:
     """The SGD loop; appends each checkpoint to ``written`` just before it is saved."""
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(config.seed))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    metadata = {MODEL_METADATA_KEY: config.model, MODEL_ARGS_METADATA_KEY: json.dumps(dict(config.model_args))}
+    metadata = {MODEL_METADATA_KEY: config.model, MODEL_ARGS_METADATA_KEY: json.dumps(dict(model_args))}
     written.append(config.out_dir / names[0])  # before the save: a signal may land after its rename
     save_safetensors(written[-1], model.state_dict(), {**metadata, "twa.epoch": "0"})
     for epoch in range(1, config.epochs + 1):

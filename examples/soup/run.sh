@@ -17,8 +17,9 @@ if [[ -f "$OUT/finetunes.json" ]]; then
 else
   python examples/soup/make_finetunes.py --out "$OUT"
 fi
-common=(--data examples/soup/data.py:finetune --holdout examples/soup/data.py:heldout
-        --base "$OUT/pretrained.safetensors" --threads 1 --overwrite)
+# --model: the ingredients record this file spec, but twa runs no code named by a checkpoint unless it is passed
+common=(--model examples/fashion_mnist/model.py:cnn --data examples/soup/data.py:finetune
+        --holdout examples/soup/data.py:heldout --base "$OUT/pretrained.safetensors" --threads 1 --overwrite)
 python -m twa_tool soup "$OUT/finetunes" "${common[@]}" --out "$OUT/soup"
 python -m twa_tool soup "$OUT/finetunes" "${common[@]}" --granularity layer --out "$OUT/soup-layer" -q
 python examples/soup/summarize.py "$OUT/soup/report.json" "$OUT/soup-layer/report.json"

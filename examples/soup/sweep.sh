@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${OUT:-runs/soup}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-common=(--data examples/soup/data.py:finetune --holdout examples/soup/data.py:heldout --threads 1 --overwrite -q)
+common=(--model examples/fashion_mnist/model.py:cnn --data examples/soup/data.py:finetune
+        --holdout examples/soup/data.py:heldout --threads 1 --overwrite -q)   # --model: as in run.sh
 run() {  # name, extra flags... (--no-base: mix the ingredients themselves instead of task vectors)
   local name=$1; shift
   local base=(--base "$OUT/pretrained.safetensors")
