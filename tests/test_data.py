@@ -240,6 +240,46 @@ def test_failed_download_is_data_error(tmp_path: Path, monkeypatch: pytest.Monke
         build_data("mnist", root=tmp_path, download=True)
 
 
+def test_download_on_a_stalled_network_fails_not_hangs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network that accepts the connection but never answers (a firewall or proxy that swallows the request):
+    torchvision's urlopen passes no timeout, so --download waited forever. It now fails after
+    DOWNLOAD_TIMEOUT_S without progress, in one line naming the fix."""
+    import socket
+    import threading
+    import time
+
+    import torchvision.datasets
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept_and_hold() -> None:  # answers nothing; lets go after 20 s so an old twa fails the test, not hangs
+        server.settimeout(20)
+        try:
+            while True:
+                held.append(server.accept()[0])
+        except OSError:
+            pass
+        for connection in held:
+            connection.close()
+
+    threading.Thread(target=accept_and_hold, daemon=True).start()
+    for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    port = server.getsockname()[1]
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
+    monkeypatch.setattr(data_module, "DOWNLOAD_TIMEOUT_S", 0.5, raising=False)
+    before = socket.getdefaulttimeout()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(DataError, match="download into .* failed.*no answer from the network.*--data-root") as info:
+            build_data("cifar10", root=tmp_path, download=True)
+    finally:
+        server.close()
+    assert time.perf_counter() - start < 10 and "\n" not in str(info.value)
+    assert socket.getdefaulttimeout() == before
+
+
 # --------------------------------------------------------------------------- MNIST / Fashion-MNIST
 
 

@@ -24,9 +24,11 @@ import importlib.util
 import inspect
 import math
 import pickle
+import socket
 import sys
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -210,18 +212,42 @@ def _first_dir(candidates: Sequence[Path], is_complete: Callable[[Path], bool]) 
     return next((d for d in candidates if d.is_dir() and is_complete(d)), None)
 
 
+#: Seconds a download may wait for the network (to connect, or for the next bytes) before it fails.
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+@contextmanager
+def _network_timeout(seconds: float) -> Iterator[None]:
+    """Sockets opened meanwhile (torchvision's ``urlopen`` calls, which pass no timeout) give up after
+    ``seconds`` without progress instead of waiting forever on a network that swallows packets."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _download_failed(name: str, root: Path, exc: BaseException) -> DataError:
+    """The one-line error of a failed download."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, TimeoutError) or "timed out" in reason:
+        reason = f"no answer from the network for {DOWNLOAD_TIMEOUT_S:g} s: {reason}"
+    return DataError(
+        f"--data {name}: download into {root} failed ({reason}); check the network, "
+        "or fetch the files yourself and pass --data-root DIR"
+    )
+
+
 def _torchvision_download(name: str, class_name: str, root: Path, **kwargs: Any) -> None:
     """Downloads a dataset with its torchvision class into ``root`` (contents are re-read by us)."""
     import torchvision.datasets as datasets
 
     try:
-        getattr(datasets, class_name)(str(root), download=True, **kwargs)
+        with _network_timeout(DOWNLOAD_TIMEOUT_S):
+            getattr(datasets, class_name)(str(root), download=True, **kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
-        reason = " ".join(str(exc).split())
-        raise DataError(
-            f"--data {name}: download into {root} failed ({reason}); check the network, "
-            "or fetch the files yourself and pass --data-root DIR"
-        ) from exc
+        raise _download_failed(name, root, exc) from exc
 
 
 def _check_labels(labels: np.ndarray, count: int, num_classes: int, path: Path, name: str) -> np.ndarray:
