@@ -367,6 +367,38 @@ def test_svhn_without_files_or_scipy_is_data_error(tmp_path: Path) -> None:
         assert str(tmp_path / "train_32x32.mat") in message
 
 
+def write_svhn_mat(path: Path, images: np.ndarray, digits: list[int]) -> None:
+    """Writes an SVHN-format .mat file: X is 32 x 32 x 3 x N uint8, y is N x 1 with 10 for the digit 0."""
+    import scipy.io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = np.array([[10 if d == 0 else d] for d in digits], dtype=np.uint8)
+    scipy.io.savemat(str(path), {"X": np.ascontiguousarray(images.transpose(1, 2, 3, 0)), "y": labels})
+
+
+def test_svhn_round_trip_from_mat_files(tmp_path: Path) -> None:
+    """Files in SVHN's layout but not the official ones (md5): torchvision's SVHN called them missing
+    ("no SVHN files under DIR") although they were there; they are now read and their contents checked."""
+    pytest.importorskip("scipy")
+    rng = np.random.default_rng(11)
+    train = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    test = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    write_svhn_mat(tmp_path / "train_32x32.mat", train, [0, 1, 9, 0, 5])
+    write_svhn_mat(tmp_path / "test_32x32.mat", test, [7, 0, 3])
+    splits = build_data("svhn", root=tmp_path)
+    assert (splits.name, splits.num_classes, len(splits.train), len(splits.eval)) == ("svhn", 10, 5, 3)
+    assert splits.train.targets == [0, 1, 9, 0, 5] and splits.eval.targets == [7, 0, 3]
+    mean, std = torch.tensor([0.4377, 0.4438, 0.4728]).view(3, 1, 1), torch.tensor([0.198, 0.201, 0.197]).view(3, 1, 1)
+    for i in range(3):
+        image, target = splits.eval[i]
+        expected = (torch.from_numpy(test[i].astype(np.float32)).permute(2, 0, 1) / 255.0 - mean) / std
+        torch.testing.assert_close(image, expected, atol=1e-5, rtol=0)
+    write_svhn_mat(tmp_path / "test_32x32.mat", test, [7, 0, 3])
+    (tmp_path / "test_32x32.mat").write_bytes((tmp_path / "test_32x32.mat").read_bytes()[:200])
+    with pytest.raises(DataError, match="test_32x32.mat is not an SVHN .mat file"):
+        build_data("svhn", root=tmp_path)
+
+
 # --------------------------------------------------------------------------- ImageFolder / ImageNet
 
 

@@ -10,7 +10,7 @@ statistics) and an evaluation split without augmentation. Accepted specs:
 * ``package.module:function`` or ``path/to/file.py:function`` — a user function returning
   ``(fit_dataset, eval_dataset)``.
 
-Nothing is downloaded unless ``download=True``. CIFAR and (Fashion-)MNIST files are read by the
+Nothing is downloaded unless ``download=True``. CIFAR, (Fashion-)MNIST and SVHN files are read by the
 small loaders here rather than by torchvision, which insists on the md5 sums of the official
 files; torchvision is only used to fetch them.
 """
@@ -513,25 +513,76 @@ def _build_fashion_mnist(root: Path | None, download: bool) -> DataSplits:
 # --------------------------------------------------------------------------- SVHN
 
 
+_SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+
+
+def _svhn_download(base: Path, files: Sequence[str]) -> None:
+    """Fetches the missing SVHN ``files`` into ``base`` (torchvision's URLs and md5 sums)."""
+    import torchvision.datasets as datasets
+    from torchvision.datasets.utils import download_url
+
+    urls = {entry[1]: (entry[0], entry[2]) for entry in datasets.SVHN.split_list.values()}
+    try:
+        with _network_timeout(DOWNLOAD_TIMEOUT_S):
+            for filename in files:
+                url, md5 = urls[filename]
+                download_url(url, str(base), filename, md5)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise _download_failed("svhn", base, exc) from exc
+
+
+def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Reads an SVHN ``*_32x32.mat`` file: ``X`` (32 x 32 x 3 x N uint8) and ``y`` (N labels, 10 for the digit 0)
+    as (``N x 32 x 32 x 3`` images, int64 labels with 0 for the digit 0, as torchvision's ``SVHN``)."""
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(str(path))
+    except OSError as exc:
+        if exc.errno is None:  # scipy's "could not read bytes": a truncated file
+            raise DataError(f"--data svhn: {path} is not an SVHN .mat file (truncated: {exc}); replace it with an "
+                            "intact copy of the official file") from exc
+        raise DataError(f"--data svhn: cannot read {path} ({exc.strerror or exc})") from exc
+    except Exception as exc:  # scipy raises ValueError, TypeError, NotImplementedError... for what is not a v5 .mat
+        raise DataError(
+            f"--data svhn: {path} is not an SVHN .mat file ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+            "replace it with an intact copy of the official file"
+        ) from exc
+    images, labels = mat.get("X"), mat.get("y")
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
+            and images.shape[:3] == (32, 32, 3)):
+        found = "none" if images is None else f"{getattr(images, 'dtype', type(images).__name__)} {np.shape(images)}"
+        raise DataError(
+            f"--data svhn: {path} is not an SVHN .mat file ('X' must be 32 x 32 x 3 x N uint8, found {found}); "
+            "replace it with an intact copy of the official file"
+        )
+    try:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"--data svhn: {path} is not an SVHN .mat file ('y' is not a list of integers)") from exc
+    labels = _check_labels(labels, images.shape[3], 11, path, "svhn")
+    labels[labels == 10] = 0
+    return np.ascontiguousarray(images.transpose(3, 0, 1, 2)), labels
+
+
 def _build_svhn(root: Path | None, download: bool) -> DataSplits:
-    """SVHN (``train_32x32.mat``, ``test_32x32.mat``) via torchvision; needs scipy; no augmentation."""
+    """SVHN (``train_32x32.mat``, ``test_32x32.mat``) read with scipy; no augmentation.
+
+    Read here rather than by torchvision's ``SVHN``, which reports a file whose md5 sum is not the
+    official one as missing."""
     if importlib.util.find_spec("scipy") is None:
         raise DataError("--data svhn: reading SVHN's .mat files needs scipy; pip install scipy")
-    import torchvision.datasets as datasets
-
     base = root if root is not None else _default_root()
+    missing = [f for f in _SVHN_FILES if not (base / f).is_file()]
+    if missing and download:
+        _svhn_download(base, missing)
+        missing = [f for f in _SVHN_FILES if not (base / f).is_file()]
+    if missing:
+        expected = " and ".join(str(base / f) for f in missing)
+        raise MissingData(_missing_message("svhn", "SVHN", base, expected, downloadable=True))
     transform = _normalized((0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197))
-    try:
-        train = datasets.SVHN(str(base), split="train", transform=transform, download=download)
-        test = datasets.SVHN(str(base), split="test", transform=transform, download=download)
-    except (RuntimeError, OSError, ValueError) as exc:
-        if download:
-            reason = " ".join(str(exc).split())
-            raise DataError(
-                f"--data svhn: download into {base} failed ({reason}); check the network, or pass --data-root DIR"
-            ) from exc
-        expected = f"{base / 'train_32x32.mat'} and {base / 'test_32x32.mat'}"
-        raise MissingData(_missing_message("svhn", "SVHN", base, expected, downloadable=True)) from exc
+    train = ArrayImageDataset(*_read_svhn(base / _SVHN_FILES[0]), transform)
+    test = ArrayImageDataset(*_read_svhn(base / _SVHN_FILES[1]), transform)
     return DataSplits(train=train, eval=test, num_classes=10, name="svhn")
 
 
