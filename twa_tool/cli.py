@@ -698,11 +698,9 @@ def demo(out_dir: Path, data: str, data_root: Path | None, train_epochs: int, ep
         from .writer import MODEL_FILE, check_output
 
         set_threads(threads)
-        in_channels = "3" if data in ("cifar10", "cifar100", "svhn") else "1"
         train_config = DemoTrainConfig(out_dir=out_dir / "ckpts", data=data, data_root=data_root,
                                        epochs=train_epochs, seed=seed, overwrite=overwrite,
-                                       model_args=(("in_channels", in_channels), ("num_classes", "10"),
-                                                   ("width", "8")))
+                                       model_args=(("width", "8"),))  # in_channels, num_classes: the data's
         # every flag of both steps is checked before training, so a typo costs no run and leaves no ckpts/
         config = AverageConfig(checkpoint_dir=train_config.out_dir, out_dir=out_dir / "twa", data=data,
                                data_root=data_root, train=TrainConfig(lr=lr, epochs=epochs), seed=seed,

@@ -8,16 +8,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from .data import build_data
+from .data import DataSplits, build_data
 from .errors import ConfigError, OutputError
-from .models import MODEL_ARGS_METADATA_KEY, MODEL_METADATA_KEY, build_model
+from .models import MODEL_ARGS_METADATA_KEY, MODEL_METADATA_KEY, build_model, check_accepts
 from .writer import prepare_output_dir, save_safetensors
 
 
@@ -51,7 +51,10 @@ def train_checkpoints(config: DemoTrainConfig, on_epoch: Callable[[int, float], 
     torch.manual_seed(config.seed)
     names = tuple(f"{e}.safetensors" for e in range(config.epochs + 1))
     data = build_data(config.data, root=config.data_root)
+    config = replace(config, model_args=fitted_to_data(config.model_args, data))
     model = build_model(config.model, config.model_args)
+    check_accepts(model, data.train, data.num_classes, config.model, config.data)
+    check_accepts(model, data.eval, data.num_classes, config.model, config.data)
     created = missing_folders(config.out_dir)
     written: list[Path] = []
     with prepare_output_dir(config.out_dir, names, config.overwrite):  # locked: one demo per folder at a time
@@ -62,6 +65,24 @@ def train_checkpoints(config: DemoTrainConfig, on_epoch: Callable[[int, float], 
             remove_partial(written, created)
             raise
     return written
+
+
+def fitted_to_data(model_args: tuple[tuple[str, str], ...], data: DataSplits) -> tuple[tuple[str, str], ...]:
+    """``model_args`` with ``in_channels`` (the channels of the first training input, C x H x W) and
+    ``num_classes`` (the dataset's, when known) added where not given: the demo's CNN is built for the data,
+    whatever the spelling of ``--data`` (``CIFAR10``, ``imagefolder:``, ``file.py:function``)."""
+    given = {key for key, _ in model_args}
+    added: list[tuple[str, str]] = []
+    if "in_channels" not in given:
+        try:
+            inputs = data.train[0][0]
+        except Exception:  # unreadable: check_accepts reports it in one line
+            inputs = None
+        channels = inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.ndim == 3 else 1
+        added.append(("in_channels", str(channels)))
+    if "num_classes" not in given and data.num_classes:
+        added.append(("num_classes", str(data.num_classes)))
+    return (*added, *model_args)
 
 
 _DEMO_CHECKPOINT = re.compile(r"^\d+\.safetensors$")
