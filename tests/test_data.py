@@ -115,6 +115,36 @@ def test_unknown_name_lists_valid_names() -> None:
     assert "imagefolder:PATH" in message
 
 
+def test_registry_names_ignore_dashes_and_underscores(tmp_path: Path) -> None:
+    """``CIFAR-10`` (how the dataset is written) and ``FashionMNIST`` (torchvision's class name) were unknown
+    datasets (exit 2) although ``fashion_mnist`` and ``CIFAR10`` were accepted."""
+    write_cifar10(tmp_path, np.random.default_rng(12))
+    write_idx_set(tmp_path / "FashionMNIST" / "raw", np.random.default_rng(13), gz=True)
+    for spec, name in (("CIFAR-10", "cifar10"), ("cifar_10", "cifar10"), ("FashionMNIST", "fashion-mnist"),
+                       ("fashionmnist", "fashion-mnist")):
+        assert build_data(spec, root=tmp_path).name == name
+
+
+@pytest.mark.parametrize(
+    ("spec", "hint"),
+    [
+        ("cifr10", "(did you mean cifar10?)"),
+        ("fasion-mnist", "(did you mean fashion-mnist?)"),
+        ("my_data.py", "(to call a function in my_data.py, write my_data.py:FUNCTION"),
+        ("my_data.py:make()", "(to call a function in my_data.py, write my_data.py:FUNCTION"),
+    ],
+)
+def test_unknown_spec_says_what_was_probably_meant(spec: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_data(spec)
+    assert hint in str(info.value) and "choose one of" in str(info.value)
+
+
+def test_a_folder_given_as_spec_suggests_imagefolder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"write imagefolder:{tmp_path}"):
+        build_data(str(tmp_path))
+
+
 def test_empty_imagefolder_path_is_config_error() -> None:
     with pytest.raises(ConfigError, match="imagefolder:PATH"):
         build_data("imagefolder:")

@@ -18,6 +18,7 @@ files; torchvision is only used to fetch them.
 from __future__ import annotations
 
 import codecs
+import difflib
 import gzip
 import importlib
 import importlib.util
@@ -130,18 +131,39 @@ def build_data(spec: str, *, root: Path | None = None, download: bool = False) -
             something other than two datasets.
     """
     text = spec.strip()
-    key = text.lower().replace("_", "-")
     data_root = Path(root).expanduser() if root is not None else None
-    if key in _REGISTRY:
-        return _REGISTRY[key](data_root, download)
-    if key.startswith("imagefolder:"):
+    name = registry_name(text)
+    if name is not None:
+        return _REGISTRY[name](data_root, download)
+    if text.lower().startswith("imagefolder:"):
         return _build_imagefolder_spec(text)
     if _looks_like_function_spec(text):
         return _build_from_function(text, data_root)
     raise ConfigError(
-        f"--data {spec}: unknown dataset; choose one of {', '.join(list_data_names())}, "
+        f"--data {spec}: unknown dataset{_unknown_hint(text)}; choose one of {', '.join(list_data_names())}, "
         "or imagefolder:PATH, package.module:function, path/to/file.py:function"
     )
+
+
+def registry_name(spec: str) -> str | None:
+    """The registry name ``spec`` stands for, or None: case, dashes and underscores do not count
+    (``CIFAR-10``, ``FashionMNIST`` and ``fashion_mnist`` are ``cifar10`` and ``fashion-mnist``)."""
+    compact = spec.strip().lower().replace("_", "").replace("-", "")
+    return next((name for name in _REGISTRY if name.replace("-", "") == compact), None)
+
+
+def _unknown_hint(text: str) -> str:
+    """What an unknown spec probably meant: a .py file without its function, a folder of images, a typo."""
+    path = Path(text).expanduser()
+    script = text if text.endswith(".py") else text.rpartition(":")[0]
+    if script.endswith(".py"):
+        return f" (to call a function in {script}, write {script}:FUNCTION, the function's name alone)"
+    if path.is_dir():
+        return f" (for train/CLASS/ and val/CLASS/ image folders under {text}, write imagefolder:{text})"
+    compact = text.lower().replace("_", "").replace("-", "")
+    names = {name.replace("-", ""): name for name in _REGISTRY}
+    close = difflib.get_close_matches(compact, list(names), n=1, cutoff=0.75)
+    return f" (did you mean {names[close[0]]}?)" if close else ""
 
 
 def split_holdout(dataset: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
