@@ -346,6 +346,18 @@ def test_idx_missing_files_name_the_expected_path(tmp_path: Path) -> None:
     assert "--data-root" in message and "--download" in message
 
 
+def test_idx_partial_set_names_the_missing_file(tmp_path: Path) -> None:
+    """Three of the four files in place: the message said "no MNIST files under DIR" and named the train images,
+    which were there; it now names the file that is missing."""
+    write_idx_set(tmp_path / "MNIST" / "raw", np.random.default_rng(14), gz=True)
+    (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError) as info:
+        build_data("mnist", root=tmp_path)
+    message = str(info.value)
+    assert f"{tmp_path / 'MNIST' / 'raw' / 't10k-labels-idx1-ubyte'}[.gz] missing" in message
+    assert "train-images" not in message and "\n" not in message
+
+
 def test_idx_bad_magic_names_the_file(tmp_path: Path) -> None:
     write_idx_set(tmp_path, np.random.default_rng(8), gz=False)
     bad = tmp_path / "t10k-images-idx3-ubyte"

@@ -506,6 +506,13 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
         _torchvision_download(layout.name, layout.torchvision_class, base, train=True)
         directory = _first_dir(candidates, _has_idx_files)
     if directory is None:
+        stems = [stem for split in ("train", "t10k") for stem in _idx_stems(split)]
+        partial = next((d for d in candidates if d.is_dir() and any(_idx_file(d, s) for s in stems)), None)
+        if partial is not None:  # some of the four files are there: name the others
+            absent = [f"{partial / s}[.gz]" for s in stems if _idx_file(partial, s) is None]
+            raise MissingData(f"--data {layout.name}: {partial} holds only some of the {layout.display} files "
+                              f"({', '.join(absent)} missing); add them, pass --data-root DIR pointing at all four, "
+                              "or --download")
         expected = f"{base / _idx_stems('train')[0]}[.gz] and the other three IDX files, or the same in {raw_dir}"
         raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
     train = NormalizedGrayDataset(*_read_idx_split(directory, "train", layout.name), layout.mean, layout.std)
