@@ -506,6 +506,15 @@ def test_image_folder_without_images_is_data_error(tmp_path: Path) -> None:
         build_data(f"imagefolder:{tmp_path}")
 
 
+def test_image_folder_empty_class_folder_names_its_split(tmp_path: Path) -> None:
+    """A class folder without images in val/ only: torchvision's message ("Found no valid file for the classes
+    b") did not say which of train/ and val/ held it; the split folder is now named."""
+    write_image_tree(tmp_path, {"a": (1, 2, 3), "b": (4, 5, 6)}, per_class=1)
+    (tmp_path / "val" / "b" / "0.png").unlink()
+    with pytest.raises(DataError, match=f"{tmp_path / 'val'}: Found no valid file for the classes b"):
+        build_data(f"imagefolder:{tmp_path}")
+
+
 # --------------------------------------------------------------------------- user functions
 
 

@@ -632,11 +632,13 @@ def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     train_tf = _normalized(mean, std, t.RandomResizedCrop(224), t.RandomHorizontalFlip())
     eval_tf = _normalized(mean, std, t.Resize(256), t.CenterCrop(224))
-    try:
-        train = datasets.ImageFolder(str(directory / "train"), transform=train_tf)
-        test = datasets.ImageFolder(str(directory / "val"), transform=eval_tf)
-    except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"--data {name}: {' '.join(str(exc).split())}; {fix}") from exc
+    folders = {}
+    for split, transform in (("train", train_tf), ("val", eval_tf)):
+        try:
+            folders[split] = datasets.ImageFolder(str(directory / split), transform=transform)
+        except (FileNotFoundError, OSError) as exc:  # no class folders, or a class folder without images
+            raise DataError(f"--data {name}: {directory / split}: {' '.join(str(exc).split())}; {fix}") from exc
+    train, test = folders["train"], folders["val"]
     if train.classes != test.classes:
         only = [
             f"only in {split}: {', '.join(sorted(extra)[:3])}{'...' if len(extra) > 3 else ''}"
