@@ -543,6 +543,12 @@ USER_FILE = textwrap.dedent(
     def singles():
         return TensorDataset(torch.zeros(3, 2)), make()[1]
 
+    def three():
+        return make() + make()[:1]
+
+    def triples():
+        return TensorDataset(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3)), make()[1]
+
     def boom():
         raise ValueError("no such\\nshard")
 
@@ -604,7 +610,9 @@ def test_module_function_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     [
         ("one", r"must return \(fit_dataset, eval_dataset\)"),
         ("empty", "fit dataset is empty"),
-        ("singles", r"\(input, target\) pairs"),
+        ("singles", r"\(input, target\) pairs, got a tuple of 1"),
+        ("three", r"must return \(fit_dataset, eval_dataset\), got a tuple of 3"),  # said "got tuple"
+        ("triples", r"\(input, target\) pairs, got a tuple of 3"),
         ("boom", "raised ValueError: no such shard"),
         ("unreadable", r"reading the fit dataset's first example failed \(OSError: shard 0 unreadable\)"),
         ("exits", "raised SystemExit: 3"),

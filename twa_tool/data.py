@@ -829,6 +829,13 @@ def _accepts_root(function: Callable[..., Any]) -> bool:
     )
 
 
+def _shape_of(value: Any) -> str:
+    """``a tuple of 3`` for a sequence of the wrong length, else the type's name (``dict``, ``generator``)."""
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
 def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
     """Validates one dataset a user function returned: map-style, non-empty, (input, target) items."""
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
@@ -845,7 +852,7 @@ def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
                         "fix the dataset or its files") from exc
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
         raise DataError(
-            f"--data {spec}: the {role} dataset must yield (input, target) pairs, got {type(sample).__name__}"
+            f"--data {spec}: the {role} dataset must yield (input, target) pairs, got {_shape_of(sample)}"
         )
     return dataset
 
@@ -863,7 +870,7 @@ def _build_from_function(spec: str, root: Path | None) -> DataSplits:
         raise DataError(f"--data {spec}: the function raised {type(exc).__name__}: {reason}") from exc
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise DataError(
-            f"--data {spec}: the function must return (fit_dataset, eval_dataset), got {type(result).__name__}"
+            f"--data {spec}: the function must return (fit_dataset, eval_dataset), got {_shape_of(result)}"
         )
     fit, test = _check_dataset(result[0], "fit", spec), _check_dataset(result[1], "eval", spec)
     return DataSplits(train=fit, eval=test, num_classes=None, name=spec)
