@@ -42,6 +42,16 @@ def test_wrong_channels_name_the_flags_and_the_shape() -> None:
     assert "3 channels" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float64])
+def test_inputs_of_another_dtype_name_the_dtype_fix(dtype: torch.dtype) -> None:
+    """uint8 pixels or float64 arrays from a file.py:function: the fix given was "(e.g. in_channels)"."""
+    model = build_model("twa:cnn", RGB_ARGS)
+    with pytest.raises(InputError) as err:
+        check_accepts(model, [(torch.zeros(3, 16, 16, dtype=dtype), 4)], 10, "twa:cnn", "mine.py:data")
+    message = str(err.value)
+    assert f"{dtype}" in message and "return float32 inputs" in message and "in_channels" not in message
+
+
 def test_fewer_outputs_than_classes_is_refused() -> None:
     model = build_model("twa:cnn", (("in_channels", "3"), ("num_classes", "5"), ("width", "4")))
     with pytest.raises(InputError, match="has 10 classes but --model twa:cnn outputs 5"):
