@@ -115,6 +115,36 @@ def test_unknown_name_lists_valid_names() -> None:
     assert "imagefolder:PATH" in message
 
 
+def test_registry_names_ignore_dashes_and_underscores(tmp_path: Path) -> None:
+    """``CIFAR-10`` (how the dataset is written) and ``FashionMNIST`` (torchvision's class name) were unknown
+    datasets (exit 2) although ``fashion_mnist`` and ``CIFAR10`` were accepted."""
+    write_cifar10(tmp_path, np.random.default_rng(12))
+    write_idx_set(tmp_path / "FashionMNIST" / "raw", np.random.default_rng(13), gz=True)
+    for spec, name in (("CIFAR-10", "cifar10"), ("cifar_10", "cifar10"), ("FashionMNIST", "fashion-mnist"),
+                       ("fashionmnist", "fashion-mnist")):
+        assert build_data(spec, root=tmp_path).name == name
+
+
+@pytest.mark.parametrize(
+    ("spec", "hint"),
+    [
+        ("cifr10", "(did you mean cifar10?)"),
+        ("fasion-mnist", "(did you mean fashion-mnist?)"),
+        ("my_data.py", "(to call a function in my_data.py, write my_data.py:FUNCTION"),
+        ("my_data.py:make()", "(to call a function in my_data.py, write my_data.py:FUNCTION"),
+    ],
+)
+def test_unknown_spec_says_what_was_probably_meant(spec: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_data(spec)
+    assert hint in str(info.value) and "choose one of" in str(info.value)
+
+
+def test_a_folder_given_as_spec_suggests_imagefolder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"write imagefolder:{tmp_path}"):
+        build_data(str(tmp_path))
+
+
 def test_empty_imagefolder_path_is_config_error() -> None:
     with pytest.raises(ConfigError, match="imagefolder:PATH"):
         build_data("imagefolder:")
@@ -240,6 +270,46 @@ def test_failed_download_is_data_error(tmp_path: Path, monkeypatch: pytest.Monke
         build_data("mnist", root=tmp_path, download=True)
 
 
+def test_download_on_a_stalled_network_fails_not_hangs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network that accepts the connection but never answers (a firewall or proxy that swallows the request):
+    torchvision's urlopen passes no timeout, so --download waited forever. It now fails after
+    DOWNLOAD_TIMEOUT_S without progress, in one line naming the fix."""
+    import socket
+    import threading
+    import time
+
+    import torchvision.datasets
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept_and_hold() -> None:  # answers nothing; lets go after 20 s so an old twa fails the test, not hangs
+        server.settimeout(20)
+        try:
+            while True:
+                held.append(server.accept()[0])
+        except OSError:
+            pass
+        for connection in held:
+            connection.close()
+
+    threading.Thread(target=accept_and_hold, daemon=True).start()
+    for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    port = server.getsockname()[1]
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
+    monkeypatch.setattr(data_module, "DOWNLOAD_TIMEOUT_S", 0.5, raising=False)
+    before = socket.getdefaulttimeout()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(DataError, match="download into .* failed.*no answer from the network.*--data-root") as info:
+            build_data("cifar10", root=tmp_path, download=True)
+    finally:
+        server.close()
+    assert time.perf_counter() - start < 10 and "\n" not in str(info.value)
+    assert socket.getdefaulttimeout() == before
+
+
 # --------------------------------------------------------------------------- MNIST / Fashion-MNIST
 
 
@@ -274,6 +344,18 @@ def test_idx_missing_files_name_the_expected_path(tmp_path: Path) -> None:
     message = str(info.value)
     assert str(tmp_path / "train-images-idx3-ubyte") in message and str(tmp_path / "MNIST" / "raw") in message
     assert "--data-root" in message and "--download" in message
+
+
+def test_idx_partial_set_names_the_missing_file(tmp_path: Path) -> None:
+    """Three of the four files in place: the message said "no MNIST files under DIR" and named the train images,
+    which were there; it now names the file that is missing."""
+    write_idx_set(tmp_path / "MNIST" / "raw", np.random.default_rng(14), gz=True)
+    (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError) as info:
+        build_data("mnist", root=tmp_path)
+    message = str(info.value)
+    assert f"{tmp_path / 'MNIST' / 'raw' / 't10k-labels-idx1-ubyte'}[.gz] missing" in message
+    assert "train-images" not in message and "\n" not in message
 
 
 def test_idx_bad_magic_names_the_file(tmp_path: Path) -> None:
@@ -325,6 +407,38 @@ def test_svhn_without_files_or_scipy_is_data_error(tmp_path: Path) -> None:
         assert "pip install scipy" in message
     else:
         assert str(tmp_path / "train_32x32.mat") in message
+
+
+def write_svhn_mat(path: Path, images: np.ndarray, digits: list[int]) -> None:
+    """Writes an SVHN-format .mat file: X is 32 x 32 x 3 x N uint8, y is N x 1 with 10 for the digit 0."""
+    import scipy.io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = np.array([[10 if d == 0 else d] for d in digits], dtype=np.uint8)
+    scipy.io.savemat(str(path), {"X": np.ascontiguousarray(images.transpose(1, 2, 3, 0)), "y": labels})
+
+
+def test_svhn_round_trip_from_mat_files(tmp_path: Path) -> None:
+    """Files in SVHN's layout but not the official ones (md5): torchvision's SVHN called them missing
+    ("no SVHN files under DIR") although they were there; they are now read and their contents checked."""
+    pytest.importorskip("scipy")
+    rng = np.random.default_rng(11)
+    train = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    test = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    write_svhn_mat(tmp_path / "train_32x32.mat", train, [0, 1, 9, 0, 5])
+    write_svhn_mat(tmp_path / "test_32x32.mat", test, [7, 0, 3])
+    splits = build_data("svhn", root=tmp_path)
+    assert (splits.name, splits.num_classes, len(splits.train), len(splits.eval)) == ("svhn", 10, 5, 3)
+    assert splits.train.targets == [0, 1, 9, 0, 5] and splits.eval.targets == [7, 0, 3]
+    mean, std = torch.tensor([0.4377, 0.4438, 0.4728]).view(3, 1, 1), torch.tensor([0.198, 0.201, 0.197]).view(3, 1, 1)
+    for i in range(3):
+        image, target = splits.eval[i]
+        expected = (torch.from_numpy(test[i].astype(np.float32)).permute(2, 0, 1) / 255.0 - mean) / std
+        torch.testing.assert_close(image, expected, atol=1e-5, rtol=0)
+    write_svhn_mat(tmp_path / "test_32x32.mat", test, [7, 0, 3])
+    (tmp_path / "test_32x32.mat").write_bytes((tmp_path / "test_32x32.mat").read_bytes()[:200])
+    with pytest.raises(DataError, match="test_32x32.mat is not an SVHN .mat file"):
+        build_data("svhn", root=tmp_path)
 
 
 # --------------------------------------------------------------------------- ImageFolder / ImageNet
@@ -392,6 +506,15 @@ def test_image_folder_without_images_is_data_error(tmp_path: Path) -> None:
         build_data(f"imagefolder:{tmp_path}")
 
 
+def test_image_folder_empty_class_folder_names_its_split(tmp_path: Path) -> None:
+    """A class folder without images in val/ only: torchvision's message ("Found no valid file for the classes
+    b") did not say which of train/ and val/ held it; the split folder is now named."""
+    write_image_tree(tmp_path, {"a": (1, 2, 3), "b": (4, 5, 6)}, per_class=1)
+    (tmp_path / "val" / "b" / "0.png").unlink()
+    with pytest.raises(DataError, match=f"{tmp_path / 'val'}: Found no valid file for the classes b"):
+        build_data(f"imagefolder:{tmp_path}")
+
+
 # --------------------------------------------------------------------------- user functions
 
 
@@ -419,6 +542,12 @@ USER_FILE = textwrap.dedent(
 
     def singles():
         return TensorDataset(torch.zeros(3, 2)), make()[1]
+
+    def three():
+        return make() + make()[:1]
+
+    def triples():
+        return TensorDataset(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3)), make()[1]
 
     def boom():
         raise ValueError("no such\\nshard")
@@ -481,7 +610,9 @@ def test_module_function_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     [
         ("one", r"must return \(fit_dataset, eval_dataset\)"),
         ("empty", "fit dataset is empty"),
-        ("singles", r"\(input, target\) pairs"),
+        ("singles", r"\(input, target\) pairs, got a tuple of 1"),
+        ("three", r"must return \(fit_dataset, eval_dataset\), got a tuple of 3"),  # said "got tuple"
+        ("triples", r"\(input, target\) pairs, got a tuple of 3"),
         ("boom", "raised ValueError: no such shard"),
         ("unreadable", r"reading the fit dataset's first example failed \(OSError: shard 0 unreadable\)"),
         ("exits", "raised SystemExit: 3"),

@@ -42,6 +42,16 @@ def test_wrong_channels_name_the_flags_and_the_shape() -> None:
     assert "3 channels" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float64])
+def test_inputs_of_another_dtype_name_the_dtype_fix(dtype: torch.dtype) -> None:
+    """uint8 pixels or float64 arrays from a file.py:function: the fix given was "(e.g. in_channels)"."""
+    model = build_model("twa:cnn", RGB_ARGS)
+    with pytest.raises(InputError) as err:
+        check_accepts(model, [(torch.zeros(3, 16, 16, dtype=dtype), 4)], 10, "twa:cnn", "mine.py:data")
+    message = str(err.value)
+    assert f"{dtype}" in message and "return float32 inputs" in message and "in_channels" not in message
+
+
 def test_fewer_outputs_than_classes_is_refused() -> None:
     model = build_model("twa:cnn", (("in_channels", "3"), ("num_classes", "5"), ("width", "4")))
     with pytest.raises(InputError, match="has 10 classes but --model twa:cnn outputs 5"):
@@ -233,3 +243,39 @@ def test_an_example_that_fails_mid_run_is_exit_4_naming_it(demo_ckpts: Path, tmp
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot identify image file 'train/33.jpg'" in errors[0], result.stderr
     assert "Traceback" not in result.output and not out.exists()
+
+
+DEMO_DATA = '''
+import torch
+from torch.utils.data import TensorDataset
+
+
+def rgb():  # 3-channel inputs, 3 classes
+    g = torch.Generator().manual_seed(0)
+    return (TensorDataset(torch.randn(24, 3, 8, 8, generator=g), torch.arange(24) % 3),
+            TensorDataset(torch.randn(9, 3, 8, 8, generator=g), torch.arange(9) % 3))
+
+
+def many_classes():  # labels up to 11: the demo's CNN has 10 outputs
+    g = torch.Generator().manual_seed(0)
+    return (TensorDataset(torch.randn(24, 1, 8, 8, generator=g), torch.arange(24) % 12),
+            TensorDataset(torch.randn(9, 1, 8, 8, generator=g), torch.arange(9)))
+'''
+
+
+def test_demo_builds_its_cnn_for_the_data(tmp_path: Path) -> None:
+    """``twa demo`` picked the CNN's input channels by the exact spelling of --data (3 for "cifar10", "cifar100",
+    "svhn", else 1) and always 10 classes: RGB data under any other spec (``CIFAR10``, accepted by --data,
+    ``imagefolder:``, ``file.py:function``) or CIFAR-100 failed mid-training as an unexpected error (exit 1). The
+    channels now come from the data, the classes from the dataset when it knows them, and data that still does
+    not fit is a one-line exit 4 before training."""
+    source = tmp_path / "demo_data.py"
+    source.write_text(DEMO_DATA)
+    fast = ["--train-epochs", "1", "--epochs", "1", "--threads", "1", "-q"]
+    result = CliRunner().invoke(cli, ["demo", "--data", f"{source}:rgb", "--out", str(tmp_path / "rgb"), *fast])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "rgb" / "twa" / "model.safetensors").is_file()
+    result = CliRunner().invoke(cli, ["demo", "--data", f"{source}:many_classes", "--out", str(tmp_path / "many"),
+                                      *fast])
+    assert result.exit_code == 4 and "class labels from 0 to 11" in result.stderr
+    assert not (tmp_path / "many" / "ckpts").exists()

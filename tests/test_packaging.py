@@ -18,6 +18,7 @@ DISTRIBUTION = {"PIL": "pillow"}
 #: imported but deliberately not declared
 UNDECLARED = {
     "timm": "imported only for --model timm:NAME, with an install hint when missing",
+    "scipy": "imported only for --data svhn (its .mat files), with an install hint when missing",
     "PIL": "torchvision's image type: data.py hands its transforms the PIL images they take (Image.fromarray "
            "only), so its version is torchvision's choice",
 }

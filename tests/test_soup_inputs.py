@@ -280,6 +280,7 @@ def test_same_data_compares_file_specs_by_path(tmp_path: Path, monkeypatch: pyte
     assert same_data("hd.py:same", "./hd.py:same") and same_data("hd.py:same", f"{tmp_path}/hd.py:same")
     assert not same_data("hd.py:same", "hd.py:other") and not same_data("HD2.py:good", "hd2.py:good")
     assert same_data(" Fashion_MNIST ", "fashion-mnist") and not same_data("mnist", "fashion-mnist")
+    assert same_data("CIFAR-10", "cifar10") and same_data("FashionMNIST", "fashion-mnist")  # as --data reads them
 
 
 def test_a_save_pretrained_base_folder_inside_the_folder_is_not_an_ingredient(ingredients: Path, demo_ckpts: Path,

@@ -410,7 +410,8 @@ def selection_options(fn: Callable) -> Callable:
         click.option("--last", type=int, default=None, metavar="N", help="Only the last N selected checkpoints."),
         click.option("--top-k", type=int, default=None, metavar="K",
                      help="The K best by a metric the trainer stored (needs --by and --mode)."),
-        click.option("--by", default=None, metavar="METRIC", help="Stored metric for --top-k (the metrics column of `twa inspect`)."),
+        click.option("--by", default=None, metavar="METRIC",
+                     help="Stored metric for --top-k (the metrics column of `twa inspect`)."),
         click.option("--mode", type=click.Choice(["min", "max"]), default=None, help="Direction for --top-k."),
     ]):
         fn = option(fn)

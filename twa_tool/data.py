@@ -10,7 +10,7 @@ statistics) and an evaluation split without augmentation. Accepted specs:
 * ``package.module:function`` or ``path/to/file.py:function`` — a user function returning
   ``(fit_dataset, eval_dataset)``.
 
-Nothing is downloaded unless ``download=True``. CIFAR and (Fashion-)MNIST files are read by the
+Nothing is downloaded unless ``download=True``. CIFAR, (Fashion-)MNIST and SVHN files are read by the
 small loaders here rather than by torchvision, which insists on the md5 sums of the official
 files; torchvision is only used to fetch them.
 """
@@ -18,15 +18,18 @@ files; torchvision is only used to fetch them.
 from __future__ import annotations
 
 import codecs
+import difflib
 import gzip
 import importlib
 import importlib.util
 import inspect
 import math
 import pickle
+import socket
 import sys
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -128,18 +131,39 @@ def build_data(spec: str, *, root: Path | None = None, download: bool = False) -
             something other than two datasets.
     """
     text = spec.strip()
-    key = text.lower().replace("_", "-")
     data_root = Path(root).expanduser() if root is not None else None
-    if key in _REGISTRY:
-        return _REGISTRY[key](data_root, download)
-    if key.startswith("imagefolder:"):
+    name = registry_name(text)
+    if name is not None:
+        return _REGISTRY[name](data_root, download)
+    if text.lower().startswith("imagefolder:"):
         return _build_imagefolder_spec(text)
     if _looks_like_function_spec(text):
         return _build_from_function(text, data_root)
     raise ConfigError(
-        f"--data {spec}: unknown dataset; choose one of {', '.join(list_data_names())}, "
+        f"--data {spec}: unknown dataset{_unknown_hint(text)}; choose one of {', '.join(list_data_names())}, "
         "or imagefolder:PATH, package.module:function, path/to/file.py:function"
     )
+
+
+def registry_name(spec: str) -> str | None:
+    """The registry name ``spec`` stands for, or None: case, dashes and underscores do not count
+    (``CIFAR-10``, ``FashionMNIST`` and ``fashion_mnist`` are ``cifar10`` and ``fashion-mnist``)."""
+    compact = spec.strip().lower().replace("_", "").replace("-", "")
+    return next((name for name in _REGISTRY if name.replace("-", "") == compact), None)
+
+
+def _unknown_hint(text: str) -> str:
+    """What an unknown spec probably meant: a .py file without its function, a folder of images, a typo."""
+    path = Path(text).expanduser()
+    script = text if text.endswith(".py") else text.rpartition(":")[0]
+    if script.endswith(".py"):
+        return f" (to call a function in {script}, write {script}:FUNCTION, the function's name alone)"
+    if path.is_dir():
+        return f" (for train/CLASS/ and val/CLASS/ image folders under {text}, write imagefolder:{text})"
+    compact = text.lower().replace("_", "").replace("-", "")
+    names = {name.replace("-", ""): name for name in _REGISTRY}
+    close = difflib.get_close_matches(compact, list(names), n=1, cutoff=0.75)
+    return f" (did you mean {names[close[0]]}?)" if close else ""
 
 
 def split_holdout(dataset: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
@@ -210,18 +234,42 @@ def _first_dir(candidates: Sequence[Path], is_complete: Callable[[Path], bool]) 
     return next((d for d in candidates if d.is_dir() and is_complete(d)), None)
 
 
+#: Seconds a download may wait for the network (to connect, or for the next bytes) before it fails.
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+@contextmanager
+def _network_timeout(seconds: float) -> Iterator[None]:
+    """Sockets opened meanwhile (torchvision's ``urlopen`` calls, which pass no timeout) give up after
+    ``seconds`` without progress instead of waiting forever on a network that swallows packets."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _download_failed(name: str, root: Path, exc: BaseException) -> DataError:
+    """The one-line error of a failed download."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, TimeoutError) or "timed out" in reason:
+        reason = f"no answer from the network for {DOWNLOAD_TIMEOUT_S:g} s: {reason}"
+    return DataError(
+        f"--data {name}: download into {root} failed ({reason}); check the network, "
+        "or fetch the files yourself and pass --data-root DIR"
+    )
+
+
 def _torchvision_download(name: str, class_name: str, root: Path, **kwargs: Any) -> None:
     """Downloads a dataset with its torchvision class into ``root`` (contents are re-read by us)."""
     import torchvision.datasets as datasets
 
     try:
-        getattr(datasets, class_name)(str(root), download=True, **kwargs)
+        with _network_timeout(DOWNLOAD_TIMEOUT_S):
+            getattr(datasets, class_name)(str(root), download=True, **kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
-        reason = " ".join(str(exc).split())
-        raise DataError(
-            f"--data {name}: download into {root} failed ({reason}); check the network, "
-            "or fetch the files yourself and pass --data-root DIR"
-        ) from exc
+        raise _download_failed(name, root, exc) from exc
 
 
 def _check_labels(labels: np.ndarray, count: int, num_classes: int, path: Path, name: str) -> np.ndarray:
@@ -458,6 +506,13 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
         _torchvision_download(layout.name, layout.torchvision_class, base, train=True)
         directory = _first_dir(candidates, _has_idx_files)
     if directory is None:
+        stems = [stem for split in ("train", "t10k") for stem in _idx_stems(split)]
+        partial = next((d for d in candidates if d.is_dir() and any(_idx_file(d, s) for s in stems)), None)
+        if partial is not None:  # some of the four files are there: name the others
+            absent = [f"{partial / s}[.gz]" for s in stems if _idx_file(partial, s) is None]
+            raise MissingData(f"--data {layout.name}: {partial} holds only some of the {layout.display} files "
+                              f"({', '.join(absent)} missing); add them, pass --data-root DIR pointing at all four, "
+                              "or --download")
         expected = f"{base / _idx_stems('train')[0]}[.gz] and the other three IDX files, or the same in {raw_dir}"
         raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
     train = NormalizedGrayDataset(*_read_idx_split(directory, "train", layout.name), layout.mean, layout.std)
@@ -487,25 +542,76 @@ def _build_fashion_mnist(root: Path | None, download: bool) -> DataSplits:
 # --------------------------------------------------------------------------- SVHN
 
 
+_SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+
+
+def _svhn_download(base: Path, files: Sequence[str]) -> None:
+    """Fetches the missing SVHN ``files`` into ``base`` (torchvision's URLs and md5 sums)."""
+    import torchvision.datasets as datasets
+    from torchvision.datasets.utils import download_url
+
+    urls = {entry[1]: (entry[0], entry[2]) for entry in datasets.SVHN.split_list.values()}
+    try:
+        with _network_timeout(DOWNLOAD_TIMEOUT_S):
+            for filename in files:
+                url, md5 = urls[filename]
+                download_url(url, str(base), filename, md5)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise _download_failed("svhn", base, exc) from exc
+
+
+def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Reads an SVHN ``*_32x32.mat`` file: ``X`` (32 x 32 x 3 x N uint8) and ``y`` (N labels, 10 for the digit 0)
+    as (``N x 32 x 32 x 3`` images, int64 labels with 0 for the digit 0, as torchvision's ``SVHN``)."""
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(str(path))
+    except OSError as exc:
+        if exc.errno is None:  # scipy's "could not read bytes": a truncated file
+            raise DataError(f"--data svhn: {path} is not an SVHN .mat file (truncated: {exc}); replace it with an "
+                            "intact copy of the official file") from exc
+        raise DataError(f"--data svhn: cannot read {path} ({exc.strerror or exc})") from exc
+    except Exception as exc:  # scipy raises ValueError, TypeError, NotImplementedError... for what is not a v5 .mat
+        raise DataError(
+            f"--data svhn: {path} is not an SVHN .mat file ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+            "replace it with an intact copy of the official file"
+        ) from exc
+    images, labels = mat.get("X"), mat.get("y")
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
+            and images.shape[:3] == (32, 32, 3)):
+        found = "none" if images is None else f"{getattr(images, 'dtype', type(images).__name__)} {np.shape(images)}"
+        raise DataError(
+            f"--data svhn: {path} is not an SVHN .mat file ('X' must be 32 x 32 x 3 x N uint8, found {found}); "
+            "replace it with an intact copy of the official file"
+        )
+    try:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"--data svhn: {path} is not an SVHN .mat file ('y' is not a list of integers)") from exc
+    labels = _check_labels(labels, images.shape[3], 11, path, "svhn")
+    labels[labels == 10] = 0
+    return np.ascontiguousarray(images.transpose(3, 0, 1, 2)), labels
+
+
 def _build_svhn(root: Path | None, download: bool) -> DataSplits:
-    """SVHN (``train_32x32.mat``, ``test_32x32.mat``) via torchvision; needs scipy; no augmentation."""
+    """SVHN (``train_32x32.mat``, ``test_32x32.mat``) read with scipy; no augmentation.
+
+    Read here rather than by torchvision's ``SVHN``, which reports a file whose md5 sum is not the
+    official one as missing."""
     if importlib.util.find_spec("scipy") is None:
         raise DataError("--data svhn: reading SVHN's .mat files needs scipy; pip install scipy")
-    import torchvision.datasets as datasets
-
     base = root if root is not None else _default_root()
+    missing = [f for f in _SVHN_FILES if not (base / f).is_file()]
+    if missing and download:
+        _svhn_download(base, missing)
+        missing = [f for f in _SVHN_FILES if not (base / f).is_file()]
+    if missing:
+        expected = " and ".join(str(base / f) for f in missing)
+        raise MissingData(_missing_message("svhn", "SVHN", base, expected, downloadable=True))
     transform = _normalized((0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197))
-    try:
-        train = datasets.SVHN(str(base), split="train", transform=transform, download=download)
-        test = datasets.SVHN(str(base), split="test", transform=transform, download=download)
-    except (RuntimeError, OSError, ValueError) as exc:
-        if download:
-            reason = " ".join(str(exc).split())
-            raise DataError(
-                f"--data svhn: download into {base} failed ({reason}); check the network, or pass --data-root DIR"
-            ) from exc
-        expected = f"{base / 'train_32x32.mat'} and {base / 'test_32x32.mat'}"
-        raise MissingData(_missing_message("svhn", "SVHN", base, expected, downloadable=True)) from exc
+    train = ArrayImageDataset(*_read_svhn(base / _SVHN_FILES[0]), transform)
+    test = ArrayImageDataset(*_read_svhn(base / _SVHN_FILES[1]), transform)
     return DataSplits(train=train, eval=test, num_classes=10, name="svhn")
 
 
@@ -526,11 +632,13 @@ def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     train_tf = _normalized(mean, std, t.RandomResizedCrop(224), t.RandomHorizontalFlip())
     eval_tf = _normalized(mean, std, t.Resize(256), t.CenterCrop(224))
-    try:
-        train = datasets.ImageFolder(str(directory / "train"), transform=train_tf)
-        test = datasets.ImageFolder(str(directory / "val"), transform=eval_tf)
-    except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"--data {name}: {' '.join(str(exc).split())}; {fix}") from exc
+    folders = {}
+    for split, transform in (("train", train_tf), ("val", eval_tf)):
+        try:
+            folders[split] = datasets.ImageFolder(str(directory / split), transform=transform)
+        except (FileNotFoundError, OSError) as exc:  # no class folders, or a class folder without images
+            raise DataError(f"--data {name}: {directory / split}: {' '.join(str(exc).split())}; {fix}") from exc
+    train, test = folders["train"], folders["val"]
     if train.classes != test.classes:
         only = [
             f"only in {split}: {', '.join(sorted(extra)[:3])}{'...' if len(extra) > 3 else ''}"
@@ -721,6 +829,13 @@ def _accepts_root(function: Callable[..., Any]) -> bool:
     )
 
 
+def _shape_of(value: Any) -> str:
+    """``a tuple of 3`` for a sequence of the wrong length, else the type's name (``dict``, ``generator``)."""
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
 def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
     """Validates one dataset a user function returned: map-style, non-empty, (input, target) items."""
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
@@ -737,7 +852,7 @@ def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
                         "fix the dataset or its files") from exc
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
         raise DataError(
-            f"--data {spec}: the {role} dataset must yield (input, target) pairs, got {type(sample).__name__}"
+            f"--data {spec}: the {role} dataset must yield (input, target) pairs, got {_shape_of(sample)}"
         )
     return dataset
 
@@ -755,7 +870,7 @@ def _build_from_function(spec: str, root: Path | None) -> DataSplits:
         raise DataError(f"--data {spec}: the function raised {type(exc).__name__}: {reason}") from exc
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise DataError(
-            f"--data {spec}: the function must return (fit_dataset, eval_dataset), got {type(result).__name__}"
+            f"--data {spec}: the function must return (fit_dataset, eval_dataset), got {_shape_of(result)}"
         )
     fit, test = _check_dataset(result[0], "fit", spec), _check_dataset(result[1], "eval", spec)
     return DataSplits(train=fit, eval=test, num_classes=None, name=spec)

@@ -94,8 +94,11 @@ def data_model_args(config: DemoTrainConfig, data: DataSplits) -> tuple[tuple[st
         return config.model_args
     found = {}
     if "in_channels" not in given and len(data.train):
-        with torch.random.fork_rng(devices=[]):  # a random transform leaves the run's stream as it was
-            example = data.train[0]
+        try:
+            with torch.random.fork_rng(devices=[]):  # a random transform leaves the run's stream as it was
+                example = data.train[0]
+        except Exception:  # unreadable: check_data_fits reports it in one line
+            example = None
         inputs = example[0] if isinstance(example, (tuple, list)) and example else None
         if isinstance(inputs, torch.Tensor) and inputs.ndim == 3:
             found["in_channels"] = str(inputs.shape[0])

@@ -235,9 +235,14 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         dtype = "" if inputs.dtype == torch.float32 else f", {inputs.dtype}"
+        weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), inputs.dtype)
+        fix = (f"pick the {flag} the checkpoints were trained on, or the matching --model/--model-arg (e.g. "
+               f"in_channels)")
+        if inputs.dtype != weights:  # uint8 pixels, float64 arrays: the model's layers refuse them
+            fix = (f"return {str(weights).replace('torch.', '')} inputs from the dataset (e.g. transforms.ToTensor() "
+                   f"for images, or .float())")
         raise InputError(f"{flag} {data_name}: its inputs (shape {tuple(inputs.shape[1:])}{dtype}) do not fit --model "
-                         f"{model_name} ({reason}); pick the {flag} the checkpoints were trained on, or the matching "
-                         f"--model/--model-arg (e.g. in_channels)") from None
+                         f"{model_name} ({reason}); {fix}") from None
     finally:
         model.train(was_training)
     outputs = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None

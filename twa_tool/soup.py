@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .checkpoints import CheckpointFile, discover, no_checkpoints, raise_if_refused, sha256_file, weights_path
 from .config import CoefficientTrainConfig, Selection, SoupConfig
-from .data import DataSplits, build_data, for_workers, split_holdout
+from .data import DataSplits, build_data, for_workers, registry_name, split_holdout
 from .errors import CheckpointError, NumericalError, TwaError
 from .models import (
     MODEL_ARGS_METADATA_KEY,
@@ -500,7 +500,7 @@ def same_data(a: str, b: str) -> bool:
         path, sep, function = text.rpartition(":")
         if sep and path.endswith(".py"):
             return (str(Path(path).expanduser().resolve()), function)
-        return (text.lower().replace("_", "-"),)
+        return (registry_name(text) or text.lower().replace("_", "-"),)
 
     return key(a) == key(b)
 
