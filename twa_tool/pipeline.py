@@ -764,8 +764,8 @@ def run_twa(config: AverageConfig, files: list[CheckpointFile], stream: Stream, 
         basis = replace(stream.shard, subspace=replace(stream.subspace, basis=basis))
     dist = evaluator.dist
     loader = _loader(fit_data, config, shuffle=True, seed=config.seed, dist=dist, train_mode=True)
-    on_event(Event("phase", f"training coefficients ({config.train.epochs} epoch{"" if config.train.epochs == 1 else "s"})",
-                   total=config.train.epochs * len(loader)))
+    epochs = f"{config.train.epochs} epoch{'' if config.train.epochs == 1 else 's'}"
+    on_event(Event("phase", f"training coefficients ({epochs})", total=config.train.epochs * len(loader)))
     torch.manual_seed(config.seed)
 
     def on_step(info: StepInfo) -> None:

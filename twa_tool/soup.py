@@ -695,7 +695,8 @@ def run_twa(config: SoupConfig, model: nn.Module, names: list[str], uniform: Sta
     columns = GRANULARITIES[config.granularity](len(directions.segments))
     load_state(model, uniform)
     directions.to(evaluator.device)
-    on_event(Event("phase", f"fitting soup coefficients on the held-out split ({config.train.epochs} epoch{"" if config.train.epochs == 1 else "s"})",
+    epochs = f"{config.train.epochs} epoch{'' if config.train.epochs == 1 else 's'}"
+    on_event(Event("phase", f"fitting soup coefficients on the held-out split ({epochs})",
                    total=config.train.epochs * len(loader)))
     torch.manual_seed(config.seed)
     fitted = fit_coefficients(model, names, directions, columns, loader, config.train, evaluator.device, config.amp,
