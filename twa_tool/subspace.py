@@ -341,6 +341,12 @@ class Basis:
                     part[:, b * QUANT_BLOCK:(b + 1) * QUANT_BLOCK].mul_(scale[:, b:b + 1])
         return part
 
+    def _chunk_columns(self, step: int | None) -> int:
+        """Columns per converted chunk: ``step`` (default: about a million entries for the rank), a whole number
+        of quantization blocks."""
+        step = step or (1 << 20) // max(1, self.rank)
+        return max(QUANT_BLOCK, step // QUANT_BLOCK * QUANT_BLOCK)
+
     def column_chunks(self, dtype: torch.dtype, step: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
         """``(cols, chunk)`` over all columns; a dense basis already in ``dtype`` is one chunk, no copy.
 
@@ -350,8 +356,7 @@ class Basis:
         if self.scales is None and self.values.dtype == dtype:
             yield slice(0, self.dim), self.values
             return
-        step = step or (1 << 20) // max(1, self.rank)
-        step = max(QUANT_BLOCK, step // QUANT_BLOCK * QUANT_BLOCK)
+        step = self._chunk_columns(step)
         for cols in _chunks(self.dim, step):
             yield cols, self.chunk(cols, dtype)
 
@@ -388,8 +393,7 @@ class Basis:
         applied to the K x blocks partial products (pass 1) and to the coefficients (pass 2), not to every
         entry (1.2-1.3x faster at K=100, D=11.2M, one thread). Per-block float32 products are summed in float64."""
         assert self.scales is not None
-        step = step or (1 << 20) // max(1, self.rank)
-        step = max(QUANT_BLOCK, step // QUANT_BLOCK * QUANT_BLOCK)
+        step = self._chunk_columns(step)
         beta = torch.zeros(self.rank, dtype=torch.float64)
         for cols in _chunks(self.dim, step):
             part, gv = self.values[:, cols].to(g.dtype), g[cols]
