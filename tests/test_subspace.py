@@ -447,3 +447,24 @@ def test_few_long_vectors_are_orthonormalised_to_float32_precision() -> None:
     rows = torch.stack(w)
     by_columns = build_by_columns(3, d, lambda i, cols, out: out.copy_(rows[i, cols]), storage="float32")
     assert by_columns is not None and orthonormality_error(by_columns.subspace.basis) < 6e-7
+
+
+@pytest.mark.parametrize("i, j", [(1, 0), (40, 3), (69, 68), (65, 33), (31, 32)])
+def test_orthonormality_error_finds_one_inner_product_in_any_block(i: int, j: int) -> None:
+    """Rows i and j of otherwise orthonormal rows (70 rows: three row blocks; 70001 columns: a ragged last
+    chunk) with inner product c: max|PP^T - I| is exactly what float64 says, wherever (i, j) lies."""
+    g = torch.Generator().manual_seed(i * 100 + j)
+    q = torch.linalg.qr(torch.randn(70_001, 70, generator=g, dtype=torch.float64))[0].T.contiguous()
+    c = 1e-3
+    q[i] = (q[i] + c * q[j]) / (1 + c * c) ** 0.5  # unit norm; <q_i, q_j> = c / sqrt(1 + c^2)
+    expected = (q @ q.T - torch.eye(70, dtype=torch.float64)).abs().max().item()
+    assert expected == pytest.approx(c / (1 + c * c) ** 0.5, rel=1e-9)
+    assert orthonormality_error(q) == pytest.approx(expected, rel=1e-12)
+    single = q.float()
+    exact = (single.double() @ single.double().T - torch.eye(70, dtype=torch.float64)).abs().max().item()
+    assert orthonormality_error(single) == pytest.approx(exact, rel=1e-9)
+    for storage in ("bf16", "int8"):
+        stored = subspace.quantize(single, storage)
+        values = torch.cat([part for _, part in stored.column_chunks(torch.float64)], dim=1)
+        exact = (values @ values.T - torch.eye(70, dtype=torch.float64)).abs().max().item()
+        assert orthonormality_error(stored) == pytest.approx(exact, rel=1e-9)

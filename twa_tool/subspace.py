@@ -492,12 +492,13 @@ def release_tail(buffer: torch.Tensor, keep: int) -> bool:
 
 
 def orthonormality_error(basis: Basis | torch.Tensor) -> float:
-    """max |P P^T - I| computed in float64, over column chunks (no float64 copy of the basis)."""
+    """max |P P^T - I| computed in float64, over cache-sized column chunks (no float64 copy of the basis);
+    only the blocks on and below the diagonal of P P^T are computed (``_add_lower_gram``)."""
     basis = basis if isinstance(basis, Basis) else Basis(basis)
     gram = torch.zeros(basis.rank, basis.rank, dtype=torch.float64, device=basis.device)
-    for _, part in basis.column_chunks(torch.float64, step=(1 << 22) // max(1, basis.rank)):
-        gram += part @ part.T
-    return (gram - torch.eye(basis.rank, dtype=torch.float64, device=basis.device)).abs().max().item()
+    for _, part in basis.column_chunks(torch.float64, step=(1 << 20) // max(1, basis.rank)):
+        _add_lower_gram(part, gram)
+    return (_symmetric(gram) - torch.eye(basis.rank, dtype=torch.float64, device=basis.device)).abs().max().item()
 
 
 # ---------------------------------------------------------------------------------------------
