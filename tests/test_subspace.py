@@ -468,3 +468,20 @@ def test_orthonormality_error_finds_one_inner_product_in_any_block(i: int, j: in
         values = torch.cat([part for _, part in stored.column_chunks(torch.float64)], dim=1)
         exact = (values @ values.T - torch.eye(70, dtype=torch.float64)).abs().max().item()
         assert orthonormality_error(stored) == pytest.approx(exact, rel=1e-9)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bf16", "int8"])
+def test_gram_and_coordinates_in_one_pass_match_float64(storage: str) -> None:
+    """The report's single pass: P P^T and P w equal the float64 products of the stored (dequantized) basis."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.linalg.qr(torch.randn(50_001, 37, generator=g))[0].T.contiguous()
+    stored = subspace.quantize(rows, storage)
+    values = torch.cat([part for _, part in stored.column_chunks(torch.float64)], dim=1)
+    w = torch.randn(50_001, generator=g)
+    gram, beta = subspace.gram_and_coordinates(stored, w)
+    assert beta is not None
+    torch.testing.assert_close(gram, values @ values.T, rtol=0, atol=1e-13)
+    torch.testing.assert_close(beta, values @ w.double(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(beta, stored.coordinates(w), rtol=1e-12, atol=1e-12)
+    assert subspace.gram_and_coordinates(stored)[1] is None
+    torch.testing.assert_close(subspace.gram_matrix(stored), gram, rtol=0, atol=0)

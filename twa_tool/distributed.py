@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Sampler
 
-from .subspace import Basis, Subspace
+from .subspace import Basis, Subspace, distance_from_identity, gram_and_coordinates, gram_matrix
 
 #: Seconds a collective may wait for the other ranks before the run fails (``--dist-timeout``).
 DEFAULT_TIMEOUT_S = 300.0
@@ -202,19 +202,23 @@ class Shard:
         beta = self.subspace.basis.coordinates(vector.reshape(-1)[self.columns])
         return self.dist.sum(beta.to(self.dist.comm_device)).to(beta.device)
 
-    def checkpoint_coefficients(self, vector: torch.Tensor) -> torch.Tensor:
-        beta = self.coordinates(vector).cpu()
-        sub = self.subspace
-        a_kept = torch.linalg.solve_triangular(sub.r, beta[:, None], upper=True)[:, 0]
-        a = torch.zeros(sub.total, dtype=torch.float64)
-        a[list(sub.kept)] = a_kept
-        return a
+    def gram_and_coordinates(self, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P P^T`` of the whole basis and ``beta = P w`` of a full D-vector (float64, on the CPU): one pass
+        over the local columns, one sum over the ranks."""
+        gram, beta = gram_and_coordinates(self.basis, vector.reshape(-1)[self.columns])
+        assert beta is not None
+        k = gram.shape[0]
+        total = self.dist.sum(torch.cat([gram.reshape(-1), beta]).to(self.dist.comm_device)).cpu()
+        return total[: k * k].reshape(k, k), total[k * k:]
 
-    def span_residual(self, vector: torch.Tensor) -> float:
-        """``|w - P^T P w| / |w|`` of a full D-vector (float64)."""
+    def checkpoint_coefficients(self, vector: torch.Tensor) -> torch.Tensor:
+        return self.subspace.coefficients_at(self.coordinates(vector))
+
+    def span_residual(self, vector: torch.Tensor, beta: torch.Tensor | None = None) -> float:
+        """``|w - P^T P w| / |w|`` of a full D-vector (float64); ``beta``: its coordinates, if known."""
         w = vector.reshape(-1).double()
         local = w[self.columns]
-        projected = self.basis.combine(self.coordinates(w))
+        projected = self.basis.combine(self.coordinates(w) if beta is None else beta)
         local = local.to(projected.device)
         sums = self.dist.sum(torch.stack([(local - projected).square().sum(), local.square().sum()])
                              .to(self.dist.comm_device))
@@ -222,12 +226,7 @@ class Shard:
 
     def orthonormality_error(self) -> float:
         """max |P P^T - I| of the whole basis (float64 Gram matrix summed over ranks)."""
-        basis = self.basis
-        gram = torch.zeros(basis.rank, basis.rank, dtype=torch.float64, device=basis.device)
-        for _, part in basis.column_chunks(torch.float64, step=(1 << 22) // max(1, basis.rank)):
-            gram += part @ part.T
-        gram = self.dist.sum(gram.to(self.dist.comm_device)).cpu()
-        return (gram - torch.eye(basis.rank, dtype=torch.float64)).abs().max().item()
+        return distance_from_identity(self.dist.sum(gram_matrix(self.basis).to(self.dist.comm_device)).cpu())
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
         """``P^T (P g)`` of the full (already all-reduced) gradient: K-value all-reduce + D-value all-gather."""

@@ -80,7 +80,8 @@ from .subspace import (
     Subspace,
     build_by_columns,
     column_block,
-    orthonormality_error,
+    distance_from_identity,
+    gram_and_coordinates,
 )
 from .trainer import (
     Metrics,
@@ -1146,16 +1147,19 @@ def run_facts(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen
     """The report's record of inputs, selection, coefficients and basis quality."""
     subspace = stream.subspace
     if stream.shard is not None:  # sharded: every product is local and summed over the ranks
-        coefficients = stream.shard.checkpoint_coefficients(weights)
-        span_residual = stream.shard.span_residual(weights)
-        orthonormality = stream.shard.orthonormality_error()
+        gram, beta = stream.shard.gram_and_coordinates(weights)  # one pass over the basis for both
+        coefficients = subspace.coefficients_at(beta)
+        span_residual = stream.shard.span_residual(weights, beta)
+        orthonormality = distance_from_identity(gram)
         basis_bytes = int(sum(stream.shard.dist.gather_values(subspace.basis.nbytes)))
     else:
-        coefficients = subspace.checkpoint_coefficients(weights)
-        projected = subspace.basis.combine(subspace.coordinates(weights))
+        gram, beta = gram_and_coordinates(subspace.basis, weights)  # one pass over the basis for both
+        assert beta is not None
+        coefficients = subspace.coefficients_at(beta)
+        projected = subspace.basis.combine(beta)
         span_residual = (torch.linalg.vector_norm(weights.double() - projected) /
                          torch.linalg.vector_norm(weights.double())).item()
-        orthonormality, basis_bytes = orthonormality_error(subspace.basis), subspace.basis.nbytes
+        orthonormality, basis_bytes = distance_from_identity(gram), subspace.basis.nbytes
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": "twa",

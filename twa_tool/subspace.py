@@ -491,14 +491,35 @@ def release_tail(buffer: torch.Tensor, keep: int) -> bool:
     return madvise is not None and madvise(start, stop - start, _MADV_DONTNEED) == 0
 
 
-def orthonormality_error(basis: Basis | torch.Tensor) -> float:
-    """max |P P^T - I| computed in float64, over cache-sized column chunks (no float64 copy of the basis);
-    only the blocks on and below the diagonal of P P^T are computed (``_add_lower_gram``)."""
+def gram_matrix(basis: Basis | torch.Tensor) -> torch.Tensor:
+    """``P P^T`` in float64, over cache-sized column chunks (no float64 copy of the basis); only the blocks
+    on and below the diagonal are computed (``_add_lower_gram``), the rest mirrored."""
+    return gram_and_coordinates(basis)[0]
+
+
+def gram_and_coordinates(basis: Basis | torch.Tensor,
+                         vector: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``P P^T`` (as ``gram_matrix``) and the coordinates ``P w`` of ``vector`` (as ``Basis.coordinates``;
+    None without a vector), both float64, in one pass over the basis."""
     basis = basis if isinstance(basis, Basis) else Basis(basis)
     gram = torch.zeros(basis.rank, basis.rank, dtype=torch.float64, device=basis.device)
-    for _, part in basis.column_chunks(torch.float64, step=(1 << 20) // max(1, basis.rank)):
+    beta = None if vector is None else torch.zeros(basis.rank, dtype=torch.float64, device=basis.device)
+    v = None if vector is None else vector.reshape(-1)
+    for cols, part in basis.column_chunks(torch.float64, step=(1 << 20) // max(1, basis.rank)):
         _add_lower_gram(part, gram)
-    return (_symmetric(gram) - torch.eye(basis.rank, dtype=torch.float64, device=basis.device)).abs().max().item()
+        if beta is not None and v is not None:
+            beta += part @ v[cols].to(device=basis.device, dtype=torch.float64)
+    return _symmetric(gram), beta
+
+
+def distance_from_identity(gram: torch.Tensor) -> float:
+    """max |G - I|."""
+    return (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max().item()
+
+
+def orthonormality_error(basis: Basis | torch.Tensor) -> float:
+    """max |P P^T - I| computed in float64 (``gram_matrix``)."""
+    return distance_from_identity(gram_matrix(basis))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -983,7 +1004,11 @@ class Subspace:
 
         Dropped (dependent) checkpoints get coefficient 0; the kept ones absorb their share.
         """
-        beta = self.coordinates(vector).cpu()
+        return self.coefficients_at(self.coordinates(vector))
+
+    def coefficients_at(self, beta: torch.Tensor) -> torch.Tensor:
+        """``checkpoint_coefficients`` of the vector whose coordinates ``beta`` already are."""
+        beta = beta.cpu()
         a_kept = torch.linalg.solve_triangular(self.r, beta[:, None], upper=True)[:, 0]
         a = torch.zeros(self.total, dtype=torch.float64)
         a[list(self.kept)] = a_kept
