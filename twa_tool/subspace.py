@@ -416,7 +416,7 @@ class Basis:
         """``beta = P w`` in float64 (chunked: the basis is never copied whole to float64)."""
         v = vector.reshape(-1)
         beta = torch.zeros(self.rank, dtype=torch.float64, device=self.device)
-        for cols, part in self.column_chunks(torch.float64, step=(1 << 22) // max(1, self.rank)):
+        for cols, part in self.column_chunks(torch.float64):
             beta += part @ v[cols].to(device=self.device, dtype=torch.float64)
         return beta
 
@@ -424,7 +424,7 @@ class Basis:
         """``P^T beta`` in float64."""
         out = torch.empty(self.dim, dtype=torch.float64, device=self.device)
         beta = beta.to(device=self.device, dtype=torch.float64)
-        for cols, part in self.column_chunks(torch.float64, step=(1 << 22) // max(1, self.rank)):
+        for cols, part in self.column_chunks(torch.float64):
             out[cols] = part.T @ beta
         return out
 
@@ -505,7 +505,7 @@ def gram_and_coordinates(basis: Basis | torch.Tensor,
     gram = torch.zeros(basis.rank, basis.rank, dtype=torch.float64, device=basis.device)
     beta = None if vector is None else torch.zeros(basis.rank, dtype=torch.float64, device=basis.device)
     v = None if vector is None else vector.reshape(-1)
-    for cols, part in basis.column_chunks(torch.float64, step=(1 << 20) // max(1, basis.rank)):
+    for cols, part in basis.column_chunks(torch.float64):
         _add_lower_gram(part, gram)
         if beta is not None and v is not None:
             beta += part @ v[cols].to(device=basis.device, dtype=torch.float64)
