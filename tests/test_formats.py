@@ -629,3 +629,66 @@ def test_a_sharded_final_model_beside_the_checkpoint_folders_is_one_checkpoint(t
     assert_same(load_checkpoint(tmp_path).state, final)
     catalog = inspect_directory(tmp_path, Selection())
     assert catalog.ignored == ("config.json",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Header memo: files of one save site are unpickled once
+
+
+def test_header_memo_unpickles_one_save_site_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files whose pickle and member sizes match an earlier file's get its header without being unpickled,
+    and it equals what a fresh read says; a file with another pickle (another epoch) is read on its own."""
+    from twa_tool import checkpoints
+
+    for i in range(4):
+        torch.save({"epoch": 5, "state_dict": state(i)}, tmp_path / f"same-{i}.pt")
+    torch.save({"epoch": 6, "state_dict": state(9)}, tmp_path / "other.pt")
+    names = ["same-0.pt", "same-1.pt", "same-2.pt", "same-3.pt", "other.pt"]
+    fresh = [read_header(tmp_path / n) for n in names]
+    loads: list[str] = []
+    real = checkpoints._torch_load
+
+    def counted(path: Path, *args, **kwargs) -> object:
+        loads.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "_torch_load", counted)
+    memo = checkpoints.HeaderMemo()
+    memoized = [read_header(tmp_path / n, memo=memo) for n in names]
+    assert memoized == fresh
+    assert loads == ["same-0.pt", "other.pt"]
+    assert [h.epoch for h in memoized] == [5, 5, 5, 5, 6]
+    memoized[1].tensors.clear()  # what a caller does with its header never reaches the memo
+    assert read_header(tmp_path / "same-3.pt", memo=memo) == fresh[3]
+
+
+def test_header_memo_still_checks_every_file(tmp_path: Path) -> None:
+    """A later file of the same save site that is truncated, or holds a member of another size, is not
+    given the first file's header."""
+    from twa_tool.checkpoints import HeaderMemo
+
+    torch.save(state(0), tmp_path / "a.pt")
+    torch.save(state(1), tmp_path / "b.pt")
+    data = (tmp_path / "b.pt").read_bytes()
+    (tmp_path / "b.pt").write_bytes(data[: len(data) // 2])
+    torch.save({**state(2), "fc.bias": torch.zeros(5)}, tmp_path / "c.pt")
+    memo = HeaderMemo()
+    read_header(tmp_path / "a.pt", memo=memo)
+    with pytest.raises(CheckpointError, match="b.pt"):
+        read_header(tmp_path / "b.pt", memo=memo)
+    assert read_header(tmp_path / "c.pt", memo=memo).tensors["fc.bias"] == ((5,), "float32")
+
+
+def test_header_memo_never_shares_lightning_scores(tmp_path: Path) -> None:
+    """Lightning scores are looked up by the file's own name in best_k_models: two files with byte-identical
+    pickles still get their own score."""
+    from twa_tool.checkpoints import HeaderMemo
+
+    ckpt = lightning_ckpt(state(0), "b.ckpt")
+    ckpt["callbacks"][next(iter(ckpt["callbacks"]))]["best_k_models"] = {"/runs/x/a.ckpt": torch.tensor(0.25),
+                                                                         "/runs/x/b.ckpt": torch.tensor(0.5)}
+    torch.save(ckpt, tmp_path / "a.ckpt")
+    torch.save(ckpt, tmp_path / "b.ckpt")
+    memo = HeaderMemo()
+    scores = [read_header(tmp_path / n, memo=memo).metrics["val_loss"] for n in ("a.ckpt", "b.ckpt")]
+    assert scores == pytest.approx([0.25, 0.5])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoints import CheckpointFile, HeaderInfo, discover, folder_weight_files, read_header
+from .checkpoints import CheckpointFile, HeaderInfo, HeaderMemo, discover, folder_weight_files, read_header
 from .config import Selection
 from .errors import TwaError
 from .selection import mixed_dtypes, order_conflict, select
@@ -79,7 +79,7 @@ def inspect_directory(directory: Path, selection: Selection, weights: str = "raw
     """Read every candidate's header once and apply the selection ``twa average`` would apply."""
     files = discover(directory)
     options = {"weights": weights, "strip_prefix": strip_prefix, "trust_pickle": trust_pickle,
-               "allow_globals": allow_globals}
+               "allow_globals": allow_globals, "memo": HeaderMemo()}
     headers = {f.name: _header(f, options) for f in files}
 
     def metric_of(entry: CheckpointFile) -> float | None:

@@ -45,7 +45,7 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -501,6 +501,40 @@ def _is_storage_member(suffix: str) -> bool:
     return suffix.startswith("data/")
 
 
+ZipSignature = tuple[tuple[tuple[str, int], ...], tuple[tuple[str, bytes], ...]]
+
+
+def _zip_signature(path: Path, ranges: Sequence[tuple[str, int, int, int]]) -> ZipSignature:
+    """What decides everything but the tensor bytes of a torch zip whose ``ranges`` are known: its member
+    table (suffix and size, in file order) and the bytes of its non-storage members (the pickle, byte order,
+    versions), the volatile ones left out."""
+    with open(path, "rb", buffering=0) as f:
+        fixed = tuple((_member_suffix(n), os.pread(f.fileno(), end - start, start)) for n, start, end, _ in ranges
+                      if not _is_storage_member(_member_suffix(n)) and _member_suffix(n) not in _VOLATILE_MEMBERS)
+    return tuple((_member_suffix(n), end - start) for n, start, end, _ in ranges), fixed
+
+
+class HeaderMemo:
+    """Headers of torch zip checkpoints read so far, by what decides them: files with the same
+    ``_zip_signature`` (one ``torch.save`` call site, one model: the same pickle bytes and member sizes)
+    unpickle to the same keys, dtypes, shapes and trainer info, so only the first is unpickled; the others
+    get the structural zip checks and a byte comparison. Lightning files are never shared: their scores
+    are looked up by the file's own name. One memo per run (``read_header(memo=...)``)."""
+
+    def __init__(self) -> None:
+        self._found: dict[tuple, _Found] = {}
+
+    def get(self, key: tuple) -> _Found | None:
+        found = self._found.get(key)
+        return None if found is None else replace(found, entries=dict(found.entries), metadata=dict(found.metadata),
+                                                  metrics=dict(found.metrics))
+
+    def put(self, key: tuple, found: _Found) -> None:
+        if found.producer != "lightning":
+            self._found[key] = replace(found, entries=dict(found.entries), metadata=dict(found.metadata),
+                                       metrics=dict(found.metrics))
+
+
 @dataclass(frozen=True)
 class ZipLayout:
     """Where the tensors of a loaded torch zip checkpoint lie in its file, and what another file must share
@@ -735,10 +769,8 @@ def zip_layout(path: Path, state: Mapping[str, torch.Tensor]) -> ZipLayout | Non
             if stored != t.reshape(-1).view(torch.uint8).numpy().tobytes():
                 return None
             placed[key] = (member, offset, t.dtype, tuple(t.shape))
-        fixed = tuple((_member_suffix(n), os.pread(f.fileno(), end - start, start)) for n, start, end, _ in ranges
-                      if not _is_storage_member(_member_suffix(n)) and _member_suffix(n) not in _VOLATILE_MEMBERS)
-    return ZipLayout(sizes=tuple((_member_suffix(n), end - start) for n, start, end, _ in ranges), fixed=fixed,
-                     tensors=placed)
+    sizes, fixed = _zip_signature(path, ranges)
+    return ZipLayout(sizes=sizes, fixed=fixed, tensors=placed)
 
 # ----------------------------------------------------------------------------------------------
 # Low-level readers.
@@ -1170,7 +1202,14 @@ def _recorded_num_classes(args: object) -> int | None:
 
 
 def _read_torch(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool,
-               crc_checked: bool = False) -> _Found:
+               crc_checked: bool = False, memo: HeaderMemo | None = None) -> _Found:
+    if memo is not None and header_only and not trust_pickle.full and _sniff(path) == "torch-zip":
+        key = (_zip_signature(path, _zip_member_ranges(path)), trust_pickle, weights)  # structural checks first
+        found = memo.get(key)
+        if found is None:
+            found = _read_torch(path, trust_pickle, weights, header_only)
+            memo.put(key, found)
+        return found
     obj = _torch_load(path, trust_pickle, header_only, crc_checked)
     state, producer, container, top = _select(obj, path, weights)
     metadata: dict[str, str] = {}
@@ -1371,7 +1410,8 @@ def _apply_prefixes(found: _Found, path: Path, strip_prefix: str | None,
 # Public readers.
 
 
-def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool, crc_checked: bool = False) -> _Found:
+def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool, crc_checked: bool = False,
+          memo: HeaderMemo | None = None) -> _Found:
     if weights not in WEIGHT_KINDS:
         raise ConfigError(f"--weights {weights}: use raw or ema")
     path = Path(path)
@@ -1400,7 +1440,7 @@ def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool
         entries, metadata = _read_safetensors(path, header_only)
         return _Found(entries=entries, metadata=metadata, producer="safetensors")
     if kind in ("torch-zip", "torch-legacy"):
-        return _read_torch(path, trust_pickle, weights, header_only, crc_checked)
+        return _read_torch(path, trust_pickle, weights, header_only, crc_checked, memo)
     raise CheckpointError(f"{path}: {_not_weights(path)}; remove it from the folder or leave it out with "
                           f"{exclude_hint(path.name)}")
 
@@ -1459,16 +1499,17 @@ def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "r
 
 def read_header(path: Path, *, weights: str = "raw", trust_pickle: bool = False, strip_prefix: str | None = None,
                 allow_globals: tuple[str, ...] = (),
-                model_keys: object | None = None) -> HeaderInfo:
+                model_keys: object | None = None, memo: HeaderMemo | None = None) -> HeaderInfo:
     """Shapes, dtypes and trainer info of a checkpoint without reading its weights.
 
     safetensors: the JSON header only (validated by ``safe_open``); HF folders: the index plus each
     shard's header; torch zips: ``torch.load(mmap=True, weights_only=True)``, which maps tensors lazily,
     with the structural zip checks but without the CRC pass ``load_checkpoint`` does; legacy
     (non-zip) pickles must be read whole. Same containers, refusals and prefix rules as
-    ``load_checkpoint``.
+    ``load_checkpoint``. ``memo``: a ``HeaderMemo`` shared by the calls of one run, so a torch zip whose pickle
+    and member sizes equal an earlier file's is not unpickled again.
     """
-    found = _read(path, PickleTrust(trust_pickle, tuple(allow_globals)), weights, header_only=True)
+    found = _read(path, PickleTrust(trust_pickle, tuple(allow_globals)), weights, header_only=True, memo=memo)
     tensors, prefix = _apply_prefixes(found, Path(path), strip_prefix, model_keys)
     return HeaderInfo(tensors=tensors, metadata=found.metadata, producer=found.producer, epoch=found.epoch,
                       step=found.step, metrics=found.metrics, container=found.container, weights=found.weights,

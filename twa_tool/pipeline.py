@@ -30,6 +30,7 @@ from .checkpoints import (
     CheckpointFile,
     FlatFile,
     HeaderInfo,
+    HeaderMemo,
     ZipLayout,
     column_file,
     discover,
@@ -181,9 +182,11 @@ def resolve_device(name: str) -> torch.device:
 def _stored_metric(name: str, config: AverageConfig) -> Callable[[CheckpointFile], float | None]:
     """``--by NAME`` of a checkpoint, read with the run's options (``--weights``, ``--allow-global``,
     ``--trust-pickle``), as ``twa inspect`` reads it."""
+    memo = HeaderMemo()
+
     def metric_of(entry: CheckpointFile) -> float | None:
         return read_header(entry.path, weights=config.weights, trust_pickle=config.trust_pickle,
-                           allow_globals=config.allow_globals).metrics.get(name)
+                           allow_globals=config.allow_globals, memo=memo).metrics.get(name)
 
     return metric_of
 
@@ -275,6 +278,7 @@ class Reader:
     allow_globals: tuple[str, ...]
     model_keys: frozenset[str]
     tied: tuple[tuple[str, str], ...] = ()  # (alias, key): tied weights a file may store once (``tied_keys``)
+    headers: HeaderMemo = field(default_factory=HeaderMemo, compare=False, repr=False)  # one run's headers
 
     @classmethod
     def for_run(cls, config: AverageConfig | SoupConfig, model: nn.Module) -> Reader:
@@ -296,7 +300,7 @@ class Reader:
         return self._untie(load_checkpoint(path, **self._options(), crc_checked=crc_checked).state)
 
     def header(self, path: Path) -> HeaderInfo:
-        header = read_header(path, **self._options())
+        header = read_header(path, **self._options(), memo=self.headers)
         return replace(header, tensors=self._untie(dict(header.tensors)))
 
     def as_stored(self, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -304,7 +308,7 @@ class Reader:
         so the output has the input's keys (and not a second copy of, e.g., a tied embedding)."""
         if not self.tied:
             return state
-        stored = read_header(path, **self._options()).tensors
+        stored = read_header(path, **self._options(), memo=self.headers).tensors
         omit = {alias for alias, key in self.tied if alias not in stored and key in stored}
         return {k: v for k, v in state.items() if k not in omit}
 
