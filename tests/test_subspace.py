@@ -485,3 +485,16 @@ def test_gram_and_coordinates_in_one_pass_match_float64(storage: str) -> None:
     torch.testing.assert_close(beta, stored.coordinates(w), rtol=1e-12, atol=1e-12)
     assert subspace.gram_and_coordinates(stored)[1] is None
     torch.testing.assert_close(subspace.gram_matrix(stored), gram, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_reused_chunk_buffer_gives_the_same_chunks(storage: str) -> None:
+    """column_chunks(reuse=True) writes every chunk into one buffer (a ragged last chunk included): each chunk,
+    copied before the next is asked for, equals the freshly allocated one."""
+    g = torch.Generator().manual_seed(5)
+    stored = subspace.quantize(torch.randn(9, 3 * 4096 + 123, generator=g), storage)
+    fresh = [(cols, part) for cols, part in stored.column_chunks(torch.float32, step=4096)]
+    reused = [(cols, part.clone()) for cols, part in stored.column_chunks(torch.float32, step=4096, reuse=True)]
+    assert [c for c, _ in fresh] == [c for c, _ in reused] and len(fresh) == 4
+    for (_, a), (_, b) in zip(fresh, reused):
+        assert torch.equal(a, b)

@@ -233,11 +233,11 @@ class Shard:
         basis = self.basis
         local = g[self.columns].to(basis.device)
         beta = torch.zeros(basis.rank, dtype=g.dtype, device=basis.device)
-        for cols, part in basis.column_chunks(g.dtype):
+        for cols, part in basis.column_chunks(g.dtype, reuse=True):
             beta += part @ local[cols]
         beta = self.dist.sum(beta.to(self.dist.comm_device)).to(basis.device)
         out = torch.empty_like(local)
-        for cols, part in basis.column_chunks(g.dtype):
+        for cols, part in basis.column_chunks(g.dtype, reuse=True):
             out[cols] = part.T @ beta
         return self.dist.gather_columns(out.to(self.dist.comm_device), self.dim).to(g.device)
 
