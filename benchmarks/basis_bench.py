@@ -6,6 +6,7 @@ perturbation of the previous one), written as plain ``torch.save`` state dicts.
     python benchmarks/basis_bench.py --k 50 100                      # one markdown table
     python benchmarks/basis_bench.py --k 50 100 --step --average     # + projected step, whole `twa average`
     python benchmarks/basis_bench.py --k 50 100 --threads 1          # one torch thread per operation
+    python benchmarks/basis_bench.py --k 50 100 --repeat 3           # interleaved runs, medians
     python benchmarks/basis_bench.py --k 100 --step --device cuda    # the projected step on a GPU
 
 Each path runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own:
@@ -153,6 +154,12 @@ def run_child(kind: str, folder: Path, k: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median time (the upper one of an even count): its peak memory and orthonormality
+    are reported with it (they do not vary between runs)."""
+    return sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
+
+
 def projected_step_line(k: int, device: torch.device, storages: list[str]) -> str:
     """Time of the projection g -> P^T (P g) against a plain SGD step of resnet18 (batch 128, 32x32), both on
     ``device`` (an accelerator is synchronised before every clock read)."""
@@ -209,12 +216,18 @@ def main() -> None:
                         default=["float32", "bf16", "int8"], help="basis storage formats of the twa rows")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every path (default: torch's)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of every build path, interleaved (reference, twa..., reference, ...): the table "
+                             "gives each path's median time and the ratio of the medians, and the range of the "
+                             "per-round ratios (a shared machine's load swings single runs by up to 1.5x)")
     parser.add_argument("--device", default="cpu",
                         help="device of the projected step (--step): cpu, cuda or cuda:N; the builds run on the "
                              "CPU, where twa reads checkpoints")
     args = parser.parse_args()
     if min(args.k) < 2:
         parser.error(f"--k {min(args.k)}: a basis needs at least 2 checkpoints")
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: must be at least 1")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads}: must be a positive integer (leave it out for torch's default)")
     if args.step:
@@ -234,16 +247,28 @@ def main() -> None:
     paths = build_w1(args.dir, max(args.k))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print()
-    print("| K | path | load + basis (s) | speed-up | peak RSS (GiB) | memory ratio | basis (GiB) "
-          "| max abs(PP^T - I) |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    repeated = args.repeat > 1
+    if repeated:
+        print(f"each build path run {args.repeat} times, interleaved; times are medians, the speed-up is the ratio "
+              f"of the medians, and its range that of the per-round ratios")
+        print()
+    print("| K | path | load + basis (s) | speed-up | " + ("speed-up range | " if repeated else "") +
+          "peak RSS (GiB) | memory ratio | basis (GiB) | max abs(PP^T - I) |")
+    print("|---:|---|---:|---:|" + ("---:|" if repeated else "") + "---:|---:|---:|---:|")
     refs = {}
     for k in args.k:
-        ref = refs[k] = run_child("reference", args.dir, k)
-        rows = [("reference (numpy stack + float32 CGS)", ref)]
-        rows += [(f"twa, {storage} basis", run_child(f"twa-{storage}", args.dir, k)) for storage in args.storage]
-        for name, r in rows:
-            print(f"| {k} | {name} | {r['total_s']:.1f} | {ref['total_s'] / r['total_s']:.2f}x | "
+        kinds = ["reference", *(f"twa-{storage}" for storage in args.storage)]
+        runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
+        for _ in range(args.repeat):
+            for kind in kinds:
+                runs[kind].append(run_child(kind, args.dir, k))
+        ref = refs[k] = median_run(runs["reference"])
+        names = ["reference (numpy stack + float32 CGS)", *(f"twa, {storage} basis" for storage in args.storage)]
+        for name, kind in zip(names, kinds):
+            r = median_run(runs[kind])
+            ratios = [a["total_s"] / b["total_s"] for a, b in zip(runs["reference"], runs[kind])]
+            spread = f"{min(ratios):.2f}-{max(ratios):.2f}x | " if repeated else ""
+            print(f"| {k} | {name} | {r['total_s']:.1f} | {ref['total_s'] / r['total_s']:.2f}x | {spread}"
                   f"{r['peak_bytes'] / 2**30:.2f} | {r['peak_bytes'] / ref['peak_bytes']:.2f} | "
                   f"{r['basis_bytes'] / 2**30:.2f} | {r['orthonormality']:.1e} |")
     if args.average:

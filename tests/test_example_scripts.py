@@ -27,6 +27,7 @@ def load_script(relative: str):
     ("benchmarks/basis_bench.py", ["--k", "50", "1"], "--k 1: a basis needs at least 2 checkpoints"),
     ("benchmarks/basis_bench.py", ["--storage", "fp8"], "invalid choice: 'fp8'"),
     ("benchmarks/basis_bench.py", ["--threads", "0"], "--threads 0: must be a positive integer"),
+    ("benchmarks/basis_bench.py", ["--repeat", "0"], "--repeat 0: must be at least 1"),
     ("benchmarks/basis_bench.py", ["--step", "--device", "gpu"], "--device gpu: the step is timed on cpu, cuda"),
     ("benchmarks/soup_memory.py", ["--k", "1"], "--k 1: a soup needs at least 2 fine-tunes"),
     ("benchmarks/inspect_speed.py", ["--count", "1"], "--count 1: twa inspect refuses fewer than 2"),
