@@ -232,6 +232,21 @@ def test_output_under_a_file_is_refused_before_work(demo_ckpts: Path, tmp_path: 
     assert "reading checkpoints" not in result.stderr
 
 
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_output_through_a_dangling_symlink_is_refused_before_work(demo_ckpts: Path, tmp_path: Path,
+                                                                   below: str) -> None:
+    """An --out that is (or lies under) a symlink to a missing folder is named with its target in the dry run
+    and the run (exit 7), not 'File exists' from mkdir after the work; the link is left as it was."""
+    (tmp_path / "out").symlink_to(tmp_path / "missing")
+    out = tmp_path / "out" / below if below else tmp_path / "out"
+    for extra in (["--dry-run"], []):
+        result = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--out", str(out), *extra])
+        assert result.exit_code == 7, result.output
+        assert f"{tmp_path / 'out'} is a symlink to {tmp_path / 'missing'}, which does not exist" in result.stderr
+        assert "reading checkpoints" not in result.stderr
+    assert (tmp_path / "out").is_symlink() and not (tmp_path / "missing").exists()
+
+
 def test_basis_that_does_not_fit_falls_back_to_host_memory(demo_ckpts: Path, tmp_path: Path) -> None:
     """F9, simulated on CPU: an OOM placing the basis keeps it in host memory; the result is identical."""
     args = ["average", str(demo_ckpts), *FAST, "--device", "cpu"]

@@ -152,6 +152,10 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
     if input_dir is not None and input_dir.resolve() in out_dir.resolve().parents:
         raise OutputError(f"--out {out_dir}: is inside the input folder {input_dir} (the next run would read the "
                           f"output as a checkpoint); choose an --out outside {input_dir}")
+    dangling = next((p for p in (out_dir, *out_dir.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:  # mkdir would say "File exists"
+        raise OutputError(f"--out {out_dir}: {dangling} is a symlink to {os.readlink(dangling)}, which does not "
+                          f"exist; create that folder, or choose another --out")
     folder_named = next((n for n in names if (out_dir / n).is_dir() and not (out_dir / n).is_symlink()), None)
     if folder_named is not None:  # no rename can replace it: found now, not after the whole run
         raise OutputError(f"{out_dir / folder_named}: is a folder where the output writes a file; move it away or "
