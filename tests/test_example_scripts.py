@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -85,6 +86,48 @@ def test_summarize_errors_are_one_line(run_dir: Path, args: list[str], message: 
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+SOUP_SUMMARIZE = ROOT / "examples" / "soup" / "summarize.py"
+
+
+def soup_report() -> dict:
+    return {"config": {"train": {"optimizer": "adamw", "lr": 0.01}, "granularity": "model", "basis_dtype": "float32"},
+            "metrics": {name: {"heldout": {"accuracy": 0.8 + i / 100}, "eval": {"accuracy": 0.7 + i / 100}}
+                        for i, name in enumerate(("best_single", "uniform", "greedy", "twa"))},
+            "written_method": "twa", "timings": {"twa_s": 12.0}}
+
+
+def test_soup_summarize_table_and_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "report.json").write_text(json.dumps(soup_report()))
+    ok = subprocess.run([sys.executable, str(SOUP_SUMMARIZE), str(tmp_path / "a" / "report.json")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "| a | adamw | 0.01 | model | float32 | 80.00 / 70.00 | 81.00 / 71.00 | 82.00 / 72.00 | 83.00 / 73.00 " \
+           "| twa | 12 |" in ok.stdout
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "other.json").write_text(json.dumps({"config": {}, "metrics": {"twa": {}}}))
+    for name, message in [("empty.json", "empty.json: not a JSON document"), ("missing.json", "No such file"),
+                          ("other.json", "other.json: not a `twa soup` report (no 'best_single')")]:
+        bad = subprocess.run([sys.executable, str(SOUP_SUMMARIZE), str(tmp_path / "a" / "report.json"),
+                              str(tmp_path / name)], capture_output=True, text=True)
+        assert bad.returncode == 1 and bad.stdout == "", bad.stderr
+        assert bad.stderr.startswith("error: ") and message in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_summaries_end_quietly_when_the_reader_stops(run_dir: Path) -> None:
+    """`summarize.py ... | head -1`: the reader is gone before the table is written; no traceback, exit 0."""
+    (run_dir / "soup.json").write_text(json.dumps(soup_report()))
+    for command in ([str(SUMMARIZE), str(run_dir), f"head={run_dir / 'head.json'}"],
+                    [str(SOUP_SUMMARIZE), str(run_dir / "soup.json")]):
+        read, write = os.pipe()
+        os.close(read)  # no reader at all: the first write fails with EPIPE, deterministically
+        try:
+            proc = subprocess.run([sys.executable, *command], stdout=write, stderr=subprocess.PIPE, text=True)
+        finally:
+            os.close(write)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def script_array(script: str, name: str, out: Path) -> list[str]:

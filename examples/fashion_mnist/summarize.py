@@ -10,6 +10,7 @@ compare TWA learning rates). Accuracies are on the Fashion-MNIST test split, in 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -89,4 +90,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+        sys.stdout.flush()  # a reader that stopped early (`| head`) is found here, not at interpreter exit
+    except BrokenPipeError:  # nothing more to write: end quietly, without the interpreter's flush error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
