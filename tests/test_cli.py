@@ -94,6 +94,15 @@ def test_selection_start_and_holdout(demo_ckpts: Path, tmp_path: Path) -> None:
     assert report["data"]["fit_examples"] == 200  # 10% of the 2000 synthetic training examples
 
 
+def test_an_unused_data_root_is_a_warning_in_the_run_and_the_dry_run(demo_ckpts: Path, tmp_path: Path) -> None:
+    note = f"--data-root {tmp_path / 'data'} is not used: --data synthetic is generated, not read"
+    for extra in (["--dry-run"], []):
+        result = run(demo_ckpts, *FAST, "--data-root", tmp_path / "data", "--out", tmp_path / "o", "--json", *extra)
+        assert result.exit_code == 0, result.output
+        assert note in json.loads(result.stdout)["warnings"]
+        assert note in " ".join(result.stderr.split())
+
+
 def test_plain_pt_needs_model_flag(plain_pt_ckpts: Path, tmp_path: Path) -> None:
     result = run(plain_pt_ckpts, *FAST, "--out", tmp_path / "o")
     assert result.exit_code == 4

@@ -580,6 +580,25 @@ def test_file_function_spec_passes_root(tmp_path: Path) -> None:
     assert sys.modules["twa_user_data_my_data"].SEEN["root"] == tmp_path / "r"
 
 
+def test_unused_data_root_is_noted(tmp_path: Path) -> None:
+    """--data-root that a spec does not read is named in DataSplits.notes (the run warns), never silently
+    dropped; a spec that reads it, or no --data-root, has no note."""
+    path = tmp_path / "my_data.py"
+    path.write_text(USER_FILE)
+    write_image_tree(tmp_path / "tree", {"blue": (0, 0, 255), "olive": (128, 128, 0)})
+    root = tmp_path / "r"
+    assert build_data(f"{path}:make", root=root).notes == ()
+    assert build_data(f"{path}:no_root").notes == ()
+    assert build_data(f"{path}:no_root", root=root).notes == (
+        f"--data-root {root} is not used: {path}:no_root has no `root` parameter to receive it",)
+    assert build_data(f"imagefolder:{tmp_path / 'tree'}", root=root).notes == (
+        f"--data-root {root} is not used: --data imagefolder:{tmp_path / 'tree'} reads the train/ and val/ folders "
+        f"under its own PATH",)
+    assert build_data("synthetic", root=root).notes == (
+        f"--data-root {root} is not used: --data synthetic is generated, not read",)
+    assert build_data("imagenet", root=tmp_path / "tree").notes == ()
+
+
 def test_file_function_spec_imports_the_modules_beside_it(tmp_path: Path) -> None:
     """As ``python my_data.py`` would: a data file may import its helper modules from its own folder."""
     (tmp_path / "twa_test_helpers_d.py").write_text(USER_FILE)

@@ -217,6 +217,15 @@ def soup_run(finetunes: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     return result, out
 
 
+def test_soup_warns_about_an_unused_data_root(finetunes: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, soup_args(finetunes, tmp_path / "o", "--base", str(finetunes / "base.safetensors"),
+                                               "--method", "uniform", "--epochs", "0", "--json",
+                                               "--data-root", str(tmp_path / "d")))
+    assert result.exit_code == 0, result.output
+    note = f"--data-root {tmp_path / 'd'} is not used: --data synthetic is generated, not read"
+    assert note in json.loads(result.stdout)["warnings"] and note in " ".join(result.stderr.split())
+
+
 def test_soup_writes_model_and_report(soup_run: tuple[object, Path], finetunes: Path) -> None:
     result, out = soup_run
     assert result.exit_code == 0, result.output

@@ -30,7 +30,7 @@ import sys
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -57,12 +57,16 @@ class DataSplits:
         eval: Evaluation split, without augmentation.
         num_classes: Number of classes, or None when unknown (user-supplied datasets).
         name: Canonical name of the dataset, e.g. ``"cifar10"``.
+        notes: What the user asked for that this spec does not use (``--data-root`` for
+            ``imagefolder:PATH``, generated data, or a function without a ``root`` parameter), for the
+            caller to warn about.
     """
 
     train: Dataset
     eval: Dataset
     num_classes: int | None
     name: str
+    notes: tuple[str, ...] = ()
 
 
 class ArrayImageDataset(Dataset):
@@ -133,16 +137,23 @@ def build_data(spec: str, *, root: Path | None = None, download: bool = False) -
     text = spec.strip()
     data_root = Path(root).expanduser() if root is not None else None
     name = registry_name(text)
+    unused = f"--data-root {root} is not used: " if root is not None else None
     if name is not None:
-        return _REGISTRY[name](data_root, download)
+        data = _REGISTRY[name](data_root, download)
+        return _noted(data, unused and name in _GENERATED and unused + f"--data {name} is generated, not read")
     if text.lower().startswith("imagefolder:"):
-        return _build_imagefolder_spec(text)
+        return _noted(_build_imagefolder_spec(text),
+                      unused and unused + f"--data {text} reads the train/ and val/ folders under its own PATH")
     if _looks_like_function_spec(text):
-        return _build_from_function(text, data_root)
+        return _build_from_function(text, data_root, unused)
     raise ConfigError(
         f"--data {spec}: unknown dataset{_unknown_hint(text)}; choose one of {', '.join(list_data_names())}, "
         "or imagefolder:PATH, package.module:function, path/to/file.py:function"
     )
+
+
+def _noted(data: DataSplits, note: str | None) -> DataSplits:
+    return replace(data, notes=(*data.notes, note)) if note else data
 
 
 def registry_name(spec: str) -> str | None:
@@ -857,10 +868,12 @@ def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
     return dataset
 
 
-def _build_from_function(spec: str, root: Path | None) -> DataSplits:
-    """Calls a user function returning ``(fit_dataset, eval_dataset)``."""
+def _build_from_function(spec: str, root: Path | None, unused: str | None = None) -> DataSplits:
+    """Calls a user function returning ``(fit_dataset, eval_dataset)``; ``root`` is passed when it takes a
+    ``root`` parameter, else ``unused`` (the start of a note) says it was not."""
     function = _load_function(spec)
     kwargs = {"root": root} if _accepts_root(function) else {}
+    note = unused + f"{spec} has no `root` parameter to receive it" if unused and not kwargs else None
     try:
         result = function(**kwargs)
     except TwaError:
@@ -873,7 +886,7 @@ def _build_from_function(spec: str, root: Path | None) -> DataSplits:
             f"--data {spec}: the function must return (fit_dataset, eval_dataset), got {_shape_of(result)}"
         )
     fit, test = _check_dataset(result[0], "fit", spec), _check_dataset(result[1], "eval", spec)
-    return DataSplits(train=fit, eval=test, num_classes=None, name=spec)
+    return DataSplits(train=fit, eval=test, num_classes=None, name=spec, notes=(note,) if note else ())
 
 
 # --------------------------------------------------------------------------- registry
@@ -889,3 +902,6 @@ _REGISTRY: Mapping[str, Builder] = MappingProxyType(
         "synthetic": _build_synthetic,
     }
 )
+
+#: Registry datasets that are generated, not read: ``--data-root`` means nothing to them.
+_GENERATED = frozenset({"synthetic"})

@@ -885,7 +885,7 @@ def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     check_batch_of_one(model, config, data.train)
     return {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "fit_on": config.fit_on,
             "fit_examples": fit, "bn_examples": len(data.train), "eval_examples": len(data.eval),
-            "would_download": False}
+            "would_download": False, "notes": list(data.notes)}
 
 
 def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen, spec: str,
@@ -1006,10 +1006,14 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
         check_output(config.out_dir, output_names, config.overwrite, inputs, output_bytes,
                      config.checkpoint_dir)
         data_plan = planned_data(config, model, spec)
+        for message in data_plan.pop("notes", ()):
+            warn(message)
         return dry_run_result(config, files, chosen, spec, model_args, model, output_names, output_bytes, warnings,
                               data_plan, dist.world_size)
     data_clock = time.perf_counter()
     data = build_data_once(config, dist)
+    for message in data.notes:
+        warn(message)
     check_data_fits(model, (data.train, data.eval), data.num_classes, spec,
                     config.data)  # before any checkpoint is read
     fit_data: Dataset = data.train

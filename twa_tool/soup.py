@@ -539,18 +539,22 @@ def _holdout_data(config: SoupConfig) -> DataSplits:
 FEW_HELDOUT = 100
 
 
-def soup_data(config: SoupConfig) -> tuple[Dataset, Dataset, Dataset, dict]:
-    """(fit, held-out, eval) splits: the held-out part is carved from the fit split or given by ``--holdout``."""
+def soup_data(config: SoupConfig) -> tuple[Dataset, Dataset, Dataset, dict, tuple[str, ...]]:
+    """(fit, held-out, eval) splits: the held-out part is carved from the fit split or given by ``--holdout``;
+    the facts for the report; the notes about options the specs do not use (``DataSplits.notes``)."""
     data = build_data(config.data, root=config.data_root, download=config.download)
+    notes = data.notes
     if config.holdout is not None:
-        fit, heldout = data.train, _holdout_data(config).eval
+        holdout = _holdout_data(config)
+        fit, heldout = data.train, holdout.eval
+        notes = tuple(dict.fromkeys([*notes, *(n.replace("--data ", "--holdout ", 1) for n in holdout.notes)]))
         source = f"--holdout {config.holdout}"
     else:
         fit, heldout = split_holdout(data.train, config.holdout_fraction, config.seed)
         source = f"--holdout-fraction {config.holdout_fraction} of --data's fit split (seed {config.seed})"
     facts = {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "heldout": source,
              "fit_examples": len(fit), "heldout_examples": len(heldout), "eval_examples": len(data.eval)}
-    return fit, heldout, data.eval, facts
+    return fit, heldout, data.eval, facts, notes
 
 
 def memory_formula(k: int, d: int, state_bytes: int, basis_dtype: str) -> dict:
@@ -588,7 +592,10 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     outputs, size = output_names(config, inputs.model, hf_folder(inputs.files[-1], config.finetunes_dir))
     sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
     check_output(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)  # before the data
-    fit, heldout, eval_data, data_facts = soup_data(config)
+    fit, heldout, eval_data, data_facts, notes = soup_data(config)
+    for message in notes:
+        inputs.warnings.append(message)
+        on_event(Event("warning", message))
     if config.holdout is not None and same_data(config.holdout, config.data):
         message = (f"--holdout {config.holdout.strip()} is --data's own evaluation split: the soups are chosen on the "
                    f"examples they are evaluated on, so the eval numbers are not held out; use "
