@@ -294,10 +294,16 @@ def test_timm_pth_tar_raw_and_ema(tmp_path: Path) -> None:
     (argparse.Namespace(model="resnet18", num_classes=None), ()),  # train.py without --num-classes
     (argparse.Namespace(model="resnet18", num_classes=True), ()),
     (None, ()),
+    (argparse.Namespace(model="resnet18", num_classes=4, in_chans=1, input_size=None),
+     (("num_classes", "4"), ("in_chans", "1"))),
+    (argparse.Namespace(model="resnet18", num_classes=None, in_chans=None, input_size=[1, 28, 28]),
+     (("in_chans", "1"),)),
+    ({"model": "resnet18", "in_chans": 2, "input_size": [1, 28, 28]}, (("in_chans", "2"),)),  # --in-chans wins
+    (argparse.Namespace(model="resnet18", in_chans=None, input_size=None), ()),  # timm's default: 3 channels
 ])
 def test_timm_run_records_its_num_classes(tmp_path: Path, args: object, recorded: tuple) -> None:
-    """timm's train.py fine-tunes with --num-classes, kept in the checkpoint's ``args``; before, only ``arch``
-    was used without --model, so every fine-tune needed ``--model-arg num_classes=...`` to match its head."""
+    """timm's train.py fine-tunes with --num-classes (and --in-chans or --input-size C H W), kept in the checkpoint's
+    ``args``; before, only ``arch`` was used without --model, so every fine-tune needed ``--model-arg`` to match."""
     from twa_tool.models import spec_from_metadata
 
     torch.save({"epoch": 1, "arch": "resnet18", "state_dict": state(12), "args": args}, tmp_path / "c.pth.tar")

@@ -1194,11 +1194,22 @@ def _lightning_swa_state(obj: Mapping) -> tuple[dict, str] | None:
     return None
 
 
-def _recorded_num_classes(args: object) -> int | None:
-    """``num_classes`` of a timm run's ``args`` (an ``argparse.Namespace`` or a dict), when it is a positive int:
-    timm's ``train.py`` fine-tunes with ``--num-classes``, which the ``arch`` alone does not tell."""
-    value = args.get("num_classes") if isinstance(args, Mapping) else getattr(args, "num_classes", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+def _recorded_timm_args(args: object) -> dict[str, str]:
+    """The constructor arguments a timm run's ``args`` (an ``argparse.Namespace`` or a dict) record beyond the
+    ``arch``: ``num_classes`` (``train.py --num-classes``) and ``in_chans`` (``--in-chans``, else the first
+    of ``--input-size C H W``, as ``train.py`` builds its model), each when it is a positive int."""
+    def get(name: str) -> object:
+        return args.get(name) if isinstance(args, Mapping) else getattr(args, name, None)
+
+    def positive(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    size = get("input_size")
+    channels = get("in_chans")
+    if channels is None and isinstance(size, (list, tuple)) and len(size) == 3:
+        channels = size[0]
+    found = {"num_classes": get("num_classes"), "in_chans": channels}
+    return {name: str(value) for name, value in found.items() if positive(value)}
 
 
 def _read_torch(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool,
@@ -1218,9 +1229,7 @@ def _read_torch(path: Path, trust_pickle: PickleTrust, weights: str, header_only
     if top is not None:
         if isinstance(top.get("arch"), str):
             metadata["arch"] = top["arch"]
-            classes = _recorded_num_classes(top.get("args"))
-            if classes is not None:
-                metadata["num_classes"] = str(classes)
+            metadata.update(_recorded_timm_args(top.get("args")))
         epoch, step, metrics = _trainer_info(top, "torch" if producer == "averaged-model" else producer, path)
     entries = {k: (tuple(v.shape), _dtype_name(v.dtype)) for k, v in state.items()} if header_only else state
     return _Found(entries=entries, metadata=metadata, producer=producer, container=container, weights=weights,

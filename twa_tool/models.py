@@ -266,7 +266,7 @@ def check_data_fits(model: nn.Module, splits: tuple[object, ...], num_classes: i
 
 def spec_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ModelArgs] | None:
     """The model spec a checkpoint records about itself (``twa.model`` metadata, or a timm ``arch`` with its run's
-    ``args.num_classes``)."""
+    ``args.num_classes`` and input channels)."""
     if MODEL_METADATA_KEY in metadata:
         text = metadata.get(MODEL_ARGS_METADATA_KEY, "{}") or "{}"
         try:
@@ -278,8 +278,8 @@ def spec_from_metadata(metadata: Mapping[str, str]) -> tuple[str, ModelArgs] | N
                              f"--model and --model-arg")
         return metadata[MODEL_METADATA_KEY], tuple((str(k), str(v)) for k, v in raw_args.items())
     if "arch" in metadata:
-        classes = metadata.get("num_classes")
-        return f"timm:{metadata['arch']}", (("num_classes", classes),) if classes else ()
+        recorded = tuple((k, metadata[k]) for k in ("num_classes", "in_chans") if metadata.get(k))
+        return f"timm:{metadata['arch']}", recorded
     return None
 
 
