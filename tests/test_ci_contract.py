@@ -83,13 +83,19 @@ def test_gate_needs_its_baseline(demo_ckpts: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "add it to --baselines" in result.stderr
 
 
-def test_dry_run_touches_nothing(demo_ckpts: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("plots", [True, False])
+def test_dry_run_touches_nothing(demo_ckpts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 plots: bool) -> None:
+    """The plan lists the files the run writes: the figures only where matplotlib is installed."""
+    from twa_tool import pipeline
+
+    monkeypatch.setattr(pipeline, "plots_installed", lambda: plots)
     before = digest(demo_ckpts)
     result = invoke(demo_ckpts, *FAST, "--out", tmp_path / "o", "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["dry_run"] is True and len(plan["checkpoints"]) == 5
-    names = ("model.safetensors", "report.json", "report.md", "coefficients.png", "accuracy.png")
+    names = ("model.safetensors", "report.json", "report.md") + (("coefficients.png", "accuracy.png") if plots else ())
     assert plan["would_write"] == [str(tmp_path / "o" / name) for name in names]
     assert plan["memory_estimate_bytes"]["total"] > plan["memory_estimate_bytes"]["basis_float32"] > 0
     assert not (tmp_path / "o").exists()

@@ -69,7 +69,7 @@ from .models import (
     tied_keys,
     trainable_names,
 )
-from .plots import PLOT_FILES, render_plots
+from .plots import PLOT_FILES, plots_installed, render_plots
 from .report import markdown_report
 from .selection import Chosen, mixed_dtypes, order_conflict, select
 from .subspace import (
@@ -903,7 +903,7 @@ def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: C
                   "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
         "data": data,
         "memory_estimate_bytes": memory_estimate(model, len(files), ranks, config.basis_dtype),
-        "would_write": [str(config.out_dir / n) for n in output_names],
+        "would_write": [str(config.out_dir / n) for n in output_names if n not in PLOT_FILES or plots_installed()],
         "output_bytes": output_bytes,
         "config": _config_dict(config),
         "warnings": warnings,

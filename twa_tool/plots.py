@@ -12,6 +12,11 @@ import io
 PLOT_FILES = ("coefficients.png", "accuracy.png")
 
 
+def plots_installed() -> bool:
+    """Whether matplotlib is installed (the figures are drawn then, unless its import fails)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 class _Unusable(Exception):
     """matplotlib is installed but cannot be imported (e.g. a build for numpy 1.x under numpy 2)."""
 
@@ -19,7 +24,7 @@ class _Unusable(Exception):
 def _pyplot():
     """``matplotlib.pyplot`` (Agg), or None when matplotlib is not installed; raises ``_Unusable`` when it is
     installed but its import fails."""
-    if importlib.util.find_spec("matplotlib") is None:
+    if not plots_installed():
         return None
     try:
         import matplotlib
