@@ -698,3 +698,24 @@ def test_header_memo_never_shares_lightning_scores(tmp_path: Path) -> None:
     memo = HeaderMemo()
     scores = [read_header(tmp_path / n, memo=memo).metrics["val_loss"] for n in ("a.ckpt", "b.ckpt")]
     assert scores == pytest.approx([0.25, 0.5])
+
+
+def test_header_memo_reads_tensor_valued_trainer_info_per_file(tmp_path: Path) -> None:
+    """An epoch, step or metric saved as a tensor lies in the file's storage bytes, not its pickle: files of
+    one save site then have byte-equal pickles but their own values (twa inspect showed e0 metric=0.5 for
+    every file, and --top-k --by metric picked the wrong ones)."""
+    from twa_tool.checkpoints import HeaderMemo
+
+    for e in range(3):
+        torch.save({"arch": "resnet18", "epoch": torch.tensor(e), "metric": torch.tensor(0.5 + e),
+                    "state_dict": state(e)}, tmp_path / f"timm-{e}.pth.tar")
+        torch.save({"model": state(e), "optimizer_history": [{"num_updates": torch.tensor(10 * e)}],
+                    "extra_state": {"val_loss": torch.tensor(2.0 - e), "train_iterator": {"epoch": torch.tensor(e)}}},
+                   tmp_path / f"fairseq-{e}.pt")
+        torch.save({"epoch": torch.tensor(e), "step": torch.tensor(100 * e), "model": state(e)},
+                   tmp_path / f"plain-{e}.pt")
+    memo = HeaderMemo()
+    for path in sorted(tmp_path.iterdir()):
+        assert read_header(path, memo=memo) == read_header(path), path.name
+    assert [read_header(tmp_path / f"timm-{e}.pth.tar", memo=memo).metrics["metric"] for e in range(3)] == \
+        [0.5, 1.5, 2.5]

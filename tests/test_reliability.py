@@ -323,3 +323,17 @@ def test_unknown_class_in_hparams_needs_an_explicit_allow(demo_ckpts: Path, tmp_
     assert allowed.exit_code == 0, allowed.output
     bad_name = CliRunner().invoke(cli, [*args, "--allow-global", "no.such.Thing", "--overwrite"])
     assert bad_name.exit_code == 2 and "--allow-global no.such.Thing: cannot import it" in bad_name.stderr
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_output_through_a_symlink_loop_is_refused_before_work(demo_ckpts: Path, tmp_path: Path, below: str) -> None:
+    """An --out that is (or lies under) a symlink loop was 'unexpected error: RuntimeError: Symlink loop' (exit 1,
+    from resolve()); it is refused like a dangling link (exit 7, the link named), for average, soup and demo."""
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    out = tmp_path / "a" / below if below else tmp_path / "a"
+    for command in (["average", str(demo_ckpts), *FAST, "--dry-run"],
+                    ["soup", str(demo_ckpts), "--data", "synthetic"], ["demo", "--train-epochs", "1"]):
+        result = CliRunner().invoke(cli, [*command, "--out", str(out)])
+        assert result.exit_code == 7, result.output
+        assert f"{tmp_path / 'a'} is a symlink loop" in result.stderr and "Traceback" not in result.output

@@ -206,6 +206,7 @@ class _Found:
     epoch: int | None = None
     step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    from_data: bool = False  # epoch, step or a metric was read from a tensor's bytes, not from the pickle
 
 
 def _strip_suffix(name: str) -> str:
@@ -518,8 +519,9 @@ class HeaderMemo:
     """Headers of torch zip checkpoints read so far, by what decides them: files with the same
     ``_zip_signature`` (one ``torch.save`` call site, one model: the same pickle bytes and member sizes)
     unpickle to the same keys, dtypes, shapes and trainer info, so only the first is unpickled; the others
-    get the structural zip checks and a byte comparison. Lightning files are never shared: their scores
-    are looked up by the file's own name. One memo per run (``read_header(memo=...)``)."""
+    get the structural zip checks and a byte comparison. Never shared: Lightning files (their scores are
+    looked up by the file's own name) and files whose epoch, step or metric is a tensor (its value lies in the
+    storage bytes, which the signature leaves out). One memo per run (``read_header(memo=...)``)."""
 
     def __init__(self) -> None:
         self._found: dict[tuple, _Found] = {}
@@ -530,7 +532,7 @@ class HeaderMemo:
                                                   metrics=dict(found.metrics))
 
     def put(self, key: tuple, found: _Found) -> None:
-        if found.producer != "lightning":
+        if found.producer != "lightning" and not found.from_data:
             self._found[key] = replace(found, entries=dict(found.entries), metadata=dict(found.metadata),
                                        metrics=dict(found.metrics))
 
@@ -1108,8 +1110,26 @@ def _lightning_metrics(obj: Mapping, path: Path) -> dict[str, float]:
     return metrics
 
 
+def _reads_tensor_data(obj: Mapping, producer: str) -> bool:
+    """Whether ``_trainer_info`` reads a number from a tensor: its value lies in the file's storage bytes, not
+    in the pickle, so two files with equal pickles (one save site saving ``torch.tensor(epoch)``) differ."""
+    if producer == "timm":
+        sources = [obj.get("epoch"), obj.get("metric")]
+    elif producer == "fairseq":
+        extra = obj.get("extra_state") if isinstance(obj.get("extra_state"), Mapping) else {}
+        iterator = extra.get("train_iterator") if isinstance(extra.get("train_iterator"), Mapping) else {}
+        history = obj.get("optimizer_history")
+        last = history[-1] if isinstance(history, list) and history and isinstance(history[-1], Mapping) else {}
+        sources = [iterator.get("epoch"), last.get("num_updates"), extra.get("val_loss")]
+    elif producer == "lightning":
+        return True  # and its scores depend on the file's name
+    else:
+        sources = [obj.get("epoch"), obj.get("global_step"), obj.get("step")]
+    return any(isinstance(v, torch.Tensor) for v in sources)
+
+
 def _trainer_info(obj: Mapping, producer: str, path: Path) -> tuple[int | None, int | None, dict[str, float]]:
-    """(epoch, step, metrics) as each producer records them."""
+    """(epoch, step, metrics) as each producer records them (``_reads_tensor_data`` names what they read)."""
     if producer == "lightning":
         return _as_int(obj.get("epoch")), _as_int(obj.get("global_step")), _lightning_metrics(obj, path)
     if producer == "timm":
@@ -1226,14 +1246,17 @@ def _read_torch(path: Path, trust_pickle: PickleTrust, weights: str, header_only
     metadata: dict[str, str] = {}
     epoch = step = None
     metrics: dict[str, float] = {}
+    from_data = False
     if top is not None:
         if isinstance(top.get("arch"), str):
             metadata["arch"] = top["arch"]
             metadata.update(_recorded_timm_args(top.get("args")))
-        epoch, step, metrics = _trainer_info(top, "torch" if producer == "averaged-model" else producer, path)
+        trainer = "torch" if producer == "averaged-model" else producer
+        epoch, step, metrics = _trainer_info(top, trainer, path)
+        from_data = _reads_tensor_data(top, trainer)
     entries = {k: (tuple(v.shape), _dtype_name(v.dtype)) for k, v in state.items()} if header_only else state
     return _Found(entries=entries, metadata=metadata, producer=producer, container=container, weights=weights,
-                  epoch=epoch, step=step, metrics=metrics)
+                  epoch=epoch, step=step, metrics=metrics, from_data=from_data)
 
 
 # ----------------------------------------------------------------------------------------------

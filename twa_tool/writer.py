@@ -10,6 +10,7 @@ and when the input was a Hugging Face folder its ``config.json`` and tokenizer f
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -127,6 +128,20 @@ def remove_stale_outputs(out_dir: Path, written: tuple[str, ...]) -> list[str]:
     return removed
 
 
+def _refuse_unresolvable_link(out_dir: Path) -> None:
+    """An ``out_dir`` that is, or lies under, a symlink to a missing folder or a symlink loop: no folder can be
+    made there (mkdir says "File exists"), and resolving the path fails."""
+    for link in (out_dir, *out_dir.parents):
+        if not link.is_symlink():
+            continue
+        try:
+            link.stat()
+        except OSError as err:
+            why = ("is a symlink loop (it leads back to itself); repoint or remove it" if err.errno == errno.ELOOP
+                   else f"is a symlink to {os.readlink(link)}, which does not exist; create that folder")
+            raise OutputError(f"--out {out_dir}: {link} {why}, or choose another --out") from None
+
+
 def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs: tuple[Path, ...] = (),
                  needed_bytes: int = 0, input_dir: Path | None = None) -> None:
     """Everything about the output that can fail, checked before any heavy work, touching nothing.
@@ -136,6 +151,7 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
     folders of ``inputs`` are refused. Any ``inputs`` file itself is never overwritten, nor removed as an
     earlier run's output (e.g. soup's ``--base`` kept as ``model.safetensors`` where a sharded output goes).
     """
+    _refuse_unresolvable_link(out_dir)  # first: resolve() below raises RuntimeError on a symlink loop
     replaced = set(names) | (set(outputs_in(out_dir)) if any(is_output_name(n) for n in names) else set())
     targets = {(out_dir / n).resolve(): n for n in replaced}
     clash = next((p for p in inputs if p.resolve() in targets), None)
@@ -152,10 +168,6 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
     if input_dir is not None and input_dir.resolve() in out_dir.resolve().parents:
         raise OutputError(f"--out {out_dir}: is inside the input folder {input_dir} (the next run would read the "
                           f"output as a checkpoint); choose an --out outside {input_dir}")
-    dangling = next((p for p in (out_dir, *out_dir.parents) if p.is_symlink() and not p.exists()), None)
-    if dangling is not None:  # mkdir would say "File exists"
-        raise OutputError(f"--out {out_dir}: {dangling} is a symlink to {os.readlink(dangling)}, which does not "
-                          f"exist; create that folder, or choose another --out")
     folder_named = next((n for n in names if (out_dir / n).is_dir() and not (out_dir / n).is_symlink()), None)
     if folder_named is not None:  # no rename can replace it: found now, not after the whole run
         raise OutputError(f"{out_dir / folder_named}: is a folder where the output writes a file; move it away or "
