@@ -8,6 +8,7 @@ perturbation of the previous one), written as plain ``torch.save`` state dicts.
     python benchmarks/basis_bench.py --k 50 100 --threads 1          # one torch thread per operation
     python benchmarks/basis_bench.py --k 50 100 --repeat 3           # interleaved runs, medians
     python benchmarks/basis_bench.py --k 100 --step --device cuda    # the projected step on a GPU
+    python benchmarks/basis_bench.py --k 100 --step-only --device cuda   # that line alone: no W1, no builds
 
 Each path runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own:
 * reference: what the paper's code does (flatten every checkpoint to numpy, stack, copy into a torch
@@ -209,6 +210,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[50, 100], help="numbers of checkpoints (at least 2)")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/twa-bench-w1"))
     parser.add_argument("--step", action="store_true", help="also time the projected step (one line per --storage)")
+    parser.add_argument("--step-only", action="store_true",
+                        help="only time the projected step (K = the largest --k): no W1 files, no builds (e.g. a "
+                             "short GPU check: --step-only --k 100 --device cuda)")
     parser.add_argument("--average", action="store_true",
                         help="also run the whole `twa average` (w1_data, 1 epoch) per storage: its peak RSS "
                              "against the reference path's")
@@ -230,6 +234,9 @@ def main() -> None:
         parser.error(f"--repeat {args.repeat}: must be at least 1")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads}: must be a positive integer (leave it out for torch's default)")
+    args.step = args.step or args.step_only
+    if args.step_only and args.average:
+        parser.error("--step-only times the projected step alone; leave out --average")
     if args.step:
         try:
             device = torch.device(args.device)
@@ -244,8 +251,11 @@ def main() -> None:
     if args.child:
         child(args.child, args.dir, args.k[0])
         return
-    paths = build_w1(args.dir, max(args.k))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.step_only:
+        print(projected_step_line(max(args.k), device, args.storage))
+        return
+    paths = build_w1(args.dir, max(args.k))
     print()
     repeated = args.repeat > 1
     if repeated:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARIZE = ROOT / "examples" / "fashion_mnist" / "summarize.py"
@@ -29,6 +30,7 @@ def load_script(relative: str):
     ("benchmarks/basis_bench.py", ["--storage", "fp8"], "invalid choice: 'fp8'"),
     ("benchmarks/basis_bench.py", ["--threads", "0"], "--threads 0: must be a positive integer"),
     ("benchmarks/basis_bench.py", ["--repeat", "0"], "--repeat 0: must be at least 1"),
+    ("benchmarks/basis_bench.py", ["--step-only", "--average"], "--step-only times the projected step alone"),
     ("benchmarks/basis_bench.py", ["--step", "--device", "gpu"], "--device gpu: the step is timed on cpu, cuda"),
     ("benchmarks/soup_memory.py", ["--k", "1"], "--k 1: a soup needs at least 2 fine-tunes"),
     ("benchmarks/inspect_speed.py", ["--count", "1"], "--count 1: twa inspect refuses fewer than 2"),
@@ -170,3 +172,16 @@ def test_soup_example_commands_build_the_recorded_model(script: str, tmp_path: P
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "soup" / "report.json").read_text())["model"]["spec"] == spec
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script does the real work")
+def test_gpu_check_script_runs_and_fails_cleanly_without_a_gpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh, the one command for a GPU machine: without a GPU its tests are skipped, the step
+    benchmark refuses --device cuda, each step's output is kept, and the script exits 1."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "gc")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "none visible" in (tmp_path / "gc" / "device.txt").read_text()
+    assert "skipped" in (tmp_path / "gc" / "tests.txt").read_text()
+    assert "--device cuda: no such CUDA device here" in (tmp_path / "gc" / "step.txt").read_text()
