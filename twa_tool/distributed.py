@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Sampler
 
-from .subspace import Basis, Subspace, distance_from_identity, gram_and_coordinates, gram_matrix
+from .subspace import Basis, Subspace, gram_and_coordinates
 
 #: Seconds a collective may wait for the other ranks before the run fails (``--dist-timeout``).
 DEFAULT_TIMEOUT_S = 300.0
@@ -197,11 +197,6 @@ class Shard:
     def basis(self) -> Basis:
         return self.subspace.basis
 
-    def coordinates(self, vector: torch.Tensor) -> torch.Tensor:
-        """``beta = P w`` (float64, K values) of a full D-vector: local product, summed over ranks."""
-        beta = self.subspace.basis.coordinates(vector.reshape(-1)[self.columns])
-        return self.dist.sum(beta.to(self.dist.comm_device)).to(beta.device)
-
     def gram_and_coordinates(self, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``P P^T`` of the whole basis and ``beta = P w`` of a full D-vector (float64, on the CPU): one pass
         over the local columns, one sum over the ranks."""
@@ -211,22 +206,15 @@ class Shard:
         total = self.dist.sum(torch.cat([gram.reshape(-1), beta]).to(self.dist.comm_device)).cpu()
         return total[: k * k].reshape(k, k), total[k * k:]
 
-    def checkpoint_coefficients(self, vector: torch.Tensor) -> torch.Tensor:
-        return self.subspace.coefficients_at(self.coordinates(vector))
-
-    def span_residual(self, vector: torch.Tensor, beta: torch.Tensor | None = None) -> float:
-        """``|w - P^T P w| / |w|`` of a full D-vector (float64); ``beta``: its coordinates, if known."""
+    def span_residual(self, vector: torch.Tensor, beta: torch.Tensor) -> float:
+        """``|w - P^T P w| / |w|`` of a full D-vector (float64) whose coordinates ``beta = P w`` are known."""
         w = vector.reshape(-1).double()
         local = w[self.columns]
-        projected = self.basis.combine(self.coordinates(w) if beta is None else beta)
+        projected = self.basis.combine(beta)
         local = local.to(projected.device)
         sums = self.dist.sum(torch.stack([(local - projected).square().sum(), local.square().sum()])
                              .to(self.dist.comm_device))
         return (sums[0].sqrt() / sums[1].sqrt()).item()
-
-    def orthonormality_error(self) -> float:
-        """max |P P^T - I| of the whole basis (float64 Gram matrix summed over ranks)."""
-        return distance_from_identity(self.dist.sum(gram_matrix(self.basis).to(self.dist.comm_device)).cpu())
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
         """``P^T (P g)`` of the full (already all-reduced) gradient: K-value all-reduce + D-value all-gather."""
