@@ -206,7 +206,7 @@ class _Found:
     epoch: int | None = None
     step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    from_data: bool = False  # epoch, step or a metric was read from a tensor's bytes, not from the pickle
+    from_data: bool = False  # its trainer info depends on more than the pickle (``_reads_tensor_data``)
 
 
 def _strip_suffix(name: str) -> str:
@@ -528,13 +528,16 @@ class HeaderMemo:
 
     def get(self, key: tuple) -> _Found | None:
         found = self._found.get(key)
-        return None if found is None else replace(found, entries=dict(found.entries), metadata=dict(found.metadata),
-                                                  metrics=dict(found.metrics))
+        return None if found is None else self._copy(found)
 
     def put(self, key: tuple, found: _Found) -> None:
-        if found.producer != "lightning" and not found.from_data:
-            self._found[key] = replace(found, entries=dict(found.entries), metadata=dict(found.metadata),
-                                       metrics=dict(found.metrics))
+        if not found.from_data:  # Lightning's included (``_reads_tensor_data``)
+            self._found[key] = self._copy(found)
+
+    @staticmethod
+    def _copy(found: _Found) -> _Found:
+        """A copy whose dicts a caller may change without reaching the memo."""
+        return replace(found, entries=dict(found.entries), metadata=dict(found.metadata), metrics=dict(found.metrics))
 
 
 @dataclass(frozen=True)
@@ -1110,47 +1113,40 @@ def _lightning_metrics(obj: Mapping, path: Path) -> dict[str, float]:
     return metrics
 
 
-def _reads_tensor_data(obj: Mapping, producer: str) -> bool:
-    """Whether ``_trainer_info`` reads a number from a tensor: its value lies in the file's storage bytes, not
-    in the pickle, so two files with equal pickles (one save site saving ``torch.tensor(epoch)``) differ."""
-    if producer == "timm":
-        sources = [obj.get("epoch"), obj.get("metric")]
-    elif producer == "fairseq":
-        extra = obj.get("extra_state") if isinstance(obj.get("extra_state"), Mapping) else {}
-        iterator = extra.get("train_iterator") if isinstance(extra.get("train_iterator"), Mapping) else {}
-        history = obj.get("optimizer_history")
-        last = history[-1] if isinstance(history, list) and history and isinstance(history[-1], Mapping) else {}
-        sources = [iterator.get("epoch"), last.get("num_updates"), extra.get("val_loss")]
-    elif producer == "lightning":
-        return True  # and its scores depend on the file's name
-    else:
-        sources = [obj.get("epoch"), obj.get("global_step"), obj.get("step")]
-    return any(isinstance(v, torch.Tensor) for v in sources)
-
-
-def _trainer_info(obj: Mapping, producer: str, path: Path) -> tuple[int | None, int | None, dict[str, float]]:
-    """(epoch, step, metrics) as each producer records them (``_reads_tensor_data`` names what they read)."""
+def _trainer_values(obj: Mapping, producer: str) -> tuple[object, object, dict[str, object]]:
+    """The raw epoch, step and ``{metric name: value}`` each producer records (Lightning's scores, looked up by
+    file name, aside): numbers, or tensors whose values lie in the file's storage bytes."""
     if producer == "lightning":
-        return _as_int(obj.get("epoch")), _as_int(obj.get("global_step")), _lightning_metrics(obj, path)
+        return obj.get("epoch"), obj.get("global_step"), {}
     if producer == "timm":
-        metrics: dict[str, float] = {}
-        metric = _as_float(obj.get("metric"))
-        if metric is not None:
-            metrics["metric"] = metric
-            name = getattr(obj.get("args"), "eval_metric", None)
-            if isinstance(name, str) and name:
-                metrics[name] = metric
-        return _as_int(obj.get("epoch")), None, metrics
+        name = getattr(obj.get("args"), "eval_metric", None)
+        names = ["metric", *([name] if isinstance(name, str) and name else [])]
+        return obj.get("epoch"), None, {n: obj.get("metric") for n in names}
     if producer == "fairseq":
         extra = obj.get("extra_state") if isinstance(obj.get("extra_state"), Mapping) else {}
         iterator = extra.get("train_iterator") if isinstance(extra.get("train_iterator"), Mapping) else {}
         history = obj.get("optimizer_history")
-        step = _as_int(history[-1].get("num_updates")) if isinstance(history, list) and history and \
-            isinstance(history[-1], Mapping) else None
-        val_loss = _as_float(extra.get("val_loss"))
-        return _as_int(iterator.get("epoch")), step, ({"val_loss": val_loss} if val_loss is not None else {})
-    step = _as_int(obj.get("global_step")) if "global_step" in obj else _as_int(obj.get("step"))
-    return _as_int(obj.get("epoch")), step, {}
+        last = history[-1] if isinstance(history, list) and history and isinstance(history[-1], Mapping) else {}
+        return iterator.get("epoch"), last.get("num_updates"), {"val_loss": extra.get("val_loss")}
+    return obj.get("epoch"), obj.get("global_step") if "global_step" in obj else obj.get("step"), {}
+
+
+def _reads_tensor_data(obj: Mapping, producer: str) -> bool:
+    """Whether ``_trainer_info`` depends on more than the pickle: a number stored as a tensor (its value lies in
+    the storage bytes, so two files with equal pickles, one save site saving ``torch.tensor(epoch)``, differ),
+    or Lightning's scores (looked up by the file's name)."""
+    epoch, step, metrics = _trainer_values(obj, producer)
+    return producer == "lightning" or any(isinstance(v, torch.Tensor) for v in (epoch, step, *metrics.values()))
+
+
+def _trainer_info(obj: Mapping, producer: str, path: Path) -> tuple[int | None, int | None, dict[str, float]]:
+    """(epoch, step, metrics) as each producer records them (``_trainer_values``)."""
+    epoch, step, raw = _trainer_values(obj, producer)
+    if producer == "lightning":
+        metrics = _lightning_metrics(obj, path)
+    else:
+        metrics = {name: value for name, value in ((n, _as_float(v)) for n, v in raw.items()) if value is not None}
+    return _as_int(epoch), _as_int(step), metrics
 
 
 def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | None, Mapping | None]:
