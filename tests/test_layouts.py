@@ -257,6 +257,30 @@ def test_copied_hf_files_are_planned_outputs_never_overwritten_without_the_flag(
     assert json.loads((out / "config.json").read_text()) == {"mine": 1}
 
 
+def test_an_overwrite_removes_the_earlier_runs_unchanged_config_copies(demo_ckpts: Path, tmp_path: Path) -> None:
+    """An HF run copies config.json/tokenizer.json (recorded with their sha256 in report.json); a later run over
+    the same --out from plain files removes them, so no stale config sits beside another model, but keeps a
+    copy the user changed since. Without --overwrite nothing is touched."""
+    root = tmp_path / "hf"
+    for i, sd in enumerate(states(demo_ckpts)):
+        hf(root, i, sd)
+    out = tmp_path / "out"
+    first = CliRunner().invoke(cli, ["average", str(root), *model_flags(), *FAST, "--epochs", "0", "--out", str(out),
+                                     "--json"])
+    assert first.exit_code == 0, first.output
+    copies = {Path(e["path"]).name for e in json.loads(first.stdout)["outputs"]["side_files"]}
+    assert copies == {"config.json", "tokenizer.json"}
+    (out / "tokenizer.json").write_text('{"edited": true}')
+    plain = ["average", str(demo_ckpts), *FAST, "--epochs", "0", "--out", str(out)]
+    refused = CliRunner().invoke(cli, plain)
+    assert refused.exit_code == 7 and (out / "config.json").is_file()
+    second = CliRunner().invoke(cli, [*plain, "--overwrite", "--json"])
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout)["outputs"]["side_files"] == []
+    assert not (out / "config.json").exists()  # unchanged copy of the earlier run: removed
+    assert json.loads((out / "tokenizer.json").read_text()) == {"edited": True}  # changed since: the user's
+
+
 TIED_MODEL = '''
 import torch
 from torch import nn

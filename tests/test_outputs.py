@@ -443,3 +443,28 @@ def test_a_run_on_an_output_folder_another_run_is_writing_exits_7(demo_ckpts: Pa
     finally:
         first.kill()
         first.wait(timeout=30)
+
+
+def test_recorded_copies_are_only_config_and_tokenizer_names_inside_the_folder(tmp_path: Path) -> None:
+    """Only the Hugging Face config/tokenizer names a report.json lists are taken, always inside --out (its paths
+    may predate a move of the folder), and removed only while unchanged: a listed model file, or a path that
+    names no such file, is never removed."""
+    from twa_tool.writer import recorded_side_files, remove_unchanged_copies
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "vocab.txt").write_text("a")
+    (tmp_path / "model.safetensors").write_text("m")
+    digest = hashlib.sha256(b"{}").hexdigest()
+    outside = tmp_path.parent / "outside-config" / "vocab.txt"
+    entries = [{"path": str(tmp_path / "config.json"), "sha256": digest},
+               {"path": str(tmp_path / "model.safetensors"), "sha256": hashlib.sha256(b"m").hexdigest()},
+               {"path": str(outside), "sha256": hashlib.sha256(b"a").hexdigest()},
+               {"path": "../../etc/passwd", "sha256": "x"}]
+    (tmp_path / "report.json").write_text(json.dumps({"outputs": {"side_files": entries}}))
+    copies = recorded_side_files(tmp_path)
+    assert copies == {"config.json": digest, "vocab.txt": hashlib.sha256(b"a").hexdigest()}
+    assert remove_unchanged_copies(tmp_path, copies, ("model.safetensors", "report.json")) == ["config.json",
+                                                                                              "vocab.txt"]
+    assert (tmp_path / "model.safetensors").is_file()
+    (tmp_path / "report.json").write_text("not json")
+    assert recorded_side_files(tmp_path) == {}

@@ -1222,9 +1222,7 @@ def write_outputs(config: AverageConfig, report: dict, files: list[CheckpointFil
     with StagedOutput(config.out_dir) as staged:  # every file to a temp first; renamed together, or none
         written = write_model(staged, cast_state(state, config.out_dtype), metadata, config.max_shard_size,
                               hf_folder(files[-1], config.checkpoint_dir))
-        report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
-                             "files": [{"path": path, "sha256": digest} for path, digest in written.files],
-                             "report": {"path": str(report_path)}}
+        report["outputs"] = written.outputs(report_path)
         staged.save_json(REPORT_FILE, report)
         stage_human_report(staged, report)
         staged.commit(pause_before_rename_s=60.0 if "pause-write" in config.faults else 0.0)

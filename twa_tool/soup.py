@@ -788,9 +788,7 @@ def write_soup(config: SoupConfig, report: dict, state: State, inputs: Inputs) -
         stored = inputs.reader.as_stored(dict(state), inputs.files[-1].path)  # the input's keys (tied weights)
         written = write_model(staged, cast_state(stored, config.out_dtype), metadata, config.max_shard_size,
                               hf_folder(inputs.files[-1], config.finetunes_dir))  # its config/tokenizer files
-        report["outputs"] = {"model": {"path": str(written.main), "sha256": written.files[-1][1]},
-                             "files": [{"path": p, "sha256": h} for p, h in written.files],
-                             "report": {"path": str(report_path)}}
+        report["outputs"] = written.outputs(report_path)
         staged.save_json(REPORT_FILE, report)
         staged.write_bytes(HUMAN_REPORT_FILE, markdown_soup_report(report).encode())
         staged.commit()

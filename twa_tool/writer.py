@@ -128,6 +128,36 @@ def remove_stale_outputs(out_dir: Path, written: tuple[str, ...]) -> list[str]:
     return removed
 
 
+def recorded_side_files(out_dir: Path) -> dict[str, str]:
+    """The Hugging Face config/tokenizer copies (name -> sha256) that the twa report in ``out_dir`` says its run
+    wrote (``outputs.side_files``); nothing when there is no such report or it cannot be read."""
+    try:
+        outputs = json.loads((out_dir / REPORT_FILE).read_text(encoding="utf-8")).get("outputs", {})
+        entries = outputs.get("side_files", [])
+        return {Path(e["path"]).name: e["sha256"] for e in entries
+                if Path(e["path"]).name in HF_SIDE_FILES and isinstance(e["sha256"], str)}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}
+
+
+def remove_unchanged_copies(out_dir: Path, copies: Mapping[str, str], written: tuple[str, ...]) -> list[str]:
+    """Remove the config/tokenizer copies an earlier run wrote (``recorded_side_files``) that this run did not
+    write again, where each is still byte for byte what that run wrote: a later model beside an earlier
+    model's config.json would load wrongly. A file changed since (the user's) stays."""
+    removed = []
+    for name, digest in copies.items():
+        path = out_dir / name
+        if name in written or not path.is_file() or path.is_symlink():
+            continue
+        try:
+            if sha256_file(path) == digest:
+                path.unlink()
+                removed.append(name)
+        except OSError:
+            continue  # still there: it is listed nowhere, as before
+    return removed
+
+
 def _refuse_unresolvable_link(out_dir: Path) -> None:
     """An ``out_dir`` that is, or lies under, a symlink to a missing folder or a symlink loop: no folder can be
     made there (mkdir says "File exists"), and resolving the path fails."""
@@ -453,19 +483,23 @@ class StagedOutput:
             save_file(state, str(tmp), metadata=meta)
         return sha256_file(self._temps[name])
 
-    def copy_file(self, name: str, source: Path) -> None:
+    def copy_file(self, name: str, source: Path) -> str:
+        """Stage a copy of ``source``; return its sha256."""
         with self._temp(name) as tmp:
             shutil.copyfile(source, tmp)
+        return sha256_file(self._temps[name])
 
     def commit(self, pause_before_rename_s: float = 0.0) -> tuple[Path, ...]:
         """Rename every staged file into place, all or none, then remove the twa outputs of an earlier run
-        that this one did not write (``remove_stale_outputs``); return the final paths.
+        that this one did not write (``remove_stale_outputs``), and the config/tokenizer copies its report
+        recorded that are still as it wrote them (``remove_unchanged_copies``); return the final paths.
 
         ``pause_before_rename_s`` is a fault-injection hook for tests (a kill while the temps exist).
         """
         if pause_before_rename_s:
             time.sleep(pause_before_rename_s)
         paths = tuple(self.out_dir / n for n in self._temps)
+        copies = recorded_side_files(self.out_dir)  # before report.json is replaced
         committed = False
         try:
             with signals_deferred():
@@ -475,6 +509,7 @@ class StagedOutput:
                     self.discard()  # after a failed phase: the temps left; after a commit: nothing
                 committed = True
                 remove_stale_outputs(self.out_dir, tuple(p.name for p in paths))
+                remove_unchanged_copies(self.out_dir, copies, tuple(p.name for p in paths))
                 _fsync_dir(self.out_dir)
         except BaseException as err:
             if committed:  # e.g. the signal held during the renames: the output is in place and whole
@@ -530,10 +565,18 @@ def model_file_names(shard_count: int) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class WrittenModel:
     files: tuple[tuple[str, str], ...]  # (path, sha256), the index last when sharded
+    side_files: tuple[tuple[str, str], ...] = ()  # (path, sha256) of the copied config/tokenizer files
 
     @property
     def main(self) -> Path:
         return Path(self.files[-1][0])
+
+    def outputs(self, report_path: Path) -> dict:
+        """The report's ``outputs``: the model, every model file and copy with its sha256, the report."""
+        return {"model": {"path": str(self.main), "sha256": self.files[-1][1]},
+                "files": [{"path": path, "sha256": digest} for path, digest in self.files],
+                "side_files": [{"path": path, "sha256": digest} for path, digest in self.side_files],
+                "report": {"path": str(report_path)}}
 
 
 def write_model(staged: StagedOutput, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
@@ -551,9 +594,9 @@ def write_model(staged: StagedOutput, state: Mapping[str, torch.Tensor], metadat
         total = sum(v.numel() * v.element_size() for v in state.values())
         index = {"metadata": {"total_size": total, **dict(metadata)}, "weight_map": dict(sorted(weight_map.items()))}
         written.append((str(staged.out_dir / INDEX_FILE), staged.save_json(INDEX_FILE, index)))
-    if hf_source is not None:
-        copy_side_files(hf_source, staged)
-    return WrittenModel(files=tuple(written))
+    copies = copy_side_files(hf_source, staged) if hf_source is not None else {}
+    return WrittenModel(files=tuple(written),
+                        side_files=tuple((str(staged.out_dir / name), digest) for name, digest in copies.items()))
 
 
 def side_file_names(source: Path | None) -> tuple[str, ...]:
@@ -564,9 +607,6 @@ def side_file_names(source: Path | None) -> tuple[str, ...]:
     return tuple(n for n in HF_SIDE_FILES if (source / n).is_file() and not (source / n).is_symlink())
 
 
-def copy_side_files(source: Path, staged: StagedOutput) -> list[str]:
-    """Stage copies of the config/tokenizer files of a Hugging Face folder (``side_file_names``)."""
-    copied = list(side_file_names(source))
-    for name in copied:
-        staged.copy_file(name, source / name)
-    return copied
+def copy_side_files(source: Path, staged: StagedOutput) -> dict[str, str]:
+    """Stage copies of the config/tokenizer files of a Hugging Face folder (``side_file_names``); name -> sha256."""
+    return {name: staged.copy_file(name, source / name) for name in side_file_names(source)}
