@@ -161,10 +161,16 @@ def test_a_batch_that_cannot_be_read_is_a_data_error() -> None:
                 raise OSError("cannot identify image file 'val/cat/5.jpg'")
             return torch.randn(6), index % 3
 
+    from twa_tool.trainer import Sourced
+
     model = TinyBN()
     loader = DataLoader(Broken(), batch_size=4)
     for run in (lambda: evaluate(model, loader, torch.device("cpu")),
                 lambda: recalibrate_bn(model, loader, torch.device("cpu"))):
-        with pytest.raises(DataError, match=r"reading a batch of --data .*\(OSError: cannot identify image file "
-                                            r"'val/cat/5.jpg'\)"):
+        with pytest.raises(DataError, match=r"reading a batch of --data failed \(OSError: cannot identify image "
+                                            r"file 'val/cat/5.jpg'\)"):
             run()
+    held_out = Sourced(loader, "--holdout")  # twa soup's held-out split when --holdout gave it
+    assert len(held_out) == 2
+    with pytest.raises(DataError, match=r"reading a batch of --holdout failed \(OSError"):
+        evaluate(model, held_out, torch.device("cpu"))

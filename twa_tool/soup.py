@@ -71,6 +71,7 @@ from .trainer import (
     Batches,
     FlatGrad,
     Metrics,
+    Sourced,
     StepInfo,
     autocast,
     class_loss,
@@ -329,7 +330,7 @@ class CoefficientFit:
 
 
 def fit_coefficients(model: nn.Module, names: list[str], directions: Directions, columns: list[int],
-                     loader: DataLoader, config: CoefficientTrainConfig, device: torch.device, amp: str = "off",
+                     loader: Iterable, config: CoefficientTrainConfig, device: torch.device, amp: str = "off",
                      on_step: Callable[[StepInfo], None] | None = None) -> CoefficientFit:
     """Fit the mixing coefficients λ by minimising the cross-entropy on ``loader``, starting at λ = 1/K.
 
@@ -394,7 +395,7 @@ class SoupEvaluator:
     model: nn.Module
     device: torch.device
     bn_loader: DataLoader
-    heldout_loader: DataLoader
+    heldout_loader: Iterable  # a Sourced DataLoader when --holdout gave the split
     eval_loader: DataLoader
     seed: int
     amp: str = "off"
@@ -522,6 +523,12 @@ def _loader(dataset: Dataset, config: SoupConfig, shuffle: bool, train_mode: boo
                       drop_last=drop)
 
 
+def _heldout_loader(dataset: Dataset, config: SoupConfig, shuffle: bool, train_mode: bool = False) -> Iterable:
+    """``_loader`` of the held-out split; its read errors name ``--holdout`` when that flag gave it."""
+    loader = _loader(dataset, config, shuffle, train_mode)
+    return Sourced(loader, "--holdout") if config.holdout is not None else loader
+
+
 def _holdout_data(config: SoupConfig) -> DataSplits:
     """``--holdout``'s datasets (its eval split is the held-out set); errors name ``--holdout``, not ``--data``."""
     assert config.holdout is not None
@@ -626,7 +633,7 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         timings["uniform_s"] = time.perf_counter() - clock
         inputs.model.to(device)
         evaluator = SoupEvaluator(inputs.model, device, _loader(fit, config, False, train_mode=True),
-                                  _loader(heldout, config, False),
+                                  _heldout_loader(heldout, config, False),
                                   _loader(eval_data, config, False), config.seed, config.amp)
 
         clock = time.perf_counter()
@@ -641,7 +648,7 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         timings["greedy_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         fitted, columns = run_twa(config, inputs.model, names, uniform, directions, evaluator,
-                                  _loader(heldout, config, shuffle=True, train_mode=True), on_event)
+                                  _heldout_loader(heldout, config, shuffle=True, train_mode=True), on_event)
         metrics["twa"] = evaluator.both()
         timings["twa_s"] = time.perf_counter() - clock
 
@@ -697,7 +704,7 @@ def run_greedy(inputs: Inputs, metrics: dict[str, dict], evaluator: SoupEvaluato
 
 
 def run_twa(config: SoupConfig, model: nn.Module, names: list[str], uniform: State, directions: Directions,
-            evaluator: SoupEvaluator, loader: DataLoader, on_event: EventSink) -> tuple[CoefficientFit, list[int]]:
+            evaluator: SoupEvaluator, loader: Iterable, on_event: EventSink) -> tuple[CoefficientFit, list[int]]:
     """Coefficients fitted on the held-out split from the uniform soup; the model ends at the TWA soup."""
     columns = GRANULARITIES[config.granularity](len(directions.segments))
     load_state(model, uniform)

@@ -136,13 +136,28 @@ def project(basis: Basis, g: torch.Tensor) -> torch.Tensor:
     return basis.project(g)
 
 
+class Sourced:
+    """A loader and the flag its data comes from (``--data`` unless wrapped), for ``Batches``' errors."""
+
+    def __init__(self, loader: Iterable, source: str) -> None:
+        self.loader = loader
+        self.source = source
+
+    def __iter__(self) -> Iterator:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+
 class Batches:
     """``loader`` iterated with its failures (an image file that cannot be read, examples that cannot be batched,
-    an error in the dataset's own code) as a one-line ``DataError`` naming the data, not an unexpected error
-    after minutes of work; ``len`` is the loader's."""
+    an error in the dataset's own code) as a one-line ``DataError`` naming the data (``--data``, or the flag a
+    ``Sourced`` loader names), not an unexpected error after minutes of work; ``len`` is the loader's."""
 
     def __init__(self, loader: Iterable) -> None:
         self.loader = loader
+        self.source = loader.source if isinstance(loader, Sourced) else "--data"
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -159,7 +174,7 @@ class Batches:
         except TwaError:
             raise
         except Exception as err:
-            raise DataError(f"reading a batch of --data (or --holdout) failed ({one_line(err)}); fix or remove the "
+            raise DataError(f"reading a batch of {self.source} failed ({one_line(err)}); fix or remove the "
                             f"example it names, or the dataset's code") from err
 
 
