@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Sampler
 
-from .subspace import Basis, Subspace, gram_and_coordinates
+from .subspace import _ACCELERATOR_CHUNK_ENTRIES, Basis, Subspace, gram_and_coordinates
 
 #: Seconds a collective may wait for the other ranks before the run fails (``--dist-timeout``).
 DEFAULT_TIMEOUT_S = 300.0
@@ -220,12 +220,15 @@ class Shard:
         """``P^T (P g)`` of the full (already all-reduced) gradient: K-value all-reduce + D-value all-gather."""
         basis = self.basis
         local = g[self.columns].to(basis.device)
+        # a bf16/int8 shard on an accelerator: chunks of ~_ACCELERATOR_CHUNK_ENTRIES, as Basis.project (the
+        # CPU's cache-sized chunks are thousands of small kernel launches per step there)
+        step = None if basis.device.type == "cpu" else _ACCELERATOR_CHUNK_ENTRIES // max(1, basis.rank)
         beta = torch.zeros(basis.rank, dtype=g.dtype, device=basis.device)
-        for cols, part in basis.column_chunks(g.dtype, reuse=True):
+        for cols, part in basis.column_chunks(g.dtype, step, reuse=True):
             beta += part @ local[cols]
         beta = self.dist.sum(beta.to(self.dist.comm_device)).to(basis.device)
         out = torch.empty_like(local)
-        for cols, part in basis.column_chunks(g.dtype, reuse=True):
+        for cols, part in basis.column_chunks(g.dtype, step, reuse=True):
             out[cols] = part.T @ beta
         return self.dist.gather_columns(out.to(self.dist.comm_device), self.dim).to(g.device)
 
