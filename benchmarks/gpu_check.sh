@@ -16,9 +16,21 @@ out=$(mkdir -p "${1:-gpu-check}" && cd "${1:-gpu-check}" && pwd) || exit 1
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$python" - <<'PY' 2>&1 | tee "$out/device.txt"
+import importlib.metadata as metadata
 import torch, torchvision
 print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda)
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible")
+# the machine's own packages, not pyproject's pins: a version below them fails the tests for another reason than
+# the GPU (click before 8.2 mixes stderr's progress lines into the CliRunner stdout the tests parse as JSON)
+need = {"click": (8, 2), "safetensors": (0, 4), "rich": (13,), "numpy": (1, 23), "pytest": (7,)}
+for name, low in need.items():
+    try:
+        version = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        print(name, "MISSING: install it (pyproject.toml lists twa's requirements)")
+        continue
+    parts = tuple(int(p) for p in version.split(".")[:len(low)] if p.isdigit())
+    print(name, version, "" if parts >= low else f"TOO OLD: twa needs {name}>={'.'.join(map(str, low))}")
 PY
 status=0
 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/tests.txt" || status=1

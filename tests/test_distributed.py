@@ -413,3 +413,34 @@ def test_main_ends_a_torchrun_rank_without_the_teardown(demo_ckpts: Path) -> Non
         run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
         assert run.returncode == 0, run.stderr
         assert run.stdout.lstrip().startswith("{") and ("teardown ran" in run.stdout) is teardown, run.stdout[-200:]
+
+
+def test_a_shard_on_an_accelerator_projects_in_large_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shard.project (torchrun) used the CPU's cache-sized chunks (~1M entries) for a bf16/int8 shard on the GPU too:
+    at K=100 and 5.6M columns per rank, ~680 chunks per pass, thousands of small kernel launches per step. Now the
+    accelerator's chunks, as Basis.project. The meta device stands in for the GPU (a one-process Dist whose
+    collectives are no-ops, on that device); the dequantized chunks are counted."""
+    from dataclasses import dataclass
+
+    from twa_tool.distributed import Shard
+    from twa_tool.subspace import _ACCELERATOR_CHUNK_ENTRIES, QUANT_BLOCK, Basis, Subspace
+
+    @dataclass(frozen=True)
+    class OnMeta(Dist):
+        @property
+        def comm_device(self) -> torch.device:
+            return torch.device("meta")
+
+    calls = []
+    chunk = Basis.chunk
+    monkeypatch.setattr(Basis, "chunk", lambda self, cols, *a, **k: calls.append(cols) or chunk(self, cols, *a, **k))
+    k, d = 8, _ACCELERATOR_CHUNK_ENTRIES // 8
+    meta = torch.device("meta")
+    for values, scales in ((torch.empty(k, d, dtype=torch.bfloat16, device=meta), None),
+                           (torch.empty(k, d, dtype=torch.int8, device=meta),
+                            torch.empty(k, d // QUANT_BLOCK, device=meta))):
+        calls.clear()
+        subspace = Subspace(Basis(values, scales), torch.eye(k, dtype=torch.float64), tuple(range(k)), (), k)
+        out = Shard(subspace, slice(0, d), d, OnMeta()).project(torch.empty(d, device=meta))
+        assert out.shape == (d,) and out.device.type == "meta"
+        assert len(calls) == 2  # one chunk per pass (was 2 x 32 with the CPU's chunks)

@@ -182,6 +182,11 @@ def test_gpu_check_script_runs_and_fails_cleanly_without_a_gpu(tmp_path: Path) -
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "gc")],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "none visible" in (tmp_path / "gc" / "device.txt").read_text()
+    device = (tmp_path / "gc" / "device.txt").read_text()
+    assert "none visible" in device
+    from importlib.metadata import version
+
+    # the packages the tests depend on, with their versions: a GPU run that fails on an old click is told apart
+    assert f"click {version('click')}" in device and "safetensors " in device and "TOO OLD" not in device
     assert "skipped" in (tmp_path / "gc" / "tests.txt").read_text()
     assert "--device cuda: no such CUDA device here" in (tmp_path / "gc" / "step.txt").read_text()

@@ -344,3 +344,18 @@ def test_blocked_conversion_gives_the_same_weights_and_gradient(dtype: str) -> N
     assert len(list(directions.blocks(0))) > 1
     torch.testing.assert_close(directions.weights(lam, columns), whole[0])
     torch.testing.assert_close(directions.coefficient_grad(grad, columns, len(columns)), whole[1])
+
+
+def test_directions_moved_to_a_device_keep_one_centre_without_a_base() -> None:
+    """Without --base, c and ū are one tensor (``nbytes`` counts it once). ``to`` moved each attribute on its own,
+    so on --device cuda they became two copies of D floats: twice the memory, and a ``directions_bytes`` in the
+    report larger than on the CPU. The meta device stands in for the GPU."""
+    model = TinyBN()
+    names = trainable_names(model)
+    center = flatten(model.state_dict(), names, torch.float32)
+    shared = Directions(center, center, segments_of(model, names), 3)
+    assert shared.offset is shared.center
+    moved = shared.to(torch.device("meta"))
+    assert moved.center.device.type == "meta" and moved.offset is moved.center
+    separate = Directions(center, center.clone(), segments_of(model, names), 3).to(torch.device("meta"))
+    assert separate.offset is not separate.center and separate.offset.device.type == "meta"

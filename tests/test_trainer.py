@@ -174,3 +174,29 @@ def test_a_batch_that_cannot_be_read_is_a_data_error() -> None:
     assert len(held_out) == 2
     with pytest.raises(DataError, match=r"reading a batch of --holdout failed \(OSError"):
         evaluate(model, held_out, torch.device("cpu"))
+
+
+def test_a_label_outside_the_outputs_is_a_data_error_on_devices_where_cross_entropy_does_not_raise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU cross_entropy raises IndexError for a label >= C (or < 0, other than ignore_index -100); on CUDA
+    it is a device-side assert instead, surfacing at the next sync as an unexpected RuntimeError that poisons the
+    process. Simulated here with cross_entropy as CUDA behaves: the label must be refused before it is called."""
+    from twa_tool.errors import DataError
+    from twa_tool.trainer import class_loss
+
+    real = F.cross_entropy
+
+    def cuda_like(logits: torch.Tensor, targets: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        if ((targets >= logits.shape[-1]) | ((targets < 0) & (targets != -100))).any():
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real(logits, targets, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", cuda_like)
+    logits = torch.randn(3, 10)
+    for labels, named in (([1, 2, 11], 11), ([1, -1, 3], -1), ([10, 0, 0], 10)):
+        with pytest.raises(DataError, match=rf"outside the model's 10 outputs \(Target {named} is out of bounds"):
+            class_loss(logits, torch.tensor(labels))
+    with pytest.raises(DataError, match=r"\(Target 200 is out of bounds"):
+        class_loss(logits, torch.tensor([1, 200, 3], dtype=torch.uint8))
+    # -100 is cross_entropy's ignore_index on every device: skipped, as before
+    assert torch.isclose(class_loss(logits, torch.tensor([1, -100, 3])), real(logits[[0, 2]], torch.tensor([1, 3])))

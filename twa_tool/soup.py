@@ -257,8 +257,12 @@ class Directions:
         return sum(t.numel() * t.element_size() for t in held.values())
 
     def to(self, device: torch.device) -> Directions:
+        """Move every tensor to ``device``; without a base ``c`` and ``ū`` are one tensor, and stay one there."""
+        shared = self.offset is self.center
         for name in ("center", "offset", "rows", "scales"):
             setattr(self, name, getattr(self, name).to(device))
+        if shared:
+            self.offset = self.center
         return self
 
     def set_row(self, index: int, weights: torch.Tensor) -> None:

@@ -369,6 +369,11 @@ class Basis:
         for cols in _chunks(self.dim, step):
             yield cols, self.chunk(cols, dtype, out=buffer)
 
+    def projection_step(self, device: torch.device) -> int | None:
+        """Columns per dequantized chunk of a projection on ``device``: about ``_ACCELERATOR_CHUNK_ENTRIES``
+        entries on an accelerator (a handful of kernels per pass), None (cache-sized) on the CPU."""
+        return None if device.type == "cpu" else _ACCELERATOR_CHUNK_ENTRIES // max(1, self.rank)
+
     def project(self, g: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """Orthogonal projection ``P^T (P g)`` in ``g``'s dtype: two passes over the basis.
 
@@ -385,8 +390,7 @@ class Basis:
             for cols in _chunks(self.dim, _PROJECT_CHUNK):
                 beta += self.values[:, cols] @ g[cols]
             return self.values.T @ beta.to(g.dtype)
-        if step is None and g.device.type != "cpu":
-            step = _ACCELERATOR_CHUNK_ENTRIES // max(1, self.rank)
+        step = step or self.projection_step(g.device)
         if self.scales is not None and g.device.type == "cpu":
             return self._project_scaled(g, step)
         for cols, part in self.column_chunks(g.dtype, step, reuse=True):

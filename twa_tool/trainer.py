@@ -334,6 +334,17 @@ def class_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
                         f"twa needs one integer class index per example: check --data (and --holdout)")
     if targets.dtype not in (torch.long, torch.uint8):
         targets = targets.long()  # int32/int16/int8 labels are class indices too; cross_entropy takes only these
+    # Checked here on every device: on the CPU cross_entropy raises IndexError for such a label, but on CUDA it is a
+    # device-side assert (an unexpected error at the next sync, and every later CUDA call in the process fails).
+    # One sync per batch on an accelerator, where the caller's loss.item() syncs anyway.
+    outputs = logits.shape[-1]
+    bad = targets >= outputs
+    if targets.dtype != torch.uint8:
+        bad |= (targets < 0) & (targets != -100)  # -100: cross_entropy's ignore_index, skipped on every device
+    if bool(bad.any()):
+        label = int(targets[bad][0])
+        raise DataError(f"a class label is outside the model's {outputs} outputs (Target {label} is out of bounds); "
+                        f"check the labels of --data (and --holdout), or --model-arg num_classes")
     try:
         return F.cross_entropy(logits, targets, reduction=reduction)
     except IndexError as err:  # e.g. "Target 11 is out of bounds."
