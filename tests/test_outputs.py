@@ -468,3 +468,32 @@ def test_recorded_copies_are_only_config_and_tokenizer_names_inside_the_folder(t
     assert (tmp_path / "model.safetensors").is_file()
     (tmp_path / "report.json").write_text("not json")
     assert recorded_side_files(tmp_path) == {}
+
+
+def test_a_run_that_meets_anothers_lock_leaves_the_folder_to_it(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs start on a missing --out: both see it missing, both mkdir it, one locks it. The other stops
+    (exit 7), and must not remove the folder as one it created: the first run's writes would then fail
+    ('model.safetensors: cannot write (No such file or directory)'; seen 1 in ~10 concurrent runs)."""
+    import fcntl
+
+    from twa_tool import writer
+
+    out = tmp_path / "new" / "o"
+    real = writer._lock_folder
+    holder: list[int] = []
+
+    def other_run_locks_first(folder: Path) -> int | None:
+        fd = os.open(folder, os.O_RDONLY)  # another open file description: its flock excludes ours
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.append(fd)
+        return real(folder)
+
+    monkeypatch.setattr(writer, "_lock_folder", other_run_locks_first)
+    try:
+        with pytest.raises(OutputError, match="another twa run is writing there"):
+            prepare_output_dir(out, ("model.safetensors",), overwrite=False)
+        assert out.is_dir()  # still there for the run that holds it
+    finally:
+        for fd in holder:
+            os.close(fd)

@@ -293,7 +293,11 @@ def prepare_output_dir(out_dir: Path, names: tuple[str, ...], overwrite: bool, i
     with removed_if_empty(created):
         if not os.access(out_dir, os.W_OK):
             raise OutputError(f"{out_dir}: not writable; choose another --out")
-        claim = ClaimedOutput(out_dir, created, _lock_folder(out_dir))
+    # Outside removed_if_empty: when another run holds the lock, the folder is that run's output now, even if
+    # this run's mkdir made it (both started before either created it); removing it would pull it from under
+    # that run, whose writes then fail.
+    claim = ClaimedOutput(out_dir, created, _lock_folder(out_dir))
+    with removed_if_empty(created):
         try:
             check_output(out_dir, names, overwrite, inputs, 0, input_dir)
             remove_stale_temps(out_dir)
