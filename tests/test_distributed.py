@@ -444,3 +444,21 @@ def test_a_shard_on_an_accelerator_projects_in_large_chunks(monkeypatch: pytest.
         out = Shard(subspace, slice(0, d), d, OnMeta()).project(torch.empty(d, device=meta))
         assert out.shape == (d,) and out.device.type == "meta"
         assert len(calls) == 2  # one chunk per pass (was 2 x 32 with the CPU's chunks)
+
+
+def test_global_batchnorm_normalises_half_precision_inputs_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun with --amp, the global BatchNorm gets bf16 activations: its statistics are computed in
+    float32 as torch's own batch_norm does under autocast (on one rank the all-reduces are the identity), not
+    in bf16 (off by ~1e-2)."""
+    from twa_tool import distributed
+
+    monkeypatch.setattr(distributed, "all_reduce", lambda t: t)
+    torch.manual_seed(0)
+    x = (3 + 2 * torch.randn(6, 4, 5, 5)).to(torch.bfloat16)
+    ours, native = torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    out = distributed._global_bn_forward(ours, x)
+    expected = native(x.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean, native.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, native.running_var, rtol=0, atol=1e-5)

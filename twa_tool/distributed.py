@@ -314,9 +314,13 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _global_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """Training-mode BatchNorm over the union of all ranks' parts (differentiable all-reduces)."""
+    """Training-mode BatchNorm over the union of all ranks' parts (differentiable all-reduces). A half-precision
+    input (``--amp``) is normalised in float32, as autocast runs torch's own batch_norm: statistics summed in
+    bf16/fp16 (and an example count rounded to it) would differ from one process's by ~1e-2."""
     if not self.training:
         return type(self).forward(self, x)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     dims = [0] + list(range(2, x.dim()))
     shape = [1, -1] + [1] * (x.dim() - 2)
     count = torch.tensor([float(x.numel() // max(1, x.shape[1]))], dtype=x.dtype, device=x.device)
