@@ -290,11 +290,13 @@ class Directions:
     def weights(self, coefficients: torch.Tensor, columns: list[int]) -> torch.Tensor:
         """Flat trainable weights for coefficients (K x columns); ``columns[t]`` is tensor t's column."""
         out = torch.empty_like(self.center)
+        lams = [coefficients[:, columns[t]].to(torch.float32) for t in range(len(self.segments))]
+        sums = torch.stack([lam.sum() for lam in lams]).tolist()  # one device sync per call, not one per tensor
         for t, seg in enumerate(self.segments):
-            lam = coefficients[:, columns[t]].to(torch.float32)
+            lam = lams[t]
             span = slice(seg.offset, seg.offset + seg.numel)
             out[span] = self.center[span]
-            out[span].add_(self.offset[span], alpha=lam.sum().item() - 1)
+            out[span].add_(self.offset[span], alpha=sums[t] - 1)
             # Σ λᵢ δᵢ = Σ (λᵢ − 1/K) δᵢ since Σ δᵢ = 0; the second form stays exactly c at λ = 1/K even when
             # the stored δᵢ are rounded (bf16/int8) and no longer sum to zero.
             for part, rows in self.blocks(t):
