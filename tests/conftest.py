@@ -94,3 +94,28 @@ def assert_refused_cleanly(root: Path, tmp_path: Path, code: int, text: str, ext
     assert snapshot(out) == before_out
     assert not (tmp_path / "pwned").exists()
     return result
+
+
+def trajectory(k: int, d: int, step: float = 1e-3, seed: int = 0) -> list[torch.Tensor]:
+    """A highly correlated float32 'training trajectory': each vector a small step from the previous."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, generator=g)
+    out = []
+    for _ in range(k):
+        w = w + step * torch.randn(d, generator=g)
+        out.append(w.clone())
+    return out
+
+
+@pytest.fixture(scope="session")
+def finetunes(demo_ckpts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four "fine-tunes" (epochs 1..4 of the demo run) and the init as the base, inside the folder."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("soup") / "finetunes"
+    out.mkdir()
+    for epoch in range(5):
+        state = load_file(demo_ckpts / f"{epoch}.safetensors")
+        name = "base.safetensors" if epoch == 0 else f"ft-{epoch}.safetensors"
+        save_file(state, str(out / name))
+    return out

@@ -10,22 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import model_flags
+from conftest import model_flags, trajectory
 
 from twa_tool.cli import cli
 from twa_tool.subspace import PROJECTION_TOLERANCE, Basis, build_subspace, quantize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def trajectory(k: int, d: int, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(d, generator=g)
-    out = []
-    for _ in range(k):
-        w = w + 1e-3 * torch.randn(d, generator=g)
-        out.append(w.clone())
-    return out
 
 
 @pytest.mark.parametrize("storage", ["float32", "bf16", "int8"])
@@ -90,14 +80,7 @@ def test_average_on_the_gpu_with_bf16_autocast(demo_ckpts: Path, tmp_path: Path)
     assert report["basis"]["span_residual"] < 1e-4  # the result stays in the span under autocast too
 
 
-def test_soup_on_the_gpu_agrees_with_the_cpu(demo_ckpts: Path, tmp_path: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    finetunes = tmp_path / "finetunes"
-    finetunes.mkdir()
-    for epoch in range(5):
-        name = "base.safetensors" if epoch == 0 else f"ft-{epoch}.safetensors"
-        save_file(load_file(demo_ckpts / f"{epoch}.safetensors"), str(finetunes / name))
+def test_soup_on_the_gpu_agrees_with_the_cpu(finetunes: Path, tmp_path: Path) -> None:
     reports = {}
     for run, device in enumerate(("cpu", "cuda")):
         result = CliRunner().invoke(cli, ["soup", str(finetunes), *model_flags(), "--data", "synthetic",

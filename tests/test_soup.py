@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import TINY_ARGS, TinyBN, model_flags
@@ -190,18 +190,6 @@ def test_warmup_then_schedule() -> None:
 
 
 # --------------------------------------------------------------------------------------------- CLI
-
-
-@pytest.fixture(scope="session")
-def finetunes(demo_ckpts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four "fine-tunes" (epochs 1..4 of the demo run) and the init as the base, inside the folder."""
-    out = tmp_path_factory.mktemp("soup") / "finetunes"
-    out.mkdir()
-    for epoch in range(5):
-        state = load_file(demo_ckpts / f"{epoch}.safetensors")
-        name = "base.safetensors" if epoch == 0 else f"ft-{epoch}.safetensors"
-        save_file(state, str(out / name))
-    return out
 
 
 def soup_args(finetunes: Path, out: Path, *extra: str) -> list[str]:

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from conftest import trajectory
 
 from twa_tool import subspace
 from twa_tool.subspace import (
@@ -18,17 +19,6 @@ from twa_tool.subspace import (
     build_subspace,
     orthonormality_error,
 )
-
-
-def trajectory(k: int, d: int, step: float = 1e-3, seed: int = 0) -> list[torch.Tensor]:
-    """A highly correlated float32 'training trajectory': each vector a small step from the previous."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(d, generator=g)
-    out = []
-    for _ in range(k):
-        w = w + step * torch.randn(d, generator=g)
-        out.append(w.clone())
-    return out
 
 
 def reference_cgs_float32(vectors: list[torch.Tensor]) -> torch.Tensor:
