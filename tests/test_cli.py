@@ -73,6 +73,28 @@ def test_same_seed_on_cpu_is_bit_identical(demo_ckpts: Path, tmp_path: Path) -> 
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+def test_a_run_without_the_compiled_projection_says_so(demo_ckpts: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the compiled projection passes could not be used (here: the CPU standing in for the GPU, and a
+    compiler that fails), the run takes the chunked passes, gives the same model, and its report says why."""
+    from twa_tool import subspace
+
+    args = [demo_ckpts, *FAST, "--baselines", "none", "--device", "cpu", "--basis-dtype", "int8", "--json"]
+    plain = run(*args, "--out", tmp_path / "plain")
+    assert plain.exit_code == 0 and json.loads(plain.stdout)["warnings"] == []
+    fused = subspace._FusedPasses()
+    fused.devices, fused.min_dim = ("cpu",), 1  # the demo CNN has fewer than 4096 parameters
+    monkeypatch.setattr(subspace, "_FUSED", fused)
+    monkeypatch.setattr(torch, "compile", lambda fn: lambda *a: (_ for _ in ()).throw(RuntimeError("no triton")))
+    result = run(*args, "--out", tmp_path / "fallback")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["warnings"] == [
+        "projection: torch.compile failed: RuntimeError: no triton; training took the chunked passes (the same "
+        "projection, slower on a GPU)"]
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == \
+        (tmp_path / "fallback" / "model.safetensors").read_bytes()
+
+
 def test_existing_output_needs_overwrite(full_run: tuple[object, Path], demo_ckpts: Path) -> None:
     _, out = full_run
     before = (out / "model.safetensors").read_bytes()

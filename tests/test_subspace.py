@@ -488,3 +488,141 @@ def test_reused_chunk_buffer_gives_the_same_chunks(storage: str) -> None:
     assert [c for c, _ in fresh] == [c for c, _ in reused] and len(fresh) == 4
     for (_, a), (_, b) in zip(fresh, reused):
         assert torch.equal(a, b)
+
+
+def _dequantized_projection(basis: Basis, g: torch.Tensor) -> torch.Tensor:
+    dense = torch.cat([part for _, part in basis.column_chunks(torch.float64)], dim=1)
+    return dense.T @ (dense @ g.double())
+
+
+@pytest.mark.parametrize("storage", ["float32", "bf16", "int8"])
+@pytest.mark.parametrize("dim", [3 * 4096, 3 * 4096 + 1001])  # whole blocks only, and a shorter last block
+def test_fused_passes_are_the_projection_onto_the_stored_rows(storage: str, dim: int) -> None:
+    """The functions torch.compile fuses for the GPU, run eagerly: P g in float64 and P^T beta, per-block scales
+    folded in, equal to the float64 projection onto the dequantized rows."""
+    basis = build_subspace(trajectory(9, dim), storage=storage).basis
+    g = torch.randn(dim, generator=torch.Generator().manual_seed(3))
+    expected = _dequantized_projection(basis, g)
+    beta = subspace.fused_coordinates(basis.values, basis.scales, g)
+    assert beta.dtype == torch.float64
+    got = subspace.fused_combine(basis.values, basis.scales, beta)
+    assert got.dtype == torch.float32 and got.shape == (dim,)
+    assert torch.linalg.vector_norm(got.double() - expected) <= 1e-6 * torch.linalg.vector_norm(expected)
+
+
+def _fused_on_cpu(monkeypatch: pytest.MonkeyPatch) -> subspace._FusedPasses:
+    """A fresh per-process fused-pass holder that also applies on the CPU (the GPU's path, run here)."""
+    fused = subspace._FusedPasses()
+    fused.devices = ("cpu",)
+    monkeypatch.setattr(subspace, "_FUSED", fused)
+    return fused
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_basis_project_takes_the_fused_passes_where_they_apply(monkeypatch: pytest.MonkeyPatch, storage: str) -> None:
+    """Basis.project on a fused device goes through both compiled passes (here: counted stand-ins for
+    torch.compile, which the next test runs for real) and gives the chunked path's projection."""
+    basis = build_subspace(trajectory(6, 2 * 4096 + 5), storage=storage).basis
+    g = torch.randn(basis.dim, generator=torch.Generator().manual_seed(4))
+    chunked = basis.project(g)  # the CPU does not take the fused passes
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn: lambda *a: calls.append(fn.__name__) or fn(*a))
+    _fused_on_cpu(monkeypatch)
+    got = basis.project(g)
+    assert calls == ["fused_coordinates", "fused_combine"]
+    assert torch.linalg.vector_norm(got - chunked) <= 1e-6 * torch.linalg.vector_norm(chunked)
+    small = build_subspace(trajectory(3, 4095), storage=storage).basis  # under one block: chunked, not fused
+    small.project(torch.randn(4095))
+    assert len(calls) == 2
+
+
+def test_a_compiler_failure_falls_back_to_the_chunked_passes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    basis = build_subspace(trajectory(5, 4096 + 7), storage="int8").basis
+    g = torch.randn(basis.dim, generator=torch.Generator().manual_seed(5))
+    chunked = basis.project(g)
+    tries = []
+
+    def broken(fn):
+        def call(*args):
+            tries.append(1)
+            raise RuntimeError("Cannot find a working triton installation\nmore lines")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    fused = _fused_on_cpu(monkeypatch)
+    assert torch.equal(basis.project(g), chunked)
+    assert fused.failure == "torch.compile failed: RuntimeError: Cannot find a working triton installation"
+    assert torch.equal(basis.project(g), chunked) and len(tries) == 1  # not tried again
+    # out of memory is not a compiler failure: it is raised, and the fused passes stay on
+    monkeypatch.setattr(torch, "compile", lambda fn: lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    fresh = _fused_on_cpu(monkeypatch)
+    with pytest.raises(torch.OutOfMemoryError):
+        basis.project(g)
+    assert fresh.failure is None
+
+
+def test_a_compiled_pass_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each compiled pass is checked once per shape against the chunked one: a wrong kernel (here: every output
+    doubled, or NaN) gives the chunked result, says by how much it differed, and is not used again."""
+    basis = build_subspace(trajectory(5, 2 * 4096 + 9), storage="bf16").basis
+    g = torch.randn(basis.dim, generator=torch.Generator().manual_seed(7))
+    chunked = basis.project(g)
+    calls = []
+    for wrong, said in ((lambda out: 2 * out, "by 1.0e+00 (relative)"),
+                        (lambda out: out * float("nan"), "by nan (relative)")):
+        monkeypatch.setattr(torch, "compile", lambda fn, wrong=wrong: lambda *a: calls.append(1) or wrong(fn(*a)))
+        fused = _fused_on_cpu(monkeypatch)
+        assert torch.equal(basis.project(g), chunked)
+        assert fused.failure is not None and fused.failure.startswith("the compiled projection pass 1 differed")
+        assert fused.failure.endswith(said)
+        calls.clear()
+        assert torch.equal(basis.project(g), chunked) and not calls  # the chunked passes from then on
+    # a right kernel is checked once per pass and shape, then trusted
+    monkeypatch.setattr(torch, "compile", lambda fn: lambda *a: calls.append(fn.__name__) or fn(*a))
+    fused = _fused_on_cpu(monkeypatch)
+    chunked_passes = []
+    for name in ("_chunked_coordinates", "_chunked_combine"):
+        original = getattr(Basis, name)
+        monkeypatch.setattr(Basis, name, lambda self, *a, original=original, name=name:
+                            chunked_passes.append(name) or original(self, *a))
+    for _ in range(3):
+        assert torch.linalg.vector_norm(basis.project(g) - chunked) <= 1e-6 * torch.linalg.vector_norm(chunked)
+    assert fused.failure is None and len(calls) == 6
+    assert chunked_passes == ["_chunked_coordinates", "_chunked_combine"]
+
+
+@pytest.mark.parametrize("dim", [100, 4096, 3 * 4096 + 5])
+def test_block_products_are_p_g_summed_per_block(dim: int) -> None:
+    """The accelerator's first pass for a dense basis (one batched product over 4096-column blocks, a strided view
+    of the rows): P g in float64, to the float32 rounding of each block's sum."""
+    values = torch.linalg.qr(torch.randn(dim, 6, dtype=torch.float64))[0].T.contiguous()
+    g = torch.randn(dim, dtype=torch.float64)
+    got = subspace._block_products(values.float(), g.float())
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, values @ g, rtol=0, atol=1e-5)
+
+
+def test_fused_passes_are_off_when_torch_compile_is_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TORCHDYNAMO_DISABLE=1 makes torch.compile run functions eagerly, and the eager fused passes widen the whole
+    basis to float32: then they are not used."""
+    import torch._dynamo
+
+    basis = build_subspace(trajectory(4, 4096 + 3), storage="bf16").basis
+    fused = _fused_on_cpu(monkeypatch)
+    assert fused.applies(basis, torch.zeros(basis.dim))
+    with torch._dynamo.config.patch(disable=True):
+        assert not fused.applies(basis, torch.zeros(basis.dim))
+    assert fused.applies(basis, torch.zeros(basis.dim))
+
+
+def test_fused_passes_compile_and_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real torch.compile of both passes (the CPU's C++ backend here, Triton on a GPU) against the eager
+    functions. Skipped where this machine cannot compile (no C++ compiler): the GPU check runs it there."""
+    basis = build_subspace(trajectory(6, 2 * 4096 + 999), storage="int8").basis
+    g = torch.randn(basis.dim, generator=torch.Generator().manual_seed(6))
+    fused = _fused_on_cpu(monkeypatch)
+    got = basis.project(g)
+    if fused.failure is not None:
+        pytest.skip(f"torch.compile does not work here: {fused.failure}")
+    expected = _dequantized_projection(basis, g)
+    assert torch.linalg.vector_norm(got.double() - expected) <= 1e-6 * torch.linalg.vector_norm(expected)

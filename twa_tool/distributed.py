@@ -220,14 +220,8 @@ class Shard:
         """``P^T (P g)`` of the full (already all-reduced) gradient: K-value all-reduce + D-value all-gather."""
         basis = self.basis
         local = g[self.columns].to(basis.device)
-        step = basis.projection_step(basis.device)  # as Basis.project: few large chunks on an accelerator
-        beta = torch.zeros(basis.rank, dtype=g.dtype, device=basis.device)
-        for cols, part in basis.column_chunks(g.dtype, step, reuse=True):
-            beta += part @ local[cols]
-        beta = self.dist.sum(beta.to(self.dist.comm_device)).to(basis.device)
-        out = torch.empty_like(local)
-        for cols, part in basis.column_chunks(g.dtype, step, reuse=True):
-            out[cols] = part.T @ beta
+        beta = self.dist.sum(basis.projection_coordinates(local).to(self.dist.comm_device))
+        out = basis.projection_combine(beta, local)
         return self.dist.gather_columns(out.to(self.dist.comm_device), self.dim).to(g.device)
 
 

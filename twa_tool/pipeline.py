@@ -81,6 +81,7 @@ from .subspace import (
     Subspace,
     build_by_columns,
     column_block,
+    compiled_projection_failure,
     distance_from_identity,
     gram_and_coordinates,
 )
@@ -1047,6 +1048,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
         clock = time.perf_counter()
         metrics["twa"], train_summary, weights = run_twa(config, files, stream, evaluator, fit_data, names, on_event)
         timings["twa_s"] = time.perf_counter() - clock
+        if (failure := compiled_projection_failure()) is not None:
+            warn(f"projection: {failure}; training took the chunked passes (the same projection, slower on a GPU)")
 
         report = {
             **run_facts(config, files, chosen, stream, weights, spec, model_args),
