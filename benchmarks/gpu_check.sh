@@ -7,7 +7,8 @@
 # 1. tests/test_gpu.py: the projection on the GPU against the float64 reference, twa average and twa soup with
 #    --device cuda against the CPU, bf16 autocast (skipped where no GPU is visible);
 # 2. the projected step on the GPU: resnet18, K=100, batch 128, float32/bf16/int8 basis (no W1 files, no builds);
-# 3. with GPU_CHECK_BUILDS=1, also the W1 builds at K=50 on that machine's CPU (writes 2.2 GB under OUT_DIR).
+# 3. the projection's paths side by side (compiled, dequantized chunks, cuBLAS) with their errors, and the kernels;
+# 4. with GPU_CHECK_BUILDS=1, also the W1 builds at K=50 on that machine's CPU (writes 2.2 GB under OUT_DIR).
 # PYTHON names the interpreter (default python3). Each step's output is kept in OUT_DIR (default: gpu-check/
 # under the current folder) as it runs, so a stopped run keeps what it did.
 set -uo pipefail
@@ -35,6 +36,7 @@ PY
 status=0
 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/tests.txt" || status=1
 "$python" benchmarks/basis_bench.py --step-only --k 100 --device cuda 2>&1 | tee "$out/step.txt" || status=1
+"$python" benchmarks/projection_variants.py --device cuda --profile 2>&1 | tee "$out/variants.txt" || status=1
 if [ "${GPU_CHECK_BUILDS:-0}" = 1 ]; then
     "$python" benchmarks/basis_bench.py --k 50 --dir "$out/w1" 2>&1 | tee "$out/builds.txt" || status=1
     rm -rf "$out/w1"
