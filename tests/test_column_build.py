@@ -148,9 +148,9 @@ def test_low_precision_stream_reads_columns_and_never_allocates_the_float32_basi
     allocated: list[tuple[int, int, torch.dtype]] = []
     original = subspace._preallocated
 
-    def preallocated(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    def preallocated(rows: int, cols: int, dtype: torch.dtype, **kwargs: bool) -> tuple[torch.Tensor, object]:
         allocated.append((rows, cols, dtype))
-        return original(rows, cols, dtype)
+        return original(rows, cols, dtype, **kwargs)
 
     monkeypatch.setattr(subspace, "_preallocated", preallocated)
     loaded = count_loads(monkeypatch)

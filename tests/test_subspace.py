@@ -237,7 +237,7 @@ def test_in_place_rounding_equals_the_copy_bit_for_bit(storage: str, rows: int) 
 
 def test_released_tail_reads_as_zeros_and_the_head_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(subspace, "_POPULATE_MIN_BYTES", 0)
-    buffer = subspace._preallocated(8, 4096, torch.float32)  # 8 rows of 16 kB (4 pages each)
+    buffer, _ = subspace._preallocated(8, 4096, torch.float32)  # 8 rows of 16 kB (4 pages each)
     buffer.copy_(torch.arange(8 * 4096, dtype=torch.float32).view(8, 4096) + 1)
     keep = 3 * 4096 * 4 + 10  # a partial page is kept whole
     if not subspace.release_tail(buffer, keep):
@@ -412,13 +412,40 @@ def test_staircase_transform_equals_the_dense_product(monkeypatch: pytest.Monkey
 def test_populated_buffer_is_an_ordinary_writable_tensor(madvise: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(subspace, "_POPULATE_MIN_BYTES", 0)
     if not madvise:  # a kernel without MADV_POPULATE_WRITE: MAP_POPULATE instead
-        monkeypatch.setattr(subspace, "_populate", lambda memory, nbytes: False)
-    rows = subspace._preallocated(3, 1000, torch.float32)
+        monkeypatch.setattr(subspace, "_populate", lambda memory, start, stop: False)
+    rows, _ = subspace._preallocated(3, 1000, torch.float32)
     assert rows.shape == (3, 1000) and rows.dtype == torch.float32
     rows.copy_(torch.arange(3000.0).view(3, 1000))
     view = rows[1:]
     del rows
     assert view.sum().item() == sum(range(1000, 3000))
+
+
+def test_pages_mapped_in_the_background_keep_what_was_written_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BasisBuilder's buffer: the first step is mapped at once, a thread maps the rest while the caller writes.
+    Mapping a page that already holds data keeps it; the wait function joins the thread."""
+    monkeypatch.setattr(subspace, "_POPULATE_MIN_BYTES", 0)
+    monkeypatch.setattr(subspace, "_POPULATE_STEP", 4 * mmap.PAGESIZE)
+    calls = []
+    populate = subspace._populate
+    monkeypatch.setattr(subspace, "_populate", lambda memory, start, stop: calls.append((start, stop)) or
+                        populate(memory, start, stop))
+    rows, wait = subspace._preallocated(64, 4096, torch.float32, background=True)  # 1 MB: 64 steps of 4 pages
+    pattern = torch.arange(64 * 4096, dtype=torch.float32).view(64, 4096)
+    for i in (63, 0, 31, 5):  # rows the thread has or has not reached yet
+        rows[i] = pattern[i]
+    wait()
+    assert calls[0] == (0, 4 * mmap.PAGESIZE) and calls[1] == (4 * mmap.PAGESIZE, 64 * 4096 * 4)
+    for i in (63, 0, 31, 5):
+        assert torch.equal(rows[i], pattern[i])
+    rows.copy_(pattern)
+    assert torch.equal(rows, pattern)
+    # without madvise: MAP_POPULATE maps everything at once, no thread
+    monkeypatch.setattr(subspace, "_populate", lambda memory, start, stop: False)
+    rows, wait = subspace._preallocated(64, 4096, torch.float32, background=True)
+    assert wait is subspace._nothing
+    rows.copy_(pattern)
+    assert torch.equal(rows, pattern)
 
 
 def test_few_long_vectors_are_orthonormalised_to_float32_precision() -> None:

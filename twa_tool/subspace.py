@@ -245,21 +245,39 @@ def _symmetric(lower: torch.Tensor) -> torch.Tensor:
     return lower.tril() + lower.tril(-1).T
 
 
-def _preallocated(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+def _preallocated(rows: int, cols: int, dtype: torch.dtype,
+                  background: bool = False) -> tuple[torch.Tensor, Callable[[], None]]:
     """An uninitialised ``rows x cols`` CPU tensor whose pages are mapped up front: filling gigabytes of
     fresh memory page fault by page fault runs at a fraction of the copy speed (measured 0.5 against 1.9
     GB/s in a VM). Linux ``madvise(MADV_POPULATE_WRITE)`` through ctypes, which lets other threads run
     meanwhile (``mmap``'s ``MAP_POPULATE`` holds the GIL for the whole mapping: 0.6 s for 2 GB, the
-    hashing thread stalled); ``MAP_POPULATE`` on kernels before 5.14; ``torch.empty`` elsewhere."""
+    hashing thread stalled); ``MAP_POPULATE`` on kernels before 5.14; ``torch.empty`` elsewhere.
+
+    With ``background``, only the first ``_POPULATE_STEP`` bytes are mapped before returning and a thread
+    maps the rest, first bytes first, while the caller already writes (a page the caller reaches first is
+    mapped by its own fault, as without this; mapping a page that holds data keeps the data). Returned with
+    the tensor: a function that waits for that thread, to be called before any page of the buffer is freed
+    (``release_tail``)."""
     populate = getattr(mmap, "MAP_POPULATE", None)
     nbytes = rows * cols * torch.tensor([], dtype=dtype).element_size()
     if populate is None or nbytes < _POPULATE_MIN_BYTES:
-        return torch.empty(rows, cols, dtype=dtype)
+        return torch.empty(rows, cols, dtype=dtype), _nothing
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if not _populate(memory, nbytes):
+    first = min(nbytes, _POPULATE_STEP) if background else nbytes
+    if not _populate(memory, 0, first):
         memory.close()
         memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
-    return torch.frombuffer(memory, dtype=dtype).view(rows, cols)  # the tensor keeps the mapping alive
+        first = nbytes
+    tensor = torch.frombuffer(memory, dtype=dtype).view(rows, cols)  # the tensor keeps the mapping alive
+    if first == nbytes:
+        return tensor, _nothing
+    thread = threading.Thread(target=_populate, args=(memory, first, nbytes), name="twa-prefault", daemon=True)
+    thread.start()
+    return tensor, thread.join
+
+
+def _nothing() -> None:
+    return None
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
@@ -273,17 +291,18 @@ def _libc_madvise() -> Callable[[int, int, int], int] | None:
     return madvise
 
 
-def _populate(memory: mmap.mmap, nbytes: int) -> bool:
-    """Map every page of ``memory`` now (``MADV_POPULATE_WRITE``); False where the kernel cannot."""
+def _populate(memory: mmap.mmap, start: int, stop: int) -> bool:
+    """Map every page of bytes ``start .. stop`` of ``memory`` now (``MADV_POPULATE_WRITE``); False where the
+    kernel cannot. ``start`` page-aligned."""
     madvise = _libc_madvise()
     if madvise is None:
         return False
     anchor = ctypes.c_char.from_buffer(memory)  # the mapping's address; released before returning
     try:
         address = ctypes.addressof(anchor)
-        for start in range(0, nbytes, _POPULATE_STEP):  # the kernel holds the memory map's lock per call:
-            size = min(_POPULATE_STEP, nbytes - start)  # other threads' mmap calls get it in between
-            if madvise(address + start, size, _MADV_POPULATE_WRITE) != 0:
+        for begin in range(start, stop, _POPULATE_STEP):  # the kernel holds the memory map's lock per call:
+            size = min(_POPULATE_STEP, stop - begin)  # other threads' mmap calls get it in between
+            if madvise(address + begin, size, _MADV_POPULATE_WRITE) != 0:
                 return False
         return True
     finally:
@@ -751,6 +770,7 @@ class BasisBuilder:
         self.track_mean = track_mean
         self._reduce = reduce
         self._rows: torch.Tensor | None = None  # raw vector -> difference (prepared) -> basis row (processed)
+        self._populated: Callable[[], None] = _nothing  # waits for the thread mapping the rows' pages
         self._previous: torch.Tensor | None = None  # the last prepared raw vector
         self._sum: torch.Tensor | None = None
         self._gram = torch.zeros(capacity, capacity, dtype=torch.float64)  # of the difference rows (fast path)
@@ -793,7 +813,7 @@ class BasisBuilder:
         if self.seen >= self.capacity:
             raise ValueError(f"more than capacity={self.capacity} vectors added")
         if self._rows is None:
-            self._rows = _preallocated(self.capacity, size, self.dtype)
+            self._rows, self._populated = _preallocated(self.capacity, size, self.dtype, background=True)
         elif size != self._rows.shape[1]:
             raise ValueError(f"vector {self.seen} has {size} entries, expected {self._rows.shape[1]}")
         fill(self._rows[self.seen])  # rows of earlier blocks are compacted when processed
@@ -842,8 +862,9 @@ class BasisBuilder:
             _finish(job, running)
 
     def close(self) -> None:
-        """Stop the workers (after the block they are preparing, if any)."""
+        """Stop the workers (after the block they are preparing, if any) and the page-mapping thread."""
         self._workers.shutdown()
+        self._populated()
         self._running = None
 
     def _preparation(self, first: int, b: int) -> _Job:
@@ -1297,7 +1318,7 @@ def build_by_columns(count: int, dim: int, read: ColumnReader, storage: str = "f
             raise ValueError("no independent vectors were added")
         t1 = torch.linalg.solve_triangular(chol.lower, chol.combine, upper=False).to(torch.float32)  # L^-1 E
         steps1 = _staircase(t1)
-        values = _preallocated(m, dim, STORAGE_DTYPES[storage])
+        values, _ = _preallocated(m, dim, STORAGE_DTYPES[storage])
         scales = torch.empty(m, -(-dim // QUANT_BLOCK), dtype=torch.float32) if storage == "int8" else None
 
         def store(q: torch.Tensor, cols: slice) -> None:
