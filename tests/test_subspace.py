@@ -626,3 +626,32 @@ def test_fused_passes_compile_and_match(monkeypatch: pytest.MonkeyPatch) -> None
         pytest.skip(f"torch.compile does not work here: {fused.failure}")
     expected = _dequantized_projection(basis, g)
     assert torch.linalg.vector_norm(got.double() - expected) <= 1e-6 * torch.linalg.vector_norm(expected)
+
+
+def test_the_projection_on_a_device_without_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MPS has no float64 (every float64 tensor there is a TypeError): the first pass on such a device sums in
+    float32, as one product did before the per-block float64 sums (a dense float32 basis, the default, raised on
+    `--device mps`; bf16/int8 chunks already did). The meta device stands in for MPS here, declared as one
+    without float64, under a mode that raises MPS's error for any float64 tensor on it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class NoFloat64(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.device.type == "meta" and t.dtype == torch.float64
+                   for t in tree_leaves(out)):
+                raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't "
+                                "support float64. Please use float32 instead.")
+            return out
+
+    monkeypatch.setattr(subspace, "_NO_FLOAT64", ("mps", "meta"), raising=False)
+    meta = torch.device("meta")
+    k, d = 5, 3 * 4096 + 7
+    for values, scales in ((torch.empty(k, d, device=meta), None),
+                           (torch.empty(k, d, dtype=torch.bfloat16, device=meta), None),
+                           (torch.empty(k, d, dtype=torch.int8, device=meta), torch.empty(k, 4, device=meta))):
+        basis = Basis(values, scales)
+        with NoFloat64():
+            out = basis.project(torch.empty(d, device=meta))
+        assert out.shape == (d,) and out.dtype == torch.float32

@@ -112,6 +112,9 @@ _ACCELERATOR_CHUNK_ENTRIES = 1 << 25
 #: an H100: ~5e-7, mostly the chunked pass's own float32 rounding).
 _FUSED_AGREEMENT = 1e-5
 
+#: Device types without float64 (MPS): there a projection's first pass sums in the gradient's dtype.
+_NO_FLOAT64 = ("mps",)
+
 #: Fixed column groups of the final pass, shared by the threads (their products summed in order).
 _GROUPS = 64
 
@@ -384,16 +387,19 @@ class Basis:
         return self.projection_combine(self.projection_coordinates(g, step), g, step)
 
     def projection_coordinates(self, g: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """The projection's first pass, ``P g`` (float64; ``g`` on the basis's device, in its dtype).
+        """The projection's first pass, ``P g`` (float64, or ``g``'s dtype on MPS, which has no float64; ``g`` on
+        the basis's device, in its dtype).
 
         Float32 products are summed in float64 per column chunk: one float32 product over all D columns is off
         by ~1e-5 relative at D = 11M on the CPU (1.2e-6 on an H100), the chunked sums by ~2-3e-7. On an
         accelerator a dense basis takes one batched product over ``QUANT_BLOCK``-column blocks (as fast as the
         one product on an H100); a bf16/int8 one, on a CUDA GPU, ``torch.compile``-fused kernels that read each
-        stored entry once (``_FUSED``). Elsewhere, or where those cannot be used, a bf16/int8 basis is
-        dequantized ``step`` columns at a time (default: cache-sized on the CPU, about
+        stored entry once (``_FUSED``; float32 gradients). Elsewhere, or where those cannot be used, a bf16/int8
+        basis is dequantized ``step`` columns at a time (default: cache-sized on the CPU, about
         ``_ACCELERATOR_CHUNK_ENTRIES`` entries elsewhere)."""
         if self.scales is None and self.values.dtype == g.dtype and g.device.type != "cpu":
+            if g.device.type in _NO_FLOAT64:
+                return self.values @ g  # one product in g's dtype
             return _block_products(self.values, g)
         if _FUSED.applies(self, g):
             return _FUSED.run(0, (self.values, self.scales, g), lambda: self._chunked_coordinates(g, step))
@@ -403,7 +409,8 @@ class Basis:
         dense = self.scales is None and self.values.dtype == g.dtype  # in g's dtype: no conversion
         if dense and self.dim <= _PROJECT_CHUNK:
             return (self.values @ g).double()
-        beta = torch.zeros(self.rank, dtype=torch.float64, device=g.device)
+        total = g.dtype if g.device.type in _NO_FLOAT64 else torch.float64
+        beta = torch.zeros(self.rank, dtype=total, device=g.device)
         if dense:
             for cols in _chunks(self.dim, _PROJECT_CHUNK):
                 beta += self.values[:, cols] @ g[cols]
