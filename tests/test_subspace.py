@@ -655,3 +655,49 @@ def test_the_projection_on_a_device_without_float64(monkeypatch: pytest.MonkeyPa
         with NoFloat64():
             out = basis.project(torch.empty(d, device=meta))
         assert out.shape == (d,) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_fused_passes_take_only_float32_gradients(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The compiled passes compute in float32. A bf16 gradient's chunked passes compute in bf16, so the
+    once-per-shape check found them 1.8e-3 apart and switched the compiled passes off for the whole process, with
+    a warning blaming the compiler; a float64 gradient got a float32-accurate projection. Other dtypes take the
+    chunked passes (in the gradient's dtype, as before the compiled passes) and leave the compiled ones on."""
+    basis = build_subspace(trajectory(5, 2 * 4096 + 1), storage="int8").basis
+    g = torch.randn(basis.dim, generator=torch.Generator().manual_seed(8)).to(dtype)
+    chunked = basis.project(g)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn: lambda *a: calls.append(fn.__name__) or fn(*a))
+    fused = _fused_on_cpu(monkeypatch)
+    got = basis.project(g)
+    assert fused.failure is None and calls == []
+    assert got.dtype == dtype and torch.equal(got, chunked)
+
+
+def test_a_zero_vector_does_not_count_as_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass whose chunked result is zero (a zero gradient, as a shard's columns can have at the first step) agrees
+    with any kernel that maps zero to zero: that is no check. It was recorded as the shape's check, and a wrong
+    kernel (here: every output doubled) was trusted from then on; now the next nonzero vector is checked."""
+    basis = build_subspace(trajectory(5, 2 * 4096 + 9), storage="bf16").basis
+    g = torch.randn(basis.dim, generator=torch.Generator().manual_seed(9))
+    chunked = basis.project(g)
+    monkeypatch.setattr(torch, "compile", lambda fn: lambda *a: 2 * fn(*a))
+    fused = _fused_on_cpu(monkeypatch)
+    assert torch.equal(basis.project(torch.zeros(basis.dim)), torch.zeros(basis.dim))
+    assert fused.failure is None
+    assert torch.equal(basis.project(g), chunked)
+    assert fused.failure is not None and fused.failure.startswith("the compiled projection pass 1 differed")
+
+
+def test_fused_passes_are_off_when_compile_errors_are_suppressed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TORCHDYNAMO_SUPPRESS_ERRORS=1 makes torch.compile run a function eagerly where compiling fails (no Triton,
+    no C++ compiler), without an exception: the fused passes then widened the whole basis to float32 at every
+    step (measured here: with no working C++ compiler, no failure recorded and the eager functions run). Off,
+    as with TORCHDYNAMO_DISABLE=1."""
+    import torch._dynamo
+
+    basis = build_subspace(trajectory(4, 4096 + 3), storage="int8").basis
+    fused = _fused_on_cpu(monkeypatch)
+    with torch._dynamo.config.patch(suppress_errors=True):
+        assert not fused.applies(basis, torch.zeros(basis.dim))
+    assert fused.applies(basis, torch.zeros(basis.dim))
