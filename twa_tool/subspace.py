@@ -551,7 +551,8 @@ class _FusedPasses:
     chunked passes. They take float32 gradients only (they compute in float32; other dtypes' chunked passes compute
     in theirs). Off with ``TORCHDYNAMO_DISABLE=1`` or ``TORCHDYNAMO_SUPPRESS_ERRORS=1``: torch.compile would then
     run the fused functions eagerly (where compiling fails, for the second), widening the whole basis, so they are
-    not used at all."""
+    not used at all. ``fallbacks`` counts the passes that took the chunked way where the compiled one applies
+    (after a failure), so that a run can tell whether the failure concerned it."""
 
     devices = ("cuda",)
     min_dim = QUANT_BLOCK  # fewer columns: the chunked passes are one small product each
@@ -560,12 +561,16 @@ class _FusedPasses:
         self.compiled: tuple[Callable, ...] | None = None
         self.checked: set[tuple] = set()
         self.failure: str | None = None
+        self.fallbacks = 0
 
     def applies(self, basis: Basis, g: torch.Tensor) -> bool:
         if not (g.device.type in self.devices and g.dtype == torch.float32 and basis.dim >= self.min_dim
                 and not _compiler_runs_eagerly()):
             return False
-        return self.failure is None
+        if self.failure is not None:
+            self.fallbacks += 1
+            return False
+        return True
 
     def run(self, which: int, args: tuple[torch.Tensor | None, ...], chunked: Callable[[], torch.Tensor]
             ) -> torch.Tensor:
@@ -579,6 +584,7 @@ class _FusedPasses:
             raise
         except Exception as exc:  # any compiler failure: the chunked passes compute the same projection
             self.failure = "torch.compile failed: " + (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0]
+            self.fallbacks += 1
             return chunked()
         values = args[0]
         assert values is not None
@@ -590,6 +596,7 @@ class _FusedPasses:
             if not difference <= _FUSED_AGREEMENT * scale:  # NaN and inf fail too
                 self.failure = (f"the compiled projection pass {which + 1} differed from the chunked one by "
                                 f"{(difference / scale).item():.1e} (relative)")
+                self.fallbacks += 1
                 return expected
             if scale > 0:  # a zero result (a zero gradient) agrees with any kernel that keeps zero: no check
                 self.checked.add(key)
@@ -611,6 +618,12 @@ _FUSED = _FusedPasses()
 def compiled_projection_failure() -> str | None:
     """Why this process stopped using the compiled projection passes (one line), or None."""
     return _FUSED.failure
+
+
+def compiled_projection_fallbacks() -> int:
+    """How many projection passes in this process took the chunked way where the compiled one applies (after
+    ``compiled_projection_failure``): a run compares the count before and after it."""
+    return _FUSED.fallbacks
 
 
 def quantize(values: torch.Tensor, storage: str, in_place: bool = False) -> Basis:
