@@ -95,6 +95,21 @@ def test_a_run_without_the_compiled_projection_says_so(demo_ckpts: Path, tmp_pat
         (tmp_path / "fallback" / "model.safetensors").read_bytes()
 
 
+def test_no_warning_for_a_failure_this_run_did_not_meet(demo_ckpts: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled passes' failure is kept for the process: a later run in it (library use: run_average called
+    again, the test suite) was told "training took the chunked passes" even on the CPU, where the compiled
+    passes never apply. Now the report warns only where this run's projections fell back."""
+    from twa_tool import subspace
+
+    args = [demo_ckpts, *FAST, "--baselines", "none", "--device", "cpu", "--basis-dtype", "int8", "--json"]
+    earlier = subspace._FusedPasses()  # the real one: CUDA only
+    earlier.failure = "torch.compile failed: RuntimeError: no triton"
+    monkeypatch.setattr(subspace, "_FUSED", earlier)
+    result = run(*args, "--out", tmp_path / "cpu")
+    assert result.exit_code == 0 and json.loads(result.stdout)["warnings"] == []
+
+
 def test_existing_output_needs_overwrite(full_run: tuple[object, Path], demo_ckpts: Path) -> None:
     _, out = full_run
     before = (out / "model.safetensors").read_bytes()

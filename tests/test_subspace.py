@@ -653,3 +653,78 @@ def test_fused_passes_compile_and_match(monkeypatch: pytest.MonkeyPatch) -> None
         pytest.skip(f"torch.compile does not work here: {fused.failure}")
     expected = _dequantized_projection(basis, g)
     assert torch.linalg.vector_norm(got.double() - expected) <= 1e-6 * torch.linalg.vector_norm(expected)
+
+
+def test_the_projection_on_a_device_without_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MPS has no float64 (every float64 tensor there is a TypeError): the first pass on such a device sums in
+    float32, as one product did before the per-block float64 sums (a dense float32 basis, the default, raised on
+    `--device mps`; bf16/int8 chunks already did). The meta device stands in for MPS here, declared as one
+    without float64, under a mode that raises MPS's error for any float64 tensor on it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class NoFloat64(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.device.type == "meta" and t.dtype == torch.float64
+                   for t in tree_leaves(out)):
+                raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't "
+                                "support float64. Please use float32 instead.")
+            return out
+
+    monkeypatch.setattr(subspace, "_NO_FLOAT64", ("mps", "meta"), raising=False)
+    meta = torch.device("meta")
+    k, d = 5, 3 * 4096 + 7
+    for values, scales in ((torch.empty(k, d, device=meta), None),
+                           (torch.empty(k, d, dtype=torch.bfloat16, device=meta), None),
+                           (torch.empty(k, d, dtype=torch.int8, device=meta), torch.empty(k, 4, device=meta))):
+        basis = Basis(values, scales)
+        with NoFloat64():
+            out = basis.project(torch.empty(d, device=meta))
+        assert out.shape == (d,) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_fused_passes_take_only_float32_gradients(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The compiled passes compute in float32. A bf16 gradient's chunked passes compute in bf16, so the
+    once-per-shape check found them 1.8e-3 apart and switched the compiled passes off for the whole process, with
+    a warning blaming the compiler; a float64 gradient got a float32-accurate projection. Other dtypes take the
+    chunked passes (in the gradient's dtype, as before the compiled passes) and leave the compiled ones on."""
+    basis = build_subspace(trajectory(5, 2 * 4096 + 1), storage="int8").basis
+    g = torch.randn(basis.dim, generator=torch.Generator().manual_seed(8)).to(dtype)
+    chunked = basis.project(g)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn: lambda *a: calls.append(fn.__name__) or fn(*a))
+    fused = _fused_on_cpu(monkeypatch)
+    got = basis.project(g)
+    assert fused.failure is None and calls == []
+    assert got.dtype == dtype and torch.equal(got, chunked)
+
+
+def test_a_zero_vector_does_not_count_as_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass whose chunked result is zero (a zero gradient, as a shard's columns can have at the first step) agrees
+    with any kernel that maps zero to zero: that is no check. It was recorded as the shape's check, and a wrong
+    kernel (here: every output doubled) was trusted from then on; now the next nonzero vector is checked."""
+    basis = build_subspace(trajectory(5, 2 * 4096 + 9), storage="bf16").basis
+    g = torch.randn(basis.dim, generator=torch.Generator().manual_seed(9))
+    chunked = basis.project(g)
+    monkeypatch.setattr(torch, "compile", lambda fn: lambda *a: 2 * fn(*a))
+    fused = _fused_on_cpu(monkeypatch)
+    assert torch.equal(basis.project(torch.zeros(basis.dim)), torch.zeros(basis.dim))
+    assert fused.failure is None
+    assert torch.equal(basis.project(g), chunked)
+    assert fused.failure is not None and fused.failure.startswith("the compiled projection pass 1 differed")
+
+
+def test_fused_passes_are_off_when_compile_errors_are_suppressed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TORCHDYNAMO_SUPPRESS_ERRORS=1 makes torch.compile run a function eagerly where compiling fails (no Triton,
+    no C++ compiler), without an exception: the fused passes then widened the whole basis to float32 at every
+    step (measured here: with no working C++ compiler, no failure recorded and the eager functions run). Off,
+    as with TORCHDYNAMO_DISABLE=1."""
+    import torch._dynamo
+
+    basis = build_subspace(trajectory(4, 4096 + 3), storage="int8").basis
+    fused = _fused_on_cpu(monkeypatch)
+    with torch._dynamo.config.patch(suppress_errors=True):
+        assert not fused.applies(basis, torch.zeros(basis.dim))
+    assert fused.applies(basis, torch.zeros(basis.dim))

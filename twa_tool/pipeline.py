@@ -82,6 +82,7 @@ from .subspace import (
     build_by_columns,
     column_block,
     compiled_projection_failure,
+    compiled_projection_fallbacks,
     distance_from_identity,
     gram_and_coordinates,
 )
@@ -1045,10 +1046,10 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
         clock = time.perf_counter()
         metrics, per_checkpoint = run_baselines(config, files, stream, evaluator, on_event)
         timings["baselines_s"] = time.perf_counter() - clock
-        clock = time.perf_counter()
+        clock, fallbacks = time.perf_counter(), compiled_projection_fallbacks()
         metrics["twa"], train_summary, weights = run_twa(config, files, stream, evaluator, fit_data, names, on_event)
         timings["twa_s"] = time.perf_counter() - clock
-        if (failure := compiled_projection_failure()) is not None:
+        if compiled_projection_fallbacks() > fallbacks and (failure := compiled_projection_failure()) is not None:
             warn(f"projection: {failure}; training took the chunked passes (the same projection, slower on a GPU)")
 
         report = {

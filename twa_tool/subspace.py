@@ -112,6 +112,9 @@ _ACCELERATOR_CHUNK_ENTRIES = 1 << 25
 #: an H100: ~5e-7, mostly the chunked pass's own float32 rounding).
 _FUSED_AGREEMENT = 1e-5
 
+#: Device types without float64 (MPS): there a projection's first pass sums in the gradient's dtype.
+_NO_FLOAT64 = ("mps",)
+
 #: Fixed column groups of the final pass, shared by the threads (their products summed in order).
 _GROUPS = 64
 
@@ -403,16 +406,19 @@ class Basis:
         return self.projection_combine(self.projection_coordinates(g, step), g, step)
 
     def projection_coordinates(self, g: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """The projection's first pass, ``P g`` (float64; ``g`` on the basis's device, in its dtype).
+        """The projection's first pass, ``P g`` (float64, or ``g``'s dtype on MPS, which has no float64; ``g`` on
+        the basis's device, in its dtype).
 
         Float32 products are summed in float64 per column chunk: one float32 product over all D columns is off
         by ~1e-5 relative at D = 11M on the CPU (1.2e-6 on an H100), the chunked sums by ~2-3e-7. On an
         accelerator a dense basis takes one batched product over ``QUANT_BLOCK``-column blocks (as fast as the
         one product on an H100); a bf16/int8 one, on a CUDA GPU, ``torch.compile``-fused kernels that read each
-        stored entry once (``_FUSED``). Elsewhere, or where those cannot be used, a bf16/int8 basis is
-        dequantized ``step`` columns at a time (default: cache-sized on the CPU, about
+        stored entry once (``_FUSED``; float32 gradients). Elsewhere, or where those cannot be used, a bf16/int8
+        basis is dequantized ``step`` columns at a time (default: cache-sized on the CPU, about
         ``_ACCELERATOR_CHUNK_ENTRIES`` entries elsewhere)."""
         if self.scales is None and self.values.dtype == g.dtype and g.device.type != "cpu":
+            if g.device.type in _NO_FLOAT64:
+                return self.values @ g  # one product in g's dtype
             return _block_products(self.values, g)
         if _FUSED.applies(self, g):
             return _FUSED.run(0, (self.values, self.scales, g), lambda: self._chunked_coordinates(g, step))
@@ -422,7 +428,8 @@ class Basis:
         dense = self.scales is None and self.values.dtype == g.dtype  # in g's dtype: no conversion
         if dense and self.dim <= _PROJECT_CHUNK:
             return (self.values @ g).double()
-        beta = torch.zeros(self.rank, dtype=torch.float64, device=g.device)
+        total = g.dtype if g.device.type in _NO_FLOAT64 else torch.float64
+        beta = torch.zeros(self.rank, dtype=total, device=g.device)
         if dense:
             for cols in _chunks(self.dim, _PROJECT_CHUNK):
                 beta += self.values[:, cols] @ g[cols]
@@ -560,8 +567,11 @@ class _FusedPasses:
     A compiler is code this project does not control: each compiled pass is checked once per shape against the
     chunked pass (within ``_FUSED_AGREEMENT``; one chunked projection's time). Where compiling fails (no Triton,
     say) or a check does not hold, ``failure`` says why in one line, and from then on this process takes the
-    chunked passes. Off with ``TORCHDYNAMO_DISABLE=1``: torch.compile would then run the fused functions eagerly,
-    widening the whole basis, so they are not used at all."""
+    chunked passes. They take float32 gradients only (they compute in float32; other dtypes' chunked passes compute
+    in theirs). Off with ``TORCHDYNAMO_DISABLE=1`` or ``TORCHDYNAMO_SUPPRESS_ERRORS=1``: torch.compile would then
+    run the fused functions eagerly (where compiling fails, for the second), widening the whole basis, so they are
+    not used at all. ``fallbacks`` counts the passes that took the chunked way where the compiled one applies
+    (after a failure), so that a run can tell whether the failure concerned it."""
 
     devices = ("cuda",)
     min_dim = QUANT_BLOCK  # fewer columns: the chunked passes are one small product each
@@ -570,10 +580,16 @@ class _FusedPasses:
         self.compiled: tuple[Callable, ...] | None = None
         self.checked: set[tuple] = set()
         self.failure: str | None = None
+        self.fallbacks = 0
 
     def applies(self, basis: Basis, g: torch.Tensor) -> bool:
-        return (self.failure is None and g.device.type in self.devices and basis.dim >= self.min_dim
-                and not _dynamo_disabled())
+        if not (g.device.type in self.devices and g.dtype == torch.float32 and basis.dim >= self.min_dim
+                and not _compiler_runs_eagerly()):
+            return False
+        if self.failure is not None:
+            self.fallbacks += 1
+            return False
+        return True
 
     def run(self, which: int, args: tuple[torch.Tensor | None, ...], chunked: Callable[[], torch.Tensor]
             ) -> torch.Tensor:
@@ -587,6 +603,7 @@ class _FusedPasses:
             raise
         except Exception as exc:  # any compiler failure: the chunked passes compute the same projection
             self.failure = "torch.compile failed: " + (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0]
+            self.fallbacks += 1
             return chunked()
         values = args[0]
         assert values is not None
@@ -598,16 +615,20 @@ class _FusedPasses:
             if not difference <= _FUSED_AGREEMENT * scale:  # NaN and inf fail too
                 self.failure = (f"the compiled projection pass {which + 1} differed from the chunked one by "
                                 f"{(difference / scale).item():.1e} (relative)")
+                self.fallbacks += 1
                 return expected
-            self.checked.add(key)
+            if scale > 0:  # a zero result (a zero gradient) agrees with any kernel that keeps zero: no check
+                self.checked.add(key)
         return out
 
 
-def _dynamo_disabled() -> bool:
-    """Whether torch.compile is switched off (``TORCHDYNAMO_DISABLE=1``): compiled functions then run eagerly."""
+def _compiler_runs_eagerly() -> bool:
+    """Whether torch.compile may run a function eagerly without an exception: switched off
+    (``TORCHDYNAMO_DISABLE=1``), or told to run eagerly where compiling fails (``TORCHDYNAMO_SUPPRESS_ERRORS=1``)."""
     import torch._dynamo
 
-    return bool(getattr(torch._dynamo.config, "disable", False))
+    config = torch._dynamo.config
+    return bool(getattr(config, "disable", False) or getattr(config, "suppress_errors", False))
 
 
 _FUSED = _FusedPasses()
@@ -616,6 +637,12 @@ _FUSED = _FusedPasses()
 def compiled_projection_failure() -> str | None:
     """Why this process stopped using the compiled projection passes (one line), or None."""
     return _FUSED.failure
+
+
+def compiled_projection_fallbacks() -> int:
+    """How many projection passes in this process took the chunked way where the compiled one applies (after
+    ``compiled_projection_failure``): a run compares the count before and after it."""
+    return _FUSED.fallbacks
 
 
 def quantize(values: torch.Tensor, storage: str, in_place: bool = False) -> Basis:
