@@ -629,6 +629,25 @@ def test_block_products_are_p_g_summed_per_block(dim: int) -> None:
     assert torch.allclose(got, values @ g, rtol=0, atol=1e-5)
 
 
+def test_the_compiled_passes_stop_before_the_recompile_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every new basis shape recompiles; past torch.compile's limit it would run the fused passes eagerly (the
+    whole basis widened). After _FUSED_SHAPES // 2 shapes the process takes the chunked passes and says why."""
+    monkeypatch.setattr(subspace, "_FUSED_SHAPES", 4)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: lambda *a: compiled.append(a[0].shape) or fn(*a))
+    fused = _fused_on_cpu(monkeypatch)
+    for dim in (4096 + 1, 4096 + 2, 4096 + 1, 4096 + 3):
+        basis = build_subspace(trajectory(3, dim), storage="int8").basis
+        g = torch.randn(dim, generator=torch.Generator().manual_seed(dim))
+        got = basis.project(g)
+        expected = _dequantized_projection(basis, g)
+        assert torch.linalg.vector_norm(got.double() - expected) <= 1e-6 * torch.linalg.vector_norm(expected)
+    assert [shape[1] for shape in compiled] == [4097, 4097, 4098, 4098, 4097, 4097]  # not the third shape
+    assert fused.failure == ("more than 2 basis shapes in one process (torch.compile would recompile past its "
+                             "limit and then run the fused passes eagerly)")
+    assert fused.fallbacks == 2  # both passes of the last projection
+
+
 def test_fused_passes_are_off_when_torch_compile_is_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     """TORCHDYNAMO_DISABLE=1 makes torch.compile run functions eagerly, and the eager fused passes widen the whole
     basis to float32: then they are not used."""

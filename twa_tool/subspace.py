@@ -112,6 +112,10 @@ _ACCELERATOR_CHUNK_ENTRIES = 1 << 25
 #: an H100: ~5e-7, mostly the chunked pass's own float32 rounding).
 _FUSED_AGREEMENT = 1e-5
 
+#: Distinct (pass, basis shape and format) compiled in one process, below torch.compile's recompile limit (8 per
+#: function), past which it runs a function eagerly: a run compiles 2 (one basis).
+_FUSED_SHAPES = 8
+
 #: Device types without float64 (MPS): there a projection's first pass sums in the gradient's dtype.
 _NO_FLOAT64 = ("mps",)
 
@@ -570,14 +574,16 @@ class _FusedPasses:
     chunked passes. They take float32 gradients only (they compute in float32; other dtypes' chunked passes compute
     in theirs). Off with ``TORCHDYNAMO_DISABLE=1`` or ``TORCHDYNAMO_SUPPRESS_ERRORS=1``: torch.compile would then
     run the fused functions eagerly (where compiling fails, for the second), widening the whole basis, so they are
-    not used at all. ``fallbacks`` counts the passes that took the chunked way where the compiled one applies
-    (after a failure), so that a run can tell whether the failure concerned it."""
+    not used at all, nor for more than ``_FUSED_SHAPES // 2`` basis shapes in one process (past torch.compile's
+    recompile limit it would run them eagerly too). ``fallbacks`` counts the passes that took the chunked way
+    where the compiled one applies (after a failure), so that a run can tell whether the failure concerned it."""
 
     devices = ("cuda",)
     min_dim = QUANT_BLOCK  # fewer columns: the chunked passes are one small product each
 
     def __init__(self) -> None:
         self.compiled: tuple[Callable, ...] | None = None
+        self.shapes: set[tuple] = set()  # (pass, basis shape, dtype, device, scaled) compiled for
         self.checked: set[tuple] = set()
         self.failure: str | None = None
         self.fallbacks = 0
@@ -595,6 +601,16 @@ class _FusedPasses:
             ) -> torch.Tensor:
         """Pass ``which`` (0: ``fused_coordinates``, 1: ``fused_combine``) of ``args``; ``chunked`` computes the
         same without the compiler."""
+        values = args[0]
+        assert values is not None
+        key = (which, tuple(values.shape), values.dtype, values.device, args[1] is not None)
+        if key not in self.shapes:
+            if len(self.shapes) >= _FUSED_SHAPES:
+                self.failure = (f"more than {_FUSED_SHAPES // 2} basis shapes in one process (torch.compile would "
+                                f"recompile past its limit and then run the fused passes eagerly)")
+                self.fallbacks += 1
+                return chunked()
+            self.shapes.add(key)
         try:
             if self.compiled is None:
                 self.compiled = (torch.compile(fused_coordinates), torch.compile(fused_combine))
@@ -605,9 +621,6 @@ class _FusedPasses:
             self.failure = "torch.compile failed: " + (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0]
             self.fallbacks += 1
             return chunked()
-        values = args[0]
-        assert values is not None
-        key = (which, tuple(values.shape), values.dtype, values.device, args[1] is not None)
         if key not in self.checked:
             expected = chunked()
             difference = torch.linalg.vector_norm(out.double() - expected.double())
