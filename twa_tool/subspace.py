@@ -453,7 +453,7 @@ class Basis:
             return self.values.T @ coefficients
         if _FUSED.applies(self, like):
             return _FUSED.run(1, (self.values, self.scales, coefficients),
-                              lambda: self._chunked_combine(coefficients, step)).to(like.dtype)
+                              lambda: self._chunked_combine(coefficients, step))
         return self._chunked_combine(coefficients, step)
 
     def _chunked_combine(self, coefficients: torch.Tensor, step: int | None) -> torch.Tensor:

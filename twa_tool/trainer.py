@@ -129,8 +129,9 @@ class FlatGrad:
 
 
 def project(basis: Basis, g: torch.Tensor) -> torch.Tensor:
-    """``P^T (P g)``: two passes over the basis (chunk by chunk for a bf16/int8 basis). A basis kept on
-    the CPU (it did not fit on the accelerator) projects a CPU copy of the gradient."""
+    """``P^T (P g)``: two passes over the basis (``Basis.project``: compiled kernels for a bf16/int8 basis on a
+    CUDA GPU, chunk by chunk elsewhere). A basis kept on the CPU (it did not fit on the accelerator) projects a
+    CPU copy of the gradient."""
     if basis.device != g.device:
         return basis.project(g.to(basis.device)).to(g.device)
     return basis.project(g)
