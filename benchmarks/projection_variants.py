@@ -4,10 +4,10 @@
     python benchmarks/projection_variants.py --device cpu --dim 200000 --sizes 32   # a quick check of the logic
 
 Rows: twa's ``Basis.project`` for float32/bf16/int8 storage (on a CUDA GPU: the passes torch.compile fuses);
-the same without torch.compile (bf16/int8 dequantized chunk by chunk); cuBLAS products, float32 and on bf16
-operands (float32 accumulation, the gradient rounded to bf16). Each row gives the time, the share of an SGD step
-(batch 128, float32, 32x32 and 224x224 inputs) and the error against the float64 projection onto the same
-stored rows. Prints one table; nothing is written.
+the same without torch.compile (bf16/int8 dequantized chunk by chunk); one product per pass (cuBLAS on a GPU),
+float32 and on bf16 operands (float32 accumulation, the gradient rounded to bf16). Each row gives the time, the
+share of an SGD step (batch 128, float32, 32x32 and 224x224 inputs) and the error against the float64
+projection onto the same stored rows. Prints one table; nothing is written.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def main() -> None:
     for storage in ("bf16", "int8"):
         rows.append((f"chunked (no compile), {storage}", chunked(lambda s=stores[storage]: s.project(g)),
                      stores[storage]))
-    rows.append(("cuBLAS gemv, float32", lambda: dense.T @ (dense @ g), stores["float32"]))
-    rows.append(("cuBLAS bf16 operands, bf16", lambda: native_bf16(stores["bf16"].values, g), stores["bf16"]))
+    rows.append(("one product per pass, float32", lambda: dense.T @ (dense @ g), stores["float32"]))
+    rows.append(("bf16 operands, bf16", lambda: native_bf16(stores["bf16"].values, g), stores["bf16"]))
     head = f"{'path':<30} {'time ms':>9} " + " ".join(f"{f'% step {s}':>11}" for s in args.sizes)
     print(head + f" {'rel. error':>11} {'first call s':>13}")
     for name, fn, stored in rows:
@@ -105,7 +105,8 @@ def main() -> None:
         shares = " ".join(f"{100 * seconds / steps[s]:>10.1f}%" for s in args.sizes)
         print(f"{name:<30} {seconds * 1e3:>9.2f} {shares} {error:>11.1e} {first:>13.1f}")
     failure = subspace._FUSED.failure
-    print(f"compiled passes: {'not compiled: ' + failure if failure else 'used where they apply (cuda)'}")
+    used = "used for the twa bf16/int8 rows" if device.type in subspace._FUSED.devices else "not used on this device"
+    print(f"compiled passes: {'not compiled: ' + failure if failure else used}")
     if args.profile and device.type == "cuda":
         for storage in ("float32", "int8"):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
