@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from twa_tool.demo import DemoTrainConfig, train_checkpoints
+from twa_tool.subspace import Basis
 
 TINY_ARGS = (("in_channels", "1"), ("num_classes", "10"), ("width", "4"))
 
@@ -45,6 +46,12 @@ def plain_pt_ckpts(demo_ckpts: Path, tmp_path_factory: pytest.TempPathFactory) -
     for path in demo_ckpts.glob("*.safetensors"):
         torch.save(load_file(path), out / (path.stem + ".pt"))
     return out
+
+
+def dequantized_projection(basis: Basis, g: torch.Tensor) -> torch.Tensor:
+    """The float64 projection of ``g`` onto a stored basis's own (dequantized) rows."""
+    dense = torch.cat([part for _, part in basis.column_chunks(torch.float64)], dim=1)
+    return dense.T @ (dense @ g.double())
 
 
 def model_flags() -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import model_flags, trajectory
+from conftest import dequantized_projection, model_flags, trajectory
 
 from twa_tool import subspace
 from twa_tool.cli import cli
@@ -19,13 +19,19 @@ from twa_tool.subspace import PROJECTION_TOLERANCE, Basis, build_subspace, quant
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiled_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own holder of the compiled projection passes: the process-wide one would carry an earlier
+    test's failure, or its count of basis shapes (capped per process), into the next test."""
+    monkeypatch.setattr(subspace, "_FUSED", subspace._FusedPasses())
+
+
 @pytest.mark.parametrize("storage", ["float32", "bf16", "int8"])
 def test_projection_on_the_gpu_matches_the_float64_reference(storage: str) -> None:
-    """P^T (P g) with the basis on the GPU (one product per pass for float32, ~32M-entry dequantized chunks for
-    bf16/int8) against the float64 projection onto the same stored rows, and onto the exact span."""
+    """P^T (P g) with the basis on the GPU (float32: per-block batched products; bf16/int8: the compiled passes)
+    against the float64 projection onto the same stored rows, and onto the exact span."""
     vectors = trajectory(20, 300_001)
     stored = build_subspace(vectors, storage=storage).basis
-    dense = torch.cat([part for _, part in stored.column_chunks(torch.float64)], dim=1)
     g = torch.randn(300_001, generator=torch.Generator().manual_seed(2))
     on_gpu = Basis(stored.values.cuda(), None if stored.scales is None else stored.scales.cuda())
     got = on_gpu.project(g.cuda())
@@ -33,7 +39,7 @@ def test_projection_on_the_gpu_matches_the_float64_reference(storage: str) -> No
     # the compiled passes sum each 4096-column block's float32 products in float64: 1.7e-7 on an H100 at
     # K=100, D=11.2M (cuBLAS's one float32 product over all columns: 1.2e-6)
     assert subspace._FUSED.failure is None
-    own = dense.T @ (dense @ g.double())
+    own = dequantized_projection(stored, g)
     error = torch.linalg.vector_norm(got.cpu().double() - own) / torch.linalg.vector_norm(own)
     assert error <= 1e-6, error
     exact = build_subspace(vectors, dtype=torch.float64)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from conftest import trajectory
+from conftest import dequantized_projection, trajectory
 
 from twa_tool import subspace
 from twa_tool.subspace import (
@@ -197,9 +197,8 @@ def test_int8_projection_of_a_float32_gradient_is_its_dequantized_rows(step: int
     """The CPU int8 projection scales the partial products and the coefficients, not every entry: it must equal
     P^T (P g) with P the dequantized rows, for float32 gradients (training's), ragged last blocks included."""
     low = build_subspace(trajectory(7, 4096 * 5 + 1000), storage="int8")
-    dense = torch.cat([part for _, part in low.basis.column_chunks(torch.float64)], dim=1)
-    g = torch.randn(dense.shape[1], generator=torch.Generator().manual_seed(2))
-    expected = dense.T @ (dense @ g.double())
+    g = torch.randn(low.basis.dim, generator=torch.Generator().manual_seed(2))
+    expected = dequantized_projection(low.basis, g)
     got = low.basis.project(g, step=step)
     assert got.dtype == torch.float32
     assert torch.linalg.vector_norm(got.double() - expected) <= 1e-6 * torch.linalg.vector_norm(expected)
@@ -517,11 +516,6 @@ def test_reused_chunk_buffer_gives_the_same_chunks(storage: str) -> None:
         assert torch.equal(a, b)
 
 
-def _dequantized_projection(basis: Basis, g: torch.Tensor) -> torch.Tensor:
-    dense = torch.cat([part for _, part in basis.column_chunks(torch.float64)], dim=1)
-    return dense.T @ (dense @ g.double())
-
-
 @pytest.mark.parametrize("storage", ["float32", "bf16", "int8"])
 @pytest.mark.parametrize("dim", [3 * 4096, 3 * 4096 + 1001])  # whole blocks only, and a shorter last block
 def test_fused_passes_are_the_projection_onto_the_stored_rows(storage: str, dim: int) -> None:
@@ -529,7 +523,7 @@ def test_fused_passes_are_the_projection_onto_the_stored_rows(storage: str, dim:
     folded in, equal to the float64 projection onto the dequantized rows."""
     basis = build_subspace(trajectory(9, dim), storage=storage).basis
     g = torch.randn(dim, generator=torch.Generator().manual_seed(3))
-    expected = _dequantized_projection(basis, g)
+    expected = dequantized_projection(basis, g)
     beta = subspace.fused_coordinates(basis.values, basis.scales, g)
     assert beta.dtype == torch.float64
     got = subspace.fused_combine(basis.values, basis.scales, beta)
@@ -640,7 +634,7 @@ def test_the_compiled_passes_stop_before_the_recompile_limit(monkeypatch: pytest
         basis = build_subspace(trajectory(3, dim), storage="int8").basis
         g = torch.randn(dim, generator=torch.Generator().manual_seed(dim))
         got = basis.project(g)
-        expected = _dequantized_projection(basis, g)
+        expected = dequantized_projection(basis, g)
         assert torch.linalg.vector_norm(got.double() - expected) <= 1e-6 * torch.linalg.vector_norm(expected)
     assert [shape[1] for shape in compiled] == [4097, 4097, 4098, 4098, 4097, 4097]  # not the third shape
     assert fused.failure == ("more than 2 basis shapes in one process (torch.compile would recompile past its "
@@ -670,7 +664,7 @@ def test_fused_passes_compile_and_match(monkeypatch: pytest.MonkeyPatch) -> None
     got = basis.project(g)
     if fused.failure is not None:
         pytest.skip(f"torch.compile does not work here: {fused.failure}")
-    expected = _dequantized_projection(basis, g)
+    expected = dequantized_projection(basis, g)
     assert torch.linalg.vector_norm(got.double() - expected) <= 1e-6 * torch.linalg.vector_norm(expected)
 
 
