@@ -221,7 +221,8 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every path (default: torch's)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="runs of every build path, interleaved (reference, twa..., reference, ...): the table "
+                        help="runs of every build path, interleaved, the order rotated each round (reference, twa...; "
+                             "twa..., reference; ...): the table "
                              "gives each path's median time and the ratio of the medians, and the range of the "
                              "per-round ratios (a shared machine's load swings single runs by up to 1.5x)")
     parser.add_argument("--device", default="cpu",
@@ -269,8 +270,8 @@ def main() -> None:
     for k in args.k:
         kinds = ["reference", *(f"twa-{storage}" for storage in args.storage)]
         runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
-        for _ in range(args.repeat):
-            for kind in kinds:
+        for round_ in range(args.repeat):  # the order rotates each round: no path always runs first
+            for kind in kinds[round_ % len(kinds):] + kinds[:round_ % len(kinds)]:
                 runs[kind].append(run_child(kind, args.dir, k))
         ref = refs[k] = median_run(runs["reference"])
         names = ["reference (numpy stack + float32 CGS)", *(f"twa, {storage} basis" for storage in args.storage)]
