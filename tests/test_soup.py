@@ -347,3 +347,33 @@ def test_directions_moved_to_a_device_keep_one_centre_without_a_base() -> None:
     assert moved.center.device.type == "meta" and moved.offset is moved.center
     separate = Directions(center, center.clone(), segments_of(model, names), 3).to(torch.device("meta"))
     assert separate.offset is not separate.center and separate.offset.device.type == "meta"
+
+
+def test_soup_plans_its_output_from_the_stored_dtypes(finetunes: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 fine-tunes give a bf16 soup (``--out-dtype auto``): the free-space check and the shard plan count
+    its bf16 bytes, not the float32 model's twice as many."""
+    from collections import namedtuple
+
+    from safetensors.torch import save_file
+
+    from twa_tool.writer import _SPACE_MARGIN
+
+    folder = tmp_path / "bf16"
+    folder.mkdir()
+    for source in sorted(finetunes.glob("ft-*.safetensors")):
+        state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in load_file(source).items()}
+        save_file(state, str(folder / source.name))
+    floating = [v for v in state.values() if v.is_floating_point()]
+    bf16_bytes = sum(v.numel() * v.element_size() for v in state.values())
+    float32_bytes = bf16_bytes + sum(v.numel() * 2 for v in floating)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("twa_tool.writer.shutil.disk_usage",
+                        lambda p: usage(0, 0, _SPACE_MARGIN + (bf16_bytes + float32_bytes) // 2))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, soup_args(folder, out, "--method", "uniform", "--epochs", "0",
+                                               "--max-shard-size", str(bf16_bytes + 64)))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json", "report.md"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.bfloat16}

@@ -101,8 +101,7 @@ from .writer import (
     StagedOutput,
     cast_state,
     check_output,
-    model_file_names,
-    plan_shards,
+    planned_model,
     prepare_output_dir,
     side_file_names,
     write_model,
@@ -796,11 +795,8 @@ def run_twa(config: AverageConfig, files: list[CheckpointFile], stream: Stream, 
 def planned_outputs(config: AverageConfig,
                     tensors: dict[str, tuple[tuple[int, ...], str]]) -> tuple[tuple[str, ...], int]:
     """Names of the files this run will write and their total size (from shapes and dtypes, no data read)."""
-    meta = {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, (shape, dtype) in tensors.items()}
-    cast = cast_state(meta, config.out_dtype)
-    shards = plan_shards(cast, config.max_shard_size)
-    size = sum(v.numel() * v.element_size() for v in cast.values())
-    return (*model_file_names(len(shards)), REPORT_FILE, HUMAN_REPORT_FILE, *PLOT_FILES), size
+    model_files, size = planned_model(tensors, config.out_dtype, config.max_shard_size)
+    return (*model_files, REPORT_FILE, HUMAN_REPORT_FILE, *PLOT_FILES), size
 
 
 def memory_estimate(model: nn.Module, k: int, ranks: int = 1, storage: str = "float32",

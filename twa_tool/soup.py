@@ -83,8 +83,7 @@ from .writer import (
     StagedOutput,
     cast_state,
     check_output,
-    model_file_names,
-    plan_shards,
+    planned_model,
     prepare_output_dir,
     side_file_names,
     write_model,
@@ -448,6 +447,7 @@ class Inputs:
     model_args: tuple[tuple[str, str], ...]
     model: nn.Module
     reader: Reader
+    stored: dict[str, tuple[tuple[int, ...], str]]  # the last ingredient's tensors (shape, dtype), from its header
     excluded: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -481,12 +481,13 @@ def find_inputs(config: SoupConfig) -> Inputs:
                               f"2 distinct fine-tunes (check --include/--exclude)")
     spec, model_args, model = build_run_model(config, files[0])
     reader = Reader.for_run(config, model)
-    notes, _ = validate_headers(files, model, reader, spec)
+    notes, headers = validate_headers(files, model, reader, spec)
     if base is not None:
         check_base(base, model, reader, spec)
     warnings = [f"{d.name}: {d.reason}; counted once" for d in chosen.dropped if d.alias_of is not None]
     warnings += notes
-    return Inputs(files, base, spec, model_args, model, reader, excluded, warnings)
+    return Inputs(files, base, spec, model_args, model, reader, dict(headers[files[-1].name].tensors), excluded,
+                  warnings)
 
 
 def check_base(base: CheckpointFile, model: nn.Module, reader: Reader, spec: str) -> None:
@@ -512,13 +513,11 @@ def same_data(a: str, b: str) -> bool:
     return key(a) == key(b)
 
 
-def output_names(config: SoupConfig, model: nn.Module, hf_source: Path | None = None) -> tuple[tuple[str, ...], int]:
-    """The files this run writes (with the copied config/tokenizer files of ``hf_source``) and the model's size."""
-    meta = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
-    cast = cast_state(meta, config.out_dtype)
-    shards = plan_shards(cast, config.max_shard_size)
-    return (*model_file_names(len(shards)), REPORT_FILE, HUMAN_REPORT_FILE, *side_file_names(hf_source)), sum(
-        v.numel() * v.element_size() for v in cast.values())
+def output_names(config: SoupConfig, inputs: Inputs, hf_source: Path | None = None) -> tuple[tuple[str, ...], int]:
+    """The files this run writes (with the copied config/tokenizer files of ``hf_source``) and the model's size:
+    the last ingredient's tensors as stored (the soup keeps their dtypes under ``--out-dtype auto``)."""
+    model_files, size = planned_model(inputs.stored, config.out_dtype, config.max_shard_size)
+    return (*model_files, REPORT_FILE, HUMAN_REPORT_FILE, *side_file_names(hf_source)), size
 
 
 def _loader(dataset: Dataset, config: SoupConfig, shuffle: bool, train_mode: bool = False) -> DataLoader:
@@ -602,7 +601,7 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     inputs = find_inputs(config)
     for message in inputs.warnings:
         on_event(Event("warning", message))
-    outputs, size = output_names(config, inputs.model, hf_folder(inputs.files[-1], config.finetunes_dir))
+    outputs, size = output_names(config, inputs, hf_folder(inputs.files[-1], config.finetunes_dir))
     sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
     check_output(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)  # before the data
     fit, heldout, eval_data, data_facts, notes = soup_data(config)

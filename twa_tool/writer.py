@@ -566,6 +566,16 @@ def model_file_names(shard_count: int) -> tuple[str, ...]:
     return tuple(f"model-{i:05d}-of-{shard_count:05d}.safetensors" for i in range(1, shard_count + 1)) + (INDEX_FILE,)
 
 
+def planned_model(tensors: Mapping[str, tuple[tuple[int, ...], str]], out_dtype: str,
+                  max_bytes: int | None) -> tuple[tuple[str, ...], int]:
+    """The model files ``write_model`` writes for tensors of these shapes and stored dtypes (a checkpoint's
+    header), after ``--out-dtype`` and ``--max-shard-size``, and their total size in bytes; no data read."""
+    meta = {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, (shape, dtype) in tensors.items()}
+    cast = cast_state(meta, out_dtype)
+    return (model_file_names(len(plan_shards(cast, max_bytes))),
+            sum(v.numel() * v.element_size() for v in cast.values()))
+
+
 @dataclass(frozen=True)
 class WrittenModel:
     files: tuple[tuple[str, str], ...]  # (path, sha256), the index last when sharded
