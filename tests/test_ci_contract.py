@@ -306,3 +306,52 @@ def test_an_output_beside_a_file_read_from_outside_the_input_folder_is_allowed(t
         check_output(finetunes, ("model.safetensors",), False, inputs, input_dir=finetunes)
     with pytest.raises(OutputError, match="is the checkpoint folder"):
         check_output(models, ("model.safetensors",), False, inputs)  # no input folder given: every input's
+
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+            "3.06 MiB is free. Including non-PyTorch memory, this process has 79.18 GiB memory in use.")
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("error, text", [
+    (torch.OutOfMemoryError(CUDA_OOM), "error: CUDA out of memory (GPU 0) allocating 2.00 GiB: lower --batch-size"),
+    (RuntimeError(CPU_OOM), "error: out of host memory allocating 4.00 GiB: store the basis as --basis-dtype int8"),
+    (MemoryError("Unable to allocate 72.8 TiB for an array with shape (10000000000000,) and data type float64"),
+     "error: out of host memory allocating 72.8 TiB: store the basis as --basis-dtype int8"),
+])
+def test_out_of_memory_is_exit_9_with_what_to_lower(demo_ckpts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    error: BaseException, text: str) -> None:
+    """Running out of memory was 'unexpected error' (exit 1: 'a bug, report it') with torch's message of several
+    sentences; it is the machine's limit, so a code of its own and the flags that lower what ran out."""
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr("twa_tool.pipeline.train_projected", fail)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the previous model")
+    result = invoke(demo_ckpts, *FAST, "--out", out, "--overwrite")
+    assert result.exit_code == 9, result.output
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == [errors[0]] and errors[0].startswith(text), result.stderr
+    assert "Traceback" not in result.output
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"the previous model"
+    verbose = invoke(demo_ckpts, *FAST, "--out", out, "--overwrite", "-v")
+    assert verbose.exit_code == 9 and "Traceback" in verbose.output  # -v still shows where it ran out
+
+
+def test_out_of_memory_fix_names_each_commands_flags() -> None:
+    from twa_tool.cli import MEMORY_FIX_ELSE, out_of_memory
+
+    soup = out_of_memory(torch.OutOfMemoryError("MPS backend out of memory (MPS allocated: 9 GB)"), "soup")
+    assert soup is not None and soup.exit_code == 9
+    assert str(soup) == "MPS backend out of memory: lower --batch-size or use --amp bf16"
+    assert "--exclude" in str(out_of_memory(MemoryError(), "soup"))
+    assert str(out_of_memory(MemoryError(), "inspect")) == f"out of host memory: {MEMORY_FIX_ELSE}"
+    mapping = OSError(12, "Cannot allocate memory")  # mmap of the basis under a memory limit (ulimit -v)
+    assert str(out_of_memory(mapping, "average")).startswith("out of host memory: store the basis as --basis-dtype")
+    assert out_of_memory(OSError(2, "No such file or directory"), "average") is None
+    assert out_of_memory(RuntimeError("shape mismatch"), "average") is None
+    assert out_of_memory(KeyboardInterrupt(), "average") is None

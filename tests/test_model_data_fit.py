@@ -279,3 +279,14 @@ def test_demo_builds_its_cnn_for_the_data(tmp_path: Path) -> None:
                                       *fast])
     assert result.exit_code == 4 and "class labels from 0 to 11" in result.stderr
     assert not (tmp_path / "many" / "ckpts").exists()
+
+
+def test_a_model_too_big_for_the_device_is_not_called_a_misfit() -> None:
+    """The one example through the model ran out of memory: that is the device's size (exit 9 at the CLI), not
+    inputs that 'do not fit --model' (exit 4)."""
+    class Greedy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB.")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        check_accepts(Greedy(), [(torch.randn(3, 16, 16), 4)], 10, "twa:cnn", "x")

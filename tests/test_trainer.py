@@ -176,6 +176,22 @@ def test_a_batch_that_cannot_be_read_is_a_data_error() -> None:
         evaluate(model, held_out, torch.device("cpu"))
 
 
+def test_a_batch_that_runs_out_of_memory_is_not_a_data_error() -> None:
+    """A batch too big for the machine is the run's size, not the data's fault: it reaches the CLI as itself
+    (exit 9, 'lower --batch-size'), not as 'reading a batch of --data failed' (exit 4, 'fix the example')."""
+    class Huge(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            if index == 5:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes.")
+            return torch.randn(6), index % 3
+
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        evaluate(TinyBN(), DataLoader(Huge(), batch_size=4), torch.device("cpu"))
+
+
 def test_a_label_outside_the_outputs_is_a_data_error_on_devices_where_cross_entropy_does_not_raise(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """On the CPU cross_entropy raises IndexError for a label >= C (or < 0, other than ignore_index -100); on CUDA

@@ -36,7 +36,15 @@ from .config import (
     parse_key_values,
     parse_range,
 )
-from .errors import CheckpointError, ConfigError, DistributedError, QualityGateFailed, TwaError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DistributedError,
+    OutOfMemory,
+    QualityGateFailed,
+    TwaError,
+    is_out_of_memory,
+)
 from .signals import signals_deferred
 
 if TYPE_CHECKING:  # torch loads inside the commands, where Ctrl-C and errors are handled
@@ -208,6 +216,40 @@ def _interrupted(word: str, err: BaseException, written: list[Path]) -> str:
     return f"[red]{word}[/red]: no partial output was left"
 
 
+# What a command that ran out of memory can lower: on the device, mostly the activations (a basis that does
+# not fit there stays in host memory); on the host, mostly the basis and the checkpoints.
+MEMORY_FIXES: dict[tuple[str, str], str] = {
+    ("average", "device"): "lower --batch-size or use --amp bf16",
+    ("average", "host"): "store the basis as --basis-dtype int8 (a quarter of float32) or bf16, select fewer "
+                         "checkpoints (e.g. --last N) or lower --batch-size; --dry-run prints the memory estimate",
+    ("soup", "device"): "lower --batch-size or use --amp bf16",
+    ("soup", "host"): "store the basis as --basis-dtype int8 (a quarter of float32) or bf16, use fewer "
+                      "ingredients (--exclude) or lower --batch-size",
+}
+MEMORY_FIX_ELSE = "free memory or run on a machine with more"
+
+
+def out_of_memory(err: BaseException, command: str | None) -> OutOfMemory | None:
+    """A memory failure (``is_out_of_memory``) as one line that says where and what to lower; None for any other
+    error."""
+    if not is_out_of_memory(err):
+        return None
+    text, torch = str(err), sys.modules.get("torch")
+    if torch is not None and isinstance(err, torch.OutOfMemoryError):  # "CUDA out of memory. Tried to ..."
+        where = "device"
+        backend = text.split(" out of memory")[0].strip() if " out of memory" in text else "device"
+        gpu = re.search(r"\bGPU (\d+)", text)
+        place = f"{backend} out of memory" + (f" (GPU {gpu[1]})" if gpu else "")
+    else:
+        where, place = "host", "out of host memory"
+    size = re.search(r"allocate (\d+(?:\.\d+)? ?(?:[KMGTP]i?B|bytes))", text, re.IGNORECASE)
+    amount = size[1] if size else None
+    if amount and amount.endswith("bytes"):
+        amount = f"{int(amount.split()[0]) / 2**30:.2f} GiB"
+    fix = MEMORY_FIXES.get((command or "", where), MEMORY_FIX_ELSE)
+    return OutOfMemory(f"{place}{f' allocating {amount}' if amount else ''}: {fix}")
+
+
 def run_reported(verbose: bool, console: Console, body: Callable[[], None], written: list[Path] | None = None) -> None:
     """Run a command body, mapping failures to one line and the documented exit code. ``written``: the body
     appends the output folder once its output is in place, so a late Ctrl-C is not reported as nothing written.
@@ -228,8 +270,12 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
             with signals_deferred():  # raised inside torch's C++ start-up, a signal aborts or is lost
                 import torch  # noqa: F401  (every command needs it; the heavy part of the start)
             body()
-        except BaseException:
+        except BaseException as err:
             final = _final_under_torchrun()
+            context = click.get_current_context(silent=True)
+            memory = out_of_memory(err, context.info_name if context else None)
+            if memory is not None:
+                raise memory from err
             raise
     except TwaError as err:
         if rank and err.exit_code == DistributedError.exit_code:

@@ -6,8 +6,10 @@ prints that one line (no traceback unless ``-v``) and exits with ``exit_code``.
 
 from __future__ import annotations
 
+import errno
 import glob
 import shlex
+import sys
 
 
 class TwaError(Exception):
@@ -80,6 +82,23 @@ class DistributedError(TwaError):
     """Another rank of a torchrun job failed, or the process group broke (a peer died or timed out)."""
 
     exit_code = 8
+
+
+class OutOfMemory(TwaError):
+    """The host or the device ran out of memory: not a bug, a run too big for the machine."""
+
+    exit_code = 9
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is the machine running out of memory: torch's ``OutOfMemoryError`` (a device), the
+    RuntimeError of torch's CPU allocator, a MemoryError (Python, numpy) or ENOMEM (a mapping). Handlers that
+    turn a failure of the data or the model into an input error let these through: the run was too big, the
+    input is not at fault."""
+    torch = sys.modules.get("torch")
+    return (isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
+            or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+            or (isinstance(err, OSError) and err.errno == errno.ENOMEM))
 
 
 def exclude_hint(name: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InputError, ModelError, one_line
+from .errors import CheckpointError, InputError, ModelError, is_out_of_memory, one_line
 from .usercode import run_file
 
 ModelArgs = tuple[tuple[str, str], ...]
@@ -233,6 +233,8 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
         with torch.no_grad():
             out = model(inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        if is_out_of_memory(err):  # the model did not fit the device: not the data's fault
+            raise
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         dtype = "" if inputs.dtype == torch.float32 else f", {inputs.dtype}"
         weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), inputs.dtype)

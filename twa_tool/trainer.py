@@ -21,7 +21,7 @@ from torch.optim.swa_utils import update_bn
 
 from .config import TrainConfig
 from .distributed import Dist, Shard, global_batchnorm, merge_bn_statistics
-from .errors import DataError, NumericalError, TwaError, one_line
+from .errors import DataError, NumericalError, TwaError, is_out_of_memory, one_line
 from .subspace import Basis
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +175,8 @@ class Batches:
         except TwaError:
             raise
         except Exception as err:
+            if is_out_of_memory(err):  # the batch did not fit: --batch-size, not the data, is at fault
+                raise
             raise DataError(f"reading a batch of {self.source} failed ({one_line(err)}); fix or remove the "
                             f"example it names, or the dataset's code") from err
 
