@@ -366,3 +366,13 @@ def test_what_user_code_prints_goes_to_stderr_and_json_stays_alone_on_stdout(dem
     assert json.loads(result.stdout)["metrics"]["twa"]["accuracy"] > 0  # one JSON document, nothing else
     assert "loud: imported" in result.stderr and "loud: building" in result.stderr
     assert "loud: example" in result.stderr
+
+
+def test_what_user_data_code_prints_in_the_demo_goes_to_stderr(tmp_path: Path) -> None:
+    """`twa demo --data file.py:function --json`, as `twa average`: stdout holds the JSON document alone."""
+    (tmp_path / "loud.py").write_text(LOUD_DATA)
+    result = CliRunner().invoke(cli, ["demo", "--data", f"{tmp_path / 'loud.py'}:splits", "--train-epochs", "1",
+                                      "--epochs", "0", "--threads", "1", "--out", str(tmp_path / "d"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["checkpoints"] == ["0.safetensors", "1.safetensors"]
+    assert "loud: imported" in result.stderr and "loud: example" in result.stderr

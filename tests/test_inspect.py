@@ -180,3 +180,16 @@ def test_inspect_table_in_a_log_is_not_squeezed_to_80_columns(demo_ckpts: Path, 
     monkeypatch.setenv("COLUMNS", "80")  # an explicit width still wins
     result = CliRunner().invoke(cli, ["inspect", str(folder)])
     assert max(len(line) for line in result.stderr.splitlines()) <= 80, result.stderr
+
+
+def test_inspect_names_a_bad_allow_global_as_average_does(plain_pt_ckpts: Path, tmp_path: Path) -> None:
+    """A flag that cannot be imported is a usage error (exit 2) naming the flag, not every pickle file listed as
+    unreadable with "replace them" (exit 4)."""
+    line = "error: --allow-global nodots: cannot import it"
+    average = invoke("average", plain_pt_ckpts, *model_flags(), "--data", "synthetic", "--allow-global", "nodots",
+                     "--out", tmp_path / "o")
+    assert average.exit_code == 2 and line in average.stderr
+    result = invoke("inspect", plain_pt_ckpts, "--allow-global", "nodots")
+    assert result.exit_code == 2, result.output
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(line), result.stderr

@@ -93,6 +93,7 @@ def test_top_k_by_metric(tmp_path: Path) -> None:
     ({"top_k": 2}, "--top-k needs --by METRIC and --mode"),
     ({"top_k": 2, "by": "loss"}, "--top-k needs --by METRIC and --mode"),
     ({"by": "loss"}, "--by needs --top-k"),
+    ({"mode": "max"}, "--mode max needs --top-k"),
     ({"every": 0}, "--every 0: must be a positive number"),
 ])
 def test_selection_flag_errors(kwargs: dict, text: str) -> None:

@@ -302,6 +302,32 @@ def test_a_save_pretrained_base_folder_inside_the_folder_is_not_an_ingredient(in
     assert report["coefficients"]["uniform"] == [1 / 3] * 3
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_base_folder_that_is_the_output_folder_is_never_overwritten(sharded: bool, ingredients: Path,
+                                                                      demo_ckpts: Path, tmp_path: Path) -> None:
+    """`--base models/pretrained --out models/pretrained --overwrite`: the base's weight file (or its index and
+    shards) is an input, so the run is refused (exit 7) as for a --base file, not written over (or, sharded,
+    removed as an earlier output and replaced by the soup)."""
+    base = tmp_path / "pretrained"
+    base.mkdir()
+    state = load_file(demo_ckpts / "0.safetensors")
+    if sharded:  # save_pretrained's layout: an index naming two shards
+        keys = sorted(state)
+        parts = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+        for name, part in parts.items():
+            save_file({k: state[k] for k in part}, str(base / name))
+        index = {"metadata": {}, "weight_map": {k: name for name, part in parts.items() for k in part}}
+        (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        save_file(state, str(base / "model.safetensors"))
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    result = soup(ingredients, base, "--base", str(base), "--overwrite", "--method", "uniform", "--epochs", "0")
+    assert result.exit_code == 7, result.output
+    verb = "remove (as an earlier run's output)" if sharded else "overwrite"
+    assert f"writing there would {verb} the input" in result.stderr and "Traceback" not in result.output
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
 @pytest.mark.parametrize("how, reason", [("hard link", "the --base model (hard link to the same file)"),
                                          ("copy", "the --base model (byte-identical copy)")])
 def test_a_link_or_copy_of_the_base_in_the_folder_is_not_an_ingredient(how: str, reason: str, ingredients: Path,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .checkpoints import CheckpointFile, HeaderInfo, HeaderMemo, discover, folder_weight_files, read_header
 from .config import Selection
-from .errors import TwaError
+from .errors import ConfigError, TwaError
 from .selection import mixed_dtypes, order_conflict, select
 
 
@@ -70,6 +70,8 @@ class Catalog:
 def _header(entry: CheckpointFile, options: dict) -> tuple[HeaderInfo | None, str | None]:
     try:
         return read_header(entry.path, **options), None
+    except ConfigError:  # a flag's fault (--allow-global), not the file's: a usage error, as in `twa average`
+        raise
     except TwaError as err:
         return None, str(err)
 

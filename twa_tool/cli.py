@@ -770,29 +770,30 @@ def demo(out_dir: Path, data: str, data_root: Path | None, download: bool, train
         from .writer import MODEL_FILE, check_output
 
         set_threads(threads)
-        train_config = DemoTrainConfig(out_dir=out_dir / "ckpts", data=data, data_root=data_root, download=download,
-                                       epochs=train_epochs, seed=seed, overwrite=overwrite)
-        # every flag of both steps is checked before training, so a typo costs no run and leaves no ckpts/
-        config = AverageConfig(checkpoint_dir=train_config.out_dir, out_dir=out_dir / "twa", data=data,
-                               data_root=data_root, train=TrainConfig(lr=lr, epochs=epochs), seed=seed,
-                               overwrite=overwrite, out_dtype=out_dtype,
-                               max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
-        check_output(config.out_dir, (MODEL_FILE, "report.json"), overwrite)
-        console.print(f"training {train_config.model} on {data} for {train_epochs} epochs "
-                      f"-> {train_config.out_dir}", markup=False)
-        created = missing_folders(train_config.out_dir, config.out_dir)
-        checkpoints = train_checkpoints(train_config, on_epoch=lambda e, loss: console.print(
-            f"  epoch {e}: train loss {loss:.4f}"))
-        console.print(f"twa average {config.checkpoint_dir} --data {data} --epochs {epochs} --out {config.out_dir}",
-                      markup=False)
-        try:
-            with ProgressSink(console) as sink:
-                result = run_average(config, on_event=sink)
-                written.append(config.out_dir)
-        except BaseException as err:  # a failed or interrupted demo leaves nothing: the rerun starts clean
-            if getattr(err, "twa_output_complete", None) is None:  # (unless its output is already whole)
-                remove_partial(checkpoints, created)
-            raise
+        with user_prints_to_stderr():  # what --data code prints: stdout holds the --json document alone
+            train_config = DemoTrainConfig(out_dir=out_dir / "ckpts", data=data, data_root=data_root, download=download,
+                                           epochs=train_epochs, seed=seed, overwrite=overwrite)
+            # every flag of both steps is checked before training, so a typo costs no run and leaves no ckpts/
+            config = AverageConfig(checkpoint_dir=train_config.out_dir, out_dir=out_dir / "twa", data=data,
+                                   data_root=data_root, train=TrainConfig(lr=lr, epochs=epochs), seed=seed,
+                                   overwrite=overwrite, out_dtype=out_dtype,
+                                   max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
+            check_output(config.out_dir, (MODEL_FILE, "report.json"), overwrite)
+            console.print(f"training {train_config.model} on {data} for {train_epochs} epochs "
+                          f"-> {train_config.out_dir}", markup=False)
+            created = missing_folders(train_config.out_dir, config.out_dir)
+            checkpoints = train_checkpoints(train_config, on_epoch=lambda e, loss: console.print(
+                f"  epoch {e}: train loss {loss:.4f}"))
+            console.print(f"twa average {config.checkpoint_dir} --data {data} --epochs {epochs} --out {config.out_dir}",
+                          markup=False)
+            try:
+                with ProgressSink(console) as sink:
+                    result = run_average(config, on_event=sink)
+                    written.append(config.out_dir)
+            except BaseException as err:  # a failed or interrupted demo leaves nothing: the rerun starts clean
+                if getattr(err, "twa_output_complete", None) is None:  # (unless its output is already whole)
+                    remove_partial(checkpoints, created)
+                raise
         emit(result.report, as_json, console, render_average)
 
     run_reported(verbose, console, body, written)

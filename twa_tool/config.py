@@ -43,6 +43,8 @@ class Selection:
             raise ConfigError("--top-k needs --by METRIC and --mode min|max (min for a loss, max for an accuracy)")
         if self.top_k is None and self.by is not None:
             raise ConfigError("--by needs --top-k K")
+        if self.top_k is None and self.mode is not None:
+            raise ConfigError(f"--mode {self.mode} needs --top-k K and --by METRIC")
 
     def apply(self, items: list) -> list:
         chosen = items[self.start:self.stop]

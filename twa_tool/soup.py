@@ -37,7 +37,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from .checkpoints import CheckpointFile, discover, no_checkpoints, raise_if_refused, sha256_file, weights_path
+from .checkpoints import (
+    CheckpointFile,
+    discover,
+    folder_weight_files,
+    no_checkpoints,
+    raise_if_refused,
+    sha256_file,
+    weights_path,
+)
 from .config import CoefficientTrainConfig, Selection, SoupConfig
 from .data import DataSplits, build_data, for_workers, registry_name, split_holdout
 from .errors import CheckpointError, NumericalError, TwaError
@@ -602,7 +610,10 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     for message in inputs.warnings:
         on_event(Event("warning", message))
     outputs, size = output_names(config, inputs, hf_folder(inputs.files[-1], config.finetunes_dir))
-    sources = tuple(f.path for f in inputs.files) + ((inputs.base.path,) if inputs.base else ())
+    base = inputs.base.path if inputs.base else None
+    # a --base folder is read through its weight files (or index and shards): those are inputs, never overwritten
+    sources = tuple(f.path for f in inputs.files) + \
+        ((base, *(folder_weight_files(base) if base.is_dir() else ())) if base else ())
     check_output(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)  # before the data
     fit, heldout, eval_data, data_facts, notes = soup_data(config)
     for message in notes:
