@@ -52,6 +52,10 @@ def test_bad_specs_name_the_problem(spec: str, text: str) -> None:
 def test_bad_model_arg_is_a_model_error() -> None:
     with pytest.raises(ModelError, match="bad --model-arg"):
         build_model("twa:cnn", (("colour", "red"),))
+    # a value of the wrong type gave only the constructor's own words ('not all arguments converted during
+    # string formatting'); the arguments as they were read show which one is not what the model takes
+    with pytest.raises(ModelError, match=r"bad --model-arg \(.*\); read as: num_classes=10, width='abc'$"):
+        build_model("twa:cnn", (("num_classes", "10"), ("width", "abc")))
 
 
 def test_parse_value_and_metadata_spec() -> None:

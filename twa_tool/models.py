@@ -139,8 +139,9 @@ def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
             model = fn(**kwargs)
     except ModelError:
         raise
-    except TypeError as err:
-        raise ModelError(f"--model {spec}: bad --model-arg ({err})") from None
+    except TypeError as err:  # a name the constructor lacks, or a value of the wrong type ("width=abc")
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "none"
+        raise ModelError(f"--model {spec}: bad --model-arg ({err}); read as: {given}") from None
     except (Exception, SystemExit) as err:  # user or library code: e.g. num_classes=-1, a raise or sys.exit
         reason = (str(err).strip().splitlines() or [""])[0]
         raise ModelError(f"--model {spec}: building the model failed ({type(err).__name__}: {reason}); check "
