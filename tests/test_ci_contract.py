@@ -355,3 +355,22 @@ def test_out_of_memory_fix_names_each_commands_flags() -> None:
     assert out_of_memory(OSError(2, "No such file or directory"), "average") is None
     assert out_of_memory(RuntimeError("shape mismatch"), "average") is None
     assert out_of_memory(KeyboardInterrupt(), "average") is None
+
+
+@pytest.mark.parametrize("extra, text", [
+    (["--tolerance", "0.01"], "--tolerance 0.01 has no effect without --fail-if-worse-than BASELINE"),
+    (["--on-worse", "fallback"], "--on-worse fallback has no effect without --fail-if-worse-than BASELINE"),
+    (["--holdout-fraction", "0.2"], "--holdout-fraction 0.2 has no effect without --fit-on holdout"),
+])
+def test_a_flag_typed_without_the_one_it_acts_beside_is_a_usage_error(demo_ckpts: Path, tmp_path: Path,
+                                                                        extra: list[str], text: str) -> None:
+    """Each of these was ignored without a word: a CI step that typed --tolerance but forgot the gate ran ungated."""
+    result = invoke(demo_ckpts, *FAST, *extra, "--out", tmp_path / "o", "--dry-run")
+    assert result.exit_code == 2 and f"error: {text}: add it, or drop" in result.stderr, result.output
+    assert not (tmp_path / "o").exists()
+    with_gate = invoke(demo_ckpts, *FAST, *extra, "--fail-if-worse-than", "swa", "--fit-on", "holdout",
+                       "--out", tmp_path / "o", "--dry-run")
+    assert with_gate.exit_code == 0, with_gate.output
+    from_environment = invoke(demo_ckpts, *FAST, "--out", tmp_path / "o", "--dry-run",
+                              env={"TWA_AVERAGE_TOLERANCE": "0.01", "TWA_AVERAGE_HOLDOUT_FRACTION": "0.2"})
+    assert from_environment.exit_code == 0, from_environment.output  # a CI file's defaults for every run

@@ -306,6 +306,7 @@ def test_soup_layer_granularity_int8_and_holdout_spec(finetunes: Path, tmp_path:
     (["--holdout-fraction", "1.5"], 2, "--holdout-fraction 1.5"),
     (["--holdout", "synthetic", "--holdout-fraction", "0.3"], 2,
      "--holdout-fraction 0.3 has no effect with --holdout"),
+    (["--momentum", "0.5"], 2, "--momentum 0.5 has no effect without --optimizer sgd: add it, or drop --momentum"),
 ])
 def test_soup_bad_input_one_line(finetunes: Path, tmp_path: Path, extra: list[str], code: int, text: str) -> None:
     result = CliRunner().invoke(cli, soup_args(finetunes, tmp_path / "out", *extra))

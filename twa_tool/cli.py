@@ -185,6 +185,30 @@ def torchrun_rank() -> int:
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
+# Flags that only act beside another: (parameter, flag, whether the run uses it, what it needs). Typed on the
+# command line without what it needs, the flag would be ignored without a word: a usage error instead (from a
+# TWA_* variable, set for every run of a CI file, it stays ignored).
+DependentFlag = tuple[str, str, Callable[[Any], bool], str]
+AVERAGE_DEPENDENT_FLAGS: tuple[DependentFlag, ...] = (
+    ("tolerance", "--tolerance", lambda c: c.fail_if_worse_than is not None, "--fail-if-worse-than BASELINE"),
+    ("on_worse", "--on-worse", lambda c: c.fail_if_worse_than is not None, "--fail-if-worse-than BASELINE"),
+    ("holdout_fraction", "--holdout-fraction", lambda c: c.fit_on == "holdout", "--fit-on holdout"),
+)
+SOUP_DEPENDENT_FLAGS: tuple[DependentFlag, ...] = (
+    ("momentum", "--momentum", lambda c: c.train.optimizer == "sgd", "--optimizer sgd"),
+)
+
+
+def check_dependent_flags(config: Any, flags: tuple[DependentFlag, ...]) -> None:
+    """Refuse a flag typed without the one it acts beside (``AVERAGE_DEPENDENT_FLAGS``)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    for name, flag, used, needs in flags:
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE and not used(config):
+            raise ConfigError(f"{flag} {ctx.params[name]} has no effect without {needs}: add it, or drop {flag}")
+
+
 def single_process_only(command: str) -> None:
     """``twa soup`` and ``twa demo`` run on one process: under torchrun every rank would run the whole job, print
     it and write the same output folder, so they refuse (only ``twa average`` shares its work between ranks)."""
@@ -584,6 +608,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
             fail_if_worse_than=fail_if_worse_than, tolerance=tolerance, on_worse=on_worse, dry_run=dry_run,
             dist_timeout=dist_timeout, faults=faults)
+        check_dependent_flags(config, AVERAGE_DEPENDENT_FLAGS)
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
         with process_group(device, config.dist_timeout) as dist, ProgressSink(console) as sink, \
@@ -726,6 +751,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
             overwrite=overwrite, weights=weights, strip_prefix=strip_prefix, trust_pickle=trust_pickle,
             allow_globals=allow_globals, out_dtype=out_dtype,
             max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
+        check_dependent_flags(config, SOUP_DEPENDENT_FLAGS)
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
         with ProgressSink(console) as sink, user_prints_to_stderr():
