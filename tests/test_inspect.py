@@ -193,3 +193,30 @@ def test_inspect_names_a_bad_allow_global_as_average_does(plain_pt_ckpts: Path, 
     assert result.exit_code == 2, result.output
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(line), result.stderr
+
+
+def test_inspect_lists_a_symlink_to_nothing_then_exits_4(demo_ckpts: Path, tmp_path: Path) -> None:
+    """A dangling link failed `twa inspect` before its table or JSON (stdout empty under --json, so a CI pre-check
+    had nothing to parse); now it is a row with its error, and the exit is still 4, as `twa average` refuses."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for name in ("0.safetensors", "1.safetensors", "2.safetensors"):
+        (folder / name).write_bytes((demo_ckpts / name).read_bytes())
+    (folder / "3.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    line = f"{folder / '3.safetensors'}: a symlink to {tmp_path / 'gone.safetensors'}, which does not exist"
+    average = invoke("average", folder, *model_flags(), "--data", "synthetic", "--out", tmp_path / "o", "--dry-run")
+    assert average.exit_code == 4 and line in average.stderr
+    result = invoke("inspect", folder, "--json")
+    assert result.exit_code == 4, result.output
+    listing = json.loads(result.stdout)
+    assert [c["name"] for c in listing["checkpoints"]] == ["0.safetensors", "1.safetensors", "2.safetensors",
+                                                           "3.safetensors"]
+    assert listing["checkpoints"][-1]["error"].startswith(line) and listing["checkpoints"][0]["error"] is None
+    assert "1 of the 4 selected checkpoints cannot be read" in result.stderr and line in result.stderr
+    excluded = invoke("inspect", folder, "--exclude", "3.safetensors", "--json")
+    assert excluded.exit_code == 0, excluded.output  # as `twa average --exclude 3.safetensors` runs
+    listing = json.loads(excluded.stdout)
+    assert len(listing["checkpoints"]) == 3
+    assert [(c["name"], c["status"]) for c in listing["not_selected"]] == [("3.safetensors", "matched by --exclude")]
+    last = invoke("inspect", folder, "--last", "2", "--json")  # average refuses whatever --last picks
+    assert last.exit_code == 4 and json.loads(last.stdout)["checkpoints"][-1]["name"] == "3.safetensors"

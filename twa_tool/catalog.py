@@ -8,7 +8,7 @@ from pathlib import Path
 from .checkpoints import CheckpointFile, HeaderInfo, HeaderMemo, discover, folder_weight_files, read_header
 from .config import Selection
 from .errors import ConfigError, TwaError
-from .selection import mixed_dtypes, order_conflict, select
+from .selection import filtered_out, missing_target, mixed_dtypes, order_conflict, select
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,18 @@ def inspect_directory(directory: Path, selection: Selection, weights: str = "raw
     files = discover(directory)
     options = {"weights": weights, "strip_prefix": strip_prefix, "trust_pickle": trust_pickle,
                "allow_globals": allow_globals, "memo": HeaderMemo()}
-    headers = {f.name: _header(f, options) for f in files}
+    # a symlink to nothing: listed with its error (selected where --include/--exclude keep it, so the exit is 4,
+    # as `twa average` refuses the folder), the others selected as if it were not there
+    missing = {f.name: message for f in files if (message := missing_target(f))}
+    headers = {f.name: (None, missing[f.name]) if f.name in missing else _header(f, options) for f in files}
 
     def metric_of(entry: CheckpointFile) -> float | None:
         header = headers[entry.name][0]
         return header.metrics.get(selection.by) if header is not None and selection.by else None
 
-    chosen = select(files, selection, metric_of if selection.by else None)
-    reasons = {d.name: d.reason for d in chosen.dropped}
-    selected_names = {f.name for f in chosen.files}
+    chosen = select([f for f in files if f.name not in missing], selection, metric_of if selection.by else None)
+    reasons = {d.name: d.reason for d in chosen.dropped} | {n: filtered_out(n, selection) for n in missing}
+    selected_names = {f.name for f in chosen.files} | {n for n in missing if reasons[n] is None}
     entries = {f.name: Entry(name=f.name, path=str(f.path), header=headers[f.name][0],
                              status="selected" if f.name in selected_names else reasons.get(f.name, "not selected"),
                              error=headers[f.name][1]) for f in files}
@@ -104,6 +107,6 @@ def inspect_directory(directory: Path, selection: Selection, weights: str = "raw
              or order_conflict(readable, [found[n].epoch for n in readable], "epoch"),
              mixed_dtypes({n: found[n].tensors for n in readable})]
     too_few = chosen.too_few(directory, len(files)) if files else None  # what `twa average` would refuse
-    return Catalog(directory=directory, selected=tuple(entries[f.name] for f in chosen.files),
+    return Catalog(directory=directory, selected=tuple(entries[f.name] for f in files if f.name in selected_names),
                    others=tuple(e for e in entries.values() if e.status != "selected"), ignored=tuple(ignored),
                    warnings=tuple(n for n in notes if n), refusal=str(too_few) if too_few else None)

@@ -69,6 +69,14 @@ def _full_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def missing_target(entry: CheckpointFile) -> str | None:
+    """Why ``entry`` cannot be read at all (a symlink to nothing), with the fix; None when its file exists."""
+    if entry.path.resolve().exists():
+        return None
+    what = f"a symlink to {os.readlink(entry.path)}, which" if entry.path.is_symlink() else "it"
+    return f"{entry.path}: {what} does not exist; remove the link or pass {exclude_hint(entry.name)}"
+
+
 def find_aliases(files: list[CheckpointFile]) -> dict[str, tuple[str, str]]:
     """Map each alias name to (name it duplicates, how): symlink/same path, hard link, identical bytes, or the
     same torch save under another file name (``torch.save`` names its archive folder after the file)."""
@@ -80,11 +88,10 @@ def find_aliases(files: list[CheckpointFile]) -> dict[str, tuple[str, str]]:
     by_contents: dict[tuple, list[CheckpointFile]] = {}
     digests: dict[Path, str | None] = {}
     for entry in files:
+        missing = missing_target(entry)
+        if missing:
+            raise CheckpointError(missing)
         real = entry.path.resolve()
-        if not real.exists():
-            what = f"a symlink to {os.readlink(entry.path)}, which" if entry.path.is_symlink() else "it"
-            raise CheckpointError(f"{entry.path}: {what} does not exist; remove the link or pass "
-                                  f"{exclude_hint(entry.name)}")
         stat = real.stat()
         if real in by_real:
             aliases[entry.name] = (by_real[real], "symlink to the same file")
@@ -157,16 +164,24 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
+def filtered_out(name: str, selection: Selection) -> str | None:
+    """Why ``--include``/``--exclude`` leave ``name`` out, or None when they keep it."""
+    if selection.include and not _matches(name, selection.include):
+        return "not matched by --include"
+    if _matches(name, selection.exclude):
+        return "matched by --exclude"
+    return None
+
+
 def select(files: list[CheckpointFile], selection: Selection,
            metric_of: Callable[[CheckpointFile], float | None] | None = None) -> Chosen:
     """Apply the selection to discovered files (already in numeric order)."""
     dropped: list[Dropped] = []
     kept = []
     for entry in files:
-        if selection.include and not _matches(entry.name, selection.include):
-            dropped.append(Dropped(entry.name, "not matched by --include"))
-        elif _matches(entry.name, selection.exclude):
-            dropped.append(Dropped(entry.name, "matched by --exclude"))
+        reason = filtered_out(entry.name, selection)
+        if reason:
+            dropped.append(Dropped(entry.name, reason))
         else:
             kept.append(entry)
     aliases = find_aliases(kept)
