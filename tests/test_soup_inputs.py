@@ -443,3 +443,32 @@ def test_hugging_face_fine_tunes_get_their_config_and_tokenizer_files_copied(ing
         (out / name).unlink()
     result = soup(folder, out, "--method", "uniform")  # the copied files are outputs: refused without --overwrite
     assert result.exit_code == 7 and "config.json already exists" in result.stderr, result.output
+
+
+def test_ema_fine_tunes_on_a_base_with_one_set_of_weights(demo_ckpts: Path, tmp_path: Path) -> None:
+    """`--weights ema` was applied to `--base` too: a released pretrained file (safetensors) holds no EMA copy, so
+    every soup of EMA fine-tunes with a base failed (exit 4, 'use --weights raw', which would mix raw fine-tunes
+    in). The base's one set of weights is now the base, said in a warning; the ingredients stay EMA."""
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    emas = []
+    for epoch in range(1, 4):
+        raw = load_file(demo_ckpts / f"{epoch}.safetensors")
+        ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in raw.items()}
+        emas.append(ema)
+        torch.save({"epoch": epoch, "arch": "cnn", "state_dict": raw, "state_dict_ema": ema},
+                   folder / f"checkpoint-{epoch}.pth.tar")
+    base = tmp_path / "pretrained.safetensors"
+    save_file(load_file(demo_ckpts / "0.safetensors"), str(base))
+    result = soup(folder, tmp_path / "out", "--weights", "ema", "--base", str(base), "--method", "uniform",
+                  "--epochs", "0", "--json")
+    assert result.exit_code == 0, result.output
+    assert f"--base {base}: holds no EMA copy" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["base"] == str(base) and any("holds no EMA copy" in w for w in report["warnings"])
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    for key in ("features.0.weight", "head.weight"):  # the EMA copies' mean, not the raw weights'
+        assert torch.allclose(written[key], sum(e[key].double() for e in emas).float() / 3, atol=1e-6), key
+    raw_fine_tunes = soup(folder, tmp_path / "raw", "--weights", "raw", "--base", str(base), "--method", "uniform",
+                          "--epochs", "0")
+    assert raw_fine_tunes.exit_code == 0 and "holds no EMA copy" not in raw_fine_tunes.stderr

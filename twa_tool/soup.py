@@ -29,7 +29,7 @@ import platform
 import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .checkpoints import (
     CheckpointFile,
+    HeaderMemo,
     discover,
     folder_weight_files,
     no_checkpoints,
@@ -458,6 +459,7 @@ class Inputs:
     stored: dict[str, tuple[tuple[int, ...], str]]  # the last ingredient's tensors (shape, dtype), from its header
     excluded: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    base_reader: Reader | None = None  # the reader of --base (``reader_for_base``)
 
 
 def find_inputs(config: SoupConfig) -> Inputs:
@@ -490,12 +492,30 @@ def find_inputs(config: SoupConfig) -> Inputs:
     spec, model_args, model = build_run_model(config, files[0])
     reader = Reader.for_run(config, model)
     notes, headers = validate_headers(files, model, reader, spec)
-    if base is not None:
-        check_base(base, model, reader, spec)
+    base_reader, base_note = reader_for_base(base, model, reader, spec) if base is not None else (None, None)
     warnings = [f"{d.name}: {d.reason}; counted once" for d in chosen.dropped if d.alias_of is not None]
-    warnings += notes
+    warnings += notes + ([base_note] if base_note else [])
     return Inputs(files, base, spec, model_args, model, reader, dict(headers[files[-1].name].tensors), excluded,
-                  warnings)
+                  warnings, base_reader)
+
+
+def reader_for_base(base: CheckpointFile, model: nn.Module, reader: Reader, spec: str) -> tuple[Reader, str | None]:
+    """The reader of ``--base`` (checked against the model) and a note when it is not the run's: with
+    ``--weights ema``, a base that holds one set of weights (a released pretrained file: safetensors, a plain
+    state dict) is read as that set, since the fine-tunes' EMA copies have no counterpart in it."""
+    try:
+        check_base(base, model, reader, spec)
+        return reader, None
+    except CheckpointError as err:
+        if reader.weights != "ema":
+            raise
+        raw = replace(reader, weights="raw", headers=HeaderMemo())
+        try:
+            check_base(base, model, raw, spec)
+        except CheckpointError:
+            raise err from None
+        return raw, (f"--base {base.path}: holds no EMA copy; its one set of weights is the base of the fine-tunes' "
+                     f"EMA weights (--weights ema)")
 
 
 def check_base(base: CheckpointFile, model: nn.Module, reader: Reader, spec: str) -> None:
@@ -643,7 +663,7 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
                             config.finetunes_dir):  # --out locked for this run; a failed run leaves no empty --out
         clock = time.perf_counter()
         uniform, center, digests = read_uniform(inputs, names, on_event)
-        origin = flatten(_load(inputs, inputs.base), names, torch.float32) if inputs.base else None
+        origin = flatten(_load(inputs, inputs.base, inputs.base_reader), names, torch.float32) if inputs.base else None
         directions = Directions(center, center - origin if origin is not None else center,
                                 segments_of(inputs.model, names), len(inputs.files), config.basis_dtype)
         timings["uniform_s"] = time.perf_counter() - clock
@@ -769,9 +789,10 @@ def soup_report(config: SoupConfig, inputs: Inputs, metrics: dict, greedy: Greed
     }
 
 
-def _load(inputs: Inputs, entry: CheckpointFile) -> State:
-    """One checkpoint through the safe reader, checked against the model and for finite values."""
-    state = inputs.reader.load(entry.path)
+def _load(inputs: Inputs, entry: CheckpointFile, reader: Reader | None = None) -> State:
+    """One checkpoint through the safe reader (the run's unless given), checked against the model and for
+    finite values."""
+    state = (reader or inputs.reader).load(entry.path)
     check_compatible(inputs.model, state, str(entry.path))
     is_base = inputs.base is not None and entry.path == inputs.base.path
     _check_finite(state, str(entry.path), "pass a finite pretrained model as --base" if is_base else None)
