@@ -472,3 +472,31 @@ def test_ema_fine_tunes_on_a_base_with_one_set_of_weights(demo_ckpts: Path, tmp_
     raw_fine_tunes = soup(folder, tmp_path / "raw", "--weights", "raw", "--base", str(base), "--method", "uniform",
                           "--epochs", "0")
     assert raw_fine_tunes.exit_code == 0 and "holds no EMA copy" not in raw_fine_tunes.stderr
+
+
+def test_strip_prefix_of_the_fine_tunes_and_a_base_without_it(demo_ckpts: Path, tmp_path: Path) -> None:
+    """`--strip-prefix model.` (Lightning fine-tunes) was applied to a `--base` saved without the prefix: its keys
+    then matched nothing (exit 4). The base is now matched to the model as it is, with a warning."""
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    for epoch in range(1, 4):
+        state = load_file(demo_ckpts / f"{epoch}.safetensors")
+        torch.save({"epoch": epoch, "global_step": 16 * epoch, "pytorch-lightning_version": "2.5.0",
+                    "state_dict": {f"model.{k}": v for k, v in state.items()}},
+                   folder / f"epoch={epoch}-step={16 * epoch}.ckpt")
+    base = tmp_path / "pretrained.safetensors"
+    save_file(load_file(demo_ckpts / "0.safetensors"), str(base))
+    result = soup(folder, tmp_path / "out", "--strip-prefix", "model.", "--base", str(base), "--method", "uniform",
+                  "--epochs", "0")
+    assert result.exit_code == 0, result.output
+    assert f"--base {base}: its keys do not start with model., matched to the model as they are" in result.stderr
+    prefixed = tmp_path / "prefixed.safetensors"  # a base with the prefix is read with the flag, no warning
+    save_file({f"model.{k}": v for k, v in load_file(base).items()}, str(prefixed))
+    same = soup(folder, tmp_path / "out2", "--strip-prefix", "model.", "--base", str(prefixed), "--method", "uniform",
+                "--epochs", "0")
+    assert same.exit_code == 0 and "--base" not in same.stderr, same.output
+    wrong = tmp_path / "wrong.safetensors"  # a base that fits no way still names --base and the fix
+    save_file({"other.weight": torch.zeros(2)}, str(wrong))
+    refused = soup(folder, tmp_path / "out3", "--strip-prefix", "model.", "--base", str(wrong))
+    assert refused.exit_code == 4 and f"--base {wrong}" in refused.stderr
+    assert "pass the pretrained weights the fine-tunes started from" in refused.stderr

@@ -500,22 +500,26 @@ def find_inputs(config: SoupConfig) -> Inputs:
 
 
 def reader_for_base(base: CheckpointFile, model: nn.Module, reader: Reader, spec: str) -> tuple[Reader, str | None]:
-    """The reader of ``--base`` (checked against the model) and a note when it is not the run's: with
-    ``--weights ema``, a base that holds one set of weights (a released pretrained file: safetensors, a plain
-    state dict) is read as that set, since the fine-tunes' EMA copies have no counterpart in it."""
-    try:
-        check_base(base, model, reader, spec)
-        return reader, None
-    except CheckpointError as err:
-        if reader.weights != "ema":
-            raise
-        raw = replace(reader, weights="raw", headers=HeaderMemo())
+    """The reader of ``--base`` (checked against the model) and a note when it is not the run's. The reading
+    options describe the fine-tunes, and a released pretrained file often lacks what they name: with ``--weights
+    ema``, a base with one set of weights (safetensors, a plain state dict) is read as that set; with
+    ``--strip-prefix``, a base without that prefix is matched to the model as if the flag were not given."""
+    variants = [(reader, "")]
+    if reader.weights == "ema":
+        variants.append((replace(reader, weights="raw"), "holds no EMA copy; its one set of weights is the base"))
+    if reader.strip_prefix:
+        variants += [(replace(r, strip_prefix=None), f"{why + '; ' if why else ''}its keys do not start with "
+                      f"{reader.strip_prefix}, matched to the model as they are") for r, why in variants]
+    variants = variants[:1] + [(replace(r, headers=HeaderMemo()), why) for r, why in variants[1:]]  # own headers
+    first = None
+    for candidate, why in variants:
         try:
-            check_base(base, model, raw, spec)
-        except CheckpointError:
-            raise err from None
-        return raw, (f"--base {base.path}: holds no EMA copy; its one set of weights is the base of the fine-tunes' "
-                     f"EMA weights (--weights ema)")
+            check_base(base, model, candidate, spec)
+        except CheckpointError as err:
+            first = first or err
+            continue
+        return candidate, (f"--base {base.path}: {why} (the reading options are the fine-tunes')" if why else None)
+    raise first
 
 
 def check_base(base: CheckpointFile, model: nn.Module, reader: Reader, spec: str) -> None:
