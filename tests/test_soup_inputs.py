@@ -499,4 +499,5 @@ def test_strip_prefix_of_the_fine_tunes_and_a_base_without_it(demo_ckpts: Path, 
     save_file({"other.weight": torch.zeros(2)}, str(wrong))
     refused = soup(folder, tmp_path / "out3", "--strip-prefix", "model.", "--base", str(wrong))
     assert refused.exit_code == 4 and f"--base {wrong}" in refused.stderr
+    assert refused.stderr.count(str(wrong)) == 1, refused.stderr  # was '--base PATH: PATH: ...'
     assert "pass the pretrained weights the fine-tunes started from" in refused.stderr

@@ -528,7 +528,7 @@ def check_base(base: CheckpointFile, model: nn.Module, reader: Reader, spec: str
     try:
         validate_headers([base], model, reader, spec)
     except CheckpointError as err:
-        reason = str(err).split("; ")[0]
+        reason = str(err).split("; ")[0].removeprefix(f"{base.path}: ")  # the path once: after --base
         raise CheckpointError(f"--base {base.path}: {reason}; pass the pretrained weights the fine-tunes "
                               f"started from (the same --model)", err.details) from None
 
