@@ -109,6 +109,16 @@ def test_a_usage_error_names_the_variable_that_set_the_flag(demo_ckpts: Path, tm
     assert_one_line_error(result, 2, "--range bad", "(from the environment: TWA_INSPECT_RANGE_=bad)")
 
 
+def test_an_input_error_names_the_variable_of_the_flag_it_starts_with(finetunes: Path, tmp_path: Path) -> None:
+    """'--base missing: not found' (exit 4) from TWA_SOUP_BASE did not say where --base came from; an input error
+    names the variable of the flag whose value it is about (its first word), not of other flags it mentions."""
+    args = ["soup", finetunes, "--data", "synthetic", "--out", tmp_path / "o"]
+    result = CliRunner().invoke(cli, list(map(str, args)), env={"TWA_SOUP_BASE": "missing"})
+    assert_one_line_error(result, 4, "--base missing: not found", "(from the environment: TWA_SOUP_BASE=missing)")
+    result = CliRunner().invoke(cli, list(map(str, args)), env={"TWA_SOUP_EXCLUDE": "*"})
+    assert result.exit_code == 4 and "environment" not in result.stderr, result.output
+
+
 def test_click_parameter_names_still_work_under_the_prefix(demo_ckpts: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["inspect", str(demo_ckpts)], env={"TWA_INSPECT_RANGE_": "bad"},
                                 auto_envvar_prefix="TWA")
@@ -250,9 +260,9 @@ def test_a_dangling_symlink_is_an_input_error_naming_the_fix(demo_ckpts: Path, t
         (ckpts / f"{i}.safetensors").symlink_to(demo_ckpts / f"{i}.safetensors")
     (ckpts / "9.safetensors").symlink_to("gone.safetensors")
     for command in (["inspect", ckpts], ["average", ckpts, *FAST, "--out", tmp_path / "o"]):
-        result = invoke(*command)
+        result = invoke(*command)  # inspect: after its table, where the link is a row with this error
         assert_one_line_error(result, 4, "9.safetensors: a symlink to gone.safetensors, which does not exist",
-                              "--exclude 9.safetensors")
+                              "--exclude 9.safetensors", progress=command[0] == "inspect")
     assert invoke("inspect", ckpts, "--exclude", "9.safetensors").exit_code == 0
 
 

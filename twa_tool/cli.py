@@ -307,9 +307,11 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
         message = str(err)
-        if isinstance(err, ConfigError):  # a flag's value may come from a TWA_* variable the user forgot
-            note = environment_note(click.get_current_context(silent=True), re.findall(r"--[a-z][a-z0-9-]*", message))
-            message += f" ({note})" if note else ""
+        # a flag's value may come from a TWA_* variable the user forgot: a usage error names it for any flag it
+        # names; another error (--base missing: not found) for the flag it starts with, whose value is at fault
+        named = re.findall(r"--[a-z][a-z0-9-]*", message if isinstance(err, ConfigError) else message.split(" ")[0])
+        note = environment_note(click.get_current_context(silent=True), named)
+        message += f" ({note})" if note else ""
         console.print(f"[red]{prefix}error:[/red] {escape(message)}", soft_wrap=True)
         if err.details:
             console.print(details_text(err.details), soft_wrap=True, markup=False, highlight=False)
