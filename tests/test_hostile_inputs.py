@@ -283,6 +283,15 @@ def test_a_blocked_global_in_a_legacy_pickle_is_refused_as_unsafe(tmp_path: Path
     error = one_error(result)
     assert "2.pt: refused to unpickle code objects (posix.mkdir)" in error and "weights_only" not in error
     assert not marker.exists()
+    # the fix was 'allow each with --allow-global NAME', which torch refuses for posix whatever is allowed
+    assert "posix.mkdir call into the operating system; no checkpoint needs these" in error
+    assert "allow each with --allow-global" not in error
+    allowed = twa("average", ckpts, "--model", "twa:mlp", "--data", "synthetic", "--dry-run", "--out", tmp_path / "out",
+                  "--allow-global", "posix.mkdir")
+    assert allowed.exit_code == 2, allowed.output
+    assert one_error(allowed).startswith("error: --allow-global posix.mkdir: torch's safe unpickler never allows the "
+                                         "posix module")
+    assert not marker.exists()
 
 
 def test_bytes_before_a_zips_first_member_are_refused(tmp_path: Path) -> None:

@@ -125,10 +125,27 @@ MAIN_CLASS_FIX = ("a class defined in the script that saved the file (__main__) 
                   "is defined (the training script) and save the state dict alone (torch.save or safetensors)")
 
 
+def _never_allowed(names: list[str]) -> list[str]:
+    """The names whose module torch's safe unpickler refuses whatever is allowed (``os``, ``posix``, ``sys``,
+    ``nt``: calls into the operating system, which no checkpoint needs unless it was made to run code)."""
+    from torch import _weights_only_unpickler
+
+    blocked = set(getattr(_weights_only_unpickler, "_blocklisted_modules", ("sys", "os", "posix", "nt")))
+    return [name for name in names if name.split(".")[0] in blocked]
+
+
+#: The fix for a pickle that calls into a module torch never allows: there is none that keeps the safety.
+NEVER_ALLOWED_FIX = ("no checkpoint needs these unless it was made to run code when loaded: do not load it "
+                     "(--trust-pickle would run them; --allow-global cannot allow them)")
+
+
 def _resolve_global(name: str) -> object:
     module, _, attr = name.rpartition(".")
     if module == "__main__":
         raise ConfigError(f"--allow-global {name}: {MAIN_CLASS_FIX}")
+    if _never_allowed([name]):
+        raise ConfigError(f"--allow-global {name}: torch's safe unpickler never allows the {name.split('.')[0]} "
+                          f"module, whatever is allowed; {NEVER_ALLOWED_FIX}")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError, ValueError):
@@ -978,7 +995,10 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
             except Exception as err:  # classified below, inside the allow-list context
                 unsafe = _unsafe_globals(path) or _REFUSED_GLOBAL.findall(str(err))
                 if unsafe:  # every name, in a stable order: each is what --allow-global needs
+                    never = _never_allowed(unsafe)
                     fix = (MAIN_CLASS_FIX if any(name.startswith("__main__.") for name in unsafe) else
+                           f"{', '.join(sorted(set(never)))} call into the operating system; {NEVER_ALLOWED_FIX}"
+                           if never else
                            "convert the file to safetensors, allow each with --allow-global NAME, or pass "
                            "--trust-pickle if you trust its origin")
                     raise UnsafeInputError(f"{path}: refused to unpickle code objects "
