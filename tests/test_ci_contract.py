@@ -374,3 +374,20 @@ def test_a_flag_typed_without_the_one_it_acts_beside_is_a_usage_error(demo_ckpts
     from_environment = invoke(demo_ckpts, *FAST, "--out", tmp_path / "o", "--dry-run",
                               env={"TWA_AVERAGE_TOLERANCE": "0.01", "TWA_AVERAGE_HOLDOUT_FRACTION": "0.2"})
     assert from_environment.exit_code == 0, from_environment.output  # a CI file's defaults for every run
+
+
+def test_every_exit_code_is_documented_in_the_readme_and_the_help() -> None:
+    """Exit 9 (out of memory) came without a row in the README's table or a word in --help: each code an error
+    class carries is listed in both."""
+    import re
+
+    from twa_tool import errors
+    from twa_tool.cli import EXIT_CODES_HELP
+
+    codes = {cls.exit_code for cls in vars(errors).values()
+             if isinstance(cls, type) and issubclass(cls, errors.TwaError)}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = {int(code) for code in re.findall(r"^\| (\d+) \|", readme, re.MULTILINE)}
+    assert codes <= table, sorted(codes - table)
+    listed = {int(code) for code in re.findall(r"(\d+) [a-z]", EXIT_CODES_HELP)}
+    assert codes | {0} <= listed, sorted((codes | {0}) - listed)

@@ -53,8 +53,8 @@ if TYPE_CHECKING:  # torch loads inside the commands, where Ctrl-C and errors ar
 EXIT_CODES_HELP = """\b
 Exit codes: 0 ok, 1 unexpected failure, 2 usage error, 3 quality gate failed,
 4 invalid or incompatible input, 5 unsafe input refused, 6 numerical failure,
-7 cannot write output, 8 another torchrun rank failed, 130 interrupted,
-143 terminated."""
+7 cannot write output, 8 another torchrun rank failed, 9 out of memory,
+130 interrupted, 143 terminated."""
 
 
 class Terminated(BaseException):
