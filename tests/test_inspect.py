@@ -220,3 +220,23 @@ def test_inspect_lists_a_symlink_to_nothing_then_exits_4(demo_ckpts: Path, tmp_p
     assert [(c["name"], c["status"]) for c in listing["not_selected"]] == [("3.safetensors", "matched by --exclude")]
     last = invoke("inspect", folder, "--last", "2", "--json")  # average refuses whatever --last picks
     assert last.exit_code == 4 and json.loads(last.stdout)["checkpoints"][-1]["name"] == "3.safetensors"
+
+
+def test_inspect_shows_the_prefix_it_strips(lightning_dir: Path, tmp_path: Path) -> None:
+    """Issue 3: inspect's table (and --json) says which key prefix is stripped: DDP's `module.` always, a
+    LightningModule attribute prefix when --strip-prefix names it."""
+    folder = tmp_path / "ddp"
+    folder.mkdir()
+    state = torch.load(next(lightning_dir.glob("epoch=1-*.ckpt")), weights_only=True)["state_dict"]
+    for epoch in range(2):
+        torch.save({"epoch": epoch, "model": {f"module.{k}": v + epoch for k, v in state.items()}},
+                   folder / f"ep{epoch}.pth")
+    result = invoke("inspect", folder, "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["prefix"] for r in json.loads(result.stdout)["checkpoints"]] == ["module.", "module."]
+    human = invoke("inspect", folder)
+    assert "prefix" in human.stderr and "module." in human.stderr, human.stderr
+    forced = invoke("inspect", lightning_dir, "--json", "--strip-prefix", "model.")
+    assert {r["prefix"] for r in json.loads(forced.stdout)["checkpoints"]} == {"model."}
+    plain = invoke("inspect", lightning_dir, "--json")
+    assert {r["prefix"] for r in json.loads(plain.stdout)["checkpoints"]} == {None}

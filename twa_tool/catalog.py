@@ -42,7 +42,8 @@ class Entry:
         return {
             "name": self.name, "path": self.path, "status": self.status, "error": self.error,
             "producer": h.producer if h else None, "container": h.container if h else None,
-            "weights": h.weights if h else None, "epoch": h.epoch if h else None, "step": h.step if h else None,
+            "prefix": h.prefix if h else None, "weights": h.weights if h else None,
+            "epoch": h.epoch if h else None, "step": h.step if h else None,
             "metrics": dict(h.metrics) if h else {}, "dtypes": self.dtypes, "parameters": self.parameters,
         }
 

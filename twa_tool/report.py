@@ -105,8 +105,8 @@ def _epoch_step(row: dict) -> str:
 def render_inspect(catalog: dict, console: Console) -> None:
     """One table: every candidate with what was detected, and whether `twa average` would use it."""
     table = Table(title=escape(str(catalog["directory"])))
-    for column in ("#", "file", "producer", "container", "weights", "dtype", "entries", "epoch/step", "metrics",
-                   "selection"):  # entries: every tensor's, parameters and buffers (headers know no more)
+    for column in ("#", "file", "producer", "container", "prefix", "weights", "dtype", "entries", "epoch/step",
+                   "metrics", "selection"):  # entries: every tensor's, parameters and buffers (headers know no more)
         table.add_column(column, justify="right" if column in ("#", "entries") else "left")
     rows = [(str(i), r) for i, r in enumerate(catalog["checkpoints"])] + [("", r) for r in catalog["not_selected"]]
     for index, row in rows:
@@ -115,8 +115,8 @@ def render_inspect(catalog: dict, console: Console) -> None:
         if row.get("error"):
             status = f"[red]{escape(row['error'])}[/red]"
         table.add_row(index, escape(row["name"]), row["producer"] or "-", row["container"] or "-",
-                      row["weights"] or "-", ",".join(row["dtypes"]) or "-", f"{row['parameters']:,}", _epoch_step(row),
-                      metrics, status)
+                      escape(row.get("prefix") or "-"), row["weights"] or "-", ",".join(row["dtypes"]) or "-",
+                      f"{row['parameters']:,}", _epoch_step(row), metrics, status)
     console.print(table)
     if catalog["ignored_files"]:
         console.print(f"ignored (not weights, never unpickled): {', '.join(catalog['ignored_files'])}", markup=False)
