@@ -74,6 +74,19 @@ def test_a_bad_holdout_is_named_and_refused_before_reading(function: str, text: 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_holdout_function_returning_anything_as_its_fit_part(ingredients: Path, tmp_path: Path) -> None:
+    """README: --holdout takes `file.py:function` returning `(anything, heldout)`: its fit part is never used,
+    so it is not checked (None was refused as 'not a map-style torch Dataset', exit 4)."""
+    (tmp_path / "anything.py").write_text(
+        "import torch\nfrom torch.utils.data import TensorDataset\n\n"
+        "def heldout():\n"
+        "    g = torch.Generator().manual_seed(3)\n"
+        "    return None, TensorDataset(torch.randn(40, 1, 16, 16, generator=g), torch.arange(40) % 10)\n")
+    result = soup(ingredients, tmp_path / "out", "--holdout", f"{tmp_path / 'anything.py'}:heldout", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["data"]["heldout_examples"] == 40
+
+
 def test_a_missing_holdout_file_names_holdout(ingredients: Path, tmp_path: Path) -> None:
     result = soup(ingredients, tmp_path / "out", "--holdout", "nofile.py:heldout")
     assert result.exit_code != 0 and "error: --holdout nofile.py:heldout" in result.stderr, result.stderr

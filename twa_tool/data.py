@@ -116,7 +116,7 @@ class NormalizedGrayDataset(Dataset):
 # --------------------------------------------------------------------------- public API
 
 
-def build_data(spec: str, *, root: Path | None = None, download: bool = False) -> DataSplits:
+def build_data(spec: str, *, root: Path | None = None, download: bool = False, eval_only: bool = False) -> DataSplits:
     """Builds the datasets for a ``--data`` spec.
 
     Args:
@@ -125,6 +125,8 @@ def build_data(spec: str, *, root: Path | None = None, download: bool = False) -
         root: Data root (``--data-root``); None means the per-dataset default
             (``~/.cache/twa/data``, plus the Debian package directory for Fashion-MNIST).
         download: Whether missing files may be downloaded (``--download``).
+        eval_only: Only the evaluation split is used (``twa soup --holdout``): a user function's first
+            dataset is passed through unchecked, so it may return ``(anything, heldout)``.
 
     Returns:
         The training and evaluation splits.
@@ -145,7 +147,7 @@ def build_data(spec: str, *, root: Path | None = None, download: bool = False) -
         return _noted(_build_imagefolder_spec(text),
                       unused and unused + f"--data {text} reads the train/ and val/ folders under its own PATH")
     if _looks_like_function_spec(text):
-        return _build_from_function(text, data_root, unused)
+        return _build_from_function(text, data_root, unused, eval_only)
     raise ConfigError(
         f"--data {spec}: unknown dataset{_unknown_hint(text)}; choose one of {', '.join(list_data_names())}, "
         "or imagefolder:PATH, package.module:function, path/to/file.py:function"
@@ -868,7 +870,8 @@ def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
     return dataset
 
 
-def _build_from_function(spec: str, root: Path | None, unused: str | None = None) -> DataSplits:
+def _build_from_function(spec: str, root: Path | None, unused: str | None = None,
+                         eval_only: bool = False) -> DataSplits:
     """Calls a user function returning ``(fit_dataset, eval_dataset)``; ``root`` is passed when it takes a
     ``root`` parameter, else ``unused`` (the start of a note) says it was not."""
     function = _load_function(spec)
@@ -885,7 +888,8 @@ def _build_from_function(spec: str, root: Path | None, unused: str | None = None
         raise DataError(
             f"--data {spec}: the function must return (fit_dataset, eval_dataset), got {_shape_of(result)}"
         )
-    fit, test = _check_dataset(result[0], "fit", spec), _check_dataset(result[1], "eval", spec)
+    fit = result[0] if eval_only else _check_dataset(result[0], "fit", spec)
+    test = _check_dataset(result[1], "eval", spec)
     return DataSplits(train=fit, eval=test, num_classes=None, name=spec, notes=(note,) if note else ())
 
 

@@ -570,7 +570,7 @@ def _holdout_data(config: SoupConfig) -> DataSplits:
     """``--holdout``'s datasets (its eval split is the held-out set); errors name ``--holdout``, not ``--data``."""
     assert config.holdout is not None
     try:
-        return build_data(config.holdout, root=config.data_root, download=config.download)
+        return build_data(config.holdout, root=config.data_root, download=config.download, eval_only=True)
     except TwaError as exc:
         message = str(exc)
         if not message.startswith("--data "):
