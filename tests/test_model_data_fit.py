@@ -290,3 +290,24 @@ def test_a_model_too_big_for_the_device_is_not_called_a_misfit() -> None:
 
     with pytest.raises(torch.OutOfMemoryError):
         check_accepts(Greedy(), [(torch.randn(3, 16, 16), 4)], 10, "twa:cnn", "x")
+
+
+def test_dry_run_line_leaves_out_an_unknown_class_count() -> None:
+    """A file.py:function dataset has no class count (None): the plan said 'None classes'."""
+    import io
+
+    from rich.console import Console
+
+    from twa_tool.report import render_dry_run
+
+    report = {"checkpoints": ["a", "b"], "excluded": [], "memory_estimate_bytes": {"basis": 2**20, "total": 2**21},
+              "model": {"spec": "twa:cnn", "parameters": 10}, "would_write": [],
+              "data": {"spec": "d.py:data", "would_download": False, "num_classes": None, "fit_examples": 40,
+                       "fit_on": "train", "eval_examples": 12}}
+    out = io.StringIO()
+    render_dry_run(report, Console(file=out, width=200))
+    assert "data d.py:data: 40 examples to fit on (train), 12 to evaluate" in out.getvalue()
+    report["data"]["num_classes"] = 10
+    out = io.StringIO()
+    render_dry_run(report, Console(file=out, width=200))
+    assert "data d.py:data: 10 classes, 40 examples" in out.getvalue()

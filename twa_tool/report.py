@@ -68,7 +68,8 @@ def render_dry_run(report: dict, console: Console) -> None:
         console.print(f"data {data['spec']}: not on disk; the run would download it (--download)", soft_wrap=True,
                       markup=False)
     else:
-        console.print(f"data {data['spec']}: {data['num_classes']} classes, {data['fit_examples']:,} examples to fit "
+        classes = f"{data['num_classes']} classes, " if data["num_classes"] is not None else ""  # None: file.py:fn
+        console.print(f"data {data['spec']}: {classes}{data['fit_examples']:,} examples to fit "
                       f"on ({data['fit_on']}), {data['eval_examples']:,} to evaluate; one went through the model",
                       soft_wrap=True, markup=False)
     for path in report["would_write"]:
