@@ -109,14 +109,17 @@ def test_a_usage_error_names_the_variable_that_set_the_flag(demo_ckpts: Path, tm
     assert_one_line_error(result, 2, "--range bad", "(from the environment: TWA_INSPECT_RANGE_=bad)")
 
 
-def test_an_input_error_names_the_variable_of_the_flag_it_starts_with(finetunes: Path, tmp_path: Path) -> None:
+def test_an_input_error_names_the_variable_of_the_flag_it_blames(finetunes: Path, tmp_path: Path) -> None:
     """'--base missing: not found' (exit 4) from TWA_SOUP_BASE did not say where --base came from; an input error
-    names the variable of the flag whose value it is about (its first word), not of other flags it mentions."""
+    names the variables of the flags in its statement of the problem, not of the flags its fix mentions."""
     args = ["soup", finetunes, "--data", "synthetic", "--out", tmp_path / "o"]
     result = CliRunner().invoke(cli, list(map(str, args)), env={"TWA_SOUP_BASE": "missing"})
     assert_one_line_error(result, 4, "--base missing: not found", "(from the environment: TWA_SOUP_BASE=missing)")
     result = CliRunner().invoke(cli, list(map(str, args)), env={"TWA_SOUP_EXCLUDE": "*"})
     assert result.exit_code == 4 and "environment" not in result.stderr, result.output
+    result = CliRunner().invoke(cli, list(map(str, [*args, "--model", "twa:cnn"])),
+                                env={"TWA_SOUP_MODEL_ARG": "width=abc"})
+    assert_one_line_error(result, 4, "bad --model-arg", "(from the environment: TWA_SOUP_MODEL_ARG=width=abc)")
 
 
 def test_click_parameter_names_still_work_under_the_prefix(demo_ckpts: Path, tmp_path: Path) -> None:

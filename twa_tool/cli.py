@@ -308,8 +308,10 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
             console.print(traceback.format_exc(), markup=False, highlight=False)
         message = str(err)
         # a flag's value may come from a TWA_* variable the user forgot: a usage error names it for any flag it
-        # names; another error (--base missing: not found) for the flag it starts with, whose value is at fault
-        named = re.findall(r"--[a-z][a-z0-9-]*", message if isinstance(err, ConfigError) else message.split(" ")[0])
+        # names; another error for the flags in its statement of the problem ("--base missing: not found",
+        # "--model M: bad --model-arg"), before the fix (after ";") or the detail (in parentheses)
+        problem = message if isinstance(err, ConfigError) else message.split(";")[0].split("(")[0]
+        named = re.findall(r"--[a-z][a-z0-9-]*", problem)
         note = environment_note(click.get_current_context(silent=True), named)
         message += f" ({note})" if note else ""
         console.print(f"[red]{prefix}error:[/red] {escape(message)}", soft_wrap=True)
