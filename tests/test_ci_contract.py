@@ -391,3 +391,15 @@ def test_every_exit_code_is_documented_in_the_readme_and_the_help() -> None:
     assert codes <= table, sorted(codes - table)
     listed = {int(code) for code in re.findall(r"(\d+) [a-z]", EXIT_CODES_HELP)}
     assert codes | {0} <= listed, sorted((codes | {0}) - listed)
+
+
+def test_no_color_means_no_escape_codes_even_on_a_terminal(demo_ckpts: Path, tmp_path: Path) -> None:
+    """Issue 5: 'no ANSI codes when not a terminal or with NO_COLOR'. On a terminal, NO_COLOR dropped the colours
+    but kept bold, dim and the progress bars' cursor codes; now it gives plain text and plain progress lines."""
+    args = [demo_ckpts, "--data", "synthetic", "--epochs", "1", "--baselines", "none", "--out", tmp_path / "o",
+            "--overwrite"]
+    terminal = invoke(*args, env={"FORCE_COLOR": "1", "NO_COLOR": None})  # rich: FORCE_COLOR means a terminal
+    assert terminal.exit_code == 0 and "\x1b[" in terminal.stderr, terminal.output
+    plain = invoke(*args, env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
+    assert plain.exit_code == 0 and "\x1b" not in plain.stderr, plain.output
+    assert "training coefficients" in plain.stderr and "TWA" in plain.stderr

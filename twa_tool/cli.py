@@ -102,8 +102,10 @@ LOG_WIDTH = 400  # stderr when it is not a terminal and COLUMNS is not set (rich
 
 def make_console(quiet: bool) -> Console:
     no_color = bool(os.environ.get("NO_COLOR"))
-    # emoji off: rich would turn a user's ":x:" or "data.py:train:" into emoji (user text is also escaped)
-    console = Console(stderr=True, quiet=quiet, no_color=no_color, highlight=False, emoji=False)
+    # emoji off: rich would turn a user's ":x:" or "data.py:train:" into emoji (user text is also escaped);
+    # NO_COLOR: no escape codes at all (rich's no_color keeps bold and dim), and plain progress lines
+    console = Console(stderr=True, quiet=quiet, no_color=no_color, color_system=None if no_color else "auto",
+                      highlight=False, emoji=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:  # a CI log: tables not squeezed to 80 columns
         console.width = LOG_WIDTH
     return console
@@ -119,7 +121,8 @@ class ProgressSink:
 
     def __init__(self, console: Console, interval_s: float = 5.0) -> None:
         self.console = console
-        self.interactive = console.is_terminal and not console.quiet
+        # bars need cursor codes: not without a terminal, nor under NO_COLOR or TERM=dumb (no colour system)
+        self.interactive = console.is_terminal and not console.quiet and console.color_system is not None
         self.interval_s = interval_s
         self.progress: Progress | None = None
         self.task = None
