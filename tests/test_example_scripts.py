@@ -190,3 +190,15 @@ def test_gpu_check_script_runs_and_fails_cleanly_without_a_gpu(tmp_path: Path) -
     assert f"click {version('click')}" in device and "safetensors " in device and "TOO OLD" not in device
     assert "skipped" in (tmp_path / "gc" / "tests.txt").read_text()
     assert "--device cuda: no such CUDA device here" in (tmp_path / "gc" / "step.txt").read_text()
+
+
+@pytest.mark.parametrize("script", ["examples/fashion_mnist/train.py", "examples/soup/make_finetunes.py"])
+def test_training_scripts_without_data_fail_in_one_line(script: str, tmp_path: Path) -> None:
+    """No Fashion-MNIST under --data-root: one line naming the folder, twa's exit code (4), nothing written."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--out", str(out), "--data-root", str(tmp_path / "no")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"no Fashion-MNIST files under {tmp_path / 'no'}" in proc.stderr
+    assert not out.exists()
