@@ -202,3 +202,11 @@ def test_training_scripts_without_data_fail_in_one_line(script: str, tmp_path: P
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert f"no Fashion-MNIST files under {tmp_path / 'no'}" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*/*.sh")
+                                          if 'cd "$(dirname "${BASH_SOURCE[0]}")/../.."' in p.read_text()))
+def test_example_scripts_that_cd_to_the_repository_use_its_venv(script: str) -> None:
+    """A script that runs from the repository root finds the repository's .venv as run.sh does, so
+    `bash examples/soup/sweep.sh` works without activating it like `bash examples/soup/run.sh`."""
+    assert '[[ -x .venv/bin/twa ]] && export PATH="$PWD/.venv/bin:$PATH"' in (ROOT / script).read_text()
