@@ -210,3 +210,10 @@ def test_example_scripts_that_cd_to_the_repository_use_its_venv(script: str) -> 
     """A script that runs from the repository root finds the repository's .venv as run.sh does, so
     `bash examples/soup/sweep.sh` works without activating it like `bash examples/soup/run.sh`."""
     assert '[[ -x .venv/bin/twa ]] && export PATH="$PWD/.venv/bin:$PATH"' in (ROOT / script).read_text()
+
+
+def test_lr_sweep_without_checkpoints_refuses_before_creating_anything(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", str(ROOT / "examples/fashion_mnist/lr_sweep.sh")], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path / "fm")}, timeout=60)
+    assert proc.returncode == 2 and "ckpts/20.pt missing; run examples/fashion_mnist/run.sh first" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no empty lr_sweep/ folder left behind
