@@ -190,3 +190,30 @@ def test_gpu_check_script_runs_and_fails_cleanly_without_a_gpu(tmp_path: Path) -
     assert f"click {version('click')}" in device and "safetensors " in device and "TOO OLD" not in device
     assert "skipped" in (tmp_path / "gc" / "tests.txt").read_text()
     assert "--device cuda: no such CUDA device here" in (tmp_path / "gc" / "step.txt").read_text()
+
+
+@pytest.mark.parametrize("script", ["examples/fashion_mnist/train.py", "examples/soup/make_finetunes.py"])
+def test_training_scripts_without_data_fail_in_one_line(script: str, tmp_path: Path) -> None:
+    """No Fashion-MNIST under --data-root: one line naming the folder, twa's exit code (4), nothing written."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--out", str(out), "--data-root", str(tmp_path / "no")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"no Fashion-MNIST files under {tmp_path / 'no'}" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*/*.sh")
+                                          if 'cd "$(dirname "${BASH_SOURCE[0]}")/../.."' in p.read_text()))
+def test_example_scripts_that_cd_to_the_repository_use_its_venv(script: str) -> None:
+    """A script that runs from the repository root finds the repository's .venv as run.sh does, so
+    `bash examples/soup/sweep.sh` works without activating it like `bash examples/soup/run.sh`."""
+    assert '[[ -x .venv/bin/twa ]] && export PATH="$PWD/.venv/bin:$PATH"' in (ROOT / script).read_text()
+
+
+def test_lr_sweep_without_checkpoints_refuses_before_creating_anything(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", str(ROOT / "examples/fashion_mnist/lr_sweep.sh")], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path / "fm")}, timeout=60)
+    assert proc.returncode == 2 and "ckpts/20.pt missing; run examples/fashion_mnist/run.sh first" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no empty lr_sweep/ folder left behind

@@ -14,8 +14,8 @@ DATA_ROOT=${DATA_ROOT:-}       # as run.sh: empty means the Debian package /usr/
 MODEL=examples/fashion_mnist/model.py:cnn
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SWEEP="$OUT/lr_sweep"
-mkdir -p "$SWEEP"
 [[ -f "$OUT/ckpts/20.pt" ]] || { echo "error: $OUT/ckpts/20.pt missing; run examples/fashion_mnist/run.sh first" >&2; exit 2; }
+mkdir -p "$SWEEP"
 data_root_args=()
 [[ -n "$DATA_ROOT" ]] && data_root_args=(--data-root "$DATA_ROOT")
 

@@ -25,7 +25,8 @@ SIZES = {"pretrain": 10_000, "finetune": 10_000, "heldout": 2_000}
 SEED = 0
 
 
-@lru_cache(maxsize=2)  # --data and --holdout share one read of the files
+@lru_cache(maxsize=2)  # pretrain() and finetune() in make_finetunes.py share one read of the files;
+# twa soup runs this file once per spec, so --data and --holdout each read them
 def _parts(root: Path | None) -> tuple[dict[str, Subset], Dataset]:
     data = build_data("fashion-mnist", root=root)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(SEED)).tolist()

@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE.parent / "fashion_mnist"))
 from data import finetune, pretrain  # noqa: E402
 from model import cnn  # noqa: E402  (examples/fashion_mnist/model.py)
 
+from twa_tool.errors import TwaError  # noqa: E402
 from twa_tool.models import MODEL_ARGS_METADATA_KEY, MODEL_METADATA_KEY  # noqa: E402
 from twa_tool.writer import save_safetensors  # noqa: E402
 
@@ -100,8 +101,12 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=None)
     args = parser.parse_args()
     metadata = {MODEL_METADATA_KEY: MODEL_SPEC, MODEL_ARGS_METADATA_KEY: "{}"}
-    pre_data, test = (as_tensors(d) for d in pretrain(args.data_root))
-    ft_data = as_tensors(finetune(args.data_root)[0])
+    try:
+        pre_data, test = (as_tensors(d) for d in pretrain(args.data_root))
+        ft_data = as_tensors(finetune(args.data_root)[0])
+    except TwaError as exc:  # e.g. no dataset files under --data-root: one line, as twa prints it
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     (args.out / "finetunes").mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)

@@ -5,6 +5,7 @@
 #   bash examples/soup/sweep.sh            # OUT=runs/soup
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+[[ -x .venv/bin/twa ]] && export PATH="$PWD/.venv/bin:$PATH"   # as run.sh: the repository's venv, if any
 OUT=${OUT:-runs/soup}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 common=(--model examples/fashion_mnist/model.py:cnn --data examples/soup/data.py:finetune
