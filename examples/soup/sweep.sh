@@ -13,9 +13,9 @@ common=(--model examples/fashion_mnist/model.py:cnn --data examples/soup/data.py
 run() {  # name, extra flags... (--no-base: mix the ingredients themselves instead of task vectors)
   local name=$1; shift
   local base=(--base "$OUT/pretrained.safetensors")
-  [[ "${*: -1}" == "--no-base" ]] && { base=(); set -- "${@:1:$#-1}"; }
+  [[ "${*: -1}" == "--no-base" ]] && { base=(); set -- "${@:1:$#-1}"; }  # empty: expanded as ${base[@]+...} (bash < 4.4)
   [[ -f "$OUT/sweep/$name/report.json" ]] && { echo "$name exists" >&2; return; }
-  python -m twa_tool soup "$OUT/finetunes" "${common[@]}" "${base[@]}" --out "$OUT/sweep/$name" "$@"
+  python -m twa_tool soup "$OUT/finetunes" "${common[@]}" ${base[@]+"${base[@]}"} --out "$OUT/sweep/$name" "$@"
   echo "$name done" >&2
 }
 run adamw-1e-3  --optimizer adamw --lr 1e-3
