@@ -149,22 +149,27 @@ def test_integer_labels_of_any_width_are_class_indices(dtype: torch.dtype) -> No
     assert torch.equal(class_loss(logits, targets.to(dtype)), class_loss(logits, targets))
 
 
+class FailsAt5(torch.utils.data.Dataset):
+    """Eight examples; reading the sixth raises ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if index == 5:
+            raise self.error
+        return torch.randn(6), index % 3
+
+
 def test_a_batch_that_cannot_be_read_is_a_data_error() -> None:
     from twa_tool.errors import DataError
-
-    class Broken(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return 8
-
-        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-            if index == 5:
-                raise OSError("cannot identify image file 'val/cat/5.jpg'")
-            return torch.randn(6), index % 3
-
     from twa_tool.trainer import Sourced
 
     model = TinyBN()
-    loader = DataLoader(Broken(), batch_size=4)
+    loader = DataLoader(FailsAt5(OSError("cannot identify image file 'val/cat/5.jpg'")), batch_size=4)
     for run in (lambda: evaluate(model, loader, torch.device("cpu")),
                 lambda: recalibrate_bn(model, loader, torch.device("cpu"))):
         with pytest.raises(DataError, match=r"reading a batch of --data failed \(OSError: cannot identify image "
@@ -179,17 +184,9 @@ def test_a_batch_that_cannot_be_read_is_a_data_error() -> None:
 def test_a_batch_that_runs_out_of_memory_is_not_a_data_error() -> None:
     """A batch too big for the machine is the run's size, not the data's fault: it reaches the CLI as itself
     (exit 9, 'lower --batch-size'), not as 'reading a batch of --data failed' (exit 4, 'fix the example')."""
-    class Huge(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return 8
-
-        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-            if index == 5:
-                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes.")
-            return torch.randn(6), index % 3
-
+    huge = FailsAt5(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes."))
     with pytest.raises(RuntimeError, match="can't allocate memory"):
-        evaluate(TinyBN(), DataLoader(Huge(), batch_size=4), torch.device("cpu"))
+        evaluate(TinyBN(), DataLoader(huge, batch_size=4), torch.device("cpu"))
 
 
 def test_a_label_outside_the_outputs_is_a_data_error_on_devices_where_cross_entropy_does_not_raise(
