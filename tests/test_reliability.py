@@ -337,3 +337,41 @@ def test_output_through_a_symlink_loop_is_refused_before_work(demo_ckpts: Path, 
         result = CliRunner().invoke(cli, [*command, "--out", str(out)])
         assert result.exit_code == 7, result.output
         assert f"{tmp_path / 'a'} is a symlink loop" in result.stderr and "Traceback" not in result.output
+
+
+def _in_a_child(script: str, path: Path) -> subprocess.CompletedProcess:
+    """Run ``script`` (with ``path`` as ``p``) in a fresh interpreter: a SIGBUS would kill pytest itself."""
+    return subprocess.run([sys.executable, "-c", f"from pathlib import Path\np = Path({str(path)!r})\n{script}"],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_loaded_safetensors_checkpoint_survives_its_file_being_truncated(tmp_path: Path) -> None:
+    # the run holds the last checkpoint for the whole run: a trainer rewriting that file (truncated first) killed it
+    # with SIGBUS (exit 135, no line, an empty --out left), since safe_open's tensors map the file
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.arange(1 << 20, dtype=torch.float32), "b": torch.ones(3, dtype=torch.bfloat16)}, str(path))
+    proc = _in_a_child("from twa_tool.checkpoints import load_checkpoint\n"
+                       "state = load_checkpoint(p).state\n"
+                       "open(p, 'r+b').truncate(64)\n"
+                       "print(float(state['w'].sum()), float(state['b'].sum()))", path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(float(sum(range(1 << 20)))), "3.0"]
+
+
+def test_a_checkpoint_truncated_while_hashed_is_an_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(os.urandom(3 << 20))
+    proc = _in_a_child("import hashlib\n"
+                       "from twa_tool import checkpoints\n"
+                       "from twa_tool.errors import CheckpointError\n"
+                       "class Truncating:\n"
+                       "    def __init__(self): self.inner = hashlib.sha256()\n"
+                       "    def update(self, data): self.inner.update(data); open(p, 'r+b').truncate(1 << 20)\n"
+                       "    def hexdigest(self): return self.inner.hexdigest()\n"
+                       "checkpoints.hashlib = type('H', (), {'sha256': staticmethod(Truncating)})\n"
+                       "try:\n"
+                       "    checkpoints.sha256_file(p)\n"
+                       "except CheckpointError as err:\n"
+                       "    print(err)", path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{path}: changed while it was read") and "re-copy or remove it" in proc.stdout

@@ -31,13 +31,11 @@ Safety
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import hashlib
 import importlib
 import itertools
 import json
-import mmap
 import os
 import pickle
 import re
@@ -455,11 +453,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20, verify_zip_crc: bool = False) 
     crcs = [0] * len(members)
     digest = hashlib.sha256()
     size = path.stat().st_size
-    with open(path, "rb") as f, (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size
-                                 else contextlib.nullcontext(b"")) as mapped, memoryview(mapped) as whole:
-        # hashed in place (no copy: less system time), in cache-sized pieces the CRCs read while in cache
+    # read, not mapped: a file truncated while a mapping is read kills the process (SIGBUS); in cache-sized
+    # pieces the CRCs read while in cache
+    with open(path, "rb") as f, memoryview(bytearray(min(chunk, size))) as buffer:
         for position in range(0, size, chunk):
-            with whole[position:position + chunk] as view:
+            with buffer[:min(chunk, size - position)] as view:
+                _pread_exactly(f.fileno(), view, position, f"{path}: changed while it was read (now shorter)")
                 digest.update(view)
                 for i, (_, start, end, _) in enumerate(members):
                     lo, hi = max(start, position), min(end, position + len(view))
@@ -905,10 +904,27 @@ def _read_safetensors(path: Path, header_only: bool, keys: set[str] | None = Non
                 entries = {k: (tuple(int(d) for d in header[k]["shape"]), _ST_DTYPE_NAMES.get(
                     header[k]["dtype"], str(header[k]["dtype"]).lower())) for k in names}
             else:
-                entries = {k: f.get_tensor(k) for k in names}
+                entries = _pread_tensors(path, header, {k: f.get_tensor(k) for k in names})
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: unreadable safetensors file ({err}); re-save or remove it") from None
     return entries, metadata
+
+
+def _pread_tensors(path: Path, header: dict, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of ``safe_open``'s tensors read with ``pread``: its tensors map the file, and a file truncated while
+    they are alive (a trainer rewriting it) kills the process with SIGBUS at the next access, where a short
+    read here is a ``CheckpointError``. Changes to the file after this call no longer reach the tensors."""
+    out = {}
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", os.pread(f.fileno(), 8, 0))
+        for name, view in views.items():
+            tensor = torch.empty_like(view, memory_format=torch.contiguous_format)
+            if tensor.numel():
+                raw = tensor.reshape(-1).view(torch.uint8).numpy()
+                _pread_exactly(f.fileno(), memoryview(raw), 8 + length + int(header[name]["data_offsets"][0]),
+                               f"{path}: tensor {name} ends past the end of the file")
+            out[name] = tensor
+    return out
 
 
 def _is_torchscript(names: list[str]) -> bool:
