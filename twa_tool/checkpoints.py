@@ -840,6 +840,15 @@ def zip_contents_digest(path: Path) -> str | None:
         return None
 
 
+def unmapped(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """``state`` as loaded from ``path``, with private copies of its tensors where the load mapped the file (a
+    torch zip: ``torch.load(mmap=True)``). For a state the run keeps to its end: a file truncated while its
+    mapping is alive (a trainer rewriting ``last.ckpt``) kills the process with SIGBUS at the next access."""
+    if not path.is_file() or _sniff(path) != "torch-zip":
+        return state  # safetensors are read into memory (``_pread_tensors``); folders: their own files
+    return {k: v.clone() for k, v in state.items()}
+
+
 def _sniff(path: Path) -> str:
     """Detect the container from its first bytes, not its extension."""
     with open(path, "rb") as f:

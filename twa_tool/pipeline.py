@@ -39,6 +39,7 @@ from .checkpoints import (
     raise_if_refused,
     read_header,
     sha256_file,
+    unmapped,
     zip_layout,
 )
 from .config import AverageConfig, SoupConfig
@@ -430,6 +431,8 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
                     state = _read_direct(entry.path, layout, members, builder, names)  # CRCs checked on the way
                 else:
                     state = reader.load(entry.path)  # the zip CRCs are checked before torch opens the file
+                    if index == len(files) - 1:  # kept to the end of the run: not a mapping of the file
+                        state = unmapped(state, entry.path)
                     check_compatible(model, state, str(entry.path))
                 _check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
                 if builder is None:
@@ -530,8 +533,8 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
             for index, entry in enumerate(files):
                 if index == 0:
                     state = first
-                elif index == len(files) - 1:
-                    state = last = reader.load(entry.path)
+                elif index == len(files) - 1:  # kept to the end of the run: not a mapping of the file
+                    state = last = unmapped(reader.load(entry.path), entry.path)
                     check_compatible(model, state, str(entry.path))
                 else:
                     state = middle[index - 1][1]()  # the buffers; a zip's CRCs: the hasher checks them
