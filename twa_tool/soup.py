@@ -504,13 +504,14 @@ def reader_for_base(base: CheckpointFile, model: nn.Module, reader: Reader, spec
     options describe the fine-tunes, and a released pretrained file often lacks what they name: with ``--weights
     ema``, a base with one set of weights (safetensors, a plain state dict) is read as that set; with
     ``--strip-prefix``, a base without that prefix is matched to the model as if the flag were not given."""
-    variants = [(reader, "")]
+    variants = [(reader, "")]  # the others read with other options: headers of their own
     if reader.weights == "ema":
-        variants.append((replace(reader, weights="raw"), "holds no EMA copy; its one set of weights is the base"))
+        variants.append((replace(reader, weights="raw", headers=HeaderMemo()),
+                         "holds no EMA copy; its one set of weights is the base"))
     if reader.strip_prefix:
-        variants += [(replace(r, strip_prefix=None), f"{why + '; ' if why else ''}its keys do not start with "
-                      f"{reader.strip_prefix}, matched to the model as they are") for r, why in variants]
-    variants = variants[:1] + [(replace(r, headers=HeaderMemo()), why) for r, why in variants[1:]]  # own headers
+        variants += [(replace(r, strip_prefix=None, headers=HeaderMemo()), f"{why + '; ' if why else ''}its keys "
+                      f"do not start with {reader.strip_prefix}, matched to the model as they are")
+                     for r, why in variants]
     first = None
     for candidate, why in variants:
         try:
