@@ -45,13 +45,16 @@ def run(root: Path, model: nn.Module) -> pipeline.Stream:
     return stream_checkpoints(files, model, trainable_names(model), 1e-5, reader, lambda e: None, block=4)
 
 
-def count_loads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+def count_loads(monkeypatch: pytest.MonkeyPatch, how: dict[Path, bool] | None = None) -> list[Path]:
+    """The paths ``Reader.load`` is given, in order (and in ``how``, whether each was loaded mapped)."""
     loaded: list[Path] = []
     original = Reader.load
 
-    def load(self: Reader, path: Path, crc_checked: bool = False) -> dict[str, torch.Tensor]:
+    def load(self: Reader, path: Path, crc_checked: bool = False, mapped: bool = True) -> dict[str, torch.Tensor]:
         loaded.append(path)
-        return original(self, path, crc_checked)
+        if how is not None:
+            how[path] = mapped
+        return original(self, path, crc_checked, mapped)
 
     monkeypatch.setattr(Reader, "load", load)
     return loaded
@@ -186,3 +189,23 @@ def test_a_sharded_folder_is_named_as_the_reason_for_the_float32_build(tmp_path:
                                                              data="synthetic"), model),
                                 lambda e: None, block=4, storage="int8")
     assert stream.not_by_columns == f"{folder.name} is a sharded folder, which is read whole"
+
+
+@pytest.mark.parametrize("storage", ["float32", "int8"])
+def test_only_the_last_file_kept_to_the_end_is_read_into_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  storage: str) -> None:
+    # the last state lives to the end of the run: a mapping of its file would die by SIGBUS if a trainer rewrote
+    # it; the others are short-lived and may map their files (no copy)
+    model = write_trajectory(tmp_path / "ckpts", k=6)
+    mapped: dict[Path, bool] = {}
+    count_loads(monkeypatch, mapped)
+    modes: list[bool] = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: modes.append(kw.get("mmap", False)) or load(*a, **kw))
+    files = discover(tmp_path / "ckpts")
+    reader = Reader.for_run(AverageConfig(checkpoint_dir=tmp_path / "ckpts", out_dir=tmp_path, data="synthetic"),
+                            model)
+    stream_checkpoints(files, model, trainable_names(model), 1e-5, reader, lambda e: None, block=4, storage=storage)
+    assert mapped[files[-1].path] is False
+    assert all(mapped[f.path] for f in files[:-1] if f.path in mapped)
+    assert False in modes  # torch.load really read it (mmap=False), not a mapping copied afterwards

@@ -840,15 +840,6 @@ def zip_contents_digest(path: Path) -> str | None:
         return None
 
 
-def unmapped(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """``state`` as loaded from ``path``, with private copies of its tensors where the load mapped the file (a
-    torch zip: ``torch.load(mmap=True)``). For a state the run keeps to its end: a file truncated while its
-    mapping is alive (a trainer rewriting ``last.ckpt``) kills the process with SIGBUS at the next access."""
-    if not path.is_file() or _sniff(path) != "torch-zip":
-        return state  # safetensors are read into memory (``_pread_tensors``); folders: their own files
-    return {k: v.clone() for k, v in state.items()}
-
-
 def _sniff(path: Path) -> str:
     """Detect the container from its first bytes, not its extension."""
     with open(path, "rb") as f:
@@ -995,18 +986,23 @@ _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose m
 _POLICY_REFUSAL = re.compile(r"allowlist|allowed global|Can only|unrecognized function|is blocked|not an allowed")
 
 
-def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_checked: bool = False) -> object:
-    """``torch.load`` a pickle checkpoint safely (zip pre-checks, explicit weights_only, allow-list)."""
+def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_checked: bool = False,
+                mapped: bool = True) -> object:
+    """``torch.load`` a pickle checkpoint safely (zip pre-checks, explicit weights_only, allow-list).
+
+    ``mapped``: a torch zip's tensors map the file (``mmap=True``: no copy, but a file truncated while the
+    mapping lives kills the process with SIGBUS at the next access); without it they are read into memory."""
     if _torch_version() < MIN_TORCH_FOR_PICKLE:
         raise UnsafeInputError(f"{path}: loading pickle checkpoints safely needs torch >= 2.6 "
                                f"(installed {torch.__version__}); upgrade torch or convert to safetensors")
     is_zip = _sniff(path) == "torch-zip"
+    mmap = is_zip and (mapped or header_only)
     if is_zip:
         _check_zip(path, verify_crc=not (header_only or crc_checked))
     try:
         if trust_pickle.full:
             try:
-                return torch.load(str(path), map_location="cpu", weights_only=False, mmap=is_zip)
+                return torch.load(str(path), map_location="cpu", weights_only=False, mmap=mmap)
             except (ModuleNotFoundError, AttributeError) as err:  # a class it pickled cannot be found here
                 if any(name.startswith("__main__.") for name in _unsafe_globals(path)):
                     raise CheckpointError(f"{path}: {MAIN_CLASS_FIX}") from None
@@ -1016,7 +1012,7 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
                     f"safetensors") from None
         with torch.serialization.safe_globals([*_safe_globals(), *trust_pickle.extra_globals()]):
             try:
-                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
             except Exception as err:  # classified below, inside the allow-list context
                 unsafe = _unsafe_globals(path) or _REFUSED_GLOBAL.findall(str(err))
                 if unsafe:  # every name, in a stable order: each is what --allow-global needs
@@ -1274,7 +1270,7 @@ def _recorded_timm_args(args: object) -> dict[str, str]:
 
 
 def _read_torch(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool,
-               crc_checked: bool = False, memo: HeaderMemo | None = None) -> _Found:
+               crc_checked: bool = False, memo: HeaderMemo | None = None, mapped: bool = True) -> _Found:
     if memo is not None and header_only and not trust_pickle.full and _sniff(path) == "torch-zip":
         key = (_zip_signature(path, _zip_member_ranges(path)), trust_pickle, weights)  # structural checks first
         found = memo.get(key)
@@ -1282,7 +1278,7 @@ def _read_torch(path: Path, trust_pickle: PickleTrust, weights: str, header_only
             found = _read_torch(path, trust_pickle, weights, header_only)
             memo.put(key, found)
         return found
-    obj = _torch_load(path, trust_pickle, header_only, crc_checked)
+    obj = _torch_load(path, trust_pickle, header_only, crc_checked, mapped)
     state, producer, container, top = _select(obj, path, weights)
     metadata: dict[str, str] = {}
     epoch = step = None
@@ -1374,7 +1370,7 @@ def _trainer_state(folder: Path) -> tuple[int | None, int | None, dict[str, floa
 
 
 def _read_hf(folder: Path, weight_file: Path, trust_pickle: PickleTrust, weights: str, header_only: bool,
-             crc_checked: bool = False) -> _Found:
+             crc_checked: bool = False, mapped: bool = True) -> _Found:
     """A ``checkpoint-<step>/`` folder: one weight file or an index with shards, plus trainer_state.json."""
     if weights == "ema":
         raise CheckpointError(f"{weight_file}: Hugging Face checkpoints hold one set of weights, no EMA copy; "
@@ -1387,7 +1383,7 @@ def _read_hf(folder: Path, weight_file: Path, trust_pickle: PickleTrust, weights
             if _sniff(shard) == "safetensors":
                 part, meta = _read_safetensors(shard, header_only, keys)
             else:
-                found = _read_torch(shard, trust_pickle, "raw", header_only, crc_checked)
+                found = _read_torch(shard, trust_pickle, "raw", header_only, crc_checked, mapped=mapped)
                 missing = sorted(keys - set(found.entries))
                 if missing:
                     raise CheckpointError(f"{shard}: lacks {len(missing)} tensor(s) its index assigns to it "
@@ -1484,7 +1480,7 @@ def _apply_prefixes(found: _Found, path: Path, strip_prefix: str | None,
 
 
 def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool, crc_checked: bool = False,
-          memo: HeaderMemo | None = None) -> _Found:
+          memo: HeaderMemo | None = None, mapped: bool = True) -> _Found:
     if weights not in WEIGHT_KINDS:
         raise ConfigError(f"--weights {weights}: use raw or ema")
     path = Path(path)
@@ -1496,12 +1492,12 @@ def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool
                 raise refused[0](refused[1])
             raise CheckpointError(f"{path}: no model weights in this folder (looked for "
                                   f"{', '.join(FOLDER_WEIGHT_FILES + FOLDER_INDEX_FILES)})")
-        return _read_hf(path, layout[1], trust_pickle, weights, header_only, crc_checked)
+        return _read_hf(path, layout[1], trust_pickle, weights, header_only, crc_checked, mapped)
     refused = _file_refusal(path) if path.exists() else None
     if refused is not None:
         raise refused[0](refused[1])
     if path.name in FOLDER_INDEX_FILES or (path.name in FOLDER_WEIGHT_FILES and _is_hf_weight_file(path)):
-        return _read_hf(path.parent, path, trust_pickle, weights, header_only, crc_checked)
+        return _read_hf(path.parent, path, trust_pickle, weights, header_only, crc_checked, mapped)
     try:
         kind = _sniff(path)
     except OSError as err:
@@ -1513,7 +1509,7 @@ def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool
         entries, metadata = _read_safetensors(path, header_only)
         return _Found(entries=entries, metadata=metadata, producer="safetensors")
     if kind in ("torch-zip", "torch-legacy"):
-        return _read_torch(path, trust_pickle, weights, header_only, crc_checked, memo)
+        return _read_torch(path, trust_pickle, weights, header_only, crc_checked, memo, mapped)
     raise CheckpointError(f"{path}: {_not_weights(path)}; remove it from the folder or leave it out with "
                           f"{exclude_hint(path.name)}")
 
@@ -1538,7 +1534,7 @@ def _not_weights(path: Path) -> str:
 
 def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "raw", strip_prefix: str | None = None,
                     allow_globals: tuple[str, ...] = (), model_keys: object | None = None,
-                    crc_checked: bool = False) -> LoadedCheckpoint:
+                    crc_checked: bool = False, mapped: bool = True) -> LoadedCheckpoint:
     """Load one checkpoint into a CPU state dict, safely, with what it says about itself.
 
     ``path``: a weight file, or a Hugging Face ``checkpoint-<step>/`` folder (``model.safetensors``,
@@ -1561,9 +1557,14 @@ def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "r
 
     ``crc_checked``: the caller already verified the zip CRCs (``sha256_file(verify_zip_crc=True)``
     read the file for its digest anyway), so the CRC pass is skipped; the structural checks still run.
+
+    ``mapped``: a torch zip's tensors may map the file (no copy; the default). Pass False for a state kept
+    long (to the end of a run): a file truncated while its mapping lives (a trainer rewriting ``last.ckpt``
+    in place) kills the process with SIGBUS at the next access, even during the load itself; read into
+    memory, it is a ``CheckpointError`` at worst. Safetensors are always read into memory.
     """
     found = _read(path, PickleTrust(trust_pickle, tuple(allow_globals)), weights, header_only=False,
-                  crc_checked=crc_checked)
+                  crc_checked=crc_checked, mapped=mapped)
     state, prefix = _apply_prefixes(found, Path(path), strip_prefix, model_keys)
     return LoadedCheckpoint(state=state, metadata=found.metadata, producer=found.producer, container=found.container,
                             prefix=prefix, weights=found.weights, epoch=found.epoch, step=found.step,

@@ -39,7 +39,6 @@ from .checkpoints import (
     raise_if_refused,
     read_header,
     sha256_file,
-    unmapped,
     zip_layout,
 )
 from .config import AverageConfig, SoupConfig
@@ -298,8 +297,9 @@ class Reader:
                 entries[alias] = entries[key]
         return entries
 
-    def load(self, path: Path, crc_checked: bool = False) -> dict[str, torch.Tensor]:
-        return self._untie(load_checkpoint(path, **self._options(), crc_checked=crc_checked).state)
+    def load(self, path: Path, crc_checked: bool = False, mapped: bool = True) -> dict[str, torch.Tensor]:
+        """``mapped=False`` for a state kept to the end of the run (see ``load_checkpoint``)."""
+        return self._untie(load_checkpoint(path, **self._options(), crc_checked=crc_checked, mapped=mapped).state)
 
     def header(self, path: Path) -> HeaderInfo:
         header = read_header(path, **self._options(), memo=self.headers)
@@ -430,9 +430,9 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
                     assert builder is not None
                     state = _read_direct(entry.path, layout, members, builder, names)  # CRCs checked on the way
                 else:
-                    state = reader.load(entry.path)  # the zip CRCs are checked before torch opens the file
-                    if index == len(files) - 1:  # kept to the end of the run: not a mapping of the file
-                        state = unmapped(state, entry.path)
+                    # the zip CRCs are checked before torch opens the file; the last file's state is kept to the
+                    # end of the run: read, not a mapping of the file
+                    state = reader.load(entry.path, mapped=index < len(files) - 1)
                     check_compatible(model, state, str(entry.path))
                 _check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
                 if builder is None:
@@ -534,7 +534,7 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
                 if index == 0:
                     state = first
                 elif index == len(files) - 1:  # kept to the end of the run: not a mapping of the file
-                    state = last = unmapped(reader.load(entry.path), entry.path)
+                    state = last = reader.load(entry.path, mapped=False)
                     check_compatible(model, state, str(entry.path))
                 else:
                     state = middle[index - 1][1]()  # the buffers; a zip's CRCs: the hasher checks them
