@@ -292,6 +292,19 @@ def test_space_message_names_the_margin_when_free_exceeds_the_output(tmp_path: P
         check_output(tmp_path / "o", ("model.safetensors",), False, needed_bytes=100 << 20)
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_an_output_on_a_virtual_filesystem_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # /proc reports 0 bytes free: "not enough free space … free space" sent users hunting for space to free
+    from twa_tool.errors import OutputError
+    from twa_tool.writer import check_output
+
+    monkeypatch.setattr("twa_tool.writer.os.access", lambda path, mode: True)  # as root (not root: "not writable")
+
+    with pytest.raises(OutputError, match=r"^/proc: reports no storage at all \(a virtual filesystem"):
+        check_output(Path("/proc/twa-out"), ("model.safetensors",), False, needed_bytes=1 << 20)
+    check_output(tmp_path / "o", ("model.safetensors",), False, needed_bytes=1 << 20)  # a real disk: no error
+
+
 def test_an_output_beside_a_file_read_from_outside_the_input_folder_is_allowed(tmp_path: Path) -> None:
     """soup's --base in folder B, --out B: B is not read as an ingredient folder; the base itself is protected."""
     from twa_tool.errors import OutputError

@@ -214,10 +214,21 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
         raise OutputError(f"{parent}: not writable; choose another --out")
     if parent is not None and needed_bytes:
         free = shutil.disk_usage(parent).free
+        if free < needed_bytes + _SPACE_MARGIN and _no_storage(parent):
+            raise OutputError(f"{parent}: reports no storage at all (a virtual filesystem such as /proc or /sys, or a "
+                              f"mount that does not report its size); choose another --out")
         if free < needed_bytes + _SPACE_MARGIN:
             raise OutputError(f"{parent}: not enough free space ({free >> 20} MiB free, the output needs about "
                               f"{needed_bytes >> 20} MiB plus a {_SPACE_MARGIN >> 20} MiB margin); free space or "
                               f"choose another --out")
+
+
+def _no_storage(folder: Path) -> bool:
+    """Whether ``folder``'s filesystem has no blocks at all (``/proc``, ``/sys``): not a place for files."""
+    try:
+        return os.statvfs(folder).f_blocks == 0
+    except (AttributeError, OSError):  # no statvfs (Windows) or not answerable: the usual free-space message
+        return False
 
 
 class ClaimedOutput:
