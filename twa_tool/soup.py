@@ -354,6 +354,10 @@ def fit_coefficients(model: nn.Module, names: list[str], directions: Directions,
     width = max(columns) + 1
     lam = torch.full((directions.count, width), 1.0 / directions.count, device=device, requires_grad=True)
     optimizer = OPTIMIZERS[config.optimizer]([lam], config)
+    # fp16: the loss is scaled before back-propagating (as ``train_projected``), or activation gradients below
+    # float16's range flush to zero; the scaled ∂L/∂λ is linear in the parameters' gradients, so the scaler
+    # unscales it (and skips a step whose gradients overflowed) on λ, the optimizer's one parameter
+    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
     params = dict(model.named_parameters())
     flat = FlatGrad([params[n] for n in names])
     steps_per_epoch = len(loader)
@@ -373,9 +377,10 @@ def fit_coefficients(model: nn.Module, names: list[str], directions: Directions,
             if not torch.isfinite(loss):
                 raise NumericalError(f"soup training loss became {value} at epoch {epoch + 1} step {step + 1} "
                                      f"(lr {lr:g}); lower --lr")
-            loss.backward()
+            scaler.scale(loss).backward()
             lam.grad = directions.coefficient_grad(flat.gather(), columns, width)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             steps += 1
             total += value * len(targets)
             count += len(targets)
