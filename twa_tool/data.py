@@ -18,6 +18,7 @@ files; torchvision is only used to fetch them.
 from __future__ import annotations
 
 import codecs
+import copy
 import difflib
 import gzip
 import importlib
@@ -60,6 +61,9 @@ class DataSplits:
         notes: What the user asked for that this spec does not use (``--data-root`` for
             ``imagefolder:PATH``, generated data, or a function without a ``root`` parameter), for the
             caller to warn about.
+        train_plain: The training examples read as the evaluation split reads its own (no augmentation),
+            index for index with ``train``: what a held-out part of ``train`` is scored on. ``train`` itself
+            where it has no augmentation; None where that view is unknown (a user function's datasets).
     """
 
     train: Dataset
@@ -67,6 +71,7 @@ class DataSplits:
     num_classes: int | None
     name: str
     notes: tuple[str, ...] = ()
+    train_plain: Dataset | None = None
 
 
 class ArrayImageDataset(Dataset):
@@ -408,9 +413,12 @@ def _build_cifar(layout: _CifarLayout, root: Path | None, download: bool) -> Dat
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # as in the TWA reference code
     t = _transforms()
     train_tf = _normalized(mean, std, t.RandomCrop(32, padding=4), t.RandomHorizontalFlip())
-    train = ArrayImageDataset(*_read_cifar_split(directory, layout.train_files, layout), train_tf)
-    test = ArrayImageDataset(*_read_cifar_split(directory, layout.test_files, layout), _normalized(mean, std))
-    return DataSplits(train=train, eval=test, num_classes=layout.num_classes, name=layout.name)
+    eval_tf = _normalized(mean, std)
+    images, targets = _read_cifar_split(directory, layout.train_files, layout)
+    train = ArrayImageDataset(images, targets, train_tf)
+    plain = ArrayImageDataset(images, targets, eval_tf)  # the same arrays, not a copy
+    test = ArrayImageDataset(*_read_cifar_split(directory, layout.test_files, layout), eval_tf)
+    return DataSplits(train=train, eval=test, num_classes=layout.num_classes, name=layout.name, train_plain=plain)
 
 
 def _build_cifar10(root: Path | None, download: bool) -> DataSplits:
@@ -530,7 +538,7 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
         raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
     train = NormalizedGrayDataset(*_read_idx_split(directory, "train", layout.name), layout.mean, layout.std)
     test = NormalizedGrayDataset(*_read_idx_split(directory, "t10k", layout.name), layout.mean, layout.std)
-    return DataSplits(train=train, eval=test, num_classes=10, name=layout.name)
+    return DataSplits(train=train, eval=test, num_classes=10, name=layout.name, train_plain=train)
 
 
 def _build_mnist(root: Path | None, download: bool) -> DataSplits:
@@ -625,7 +633,7 @@ def _build_svhn(root: Path | None, download: bool) -> DataSplits:
     transform = _normalized((0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197))
     train = ArrayImageDataset(*_read_svhn(base / _SVHN_FILES[0]), transform)
     test = ArrayImageDataset(*_read_svhn(base / _SVHN_FILES[1]), transform)
-    return DataSplits(train=train, eval=test, num_classes=10, name="svhn")
+    return DataSplits(train=train, eval=test, num_classes=10, name="svhn", train_plain=train)
 
 
 # --------------------------------------------------------------------------- ImageFolder / ImageNet
@@ -664,7 +672,11 @@ def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
             f"({len(train.classes)} vs {len(test.classes)}; {'; '.join(only)}); both need the same CLASS "
             "subdirectories"
         )
-    return DataSplits(train=train, eval=test, num_classes=len(train.classes), name=name)
+    plain = copy.copy(train)  # the same list of files (not scanned twice), read with the evaluation transform
+    plain.transform = eval_tf
+    plain.transforms = copy.copy(train.transforms)
+    plain.transforms.transform = eval_tf
+    return DataSplits(train=train, eval=test, num_classes=len(train.classes), name=name, train_plain=plain)
 
 
 def _build_imagenet(root: Path | None, download: bool) -> DataSplits:
@@ -722,7 +734,7 @@ def _build_synthetic(root: Path | None, download: bool) -> DataSplits:
     templates = _synthetic_templates(generator, num_classes=10, size=16)
     train = _synthetic_samples(generator, templates, 2000, noise=2.5, max_shift=2)
     test = _synthetic_samples(generator, templates, 500, noise=2.5, max_shift=2)
-    return DataSplits(train=train, eval=test, num_classes=10, name="synthetic")
+    return DataSplits(train=train, eval=test, num_classes=10, name="synthetic", train_plain=train)
 
 
 # --------------------------------------------------------------------------- user functions

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import __version__
 from .checkpoints import (
@@ -354,6 +354,10 @@ def fit_coefficients(model: nn.Module, names: list[str], directions: Directions,
     width = max(columns) + 1
     lam = torch.full((directions.count, width), 1.0 / directions.count, device=device, requires_grad=True)
     optimizer = OPTIMIZERS[config.optimizer]([lam], config)
+    # fp16: the loss is scaled before back-propagating (as ``train_projected``), or activation gradients below
+    # float16's range flush to zero; the scaled ∂L/∂λ is linear in the parameters' gradients, so the scaler
+    # unscales it (and skips a step whose gradients overflowed) on λ, the optimizer's one parameter
+    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
     params = dict(model.named_parameters())
     flat = FlatGrad([params[n] for n in names])
     steps_per_epoch = len(loader)
@@ -373,9 +377,10 @@ def fit_coefficients(model: nn.Module, names: list[str], directions: Directions,
             if not torch.isfinite(loss):
                 raise NumericalError(f"soup training loss became {value} at epoch {epoch + 1} step {step + 1} "
                                      f"(lr {lr:g}); lower --lr")
-            loss.backward()
+            scaler.scale(loss).backward()
             lam.grad = directions.coefficient_grad(flat.gather(), columns, width)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             steps += 1
             total += value * len(targets)
             count += len(targets)
@@ -584,22 +589,40 @@ def _holdout_data(config: SoupConfig) -> DataSplits:
 FEW_HELDOUT = 100
 
 
-def soup_data(config: SoupConfig) -> tuple[Dataset, Dataset, Dataset, dict, tuple[str, ...]]:
-    """(fit, held-out, eval) splits: the held-out part is carved from the fit split or given by ``--holdout``;
-    the facts for the report; the notes about options the specs do not use (``DataSplits.notes``)."""
+@dataclass(frozen=True)
+class SoupSplits:
+    """The data of a soup run. ``heldout_eval`` scores the held-out examples (greedy's ranking and acceptance,
+    the best single ingredient, the written soup): read as the evaluation split is read, without training
+    augmentation, as model soups score ImageNet2p. ``heldout_fit`` is what the coefficients are fitted on: the
+    same examples as ``--data``'s fit split yields them (its augmentation), or ``--holdout``'s split."""
+
+    fit: Dataset
+    heldout_fit: Dataset
+    heldout_eval: Dataset
+    eval: Dataset
+    facts: dict
+    notes: tuple[str, ...]
+
+
+def soup_data(config: SoupConfig) -> SoupSplits:
+    """The fit, held-out and eval splits: the held-out part is carved from the fit split or given by
+    ``--holdout``; the facts for the report; the notes about options the specs do not use (``DataSplits.notes``)."""
     data = build_data(config.data, root=config.data_root, download=config.download)
     notes = data.notes
     if config.holdout is not None:
         holdout = _holdout_data(config)
         fit, heldout = data.train, holdout.eval
+        scored = heldout
         notes = tuple(dict.fromkeys([*notes, *(n.replace("--data ", "--holdout ", 1) for n in holdout.notes)]))
         source = f"--holdout {config.holdout}"
     else:
         fit, heldout = split_holdout(data.train, config.holdout_fraction, config.seed)
+        # scored without augmentation where --data knows its plain view (a user function's fit split: as it yields)
+        scored = Subset(data.train_plain, heldout.indices) if data.train_plain is not None else heldout
         source = f"--holdout-fraction {config.holdout_fraction} of --data's fit split (seed {config.seed})"
     facts = {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "heldout": source,
              "fit_examples": len(fit), "heldout_examples": len(heldout), "eval_examples": len(data.eval)}
-    return fit, heldout, data.eval, facts, notes
+    return SoupSplits(fit=fit, heldout_fit=heldout, heldout_eval=scored, eval=data.eval, facts=facts, notes=notes)
 
 
 def memory_formula(k: int, d: int, state_bytes: int, basis_dtype: str) -> dict:
@@ -640,7 +663,9 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     sources = tuple(f.path for f in inputs.files) + \
         ((base, *(folder_weight_files(base) if base.is_dir() else ())) if base else ())
     check_output(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)  # before the data
-    fit, heldout, eval_data, data_facts, notes = soup_data(config)
+    splits = soup_data(config)
+    fit, heldout, eval_data, data_facts, notes = (splits.fit, splits.heldout_eval, splits.eval, splits.facts,
+                                                  splits.notes)
     for message in notes:
         inputs.warnings.append(message)
         on_event(Event("warning", message))
@@ -689,7 +714,8 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         timings["greedy_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         fitted, columns = run_twa(config, inputs.model, names, uniform, directions, evaluator,
-                                  _heldout_loader(heldout, config, shuffle=True, train_mode=True), on_event)
+                                  _heldout_loader(splits.heldout_fit, config, shuffle=True, train_mode=True),
+                                  on_event)
         metrics["twa"] = evaluator.both()
         timings["twa_s"] = time.perf_counter() - clock
 

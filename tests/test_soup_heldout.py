@@ -1,0 +1,64 @@
+"""The held-out split of ``twa soup`` is scored as model soups score theirs: without training augmentation.
+
+Model soups (Wortsman et al. 2022, ``main.py``) rank and accept greedy ingredients by their accuracy on
+ImageNet2p, 2% of the *training* images read with the evaluation preprocessing. A held-out split carved from
+``--data``'s fit split must likewise be scored on the plain images, not on random crops and flips (which
+make every held-out accuracy, and so greedy's choices, depend on the augmentation draws).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from test_data import expected_cifar_image, write_cifar10
+
+from twa_tool.config import SoupConfig
+from twa_tool.data import build_data
+from twa_tool.soup import soup_data
+
+
+def test_carved_heldout_is_scored_without_augmentation(tmp_path: Path) -> None:
+    rows, labels = write_cifar10(tmp_path, np.random.default_rng(5))
+    train_rows, train_labels = np.concatenate(rows[:5]), sum(labels[:5], [])
+    config = SoupConfig(finetunes_dir=tmp_path, out_dir=tmp_path / "out", data="cifar10", data_root=tmp_path,
+                        holdout_fraction=0.3)
+    splits = soup_data(config)
+    scored = splits.heldout_eval
+    assert len(scored) == len(splits.heldout_fit) == 3
+    torch.manual_seed(0)
+    for position, index in enumerate(splits.heldout_fit.indices):
+        image, target = scored[position]
+        assert target == train_labels[index]
+        # the evaluation transform of that training image, exactly, every time it is read
+        torch.testing.assert_close(image, expected_cifar_image(train_rows[index]), atol=1e-5, rtol=0)
+        assert all(torch.equal(image, scored[position][0]) for _ in range(4))
+    # fitting the coefficients keeps the training augmentation, as fitting on --data's fit split does
+    views = [splits.heldout_fit[0][0] for _ in range(8)]
+    assert any(not torch.equal(views[0], v) for v in views[1:])
+    # and the rest of the fit split (BN re-estimation) is disjoint from the held-out examples
+    assert not set(splits.fit.indices) & set(splits.heldout_fit.indices)
+
+
+def test_imagefolder_plain_view_reads_training_images_as_the_eval_split(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+    for c in ("a", "b"):
+        for i in range(2):
+            pixels = Image.fromarray(rng.integers(0, 256, size=(240, 300, 3), dtype=np.uint8))
+            for split in ("train", "val"):  # the same files in both: the plain view must equal the eval split
+                pixels.save(tmp_path / split / c / f"{i}.png")
+    config = SoupConfig(finetunes_dir=tmp_path, out_dir=tmp_path / "out", data=f"imagefolder:{tmp_path}",
+                        holdout_fraction=0.5)
+    splits = soup_data(config)
+    eval_split = build_data(f"imagefolder:{tmp_path}").eval
+    for position, index in enumerate(splits.heldout_fit.indices):
+        image, target = splits.heldout_eval[position]
+        expected, expected_target = eval_split[index]
+        assert image.shape == (3, 224, 224) and target == expected_target
+        torch.testing.assert_close(image, expected, atol=0, rtol=0)
+    assert splits.heldout_fit[0][0].shape == (3, 224, 224)  # fitting: RandomResizedCrop, as the fit split
