@@ -543,8 +543,10 @@ def run_options(fn: Callable) -> Callable:
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Same seed and --threads on CPU give bit-identical output."),
         click.option("--basis-dtype", type=click.Choice(["float32", "bf16", "int8"]), default="float32",
-                     show_default=True, help="Storage of the basis: bf16 halves it, int8 (per-block scaled) quarters "
-                                             "it (for twa average: the build's peak memory too)."),
+                     show_default=True, help="Storage of the basis (twa soup: of the ingredients' directions): bf16 "
+                                             "halves it, int8 quarters it (one scale per row and 4096 columns; twa "
+                                             "soup: per ingredient and tensor); for twa average the build's peak "
+                                             "memory too."),
     ]):
         fn = option(fn)
     return fn
