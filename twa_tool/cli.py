@@ -522,7 +522,7 @@ def model_options(fn: Callable) -> Callable:
     fn = click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
                       help="Keyword argument for the model constructor (repeatable).")(fn)
     return click.option("--model", "model", default=None,
-                        help="torchvision:NAME, timm:NAME, twa:cnn, module:function or file.py:function. "
+                        help="torchvision:NAME, timm:NAME, twa:cnn, twa:mlp, module:function or file.py:function. "
                              "Optional when the checkpoints record their architecture.")(fn)
 
 
