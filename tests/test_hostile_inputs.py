@@ -309,3 +309,29 @@ def test_bytes_before_a_zips_first_member_are_refused(tmp_path: Path) -> None:
         _zip_member_ranges(second)
     with pytest.raises(CheckpointError, match="before the zip's first member"):
         layout.matches(second)
+
+
+@pytest.mark.parametrize("command", ["average", "soup", "inspect"])
+@pytest.mark.parametrize("name, message", [
+    ("posix.mkdir", "torch's safe unpickler never allows the posix module"),
+    ("__main__.Net", "a class defined in the script that saved the file (__main__)"),
+])
+def test_an_allow_global_no_file_can_use_is_a_usage_error_without_pickle_files(
+        tmp_path: Path, command: str, name: str, message: str) -> None:
+    """The README: an --allow-global of os/posix/sys/nt is a usage error (torch's safe unpickler never allows them),
+    and so is one of __main__. Before, the names were only checked when a pickle file was read: over safetensors
+    checkpoints the same flag was accepted without a word (exit 0), over .pt files refused (exit 2)."""
+    from twa_tool.models import MLP
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(2):
+        torch.manual_seed(i)
+        save_file(MLP(hidden=4).state_dict(), ckpts / f"{i}.safetensors")
+    rest = {"inspect": [], "average": ["--dry-run"], "soup": ["--epochs", "0"]}[command]
+    if command != "inspect":
+        rest += ["--model", "twa:mlp", "--model-arg", "hidden=4", "--data", "synthetic", "--out", tmp_path / "out"]
+    result = twa(command, ckpts, *rest, "--allow-global", name)
+    assert result.exit_code == 2, result.output
+    assert one_error(result).startswith(f"error: --allow-global {name}: {message}")
+    assert not (tmp_path / "out").exists()

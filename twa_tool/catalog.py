@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoints import CheckpointFile, HeaderInfo, HeaderMemo, discover, folder_weight_files, read_header
+from .checkpoints import (
+    CheckpointFile,
+    HeaderInfo,
+    HeaderMemo,
+    check_allow_globals,
+    discover,
+    folder_weight_files,
+    read_header,
+)
 from .config import Selection
 from .errors import ConfigError, TwaError
 from .selection import filtered_out, missing_target, mixed_dtypes, order_conflict, select
@@ -80,6 +88,7 @@ def _header(entry: CheckpointFile, options: dict) -> tuple[HeaderInfo | None, st
 def inspect_directory(directory: Path, selection: Selection, weights: str = "raw", strip_prefix: str | None = None,
                       trust_pickle: bool = False, allow_globals: tuple[str, ...] = ()) -> Catalog:
     """Read every candidate's header once and apply the selection ``twa average`` would apply."""
+    check_allow_globals(allow_globals)
     files = discover(directory)
     options = {"weights": weights, "strip_prefix": strip_prefix, "trust_pickle": trust_pickle,
                "allow_globals": allow_globals, "memo": HeaderMemo()}

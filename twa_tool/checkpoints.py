@@ -137,13 +137,22 @@ NEVER_ALLOWED_FIX = ("no checkpoint needs these unless it was made to run code w
                      "(--trust-pickle would run them; --allow-global cannot allow them)")
 
 
+def check_allow_globals(names: tuple[str, ...]) -> None:
+    """Refuse at the start of a run the ``--allow-global`` names no file can use (a ``__main__`` class, a module
+    torch's safe unpickler never allows), whatever the checkpoints' format: before, they were only refused when a
+    pickle file was read, and accepted without a word over safetensors. The others are imported only when a file
+    needs them."""
+    for name in names:
+        if name.rpartition(".")[0] == "__main__":
+            raise ConfigError(f"--allow-global {name}: {MAIN_CLASS_FIX}")
+        if _never_allowed([name]):
+            raise ConfigError(f"--allow-global {name}: torch's safe unpickler never allows the {name.split('.')[0]} "
+                              f"module, whatever is allowed; {NEVER_ALLOWED_FIX}")
+
+
 def _resolve_global(name: str) -> object:
     module, _, attr = name.rpartition(".")
-    if module == "__main__":
-        raise ConfigError(f"--allow-global {name}: {MAIN_CLASS_FIX}")
-    if _never_allowed([name]):
-        raise ConfigError(f"--allow-global {name}: torch's safe unpickler never allows the {name.split('.')[0]} "
-                          f"module, whatever is allowed; {NEVER_ALLOWED_FIX}")
+    check_allow_globals((name,))
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError, ValueError):

@@ -3,7 +3,7 @@
 The only module that talks to the user. Human output goes to stderr (rich), machine output
 (``--json``) to stdout. Errors are one line naming the file or flag and the fix; ``-v`` adds the
 traceback. Exit codes: 0 ok, 1 unexpected, 2 usage, 3 quality gate, 4 bad input, 5 unsafe input, 6 numerical
-failure, 7 output failure, 8 another torchrun rank failed, 130 interrupted, 143 terminated.
+failure, 7 output failure, 8 another torchrun rank failed, 9 out of memory, 130 interrupted, 143 terminated.
 """
 
 from __future__ import annotations
@@ -522,7 +522,7 @@ def model_options(fn: Callable) -> Callable:
     fn = click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
                       help="Keyword argument for the model constructor (repeatable).")(fn)
     return click.option("--model", "model", default=None,
-                        help="torchvision:NAME, timm:NAME, twa:cnn, module:function or file.py:function. "
+                        help="torchvision:NAME, timm:NAME, twa:cnn, twa:mlp, module:function or file.py:function. "
                              "Optional when the checkpoints record their architecture.")(fn)
 
 
@@ -535,15 +535,18 @@ def run_options(fn: Callable) -> Callable:
                      help="Where the dataset files are."),
         click.option("--download", is_flag=True, help="Allow downloading the dataset (off: offline by default)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
-        click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True),
+        click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True,
+                     help="Autocast the forward passes in bf16 or fp16 (fp16 with gradient scaling)."),
         click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers."),
         click.option("--threads", type=int, default=None,
                      help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)."),
         click.option("--seed", type=int, default=0, show_default=True,
-                     help="Same seed on CPU gives bit-identical output."),
+                     help="Same seed and --threads on CPU give bit-identical output."),
         click.option("--basis-dtype", type=click.Choice(["float32", "bf16", "int8"]), default="float32",
-                     show_default=True, help="Storage of the basis: bf16 halves it, int8 (per-block scaled) quarters "
-                                             "it (for twa average: the build's peak memory too)."),
+                     show_default=True, help="Storage of the basis (twa soup: of the ingredients' directions): bf16 "
+                                             "halves it, int8 quarters it (one scale per row and 4096 columns; twa "
+                                             "soup: per ingredient and tensor); for twa average the build's peak "
+                                             "memory too."),
     ]):
         fn = option(fn)
     return fn
@@ -552,7 +555,7 @@ def run_options(fn: Callable) -> Callable:
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("checkpoint_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=OUT_DIR, required=True,
-              help="Output folder for model.safetensors and report.json.")
+              help="Output folder for model.safetensors, report.json and report.md.")
 @model_options
 @reader_options
 @run_options
@@ -561,7 +564,8 @@ def run_options(fn: Callable) -> Callable:
 @train_options
 @click.option("--fit-on", type=click.Choice(["train", "holdout"]), default="train", show_default=True,
               help="Fit coefficients on the train split (TWA-t) or a held-out part of it (TWA-v).")
-@click.option("--holdout-fraction", type=float, default=0.1, show_default=True)
+@click.option("--holdout-fraction", type=float, default=0.1, show_default=True,
+              help="Share of the train split held out (seeded by --seed) for --fit-on holdout.")
 @click.option("--baselines", default="last,best,swa", show_default=True,
               help="Comma-separated subset of last,best,swa, or none.")
 @click.option("--fail-if-worse-than", type=click.Choice(["last", "best", "swa"]), default=None,
@@ -774,7 +778,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
               help="Folder for ckpts/ (the training run) and twa/ (the averaged model).")
 @click.option("--data", default="synthetic", show_default=True,
               help="Dataset for the demo run (synthetic needs no files; fashion-mnist reads the Debian package).")
-@click.option("--data-root", type=click.Path(path_type=Path), default=None)
+@click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Where the dataset files are.")
 @click.option("--download", is_flag=True, help="Allow downloading the dataset (off: offline by default).")
 @click.option("--train-epochs", type=int, default=8, show_default=True, help="Epochs of the plain SGD run.")
 @click.option("--epochs", type=int, default=4, show_default=True, help="TWA epochs.")

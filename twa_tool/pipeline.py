@@ -32,6 +32,7 @@ from .checkpoints import (
     HeaderInfo,
     HeaderMemo,
     ZipLayout,
+    check_allow_globals,
     column_file,
     discover,
     load_checkpoint,
@@ -984,6 +985,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
         on_event(Event("warning", message))
 
     check_same_run(dist, config)
+    check_allow_globals(config.allow_globals)
     torch.manual_seed(config.seed)
     device = dist.device(resolve_device(config.device))
     chosen = select_checkpoints(config)

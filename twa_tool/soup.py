@@ -40,6 +40,7 @@ from . import __version__
 from .checkpoints import (
     CheckpointFile,
     HeaderMemo,
+    check_allow_globals,
     discover,
     folder_weight_files,
     no_checkpoints,
@@ -652,6 +653,7 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     (their deviations join the directions) -> uniform -> greedy -> twa -> report -> write the chosen soup.
     """
     timings: dict[str, float] = {}
+    check_allow_globals(config.allow_globals)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     inputs = find_inputs(config)
