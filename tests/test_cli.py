@@ -376,3 +376,11 @@ def test_what_user_data_code_prints_in_the_demo_goes_to_stderr(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["checkpoints"] == ["0.safetensors", "1.safetensors"]
     assert "loud: imported" in result.stderr and "loud: example" in result.stderr
+
+
+def test_the_demo_says_one_epoch_in_the_singular(tmp_path: Path) -> None:
+    (tmp_path / "loud.py").write_text(LOUD_DATA)
+    result = CliRunner().invoke(cli, ["demo", "--data", f"{tmp_path / 'loud.py'}:splits", "--train-epochs", "1",
+                                      "--epochs", "0", "--threads", "1", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert " for 1 epoch -> " in result.output  # was "for 1 epochs"

@@ -816,8 +816,9 @@ def demo(out_dir: Path, data: str, data_root: Path | None, download: bool, train
                                    overwrite=overwrite, out_dtype=out_dtype,
                                    max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
             check_output(config.out_dir, (MODEL_FILE, "report.json"), overwrite)
-            console.print(f"training {train_config.model} on {data} for {train_epochs} epochs "
-                          f"-> {train_config.out_dir}", markup=False)
+            epochs_text = f"{train_epochs} epoch{'' if train_epochs == 1 else 's'}"
+            console.print(f"training {train_config.model} on {data} for {epochs_text} -> {train_config.out_dir}",
+                          markup=False)
             created = missing_folders(train_config.out_dir, config.out_dir)
             checkpoints = train_checkpoints(train_config, on_epoch=lambda e, loss: console.print(
                 f"  epoch {e}: train loss {loss:.4f}"))
