@@ -416,3 +416,15 @@ def test_no_color_means_no_escape_codes_even_on_a_terminal(demo_ckpts: Path, tmp
     plain = invoke(*args, env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
     assert plain.exit_code == 0 and "\x1b" not in plain.stderr, plain.output
     assert "training coefficients" in plain.stderr and "TWA" in plain.stderr
+
+
+def test_every_file_written_is_listed_in_the_report_and_on_the_console(demo_ckpts: Path, tmp_path: Path) -> None:
+    # report.md and the figures were written but neither listed in report.json's outputs nor in the "wrote" lines
+    result = invoke(demo_ckpts, *FAST, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    outputs = json.loads((tmp_path / "o" / "report.json").read_text())["outputs"]
+    listed = {outputs["report"]["path"], *outputs["human"], *(f["path"] for f in outputs["files"])}
+    assert listed == {str(p) for p in (tmp_path / "o").iterdir()}
+    assert outputs["human"][0] == str(tmp_path / "o" / "report.md")
+    printed = {line.split()[1] for line in result.stderr.splitlines() if line.startswith("wrote ")}
+    assert printed == listed

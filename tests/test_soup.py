@@ -378,3 +378,10 @@ def test_soup_plans_its_output_from_the_stored_dtypes(finetunes: Path, tmp_path:
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.json", "report.md"]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.bfloat16}
+
+
+def test_the_soup_lists_its_report_md(soup_run: tuple[object, Path]) -> None:
+    result, out = soup_run
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outputs"]["human"] == [str(out / "report.md")]
+    assert (out / "report.md").is_file()

@@ -1228,16 +1228,14 @@ def write_outputs(config: AverageConfig, report: dict, files: list[CheckpointFil
         written = write_model(staged, cast_state(state, config.out_dtype), metadata, config.max_shard_size,
                               hf_folder(files[-1], config.checkpoint_dir))
         report["outputs"] = written.outputs(report_path)
+        figures, note = render_plots(report)
+        report["outputs"]["human"] = [str(config.out_dir / name) for name in (HUMAN_REPORT_FILE, *figures)]
         staged.save_json(REPORT_FILE, report)
-        stage_human_report(staged, report)
+        for name, png in figures.items():
+            staged.write_bytes(name, png)
+        staged.write_bytes(HUMAN_REPORT_FILE, markdown_report(report, list(figures), note).encode())
         staged.commit(pause_before_rename_s=60.0 if "pause-write" in config.faults else 0.0)
     return AverageResult(report=report, model_path=written.main, report_path=report_path,
                          warnings=tuple(report["warnings"]))
 
 
-def stage_human_report(staged: StagedOutput, report: dict) -> None:
-    """report.md beside report.json, with PNG figures when matplotlib is installed."""
-    figures, note = render_plots(report)
-    for name, png in figures.items():
-        staged.write_bytes(name, png)
-    staged.write_bytes(HUMAN_REPORT_FILE, markdown_report(report, list(figures), note).encode())

@@ -95,6 +95,8 @@ def render_average(report: dict, console: Console) -> None:
         for item in outputs.get("files", [outputs["model"]]):
             console.print(f"wrote {item['path']}  sha256 {item['sha256']}", soft_wrap=True, markup=False)
         console.print(f"wrote {outputs['report']['path']}", soft_wrap=True, markup=False)
+    for path in outputs.get("human", []):  # report.md, figures
+        console.print(f"wrote {path}", soft_wrap=True, markup=False)
 
 
 def _epoch_step(row: dict) -> str:
@@ -234,6 +236,8 @@ def render_soup(report: dict, console: Console) -> None:
         console.print(f"wrote {item['path']}  sha256 {item['sha256']}", soft_wrap=True, markup=False)
     if "report" in outputs:
         console.print(f"wrote {outputs['report']['path']}", soft_wrap=True, markup=False)
+    for path in outputs.get("human", []):  # report.md
+        console.print(f"wrote {path}", soft_wrap=True, markup=False)
 
 
 def markdown_soup_report(report: dict) -> str:

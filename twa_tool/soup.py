@@ -866,6 +866,7 @@ def write_soup(config: SoupConfig, report: dict, state: State, inputs: Inputs) -
         written = write_model(staged, cast_state(stored, config.out_dtype), metadata, config.max_shard_size,
                               hf_folder(inputs.files[-1], config.finetunes_dir))  # its config/tokenizer files
         report["outputs"] = written.outputs(report_path)
+        report["outputs"]["human"] = [str(config.out_dir / HUMAN_REPORT_FILE)]
         staged.save_json(REPORT_FILE, report)
         staged.write_bytes(HUMAN_REPORT_FILE, markdown_soup_report(report).encode())
         staged.commit()
