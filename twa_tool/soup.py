@@ -370,7 +370,7 @@ def fit_coefficients(model: nn.Module, names: list[str], directions: Directions,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             write_flat(model, names, directions.weights(lam.detach(), columns))
-            flat.buffer.zero_()
+            flat.zero()
             with autocast(device, amp):
                 loss = class_loss(model(inputs.to(device)), targets.to(device))
             value = loss.item()

@@ -1,0 +1,124 @@
+"""Models and checkpoints whose structure is unusual but legal: parameters of mixed dtypes, BatchNorm variants,
+models whose forward does not return a tensor of logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from torch import nn
+
+from twa_tool.cli import cli
+from twa_tool.trainer import FlatGrad, TrainConfig, train_projected
+
+MODELS = '''
+import torch
+from torch import nn
+
+
+class Temperature(nn.Module):
+    """A float32 linear layer and one float64 parameter (a temperature kept in double precision)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(256, 10)
+        self.temp = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * self.temp.float()
+
+
+def temperature():
+    return Temperature()
+'''
+
+
+def _module(tmp_path: Path):
+    import importlib.util
+
+    path = tmp_path / "structures.py"
+    path.write_text(MODELS)
+    spec = importlib.util.spec_from_file_location("structures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def _trajectory(model: nn.Module, folder: Path, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``count`` checkpoints (torch.save'd state dicts) along a random walk of every floating parameter."""
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    states = []
+    for i in range(count):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.save(state, folder / f"{i}.pt")
+        states.append(state)
+    return states
+
+
+RUN = ["--data", "synthetic", "--epochs", "1", "--lr", "0.05", "--batch-size", "512", "--threads", "1"]
+
+
+def test_flat_grad_of_mixed_dtypes_is_gathered_and_scattered() -> None:
+    """A float64 parameter beside float32 ones: its gradient cannot be a view of a float32 buffer (torch refused
+    the assignment: exit 1 'attempting to assign a gradient with dtype double'); the buffer is float64 and the
+    float32 parameters' gradients are copied in and out."""
+    a = nn.Parameter(torch.ones(3))
+    b = nn.Parameter(torch.ones((), dtype=torch.float64))
+    flat = FlatGrad([a, b])
+    assert flat.buffer.dtype == torch.float64 and flat.mixed
+    (a.sum() * 2 + b * 3).backward()
+    assert flat.gather().tolist() == [2, 2, 2, 3]
+    flat.buffer.mul_(0.5)
+    flat.scatter()
+    assert a.grad.tolist() == [1, 1, 1] and b.grad.item() == 1.5
+    flat.zero()
+    assert a.grad.abs().sum() == 0 and b.grad == 0
+    same = FlatGrad([nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(()))])
+    assert same.buffer.dtype == torch.float32 and not same.mixed
+
+
+def test_projected_step_with_a_float64_parameter_is_the_projected_sgd_step(tmp_path: Path) -> None:
+    module, _ = _module(tmp_path)
+    torch.manual_seed(0)
+    model = module.temperature()
+    names = [n for n, _ in model.named_parameters()]
+    basis = torch.linalg.qr(torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64))[0].T
+    x, y = torch.randn(8, 1, 16, 16), torch.arange(8) % 10
+    start = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    loss = nn.functional.cross_entropy(model(x), y)
+    g = torch.cat([t.double().reshape(-1) for t in torch.autograd.grad(loss, list(model.parameters()))])
+    config = TrainConfig(lr=0.1, momentum=0.0, weight_decay=0.0, epochs=1, batch_size=8, schedule="constant")
+    train_projected(model, names, basis, [(x, y)], config, torch.device("cpu"))
+    after = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(after, start - 0.1 * basis.T @ (basis @ g), atol=1e-6, rtol=1e-5)
+    assert model.temp.dtype == torch.float64
+
+
+def test_average_and_soup_of_a_model_with_a_float64_parameter(tmp_path: Path) -> None:
+    module, path = _module(tmp_path)
+    torch.manual_seed(0)
+    states = _trajectory(module.temperature(), tmp_path / "ckpts", 4)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["average", str(tmp_path / "ckpts"), "--model", f"{path}:temperature", *RUN,
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    a = json.loads((out / "report.json").read_text())["coefficients"]
+    saved = load_file(out / "model.safetensors")
+    assert saved["temp"].dtype == torch.float64
+    for key in ("temp", "fc.weight"):  # the result is Σ aᵢ wᵢ
+        mix = sum(ai * s[key].double() for ai, s in zip(a, states))
+        torch.testing.assert_close(saved[key].double(), mix, atol=1e-6, rtol=1e-5)
+    souped = CliRunner().invoke(cli, ["soup", str(tmp_path / "ckpts"), "--model", f"{path}:temperature", *RUN,
+                                      "--method", "twa", "--out", str(tmp_path / "soup")])
+    assert souped.exit_code == 0, souped.output
+    lam = json.loads((tmp_path / "soup" / "report.json").read_text())["coefficients"]["twa"]
+    written = load_file(tmp_path / "soup" / "model.safetensors")
+    mix = sum(li * s["temp"] for li, s in zip(lam, states))
+    torch.testing.assert_close(written["temp"], mix, atol=1e-6, rtol=1e-5)
