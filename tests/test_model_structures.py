@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 from torch import nn
 
 from twa_tool.cli import cli
+from twa_tool.errors import ModelError
+from twa_tool.models import logits_of
 from twa_tool.trainer import FlatGrad, TrainConfig, train_projected
 
 MODELS = '''
@@ -33,6 +36,30 @@ class Temperature(nn.Module):
 
 def temperature():
     return Temperature()
+
+
+class Outputs(nn.Module):
+    """forward returns a tuple, a dict with or without logits, or (in training mode only) a tuple, as
+    torchvision's Inception does with its auxiliary logits."""
+
+    def __init__(self, kind="tuple"):
+        super().__init__()
+        self.kind = kind
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x):
+        y = self.fc(x.flatten(1))
+        if self.kind == "tuple" or (self.kind == "train-tuple" and self.training):
+            return y, y.sum()
+        if self.kind == "dict":
+            return {"logits": y, "features": x}
+        if self.kind == "dict-without-logits":
+            return {"scores": y}
+        return y
+
+
+def outputs(kind="tuple"):
+    return Outputs(kind)
 '''
 
 
@@ -122,3 +149,39 @@ def test_average_and_soup_of_a_model_with_a_float64_parameter(tmp_path: Path) ->
     written = load_file(tmp_path / "soup" / "model.safetensors")
     mix = sum(li * s["temp"] for li, s in zip(lam, states))
     torch.testing.assert_close(written["temp"], mix, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("command", ["average", "soup"])
+@pytest.mark.parametrize("kind, code, text", [
+    ("tuple", 4, "its forward returned a tuple of 2, not a tensor of logits"),
+    ("dict-without-logits", 4, "its forward returned a dict with keys scores, not a tensor of logits"),
+    ("train-tuple", 4, "the model: its forward returned a tuple of 2, not a tensor of logits"),
+    ("dict", 0, ""),
+])
+def test_a_forward_that_does_not_return_a_tensor(tmp_path: Path, command: str, kind: str, code: int,
+                                                 text: str) -> None:
+    """A tuple or a dict was an unexpected error (exit 1, "'tuple' object has no attribute 'float'"); now an output
+    with ``logits`` is read, and anything else is one line naming --model (before any checkpoint is read when the
+    eval-mode forward shows it; at the first training step when only training mode returns it)."""
+    module, path = _module(tmp_path)
+    torch.manual_seed(0)
+    _trajectory(module.outputs(), tmp_path / "ckpts", 3)
+    args = [command, str(tmp_path / "ckpts"), "--model", f"{path}:outputs", "--model-arg", f"kind={kind}", *RUN,
+            "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == code, result.output
+    if code:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and text in errors[0] and "Traceback" not in result.output, result.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_logits_of() -> None:
+    from collections import namedtuple
+
+    y = torch.zeros(2, 3)
+    assert logits_of(y) is y
+    assert logits_of({"logits": y}) is y
+    assert logits_of(namedtuple("InceptionOutputs", ["logits", "aux_logits"])(y, None)) is y
+    with pytest.raises(ModelError, match="--model m: its forward returned a list of 1"):
+        logits_of([y], "m")

@@ -151,6 +151,27 @@ def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
     return model
 
 
+def logits_of(out: object, model_name: str | None = None) -> torch.Tensor:
+    """The logits in what ``model(inputs)`` returned: a tensor as it is; an output object's ``logits`` (Hugging Face
+    outputs, torchvision's ``InceptionOutputs``/``GoogLeNetOutputs`` in training mode, a dict with a ``logits``
+    key). Anything else (a tuple, a dict without ``logits``) is a one-line ``ModelError``: which of its entries are
+    the logits is the model's to say."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    what = f"--model {model_name}" if model_name else "the model"
+    kind = type(out).__name__
+    if isinstance(out, Mapping):
+        kind += f" with keys {', '.join(map(str, list(out)[:4]))}{'...' if len(out) > 4 else ''}"
+    elif isinstance(out, (tuple, list)):
+        kind += f" of {len(out)}"
+    raise ModelError(f"{what}: its forward returned a {kind}, not a tensor of logits; twa calls model(inputs) and "
+                     f"needs the (batch, classes) logits: give --model a function returning a module whose forward "
+                     f"returns them (e.g. a subclass returning output[0])")
+
+
 def _known_targets(dataset: object, first: object) -> torch.Tensor | None:
     """The dataset's class targets, one row per example, when it exposes them cheaply (torchvision's
     ``targets`` unless a ``target_transform`` changes them, a ``TensorDataset``'s second tensor, a ``Subset``
@@ -248,6 +269,7 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
                          f"{model_name} ({reason}); {fix}") from None
     finally:
         model.train(was_training)
+    out = logits_of(out, model_name)
     outputs = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
     if num_classes and outputs is not None and outputs < num_classes:
         raise InputError(f"{flag} {data_name} has {num_classes} classes but --model {model_name} outputs "

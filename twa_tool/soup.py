@@ -57,6 +57,7 @@ from .models import (
     check_data_fits,
     flatten,
     load_state,
+    logits_of,
     trainable_names,
     write_flat,
 )
@@ -372,7 +373,7 @@ def fit_coefficients(model: nn.Module, names: list[str], directions: Directions,
             write_flat(model, names, directions.weights(lam.detach(), columns))
             flat.zero()
             with autocast(device, amp):
-                loss = class_loss(model(inputs.to(device)), targets.to(device))
+                loss = class_loss(logits_of(model(inputs.to(device))), targets.to(device))
             value = loss.item()
             if not torch.isfinite(loss):
                 raise NumericalError(f"soup training loss became {value} at epoch {epoch + 1} step {step + 1} "

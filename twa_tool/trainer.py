@@ -22,6 +22,7 @@ from torch.optim.swa_utils import update_bn
 from .config import TrainConfig
 from .distributed import Dist, Shard, global_batchnorm, merge_bn_statistics
 from .errors import DataError, NumericalError, TwaError, is_out_of_memory, one_line
+from .models import logits_of
 from .subspace import Basis
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def train_projected(
                 inputs, targets = _batch_to(batch, device)
                 optimizer.zero_grad(set_to_none=False)
                 with autocast(device, amp):
-                    loss, loss_value, examples = replica.loss(model(inputs), targets)
+                    loss, loss_value, examples = replica.loss(logits_of(model(inputs)), targets)
                 if not math.isfinite(loss_value):
                     raise NumericalError(f"training loss became {loss_value} at epoch {epoch + 1} step {step + 1} "
                                          f"(lr {lr:g}); lower --lr")
@@ -343,7 +344,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str 
     for batch in Batches(loader):
         inputs, targets = _batch_to(batch, device)
         with autocast(device, amp):
-            logits = model(inputs)
+            logits = logits_of(model(inputs))
         loss_sum += class_loss(logits.float(), targets, reduction="sum").item()
         correct += (logits.argmax(dim=1) == targets).sum().item()
         count += len(targets)
