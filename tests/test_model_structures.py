@@ -60,6 +60,26 @@ class Outputs(nn.Module):
 
 def outputs(kind="tuple"):
     return Outputs(kind)
+
+
+class Norms(nn.Module):
+    """Linear -> a normalisation layer -> Linear, for BatchNorm's variants and the BN-free norms."""
+
+    def __init__(self, kind="bn"):
+        super().__init__()
+        options = {"momentum-none": dict(momentum=None), "no-running-stats": dict(track_running_stats=False),
+                   "no-affine": dict(affine=False)}
+        self.fc = nn.Linear(256, 16)
+        self.norm = (nn.LayerNorm(16) if kind == "layernorm" else nn.GroupNorm(4, 16) if kind == "groupnorm"
+                     else nn.BatchNorm1d(16, **options.get(kind, {})))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.fc(x.flatten(1)))))
+
+
+def norms(kind="bn"):
+    return Norms(kind)
 '''
 
 
@@ -185,3 +205,45 @@ def test_logits_of() -> None:
     assert logits_of(namedtuple("InceptionOutputs", ["logits", "aux_logits"])(y, None)) is y
     with pytest.raises(ModelError, match="--model m: its forward returned a list of 1"):
         logits_of([y], "m")
+
+
+@pytest.mark.parametrize("kind", ["momentum-none", "no-running-stats", "no-affine", "layernorm", "groupnorm"])
+def test_normalisation_variants_average_and_soup(tmp_path: Path, kind: str) -> None:
+    """BatchNorm without running statistics failed the pre-flight (exit 4: "Expected more than 1 value per
+    channel", its eval mode normalises a batch of one with that batch's statistics); every variant now runs, the
+    result is Σ aᵢ wᵢ, and BN statistics, where there are any, are re-estimated (num_batches_tracked counts the
+    re-estimation's batches)."""
+    module, path = _module(tmp_path)
+    torch.manual_seed(0)
+    states = _trajectory(module.norms(kind), tmp_path / "ckpts", 3)
+    out = tmp_path / "out"
+    flags = ["--model", f"{path}:norms", "--model-arg", f"kind={kind}", *RUN]
+    result = CliRunner().invoke(cli, ["average", str(tmp_path / "ckpts"), *flags, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    a = json.loads((out / "report.json").read_text())["coefficients"]
+    saved = load_file(out / "model.safetensors")
+    assert set(saved) == set(states[-1])
+    for key in ("fc.weight", "head.bias"):
+        mix = sum(ai * s[key].double() for ai, s in zip(a, states))
+        torch.testing.assert_close(saved[key].double(), mix, atol=1e-6, rtol=1e-5)
+    if "norm.num_batches_tracked" in saved:
+        assert saved["norm.num_batches_tracked"].item() == 4  # 2000 training examples in batches of 512
+    souped = CliRunner().invoke(cli, ["soup", str(tmp_path / "ckpts"), *flags, "--method", "twa",
+                                      "--out", str(tmp_path / "soup")])
+    assert souped.exit_code == 0, souped.output
+
+
+def test_an_eval_batch_of_one_without_running_statistics_is_a_usage_error(tmp_path: Path) -> None:
+    """Without running statistics BN's eval mode needs 2 examples too: a --batch-size that leaves one example in
+    the eval split's last batch (500 = 499 + 1) is refused before any checkpoint is read, not exit 1 mid-run."""
+    module, path = _module(tmp_path)
+    _trajectory(module.norms("no-running-stats"), tmp_path / "ckpts", 3)
+    for command in ("average", "soup"):
+        result = CliRunner().invoke(cli, [command, str(tmp_path / "ckpts"), "--model", f"{path}:norms",
+                                          "--model-arg", "kind=no-running-stats", "--data", "synthetic",
+                                          "--batch-size", "499", "--out", str(tmp_path / command)])
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "--batch-size 499: --data's eval split has 500 examples and its last batch " \
+            "holds one" in errors[0], result.stderr
+        assert not (tmp_path / command).exists()

@@ -151,6 +151,12 @@ def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
     return model
 
 
+def batch_statistics_in_eval(model: nn.Module) -> bool:
+    """Whether a BatchNorm layer of ``model`` normalises with the batch's own statistics in eval mode too
+    (``track_running_stats=False``: it has no running statistics), so a batch of one example is an error there."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in model.modules())
+
+
 def logits_of(out: object, model_name: str | None = None) -> torch.Tensor:
     """The logits in what ``model(inputs)`` returned: a tensor as it is; an output object's ``logits`` (Hugging Face
     outputs, torchvision's ``InceptionOutputs``/``GoogLeNetOutputs`` in training mode, a dict with a ``logits``
@@ -249,6 +255,8 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
             raise InputError(f"{flag} {data_name}: its {what} are {type(example[position]).__name__}, not tensors "
                              f"or numbers; return a tensor (e.g. add transforms.ToTensor()) and an integer label")
     inputs = batch[0]
+    if batch_statistics_in_eval(model):  # BatchNorm without running statistics cannot normalise one example
+        inputs = torch.cat([inputs, inputs])
     was_training = model.training
     model.eval()
     try:

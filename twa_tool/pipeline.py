@@ -58,6 +58,7 @@ from .errors import (
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
+    batch_statistics_in_eval,
     build_model,
     check_compatible,
     check_data_fits,
@@ -868,6 +869,36 @@ def check_batch_of_one(model: nn.Module, config: AverageConfig | SoupConfig, dat
         model.train(was_training)
 
 
+def check_eval_batches(model: nn.Module, batch_size: int, splits: list[tuple[str, Dataset]]) -> None:
+    """A BatchNorm layer without running statistics (``track_running_stats=False``) normalises with the batch's
+    statistics in eval mode too, so an evaluation batch of one example fails there as in training mode (one value
+    per channel). When a split would end in such a batch, one example goes through the model in eval mode before
+    any checkpoint is read (no state changes), and a failure is a usage error naming ``--batch-size``."""
+    if not batch_statistics_in_eval(model):
+        return
+    from torch.utils.data import default_collate
+
+    for what, dataset in splits:
+        size = len(dataset)  # type: ignore[arg-type]
+        if not size or (batch_size != 1 and size % batch_size != 1):
+            continue
+        was_training = model.training
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                model.eval()
+                model(default_collate([dataset[0]])[0])
+        except ValueError as err:
+            if "more than 1 value per channel" not in str(err):
+                raise
+            ends = "every batch holds" if batch_size == 1 else "its last batch holds"
+            raise ConfigError(f"--batch-size {batch_size}: {what} has {size} examples and {ends} one, which the "
+                              f"model's BatchNorm layers without running statistics (track_running_stats=False) "
+                              f"cannot normalise, in eval mode too; pick a --batch-size that leaves no batch of one"
+                              ) from None
+        finally:
+            model.train(was_training)
+
+
 def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     """``--dry-run``'s check of ``--data``: the datasets built without downloading, the holdout split
     made, and one example through the model, as the run would do before reading any checkpoint. Files
@@ -884,6 +915,7 @@ def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
         fit = len(split_holdout(data.train, config.holdout_fraction, config.seed)[1])
     check_train_mode_sizes(model, config, len(data.train), fit)
     check_batch_of_one(model, config, data.train)
+    check_eval_batches(model, config.train.batch_size, [("--data's eval split", data.eval)])
     return {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "fit_on": config.fit_on,
             "fit_examples": fit, "bn_examples": len(data.train), "eval_examples": len(data.eval),
             "would_download": False, "notes": list(data.notes)}
@@ -1022,6 +1054,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
         _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
     check_train_mode_sizes(model, config, len(data.train), len(fit_data))
     check_batch_of_one(model, config, data.train)
+    check_eval_batches(model, config.train.batch_size, [("--data's eval split", data.eval)])
     timings["data_s"] = time.perf_counter() - data_clock
     claim = together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs,
                                                       output_bytes, config.checkpoint_dir) if dist.is_main else None)

@@ -71,6 +71,7 @@ from .pipeline import (
     _check_finite,
     build_run_model,
     check_batch_of_one,
+    check_eval_batches,
     hf_folder,
     resolve_device,
     validate_headers,
@@ -688,6 +689,8 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     if config.holdout:
         check_data_fits(inputs.model, (heldout,), classes, inputs.spec, config.holdout, "--holdout")
     check_batch_of_one(inputs.model, config, fit)
+    check_eval_batches(inputs.model, config.train.batch_size,
+                       [("the held-out split", heldout), ("--data's eval split", eval_data)])
     names = trainable_names(inputs.model)
     dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[-1].path).tensors.items()}
     with prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size,
