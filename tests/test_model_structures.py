@@ -80,6 +80,25 @@ class Norms(nn.Module):
 
 def norms(kind="bn"):
     return Norms(kind)
+
+
+class Frozen(nn.Module):
+    """A frozen feature layer (requires_grad=False) and a trainable head; every layer frozen with all=True."""
+
+    def __init__(self, all=False):
+        super().__init__()
+        self.features = nn.Linear(256, 16)
+        self.head = nn.Linear(16, 10)
+        self.features.requires_grad_(False)
+        if all:
+            self.head.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.features(x.flatten(1))))
+
+
+def frozen(all=False):
+    return Frozen(all)
 '''
 
 
@@ -247,3 +266,48 @@ def test_an_eval_batch_of_one_without_running_statistics_is_a_usage_error(tmp_pa
         assert len(errors) == 1 and "--batch-size 499: --data's eval split has 500 examples and its last batch " \
             "holds one" in errors[0], result.stderr
         assert not (tmp_path / command).exists()
+
+
+@pytest.mark.parametrize("start", ["mean", "last", "1"])
+def test_frozen_parameters_keep_the_start_point_and_the_report_names_them(tmp_path: Path, start: str) -> None:
+    """README (--start): frozen parameters are left out of the basis and keep the start point's values (their
+    mean for mean, that checkpoint's otherwise); report.json's model.frozen and report.md now name them."""
+    module, path = _module(tmp_path)
+    torch.manual_seed(0)
+    states = _trajectory(module.frozen(), tmp_path / "ckpts", 3)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["average", str(tmp_path / "ckpts"), "--model", f"{path}:frozen", *RUN,
+                                      "--start", start, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["frozen"] == ["features.weight", "features.bias"]
+    assert report["model"]["parameters"] == 170  # trainable ones only: the basis's D
+    saved = load_file(out / "model.safetensors")
+    expected = (torch.stack([s["features.weight"] for s in states]).double().mean(0).float() if start == "mean"
+                else states[-1 if start == "last" else 1]["features.weight"])
+    torch.testing.assert_close(saved["features.weight"], expected, atol=1e-7, rtol=0)
+    mix = sum(a * s["head.weight"].double() for a, s in zip(report["coefficients"], states))
+    torch.testing.assert_close(saved["head.weight"].double(), mix, atol=1e-6, rtol=1e-5)
+    assert "2 frozen parameter tensors (requires_grad=False) not trained, kept at the start point" in \
+        (out / "report.md").read_text()
+    souped = CliRunner().invoke(cli, ["soup", str(tmp_path / "ckpts"), "--model", f"{path}:frozen", *RUN,
+                                      "--out", str(tmp_path / "soup")])
+    assert souped.exit_code == 0, souped.output
+    assert json.loads((tmp_path / "soup" / "report.json").read_text())["model"]["frozen"] == [
+        "features.weight", "features.bias"]
+
+
+@pytest.mark.parametrize("command", [["average"], ["average", "--dry-run"], ["soup"]])
+def test_a_model_without_trainable_parameters_is_one_line_naming_the_model(tmp_path: Path,
+                                                                          command: list[str]) -> None:
+    """Every parameter frozen: `twa average` said "only 0 linearly independent checkpoint(s)" (exit 6, wrong
+    cause) and `twa soup` failed with exit 1 (torch.cat of nothing)."""
+    module, path = _module(tmp_path)
+    _trajectory(module.frozen(all=True), tmp_path / "ckpts", 3)
+    result = CliRunner().invoke(cli, [command[0], str(tmp_path / "ckpts"), "--model", f"{path}:frozen",
+                                      "--model-arg", "all=True", *RUN, *command[1:], "--out", str(tmp_path / "out")])
+    assert result.exit_code == 4, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no trainable parameters (all 4282 parameter values have requires_grad=False)" \
+        in errors[0] and "Traceback" not in result.output, result.stderr
+    assert not (tmp_path / "out").exists()

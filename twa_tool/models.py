@@ -345,6 +345,12 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def frozen_names(model: nn.Module) -> list[str]:
+    """Names of the parameters TWA does not train (requires_grad=False), in ``named_parameters`` order: they are
+    left out of the basis and keep the start point's values (``report.json``'s ``model.frozen``)."""
+    return [n for n, p in model.named_parameters() if not p.requires_grad]
+
+
 def tied_keys(model: nn.Module) -> dict[str, str]:
     """Keys of the model's state dict that are the same tensor as an earlier key (tied weights, e.g. an
     LM head tied to the embedding), mapped to that key. ``safetensors.torch.save_model`` and Hugging Face's

@@ -63,6 +63,7 @@ from .models import (
     check_compatible,
     check_data_fits,
     flatten,
+    frozen_names,
     key_problems,
     load_state,
     recorded_spec_problem,
@@ -260,7 +261,7 @@ def build_run_model(config: AverageConfig | SoupConfig,
     as ``arch``, which is no timm model name)."""
     spec, model_args = resolve_model_spec(config, first)
     try:
-        return spec, model_args, build_model(spec, model_args)
+        model = build_model(spec, model_args)
     except ModelError as err:
         if config.model:
             raise
@@ -268,6 +269,12 @@ def build_run_model(config: AverageConfig | SoupConfig,
         raise ModelError(f"{first.path}: the architecture it records, {spec}, cannot be built ({detail}); pass "
                          f"--model yourself (e.g. --model timm:resnet50 --model-arg num_classes=10, or "
                          f"file.py:function)") from None
+    if not any(p.numel() for p in model.parameters() if p.requires_grad):
+        frozen = sum(p.numel() for p in model.parameters())
+        what = f"all {frozen} parameter values have requires_grad=False" if frozen else "it has none"
+        raise ModelError(f"--model {spec}: no trainable parameters ({what}); the coefficients mix the trainable "
+                         f"parameters only: leave requires_grad=True on those to average")
+    return spec, model_args, model
 
 
 @dataclass(frozen=True)
@@ -1095,6 +1102,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
             "timings": timings,
             "warnings": warnings,
         }
+        report["model"]["frozen"] = frozen_names(model)  # not trained: kept at the start point
         if dist.active:
             report["distributed"] = distributed_facts(dist, stream)
         written_method, state = choose_output(config, report, files, stream, evaluator)

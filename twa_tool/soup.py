@@ -56,6 +56,7 @@ from .models import (
     check_compatible,
     check_data_fits,
     flatten,
+    frozen_names,
     load_state,
     logits_of,
     trainable_names,
@@ -812,7 +813,8 @@ def soup_report(config: SoupConfig, inputs: Inputs, metrics: dict, greedy: Greed
                 "by_tensor": ({s.name: fitted.coefficients[:, c].tolist() for s, c in zip(segments, columns)}
                               if config.granularity == "layer" else None)},
         "written_method": method, "chosen_by": chosen_by,
-        "model": {"spec": inputs.spec, "args": dict(inputs.model_args), "parameters": parameters},
+        "model": {"spec": inputs.spec, "args": dict(inputs.model_args), "parameters": parameters,
+                  "frozen": frozen_names(inputs.model)},
         "memory": {"basis_dtype": config.basis_dtype, "directions_bytes": directions.nbytes,
                    "estimate": memory_formula(len(files), parameters, state_bytes, config.basis_dtype)},
         "excluded": inputs.excluded,
