@@ -99,6 +99,24 @@ class Frozen(nn.Module):
 
 def frozen(all=False):
     return Frozen(all)
+
+
+class Tied(nn.Module):
+    """An output layer tied to an embedding (one Parameter under two state-dict keys)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(256, 10)
+        self.out = nn.Linear(10, 10, bias=False)
+        self.emb = nn.Embedding(10, 10)
+        self.emb.weight = self.out.weight
+
+    def forward(self, x):
+        return self.out(torch.relu(self.proj(x.flatten(1))))
+
+
+def tied():
+    return Tied()
 '''
 
 
@@ -311,3 +329,48 @@ def test_a_model_without_trainable_parameters_is_one_line_naming_the_model(tmp_p
     assert len(errors) == 1 and "no trainable parameters (all 4282 parameter values have requires_grad=False)" \
         in errors[0] and "Traceback" not in result.output, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_tied_weights_average_to_one_value_in_the_span(tmp_path: Path) -> None:
+    """torch.save'd state dicts list a tied weight under both keys: it is one coordinate block of the basis, the
+    result is Σ aᵢ wᵢ and both keys hold it."""
+    module, path = _module(tmp_path)
+    torch.manual_seed(0)
+    states = _trajectory(module.tied(), tmp_path / "ckpts", 3)
+    out = tmp_path / "out"
+    for command in ("average", "soup"):
+        result = CliRunner().invoke(cli, [command, str(tmp_path / "ckpts"), "--model", f"{path}:tied", *RUN,
+                                          "--out", str(out / command)])
+        assert result.exit_code == 0, result.output
+    report = json.loads((out / "average" / "report.json").read_text())
+    assert report["model"]["parameters"] == 10 * 256 + 10 + 100  # the tied weight counted once
+    saved = load_file(out / "average" / "model.safetensors")
+    mix = sum(a * s["out.weight"].double() for a, s in zip(report["coefficients"], states))
+    torch.testing.assert_close(saved["out.weight"].double(), mix, atol=1e-6, rtol=1e-5)
+    assert torch.equal(saved["emb.weight"], saved["out.weight"])
+
+
+@pytest.mark.parametrize("untied", [[0, 1, 2], [1]])
+@pytest.mark.parametrize("basis", ["float32", "int8"])
+def test_checkpoints_that_do_not_tie_what_the_model_ties_are_refused(tmp_path: Path, untied: list[int],
+                                                                     basis: str) -> None:
+    """Checkpoints from a model without the tie hold two values under a tied parameter's two keys: loading kept
+    one of them silently and the result left the span (|out − Σ aᵢ wᵢ| up to 1.7 on the tied weight). Now one
+    line naming the keys (exit 4), whether the file is loaded (first, last) or read in place (a middle file
+    laid out as the first one: caught by its sum)."""
+    module, path = _module(tmp_path)
+    torch.manual_seed(0)
+    folder = tmp_path / "ckpts"
+    _trajectory(module.tied(), folder, 3)
+    for i in range(3):  # separate storages, equal values unless untied: every file has the same pickle
+        state = torch.load(folder / f"{i}.pt", weights_only=True)
+        state["emb.weight"] = state["out.weight"].clone() + (1.0 if i in untied else 0.0)
+        torch.save(state, folder / f"{i}.pt")
+    for command in ("average", "soup"):
+        result = CliRunner().invoke(cli, [command, str(folder), "--model", f"{path}:tied", *RUN,
+                                          "--basis-dtype", basis, "--out", str(tmp_path / command)])
+        assert result.exit_code == 4, result.output
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "emb.weight and out.weight are one tied parameter of the model" in errors[0] \
+            and "Traceback" not in result.output, result.stderr
+        assert not (tmp_path / command).exists()

@@ -307,7 +307,19 @@ class Reader:
 
     def load(self, path: Path, crc_checked: bool = False, mapped: bool = True) -> dict[str, torch.Tensor]:
         """``mapped=False`` for a state kept to the end of the run (see ``load_checkpoint``)."""
-        return self._untie(load_checkpoint(path, **self._options(), crc_checked=crc_checked, mapped=mapped).state)
+        state = self._untie(load_checkpoint(path, **self._options(), crc_checked=crc_checked, mapped=mapped).state)
+        self.check_tied(state, str(path))
+        return state
+
+    def check_tied(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """A weight the model ties (one Parameter under two keys) must hold one value in the file: else the file
+        comes from a model without the tie, and loading it would keep one of the two silently."""
+        for alias, key in self.tied:
+            a, b = state.get(alias), state.get(key)
+            if a is not None and b is not None and a is not b and a.shape == b.shape and not torch.equal(a, b):
+                raise CheckpointError(f"{source}: {alias} and {key} are one tied parameter of the model but hold "
+                                      f"different values in this checkpoint (saved from a model without the tie); "
+                                      f"use the --model and --model-arg it was trained with")
 
     def header(self, path: Path) -> HeaderInfo:
         header = read_header(path, **self._options(), memo=self.headers)
@@ -469,7 +481,7 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
     mean = builder.mean()
     if columns is not None:
         mean = dist.gather_columns(mean.to(dist.comm_device), d).cpu()
-    mean_state = _mean_state(last, sums, len(files), mean, names)
+    mean_state = _mean_state(last, sums, len(files), mean, names, reader.tied)
     subspace = builder.finish(storage)
     shard = Shard(subspace, columns, d, dist) if columns is not None else None
     return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256, shard=shard,
@@ -587,8 +599,8 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
             raise
         sha256 = [future.result() for future in digests]  # a corrupt file (CRC mismatch) raises here
     _check_rank(build.subspace.rank, len(files))
-    return Stream(subspace=build.subspace, mean_state=_mean_state(last, sums, len(files), build.mean, names),
-                  last_state=last, sha256=sha256, build="columns")
+    mean_state = _mean_state(last, sums, len(files), build.mean, names, reader.tied)
+    return Stream(subspace=build.subspace, mean_state=mean_state, last_state=last, sha256=sha256, build="columns")
 
 
 def _add_buffers(sums: dict[str, torch.Tensor], state: dict[str, torch.Tensor], trainable: set[str]) -> None:
@@ -599,15 +611,26 @@ def _add_buffers(sums: dict[str, torch.Tensor], state: dict[str, torch.Tensor], 
 
 
 def _mean_state(last: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], count: int, mean: torch.Tensor,
-                names: list[str]) -> dict[str, torch.Tensor]:
+                names: list[str], tied: tuple[tuple[str, str], ...] = ()) -> dict[str, torch.Tensor]:
     """The SWA state: the float64 ``mean`` of the flat parameters ``names``, the mean of the floating
-    buffers, the last checkpoint's other entries; each in the last checkpoint's dtype."""
+    buffers, the last checkpoint's other entries; each in the last checkpoint's dtype.
+
+    A tied alias (``Reader.tied``) is summed like a buffer: its mean must be its twin's, else some checkpoint read
+    in place (never through ``Reader.load``, which checks each file) holds two values under one tied parameter."""
     state = {k: (sums[k] / count).to(v.dtype) if k in sums else v.clone() for k, v in last.items()}
-    offset = 0
+    offset, means = 0, {}
     for name in names:
         n = last[name].numel()
-        state[name] = mean[offset:offset + n].view(last[name].shape).to(last[name].dtype)
+        means[name] = mean[offset:offset + n].view(last[name].shape)
+        state[name] = means[name].to(last[name].dtype)
         offset += n
+    for alias, key in tied:
+        if alias in sums and key in means and means[key].numel():
+            if not torch.allclose(sums[alias] / count, means[key].double(), rtol=1e-9, atol=0):
+                raise CheckpointError(f"{alias} and {key} are one tied parameter of the model but the checkpoints "
+                                      f"hold different values under them (saved from a model without the tie); use "
+                                      f"the --model and --model-arg they were trained with")
+            state[alias] = state[key]
     return state
 
 
