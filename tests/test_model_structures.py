@@ -17,6 +17,35 @@ from twa_tool.errors import ModelError
 from twa_tool.models import logits_of
 from twa_tool.trainer import FlatGrad, TrainConfig, train_projected
 
+DATA = '''
+import torch
+from torch.utils.data import Dataset
+
+from twa_tool.data import build_data
+
+
+class Dicts(Dataset):
+    def __init__(self, base, inputs_only):
+        self.base, self.inputs_only = base, inputs_only
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return ({"pixels": x}, y) if self.inputs_only else {"pixels": x, "label": y}
+
+
+def examples():
+    s = build_data("synthetic")
+    return Dicts(s.train, False), Dicts(s.eval, False)
+
+
+def inputs():
+    s = build_data("synthetic")
+    return Dicts(s.train, True), Dicts(s.eval, True)
+'''
+
 MODELS = '''
 import torch
 from torch import nn
@@ -117,6 +146,23 @@ class Tied(nn.Module):
 
 def tied():
     return Tied()
+
+
+class EvalBackbone(nn.Module):
+    """A backbone with BatchNorm that the constructor puts in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(256, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.backbone.eval()
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.backbone(x.flatten(1)))
+
+
+def eval_backbone():
+    return EvalBackbone()
 '''
 
 
@@ -374,3 +420,38 @@ def test_checkpoints_that_do_not_tie_what_the_model_ties_are_refused(tmp_path: P
         assert len(errors) == 1 and "emb.weight and out.weight are one tied parameter of the model" in errors[0] \
             and "Traceback" not in result.output, result.stderr
         assert not (tmp_path / command).exists()
+
+
+@pytest.mark.parametrize("function, text", [
+    ("examples", "the fit dataset must yield (input, target) pairs, got dict"),
+    ("inputs", "its inputs are a dict (pixels), not a tensor; twa calls model(inputs) with one tensor"),
+])
+def test_data_yielding_dicts_is_one_line_naming_data(tmp_path: Path, function: str, text: str) -> None:
+    """README (Inputs): examples are (input, label) with one input tensor; dicts are refused before any checkpoint
+    is read, in one line naming --data (exit 4), by average, its dry run, and soup."""
+    module, path = _module(tmp_path)
+    (tmp_path / "dicts.py").write_text(DATA)
+    _trajectory(module.tied(), tmp_path / "ckpts", 3)
+    for command in (["average"], ["average", "--dry-run"], ["soup"]):
+        result = CliRunner().invoke(cli, [command[0], str(tmp_path / "ckpts"), "--model", f"{path}:tied",
+                                          "--data", f"{tmp_path / 'dicts.py'}:{function}", *command[1:],
+                                          "--out", str(tmp_path / "out")])
+        assert result.exit_code == 4, result.output
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "--data " in errors[0] and text in errors[0], result.stderr
+        assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_batchnorm_of_a_submodule_in_eval_mode_is_re_estimated_as_documented(tmp_path: Path) -> None:
+    """README (step 2): the whole model is put in training mode; a submodule the constructor left in eval mode is
+    no exception, so its BatchNorm statistics are re-estimated like the others'."""
+    module, path = _module(tmp_path)
+    torch.manual_seed(0)
+    states = _trajectory(module.eval_backbone(), tmp_path / "ckpts", 3)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["average", str(tmp_path / "ckpts"), "--model", f"{path}:eval_backbone", *RUN,
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = load_file(out / "model.safetensors")
+    assert saved["backbone.1.num_batches_tracked"].item() == 4  # the re-estimation's batches (2000 / 512)
+    assert not torch.allclose(saved["backbone.1.running_var"], states[-1]["backbone.1.running_var"])

@@ -250,6 +250,11 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
     except (TypeError, RuntimeError, ValueError) as err:
         raise InputError(f"{flag} {data_name}: its examples cannot be batched ({one_line(err)}); return tensors "
                          f"(e.g. add transforms.ToTensor()) and integer labels") from None
+    if isinstance(example[0], Mapping):  # a tokenizer's dict of tensors, say: model(inputs) takes one tensor
+        keys = ", ".join(map(str, list(example[0])[:4]))
+        raise InputError(f"{flag} {data_name}: its inputs are a dict ({keys}), not a tensor; twa calls model(inputs) "
+                         f"with one tensor: return (tensor, label) examples and give --model a module whose forward "
+                         f"takes that tensor")
     for position, what in ((0, "inputs"), (1, "targets"))[:len(example)]:
         if not isinstance(batch[position], torch.Tensor):
             raise InputError(f"{flag} {data_name}: its {what} are {type(example[position]).__name__}, not tensors "
