@@ -163,6 +163,23 @@ class EvalBackbone(nn.Module):
 
 def eval_backbone():
     return EvalBackbone()
+
+
+class Odd(nn.Module):
+    """A parameter with no entries and a scalar (0-dim) one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(256, 10)
+        self.empty = nn.Parameter(torch.zeros(0))
+        self.scalar = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * self.scalar + self.empty.sum()
+
+
+def odd():
+    return Odd()
 '''
 
 
@@ -455,3 +472,25 @@ def test_batchnorm_of_a_submodule_in_eval_mode_is_re_estimated_as_documented(tmp
     saved = load_file(out / "model.safetensors")
     assert saved["backbone.1.num_batches_tracked"].item() == 4  # the re-estimation's batches (2000 / 512)
     assert not torch.allclose(saved["backbone.1.running_var"], states[-1]["backbone.1.running_var"])
+
+
+@pytest.mark.parametrize("basis", ["float32", "bf16", "int8"])
+def test_a_size_zero_and_a_scalar_parameter(tmp_path: Path, basis: str) -> None:
+    """A parameter of size 0 and a 0-dim one, with every basis storage: `twa soup --basis-dtype int8` failed with
+    exit 1 (max() of the empty tensor's deviations); the average is Σ aᵢ wᵢ on the scalar too."""
+    module, path = _module(tmp_path)
+    torch.manual_seed(0)
+    states = _trajectory(module.odd(), tmp_path / "ckpts", 3)
+    flags = ["--model", f"{path}:odd", *RUN, "--basis-dtype", basis]
+    result = CliRunner().invoke(cli, ["average", str(tmp_path / "ckpts"), *flags, "--out", str(tmp_path / "avg")])
+    assert result.exit_code == 0, result.output
+    a = json.loads((tmp_path / "avg" / "report.json").read_text())["coefficients"]
+    saved = load_file(tmp_path / "avg" / "model.safetensors")
+    assert saved["empty"].shape == (0,) and saved["scalar"].shape == ()
+    mix = sum(ai * s["scalar"].double() for ai, s in zip(a, states))
+    torch.testing.assert_close(saved["scalar"].double(), mix, atol=1e-3 if basis != "float32" else 1e-6, rtol=0)
+    for granularity in ("model", "layer"):
+        souped = CliRunner().invoke(cli, ["soup", str(tmp_path / "ckpts"), *flags, "--method", "twa",
+                                          "--granularity", granularity, "--out", str(tmp_path / granularity)])
+        assert souped.exit_code == 0, souped.output
+        assert load_file(tmp_path / granularity / "model.safetensors")["empty"].shape == (0,)

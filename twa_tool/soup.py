@@ -281,7 +281,7 @@ class Directions:
         delta = weights.to(self.center.device, torch.float32) - self.center
         for t, seg in enumerate(self.segments):
             part = delta[seg.offset: seg.offset + seg.numel]
-            if self.dtype == "int8":
+            if self.dtype == "int8" and part.numel():  # a size-0 parameter has no entries to scale
                 scale = part.abs().max() / 127
                 scale = scale if scale > 0 else torch.ones_like(scale)
                 self.scales[index, t] = scale
