@@ -494,3 +494,39 @@ def test_a_size_zero_and_a_scalar_parameter(tmp_path: Path, basis: str) -> None:
                                           "--granularity", granularity, "--out", str(tmp_path / granularity)])
         assert souped.exit_code == 0, souped.output
         assert load_file(tmp_path / granularity / "model.safetensors")["empty"].shape == (0,)
+
+
+@pytest.mark.parametrize("basis", ["float32", "int8"])
+def test_a_tied_weight_stored_under_its_alias_only(tmp_path: Path, basis: str) -> None:
+    """safetensors' save_model keeps a tied weight under its alphabetically first name: `emb.weight`, the model's
+    alias, not `out.weight`, the name named_parameters gives. Only the other way round was filled in: these files
+    were refused (exit 4, "out.weight missing"). Now both are read, and the output keeps the input's keys."""
+    from safetensors.torch import load_model, save_model
+
+    module, path = _module(tmp_path)
+    torch.manual_seed(0)
+    model = module.tied()
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    states = []
+    for i in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        save_model(model, str(folder / f"{i}.safetensors"))
+        states.append(load_file(folder / f"{i}.safetensors"))
+    assert set(states[0]) == {"emb.weight", "proj.weight", "proj.bias"}
+    flags = ["--model", f"{path}:tied", *RUN, "--basis-dtype", basis]
+    result = CliRunner().invoke(cli, ["average", str(folder), *flags, "--out", str(tmp_path / "avg")])
+    assert result.exit_code == 0, result.output
+    a = json.loads((tmp_path / "avg" / "report.json").read_text())["coefficients"]
+    saved = load_file(tmp_path / "avg" / "model.safetensors")
+    assert set(saved) == set(states[0])
+    mix = sum(ai * s["emb.weight"].double() for ai, s in zip(a, states))
+    torch.testing.assert_close(saved["emb.weight"].double(), mix, atol=1e-6 if basis == "float32" else 2e-3, rtol=0)
+    fresh = module.tied()
+    load_model(fresh, str(tmp_path / "avg" / "model.safetensors"))  # strict: the tie restores out.weight
+    assert torch.equal(fresh.out.weight, saved["emb.weight"])
+    souped = CliRunner().invoke(cli, ["soup", str(folder), *flags, "--out", str(tmp_path / "soup")])
+    assert souped.exit_code == 0, souped.output
+    assert set(load_file(tmp_path / "soup" / "model.safetensors")) == set(states[0])

@@ -299,10 +299,14 @@ class Reader:
                 "allow_globals": self.allow_globals, "model_keys": set(self.model_keys)}
 
     def _untie(self, entries: dict) -> dict:
-        """A tied weight the file stored once (safetensors, ``save_pretrained``) is given under its alias too."""
+        """A tied weight the file stored once (safetensors, ``save_pretrained``) is given under its other key too:
+        under the alias, or under the model's first name when the file kept the alias (``safetensors.torch.save_model``
+        keeps the alphabetically first name, e.g. ``emb.weight`` before ``out.weight``)."""
         for alias, key in self.tied:
             if alias not in entries and key in entries:
                 entries[alias] = entries[key]
+            elif key not in entries and alias in entries:
+                entries[key] = entries[alias]
         return entries
 
     def load(self, path: Path, crc_checked: bool = False, mapped: bool = True) -> dict[str, torch.Tensor]:
@@ -332,6 +336,7 @@ class Reader:
             return state
         stored = read_header(path, **self._options(), memo=self.headers).tensors
         omit = {alias for alias, key in self.tied if alias not in stored and key in stored}
+        omit |= {key for alias, key in self.tied if key not in stored and alias in stored}
         return {k: v for k, v in state.items() if k not in omit}
 
 
