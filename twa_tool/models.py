@@ -151,6 +151,33 @@ def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
     return model
 
 
+def batch_statistics_in_eval(model: nn.Module) -> bool:
+    """Whether a BatchNorm layer of ``model`` normalises with the batch's own statistics in eval mode too
+    (``track_running_stats=False``: it has no running statistics), so a batch of one example is an error there."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in model.modules())
+
+
+def logits_of(out: object, model_name: str | None = None) -> torch.Tensor:
+    """The logits in what ``model(inputs)`` returned: a tensor as it is; an output object's ``logits`` (Hugging Face
+    outputs, torchvision's ``InceptionOutputs``/``GoogLeNetOutputs`` in training mode, a dict with a ``logits``
+    key). Anything else (a tuple, a dict without ``logits``) is a one-line ``ModelError``: which of its entries are
+    the logits is the model's to say."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    what = f"--model {model_name}" if model_name else "the model"
+    kind = type(out).__name__
+    if isinstance(out, Mapping):
+        kind += f" with keys {', '.join(map(str, list(out)[:4]))}{'...' if len(out) > 4 else ''}"
+    elif isinstance(out, (tuple, list)):
+        kind += f" of {len(out)}"
+    raise ModelError(f"{what}: its forward returned a {kind}, not a tensor of logits; twa calls model(inputs) and "
+                     f"needs the (batch, classes) logits: give --model a function returning a module whose forward "
+                     f"returns them (e.g. a subclass returning output[0])")
+
+
 def _known_targets(dataset: object, first: object) -> torch.Tensor | None:
     """The dataset's class targets, one row per example, when it exposes them cheaply (torchvision's
     ``targets`` unless a ``target_transform`` changes them, a ``TensorDataset``'s second tensor, a ``Subset``
@@ -223,11 +250,18 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
     except (TypeError, RuntimeError, ValueError) as err:
         raise InputError(f"{flag} {data_name}: its examples cannot be batched ({one_line(err)}); return tensors "
                          f"(e.g. add transforms.ToTensor()) and integer labels") from None
+    if isinstance(example[0], Mapping):  # a tokenizer's dict of tensors, say: model(inputs) takes one tensor
+        keys = ", ".join(map(str, list(example[0])[:4]))
+        raise InputError(f"{flag} {data_name}: its inputs are a dict ({keys}), not a tensor; twa calls model(inputs) "
+                         f"with one tensor: return (tensor, label) examples and give --model a module whose forward "
+                         f"takes that tensor")
     for position, what in ((0, "inputs"), (1, "targets"))[:len(example)]:
         if not isinstance(batch[position], torch.Tensor):
             raise InputError(f"{flag} {data_name}: its {what} are {type(example[position]).__name__}, not tensors "
                              f"or numbers; return a tensor (e.g. add transforms.ToTensor()) and an integer label")
     inputs = batch[0]
+    if batch_statistics_in_eval(model):  # BatchNorm without running statistics cannot normalise one example
+        inputs = torch.cat([inputs, inputs])
     was_training = model.training
     model.eval()
     try:
@@ -248,6 +282,7 @@ def check_accepts(model: nn.Module, dataset: object, num_classes: int | None, mo
                          f"{model_name} ({reason}); {fix}") from None
     finally:
         model.train(was_training)
+    out = logits_of(out, model_name)
     outputs = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
     if num_classes and outputs is not None and outputs < num_classes:
         raise InputError(f"{flag} {data_name} has {num_classes} classes but --model {model_name} outputs "
@@ -313,6 +348,12 @@ def recorded_spec_problem(spec: str, args: ModelArgs) -> str | None:
 def trainable_names(model: nn.Module) -> list[str]:
     """Names of the parameters TWA averages over (requires_grad), in ``named_parameters`` order."""
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def frozen_names(model: nn.Module) -> list[str]:
+    """Names of the parameters TWA does not train (requires_grad=False), in ``named_parameters`` order: they are
+    left out of the basis and keep the start point's values (``report.json``'s ``model.frozen``)."""
+    return [n for n, p in model.named_parameters() if not p.requires_grad]
 
 
 def tied_keys(model: nn.Module) -> dict[str, str]:

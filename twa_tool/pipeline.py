@@ -59,10 +59,12 @@ from .errors import (
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
+    batch_statistics_in_eval,
     build_model,
     check_compatible,
     check_data_fits,
     flatten,
+    frozen_names,
     key_problems,
     load_state,
     recorded_spec_problem,
@@ -260,7 +262,7 @@ def build_run_model(config: AverageConfig | SoupConfig,
     as ``arch``, which is no timm model name)."""
     spec, model_args = resolve_model_spec(config, first)
     try:
-        return spec, model_args, build_model(spec, model_args)
+        model = build_model(spec, model_args)
     except ModelError as err:
         if config.model:
             raise
@@ -268,6 +270,12 @@ def build_run_model(config: AverageConfig | SoupConfig,
         raise ModelError(f"{first.path}: the architecture it records, {spec}, cannot be built ({detail}); pass "
                          f"--model yourself (e.g. --model timm:resnet50 --model-arg num_classes=10, or "
                          f"file.py:function)") from None
+    if not any(p.numel() for p in model.parameters() if p.requires_grad):
+        frozen = sum(p.numel() for p in model.parameters())
+        what = f"all {frozen} parameter values have requires_grad=False" if frozen else "it has none"
+        raise ModelError(f"--model {spec}: no trainable parameters ({what}); the coefficients mix the trainable "
+                         f"parameters only: leave requires_grad=True on those to average")
+    return spec, model_args, model
 
 
 @dataclass(frozen=True)
@@ -292,15 +300,31 @@ class Reader:
                 "allow_globals": self.allow_globals, "model_keys": set(self.model_keys)}
 
     def _untie(self, entries: dict) -> dict:
-        """A tied weight the file stored once (safetensors, ``save_pretrained``) is given under its alias too."""
+        """A tied weight the file stored once (safetensors, ``save_pretrained``) is given under its other key too:
+        under the alias, or under the model's first name when the file kept the alias (``safetensors.torch.save_model``
+        keeps the alphabetically first name, e.g. ``emb.weight`` before ``out.weight``)."""
         for alias, key in self.tied:
             if alias not in entries and key in entries:
                 entries[alias] = entries[key]
+            elif key not in entries and alias in entries:
+                entries[key] = entries[alias]
         return entries
 
     def load(self, path: Path, crc_checked: bool = False, mapped: bool = True) -> dict[str, torch.Tensor]:
         """``mapped=False`` for a state kept to the end of the run (see ``load_checkpoint``)."""
-        return self._untie(load_checkpoint(path, **self._options(), crc_checked=crc_checked, mapped=mapped).state)
+        state = self._untie(load_checkpoint(path, **self._options(), crc_checked=crc_checked, mapped=mapped).state)
+        self.check_tied(state, str(path))
+        return state
+
+    def check_tied(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """A weight the model ties (one Parameter under two keys) must hold one value in the file: else the file
+        comes from a model without the tie, and loading it would keep one of the two silently."""
+        for alias, key in self.tied:
+            a, b = state.get(alias), state.get(key)
+            if a is not None and b is not None and a is not b and a.shape == b.shape and not torch.equal(a, b):
+                raise CheckpointError(f"{source}: {alias} and {key} are one tied parameter of the model but hold "
+                                      f"different values in this checkpoint (saved from a model without the tie); "
+                                      f"use the --model and --model-arg it was trained with")
 
     def header(self, path: Path) -> HeaderInfo:
         header = read_header(path, **self._options(), memo=self.headers)
@@ -313,6 +337,7 @@ class Reader:
             return state
         stored = read_header(path, **self._options(), memo=self.headers).tensors
         omit = {alias for alias, key in self.tied if alias not in stored and key in stored}
+        omit |= {key for alias, key in self.tied if key not in stored and alias in stored}
         return {k: v for k, v in state.items() if k not in omit}
 
 
@@ -462,7 +487,7 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
     mean = builder.mean()
     if columns is not None:
         mean = dist.gather_columns(mean.to(dist.comm_device), d).cpu()
-    mean_state = _mean_state(last, sums, len(files), mean, names)
+    mean_state = _mean_state(last, sums, len(files), mean, names, reader.tied)
     subspace = builder.finish(storage)
     shard = Shard(subspace, columns, d, dist) if columns is not None else None
     return Stream(subspace=subspace, mean_state=mean_state, last_state=last, sha256=sha256, shard=shard,
@@ -580,8 +605,8 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
             raise
         sha256 = [future.result() for future in digests]  # a corrupt file (CRC mismatch) raises here
     _check_rank(build.subspace.rank, len(files))
-    return Stream(subspace=build.subspace, mean_state=_mean_state(last, sums, len(files), build.mean, names),
-                  last_state=last, sha256=sha256, build="columns")
+    mean_state = _mean_state(last, sums, len(files), build.mean, names, reader.tied)
+    return Stream(subspace=build.subspace, mean_state=mean_state, last_state=last, sha256=sha256, build="columns")
 
 
 def _add_buffers(sums: dict[str, torch.Tensor], state: dict[str, torch.Tensor], trainable: set[str]) -> None:
@@ -592,15 +617,26 @@ def _add_buffers(sums: dict[str, torch.Tensor], state: dict[str, torch.Tensor], 
 
 
 def _mean_state(last: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], count: int, mean: torch.Tensor,
-                names: list[str]) -> dict[str, torch.Tensor]:
+                names: list[str], tied: tuple[tuple[str, str], ...] = ()) -> dict[str, torch.Tensor]:
     """The SWA state: the float64 ``mean`` of the flat parameters ``names``, the mean of the floating
-    buffers, the last checkpoint's other entries; each in the last checkpoint's dtype."""
+    buffers, the last checkpoint's other entries; each in the last checkpoint's dtype.
+
+    A tied alias (``Reader.tied``) is summed like a buffer: its mean must be its twin's, else some checkpoint read
+    in place (never through ``Reader.load``, which checks each file) holds two values under one tied parameter."""
     state = {k: (sums[k] / count).to(v.dtype) if k in sums else v.clone() for k, v in last.items()}
-    offset = 0
+    offset, means = 0, {}
     for name in names:
         n = last[name].numel()
-        state[name] = mean[offset:offset + n].view(last[name].shape).to(last[name].dtype)
+        means[name] = mean[offset:offset + n].view(last[name].shape)
+        state[name] = means[name].to(last[name].dtype)
         offset += n
+    for alias, key in tied:
+        if alias in sums and key in means and means[key].numel():
+            if not torch.allclose(sums[alias] / count, means[key].double(), rtol=1e-9, atol=0):
+                raise CheckpointError(f"{alias} and {key} are one tied parameter of the model but the checkpoints "
+                                      f"hold different values under them (saved from a model without the tie); use "
+                                      f"the --model and --model-arg they were trained with")
+            state[alias] = state[key]
     return state
 
 
@@ -869,6 +905,36 @@ def check_batch_of_one(model: nn.Module, config: AverageConfig | SoupConfig, dat
         model.train(was_training)
 
 
+def check_eval_batches(model: nn.Module, batch_size: int, splits: list[tuple[str, Dataset]]) -> None:
+    """A BatchNorm layer without running statistics (``track_running_stats=False``) normalises with the batch's
+    statistics in eval mode too, so an evaluation batch of one example fails there as in training mode (one value
+    per channel). When a split would end in such a batch, one example goes through the model in eval mode before
+    any checkpoint is read (no state changes), and a failure is a usage error naming ``--batch-size``."""
+    if not batch_statistics_in_eval(model):
+        return
+    from torch.utils.data import default_collate
+
+    for what, dataset in splits:
+        size = len(dataset)  # type: ignore[arg-type]
+        if not size or (batch_size != 1 and size % batch_size != 1):
+            continue
+        was_training = model.training
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                model.eval()
+                model(default_collate([dataset[0]])[0])
+        except ValueError as err:
+            if "more than 1 value per channel" not in str(err):
+                raise
+            ends = "every batch holds" if batch_size == 1 else "its last batch holds"
+            raise ConfigError(f"--batch-size {batch_size}: {what} has {size} examples and {ends} one, which the "
+                              f"model's BatchNorm layers without running statistics (track_running_stats=False) "
+                              f"cannot normalise, in eval mode too; pick a --batch-size that leaves no batch of one"
+                              ) from None
+        finally:
+            model.train(was_training)
+
+
 def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     """``--dry-run``'s check of ``--data``: the datasets built without downloading, the holdout split
     made, and one example through the model, as the run would do before reading any checkpoint. Files
@@ -885,6 +951,7 @@ def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
         fit = len(split_holdout(data.train, config.holdout_fraction, config.seed)[1])
     check_train_mode_sizes(model, config, len(data.train), fit)
     check_batch_of_one(model, config, data.train)
+    check_eval_batches(model, config.train.batch_size, [("--data's eval split", data.eval)])
     return {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "fit_on": config.fit_on,
             "fit_examples": fit, "bn_examples": len(data.train), "eval_examples": len(data.eval),
             "would_download": False, "notes": list(data.notes)}
@@ -1024,6 +1091,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
         _, fit_data = split_holdout(data.train, config.holdout_fraction, config.seed)
     check_train_mode_sizes(model, config, len(data.train), len(fit_data))
     check_batch_of_one(model, config, data.train)
+    check_eval_batches(model, config.train.batch_size, [("--data's eval split", data.eval)])
     timings["data_s"] = time.perf_counter() - data_clock
     claim = together(dist, lambda: prepare_output_dir(config.out_dir, output_names, config.overwrite, inputs,
                                                       output_bytes, config.checkpoint_dir) if dist.is_main else None)
@@ -1064,6 +1132,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
             "timings": timings,
             "warnings": warnings,
         }
+        report["model"]["frozen"] = frozen_names(model)  # not trained: kept at the start point
         if dist.active:
             report["distributed"] = distributed_facts(dist, stream)
         written_method, state = choose_output(config, report, files, stream, evaluator)

@@ -166,6 +166,13 @@ def markdown_report(report: dict, images: list[str], note: str | None = None) ->
     basis = report["basis"]
     lines += ["", f"Basis rank {basis['rank']}, max|PPᵀ−I| = {basis['orthonormality_error']:.1e}, distance of the "
                   f"result to the span {basis['span_residual']:.1e}."]
+    frozen = report["model"].get("frozen") or []
+    if frozen:
+        start = report.get("train", {}).get("start", "mean")
+        where = "the checkpoints' mean" if start == "mean" else md_text(start)
+        names = ", ".join(md_code(n) for n in frozen[:8]) + (f" and {len(frozen) - 8} more" if len(frozen) > 8 else "")
+        lines += ["", f"{len(frozen)} frozen parameter tensor{'s' if len(frozen) != 1 else ''} (requires_grad=False) "
+                      f"not trained, kept at the start point ({where}): {names}."]
     lines += [""] + [f"![{name}]({name})" for name in images]
     if note:
         lines += ["", f"_{md_text(note)}_"]  # the note can quote an exception: `_ARRAY_API`
@@ -271,4 +278,9 @@ def markdown_soup_report(report: dict) -> str:
     if report["twa"]["granularity"] == "layer":
         lines += ["", "With layer granularity the twa column is each ingredient's λ averaged over the tensors, "
                       "weighted by their sizes: a summary. The exact mix is `twa.by_tensor` in report.json."]
+    frozen = report["model"].get("frozen") or []
+    if frozen:
+        names = ", ".join(md_code(n) for n in frozen[:8]) + (f" and {len(frozen) - 8} more" if len(frozen) > 8 else "")
+        lines += ["", f"{len(frozen)} frozen parameter tensor{'s' if len(frozen) != 1 else ''} (requires_grad=False) "
+                      f"not mixed by λ: the twa soup keeps the uniform soup's values: {names}."]
     return "\n".join(lines) + "\n"

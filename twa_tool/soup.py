@@ -57,7 +57,9 @@ from .models import (
     check_compatible,
     check_data_fits,
     flatten,
+    frozen_names,
     load_state,
+    logits_of,
     trainable_names,
     write_flat,
 )
@@ -71,6 +73,7 @@ from .pipeline import (
     _check_finite,
     build_run_model,
     check_batch_of_one,
+    check_eval_batches,
     hf_folder,
     resolve_device,
     validate_headers,
@@ -279,7 +282,7 @@ class Directions:
         delta = weights.to(self.center.device, torch.float32) - self.center
         for t, seg in enumerate(self.segments):
             part = delta[seg.offset: seg.offset + seg.numel]
-            if self.dtype == "int8":
+            if self.dtype == "int8" and part.numel():  # a size-0 parameter has no entries to scale
                 scale = part.abs().max() / 127
                 scale = scale if scale > 0 else torch.ones_like(scale)
                 self.scales[index, t] = scale
@@ -371,9 +374,9 @@ def fit_coefficients(model: nn.Module, names: list[str], directions: Directions,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             write_flat(model, names, directions.weights(lam.detach(), columns))
-            flat.buffer.zero_()
+            flat.zero()
             with autocast(device, amp):
-                loss = class_loss(model(inputs.to(device)), targets.to(device))
+                loss = class_loss(logits_of(model(inputs.to(device))), targets.to(device))
             value = loss.item()
             if not torch.isfinite(loss):
                 raise NumericalError(f"soup training loss became {value} at epoch {epoch + 1} step {step + 1} "
@@ -689,6 +692,8 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     if config.holdout:
         check_data_fits(inputs.model, (heldout,), classes, inputs.spec, config.holdout, "--holdout")
     check_batch_of_one(inputs.model, config, fit)
+    check_eval_batches(inputs.model, config.train.batch_size,
+                       [("the held-out split", heldout), ("--data's eval split", eval_data)])
     names = trainable_names(inputs.model)
     dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[-1].path).tensors.items()}
     with prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size,
@@ -810,7 +815,8 @@ def soup_report(config: SoupConfig, inputs: Inputs, metrics: dict, greedy: Greed
                 "by_tensor": ({s.name: fitted.coefficients[:, c].tolist() for s, c in zip(segments, columns)}
                               if config.granularity == "layer" else None)},
         "written_method": method, "chosen_by": chosen_by,
-        "model": {"spec": inputs.spec, "args": dict(inputs.model_args), "parameters": parameters},
+        "model": {"spec": inputs.spec, "args": dict(inputs.model_args), "parameters": parameters,
+                  "frozen": frozen_names(inputs.model)},
         "memory": {"basis_dtype": config.basis_dtype, "directions_bytes": directions.nbytes,
                    "estimate": memory_formula(len(files), parameters, state_bytes, config.basis_dtype)},
         "excluded": inputs.excluded,

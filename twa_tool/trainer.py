@@ -22,6 +22,7 @@ from torch.optim.swa_utils import update_bn
 from .config import TrainConfig
 from .distributed import Dist, Shard, global_batchnorm, merge_bn_statistics
 from .errors import DataError, NumericalError, TwaError, is_out_of_memory, one_line
+from .models import logits_of
 from .subspace import Basis
 
 # ---------------------------------------------------------------------------------------------
@@ -99,33 +100,58 @@ def autocast(device: torch.device, amp: str) -> AbstractContextManager:
 
 
 class FlatGrad:
-    """Gradients of ``params`` living as views into one flat buffer (D entries)."""
+    """Gradients of ``params`` living as views into one flat buffer (D entries).
+
+    The buffer has the parameters' common dtype (``torch.promote_types``: float64 when a model has one float64
+    parameter among float32 ones). A parameter of another dtype cannot have a view of it as its gradient: it keeps
+    a gradient of its own, copied into the buffer by ``gather`` and back by ``scatter`` (``mixed`` is then True)."""
 
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
-        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
-                                  device=params[0].device)
+        dtype = params[0].dtype if params else torch.float32
+        for p in params[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=dtype,
+                                  device=params[0].device if params else None)
         self.views = []
         offset = 0
         for p in params:
             self.views.append(self.buffer[offset: offset + p.numel()].view_as(p))
             offset += p.numel()
+        self.own = [p.dtype == dtype for p in params]  # whether the parameter's gradient is a view of the buffer
+        self.mixed = not all(self.own)
         self.attach()
 
     def attach(self) -> None:
-        for p, v in zip(self.params, self.views):
-            p.grad = v
+        for p, v, own in zip(self.params, self.views, self.own):
+            p.grad = v if own else torch.zeros_like(p)
+
+    def zero(self) -> None:
+        """Zero every gradient (the buffer, and the gradients of another dtype)."""
+        self.buffer.zero_()
+        for p, own in zip(self.params, self.own):
+            if not own and p.grad is not None:
+                p.grad.zero_()
 
     def gather(self) -> torch.Tensor:
-        """The flat gradient; copies only a gradient autograd chose to reallocate (rare)."""
-        for p, v in zip(self.params, self.views):
+        """The flat gradient; copies only a gradient autograd chose to reallocate (rare), and the gradients of
+        parameters whose dtype is not the buffer's."""
+        for p, v, own in zip(self.params, self.views, self.own):
             if p.grad is None:
                 v.zero_()
-                p.grad = v
+                p.grad = v if own else torch.zeros_like(p)
+            elif not own:
+                v.copy_(p.grad)
             elif p.grad is not v:
                 v.copy_(p.grad)
                 p.grad = v
         return self.buffer
+
+    def scatter(self) -> None:
+        """The buffer's values back into the gradients that are not views of it (another dtype)."""
+        for p, v, own in zip(self.params, self.views, self.own):
+            if not own:
+                p.grad.copy_(v)
 
 
 def project(basis: Basis, g: torch.Tensor) -> torch.Tensor:
@@ -232,14 +258,20 @@ def train_projected(
                 inputs, targets = _batch_to(batch, device)
                 optimizer.zero_grad(set_to_none=False)
                 with autocast(device, amp):
-                    loss, loss_value, examples = replica.loss(model(inputs), targets)
+                    loss, loss_value, examples = replica.loss(logits_of(model(inputs)), targets)
                 if not math.isfinite(loss_value):
                     raise NumericalError(f"training loss became {loss_value} at epoch {epoch + 1} step {step + 1} "
                                          f"(lr {lr:g}); lower --lr")
                 scaler.scale(loss).backward()
                 g = replica.gradient(flat.gather())
-                scaler.unscale_(optimizer)  # in place on the flat buffer the parameters' grads view
+                if flat.mixed:  # gradients of another dtype than the buffer's: unscaled in place, so given g first
+                    flat.scatter()
+                    scaler.unscale_(optimizer)
+                    flat.gather()
+                else:
+                    scaler.unscale_(optimizer)  # in place on the flat buffer the parameters' grads view
                 g.copy_(replica.project(g))
+                flat.scatter()
                 scaler.step(optimizer)
                 scaler.update()
                 steps += 1
@@ -312,7 +344,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str 
     for batch in Batches(loader):
         inputs, targets = _batch_to(batch, device)
         with autocast(device, amp):
-            logits = model(inputs)
+            logits = logits_of(model(inputs))
         loss_sum += class_loss(logits.float(), targets, reduction="sum").item()
         correct += (logits.argmax(dim=1) == targets).sum().item()
         count += len(targets)
