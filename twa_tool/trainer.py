@@ -149,6 +149,8 @@ class FlatGrad:
 
     def scatter(self) -> None:
         """The buffer's values back into the gradients that are not views of it (another dtype)."""
+        if not self.mixed:  # every gradient is a view of the buffer: nothing to copy (the usual case, every step)
+            return
         for p, v, own in zip(self.params, self.views, self.own):
             if not own:
                 p.grad.copy_(v)
