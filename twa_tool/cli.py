@@ -631,10 +631,9 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             emit(result.report, as_json, console, render_dry_run if dry_run else render_average)
         gate = result.report.get("quality_gate")
         if gate is not None and not gate["passed"]:
-            raise QualityGateFailed(
-                f"quality gate failed: TWA accuracy {100 * gate['twa_accuracy']:.2f}% is below {gate['against']} "
-                f"{100 * gate['baseline_accuracy']:.2f}% (tolerance {100 * gate['tolerance']:.2f} points); wrote "
-                f"{gate['written']} to {result.model_path}")
+            from .report import gate_failure
+
+            raise QualityGateFailed(gate_failure(gate, result.model_path))
 
     run_reported(verbose, console, body, written)
 

@@ -53,6 +53,37 @@ def coefficients_table(report: dict, limit: int = 12) -> Table:
     return table
 
 
+def gate_figures(gate: dict) -> tuple[str, str, str]:
+    """TWA's and the baseline's accuracy and the tolerance of a quality gate, in percent, with as many decimals (2
+    to 6) as it takes for numbers that differ to read differently: with 50,000 evaluation examples a failed gate at
+    76.130% against 76.132% read "76.13% is below 76.13%", and a tolerance of 1e-5 read "0.00 points"."""
+    twa, baseline, tolerance = (100 * gate[k] for k in ("twa_accuracy", "baseline_accuracy", "tolerance"))
+    shortfall = baseline - twa
+
+    def apart(a: float, b: float, digits: int) -> bool:
+        return abs(a - b) < 1e-7 or round(a, digits) != round(b, digits)
+
+    digits = next((d for d in range(2, 7) if apart(twa, baseline, d) and apart(shortfall, tolerance, d)
+                   and apart(tolerance, 0.0, d)), 6)
+    return f"{twa:.{digits}f}", f"{baseline:.{digits}f}", f"{tolerance:.{digits}f}"
+
+
+def gate_verdict(gate: dict, markup: bool = True) -> str:
+    """The quality gate's line in the console summary and report.md (``markup``: rich colours)."""
+    _, _, tolerance = gate_figures(gate)
+    passed = "passed" if gate["passed"] else "FAILED" if not markup else "failed"
+    if markup:
+        passed = f"[{'green' if gate['passed'] else 'red'}]{passed}[/]"
+    return f"quality gate vs {gate['against']} (tolerance {tolerance} points): {passed}; wrote {gate['written']}"
+
+
+def gate_failure(gate: dict, model_path: object) -> str:
+    """The error line of a failed quality gate (exit 3)."""
+    twa, baseline, tolerance = gate_figures(gate)
+    return (f"quality gate failed: TWA accuracy {twa}% is below {gate['against']} {baseline}% (tolerance "
+            f"{tolerance} points); wrote {gate['written']} to {model_path}")
+
+
 def render_dry_run(report: dict, console: Console) -> None:
     """The plan of a ``--dry-run``: selection, memory estimate, files that would be written."""
     console.print(f"dry run: {len(report['checkpoints'])} checkpoints selected: {', '.join(report['checkpoints'])}",
@@ -83,9 +114,7 @@ def render_average(report: dict, console: Console) -> None:
     console.print(coefficients_table(report))
     gate = report.get("quality_gate")
     if gate is not None:
-        verdict = "[green]passed[/green]" if gate["passed"] else "[red]failed[/red]"
-        console.print(f"quality gate vs {gate['against']} (tolerance {100 * gate['tolerance']:.2f} points): {verdict}; "
-                      f"wrote {gate['written']}", soft_wrap=True)
+        console.print(gate_verdict(gate), soft_wrap=True)
     basis = report["basis"]
     console.print(f"basis rank {basis['rank']} of {len(report['checkpoints'])}, "
                   f"max|PPᵀ-I| = {basis['orthonormality_error']:.1e}, "
@@ -159,8 +188,8 @@ def markdown_report(report: dict, images: list[str], note: str | None = None) ->
         lines.append(f"| {label} | {100 * values['accuracy']:.2f}% | {values['loss']:.4f} |")
     gate = report.get("quality_gate")
     if gate is not None:
-        lines += ["", f"Quality gate vs {gate['against']} (tolerance {100 * gate['tolerance']:.2f} points): "
-                      f"{'passed' if gate['passed'] else 'FAILED'}; wrote {gate['written']}."]
+        verdict = gate_verdict(gate, markup=False)
+        lines += ["", f"{verdict[0].upper()}{verdict[1:]}."]
     lines += ["", "| checkpoint | coefficient |", "|---|---:|"]
     lines += [f"| {md_text(n)} | {a:+.4f} |" for n, a in zip(report["checkpoints"], report["coefficients"])]
     basis = report["basis"]

@@ -1,0 +1,64 @@
+"""The quality gate's lines (console, report.md, the exit-3 error) show numbers that tell apart what differs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from twa_tool import pipeline
+from twa_tool.cli import cli
+
+FAST = ["--data", "synthetic", "--epochs", "1", "--batch-size", "512", "--threads", "1"]
+
+
+def fake_gate(twa: float, baseline: float, tolerance: float):
+    """quality_gate with given accuracies (as a 50,000-example evaluation split gives them), the rule unchanged."""
+    real = pipeline.quality_gate
+
+    def gate(config, metrics):
+        out = real(config, metrics)
+        passed = baseline - twa <= tolerance + 1e-9
+        return {**out, "twa_accuracy": twa, "baseline_accuracy": baseline, "tolerance": tolerance, "passed": passed}
+    return gate
+
+
+@pytest.mark.parametrize("twa, baseline, tolerance, error, verdict", [
+    # 76.130% against 76.132%: printed as "76.13% is below last 76.13%", a failure with equal numbers
+    (0.76130, 0.76132, 0.0, "TWA accuracy 76.130% is below last 76.132% (tolerance 0.000 points)",
+     "(tolerance 0.000 points): FAILED"),
+    # a tolerance of 1e-5 (0.001 points) printed as "tolerance 0.00 points"
+    (0.76130, 0.76134, 0.00001, "TWA accuracy 76.130% is below last 76.134% (tolerance 0.001 points)",
+     "(tolerance 0.001 points): FAILED"),
+    # numbers that differ at two decimals keep two
+    (0.76, 0.7621, 0.0020, "TWA accuracy 76.00% is below last 76.21% (tolerance 0.20 points)",
+     "(tolerance 0.20 points): FAILED"),
+    # 0.2 short with a tolerance of 0.1995: "tolerance 0.20 points" beside a 0.20-point shortfall
+    (0.76, 0.762, 0.001995, "TWA accuracy 76.000% is below last 76.200% (tolerance 0.199 points)",
+     "(tolerance 0.199 points): FAILED"),
+])
+def test_a_failed_gate_never_reads_as_equal_numbers(demo_ckpts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    twa: float, baseline: float, tolerance: float, error: str,
+                                                    verdict: str) -> None:
+    monkeypatch.setattr(pipeline, "quality_gate", fake_gate(twa, baseline, tolerance))
+    out = tmp_path / "o"
+    result = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--baselines", "last",
+                                      "--fail-if-worse-than", "last", "--tolerance", str(tolerance), "--out", str(out),
+                                      "--json"])
+    assert result.exit_code == 3, result.output
+    assert f"error: quality gate failed: {error}; wrote twa to " in result.stderr
+    assert f"quality gate vs last {verdict.replace('FAILED', 'failed')}; wrote twa" in result.stderr
+    assert f"Quality gate vs last {verdict}; wrote twa." in (out / "report.md").read_text()
+    assert json.loads(result.stdout)["quality_gate"]["tolerance"] == tolerance
+
+
+def test_ordinary_gate_lines_keep_two_decimals(demo_ckpts: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "quality_gate", fake_gate(0.88, 0.892, 0.002))
+    result = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--baselines", "last",
+                                      "--fail-if-worse-than", "last", "--tolerance", "0.002", "--out",
+                                      str(tmp_path / "o")])
+    assert result.exit_code == 3
+    assert "TWA accuracy 88.00% is below last 89.20% (tolerance 0.20 points)" in result.stderr
