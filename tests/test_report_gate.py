@@ -62,3 +62,23 @@ def test_ordinary_gate_lines_keep_two_decimals(demo_ckpts: Path, tmp_path: Path,
                                       str(tmp_path / "o")])
     assert result.exit_code == 3
     assert "TWA accuracy 88.00% is below last 89.20% (tolerance 0.20 points)" in result.stderr
+
+
+def test_report_md_and_console_give_the_coefficient_sum_and_name_dropped_checkpoints(tmp_path: Path) -> None:
+    """report.md had no Σ a (the console has it), and neither said which 0 coefficient is a dropped checkpoint."""
+    from rich.console import Console
+
+    from twa_tool.report import markdown_report, render_average
+
+    metric = {"accuracy": 0.5, "loss": 1.0}
+    report = {"checkpoints": ["1.pt", "2.pt", "3.pt"], "coefficients": [0.25, 0.0, 1.0], "dropped": ["2.pt"],
+              "coefficients_sum": 1.25, "metrics": {"swa": metric, "twa": metric}, "model": {"spec": "twa:mlp"},
+              "data": {"spec": "synthetic", "fit_on": "train"}, "device": "cpu",
+              "basis": {"rank": 2, "orthonormality_error": 1e-7, "span_residual": 1e-7}}
+    text = markdown_report(report, [])
+    assert "| 2.pt (dropped) | +0.0000 |" in text and "| 1.pt | +0.2500 |" in text
+    assert "Σ a = 1.2500" in text
+    console = Console(record=True, width=200, no_color=True)
+    render_average(report, console)
+    shown = console.export_text()
+    assert "2.pt (dropped)" in shown and "1.pt (dropped)" not in shown and "Σ a = 1.2500" in shown

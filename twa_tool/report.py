@@ -47,8 +47,9 @@ def coefficients_table(report: dict, limit: int = 12) -> Table:
     table = Table(title=title)
     table.add_column("checkpoint")
     table.add_column("a", justify="right")
+    dropped = set(report.get("dropped", []))
     for name, value in shown:
-        table.add_row(escape(name), f"{value:+.4f}")
+        table.add_row(escape(name) + (" [dim](dropped)[/dim]" if name in dropped else ""), f"{value:+.4f}")
     table.caption = f"Σ a = {sum(report['coefficients']):.4f}"
     return table
 
@@ -191,7 +192,10 @@ def markdown_report(report: dict, images: list[str], note: str | None = None) ->
         verdict = gate_verdict(gate, markup=False)
         lines += ["", f"{verdict[0].upper()}{verdict[1:]}."]
     lines += ["", "| checkpoint | coefficient |", "|---|---:|"]
-    lines += [f"| {md_text(n)} | {a:+.4f} |" for n, a in zip(report["checkpoints"], report["coefficients"])]
+    dropped = set(report.get("dropped", []))  # linearly dependent: left out of the basis, coefficient 0
+    lines += [f"| {md_text(n)}{' (dropped)' if n in dropped else ''} | {a:+.4f} |"
+              for n, a in zip(report["checkpoints"], report["coefficients"])]
+    lines += ["", f"Σ a = {sum(report['coefficients']):.4f}"]
     basis = report["basis"]
     lines += ["", f"Basis rank {basis['rank']}, max|PPᵀ−I| = {basis['orthonormality_error']:.1e}, distance of the "
                   f"result to the span {basis['span_residual']:.1e}."]
