@@ -734,3 +734,38 @@ def test_pre_normalised_gray_images_equal_the_per_sample_transform() -> None:
     slow = ArrayImageDataset(images, labels, _normalized((0.2860,), (0.3530,)))
     for i in range(5):
         assert torch.equal(fast[i][0], slow[i][0]) and fast[i][1] == slow[i][1]
+
+
+def test_image_folder_skips_hidden_files_and_hidden_folders_without_images(tmp_path: Path) -> None:
+    """macOS's ._NAME.png AppleDouble files were counted as images (and failed to load minutes into a run), and a
+    .ipynb_checkpoints folder without images was a class that torchvision refused ("Found no valid file")."""
+    write_image_tree(tmp_path, {"a": (1, 2, 3), "b": (4, 5, 6)}, per_class=2)
+    (tmp_path / "train" / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+    (tmp_path / "train" / "a" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "val" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "val" / ".ipynb_checkpoints" / "notes-checkpoint.ipynb").write_text("{}")
+    (tmp_path / "train" / "b" / "README.txt").write_text("not an image")
+    splits = build_data(f"imagefolder:{tmp_path}")
+    assert splits.num_classes == 2 and len(splits.train) == 4 and len(splits.eval) == 4
+    assert splits.train.classes == splits.eval.classes == ["a", "b"]
+    assert all(splits.train_plain[i][0].shape == (3, 224, 224) for i in range(4))
+
+
+def test_image_folder_unreadable_image_is_named_when_read(tmp_path: Path) -> None:
+    """A truncated PNG failed with PIL's "Truncated File Read", which does not say which of the files it was."""
+    write_image_tree(tmp_path, {"a": (1, 2, 3), "b": (4, 5, 6)}, per_class=2)
+    bad = tmp_path / "train" / "b" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    splits = build_data(f"imagefolder:{tmp_path}")
+    with pytest.raises(OSError, match=f"cannot read image {bad}"):
+        splits.train[3]
+
+
+def test_image_folder_named_test_or_validation_is_pointed_at(tmp_path: Path) -> None:
+    write_image_tree(tmp_path / "tree", {"a": (1, 2, 3)}, per_class=1)
+    (tmp_path / "tree" / "val").rename(tmp_path / "tree" / "validation")
+    with pytest.raises(DataError, match=f"found {tmp_path / 'tree' / 'validation'}: rename or symlink it"):
+        build_data(f"imagefolder:{tmp_path / 'tree'}")
+    (tmp_path / "tree" / "validation").rename(tmp_path / "tree" / "val")
+    with pytest.raises(DataError, match=f"{tmp_path / 'tree' / 'train'} is itself a split folder"):
+        build_data(f"imagefolder:{tmp_path / 'tree' / 'train'}")

@@ -639,15 +639,31 @@ def _build_svhn(root: Path | None, download: bool) -> DataSplits:
 # --------------------------------------------------------------------------- ImageFolder / ImageNet
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _split_hint(directory: Path, split: str) -> str:
+    """Where the missing ``split`` folder probably is: ``validation/`` or ``test/`` beside ``train/``, or
+    ``directory`` itself being one split (its parent holds train/ and val/)."""
+    if split == "val":
+        found = [n for n in ("validation", "valid", "test") if (directory / n).is_dir()]
+        if found and (directory / "train").is_dir():
+            return f"; found {directory / found[0]}: rename or symlink it to {directory / 'val'}"
+    parent = directory.parent
+    if directory.name in ("train", "val") and (parent / "train").is_dir() and (parent / "val").is_dir():
+        return f"; {directory} is itself a split folder: give its parent {parent}"
+    return ""
+
+
 def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
     """ImageFolder datasets over ``directory/train`` and ``directory/val`` with ImageNet transforms."""
-    import torchvision.datasets as datasets
+    from twa_tool.folders import TwaImageFolder
 
     for split in ("train", "val"):
         if not (directory / split).is_dir():
             raise DataError(
                 f"--data {name}: {directory / split} is not a directory (expected {directory}/train/CLASS/IMAGE "
-                f"and {directory}/val/CLASS/IMAGE); {fix}"
+                f"and {directory}/val/CLASS/IMAGE{_split_hint(directory, split)}); {fix}"
             )
     t = _transforms()
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -656,9 +672,12 @@ def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
     folders = {}
     for split, transform in (("train", train_tf), ("val", eval_tf)):
         try:
-            folders[split] = datasets.ImageFolder(str(directory / split), transform=transform)
+            folders[split] = TwaImageFolder(str(directory / split), transform=transform)
         except (FileNotFoundError, OSError) as exc:  # no class folders, or a class folder without images
-            raise DataError(f"--data {name}: {directory / split}: {' '.join(str(exc).split())}; {fix}") from exc
+            reason = " ".join(str(exc).split())
+            if "no valid file" in reason:
+                reason += f" (images: {', '.join(_IMAGE_SUFFIXES)}, any case; hidden files are skipped)"
+            raise DataError(f"--data {name}: {directory / split}: {reason}; {fix}") from exc
     train, test = folders["train"], folders["val"]
     if train.classes != test.classes:
         only = [
