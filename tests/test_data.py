@@ -769,3 +769,58 @@ def test_image_folder_named_test_or_validation_is_pointed_at(tmp_path: Path) -> 
     (tmp_path / "tree" / "validation").rename(tmp_path / "tree" / "val")
     with pytest.raises(DataError, match=f"{tmp_path / 'tree' / 'train'} is itself a split folder"):
         build_data(f"imagefolder:{tmp_path / 'tree' / 'train'}")
+
+
+def test_cifar_archive_not_extracted_says_so(tmp_path: Path) -> None:
+    import tarfile
+
+    write_cifar10(tmp_path / "src", np.random.default_rng(11))
+    (tmp_path / "root").mkdir()
+    with tarfile.open(tmp_path / "root" / "cifar-10-python.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    with pytest.raises(DataError, match=r"cifar-10-python.tar.gz is not extracted.*run tar -xzf"):
+        build_data("cifar10", root=tmp_path / "root")
+
+
+def test_data_root_one_level_too_high_names_the_folder_below(tmp_path: Path) -> None:
+    write_cifar10(tmp_path / "cifar", np.random.default_rng(12))
+    write_idx_set(tmp_path / "mnist" / "MNIST" / "raw", np.random.default_rng(13), gz=True)
+    with pytest.raises(DataError, match=f"but {tmp_path / 'cifar'} holds them; pass --data-root {tmp_path / 'cifar'}$"):
+        build_data("cifar10", root=tmp_path)
+    with pytest.raises(DataError, match=f"pass --data-root {tmp_path / 'mnist'}$"):
+        build_data("mnist", root=tmp_path)
+    with pytest.raises(DataError, match="is a file; pass --data-root DIR"):
+        build_data("cifar10", root=tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch")
+
+
+def test_idx_root_may_be_torchvisions_class_folder(tmp_path: Path) -> None:
+    """--data-root ~/data/MNIST (torchvision's MNIST/raw/ below it) was "no MNIST files"."""
+    arrays = write_idx_set(tmp_path / "FashionMNIST" / "raw", np.random.default_rng(14), gz=True)
+    splits = build_data("fashion-mnist", root=tmp_path / "FashionMNIST")
+    assert len(splits.train) == 4 and splits.eval.targets == arrays["t10k-labels-idx1-ubyte"].tolist()
+
+
+def test_split_without_images_names_its_file(tmp_path: Path) -> None:
+    """An empty test_batch or t10k file was read as an empty split: the run then failed (exit 6) with "the evaluation
+    split is empty; check --data", naming no file."""
+    write_cifar10(tmp_path / "c", np.random.default_rng(15))
+    empty = {"batch_label": "testing batch", "labels": [], "data": np.zeros((0, 3072), np.uint8), "filenames": []}
+    (tmp_path / "c" / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(empty, protocol=4))
+    with pytest.raises(DataError, match="test_batch holds no images"):
+        build_data("cifar10", root=tmp_path / "c")
+    write_idx_set(tmp_path / "m", np.random.default_rng(16), gz=False)
+    (tmp_path / "m" / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((0, 28, 28), np.uint8), 0x803))
+    (tmp_path / "m" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros((0,), np.uint8), 0x801))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte holds no images"):
+        build_data("mnist", root=tmp_path / "m")
+
+
+def test_cifar_fractional_labels_are_refused(tmp_path: Path) -> None:
+    """Labels [0.5, 1.7] were truncated to classes 0 and 1 without a word."""
+    write_cifar10(tmp_path, np.random.default_rng(17))
+    rows = np.zeros((2, 3072), np.uint8)
+    write_cifar_batch(tmp_path / "cifar-10-batches-py" / "test_batch", rows, [0.5, 1.7], "labels")  # type: ignore[list-item]
+    with pytest.raises(DataError, match="test_batch is not a CIFAR batch \\('labels' is not a list of integers\\)"):
+        build_data("cifar10", root=tmp_path)
+    write_cifar_batch(tmp_path / "cifar-10-batches-py" / "test_batch", rows, np.array([3, 4], np.uint8), "labels")
+    assert build_data("cifar10", root=tmp_path).eval.targets == [3, 4]

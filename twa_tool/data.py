@@ -228,10 +228,28 @@ def _default_root() -> Path:
     return Path.home() / ".cache" / "twa" / "data"
 
 
-def _missing_message(name: str, display: str, where: Path, expected: str, downloadable: bool) -> str:
-    """The one-line message for data files that cannot be found."""
+def _missing_message(name: str, display: str, where: Path, expected: str, downloadable: bool,
+                     found_in: Path | None = None) -> str:
+    """The one-line message for data files that cannot be found; ``found_in``: a folder below ``where`` that
+    holds them (``--data-root`` given one level too high)."""
+    if found_in is not None:
+        return (f"--data {name}: no {display} files under {where} (expected {expected}), but {found_in} holds them; "
+                f"pass --data-root {found_in}")
+    if where.is_file():
+        return f"--data {name}: --data-root {where} is a file; pass --data-root DIR, the folder that holds the files"
     fix = "pass --data-root DIR pointing at them" + (", or --download" if downloadable else "")
     return f"--data {name}: no {display} files under {where} (expected {expected}); {fix}"
+
+
+def _found_below(base: Path, candidates: Callable[[Path], Sequence[Path]], is_complete: Callable[[Path], bool],
+                 ) -> Path | None:
+    """The data root one level below ``base`` whose ``candidates`` hold complete files (a ``--data-root`` one level
+    too high, e.g. ``~/data`` for ``~/data/cifar10/cifar-10-batches-py``), or None."""
+    try:
+        children = sorted(c for c in base.iterdir() if c.is_dir() and not c.name.startswith("."))[:200]
+    except OSError:
+        return None
+    return next((c for c in children if _first_dir(candidates(c), is_complete) is not None), None)
 
 
 def _transforms() -> Any:
@@ -317,6 +335,7 @@ class _CifarLayout:
     label_key: str
     num_classes: int
     torchvision_class: str
+    archive: str
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -377,19 +396,26 @@ def _read_cifar_batch(path: Path, layout: _CifarLayout) -> tuple[np.ndarray, np.
     data = _batch_entry(batch, "data", path, layout.name)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
         raise DataError(f"--data {layout.name}: {path} is not a CIFAR batch ('data' is not an N x 3072 uint8 array)")
+    not_integers = DataError(
+        f"--data {layout.name}: {path} is not a CIFAR batch ('{layout.label_key}' is not a list of integers)"
+    )
     try:
-        labels = np.asarray(_batch_entry(batch, layout.label_key, path, layout.name), dtype=np.int64)
+        raw = np.asarray(_batch_entry(batch, layout.label_key, path, layout.name))
+        labels = raw.astype(np.int64)
     except (TypeError, ValueError) as exc:
-        raise DataError(
-            f"--data {layout.name}: {path} is not a CIFAR batch ('{layout.label_key}' is not a list of integers)"
-        ) from exc
+        raise not_integers from exc
+    if raw.dtype.kind not in "iub" and not np.array_equal(raw, labels):  # 1.7 would be read as class 1
+        raise not_integers
     labels = _check_labels(labels, len(data), layout.num_classes, path, layout.name)
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 def _read_cifar_split(directory: Path, files: Sequence[str], layout: _CifarLayout) -> tuple[np.ndarray, np.ndarray]:
-    """Reads and concatenates the batches ``files`` of one split."""
+    """Reads and concatenates the batches ``files`` of one split (refused when they hold no images)."""
     parts = [_read_cifar_batch(directory / f, layout) for f in files]
+    if not any(len(p[1]) for p in parts):
+        raise DataError(f"--data {layout.name}: {directory / files[-1]} holds no images; replace it with an intact "
+                        "copy of the official python-version files")
     images = np.ascontiguousarray(np.concatenate([p[0] for p in parts]))
     return images, np.concatenate([p[1] for p in parts])
 
@@ -409,7 +435,13 @@ def _build_cifar(layout: _CifarLayout, root: Path | None, download: bool) -> Dat
     if directory is None:
         missing = next(f for f in layout.train_files + layout.test_files if not (base / layout.folder / f).is_file())
         expected = str(base / layout.folder / missing)
-        raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
+        archive = base / layout.archive
+        if archive.is_file() and not (base / layout.folder).exists():
+            raise MissingData(f"--data {layout.name}: {archive} is not extracted (expected {expected}); run "
+                              f"tar -xzf {archive} -C {base}, or pass --download to check and extract it")
+        found = _found_below(base, lambda d: (d / layout.folder, d), complete)
+        raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True,
+                                           found_in=found))
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # as in the TWA reference code
     t = _transforms()
     train_tf = _normalized(mean, std, t.RandomCrop(32, padding=4), t.RandomHorizontalFlip())
@@ -432,6 +464,7 @@ def _build_cifar10(root: Path | None, download: bool) -> DataSplits:
         label_key="labels",
         num_classes=10,
         torchvision_class="CIFAR10",
+        archive="cifar-10-python.tar.gz",
     )
     return _build_cifar(layout, root, download)
 
@@ -447,6 +480,7 @@ def _build_cifar100(root: Path | None, download: bool) -> DataSplits:
         label_key="fine_labels",
         num_classes=100,
         torchvision_class="CIFAR100",
+        archive="cifar-100-python.tar.gz",
     )
     return _build_cifar(layout, root, download)
 
@@ -514,6 +548,8 @@ def _read_idx_split(directory: Path, split: str, name: str) -> tuple[np.ndarray,
     assert image_path is not None and label_path is not None  # guaranteed by _has_idx_files
     images = _read_idx(image_path, 0x00000803, name)
     labels = _check_labels(_read_idx(label_path, 0x00000801, name), len(images), 10, label_path, name)
+    if len(images) == 0:
+        raise DataError(f"--data {name}: {image_path} holds no images; replace it with an intact copy")
     return images, labels
 
 
@@ -521,7 +557,8 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
     """Builds an MNIST-format dataset from a flat directory or torchvision's ``<Class>/raw`` layout."""
     base = root if root is not None else _default_root()
     raw_dir = base / layout.torchvision_class / "raw"
-    candidates = (base, raw_dir, base / layout.name) + (layout.extra_dirs if root is None else ())
+    # base / "raw": --data-root given as torchvision's <Class>/ folder, one level below the root torchvision takes
+    candidates = (base, raw_dir, base / layout.name, base / "raw") + (layout.extra_dirs if root is None else ())
     directory = _first_dir(candidates, _has_idx_files)
     if directory is None and download:
         _torchvision_download(layout.name, layout.torchvision_class, base, train=True)
@@ -535,7 +572,10 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
                               f"({', '.join(absent)} missing); add them, pass --data-root DIR pointing at all four, "
                               "or --download")
         expected = f"{base / _idx_stems('train')[0]}[.gz] and the other three IDX files, or the same in {raw_dir}"
-        raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
+        found = _found_below(base, lambda d: (d, d / layout.torchvision_class / "raw", d / layout.name, d / "raw"),
+                             _has_idx_files)
+        raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True,
+                                           found_in=found))
     train = NormalizedGrayDataset(*_read_idx_split(directory, "train", layout.name), layout.mean, layout.std)
     test = NormalizedGrayDataset(*_read_idx_split(directory, "t10k", layout.name), layout.mean, layout.std)
     return DataSplits(train=train, eval=test, num_classes=10, name=layout.name, train_plain=train)
