@@ -824,3 +824,19 @@ def test_cifar_fractional_labels_are_refused(tmp_path: Path) -> None:
         build_data("cifar10", root=tmp_path)
     write_cifar_batch(tmp_path / "cifar-10-batches-py" / "test_batch", rows, np.array([3, 4], np.uint8), "labels")
     assert build_data("cifar10", root=tmp_path).eval.targets == [3, 4]
+
+
+def test_svhn_empty_split_fractional_labels_and_root_too_high(tmp_path: Path) -> None:
+    scipy_io = pytest.importorskip("scipy.io")
+    rng = np.random.default_rng(18)
+    root = tmp_path / "svhn"
+    write_svhn_mat(root / "train_32x32.mat", rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), [1, 2, 3, 0])
+    write_svhn_mat(root / "test_32x32.mat", np.zeros((0, 32, 32, 3), np.uint8), [])
+    with pytest.raises(DataError, match="test_32x32.mat holds no images"):
+        build_data("svhn", root=root)
+    fractional = {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[3.5], [1.0]])}
+    scipy_io.savemat(str(root / "test_32x32.mat"), fractional)
+    with pytest.raises(DataError, match=r"test_32x32.mat is not an SVHN .mat file \('y' is not a list of integers\)"):
+        build_data("svhn", root=root)
+    with pytest.raises(DataError, match=f"pass --data-root {root}$"):
+        build_data("svhn", root=tmp_path)

@@ -308,6 +308,16 @@ def _torchvision_download(name: str, class_name: str, root: Path, **kwargs: Any)
         raise _download_failed(name, root, exc) from exc
 
 
+def _integer_labels(values: Any) -> np.ndarray:
+    """``values`` as int64 class indices; ValueError (or TypeError) when they are not integers: a float label such
+    as 1.7 would otherwise be read as class 1 without a word."""
+    raw = np.asarray(values)
+    labels = raw.astype(np.int64)
+    if raw.dtype.kind not in "iub" and not np.array_equal(raw, labels):
+        raise ValueError("labels are not integers")
+    return labels
+
+
 def _check_labels(labels: np.ndarray, count: int, num_classes: int, path: Path, name: str) -> np.ndarray:
     """Validates that ``labels`` holds ``count`` class indices below ``num_classes``."""
     if labels.ndim != 1 or len(labels) != count:
@@ -400,12 +410,9 @@ def _read_cifar_batch(path: Path, layout: _CifarLayout) -> tuple[np.ndarray, np.
         f"--data {layout.name}: {path} is not a CIFAR batch ('{layout.label_key}' is not a list of integers)"
     )
     try:
-        raw = np.asarray(_batch_entry(batch, layout.label_key, path, layout.name))
-        labels = raw.astype(np.int64)
+        labels = _integer_labels(_batch_entry(batch, layout.label_key, path, layout.name))
     except (TypeError, ValueError) as exc:
         raise not_integers from exc
-    if raw.dtype.kind not in "iub" and not np.array_equal(raw, labels):  # 1.7 would be read as class 1
-        raise not_integers
     labels = _check_labels(labels, len(data), layout.num_classes, path, layout.name)
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
@@ -647,10 +654,12 @@ def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
             "replace it with an intact copy of the official file"
         )
     try:
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        labels = _integer_labels(labels).reshape(-1)
     except (TypeError, ValueError) as exc:
         raise DataError(f"--data svhn: {path} is not an SVHN .mat file ('y' is not a list of integers)") from exc
     labels = _check_labels(labels, images.shape[3], 11, path, "svhn")
+    if not len(labels):
+        raise DataError(f"--data svhn: {path} holds no images; replace it with an intact copy of the official file")
     labels[labels == 10] = 0
     return np.ascontiguousarray(images.transpose(3, 0, 1, 2)), labels
 
@@ -669,7 +678,8 @@ def _build_svhn(root: Path | None, download: bool) -> DataSplits:
         missing = [f for f in _SVHN_FILES if not (base / f).is_file()]
     if missing:
         expected = " and ".join(str(base / f) for f in missing)
-        raise MissingData(_missing_message("svhn", "SVHN", base, expected, downloadable=True))
+        found = _found_below(base, lambda d: (d,), lambda d: all((d / f).is_file() for f in _SVHN_FILES))
+        raise MissingData(_missing_message("svhn", "SVHN", base, expected, downloadable=True, found_in=found))
     transform = _normalized((0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197))
     train = ArrayImageDataset(*_read_svhn(base / _SVHN_FILES[0]), transform)
     test = ArrayImageDataset(*_read_svhn(base / _SVHN_FILES[1]), transform)
