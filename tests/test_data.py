@@ -840,3 +840,11 @@ def test_svhn_empty_split_fractional_labels_and_root_too_high(tmp_path: Path) ->
         build_data("svhn", root=root)
     with pytest.raises(DataError, match=f"pass --data-root {root}$"):
         build_data("svhn", root=tmp_path)
+
+
+def test_idx_train_and_test_images_of_different_sizes_are_refused(tmp_path: Path) -> None:
+    """28x28 train and 32x32 t10k images were read as one dataset: a model that fits one fails on the other mid-run."""
+    write_idx_set(tmp_path, np.random.default_rng(19), gz=False)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((3, 32, 32), np.uint8), 0x803))
+    with pytest.raises(DataError, match="train images of 28x28 pixels and t10k images of 32x32"):
+        build_data("mnist", root=tmp_path)

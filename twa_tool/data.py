@@ -583,8 +583,17 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
                              _has_idx_files)
         raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True,
                                            found_in=found))
-    train = NormalizedGrayDataset(*_read_idx_split(directory, "train", layout.name), layout.mean, layout.std)
-    test = NormalizedGrayDataset(*_read_idx_split(directory, "t10k", layout.name), layout.mean, layout.std)
+    train_images, train_labels = _read_idx_split(directory, "train", layout.name)
+    test_images, test_labels = _read_idx_split(directory, "t10k", layout.name)
+    if train_images.shape[1:] != test_images.shape[1:]:  # a model fits one of them; the other would fail mid-run
+        shown = {split: "x".join(map(str, images.shape[1:])) for split, images in
+                 (("train", train_images), ("t10k", test_images))}
+        raise DataError(
+            f"--data {layout.name}: {directory} holds train images of {shown['train']} pixels and t10k images of "
+            f"{shown['t10k']}; the files belong to different datasets, replace them with one set of four"
+        )
+    train = NormalizedGrayDataset(train_images, train_labels, layout.mean, layout.std)
+    test = NormalizedGrayDataset(test_images, test_labels, layout.mean, layout.std)
     return DataSplits(train=train, eval=test, num_classes=10, name=layout.name, train_plain=train)
 
 
