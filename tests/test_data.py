@@ -848,3 +848,12 @@ def test_idx_train_and_test_images_of_different_sizes_are_refused(tmp_path: Path
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((3, 32, 32), np.uint8), 0x803))
     with pytest.raises(DataError, match="train images of 28x28 pixels and t10k images of 32x32"):
         build_data("mnist", root=tmp_path)
+
+
+def test_idx_files_with_dotted_names_are_read(tmp_path: Path) -> None:
+    """The MNIST copy on Kaggle names its files train-images.idx3-ubyte...: they were "no MNIST files"."""
+    arrays = write_idx_set(tmp_path, np.random.default_rng(20), gz=False)
+    for stem in arrays:
+        (tmp_path / stem).rename(tmp_path / stem.replace("-idx", ".idx"))
+    splits = build_data("mnist", root=tmp_path)
+    assert len(splits.train) == 4 and splits.eval.targets == arrays["t10k-labels-idx1-ubyte"].tolist()

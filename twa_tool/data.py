@@ -508,8 +508,10 @@ class _IdxLayout:
 
 
 def _idx_file(directory: Path, stem: str) -> Path | None:
-    """``directory/stem`` or ``directory/stem.gz``, whichever exists (uncompressed first)."""
-    return next((p for p in (directory / stem, directory / f"{stem}.gz") if p.is_file()), None)
+    """``directory/stem`` or ``directory/stem.gz``, whichever exists (uncompressed first); also under the
+    dotted name some copies use (``train-images.idx3-ubyte``, as in the MNIST set on Kaggle)."""
+    names = (stem, f"{stem}.gz", (dotted := stem.replace("-idx", ".idx")), f"{dotted}.gz")
+    return next((directory / n for n in names if (directory / n).is_file()), None)
 
 
 def _idx_stems(split: str) -> tuple[str, str]:
