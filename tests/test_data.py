@@ -857,3 +857,21 @@ def test_idx_files_with_dotted_names_are_read(tmp_path: Path) -> None:
         (tmp_path / stem).rename(tmp_path / stem.replace("-idx", ".idx"))
     splits = build_data("mnist", root=tmp_path)
     assert len(splits.train) == 4 and splits.eval.targets == arrays["t10k-labels-idx1-ubyte"].tolist()
+
+
+def test_imagenet_flat_val_and_unextracted_train_archives_are_explained(tmp_path: Path) -> None:
+    """ImageNet's validation tarball extracts flat into val/ and its train tarball into one .tar per class:
+    both were only "Couldn't find any class folder"."""
+    (tmp_path / "train" / "n01440764").mkdir(parents=True)
+    (tmp_path / "val").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / "n01440764" / f"{i}.JPEG")
+        Image.new("RGB", (8, 8)).save(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    with pytest.raises(DataError, match=f"{tmp_path / 'val'} holds 3 images directly, not in CLASS/ folders"):
+        build_data("imagenet", root=tmp_path)
+    for path in (tmp_path / "train" / "n01440764").iterdir():
+        path.unlink()
+    (tmp_path / "train" / "n01440764").rmdir()
+    (tmp_path / "train" / "n01440764.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="holds 1 archives: extract each into a folder named after its class"):
+        build_data("imagenet", root=tmp_path)

@@ -716,6 +716,23 @@ def _split_hint(directory: Path, split: str) -> str:
     return ""
 
 
+def _unsorted_hint(folder: Path) -> str:
+    """Why ``folder`` has no class folders when it holds images or archives itself: ImageNet's validation images
+    extracted flat into val/, or its per-class train archives (n01440764.tar...) not extracted."""
+    try:
+        files = [entry.name.lower() for entry in folder.iterdir() if entry.is_file()]
+    except OSError:
+        return ""
+    images = sum(name.endswith(_IMAGE_SUFFIXES) for name in files)
+    archives = sum(name.endswith((".tar", ".tar.gz", ".tgz", ".zip")) for name in files)
+    if images and not any(entry.is_dir() for entry in folder.iterdir()):
+        return (f" ({folder} holds {images} images directly, not in CLASS/ folders: move each image into the folder "
+                "of its class, e.g. ImageNet's val/ with its valprep.sh script)")
+    if archives:
+        return f" ({folder} holds {archives} archives: extract each into a folder named after its class)"
+    return ""
+
+
 def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
     """ImageFolder datasets over ``directory/train`` and ``directory/val`` with ImageNet transforms."""
     from twa_tool.folders import TwaImageFolder
@@ -738,6 +755,7 @@ def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
             reason = " ".join(str(exc).split())
             if "no valid file" in reason:
                 reason += f" (images: {', '.join(_IMAGE_SUFFIXES)}, any case; hidden files are skipped)"
+            reason += _unsorted_hint(directory / split)
             raise DataError(f"--data {name}: {directory / split}: {reason}; {fix}") from exc
     train, test = folders["train"], folders["val"]
     if train.classes != test.classes:
