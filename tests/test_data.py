@@ -875,3 +875,20 @@ def test_imagenet_flat_val_and_unextracted_train_archives_are_explained(tmp_path
     (tmp_path / "train" / "n01440764.tar").write_bytes(b"")
     with pytest.raises(DataError, match="holds 1 archives: extract each into a folder named after its class"):
         build_data("imagenet", root=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("spec", "hint"),
+    [
+        ("cifar10:/data/cifar", "write --data cifar10 --data-root /data/cifar)"),
+        ("ImageNet:~/imagenet", "write --data imagenet --data-root ~/imagenet)"),
+        ("torchvision:CIFAR10", "write --data cifar10 --data-root DIR)"),
+        ("torchvision.datasets:FashionMNIST", "write --data fashion-mnist --data-root DIR)"),
+    ],
+)
+def test_builtin_name_written_with_a_path_or_module_points_at_data_root(spec: str, hint: str) -> None:
+    """imagefolder:PATH takes a path, so cifar10:PATH and torchvision:CIFAR10 are natural guesses: they were "unknown
+    dataset", "torchvision has no function CIFAR10" or a TypeError from torchvision's class, without the fix."""
+    with pytest.raises((ConfigError, DataError)) as info:
+        build_data(spec)
+    assert str(info.value).endswith(hint) or f"{hint};" in str(info.value), str(info.value)

@@ -170,8 +170,23 @@ def registry_name(spec: str) -> str | None:
     return next((name for name in _REGISTRY if name.replace("-", "") == compact), None)
 
 
+def _registry_hint(spec: str) -> str:
+    """For ``cifar10:/data`` or ``imagenet:PATH`` (a built-in name with a path, as ``imagefolder:PATH`` takes one), and
+    ``torchvision:CIFAR10`` (as ``--model torchvision:NAME``): how to write the built-in dataset."""
+    head, _, tail = spec.strip().rpartition(":")
+    for part, rest in ((head, tail), (tail, None)):
+        name = registry_name(part) if part else None
+        if name is not None and name != "synthetic":
+            where = f" --data-root {rest}" if rest and not rest.isidentifier() else " --data-root DIR"
+            return f" (for the built-in dataset write --data {name}{where})"
+    return ""
+
+
 def _unknown_hint(text: str) -> str:
-    """What an unknown spec probably meant: a .py file without its function, a folder of images, a typo."""
+    """What an unknown spec probably meant: a .py file without its function, a folder of images, a typo, a built-in
+    name with a path."""
+    if hint := _registry_hint(text):
+        return hint
     path = Path(text).expanduser()
     script = text if text.endswith(".py") else text.rpartition(":")[0]
     if script.endswith(".py"):
@@ -855,7 +870,8 @@ def _import_module(target: str, spec: str) -> Any:
         return importlib.import_module(target)
     except ModuleNotFoundError as exc:
         if exc.name and (target == exc.name or target.startswith(f"{exc.name}.")):
-            raise ConfigError(f"--data {spec}: no module named {exc.name}; check the spelling or PYTHONPATH") from exc
+            raise ConfigError(f"--data {spec}: no module named {exc.name}; check the spelling or PYTHONPATH"
+                              f"{_registry_hint(spec)}") from exc
         raise DataError(f"--data {spec}: importing {target} failed: {exc}") from exc
     except Exception as exc:  # user code: any failure on import is reported as such
         raise DataError(f"--data {spec}: importing {target} failed ({type(exc).__name__}: {exc})") from exc
@@ -936,7 +952,7 @@ def _load_function(spec: str) -> Callable[..., Any]:
         module = _import_module(target, spec)
     function = getattr(module, name, None)
     if not callable(function):
-        raise ConfigError(f"--data {spec}: {target} has no function {name}")
+        raise ConfigError(f"--data {spec}: {target} has no function {name}{_registry_hint(spec)}")
     return function
 
 
@@ -993,10 +1009,12 @@ def _build_from_function(spec: str, root: Path | None, unused: str | None = None
         raise
     except (Exception, SystemExit) as exc:  # user code: any failure (a sys.exit too) is reported with its type
         reason = " ".join(str(exc).split())
-        raise DataError(f"--data {spec}: the function raised {type(exc).__name__}: {reason}") from exc
+        raise DataError(f"--data {spec}: the function raised {type(exc).__name__}: {reason}{_registry_hint(spec)}"
+                        ) from exc
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise DataError(
             f"--data {spec}: the function must return (fit_dataset, eval_dataset), got {_shape_of(result)}"
+            f"{_registry_hint(spec)}"
         )
     fit = result[0] if eval_only else _check_dataset(result[0], "fit", spec)
     test = _check_dataset(result[1], "eval", spec)
