@@ -892,3 +892,22 @@ def test_builtin_name_written_with_a_path_or_module_points_at_data_root(spec: st
     with pytest.raises((ConfigError, DataError)) as info:
         build_data(spec)
     assert str(info.value).endswith(hint) or f"{hint};" in str(info.value), str(info.value)
+
+
+def test_unreadable_data_files_say_to_check_permissions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file the user cannot read (chmod 000; simulated, as root reads anything): the IDX reader said "replace it
+    with an intact copy", and the CIFAR reader gave no fix at all."""
+    write_cifar10(tmp_path / "c", np.random.default_rng(21))
+    write_idx_set(tmp_path / "m", np.random.default_rng(22), gz=True)
+    real_open, real_read = Path.open, Path.read_bytes
+
+    def refuse(path: Path) -> None:
+        if path.name in ("data_batch_2", "train-labels-idx1-ubyte.gz"):
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: refuse(self) or real_open(self, *a, **k))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: refuse(self) or real_read(self))
+    with pytest.raises(DataError, match=r"cannot read .*data_batch_2 \(Permission denied\); check its permissions"):
+        build_data("cifar10", root=tmp_path / "c")
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz \(Permission denied\); check its permissions"):
+        build_data("mnist", root=tmp_path / "m")

@@ -333,6 +333,12 @@ def _integer_labels(values: Any) -> np.ndarray:
     return labels
 
 
+def _read_fix(exc: BaseException) -> str:
+    """The fix for a data file that could not be opened: its permissions, when those refused it."""
+    return "; check its permissions (the user running twa must be able to read it)" \
+        if isinstance(exc, PermissionError) else ""
+
+
 def _check_labels(labels: np.ndarray, count: int, num_classes: int, path: Path, name: str) -> np.ndarray:
     """Validates that ``labels`` holds ``count`` class indices below ``num_classes``."""
     if labels.ndim != 1 or len(labels) != count:
@@ -396,7 +402,7 @@ def _unpickle_cifar_batch(path: Path, name: str) -> dict[Any, Any]:
             # encoding="latin1" decodes the Python 2 strings of the official files losslessly.
             batch = _NumpyOnlyUnpickler(handle, encoding="latin1").load()
     except OSError as exc:
-        raise DataError(f"--data {name}: cannot read {path} ({exc.strerror or exc})") from exc
+        raise DataError(f"--data {name}: cannot read {path} ({exc.strerror or exc}){_read_fix(exc)}") from exc
     except Exception as exc:  # a malformed pickle can fail in many ways; all mean "not a batch"
         raise DataError(
             f"--data {name}: {path} is not a CIFAR batch ({type(exc).__name__}: {exc}); replace it with "
@@ -546,7 +552,9 @@ def _read_idx(path: Path, magic: int, name: str) -> np.ndarray:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"--data {name}: cannot read {path} ({exc}); replace it with an intact copy") from exc
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise DataError(f"--data {name}: cannot read {path} ({reason})"
+                        f"{_read_fix(exc) or '; replace it with an intact copy'}") from exc
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
@@ -665,7 +673,7 @@ def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if exc.errno is None:  # scipy's "could not read bytes": a truncated file
             raise DataError(f"--data svhn: {path} is not an SVHN .mat file (truncated: {exc}); replace it with an "
                             "intact copy of the official file") from exc
-        raise DataError(f"--data svhn: cannot read {path} ({exc.strerror or exc})") from exc
+        raise DataError(f"--data svhn: cannot read {path} ({exc.strerror or exc}){_read_fix(exc)}") from exc
     except Exception as exc:  # scipy raises ValueError, TypeError, NotImplementedError... for what is not a v5 .mat
         raise DataError(
             f"--data svhn: {path} is not an SVHN .mat file ({type(exc).__name__}: {' '.join(str(exc).split())}); "
