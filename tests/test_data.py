@@ -798,6 +798,16 @@ def test_idx_root_may_be_torchvisions_class_folder(tmp_path: Path) -> None:
     arrays = write_idx_set(tmp_path / "FashionMNIST" / "raw", np.random.default_rng(14), gz=True)
     splits = build_data("fashion-mnist", root=tmp_path / "FashionMNIST")
     assert len(splits.train) == 4 and splits.eval.targets == arrays["t10k-labels-idx1-ubyte"].tolist()
+    with pytest.raises(DataError, match="but it holds fashion-mnist's; use --data fashion-mnist"):
+        build_data("mnist", root=tmp_path / "FashionMNIST")  # never MNIST read from torchvision's FashionMNIST/
+    with pytest.raises(DataError, match="but it holds fashion-mnist's; use --data fashion-mnist"):
+        build_data("mnist", root=tmp_path)
+
+
+def test_cifar_root_holding_the_other_cifar_says_so(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, np.random.default_rng(23))
+    with pytest.raises(DataError, match="but it holds cifar10's; use --data cifar10"):
+        build_data("cifar100", root=tmp_path)
 
 
 def test_split_without_images_names_its_file(tmp_path: Path) -> None:

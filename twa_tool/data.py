@@ -244,9 +244,13 @@ def _default_root() -> Path:
 
 
 def _missing_message(name: str, display: str, where: Path, expected: str, downloadable: bool,
-                     found_in: Path | None = None) -> str:
+                     found_in: Path | None = None, other: str | None = None) -> str:
     """The one-line message for data files that cannot be found; ``found_in``: a folder below ``where`` that
-    holds them (``--data-root`` given one level too high)."""
+    holds them (``--data-root`` given one level too high); ``other``: the dataset whose files ``where`` holds
+    instead (CIFAR-10's for ``--data cifar100``)."""
+    if other is not None:
+        return (f"--data {name}: no {display} files under {where} (expected {expected}), but it holds {other}'s; "
+                f"use --data {other}, or pass --data-root DIR pointing at the {display} files")
     if found_in is not None:
         return (f"--data {name}: no {display} files under {where} (expected {expected}), but {found_in} holds them; "
                 f"pass --data-root {found_in}")
@@ -448,6 +452,11 @@ def _read_cifar_split(directory: Path, files: Sequence[str], layout: _CifarLayou
     return images, np.concatenate([p[1] for p in parts])
 
 
+#: For each CIFAR variant, the other's folder, one of its files and its name: a --data-root holding the other.
+_OTHER_CIFAR = {"cifar10": ("cifar-100-python", "train", "cifar100"),
+                "cifar100": ("cifar-10-batches-py", "data_batch_1", "cifar10")}
+
+
 def _build_cifar(layout: _CifarLayout, root: Path | None, download: bool) -> DataSplits:
     """Builds a CIFAR variant from ``root/<folder>`` (or ``root`` itself holding the batches)."""
     base = root if root is not None else _default_root()
@@ -468,8 +477,10 @@ def _build_cifar(layout: _CifarLayout, root: Path | None, download: bool) -> Dat
             raise MissingData(f"--data {layout.name}: {archive} is not extracted (expected {expected}); run "
                               f"tar -xzf {archive} -C {base}, or pass --download to check and extract it")
         found = _found_below(base, lambda d: (d / layout.folder, d), complete)
+        other_folder, other_file, other = _OTHER_CIFAR[layout.name]
+        holds_other = any((d / other_file).is_file() for d in (base / other_folder, base))
         raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True,
-                                           found_in=found))
+                                           found_in=found, other=other if holds_other else None))
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # as in the TWA reference code
     t = _transforms()
     train_tf = _normalized(mean, std, t.RandomCrop(32, padding=4), t.RandomHorizontalFlip())
@@ -585,12 +596,17 @@ def _read_idx_split(directory: Path, split: str, name: str) -> tuple[np.ndarray,
     return images, labels
 
 
+#: For MNIST and Fashion-MNIST, the other's torchvision folder and name: a --data-root holding the other.
+_OTHER_IDX = {"mnist": ("FashionMNIST", "fashion-mnist"), "fashion-mnist": ("MNIST", "mnist")}
+
+
 def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSplits:
     """Builds an MNIST-format dataset from a flat directory or torchvision's ``<Class>/raw`` layout."""
     base = root if root is not None else _default_root()
     raw_dir = base / layout.torchvision_class / "raw"
-    # base / "raw": --data-root given as torchvision's <Class>/ folder, one level below the root torchvision takes
-    candidates = (base, raw_dir, base / layout.name, base / "raw") + (layout.extra_dirs if root is None else ())
+    # --data-root given as torchvision's <Class>/ folder (MNIST/, FashionMNIST/), one level below the root it takes
+    own_class_dir = (base / "raw",) if base.name == layout.torchvision_class else ()
+    candidates = (base, raw_dir, base / layout.name, *own_class_dir) + (layout.extra_dirs if root is None else ())
     directory = _first_dir(candidates, _has_idx_files)
     if directory is None and download:
         _torchvision_download(layout.name, layout.torchvision_class, base, train=True)
@@ -604,10 +620,14 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
                               f"({', '.join(absent)} missing); add them, pass --data-root DIR pointing at all four, "
                               "or --download")
         expected = f"{base / _idx_stems('train')[0]}[.gz] and the other three IDX files, or the same in {raw_dir}"
-        found = _found_below(base, lambda d: (d, d / layout.torchvision_class / "raw", d / layout.name, d / "raw"),
+        found = _found_below(base, lambda d: (d, d / layout.torchvision_class / "raw", d / layout.name,
+                                              *((d / "raw",) if d.name == layout.torchvision_class else ())),
                              _has_idx_files)
+        other_class, other = _OTHER_IDX[layout.name]
+        holds_other = _has_idx_files(base / other_class / "raw") or (base.name == other_class and
+                                                                    _has_idx_files(base / "raw"))
         raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True,
-                                           found_in=found))
+                                           found_in=found, other=other if holds_other else None))
     train_images, train_labels = _read_idx_split(directory, "train", layout.name)
     test_images, test_labels = _read_idx_split(directory, "t10k", layout.name)
     if train_images.shape[1:] != test_images.shape[1:]:  # a model fits one of them; the other would fail mid-run
