@@ -921,3 +921,22 @@ def test_unreadable_data_files_say_to_check_permissions(tmp_path: Path, monkeypa
         build_data("cifar10", root=tmp_path / "c")
     with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz \(Permission denied\); check its permissions"):
         build_data("mnist", root=tmp_path / "m")
+
+
+def test_download_beside_a_spec_that_never_downloads_is_noted(tmp_path: Path) -> None:
+    """--download with synthetic, imagefolder:PATH, imagenet or a user function was dropped without a word, while
+    an unused --data-root is warned about."""
+    path = tmp_path / "my_data.py"
+    path.write_text(USER_FILE)
+    write_image_tree(tmp_path / "tree", {"blue": (0, 0, 255)}, per_class=1)
+    assert build_data("synthetic", download=True).notes == (
+        "--download is not used: --data synthetic is generated, not downloaded",)
+    assert build_data(f"imagefolder:{tmp_path / 'tree'}", download=True).notes == (
+        f"--download is not used: --data imagefolder:{tmp_path / 'tree'} reads the folders under its own PATH",)
+    assert build_data("imagenet", root=tmp_path / "tree", download=True).notes[0].startswith(
+        "--download is not used: --data imagenet cannot be downloaded automatically")
+    assert build_data(f"{path}:no_root", download=True).notes == (
+        f"--download is not used: --data {path}:no_root is a function of yours, which gets no download flag from twa",)
+    assert build_data("synthetic").notes == ()
+    write_cifar10(tmp_path / "c", np.random.default_rng(24))
+    assert build_data("cifar10", root=tmp_path / "c", download=True).notes == ()

@@ -141,6 +141,30 @@ def build_data(spec: str, *, root: Path | None = None, download: bool = False, e
         DataError: The data files are missing or unreadable, or a user function returned
             something other than two datasets.
     """
+    data = _build(spec, root, download, eval_only)
+    return _noted(data, download_note(spec) if download else None)
+
+
+def download_note(spec: str) -> str | None:
+    """The note for ``--download`` beside a ``--data`` spec that never downloads (None for one that may): generated
+    data, ``imagefolder:PATH``, ImageNet, a user function (twa passes it no ``download``)."""
+    text = spec.strip()
+    name = registry_name(text)
+    if name is not None and name not in _GENERATED and name != "imagenet":
+        return None
+    if name in _GENERATED:
+        reason = f"--data {name} is generated, not downloaded"
+    elif name == "imagenet":
+        reason = "--data imagenet cannot be downloaded automatically (its licence requires a manual download)"
+    elif text.lower().startswith("imagefolder:"):
+        reason = f"--data {text} reads the folders under its own PATH"
+    else:
+        reason = f"--data {text} is a function of yours, which gets no download flag from twa"
+    return f"--download is not used: {reason}"
+
+
+def _build(spec: str, root: Path | None, download: bool, eval_only: bool) -> DataSplits:
+    """``build_data`` without its ``--download`` note."""
     text = spec.strip()
     data_root = Path(root).expanduser() if root is not None else None
     name = registry_name(text)

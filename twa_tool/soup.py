@@ -49,7 +49,7 @@ from .checkpoints import (
     weights_path,
 )
 from .config import CoefficientTrainConfig, Selection, SoupConfig
-from .data import DataSplits, build_data, for_workers, registry_name, split_holdout
+from .data import DataSplits, build_data, download_note, for_workers, registry_name, split_holdout
 from .errors import CheckpointError, NumericalError, TwaError
 from .models import (
     MODEL_ARGS_METADATA_KEY,
@@ -617,7 +617,10 @@ def soup_data(config: SoupConfig) -> SoupSplits:
         holdout = _holdout_data(config)
         fit, heldout = data.train, holdout.eval
         scored = heldout
-        notes = tuple(dict.fromkeys([*notes, *(n.replace("--data ", "--holdout ", 1) for n in holdout.notes)]))
+        # --download beside a --holdout that never downloads is not "unused" when --data downloads with it
+        holdout_notes = [n for n in holdout.notes if not (n.startswith("--download ") and download_note(config.data)
+                                                          is None)]
+        notes = tuple(dict.fromkeys([*notes, *(n.replace("--data ", "--holdout ", 1) for n in holdout_notes)]))
         source = f"--holdout {config.holdout}"
     else:
         fit, heldout = split_holdout(data.train, config.holdout_fraction, config.seed)
