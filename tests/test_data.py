@@ -940,3 +940,15 @@ def test_download_beside_a_spec_that_never_downloads_is_noted(tmp_path: Path) ->
     assert build_data("synthetic").notes == ()
     write_cifar10(tmp_path / "c", np.random.default_rng(24))
     assert build_data("cifar10", root=tmp_path / "c", download=True).notes == ()
+
+
+@pytest.mark.parametrize("protocol", [3, 4, 5])
+def test_cifar_batches_pickled_by_python3_are_read(tmp_path: Path, protocol: int) -> None:
+    """Protocol 5 (pickle's default from Python 3.14) stores a numpy array through numpy's _frombuffer, which the
+    numpy-only unpickler refused: a CIFAR-format batch written by pickle.dump there was "not a CIFAR batch"."""
+    rows, labels = write_cifar10(tmp_path, np.random.default_rng(25))
+    batch = {"data": rows[5], "labels": np.array(labels[5], dtype=np.int64)}
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+    splits = build_data("cifar10", root=tmp_path)
+    assert splits.eval.targets == labels[5]
+    torch.testing.assert_close(splits.eval[1][0], expected_cifar_image(rows[5][1]), atol=1e-5, rtol=0)

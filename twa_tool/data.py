@@ -409,6 +409,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         """Returns an allow-listed numpy/codecs global, refusing everything else."""
         reconstruct = np.zeros(1).__reduce__()[0]
         scalar = np.int64(0).__reduce__()[0]
+        frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5, pickle's default from Python 3.14
         allowed = {
             ("numpy", "ndarray"): np.ndarray,
             ("numpy", "dtype"): np.dtype,
@@ -417,6 +418,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             ("numpy.core.multiarray", "scalar"): scalar,
             ("numpy._core.multiarray", "scalar"): scalar,
             ("_codecs", "encode"): codecs.encode,
+            ("numpy.core.numeric", "_frombuffer"): frombuffer,
+            ("numpy._core.numeric", "_frombuffer"): frombuffer,
         }
         if (module, name) not in allowed:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
