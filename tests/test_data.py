@@ -952,3 +952,11 @@ def test_cifar_batches_pickled_by_python3_are_read(tmp_path: Path, protocol: int
     splits = build_data("cifar10", root=tmp_path)
     assert splits.eval.targets == labels[5]
     torch.testing.assert_close(splits.eval[1][0], expected_cifar_image(rows[5][1]), atol=1e-5, rtol=0)
+
+
+def test_cifar_binary_version_is_named(tmp_path: Path) -> None:
+    """The binary version (cifar-10-batches-bin/*.bin) was only "no CIFAR-10 files"."""
+    (tmp_path / "cifar-10-batches-bin").mkdir()
+    (tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin").write_bytes(bytes(3073))
+    with pytest.raises(DataError, match="holds the binary version of CIFAR-10 .*twa reads the python version"):
+        build_data("cifar10", root=tmp_path)

@@ -395,6 +395,8 @@ class _CifarLayout:
     num_classes: int
     torchvision_class: str
     archive: str
+    binary_folder: str
+    binary_file: str
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -500,6 +502,11 @@ def _build_cifar(layout: _CifarLayout, root: Path | None, download: bool) -> Dat
         missing = next(f for f in layout.train_files + layout.test_files if not (base / layout.folder / f).is_file())
         expected = str(base / layout.folder / missing)
         archive = base / layout.archive
+        binary = next((d for d in (base / layout.binary_folder, base) if (d / layout.binary_file).is_file()), None)
+        if binary is not None and directory is None:
+            raise MissingData(f"--data {layout.name}: {binary} holds the binary version of {layout.display} "
+                              f"({layout.binary_file}); twa reads the python version ({layout.folder}/, "
+                              f"{layout.archive}): fetch that, or pass --download")
         if archive.is_file() and not (base / layout.folder).exists():
             raise MissingData(f"--data {layout.name}: {archive} is not extracted (expected {expected}); run "
                               f"tar -xzf {archive} -C {base}, or pass --download to check and extract it")
@@ -531,6 +538,8 @@ def _build_cifar10(root: Path | None, download: bool) -> DataSplits:
         num_classes=10,
         torchvision_class="CIFAR10",
         archive="cifar-10-python.tar.gz",
+        binary_folder="cifar-10-batches-bin",
+        binary_file="data_batch_1.bin",
     )
     return _build_cifar(layout, root, download)
 
@@ -547,6 +556,8 @@ def _build_cifar100(root: Path | None, download: bool) -> DataSplits:
         num_classes=100,
         torchvision_class="CIFAR100",
         archive="cifar-100-python.tar.gz",
+        binary_folder="cifar-100-binary",
+        binary_file="train.bin",
     )
     return _build_cifar(layout, root, download)
 
