@@ -960,3 +960,18 @@ def test_cifar_binary_version_is_named(tmp_path: Path) -> None:
     (tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin").write_bytes(bytes(3073))
     with pytest.raises(DataError, match="holds the binary version of CIFAR-10 .*twa reads the python version"):
         build_data("cifar10", root=tmp_path)
+
+
+def test_a_dataset_workers_cannot_receive_names_num_workers() -> None:
+    """Workers started by spawn or forkserver (macOS, Python 3.14 on Linux) get the dataset pickled: one holding a
+    lambda failed as "reading a batch of --data failed (...); fix or remove the example it names"."""
+    from torch.utils.data import DataLoader
+
+    from twa_tool.trainer import Batches
+
+    dataset = TensorDataset(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
+    dataset.hook = lambda x: x  # type: ignore[attr-defined]
+    loader = DataLoader(dataset, batch_size=2, num_workers=1, multiprocessing_context="spawn")
+    with pytest.raises(DataError, match=r"^--num-workers 1: --data's dataset cannot be sent to the worker processes "
+                                        r"\(.*pickle.*\); make it picklable .*or use --num-workers 0$"):
+        list(Batches(loader))

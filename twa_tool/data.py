@@ -503,7 +503,7 @@ def _build_cifar(layout: _CifarLayout, root: Path | None, download: bool) -> Dat
         expected = str(base / layout.folder / missing)
         archive = base / layout.archive
         binary = next((d for d in (base / layout.binary_folder, base) if (d / layout.binary_file).is_file()), None)
-        if binary is not None and directory is None:
+        if binary is not None:
             raise MissingData(f"--data {layout.name}: {binary} holds the binary version of {layout.display} "
                               f"({layout.binary_file}); twa reads the python version ({layout.folder}/, "
                               f"{layout.archive}): fetch that, or pass --download")
