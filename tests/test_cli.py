@@ -140,6 +140,15 @@ def test_an_unused_data_root_is_a_warning_in_the_run_and_the_dry_run(demo_ckpts:
         assert note in " ".join(result.stderr.split())
 
 
+def test_an_unused_download_is_a_warning_in_the_run_and_the_dry_run(demo_ckpts: Path, tmp_path: Path) -> None:
+    note = "--download is not used: --data synthetic is generated, not downloaded"
+    for extra in (["--dry-run"], []):
+        result = run(demo_ckpts, *FAST, "--download", "--out", tmp_path / "o", "--json", "--overwrite", *extra)
+        assert result.exit_code == 0, result.output
+        assert note in json.loads(result.stdout)["warnings"]
+        assert note in " ".join(result.stderr.split())
+
+
 def test_plain_pt_needs_model_flag(plain_pt_ckpts: Path, tmp_path: Path) -> None:
     result = run(plain_pt_ckpts, *FAST, "--out", tmp_path / "o")
     assert result.exit_code == 4

@@ -734,3 +734,244 @@ def test_pre_normalised_gray_images_equal_the_per_sample_transform() -> None:
     slow = ArrayImageDataset(images, labels, _normalized((0.2860,), (0.3530,)))
     for i in range(5):
         assert torch.equal(fast[i][0], slow[i][0]) and fast[i][1] == slow[i][1]
+
+
+def test_image_folder_skips_hidden_files_and_hidden_folders_without_images(tmp_path: Path) -> None:
+    """macOS's ._NAME.png AppleDouble files were counted as images (and failed to load minutes into a run), and a
+    .ipynb_checkpoints folder without images was a class that torchvision refused ("Found no valid file")."""
+    write_image_tree(tmp_path, {"a": (1, 2, 3), "b": (4, 5, 6)}, per_class=2)
+    (tmp_path / "train" / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+    (tmp_path / "train" / "a" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "val" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "val" / ".ipynb_checkpoints" / "notes-checkpoint.ipynb").write_text("{}")
+    (tmp_path / "train" / "b" / "README.txt").write_text("not an image")
+    splits = build_data(f"imagefolder:{tmp_path}")
+    assert splits.num_classes == 2 and len(splits.train) == 4 and len(splits.eval) == 4
+    assert splits.train.classes == splits.eval.classes == ["a", "b"]
+    assert all(splits.train_plain[i][0].shape == (3, 224, 224) for i in range(4))
+
+
+def test_image_folder_unreadable_image_is_named_when_read(tmp_path: Path) -> None:
+    """A truncated PNG failed with PIL's "Truncated File Read", which does not say which of the files it was."""
+    write_image_tree(tmp_path, {"a": (1, 2, 3), "b": (4, 5, 6)}, per_class=2)
+    bad = tmp_path / "train" / "b" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    splits = build_data(f"imagefolder:{tmp_path}")
+    with pytest.raises(OSError, match=f"cannot read image {bad}"):
+        splits.train[3]
+
+
+def test_image_folder_named_test_or_validation_is_pointed_at(tmp_path: Path) -> None:
+    write_image_tree(tmp_path / "tree", {"a": (1, 2, 3)}, per_class=1)
+    (tmp_path / "tree" / "val").rename(tmp_path / "tree" / "validation")
+    with pytest.raises(DataError, match=f"found {tmp_path / 'tree' / 'validation'}: rename or symlink it"):
+        build_data(f"imagefolder:{tmp_path / 'tree'}")
+    (tmp_path / "tree" / "validation").rename(tmp_path / "tree" / "val")
+    with pytest.raises(DataError, match=f"{tmp_path / 'tree' / 'train'} is itself a split folder"):
+        build_data(f"imagefolder:{tmp_path / 'tree' / 'train'}")
+
+
+def test_cifar_archive_not_extracted_says_so(tmp_path: Path) -> None:
+    import tarfile
+
+    write_cifar10(tmp_path / "src", np.random.default_rng(11))
+    (tmp_path / "root").mkdir()
+    with tarfile.open(tmp_path / "root" / "cifar-10-python.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    with pytest.raises(DataError, match=r"cifar-10-python.tar.gz is not extracted.*run tar -xzf"):
+        build_data("cifar10", root=tmp_path / "root")
+
+
+def test_data_root_one_level_too_high_names_the_folder_below(tmp_path: Path) -> None:
+    write_cifar10(tmp_path / "cifar", np.random.default_rng(12))
+    write_idx_set(tmp_path / "mnist" / "MNIST" / "raw", np.random.default_rng(13), gz=True)
+    with pytest.raises(DataError, match=f"but {tmp_path / 'cifar'} holds them; pass --data-root {tmp_path / 'cifar'}$"):
+        build_data("cifar10", root=tmp_path)
+    with pytest.raises(DataError, match=f"pass --data-root {tmp_path / 'mnist'}$"):
+        build_data("mnist", root=tmp_path)
+    with pytest.raises(DataError, match="is a file; pass --data-root DIR"):
+        build_data("cifar10", root=tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch")
+
+
+def test_idx_root_may_be_torchvisions_class_folder(tmp_path: Path) -> None:
+    """--data-root ~/data/MNIST (torchvision's MNIST/raw/ below it) was "no MNIST files"."""
+    arrays = write_idx_set(tmp_path / "FashionMNIST" / "raw", np.random.default_rng(14), gz=True)
+    splits = build_data("fashion-mnist", root=tmp_path / "FashionMNIST")
+    assert len(splits.train) == 4 and splits.eval.targets == arrays["t10k-labels-idx1-ubyte"].tolist()
+    with pytest.raises(DataError, match="but it holds fashion-mnist's; use --data fashion-mnist"):
+        build_data("mnist", root=tmp_path / "FashionMNIST")  # never MNIST read from torchvision's FashionMNIST/
+    with pytest.raises(DataError, match="but it holds fashion-mnist's; use --data fashion-mnist"):
+        build_data("mnist", root=tmp_path)
+
+
+def test_cifar_root_holding_the_other_cifar_says_so(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, np.random.default_rng(23))
+    with pytest.raises(DataError, match="but it holds cifar10's; use --data cifar10"):
+        build_data("cifar100", root=tmp_path)
+
+
+def test_split_without_images_names_its_file(tmp_path: Path) -> None:
+    """An empty test_batch or t10k file was read as an empty split: the run then failed (exit 6) with "the evaluation
+    split is empty; check --data", naming no file."""
+    write_cifar10(tmp_path / "c", np.random.default_rng(15))
+    empty = {"batch_label": "testing batch", "labels": [], "data": np.zeros((0, 3072), np.uint8), "filenames": []}
+    (tmp_path / "c" / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(empty, protocol=4))
+    with pytest.raises(DataError, match="test_batch holds no images"):
+        build_data("cifar10", root=tmp_path / "c")
+    write_idx_set(tmp_path / "m", np.random.default_rng(16), gz=False)
+    (tmp_path / "m" / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((0, 28, 28), np.uint8), 0x803))
+    (tmp_path / "m" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros((0,), np.uint8), 0x801))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte holds no images"):
+        build_data("mnist", root=tmp_path / "m")
+
+
+def test_cifar_fractional_labels_are_refused(tmp_path: Path) -> None:
+    """Labels [0.5, 1.7] were truncated to classes 0 and 1 without a word."""
+    write_cifar10(tmp_path, np.random.default_rng(17))
+    rows = np.zeros((2, 3072), np.uint8)
+    write_cifar_batch(tmp_path / "cifar-10-batches-py" / "test_batch", rows, [0.5, 1.7], "labels")  # type: ignore[list-item]
+    with pytest.raises(DataError, match="test_batch is not a CIFAR batch \\('labels' is not a list of integers\\)"):
+        build_data("cifar10", root=tmp_path)
+    write_cifar_batch(tmp_path / "cifar-10-batches-py" / "test_batch", rows, np.array([3, 4], np.uint8), "labels")
+    assert build_data("cifar10", root=tmp_path).eval.targets == [3, 4]
+
+
+def test_svhn_empty_split_fractional_labels_and_root_too_high(tmp_path: Path) -> None:
+    scipy_io = pytest.importorskip("scipy.io")
+    rng = np.random.default_rng(18)
+    root = tmp_path / "svhn"
+    write_svhn_mat(root / "train_32x32.mat", rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), [1, 2, 3, 0])
+    write_svhn_mat(root / "test_32x32.mat", np.zeros((0, 32, 32, 3), np.uint8), [])
+    with pytest.raises(DataError, match="test_32x32.mat holds no images"):
+        build_data("svhn", root=root)
+    fractional = {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[3.5], [1.0]])}
+    scipy_io.savemat(str(root / "test_32x32.mat"), fractional)
+    with pytest.raises(DataError, match=r"test_32x32.mat is not an SVHN .mat file \('y' is not a list of integers\)"):
+        build_data("svhn", root=root)
+    with pytest.raises(DataError, match=f"pass --data-root {root}$"):
+        build_data("svhn", root=tmp_path)
+
+
+def test_idx_train_and_test_images_of_different_sizes_are_refused(tmp_path: Path) -> None:
+    """28x28 train and 32x32 t10k images were read as one dataset: a model that fits one fails on the other mid-run."""
+    write_idx_set(tmp_path, np.random.default_rng(19), gz=False)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((3, 32, 32), np.uint8), 0x803))
+    with pytest.raises(DataError, match="train images of 28x28 pixels and t10k images of 32x32"):
+        build_data("mnist", root=tmp_path)
+
+
+def test_idx_files_with_dotted_names_are_read(tmp_path: Path) -> None:
+    """The MNIST copy on Kaggle names its files train-images.idx3-ubyte...: they were "no MNIST files"."""
+    arrays = write_idx_set(tmp_path, np.random.default_rng(20), gz=False)
+    for stem in arrays:
+        (tmp_path / stem).rename(tmp_path / stem.replace("-idx", ".idx"))
+    splits = build_data("mnist", root=tmp_path)
+    assert len(splits.train) == 4 and splits.eval.targets == arrays["t10k-labels-idx1-ubyte"].tolist()
+
+
+def test_imagenet_flat_val_and_unextracted_train_archives_are_explained(tmp_path: Path) -> None:
+    """ImageNet's validation tarball extracts flat into val/ and its train tarball into one .tar per class:
+    both were only "Couldn't find any class folder"."""
+    (tmp_path / "train" / "n01440764").mkdir(parents=True)
+    (tmp_path / "val").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / "n01440764" / f"{i}.JPEG")
+        Image.new("RGB", (8, 8)).save(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    with pytest.raises(DataError, match=f"{tmp_path / 'val'} holds 3 images directly, not in CLASS/ folders"):
+        build_data("imagenet", root=tmp_path)
+    for path in (tmp_path / "train" / "n01440764").iterdir():
+        path.unlink()
+    (tmp_path / "train" / "n01440764").rmdir()
+    (tmp_path / "train" / "n01440764.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="holds 1 archives: extract each into a folder named after its class"):
+        build_data("imagenet", root=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("spec", "hint"),
+    [
+        ("cifar10:/data/cifar", "write --data cifar10 --data-root /data/cifar)"),
+        ("ImageNet:~/imagenet", "write --data imagenet --data-root ~/imagenet)"),
+        ("torchvision:CIFAR10", "write --data cifar10 --data-root DIR)"),
+        ("torchvision.datasets:FashionMNIST", "write --data fashion-mnist --data-root DIR)"),
+    ],
+)
+def test_builtin_name_written_with_a_path_or_module_points_at_data_root(spec: str, hint: str) -> None:
+    """imagefolder:PATH takes a path, so cifar10:PATH and torchvision:CIFAR10 are natural guesses: they were "unknown
+    dataset", "torchvision has no function CIFAR10" or a TypeError from torchvision's class, without the fix."""
+    with pytest.raises((ConfigError, DataError)) as info:
+        build_data(spec)
+    assert str(info.value).endswith(hint) or f"{hint};" in str(info.value), str(info.value)
+
+
+def test_unreadable_data_files_say_to_check_permissions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file the user cannot read (chmod 000; simulated, as root reads anything): the IDX reader said "replace it
+    with an intact copy", and the CIFAR reader gave no fix at all."""
+    write_cifar10(tmp_path / "c", np.random.default_rng(21))
+    write_idx_set(tmp_path / "m", np.random.default_rng(22), gz=True)
+    real_open, real_read = Path.open, Path.read_bytes
+
+    def refuse(path: Path) -> None:
+        if path.name in ("data_batch_2", "train-labels-idx1-ubyte.gz"):
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: refuse(self) or real_open(self, *a, **k))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: refuse(self) or real_read(self))
+    with pytest.raises(DataError, match=r"cannot read .*data_batch_2 \(Permission denied\); check its permissions"):
+        build_data("cifar10", root=tmp_path / "c")
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz \(Permission denied\); check its permissions"):
+        build_data("mnist", root=tmp_path / "m")
+
+
+def test_download_beside_a_spec_that_never_downloads_is_noted(tmp_path: Path) -> None:
+    """--download with synthetic, imagefolder:PATH, imagenet or a user function was dropped without a word, while
+    an unused --data-root is warned about."""
+    path = tmp_path / "my_data.py"
+    path.write_text(USER_FILE)
+    write_image_tree(tmp_path / "tree", {"blue": (0, 0, 255)}, per_class=1)
+    assert build_data("synthetic", download=True).notes == (
+        "--download is not used: --data synthetic is generated, not downloaded",)
+    assert build_data(f"imagefolder:{tmp_path / 'tree'}", download=True).notes == (
+        f"--download is not used: --data imagefolder:{tmp_path / 'tree'} reads the folders under its own PATH",)
+    assert build_data("imagenet", root=tmp_path / "tree", download=True).notes[0].startswith(
+        "--download is not used: --data imagenet cannot be downloaded automatically")
+    assert build_data(f"{path}:no_root", download=True).notes == (
+        f"--download is not used: --data {path}:no_root is a function of yours, which gets no download flag from twa",)
+    assert build_data("synthetic").notes == ()
+    write_cifar10(tmp_path / "c", np.random.default_rng(24))
+    assert build_data("cifar10", root=tmp_path / "c", download=True).notes == ()
+
+
+@pytest.mark.parametrize("protocol", [3, 4, 5])
+def test_cifar_batches_pickled_by_python3_are_read(tmp_path: Path, protocol: int) -> None:
+    """Protocol 5 (pickle's default from Python 3.14) stores a numpy array through numpy's _frombuffer, which the
+    numpy-only unpickler refused: a CIFAR-format batch written by pickle.dump there was "not a CIFAR batch"."""
+    rows, labels = write_cifar10(tmp_path, np.random.default_rng(25))
+    batch = {"data": rows[5], "labels": np.array(labels[5], dtype=np.int64)}
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+    splits = build_data("cifar10", root=tmp_path)
+    assert splits.eval.targets == labels[5]
+    torch.testing.assert_close(splits.eval[1][0], expected_cifar_image(rows[5][1]), atol=1e-5, rtol=0)
+
+
+def test_cifar_binary_version_is_named(tmp_path: Path) -> None:
+    """The binary version (cifar-10-batches-bin/*.bin) was only "no CIFAR-10 files"."""
+    (tmp_path / "cifar-10-batches-bin").mkdir()
+    (tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin").write_bytes(bytes(3073))
+    with pytest.raises(DataError, match="holds the binary version of CIFAR-10 .*twa reads the python version"):
+        build_data("cifar10", root=tmp_path)
+
+
+def test_a_dataset_workers_cannot_receive_names_num_workers() -> None:
+    """Workers started by spawn or forkserver (macOS, Python 3.14 on Linux) get the dataset pickled: one holding a
+    lambda failed as "reading a batch of --data failed (...); fix or remove the example it names"."""
+    from torch.utils.data import DataLoader
+
+    from twa_tool.trainer import Batches
+
+    dataset = TensorDataset(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
+    dataset.hook = lambda x: x  # type: ignore[attr-defined]
+    loader = DataLoader(dataset, batch_size=2, num_workers=1, multiprocessing_context="spawn")
+    with pytest.raises(DataError, match=r"^--num-workers 1: --data's dataset cannot be sent to the worker processes "
+                                        r"\(.*pickle.*\); make it picklable .*or use --num-workers 0$"):
+        list(Batches(loader))

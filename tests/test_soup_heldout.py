@@ -62,3 +62,24 @@ def test_imagefolder_plain_view_reads_training_images_as_the_eval_split(tmp_path
         assert image.shape == (3, 224, 224) and target == expected_target
         torch.testing.assert_close(image, expected, atol=0, rtol=0)
     assert splits.heldout_fit[0][0].shape == (3, 224, 224)  # fitting: RandomResizedCrop, as the fit split
+
+
+def test_holdout_image_folders_with_other_classes_are_refused(tmp_path: Path) -> None:
+    """--holdout imagefolder:P2 whose class folders were a subset of --data's: class c was numbered 1 there and 2
+    in --data, and every held-out example of it was scored against the wrong label, without an error."""
+    import pytest
+
+    from twa_tool.errors import DataError
+
+    for root, classes in ((tmp_path / "data", ("a", "b", "c")), (tmp_path / "held", ("a", "c"))):
+        for split in ("train", "val"):
+            for c in classes:
+                (root / split / c).mkdir(parents=True)
+                Image.new("RGB", (8, 8)).save(root / split / c / "0.png")
+    config = SoupConfig(finetunes_dir=tmp_path, out_dir=tmp_path / "out", data=f"imagefolder:{tmp_path / 'data'}",
+                        holdout=f"imagefolder:{tmp_path / 'held'}")
+    with pytest.raises(DataError, match=r"its classes differ from --data .*\(2 vs 3; only in --data: b\)"):
+        soup_data(config)
+    same = SoupConfig(finetunes_dir=tmp_path, out_dir=tmp_path / "out", data=f"imagefolder:{tmp_path / 'data'}",
+                      holdout=f"imagefolder:{tmp_path / 'data'}")
+    assert len(soup_data(same).heldout_eval) == 3

@@ -141,6 +141,30 @@ def build_data(spec: str, *, root: Path | None = None, download: bool = False, e
         DataError: The data files are missing or unreadable, or a user function returned
             something other than two datasets.
     """
+    data = _build(spec, root, download, eval_only)
+    return _noted(data, download_note(spec) if download else None)
+
+
+def download_note(spec: str) -> str | None:
+    """The note for ``--download`` beside a ``--data`` spec that never downloads (None for one that may): generated
+    data, ``imagefolder:PATH``, ImageNet, a user function (twa passes it no ``download``)."""
+    text = spec.strip()
+    name = registry_name(text)
+    if name is not None and name not in _GENERATED and name != "imagenet":
+        return None
+    if name in _GENERATED:
+        reason = f"--data {name} is generated, not downloaded"
+    elif name == "imagenet":
+        reason = "--data imagenet cannot be downloaded automatically (its licence requires a manual download)"
+    elif text.lower().startswith("imagefolder:"):
+        reason = f"--data {text} reads the folders under its own PATH"
+    else:
+        reason = f"--data {text} is a function of yours, which gets no download flag from twa"
+    return f"--download is not used: {reason}"
+
+
+def _build(spec: str, root: Path | None, download: bool, eval_only: bool) -> DataSplits:
+    """``build_data`` without its ``--download`` note."""
     text = spec.strip()
     data_root = Path(root).expanduser() if root is not None else None
     name = registry_name(text)
@@ -170,8 +194,23 @@ def registry_name(spec: str) -> str | None:
     return next((name for name in _REGISTRY if name.replace("-", "") == compact), None)
 
 
+def _registry_hint(spec: str) -> str:
+    """For ``cifar10:/data`` or ``imagenet:PATH`` (a built-in name with a path, as ``imagefolder:PATH`` takes one), and
+    ``torchvision:CIFAR10`` (as ``--model torchvision:NAME``): how to write the built-in dataset."""
+    head, _, tail = spec.strip().rpartition(":")
+    for part, rest in ((head, tail), (tail, None)):
+        name = registry_name(part) if part else None
+        if name is not None and name != "synthetic":
+            where = f" --data-root {rest}" if rest and not rest.isidentifier() else " --data-root DIR"
+            return f" (for the built-in dataset write --data {name}{where})"
+    return ""
+
+
 def _unknown_hint(text: str) -> str:
-    """What an unknown spec probably meant: a .py file without its function, a folder of images, a typo."""
+    """What an unknown spec probably meant: a .py file without its function, a folder of images, a typo, a built-in
+    name with a path."""
+    if hint := _registry_hint(text):
+        return hint
     path = Path(text).expanduser()
     script = text if text.endswith(".py") else text.rpartition(":")[0]
     if script.endswith(".py"):
@@ -228,10 +267,32 @@ def _default_root() -> Path:
     return Path.home() / ".cache" / "twa" / "data"
 
 
-def _missing_message(name: str, display: str, where: Path, expected: str, downloadable: bool) -> str:
-    """The one-line message for data files that cannot be found."""
+def _missing_message(name: str, display: str, where: Path, expected: str, downloadable: bool,
+                     found_in: Path | None = None, other: str | None = None) -> str:
+    """The one-line message for data files that cannot be found; ``found_in``: a folder below ``where`` that
+    holds them (``--data-root`` given one level too high); ``other``: the dataset whose files ``where`` holds
+    instead (CIFAR-10's for ``--data cifar100``)."""
+    if other is not None:
+        return (f"--data {name}: no {display} files under {where} (expected {expected}), but it holds {other}'s; "
+                f"use --data {other}, or pass --data-root DIR pointing at the {display} files")
+    if found_in is not None:
+        return (f"--data {name}: no {display} files under {where} (expected {expected}), but {found_in} holds them; "
+                f"pass --data-root {found_in}")
+    if where.is_file():
+        return f"--data {name}: --data-root {where} is a file; pass --data-root DIR, the folder that holds the files"
     fix = "pass --data-root DIR pointing at them" + (", or --download" if downloadable else "")
     return f"--data {name}: no {display} files under {where} (expected {expected}); {fix}"
+
+
+def _found_below(base: Path, candidates: Callable[[Path], Sequence[Path]], is_complete: Callable[[Path], bool],
+                 ) -> Path | None:
+    """The data root one level below ``base`` whose ``candidates`` hold complete files (a ``--data-root`` one level
+    too high, e.g. ``~/data`` for ``~/data/cifar10/cifar-10-batches-py``), or None."""
+    try:
+        children = sorted(c for c in base.iterdir() if c.is_dir() and not c.name.startswith("."))[:200]
+    except OSError:
+        return None
+    return next((c for c in children if _first_dir(candidates(c), is_complete) is not None), None)
 
 
 def _transforms() -> Any:
@@ -290,6 +351,22 @@ def _torchvision_download(name: str, class_name: str, root: Path, **kwargs: Any)
         raise _download_failed(name, root, exc) from exc
 
 
+def _integer_labels(values: Any) -> np.ndarray:
+    """``values`` as int64 class indices; ValueError (or TypeError) when they are not integers: a float label such
+    as 1.7 would otherwise be read as class 1 without a word."""
+    raw = np.asarray(values)
+    labels = raw.astype(np.int64)
+    if raw.dtype.kind not in "iub" and not np.array_equal(raw, labels):
+        raise ValueError("labels are not integers")
+    return labels
+
+
+def _read_fix(exc: BaseException) -> str:
+    """The fix for a data file that could not be opened: its permissions, when those refused it."""
+    return "; check its permissions (the user running twa must be able to read it)" \
+        if isinstance(exc, PermissionError) else ""
+
+
 def _check_labels(labels: np.ndarray, count: int, num_classes: int, path: Path, name: str) -> np.ndarray:
     """Validates that ``labels`` holds ``count`` class indices below ``num_classes``."""
     if labels.ndim != 1 or len(labels) != count:
@@ -317,6 +394,9 @@ class _CifarLayout:
     label_key: str
     num_classes: int
     torchvision_class: str
+    archive: str
+    binary_folder: str
+    binary_file: str
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -331,6 +411,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         """Returns an allow-listed numpy/codecs global, refusing everything else."""
         reconstruct = np.zeros(1).__reduce__()[0]
         scalar = np.int64(0).__reduce__()[0]
+        frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5, pickle's default from Python 3.14
         allowed = {
             ("numpy", "ndarray"): np.ndarray,
             ("numpy", "dtype"): np.dtype,
@@ -339,6 +420,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             ("numpy.core.multiarray", "scalar"): scalar,
             ("numpy._core.multiarray", "scalar"): scalar,
             ("_codecs", "encode"): codecs.encode,
+            ("numpy.core.numeric", "_frombuffer"): frombuffer,
+            ("numpy._core.numeric", "_frombuffer"): frombuffer,
         }
         if (module, name) not in allowed:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
@@ -352,7 +435,7 @@ def _unpickle_cifar_batch(path: Path, name: str) -> dict[Any, Any]:
             # encoding="latin1" decodes the Python 2 strings of the official files losslessly.
             batch = _NumpyOnlyUnpickler(handle, encoding="latin1").load()
     except OSError as exc:
-        raise DataError(f"--data {name}: cannot read {path} ({exc.strerror or exc})") from exc
+        raise DataError(f"--data {name}: cannot read {path} ({exc.strerror or exc}){_read_fix(exc)}") from exc
     except Exception as exc:  # a malformed pickle can fail in many ways; all mean "not a batch"
         raise DataError(
             f"--data {name}: {path} is not a CIFAR batch ({type(exc).__name__}: {exc}); replace it with "
@@ -377,21 +460,30 @@ def _read_cifar_batch(path: Path, layout: _CifarLayout) -> tuple[np.ndarray, np.
     data = _batch_entry(batch, "data", path, layout.name)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
         raise DataError(f"--data {layout.name}: {path} is not a CIFAR batch ('data' is not an N x 3072 uint8 array)")
+    not_integers = DataError(
+        f"--data {layout.name}: {path} is not a CIFAR batch ('{layout.label_key}' is not a list of integers)"
+    )
     try:
-        labels = np.asarray(_batch_entry(batch, layout.label_key, path, layout.name), dtype=np.int64)
+        labels = _integer_labels(_batch_entry(batch, layout.label_key, path, layout.name))
     except (TypeError, ValueError) as exc:
-        raise DataError(
-            f"--data {layout.name}: {path} is not a CIFAR batch ('{layout.label_key}' is not a list of integers)"
-        ) from exc
+        raise not_integers from exc
     labels = _check_labels(labels, len(data), layout.num_classes, path, layout.name)
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 def _read_cifar_split(directory: Path, files: Sequence[str], layout: _CifarLayout) -> tuple[np.ndarray, np.ndarray]:
-    """Reads and concatenates the batches ``files`` of one split."""
+    """Reads and concatenates the batches ``files`` of one split (refused when they hold no images)."""
     parts = [_read_cifar_batch(directory / f, layout) for f in files]
+    if not any(len(p[1]) for p in parts):
+        raise DataError(f"--data {layout.name}: {directory / files[-1]} holds no images; replace it with an intact "
+                        "copy of the official python-version files")
     images = np.ascontiguousarray(np.concatenate([p[0] for p in parts]))
     return images, np.concatenate([p[1] for p in parts])
+
+
+#: For each CIFAR variant, the other's folder, one of its files and its name: a --data-root holding the other.
+_OTHER_CIFAR = {"cifar10": ("cifar-100-python", "train", "cifar100"),
+                "cifar100": ("cifar-10-batches-py", "data_batch_1", "cifar10")}
 
 
 def _build_cifar(layout: _CifarLayout, root: Path | None, download: bool) -> DataSplits:
@@ -409,7 +501,20 @@ def _build_cifar(layout: _CifarLayout, root: Path | None, download: bool) -> Dat
     if directory is None:
         missing = next(f for f in layout.train_files + layout.test_files if not (base / layout.folder / f).is_file())
         expected = str(base / layout.folder / missing)
-        raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
+        archive = base / layout.archive
+        binary = next((d for d in (base / layout.binary_folder, base) if (d / layout.binary_file).is_file()), None)
+        if binary is not None:
+            raise MissingData(f"--data {layout.name}: {binary} holds the binary version of {layout.display} "
+                              f"({layout.binary_file}); twa reads the python version ({layout.folder}/, "
+                              f"{layout.archive}): fetch that, or pass --download")
+        if archive.is_file() and not (base / layout.folder).exists():
+            raise MissingData(f"--data {layout.name}: {archive} is not extracted (expected {expected}); run "
+                              f"tar -xzf {archive} -C {base}, or pass --download to check and extract it")
+        found = _found_below(base, lambda d: (d / layout.folder, d), complete)
+        other_folder, other_file, other = _OTHER_CIFAR[layout.name]
+        holds_other = any((d / other_file).is_file() for d in (base / other_folder, base))
+        raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True,
+                                           found_in=found, other=other if holds_other else None))
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # as in the TWA reference code
     t = _transforms()
     train_tf = _normalized(mean, std, t.RandomCrop(32, padding=4), t.RandomHorizontalFlip())
@@ -432,6 +537,9 @@ def _build_cifar10(root: Path | None, download: bool) -> DataSplits:
         label_key="labels",
         num_classes=10,
         torchvision_class="CIFAR10",
+        archive="cifar-10-python.tar.gz",
+        binary_folder="cifar-10-batches-bin",
+        binary_file="data_batch_1.bin",
     )
     return _build_cifar(layout, root, download)
 
@@ -447,6 +555,9 @@ def _build_cifar100(root: Path | None, download: bool) -> DataSplits:
         label_key="fine_labels",
         num_classes=100,
         torchvision_class="CIFAR100",
+        archive="cifar-100-python.tar.gz",
+        binary_folder="cifar-100-binary",
+        binary_file="train.bin",
     )
     return _build_cifar(layout, root, download)
 
@@ -467,8 +578,10 @@ class _IdxLayout:
 
 
 def _idx_file(directory: Path, stem: str) -> Path | None:
-    """``directory/stem`` or ``directory/stem.gz``, whichever exists (uncompressed first)."""
-    return next((p for p in (directory / stem, directory / f"{stem}.gz") if p.is_file()), None)
+    """``directory/stem`` or ``directory/stem.gz``, whichever exists (uncompressed first); also under the
+    dotted name some copies use (``train-images.idx3-ubyte``, as in the MNIST set on Kaggle)."""
+    names = (stem, f"{stem}.gz", (dotted := stem.replace("-idx", ".idx")), f"{dotted}.gz")
+    return next((directory / n for n in names if (directory / n).is_file()), None)
 
 
 def _idx_stems(split: str) -> tuple[str, str]:
@@ -488,7 +601,9 @@ def _read_idx(path: Path, magic: int, name: str) -> np.ndarray:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"--data {name}: cannot read {path} ({exc}); replace it with an intact copy") from exc
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise DataError(f"--data {name}: cannot read {path} ({reason})"
+                        f"{_read_fix(exc) or '; replace it with an intact copy'}") from exc
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
@@ -514,14 +629,22 @@ def _read_idx_split(directory: Path, split: str, name: str) -> tuple[np.ndarray,
     assert image_path is not None and label_path is not None  # guaranteed by _has_idx_files
     images = _read_idx(image_path, 0x00000803, name)
     labels = _check_labels(_read_idx(label_path, 0x00000801, name), len(images), 10, label_path, name)
+    if len(images) == 0:
+        raise DataError(f"--data {name}: {image_path} holds no images; replace it with an intact copy")
     return images, labels
+
+
+#: For MNIST and Fashion-MNIST, the other's torchvision folder and name: a --data-root holding the other.
+_OTHER_IDX = {"mnist": ("FashionMNIST", "fashion-mnist"), "fashion-mnist": ("MNIST", "mnist")}
 
 
 def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSplits:
     """Builds an MNIST-format dataset from a flat directory or torchvision's ``<Class>/raw`` layout."""
     base = root if root is not None else _default_root()
     raw_dir = base / layout.torchvision_class / "raw"
-    candidates = (base, raw_dir, base / layout.name) + (layout.extra_dirs if root is None else ())
+    # --data-root given as torchvision's <Class>/ folder (MNIST/, FashionMNIST/), one level below the root it takes
+    own_class_dir = (base / "raw",) if base.name == layout.torchvision_class else ()
+    candidates = (base, raw_dir, base / layout.name, *own_class_dir) + (layout.extra_dirs if root is None else ())
     directory = _first_dir(candidates, _has_idx_files)
     if directory is None and download:
         _torchvision_download(layout.name, layout.torchvision_class, base, train=True)
@@ -535,9 +658,25 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
                               f"({', '.join(absent)} missing); add them, pass --data-root DIR pointing at all four, "
                               "or --download")
         expected = f"{base / _idx_stems('train')[0]}[.gz] and the other three IDX files, or the same in {raw_dir}"
-        raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True))
-    train = NormalizedGrayDataset(*_read_idx_split(directory, "train", layout.name), layout.mean, layout.std)
-    test = NormalizedGrayDataset(*_read_idx_split(directory, "t10k", layout.name), layout.mean, layout.std)
+        found = _found_below(base, lambda d: (d, d / layout.torchvision_class / "raw", d / layout.name,
+                                              *((d / "raw",) if d.name == layout.torchvision_class else ())),
+                             _has_idx_files)
+        other_class, other = _OTHER_IDX[layout.name]
+        holds_other = _has_idx_files(base / other_class / "raw") or (base.name == other_class and
+                                                                    _has_idx_files(base / "raw"))
+        raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True,
+                                           found_in=found, other=other if holds_other else None))
+    train_images, train_labels = _read_idx_split(directory, "train", layout.name)
+    test_images, test_labels = _read_idx_split(directory, "t10k", layout.name)
+    if train_images.shape[1:] != test_images.shape[1:]:  # a model fits one of them; the other would fail mid-run
+        shown = {split: "x".join(map(str, images.shape[1:])) for split, images in
+                 (("train", train_images), ("t10k", test_images))}
+        raise DataError(
+            f"--data {layout.name}: {directory} holds train images of {shown['train']} pixels and t10k images of "
+            f"{shown['t10k']}; the files belong to different datasets, replace them with one set of four"
+        )
+    train = NormalizedGrayDataset(train_images, train_labels, layout.mean, layout.std)
+    test = NormalizedGrayDataset(test_images, test_labels, layout.mean, layout.std)
     return DataSplits(train=train, eval=test, num_classes=10, name=layout.name, train_plain=train)
 
 
@@ -592,7 +731,7 @@ def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if exc.errno is None:  # scipy's "could not read bytes": a truncated file
             raise DataError(f"--data svhn: {path} is not an SVHN .mat file (truncated: {exc}); replace it with an "
                             "intact copy of the official file") from exc
-        raise DataError(f"--data svhn: cannot read {path} ({exc.strerror or exc})") from exc
+        raise DataError(f"--data svhn: cannot read {path} ({exc.strerror or exc}){_read_fix(exc)}") from exc
     except Exception as exc:  # scipy raises ValueError, TypeError, NotImplementedError... for what is not a v5 .mat
         raise DataError(
             f"--data svhn: {path} is not an SVHN .mat file ({type(exc).__name__}: {' '.join(str(exc).split())}); "
@@ -607,10 +746,12 @@ def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
             "replace it with an intact copy of the official file"
         )
     try:
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        labels = _integer_labels(labels).reshape(-1)
     except (TypeError, ValueError) as exc:
         raise DataError(f"--data svhn: {path} is not an SVHN .mat file ('y' is not a list of integers)") from exc
     labels = _check_labels(labels, images.shape[3], 11, path, "svhn")
+    if not len(labels):
+        raise DataError(f"--data svhn: {path} holds no images; replace it with an intact copy of the official file")
     labels[labels == 10] = 0
     return np.ascontiguousarray(images.transpose(3, 0, 1, 2)), labels
 
@@ -629,7 +770,8 @@ def _build_svhn(root: Path | None, download: bool) -> DataSplits:
         missing = [f for f in _SVHN_FILES if not (base / f).is_file()]
     if missing:
         expected = " and ".join(str(base / f) for f in missing)
-        raise MissingData(_missing_message("svhn", "SVHN", base, expected, downloadable=True))
+        found = _found_below(base, lambda d: (d,), lambda d: all((d / f).is_file() for f in _SVHN_FILES))
+        raise MissingData(_missing_message("svhn", "SVHN", base, expected, downloadable=True, found_in=found))
     transform = _normalized((0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197))
     train = ArrayImageDataset(*_read_svhn(base / _SVHN_FILES[0]), transform)
     test = ArrayImageDataset(*_read_svhn(base / _SVHN_FILES[1]), transform)
@@ -639,15 +781,48 @@ def _build_svhn(root: Path | None, download: bool) -> DataSplits:
 # --------------------------------------------------------------------------- ImageFolder / ImageNet
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _split_hint(directory: Path, split: str) -> str:
+    """Where the missing ``split`` folder probably is: ``validation/`` or ``test/`` beside ``train/``, or
+    ``directory`` itself being one split (its parent holds train/ and val/)."""
+    if split == "val":
+        found = [n for n in ("validation", "valid", "test") if (directory / n).is_dir()]
+        if found and (directory / "train").is_dir():
+            return f"; found {directory / found[0]}: rename or symlink it to {directory / 'val'}"
+    parent = directory.parent
+    if directory.name in ("train", "val") and (parent / "train").is_dir() and (parent / "val").is_dir():
+        return f"; {directory} is itself a split folder: give its parent {parent}"
+    return ""
+
+
+def _unsorted_hint(folder: Path) -> str:
+    """Why ``folder`` has no class folders when it holds images or archives itself: ImageNet's validation images
+    extracted flat into val/, or its per-class train archives (n01440764.tar...) not extracted."""
+    try:
+        files = [entry.name.lower() for entry in folder.iterdir() if entry.is_file()]
+    except OSError:
+        return ""
+    images = sum(name.endswith(_IMAGE_SUFFIXES) for name in files)
+    archives = sum(name.endswith((".tar", ".tar.gz", ".tgz", ".zip")) for name in files)
+    if images and not any(entry.is_dir() for entry in folder.iterdir()):
+        return (f" ({folder} holds {images} images directly, not in CLASS/ folders: move each image into the folder "
+                "of its class, e.g. ImageNet's val/ with its valprep.sh script)")
+    if archives:
+        return f" ({folder} holds {archives} archives: extract each into a folder named after its class)"
+    return ""
+
+
 def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
     """ImageFolder datasets over ``directory/train`` and ``directory/val`` with ImageNet transforms."""
-    import torchvision.datasets as datasets
+    from twa_tool.folders import TwaImageFolder
 
     for split in ("train", "val"):
         if not (directory / split).is_dir():
             raise DataError(
                 f"--data {name}: {directory / split} is not a directory (expected {directory}/train/CLASS/IMAGE "
-                f"and {directory}/val/CLASS/IMAGE); {fix}"
+                f"and {directory}/val/CLASS/IMAGE{_split_hint(directory, split)}); {fix}"
             )
     t = _transforms()
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -656,9 +831,13 @@ def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
     folders = {}
     for split, transform in (("train", train_tf), ("val", eval_tf)):
         try:
-            folders[split] = datasets.ImageFolder(str(directory / split), transform=transform)
+            folders[split] = TwaImageFolder(str(directory / split), transform=transform)
         except (FileNotFoundError, OSError) as exc:  # no class folders, or a class folder without images
-            raise DataError(f"--data {name}: {directory / split}: {' '.join(str(exc).split())}; {fix}") from exc
+            reason = " ".join(str(exc).split())
+            if "no valid file" in reason:
+                reason += f" (images: {', '.join(_IMAGE_SUFFIXES)}, any case; hidden files are skipped)"
+            reason += _unsorted_hint(directory / split)
+            raise DataError(f"--data {name}: {directory / split}: {reason}; {fix}") from exc
     train, test = folders["train"], folders["val"]
     if train.classes != test.classes:
         only = [
@@ -757,7 +936,8 @@ def _import_module(target: str, spec: str) -> Any:
         return importlib.import_module(target)
     except ModuleNotFoundError as exc:
         if exc.name and (target == exc.name or target.startswith(f"{exc.name}.")):
-            raise ConfigError(f"--data {spec}: no module named {exc.name}; check the spelling or PYTHONPATH") from exc
+            raise ConfigError(f"--data {spec}: no module named {exc.name}; check the spelling or PYTHONPATH"
+                              f"{_registry_hint(spec)}") from exc
         raise DataError(f"--data {spec}: importing {target} failed: {exc}") from exc
     except Exception as exc:  # user code: any failure on import is reported as such
         raise DataError(f"--data {spec}: importing {target} failed ({type(exc).__name__}: {exc})") from exc
@@ -838,7 +1018,7 @@ def _load_function(spec: str) -> Callable[..., Any]:
         module = _import_module(target, spec)
     function = getattr(module, name, None)
     if not callable(function):
-        raise ConfigError(f"--data {spec}: {target} has no function {name}")
+        raise ConfigError(f"--data {spec}: {target} has no function {name}{_registry_hint(spec)}")
     return function
 
 
@@ -895,10 +1075,12 @@ def _build_from_function(spec: str, root: Path | None, unused: str | None = None
         raise
     except (Exception, SystemExit) as exc:  # user code: any failure (a sys.exit too) is reported with its type
         reason = " ".join(str(exc).split())
-        raise DataError(f"--data {spec}: the function raised {type(exc).__name__}: {reason}") from exc
+        raise DataError(f"--data {spec}: the function raised {type(exc).__name__}: {reason}{_registry_hint(spec)}"
+                        ) from exc
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise DataError(
             f"--data {spec}: the function must return (fit_dataset, eval_dataset), got {_shape_of(result)}"
+            f"{_registry_hint(spec)}"
         )
     fit = result[0] if eval_only else _check_dataset(result[0], "fit", spec)
     test = _check_dataset(result[1], "eval", spec)

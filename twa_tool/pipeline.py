@@ -43,7 +43,7 @@ from .checkpoints import (
     zip_layout,
 )
 from .config import AverageConfig, SoupConfig
-from .data import build_data, for_workers, split_holdout
+from .data import build_data, download_note, for_workers, split_holdout
 from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
 from .errors import (
     CheckpointError,
@@ -954,7 +954,8 @@ def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     check_eval_batches(model, config.train.batch_size, [("--data's eval split", data.eval)])
     return {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "fit_on": config.fit_on,
             "fit_examples": fit, "bn_examples": len(data.train), "eval_examples": len(data.eval),
-            "would_download": False, "notes": list(data.notes)}
+            "would_download": False,
+            "notes": [*data.notes, *([note] if config.download and (note := download_note(config.data)) else [])]}
 
 
 def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: Chosen, spec: str,

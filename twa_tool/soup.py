@@ -49,8 +49,8 @@ from .checkpoints import (
     weights_path,
 )
 from .config import CoefficientTrainConfig, Selection, SoupConfig
-from .data import DataSplits, build_data, for_workers, registry_name, split_holdout
-from .errors import CheckpointError, NumericalError, TwaError
+from .data import DataSplits, build_data, download_note, for_workers, registry_name, split_holdout
+from .errors import CheckpointError, DataError, NumericalError, TwaError
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
@@ -608,6 +608,21 @@ class SoupSplits:
     notes: tuple[str, ...]
 
 
+def _check_same_classes(fit: Dataset, heldout: Dataset, config: SoupConfig) -> None:
+    """``--holdout``'s class names against ``--data``'s where both datasets name them (ImageFolder's ``classes``):
+    class folders that differ would number the classes differently, scoring every held-out example against the
+    wrong label without an error."""
+    ours, theirs = getattr(fit, "classes", None), getattr(heldout, "classes", None)
+    if not (isinstance(ours, list) and isinstance(theirs, list)) or ours == theirs:
+        return
+    only = [f"only in {flag}: {', '.join(sorted(extra)[:3])}{'...' if len(extra) > 3 else ''}"
+            for flag, extra in (("--data", set(ours) - set(theirs)), ("--holdout", set(theirs) - set(ours))) if extra]
+    detail = "; ".join(only) or "in another order"
+    raise DataError(f"--holdout {config.holdout}: its classes differ from --data {config.data}'s ({len(theirs)} vs "
+                    f"{len(ours)}; {detail}), so the same label would mean different classes; give both the same "
+                    "CLASS folders")
+
+
 def soup_data(config: SoupConfig) -> SoupSplits:
     """The fit, held-out and eval splits: the held-out part is carved from the fit split or given by
     ``--holdout``; the facts for the report; the notes about options the specs do not use (``DataSplits.notes``)."""
@@ -616,8 +631,12 @@ def soup_data(config: SoupConfig) -> SoupSplits:
     if config.holdout is not None:
         holdout = _holdout_data(config)
         fit, heldout = data.train, holdout.eval
+        _check_same_classes(data.train, heldout, config)
         scored = heldout
-        notes = tuple(dict.fromkeys([*notes, *(n.replace("--data ", "--holdout ", 1) for n in holdout.notes)]))
+        # --download beside a --holdout that never downloads is not "unused" when --data downloads with it
+        holdout_notes = [n for n in holdout.notes if not (n.startswith("--download ") and download_note(config.data)
+                                                          is None)]
+        notes = tuple(dict.fromkeys([*notes, *(n.replace("--data ", "--holdout ", 1) for n in holdout_notes)]))
         source = f"--holdout {config.holdout}"
     else:
         fit, heldout = split_holdout(data.train, config.holdout_fraction, config.seed)

@@ -193,7 +193,7 @@ class Batches:
 
     def __iter__(self) -> Iterator:
         try:
-            iterator = iter(self.loader)
+            iterator = self._start()
             while True:
                 try:
                     batch = next(iterator)
@@ -207,6 +207,22 @@ class Batches:
                 raise
             raise DataError(f"reading a batch of {self.source} failed ({one_line(err)}); fix or remove the "
                             f"example it names, or the dataset's code") from err
+
+    def _start(self) -> Iterator:
+        """``iter(loader)``: where workers started by spawn or forkserver (macOS, Python 3.14 on Linux) receive the
+        pickled dataset; one that cannot be pickled (a lambda, an open file in it) is named as such, not as an
+        example to fix."""
+        try:
+            return iter(self.loader)
+        except TwaError:
+            raise
+        except Exception as err:
+            if "pickle" not in str(err).lower():
+                raise
+            workers = getattr(getattr(self.loader, "loader", self.loader), "num_workers", None)
+            raise DataError(f"--num-workers {workers}: {self.source}'s dataset cannot be sent to the worker processes "
+                            f"({one_line(err)}); make it picklable (no lambdas, local classes or open files in it), "
+                            "or use --num-workers 0") from err
 
 
 def _batch_to(batch: object, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
