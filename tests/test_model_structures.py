@@ -67,6 +67,12 @@ def temperature():
     return Temperature()
 
 
+def half_temperature():
+    model = Temperature()
+    model.temp = nn.Parameter(torch.tensor(1.0, dtype=torch.float16))
+    return model
+
+
 class Outputs(nn.Module):
     """forward returns a tuple, a dict with or without logits, or (in training mode only) a tuple, as
     torchvision's Inception does with its auxiliary logits."""
@@ -530,3 +536,20 @@ def test_a_tied_weight_stored_under_its_alias_only(tmp_path: Path, basis: str) -
     souped = CliRunner().invoke(cli, ["soup", str(folder), *flags, "--out", str(tmp_path / "soup")])
     assert souped.exit_code == 0, souped.output
     assert set(load_file(tmp_path / "soup" / "model.safetensors")) == set(states[0])
+
+
+def test_a_float16_parameter_under_amp_fp16_is_a_usage_error_before_any_checkpoint_is_read(tmp_path: Path) -> None:
+    """GradScaler refuses to unscale float16 gradients: a float16 parameter under --amp fp16 was 'unexpected error:
+    ValueError: Attempting to unscale FP16 gradients' (exit 1) at the first training step, after every checkpoint
+    was read. Now a usage error naming the parameter and --amp, before any heavy work; --amp bf16 trains."""
+    module, path = _module(tmp_path)
+    torch.manual_seed(0)
+    _trajectory(module.half_temperature(), tmp_path / "ckpts", 3)
+    args = ["average", str(tmp_path / "ckpts"), "--model", f"{path}:half_temperature", *RUN]
+    result = CliRunner().invoke(cli, [*args, "--amp", "fp16", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--amp fp16: the model's parameter temp is float16" in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(cli, [*args, "--amp", "bf16", "--out", str(tmp_path / "bf16")])
+    assert result.exit_code == 0, result.output

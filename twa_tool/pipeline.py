@@ -879,6 +879,21 @@ def check_train_mode_sizes(model: nn.Module, config: AverageConfig, train: int, 
                             f"mode: use more data{fix}")
 
 
+def check_amp_parameters(model: nn.Module, names: list[str], amp: str) -> None:
+    """``--amp fp16`` scales the loss (``GradScaler``), which refuses to unscale float16 gradients: a trainable
+    float16 parameter failed at the first training step, after every checkpoint was read, as an unexpected error
+    (exit 1). Refused before any checkpoint is read instead."""
+    if amp != "fp16":
+        return
+    named = dict(model.named_parameters())
+    half = [n for n in names if named[n].dtype == torch.float16]
+    if half:
+        more = f" and {len(half) - 3} more" if len(half) > 3 else ""
+        raise ConfigError(f"--amp fp16: the model's parameter{'s' if len(half) > 1 else ''} {', '.join(half[:3])}"
+                          f"{more} {'are' if len(half) > 1 else 'is'} float16, and fp16 gradient scaling cannot "
+                          f"unscale float16 gradients; use --amp bf16 or --amp off, or float32 parameters")
+
+
 def check_batch_of_one(model: nn.Module, config: AverageConfig | SoupConfig, dataset: Dataset) -> None:
     """``--batch-size 1``: every train-mode batch (fitting, BN re-estimation) holds one example, which a BatchNorm
     layer that sees one value per channel (``BatchNorm1d`` after a linear layer) cannot normalise. One example
@@ -1066,6 +1081,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
         start_index(config.start, len(files))  # a dry run catches it too
     spec, model_args, model = build_run_model(config, files[0])
     names = trainable_names(model)
+    check_amp_parameters(model, names, config.amp)
     reader = Reader.for_run(config, model)
     notes, headers = validate_headers(files, model, reader, spec)
     for message in notes:
