@@ -553,3 +553,31 @@ def test_a_float16_parameter_under_amp_fp16_is_a_usage_error_before_any_checkpoi
     assert not (tmp_path / "out").exists()
     result = CliRunner().invoke(cli, [*args, "--amp", "bf16", "--out", str(tmp_path / "bf16")])
     assert result.exit_code == 0, result.output
+
+
+def test_a_tie_kept_by_torch_save_is_not_compared_value_by_value(tmp_path: Path, monkeypatch) -> None:
+    """torch.save keeps a tie: the two keys load as two tensors over one storage. Reader.load compared them
+    element by element (torch.equal) for every checkpoint, a second full read of, e.g., a tied embedding per
+    file in the per-checkpoint loop; tensors viewing the same memory are now taken as equal. Two stored values
+    are still compared and refused when they differ."""
+    from twa_tool.config import AverageConfig
+    from twa_tool.errors import CheckpointError
+    from twa_tool.pipeline import Reader
+
+    module, _ = _module(tmp_path)
+    model = module.tied()
+    torch.save(model.state_dict(), tmp_path / "tied.pt")
+    reader = Reader.for_run(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "out", data="synthetic"),
+                             model)
+    assert reader.tied == (("emb.weight", "out.weight"),)
+    calls = []
+    real = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: calls.append(1) or real(a, b))
+    state = reader.load(tmp_path / "tied.pt")
+    assert state["emb.weight"] is not state["out.weight"] and calls == []
+    untied = {k: v.clone() for k, v in model.state_dict().items()}
+    untied["emb.weight"] = untied["emb.weight"] + 1.0
+    torch.save(untied, tmp_path / "untied.pt")
+    with pytest.raises(CheckpointError, match="emb.weight and out.weight are one tied parameter"):
+        reader.load(tmp_path / "untied.pt")
+    assert calls == [1]

@@ -278,6 +278,12 @@ def build_run_model(config: AverageConfig | SoupConfig,
     return spec, model_args, model
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same view of the same memory (a tied weight as ``torch.load`` returns it)."""
+    return (a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr()
+            and a.stride() == b.stride())
+
+
 @dataclass(frozen=True)
 class Reader:
     """Loads checkpoints with the run's options: raw/EMA weights, prefixes matched to the model, pickle trust."""
@@ -321,7 +327,9 @@ class Reader:
         comes from a model without the tie, and loading it would keep one of the two silently."""
         for alias, key in self.tied:
             a, b = state.get(alias), state.get(key)
-            if a is not None and b is not None and a is not b and a.shape == b.shape and not torch.equal(a, b):
+            if a is None or b is None or a is b or a.shape != b.shape or _same_memory(a, b):
+                continue  # torch.save keeps a tie: two tensors over the same storage, not compared value by value
+            if not torch.equal(a, b):
                 raise CheckpointError(f"{source}: {alias} and {key} are one tied parameter of the model but hold "
                                       f"different values in this checkpoint (saved from a model without the tie); "
                                       f"use the --model and --model-arg it was trained with")
