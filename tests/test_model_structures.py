@@ -581,3 +581,33 @@ def test_a_tie_kept_by_torch_save_is_not_compared_value_by_value(tmp_path: Path,
     with pytest.raises(CheckpointError, match="emb.weight and out.weight are one tied parameter"):
         reader.load(tmp_path / "untied.pt")
     assert calls == [1]
+
+
+def test_mixed_dtypes_without_loss_scaling_copy_the_gradients_once_per_step(tmp_path: Path, monkeypatch) -> None:
+    """The mixed-dtype path copied every gradient of the buffer's other dtype out and back in around
+    scaler.unscale_ on every step, also without --amp fp16, where unscale_ does nothing: two extra passes over
+    the float32 gradients (the bulk of the model, the buffer being float64) per step. One gather and one scatter
+    per step remain, and the step is the projected SGD step."""
+    module, _ = _module(tmp_path)
+    torch.manual_seed(0)
+    model = module.temperature()
+    names = [n for n, _ in model.named_parameters()]
+    basis = torch.linalg.qr(torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64))[0].T
+    x, y = torch.randn(8, 1, 16, 16), torch.arange(8) % 10
+    start = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    loss = nn.functional.cross_entropy(model(x), y)
+    g = torch.cat([t.double().reshape(-1) for t in torch.autograd.grad(loss, list(model.parameters()))])
+    counts = {"gather": 0, "scatter": 0}
+    for name in counts:
+        real = getattr(FlatGrad, name)
+
+        def spy(self, _real=real, _name=name):
+            counts[_name] += 1
+            return _real(self)
+
+        monkeypatch.setattr(FlatGrad, name, spy)
+    config = TrainConfig(lr=0.1, momentum=0.0, weight_decay=0.0, epochs=1, batch_size=8, schedule="constant")
+    train_projected(model, names, basis, [(x, y)], config, torch.device("cpu"))
+    assert counts == {"gather": 1, "scatter": 1}
+    after = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(after, start - 0.1 * basis.T @ (basis @ g), atol=1e-6, rtol=1e-5)

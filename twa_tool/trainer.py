@@ -282,7 +282,7 @@ def train_projected(
                                          f"(lr {lr:g}); lower --lr")
                 scaler.scale(loss).backward()
                 g = replica.gradient(flat.gather())
-                if flat.mixed:  # gradients of another dtype than the buffer's: unscaled in place, so given g first
+                if flat.mixed and scaler.is_enabled():  # gradients of another dtype: unscaled in place, given g first
                     flat.scatter()
                     scaler.unscale_(optimizer)
                     flat.gather()
