@@ -975,3 +975,18 @@ def test_a_dataset_workers_cannot_receive_names_num_workers() -> None:
     with pytest.raises(DataError, match=r"^--num-workers 1: --data's dataset cannot be sent to the worker processes "
                                         r"\(.*pickle.*\); make it picklable .*or use --num-workers 0$"):
         list(Batches(loader))
+
+
+def test_cifar_nan_labels_are_refused_without_a_numpy_warning(tmp_path: Path) -> None:
+    """A NaN label was refused, but numpy's cast printed 'RuntimeWarning: invalid value encountered in cast' on
+    stderr first (library code never prints): the one-line error is all the user sees."""
+    import warnings
+
+    write_cifar10(tmp_path, np.random.default_rng(18))
+    rows = np.zeros((2, 3072), np.uint8)
+    write_cifar_batch(tmp_path / "cifar-10-batches-py" / "test_batch", rows, [float("nan"), 1e30], "labels")  # type: ignore[list-item]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DataError, match="'labels' is not a list of integers"):
+            build_data("cifar10", root=tmp_path)
+    assert [str(w.message) for w in caught] == []

@@ -355,7 +355,8 @@ def _integer_labels(values: Any) -> np.ndarray:
     """``values`` as int64 class indices; ValueError (or TypeError) when they are not integers: a float label such
     as 1.7 would otherwise be read as class 1 without a word."""
     raw = np.asarray(values)
-    labels = raw.astype(np.int64)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN or huge floats: refused below, not warned about
+        labels = raw.astype(np.int64)
     if raw.dtype.kind not in "iub" and not np.array_equal(raw, labels):
         raise ValueError("labels are not integers")
     return labels
