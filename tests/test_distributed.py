@@ -109,6 +109,29 @@ def test_rank_zero_failure_fails_every_rank(demo_ckpts: Path, tmp_path: Path) ->
     assert (out / "model.safetensors").read_bytes() == b"previous"
 
 
+def test_start_passes_torchrun_as_the_readme_says(demo_ckpts: Path, tmp_path: Path) -> None:
+    """torchrun's parser refuses --start (a prefix of its --start-method) anywhere on the line; the README's form
+    (`-m -- twa_tool`) passes it to twa, and 2 ranks then match one process from the last checkpoint."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "-m -- twa_tool average ... --start last" in readme
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0"]
+    args = ["average", str(demo_ckpts), *model_flags(), *ARGS, "--epochs", "1", "--start", "last"]
+    plain = subprocess.run([*torchrun, "-m", "twa_tool", *args, "--out", str(tmp_path / "x")], capture_output=True,
+                           text=True, env=env, timeout=240)
+    assert plain.returncode == 2 and "ambiguous option: --start" in plain.stderr  # torchrun's, before twa runs
+    one = subprocess.run([sys.executable, "-m", "twa_tool", *args, "--out", str(tmp_path / "n1")],
+                         capture_output=True, text=True, env=env, timeout=240)
+    two = subprocess.run([*torchrun, "-m", "--", "twa_tool", *args, "--out", str(tmp_path / "n2")],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)
+    assert r1["config"]["start"] == r2["config"]["start"] == "last"
+    assert r2["distributed"]["world_size"] == 2
+    assert r2["coefficients"] == pytest.approx(r1["coefficients"], rel=1e-4, abs=1e-5)
+    assert r2["metrics"]["twa"]["accuracy"] == pytest.approx(r1["metrics"]["twa"]["accuracy"], abs=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # The parts, without processes
 
