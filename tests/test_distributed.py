@@ -132,6 +132,24 @@ def test_start_passes_torchrun_as_the_readme_says(demo_ckpts: Path, tmp_path: Pa
     assert r2["metrics"]["twa"]["accuracy"] == pytest.approx(r1["metrics"]["twa"]["accuracy"], abs=1e-9)
 
 
+def test_a_failed_gate_under_torchrun_writes_and_reads_as_the_readme_says(demo_ckpts: Path, tmp_path: Path) -> None:
+    """Every rank exits 3 on a failed gate, rank 0 writes the outputs once, and torchrun itself exits 1: the
+    README must say so, since a CI job reading the launcher's code cannot tell the gate from a crash."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "`torchrun` itself exits 1" in readme and "quality_gate.passed" in readme
+    out = tmp_path / "out"
+    proc = twa([str(demo_ckpts), *model_flags(), *ARGS, "--epochs", "1", "--lr", "0.0001", "--baselines",
+                "last,best,swa", "--fail-if-worse-than", "best", "--tolerance", "0", "--out", str(out)], nproc=2)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert len(re.findall(r"exitcode\s*: 3 ", proc.stderr)) == 2  # both ranks exited 3
+    assert proc.stderr.count("error: quality gate failed:") == 1  # rank 0 alone printed it
+    report = json.loads((out / "report.json").read_text())
+    assert report["quality_gate"]["passed"] is False and report["distributed"]["world_size"] == 2
+    assert "Quality gate vs best" in (out / "report.md").read_text()
+    assert sorted(Path(p).name for p in report["outputs"]["human"]) == sorted(
+        p.name for p in out.iterdir() if p.suffix in (".md", ".png"))
+
+
 # ---------------------------------------------------------------------------------------------
 # The parts, without processes
 
