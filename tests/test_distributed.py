@@ -109,6 +109,47 @@ def test_rank_zero_failure_fails_every_rank(demo_ckpts: Path, tmp_path: Path) ->
     assert (out / "model.safetensors").read_bytes() == b"previous"
 
 
+def test_start_passes_torchrun_as_the_readme_says(demo_ckpts: Path, tmp_path: Path) -> None:
+    """torchrun's parser refuses --start (a prefix of its --start-method) anywhere on the line; the README's form
+    (`-m -- twa_tool`) passes it to twa, and 2 ranks then match one process from the last checkpoint."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "-m -- twa_tool average ... --start last" in readme
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0"]
+    args = ["average", str(demo_ckpts), *model_flags(), *ARGS, "--epochs", "1", "--start", "last"]
+    plain = subprocess.run([*torchrun, "-m", "twa_tool", *args, "--out", str(tmp_path / "x")], capture_output=True,
+                           text=True, env=env, timeout=240)
+    assert plain.returncode == 2 and "ambiguous option: --start" in plain.stderr  # torchrun's, before twa runs
+    one = subprocess.run([sys.executable, "-m", "twa_tool", *args, "--out", str(tmp_path / "n1")],
+                         capture_output=True, text=True, env=env, timeout=240)
+    two = subprocess.run([*torchrun, "-m", "--", "twa_tool", *args, "--out", str(tmp_path / "n2")],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)
+    assert r1["config"]["start"] == r2["config"]["start"] == "last"
+    assert r2["distributed"]["world_size"] == 2
+    assert r2["coefficients"] == pytest.approx(r1["coefficients"], rel=1e-4, abs=1e-5)
+    assert r2["metrics"]["twa"]["accuracy"] == pytest.approx(r1["metrics"]["twa"]["accuracy"], abs=1e-9)
+
+
+def test_a_failed_gate_under_torchrun_writes_and_reads_as_the_readme_says(demo_ckpts: Path, tmp_path: Path) -> None:
+    """Every rank exits 3 on a failed gate, rank 0 writes the outputs once, and torchrun itself exits 1: the
+    README must say so, since a CI job reading the launcher's code cannot tell the gate from a crash."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "`torchrun` itself exits 1" in readme and "quality_gate.passed" in readme
+    out = tmp_path / "out"
+    proc = twa([str(demo_ckpts), *model_flags(), *ARGS, "--epochs", "1", "--lr", "0.0001", "--baselines",
+                "last,best,swa", "--fail-if-worse-than", "best", "--tolerance", "0", "--out", str(out)], nproc=2)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert len(re.findall(r"exitcode\s*: 3 ", proc.stderr)) == 2  # both ranks exited 3
+    assert proc.stderr.count("error: quality gate failed:") == 1  # rank 0 alone printed it
+    report = json.loads((out / "report.json").read_text())
+    assert report["quality_gate"]["passed"] is False and report["distributed"]["world_size"] == 2
+    assert "Quality gate vs best" in (out / "report.md").read_text()
+    assert sorted(Path(p).name for p in report["outputs"]["human"]) == sorted(
+        p.name for p in out.iterdir() if p.suffix in (".md", ".png"))
+
+
 # ---------------------------------------------------------------------------------------------
 # The parts, without processes
 
