@@ -237,7 +237,9 @@ def test_flat_grad_of_mixed_dtypes_is_gathered_and_scattered() -> None:
     assert same.buffer.dtype == torch.float32 and not same.mixed
 
 
-def test_projected_step_with_a_float64_parameter_is_the_projected_sgd_step(tmp_path: Path) -> None:
+def _one_projected_step_is_the_reference(tmp_path: Path) -> nn.Module:
+    """One ``train_projected`` step (lr 0.1, no momentum or decay) of the float32 + float64 model against the plain
+    float64 projected SGD step ``w - lr * P^T P g``; returns the model."""
     module, _ = _module(tmp_path)
     torch.manual_seed(0)
     model = module.temperature()
@@ -251,6 +253,11 @@ def test_projected_step_with_a_float64_parameter_is_the_projected_sgd_step(tmp_p
     train_projected(model, names, basis, [(x, y)], config, torch.device("cpu"))
     after = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(after, start - 0.1 * basis.T @ (basis @ g), atol=1e-6, rtol=1e-5)
+    return model
+
+
+def test_projected_step_with_a_float64_parameter_is_the_projected_sgd_step(tmp_path: Path) -> None:
+    model = _one_projected_step_is_the_reference(tmp_path)
     assert model.temp.dtype == torch.float64
 
 
@@ -588,15 +595,6 @@ def test_mixed_dtypes_without_loss_scaling_copy_the_gradients_once_per_step(tmp_
     scaler.unscale_ on every step, also without --amp fp16, where unscale_ does nothing: two extra passes over
     the float32 gradients (the bulk of the model, the buffer being float64) per step. One gather and one scatter
     per step remain, and the step is the projected SGD step."""
-    module, _ = _module(tmp_path)
-    torch.manual_seed(0)
-    model = module.temperature()
-    names = [n for n, _ in model.named_parameters()]
-    basis = torch.linalg.qr(torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64))[0].T
-    x, y = torch.randn(8, 1, 16, 16), torch.arange(8) % 10
-    start = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
-    loss = nn.functional.cross_entropy(model(x), y)
-    g = torch.cat([t.double().reshape(-1) for t in torch.autograd.grad(loss, list(model.parameters()))])
     counts = {"gather": 0, "scatter": 0}
     for name in counts:
         real = getattr(FlatGrad, name)
@@ -606,11 +604,8 @@ def test_mixed_dtypes_without_loss_scaling_copy_the_gradients_once_per_step(tmp_
             return _real(self)
 
         monkeypatch.setattr(FlatGrad, name, spy)
-    config = TrainConfig(lr=0.1, momentum=0.0, weight_decay=0.0, epochs=1, batch_size=8, schedule="constant")
-    train_projected(model, names, basis, [(x, y)], config, torch.device("cpu"))
+    _one_projected_step_is_the_reference(tmp_path)
     assert counts == {"gather": 1, "scatter": 1}
-    after = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
-    torch.testing.assert_close(after, start - 0.1 * basis.T @ (basis @ g), atol=1e-6, rtol=1e-5)
 
 
 def test_tied_means_that_differ_in_the_last_bits_of_a_cancelling_coordinate_are_accepted() -> None:
