@@ -990,3 +990,16 @@ def test_cifar_nan_labels_are_refused_without_a_numpy_warning(tmp_path: Path) ->
         with pytest.raises(DataError, match="'labels' is not a list of integers"):
             build_data("cifar10", root=tmp_path)
     assert [str(w.message) for w in caught] == []
+
+
+def test_a_function_of_yours_named_like_a_built_in_gets_no_built_in_hint(tmp_path: Path) -> None:
+    # mydata.py:cifar10 is the user's own function: its failure said "(for the built-in dataset write --data cifar10
+    # --data-root DIR)", pointing away from the user's code
+    (tmp_path / "mydata.py").write_text("def cifar10():\n    raise RuntimeError('no shards here')\n"
+                                        "def cifar100():\n    return 1\n")
+    for function, expected in (("cifar10", "the function raised RuntimeError: no shards here"),
+                               ("cifar100", "the function must return (fit_dataset, eval_dataset), got int"),
+                               ("svhn", "has no function svhn")):
+        with pytest.raises((ConfigError, DataError)) as info:
+            build_data(f"{tmp_path / 'mydata.py'}:{function}")
+        assert expected in str(info.value) and "built-in" not in str(info.value), str(info.value)

@@ -196,8 +196,11 @@ def registry_name(spec: str) -> str | None:
 
 def _registry_hint(spec: str) -> str:
     """For ``cifar10:/data`` or ``imagenet:PATH`` (a built-in name with a path, as ``imagefolder:PATH`` takes one), and
-    ``torchvision:CIFAR10`` (as ``--model torchvision:NAME``): how to write the built-in dataset."""
+    ``torchvision:CIFAR10`` (as ``--model torchvision:NAME``): how to write the built-in dataset. Nothing for a
+    ``file.py:function``: the user's own function, whatever its name (``mydata.py:cifar10``)."""
     head, _, tail = spec.strip().rpartition(":")
+    if head.lower().endswith(".py"):
+        return ""
     for part, rest in ((head, tail), (tail, None)):
         name = registry_name(part) if part else None
         if name is not None and name != "synthetic":
