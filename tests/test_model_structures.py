@@ -620,3 +620,20 @@ def test_tied_means_that_differ_in_the_last_bits_of_a_cancelling_coordinate_are_
     assert state["b"] is state["a"] and state["a"].tolist() == [1.0, 0.0]
     with pytest.raises(CheckpointError, match="one tied parameter"):  # a real difference is still refused
         _mean_state(last, {"b": torch.tensor([4.4, 0.0], dtype=torch.float64)}, 4, mean, ["a"], (("b", "a"),))
+
+
+def test_a_model_whose_only_trainable_parameter_is_empty_is_named_as_such(tmp_path: Path) -> None:
+    # it said "all 3 parameter values have requires_grad=False", which the user then found set to True
+    from twa_tool.config import AverageConfig
+    from twa_tool.errors import ModelError
+    from twa_tool.pipeline import build_run_model
+
+    (tmp_path / "m.py").write_text("import torch\nfrom torch import nn\n"
+                                   "def build():\n    m = nn.Linear(3, 1)\n    m.weight.requires_grad_(False)\n"
+                                   "    m.bias.requires_grad_(False)\n    m.empty = nn.Parameter(torch.zeros(0))\n"
+                                   "    return m\n")
+    config = AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic",
+                           model=f"{tmp_path / 'm.py'}:build")
+    with pytest.raises(ModelError, match=r"its trainable parameters hold no values \(size 0\); 4 values have "
+                                         r"requires_grad=False"):
+        build_run_model(config, None)

@@ -271,8 +271,12 @@ def build_run_model(config: AverageConfig | SoupConfig,
                          f"--model yourself (e.g. --model timm:resnet50 --model-arg num_classes=10, or "
                          f"file.py:function)") from None
     if not any(p.numel() for p in model.parameters() if p.requires_grad):
-        frozen = sum(p.numel() for p in model.parameters())
-        what = f"all {frozen} parameter values have requires_grad=False" if frozen else "it has none"
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        if any(p.requires_grad for p in model.parameters()):  # only size-0 parameters train
+            what = "its trainable parameters hold no values (size 0)" + \
+                (f"; {frozen} values have requires_grad=False" if frozen else "")
+        else:
+            what = f"all {frozen} parameter values have requires_grad=False" if frozen else "it has none"
         raise ModelError(f"--model {spec}: no trainable parameters ({what}); the coefficients mix the trainable "
                          f"parameters only: leave requires_grad=True on those to average")
     return spec, model_args, model
