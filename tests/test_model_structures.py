@@ -218,6 +218,20 @@ def _trajectory(model: nn.Module, folder: Path, count: int, seed: int = 0) -> li
 RUN = ["--data", "synthetic", "--epochs", "1", "--lr", "0.05", "--batch-size", "512", "--threads", "1"]
 
 
+def _average_of(tmp_path: Path, builder: str, count: int,
+                *extra: str) -> tuple[list[dict[str, torch.Tensor]], Path, Path]:
+    """``count`` checkpoints of ``models.py:builder`` (seed 0) averaged by the CLI (``RUN``, ``extra``) into
+    ``tmp_path/out``; the checkpoints' states, that folder and the models file."""
+    module, path = _module(tmp_path)
+    torch.manual_seed(0)
+    states = _trajectory(getattr(module, builder)(), tmp_path / "ckpts", count)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["average", str(tmp_path / "ckpts"), "--model", f"{path}:{builder}", *RUN,
+                                      *extra, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return states, out, path
+
+
 def test_flat_grad_of_mixed_dtypes_is_gathered_and_scattered() -> None:
     """A float64 parameter beside float32 ones: its gradient cannot be a view of a float32 buffer (torch refused
     the assignment: exit 1 'attempting to assign a gradient with dtype double'); the buffer is float64 and the
@@ -262,13 +276,7 @@ def test_projected_step_with_a_float64_parameter_is_the_projected_sgd_step(tmp_p
 
 
 def test_average_and_soup_of_a_model_with_a_float64_parameter(tmp_path: Path) -> None:
-    module, path = _module(tmp_path)
-    torch.manual_seed(0)
-    states = _trajectory(module.temperature(), tmp_path / "ckpts", 4)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["average", str(tmp_path / "ckpts"), "--model", f"{path}:temperature", *RUN,
-                                      "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    states, out, path = _average_of(tmp_path, "temperature", 4)
     a = json.loads((out / "report.json").read_text())["coefficients"]
     saved = load_file(out / "model.safetensors")
     assert saved["temp"].dtype == torch.float64
@@ -366,13 +374,7 @@ def test_an_eval_batch_of_one_without_running_statistics_is_a_usage_error(tmp_pa
 def test_frozen_parameters_keep_the_start_point_and_the_report_names_them(tmp_path: Path, start: str) -> None:
     """README (--start): frozen parameters are left out of the basis and keep the start point's values (their
     mean for mean, that checkpoint's otherwise); report.json's model.frozen and report.md now name them."""
-    module, path = _module(tmp_path)
-    torch.manual_seed(0)
-    states = _trajectory(module.frozen(), tmp_path / "ckpts", 3)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["average", str(tmp_path / "ckpts"), "--model", f"{path}:frozen", *RUN,
-                                      "--start", start, "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    states, out, path = _average_of(tmp_path, "frozen", 3, "--start", start)
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["frozen"] == ["features.weight", "features.bias"]
     assert report["model"]["parameters"] == 170  # trainable ones only: the basis's D
@@ -475,13 +477,7 @@ def test_data_yielding_dicts_is_one_line_naming_data(tmp_path: Path, function: s
 def test_batchnorm_of_a_submodule_in_eval_mode_is_re_estimated_as_documented(tmp_path: Path) -> None:
     """README (step 2): the whole model is put in training mode; a submodule the constructor left in eval mode is
     no exception, so its BatchNorm statistics are re-estimated like the others'."""
-    module, path = _module(tmp_path)
-    torch.manual_seed(0)
-    states = _trajectory(module.eval_backbone(), tmp_path / "ckpts", 3)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["average", str(tmp_path / "ckpts"), "--model", f"{path}:eval_backbone", *RUN,
-                                      "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    states, out, _ = _average_of(tmp_path, "eval_backbone", 3)
     saved = load_file(out / "model.safetensors")
     assert saved["backbone.1.num_batches_tracked"].item() == 4  # the re-estimation's batches (2000 / 512)
     assert not torch.allclose(saved["backbone.1.running_var"], states[-1]["backbone.1.running_var"])
