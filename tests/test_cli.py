@@ -173,6 +173,44 @@ def test_duplicates_are_counted_once_and_dependent_checkpoints_dropped(demo_ckpt
     assert report["dropped"] == ["6.safetensors"] and report["coefficients"][5] == 0
 
 
+def test_rank_rtol_keeps_checkpoints_closer_than_the_default(demo_ckpts: Path, tmp_path: Path) -> None:
+    """Steps of 3e-6 of the weights' norm: the default --rank-rtol 1e-5 drops them, 1e-6 keeps every one."""
+    first = load_file(demo_ckpts / "0.safetensors")
+    params = trainable_names(build_model("twa:cnn", TINY_ARGS))
+    norm = torch.cat([first[n].reshape(-1) for n in params]).norm()
+    generator = torch.Generator().manual_seed(0)
+    ckpts, state = tmp_path / "ckpts", dict(first)
+    ckpts.mkdir()
+    for i in range(4):
+        if i:
+            steps = {n: torch.randn(state[n].shape, generator=generator) for n in params}
+            scale = 3e-6 * norm / torch.cat([v.reshape(-1) for v in steps.values()]).norm()
+            state = {**state, **{n: state[n] + scale * steps[n] for n in params}}
+        save_file(state, ckpts / f"{i}.safetensors", metadata={"twa.model": "twa:cnn"})
+    default = run(ckpts, *FAST, *model_flags(), "--baselines", "none", "--out", tmp_path / "a")
+    assert default.exit_code == 6, default.output
+    assert "only 1 linearly independent checkpoint(s) among 4 (within --rank-rtol 1e-05)" in default.stderr
+    assert "lower --rank-rtol (down to 1e-06)" in default.stderr
+    shutil.copy(demo_ckpts / "4.safetensors", ckpts / "4.safetensors")  # a real step after them: rank 2
+    kept = run(ckpts, *FAST, *model_flags(), "--baselines", "none", "--out", tmp_path / "a", "--json")
+    assert kept.exit_code == 0, kept.output
+    assert json.loads(kept.stdout)["dropped"] == ["1.safetensors", "2.safetensors", "3.safetensors"]
+    assert "within --rank-rtol 1e-05 of its norm" in kept.stderr
+    lower = run(ckpts, *FAST, *model_flags(), "--baselines", "none", "--rank-rtol", "1e-6", "--out", tmp_path / "b",
+                "--json")
+    assert lower.exit_code == 0, lower.output
+    report = json.loads(lower.stdout)
+    assert report["dropped"] == [] and report["basis"]["rank"] == 5 and report["config"]["rank_rtol"] == 1e-6
+
+
+@pytest.mark.parametrize("value", ["1e-7", "0", "1", "nan"])
+def test_rank_rtol_out_of_range_is_a_usage_error(demo_ckpts: Path, tmp_path: Path, value: str) -> None:
+    result = run(demo_ckpts, *FAST, "--rank-rtol", value, "--out", tmp_path / "o")
+    assert result.exit_code == 2, result.output
+    assert f"--rank-rtol {float(value)}: must be from 1e-06 to below 1" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_non_finite_checkpoint_exits_6(demo_ckpts: Path, tmp_path: Path) -> None:
     ckpts = tmp_path / "ckpts"
     shutil.copytree(demo_ckpts, ckpts)

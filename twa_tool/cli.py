@@ -568,6 +568,9 @@ def run_options(fn: Callable) -> Callable:
               help="Share of the train split held out (seeded by --seed) for --fit-on holdout.")
 @click.option("--baselines", default="last,best,swa", show_default=True,
               help="Comma-separated subset of last,best,swa, or none.")
+@click.option("--rank-rtol", type=float, default=AverageConfig.rank_rtol, show_default=True,
+              help="A checkpoint within this fraction of its norm of the span of the earlier ones is dropped from "
+                   "the basis (from 1e-6, float32 rounding, to below 1).")
 @click.option("--fail-if-worse-than", type=click.Choice(["last", "best", "swa"]), default=None,
               help="Quality gate: exit 3 when TWA's eval accuracy is below this baseline's (the output is still "
                    "written, so it can be inspected).")
@@ -588,7 +591,8 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             seed: int, include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None, every: int | None,
             last: int | None, top_k: int | None, by: str | None, mode: str | None, start: str, lr: float,
             wd: float, momentum: float, epochs: int, batch_size: int, schedule: str, fit_on: str,
-            holdout_fraction: float, baselines: str, fail_if_worse_than: str | None, tolerance: float,
+            holdout_fraction: float, baselines: str, rank_rtol: float, fail_if_worse_than: str | None,
+            tolerance: float,
             on_worse: str, faults: tuple[str, ...], dist_timeout: float, dry_run: bool, basis_dtype: str,
             out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool, quiet: bool,
             verbose: bool) -> None:
@@ -612,7 +616,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
             selection=make_selection(include, exclude, range_, every, last, top_k, by, mode), start=start,
             train=TrainConfig(lr=lr, momentum=momentum, weight_decay=wd, epochs=epochs, batch_size=batch_size,
                               schedule=schedule),
-            fit_on=fit_on, holdout_fraction=holdout_fraction, baselines=parse_baselines(baselines),
+            fit_on=fit_on, holdout_fraction=holdout_fraction, baselines=parse_baselines(baselines), rank_rtol=rank_rtol,
             device=device, amp=amp, num_workers=num_workers, seed=seed, overwrite=overwrite,
             weights=weights, strip_prefix=strip_prefix, trust_pickle=trust_pickle, allow_globals=allow_globals,
             out_dtype=out_dtype, basis_dtype=basis_dtype,

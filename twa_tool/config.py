@@ -12,6 +12,10 @@ SCHEDULES = ("step", "linear", "constant", "cosine")
 BASELINES = ("last", "best", "swa")
 AMP_MODES = ("off", "bf16", "fp16")
 FIT_ON = ("train", "holdout")
+
+#: The smallest --rank-rtol: a float32 residual of a checkpoint that is a combination of the earlier ones is
+#: rounding noise of about 1e-8..1e-7 of its norm, which a smaller tolerance would keep as a basis direction.
+MIN_RANK_RTOL = 1e-6
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch here
 
 
@@ -145,6 +149,9 @@ class AverageConfig:
                 raise ConfigError(f"--start {self.start}: use mean, last or a checkpoint index") from None
         if self.fit_on not in FIT_ON:
             raise ConfigError(f"--fit-on {self.fit_on}: choose train or holdout")
+        if not (math.isfinite(self.rank_rtol) and MIN_RANK_RTOL <= self.rank_rtol < 1):
+            raise ConfigError(f"--rank-rtol {self.rank_rtol}: must be from {MIN_RANK_RTOL:g} to below 1 (below "
+                              f"{MIN_RANK_RTOL:g}, float32 rounding noise would be kept as a direction)")
         if not 0 < self.holdout_fraction < 1:
             raise ConfigError(f"--holdout-fraction {self.holdout_fraction}: must be strictly between 0 and 1")
         unknown = [b for b in self.baselines if b not in BASELINES]

@@ -42,7 +42,7 @@ from .checkpoints import (
     sha256_file,
     zip_layout,
 )
-from .config import AverageConfig, SoupConfig
+from .config import MIN_RANK_RTOL, AverageConfig, SoupConfig
 from .data import build_data, download_note, for_workers, split_holdout
 from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
 from .errors import (
@@ -495,7 +495,7 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
                 raise _non_finite(err, files, reader) from None
             raise
         sha256 = [future.result() for future in digests]
-    _check_rank(len(builder.kept), len(files))
+    _check_rank(len(builder.kept), len(files), rtol)
     mean = builder.mean()
     if columns is not None:
         mean = dist.gather_columns(mean.to(dist.comm_device), d).cpu()
@@ -616,7 +616,7 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
             _abandon(digests)
             raise
         sha256 = [future.result() for future in digests]  # a corrupt file (CRC mismatch) raises here
-    _check_rank(build.subspace.rank, len(files))
+    _check_rank(build.subspace.rank, len(files), rtol)
     mean_state = _mean_state(last, sums, len(files), build.mean, names, reader.tied)
     return Stream(subspace=build.subspace, mean_state=mean_state, last_state=last, sha256=sha256, build="columns")
 
@@ -656,10 +656,12 @@ def _mean_state(last: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], co
     return state
 
 
-def _check_rank(rank: int, total: int) -> None:
+def _check_rank(rank: int, total: int, rtol: float) -> None:
     if rank < 2:
-        raise NumericalError(f"only {rank} linearly independent checkpoint(s) among {total}; "
-                             f"TWA needs at least 2 distinct checkpoints")
+        hint = (f"; if they differ by less than {rtol:g} of their norm, lower --rank-rtol (down to "
+                f"{MIN_RANK_RTOL:g})" if rank and total > 1 and rtol > MIN_RANK_RTOL else "")
+        raise NumericalError(f"only {rank} linearly independent checkpoint(s) among {total} (within --rank-rtol "
+                             f"{rtol:g}); TWA needs at least 2 distinct checkpoints{hint}")
 
 
 def _non_finite(err: NonFiniteVector, files: list[CheckpointFile], reader: Reader) -> NumericalError:
@@ -1136,8 +1138,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
             warn(f"--basis-dtype {config.basis_dtype}: built through a float32 basis, so the peak memory is that of "
                  f"float32 ({stream.not_by_columns})")
         for index in stream.subspace.dropped:
-            warn(f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or combination); "
-                 f"dropped from the basis")
+            warn(f"{files[index].name}: linearly dependent on the checkpoints before it (duplicate or combination, "
+                 f"within --rank-rtol {config.rank_rtol:g} of its norm); dropped from the basis")
         timings["load_and_basis_s"] = time.perf_counter() - clock - timings["data_s"]
 
         model.to(device)
