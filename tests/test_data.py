@@ -18,6 +18,7 @@ from torch.utils.data import TensorDataset
 from twa_tool import data as data_module
 from twa_tool.data import DataSplits, build_data, list_data_names, split_holdout
 from twa_tool.errors import ConfigError, DataError
+from twa_tool.usercode import module_name
 
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
 CIFAR_STD = torch.tensor([0.2023, 0.1994, 0.2010]).view(3, 1, 1)
@@ -577,7 +578,7 @@ def test_file_function_spec_passes_root(tmp_path: Path) -> None:
     assert len(splits.train) == 4 and len(splits.eval) == 2
     x, y = splits.eval[1]
     assert torch.equal(x, torch.tensor([10.0, 11.0])) and int(y) == 1
-    assert sys.modules["twa_user_data_my_data"].SEEN["root"] == tmp_path / "r"
+    assert sys.modules[module_name(path)].SEEN["root"] == tmp_path / "r"
 
 
 def test_unused_data_root_is_noted(tmp_path: Path) -> None:
@@ -611,7 +612,7 @@ def test_file_function_spec_imports_the_modules_beside_it(tmp_path: Path) -> Non
     path.write_text("import twa_test_no_such_helper_d\n\ndef make():\n    pass\n")
     with pytest.raises(DataError, match="running .*my_data_siblings.py failed.*twa_test_no_such_helper_d"):
         build_data(f"{path}:make")
-    assert sys.path == before and "twa_user_data_my_data_siblings" not in sys.modules
+    assert sys.path == before and module_name(path) not in sys.modules
 
 
 def test_module_function_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,7 +42,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from twa_tool.errors import ConfigError, DataError, MissingData, TwaError, one_line
-from twa_tool.usercode import NotPythonSource, run_file
+from twa_tool.usercode import USER_MODULE_PREFIX, NotPythonSource, load_file, run_file
 
 Transform = Callable[[Any], Any]
 Builder = Callable[[Path | None, bool], "DataSplits"]
@@ -952,14 +952,11 @@ def _import_file(path: Path, spec: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"--data {spec}: {path} does not exist; write path/to/file.py:function")
     try:
-        return run_file(path, f"{USER_MODULE_PREFIX}{path.stem}")
+        return load_file(path)
     except NotPythonSource as exc:
         raise ConfigError(f"--data {spec}: {exc}") from None
     except Exception as exc:  # user code: any failure on import is reported as such
         raise DataError(f"--data {spec}: running {path} failed ({type(exc).__name__}: {exc})") from exc
-
-
-USER_MODULE_PREFIX = "twa_user_data_"
 
 
 def _load_user_files(files: tuple[tuple[str, str], ...]) -> None:

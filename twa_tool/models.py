@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, InputError, ModelError, is_out_of_memory, one_line
-from .usercode import run_file
+from .usercode import load_file
 
 ModelArgs = tuple[tuple[str, str], ...]
 
@@ -111,7 +111,7 @@ def load_callable(spec: str, flag: str) -> Callable:
         if not path.is_file():
             raise ModelError(f"{flag} {spec}: {path} not found")
         try:
-            module = run_file(path, f"_twa_user_{abs(hash(str(path.resolve())))}")
+            module = load_file(path)
         except Exception as err:
             raise ModelError(f"{flag} {spec}: importing {path} failed ({type(err).__name__}: {err})") from err
     else:

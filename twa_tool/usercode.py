@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -10,6 +11,36 @@ from types import ModuleType
 
 class NotPythonSource(Exception):
     """The file cannot be loaded as Python source (e.g. its name has no loader)."""
+
+
+#: Prefix of the ``sys.modules`` names of the user's files (``module_name``).
+USER_MODULE_PREFIX = "twa_user_"
+
+
+def module_name(path: Path) -> str:
+    """The ``sys.modules`` name ``path`` runs under: one per file (its stem and a digest of its resolved
+    path), so a file named by both ``--model`` and ``--data`` is one module, and two files with one stem
+    are two."""
+    resolved = str(Path(path).resolve())
+    stem = "".join(c if c.isalnum() else "_" for c in Path(path).stem)
+    return f"{USER_MODULE_PREFIX}{stem}_{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
+
+
+def _stamp(path: Path) -> str:
+    """The digest of the file's bytes (a source file is small; a timestamp can miss a quick rewrite)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_file(path: Path) -> ModuleType:
+    """``path`` as a module, run once per process as ``import`` would (``module_name(path)``): the module
+    already run is returned while the file is unchanged; a changed file runs again."""
+    name = module_name(path)
+    module = sys.modules.get(name)
+    if module is not None and getattr(module, "__twa_stamp__", None) == _stamp(path):
+        return module
+    module = run_file(path, name)
+    module.__twa_stamp__ = _stamp(path)  # type: ignore[attr-defined]
+    return module
 
 
 def run_file(path: Path, module_name: str) -> ModuleType:
