@@ -82,3 +82,30 @@ def test_report_md_and_console_give_the_coefficient_sum_and_name_dropped_checkpo
     render_average(report, console)
     shown = console.export_text()
     assert "2.pt (dropped)" in shown and "1.pt (dropped)" not in shown and "Σ a = 1.2500" in shown
+
+
+def test_verbose_gives_a_failed_gate_its_line_and_no_traceback(demo_ckpts: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed gate is a result (exit 3, the output written), not a crash: -v printed its traceback."""
+    monkeypatch.setattr(pipeline, "quality_gate", fake_gate(0.5, 0.6, 0.0))
+    result = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--baselines", "last",
+                                      "--fail-if-worse-than", "last", "--out", str(tmp_path / "o"), "-v"])
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output and "QualityGateFailed" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: quality gate failed: TWA accuracy 50.00% is below last 60.00% (tolerance 0.00 points); "
+                      f"wrote twa to {tmp_path / 'o' / 'model.safetensors'}"]
+
+
+def test_verbose_gives_an_interrupt_before_the_command_its_line_and_no_traceback(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Ctrl-C while the arguments are parsed is the user's stop, as once the command runs: no traceback with -v."""
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.commands["average"], "parse_args", interrupt)
+    result = CliRunner().invoke(cli, ["average", str(tmp_path), "--data", "synthetic", "--out", str(tmp_path / "o"),
+                                      "-v"])
+    assert result.exit_code == 130
+    assert "Traceback" not in result.output
+    assert [line for line in result.stderr.splitlines() if line.strip()] == ["interrupted: nothing was written"]

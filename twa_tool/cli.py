@@ -307,6 +307,7 @@ def run_reported(verbose: bool, console: Console, body: Callable[[], None], writ
     except TwaError as err:
         if rank and err.exit_code == DistributedError.exit_code:
             console = make_console(quiet=False)
+        verbose = verbose and err.traceback_with_verbose  # a failed gate is a result: its line, never a traceback
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
         message = str(err)
@@ -395,7 +396,7 @@ class TwaGroup(click.Group):
         except click.ClickException as err:
             sys.exit(report_usage_error(err))
         except (click.Abort, KeyboardInterrupt, Terminated) as err:
-            sys.exit(report_interrupt(err, verbose="-v" in argv or "--verbose" in argv))
+            sys.exit(report_interrupt(err))
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -429,11 +430,10 @@ def environment_note(ctx: click.Context | None, flags: list[str]) -> str:
     return f"from the environment: {', '.join(found)}" if found else ""
 
 
-def report_interrupt(err: BaseException, verbose: bool) -> int:
-    """Ctrl-C (click wraps it in ``Abort``) or SIGTERM before a command started writing: one line, 130 or 143."""
+def report_interrupt(err: BaseException) -> int:
+    """Ctrl-C (click wraps it in ``Abort``) or SIGTERM before a command started writing: one line, 130 or 143.
+    A signal is the user's stop, not a crash: no traceback, ``-v`` or not (as once the command runs)."""
     console = make_console(quiet=False)
-    if verbose:
-        console.print("".join(traceback.format_exception(err)), markup=False, highlight=False)
     word, code = ("terminated", 143) if isinstance(err, Terminated) else ("interrupted", 130)
     console.print(f"[red]{word}[/red]: nothing was written")
     return code

@@ -20,6 +20,8 @@ class TwaError(Exception):
     """
 
     exit_code: int = 1
+    #: whether ``-v`` adds the traceback: not for an outcome the run reports on purpose (a failed quality gate)
+    traceback_with_verbose: bool = True
 
     def __init__(self, message: str, details: list[tuple[str, ...]] | None = None) -> None:
         super().__init__(message)
@@ -33,9 +35,12 @@ class ConfigError(TwaError):
 
 
 class QualityGateFailed(TwaError):
-    """The result is worse than the baseline named by --fail-if-worse-than (the output is still written)."""
+    """The result is worse than the baseline named by --fail-if-worse-than (the output is still written).
+
+    A result, not a crash: one line and exit 3 even under ``-v``."""
 
     exit_code = 3
+    traceback_with_verbose = False
 
 
 class InputError(TwaError):
