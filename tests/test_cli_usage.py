@@ -80,6 +80,45 @@ def test_every_option_reads_its_flag_named_variable(command_name: str, monkeypat
         assert ctx.params[param.name] == expected, (variable, ctx.params[param.name])
 
 
+SWITCHES = [(name, p) for name in ("average", "soup", "inspect", "demo") for p in cli.commands[name].params
+            if isinstance(p, click.Option) and p.is_flag and not p.hidden]
+
+
+def test_the_boolean_flags_are_the_ones_expected() -> None:
+    names = {(c, max(p.opts, key=len)) for c, p in SWITCHES}
+    assert {("average", f) for f in ("--json", "--overwrite", "--quiet", "--verbose", "--trust-pickle", "--download",
+                                     "--dry-run")} <= names
+    assert {("inspect", "--json"), ("demo", "--download"), ("soup", "--trust-pickle")} <= names
+
+
+@pytest.mark.parametrize("command_name, param", SWITCHES, ids=[f"{c} {max(p.opts, key=len)}" for c, p in SWITCHES])
+def test_a_flag_switched_on_by_its_variable_is_switched_off_by_its_no_form(command_name: str, param: click.Option,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """TWA_AVERAGE_JSON=1 (a CI file's) could not be undone on one command line: every boolean flag has --no-FLAG,
+    and its old spellings (--json, -q, -v) still switch it on."""
+    command = cli.commands[command_name]
+    arguments = ["ck"] * sum(isinstance(p, click.Argument) for p in command.params)
+    required = [a for p in command.params if isinstance(p, click.Option) and p.required for a in (p.opts[0], "x")]
+    for name in [k for k in os.environ if k.startswith("TWA_")]:
+        monkeypatch.delenv(name)
+    flag = max(param.opts, key=len)
+    monkeypatch.setenv(f"TWA_{command_name.upper()}_{flag[2:].replace('-', '_').upper()}", "1")
+    assert param.secondary_opts == [f"--no-{flag[2:]}"]
+    assert command.make_context(command_name, [*arguments, *required]).params[param.name] is True
+    off = command.make_context(command_name, [*arguments, *required, f"--no-{flag[2:]}"])
+    assert off.params[param.name] is False
+    monkeypatch.delenv(f"TWA_{command_name.upper()}_{flag[2:].replace('-', '_').upper()}")
+    for spelling in param.opts:
+        assert command.make_context(command_name, [*arguments, *required, spelling]).params[param.name] is True
+    assert command.make_context(command_name, [*arguments, *required]).params[param.name] is False
+
+
+def test_no_json_silences_stdout_that_the_environment_asked_for(demo_ckpts: Path) -> None:
+    assert json.loads(invoke("inspect", demo_ckpts, env={"TWA_INSPECT_JSON": "1"}).stdout)["checkpoints"]
+    result = invoke("inspect", demo_ckpts, "--no-json", env={"TWA_INSPECT_JSON": "1"})
+    assert result.exit_code == 0 and result.stdout == "", result.output
+
+
 def test_environment_values_are_validated_like_flags(demo_ckpts: Path, tmp_path: Path) -> None:
     result = invoke("average", demo_ckpts, *FAST, "--out", tmp_path / "o", env={"TWA_AVERAGE_RANGE": "bad"})
     assert_one_line_error(result, 2, "--range bad: expected A:B")

@@ -445,16 +445,24 @@ def cli() -> None:
     """Trainable Weight Averaging: turn a folder of checkpoints into one better model."""
 
 
+def switch(flag: str, help: str, dest: str | None = None, short: str | None = None) -> Callable:
+    """A boolean flag, off by default, with its ``--no-`` form: a ``TWA_<COMMAND>_<FLAG>=1`` set for every run (a
+    CI file, a shell profile) is switched off again on one command line (``--json`` ... ``--no-json``)."""
+    name = flag.removeprefix("--")
+    decls = [*([short] if short else []), f"--{name}/--no-{name}", *([dest] if dest else [])]
+    return click.option(*decls, default=False, show_default=False, help=help)
+
+
 def common_output_options(fn: Callable) -> Callable:
     for option in reversed([
         click.option("--out-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
                      show_default=True, help="dtype of floating tensors in the output (auto: as the inputs)."),
         click.option("--max-shard-size", default=None, metavar="SIZE",
                      help="Shard the output above this size (e.g. 5GB), with a model.safetensors.index.json."),
-        click.option("--json", "as_json", is_flag=True, help="Also print the report as JSON on stdout."),
-        click.option("--overwrite", is_flag=True, help="Replace existing output files."),
-        click.option("-q", "--quiet", is_flag=True, help="No human output except errors."),
-        click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors."),
+        switch("--json", "Also print the report as JSON on stdout.", dest="as_json"),
+        switch("--overwrite", "Replace existing output files."),
+        switch("--quiet", "No human output except errors.", short="-q"),
+        switch("--verbose", "Tracebacks on errors.", short="-v"),
     ]):
         fn = option(fn)
     return fn
@@ -503,8 +511,7 @@ def reader_options(fn: Callable) -> Callable:
                      help="Remove this key prefix (e.g. model.) from every checkpoint key."),
         click.option("--allow-global", "allow_globals", multiple=True, metavar="MODULE.NAME",
                      help="Allow one more class in pickle checkpoints (repeatable), e.g. the one a refusal names."),
-        click.option("--trust-pickle", is_flag=True,
-                     help="Allow arbitrary code in pickle checkpoints. Only for files you trust."),
+        switch("--trust-pickle", "Allow arbitrary code in pickle checkpoints. Only for files you trust."),
     ]):
         fn = option(fn)
     return fn
@@ -533,7 +540,7 @@ def run_options(fn: Callable) -> Callable:
                           "or module:function / file.py:function returning (fit_dataset, eval_dataset)."),
         click.option("--data-root", type=click.Path(path_type=Path), default=None,
                      help="Where the dataset files are."),
-        click.option("--download", is_flag=True, help="Allow downloading the dataset (off: offline by default)."),
+        switch("--download", "Allow downloading the dataset (off: offline by default)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True,
                      help="Autocast the forward passes in bf16 or fp16 (fp16 with gradient scaling)."),
@@ -582,8 +589,8 @@ def run_options(fn: Callable) -> Callable:
               help="Fault injection for tests: oom-basis, pause-write, kill-rank1.")
 @click.option("--dist-timeout", type=float, default=300.0, show_default=True, metavar="SECONDS",
               help="Under torchrun: how long a rank waits for the others in a collective before the run fails.")
-@click.option("--dry-run", is_flag=True, help="Check the checkpoints, data and output folder; print the selection, "
-                                                 "a memory estimate and what would be written; touch nothing.")
+@switch("--dry-run", "Check the checkpoints, data and output folder; print the selection, a memory estimate and "
+                     "what would be written; touch nothing.")
 @common_output_options
 def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: tuple[str, ...], weights: str,
             strip_prefix: str | None, allow_globals: tuple[str, ...], trust_pickle: bool, data: str,
@@ -646,9 +653,9 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
 @click.argument("checkpoint_dir", type=click.Path(path_type=Path))
 @reader_options
 @selection_options
-@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No human output except errors.")
-@click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors.")
+@switch("--json", "Print the listing as JSON on stdout.", dest="as_json")
+@switch("--quiet", "No human output except errors.", short="-q")
+@switch("--verbose", "Tracebacks on errors.", short="-v")
 def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, allow_globals: tuple[str, ...],
             trust_pickle: bool,
             include: tuple[str, ...], exclude: tuple[str, ...], range_: str | None,
@@ -782,7 +789,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
 @click.option("--data", default="synthetic", show_default=True,
               help="Dataset for the demo run (synthetic needs no files; fashion-mnist reads the Debian package).")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Where the dataset files are.")
-@click.option("--download", is_flag=True, help="Allow downloading the dataset (off: offline by default).")
+@switch("--download", "Allow downloading the dataset (off: offline by default).")
 @click.option("--train-epochs", type=int, default=8, show_default=True, help="Epochs of the plain SGD run.")
 @click.option("--epochs", type=int, default=4, show_default=True, help="TWA epochs.")
 @click.option("--lr", type=float, default=2.0, show_default=True, help="TWA learning rate.")
