@@ -109,3 +109,33 @@ def test_verbose_gives_an_interrupt_before_the_command_its_line_and_no_traceback
     assert result.exit_code == 130
     assert "Traceback" not in result.output
     assert [line for line in result.stderr.splitlines() if line.strip()] == ["interrupted: nothing was written"]
+
+
+def test_report_md_of_a_fallback_says_which_model_was_written_and_whose_coefficients_it_shows(
+        demo_ckpts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--on-worse fallback wrote the last checkpoint, and report.md listed TWA's coefficients as if they were the
+    written model's, beside "wrote last"."""
+    monkeypatch.setattr(pipeline, "quality_gate", fake_gate(0.5, 0.6, 0.0))
+    out = tmp_path / "o"
+    result = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--baselines", "last", "--fail-if-worse-than",
+                                      "last", "--on-worse", "fallback", "--out", str(out), "--json"])
+    assert result.exit_code == 3, result.output
+    report = json.loads(result.stdout)
+    assert report["written_method"] == "last" and report["written_coefficients"] == [0.0, 0.0, 0.0, 0.0, 1.0]
+    md = (out / "report.md").read_text()
+    assert "**The written model is the last checkpoint (4.safetensors), not TWA's result.**" in md
+    assert "| checkpoint | coefficient |" not in md
+    assert "| checkpoint | TWA coefficient | written (last) |" in md
+    twa = report["coefficients"]
+    for index, a in enumerate(twa):
+        assert f"| {index}.safetensors | {a:+.4f} | {float(index == 4):+.4f} |" in md
+    assert f"Σ a (TWA's) = {sum(twa):.4f}" in md
+    assert "TWA's coefficients (not the written model's)" in result.stderr and "written (last)" in result.stderr
+
+
+def test_report_md_of_a_twa_result_keeps_its_one_coefficient_column(demo_ckpts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    result = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--baselines", "none", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text()
+    assert "| checkpoint | coefficient |" in md and "written model is" not in md and "TWA's" not in md

@@ -39,18 +39,37 @@ def metrics_table(report: dict, title: str = "Evaluation split") -> Table:
     return table
 
 
+def written_instead(report: dict) -> str | None:
+    """The method written in TWA's place (``--on-worse fallback`` after a failed gate), or None when TWA was."""
+    method = report.get("written_method", "twa")
+    return None if method == "twa" else method
+
+
+def method_label(report: dict, method: str) -> str:
+    """``best single checkpoint (4.safetensors)``: a method's label, with its checkpoint when it is one."""
+    values = report["metrics"].get(method, {})
+    return METHOD_LABELS.get(method, method) + (f" ({values['checkpoint']})" if "checkpoint" in values else "")
+
+
 def coefficients_table(report: dict, limit: int = 12) -> Table:
-    """The learned coefficients a_i over the checkpoints (largest |a_i| first when there are many)."""
-    pairs = list(zip(report["checkpoints"], report["coefficients"]))
-    shown = pairs if len(pairs) <= limit else sorted(pairs, key=lambda p: -abs(p[1]))[:limit]
-    title = "Coefficients w = Σ aᵢ wᵢ" + ("" if len(pairs) <= limit else f" (largest {limit} of {len(pairs)})")
+    """The learned coefficients a_i over the checkpoints (largest |a_i| first when there are many); beside them, the
+    written model's own when a baseline was written instead of TWA (``--on-worse fallback``)."""
+    instead = written_instead(report)
+    own = report.get("written_coefficients", report["coefficients"])
+    rows = list(zip(report["checkpoints"], report["coefficients"], own))
+    shown = rows if len(rows) <= limit else sorted(rows, key=lambda r: -abs(r[1]))[:limit]
+    title = ("Coefficients w = Σ aᵢ wᵢ" if instead is None else "TWA's coefficients (not the written model's)") + \
+        ("" if len(rows) <= limit else f" (largest {limit} of {len(rows)})")
     table = Table(title=title)
     table.add_column("checkpoint")
-    table.add_column("a", justify="right")
+    table.add_column("a" if instead is None else "TWA a", justify="right")
+    if instead is not None:
+        table.add_column(f"written ({instead})", justify="right")
     dropped = set(report.get("dropped", []))
-    for name, value in shown:
-        table.add_row(escape(name) + (" [dim](dropped)[/dim]" if name in dropped else ""), f"{value:+.4f}")
-    table.caption = f"Σ a = {sum(report['coefficients']):.4f}"
+    for name, value, written in shown:
+        cells = [escape(name) + (" [dim](dropped)[/dim]" if name in dropped else ""), f"{value:+.4f}"]
+        table.add_row(*cells, *([f"{written:+.4f}"] if instead is not None else []))
+    table.caption = f"Σ a = {sum(report['coefficients']):.4f}" + ("" if instead is None else " (TWA's)")
     return table
 
 
@@ -184,18 +203,27 @@ def markdown_report(report: dict, images: list[str], note: str | None = None) ->
              f"device {report['device']}.", "",
              "| method | accuracy | loss |", "|---|---:|---:|"]
     for name, values in metrics.items():
-        label = METHOD_LABELS.get(name, name) + (f" ({values['checkpoint']})" if "checkpoint" in values else "")
-        label = md_text(label)
+        label = md_text(method_label(report, name))
         lines.append(f"| {label} | {100 * values['accuracy']:.2f}% | {values['loss']:.4f} |")
     gate = report.get("quality_gate")
     if gate is not None:
         verdict = gate_verdict(gate, markup=False)
         lines += ["", f"{verdict[0].upper()}{verdict[1:]}."]
-    lines += ["", "| checkpoint | coefficient |", "|---|---:|"]
     dropped = set(report.get("dropped", []))  # linearly dependent: left out of the basis, coefficient 0
-    lines += [f"| {md_text(n)}{' (dropped)' if n in dropped else ''} | {a:+.4f} |"
-              for n, a in zip(report["checkpoints"], report["coefficients"])]
-    lines += ["", f"Σ a = {sum(report['coefficients']):.4f}"]
+    names = [f"{md_text(n)}{' (dropped)' if n in dropped else ''}" for n in report["checkpoints"]]
+    instead = written_instead(report)
+    if instead is None:
+        lines += ["", "| checkpoint | coefficient |", "|---|---:|"]
+        lines += [f"| {n} | {a:+.4f} |" for n, a in zip(names, report["coefficients"])]
+        lines += ["", f"Σ a = {sum(report['coefficients']):.4f}"]
+    else:  # --on-worse fallback: the file holds a baseline, whose coefficients are not TWA's
+        lines += ["", f"**The written model is the {md_text(method_label(report, instead))}, not TWA's result.** "
+                      f"The TWA column gives TWA's coefficients (not written); the written column the written "
+                      f"model's own, over the same checkpoints (`written_coefficients` in report.json).", "",
+                  f"| checkpoint | TWA coefficient | written ({instead}) |", "|---|---:|---:|"]
+        lines += [f"| {n} | {a:+.4f} | {w:+.4f} |"
+                  for n, a, w in zip(names, report["coefficients"], report["written_coefficients"])]
+        lines += ["", f"Σ a (TWA's) = {sum(report['coefficients']):.4f}"]
     basis = report["basis"]
     lines += ["", f"Basis rank {basis['rank']}, max|PPᵀ−I| = {basis['orthonormality_error']:.1e}, distance of the "
                   f"result to the span {basis['span_residual']:.1e}."]
