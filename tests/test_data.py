@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import inspect
+import os
 import pickle
 import sys
 import textwrap
@@ -750,6 +751,41 @@ def test_image_folder_skips_hidden_files_and_hidden_folders_without_images(tmp_p
     assert splits.num_classes == 2 and len(splits.train) == 4 and len(splits.eval) == 4
     assert splits.train.classes == splits.eval.classes == ["a", "b"]
     assert all(splits.train_plain[i][0].shape == (3, 224, 224) for i in range(4))
+
+
+def test_hidden_folder_check_skips_hidden_subfolders_and_symlink_loops(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a hidden class folder holds images was decided by walking all of it, links followed: into a .git
+    inside it, and down every link back up (three links to .. made 3^40 folders: the run never started)."""
+    import twa_tool.folders as folders
+
+    write_image_tree(tmp_path, {"a": (1, 2, 3), "b": (4, 5, 6)}, per_class=1)
+    for split in ("train", "val"):
+        hidden = tmp_path / split / ".cache"
+        (hidden / ".git" / "objects").mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(hidden / ".git" / "objects" / "icon.png")  # not a class's image
+        (hidden / "sub").mkdir()
+        for i in range(3):
+            (hidden / "sub" / f"up{i}").symlink_to("..", target_is_directory=True)
+    walked: list[str] = []
+    real_walk = os.walk
+
+    def counted_walk(*args: object, **kwargs: object):
+        for entry in real_walk(*args, **kwargs):
+            walked.append(entry[0])
+            if len(walked) > 1000:
+                raise AssertionError("walked more than 1000 folders")
+            yield entry
+
+    monkeypatch.setattr(folders.os, "walk", counted_walk)
+    assert folders._holds_images(tmp_path / "train" / ".cache") is False
+    assert not any(".git" in Path(p).parts for p in walked)
+    splits = build_data(f"imagefolder:{tmp_path}")
+    assert splits.train.classes == splits.eval.classes == ["a", "b"]
+    # a hidden folder with an image of its own (not in a hidden subfolder) stays a class, as torchvision has it
+    Image.new("RGB", (4, 4)).save(tmp_path / "train" / ".cache" / "sub" / "0.png")
+    walked.clear()
+    assert folders._holds_images(tmp_path / "train" / ".cache") is True
 
 
 def test_image_folder_unreadable_image_is_named_when_read(tmp_path: Path) -> None:

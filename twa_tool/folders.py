@@ -20,7 +20,25 @@ def _is_image(path: str) -> bool:
 
 
 def _holds_images(directory: Path) -> bool:
-    return any(_is_image(name) for _, _, names in os.walk(directory, followlinks=True) for name in names)
+    """Whether ``directory`` holds an image at any depth (links followed, as torchvision follows them), not counting
+    its hidden subfolders (a ``.git`` can hold millions of files, never a class's images) and entering each folder
+    once: a link back up (``loop -> ..``) would otherwise be walked down to the kernel's link limit, in every
+    branch."""
+    seen: set[tuple[int, int]] = set()
+    for root, folders, names in os.walk(directory, followlinks=True):
+        try:
+            status = os.stat(root)
+        except OSError:  # gone, or a link the kernel gives up on (ELOOP)
+            folders[:] = []
+            continue
+        if (status.st_dev, status.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        if any(_is_image(name) for name in names):
+            return True
+        folders[:] = [name for name in folders if not name.startswith(".")]
+    return False
 
 
 def load_image(path: str) -> Image.Image:
