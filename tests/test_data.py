@@ -272,6 +272,63 @@ def test_failed_download_is_data_error(tmp_path: Path, monkeypatch: pytest.Monke
         build_data("mnist", root=tmp_path, download=True)
 
 
+def _refusing_url(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A local URL whose port refuses connections: a download from it fails at once, as offline."""
+    import socket
+
+    for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+def test_a_failed_download_removes_the_folders_it_created_and_nothing_else(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision creates --data-root (and MNIST/raw) before it downloads: a failed --download left those empty
+    folders behind. Now they go, with the parents they needed; folders and files that were there stay."""
+    import torchvision.datasets
+
+    url = _refusing_url(monkeypatch)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", f"{url}cifar-10-python.tar.gz")
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [url])
+    root = tmp_path / "new" / "data"
+    with pytest.raises(DataError, match=f"--data cifar10: download into {root} failed") as info:
+        build_data("cifar10", root=root, download=True)
+    assert "\n" not in str(info.value)
+    assert sorted(tmp_path.iterdir()) == []  # new/ and new/data were the download's: both gone
+    with pytest.raises(DataError, match=f"--data mnist: download into {root} failed"):
+        build_data("mnist", root=root, download=True)
+    assert sorted(tmp_path.iterdir()) == []
+    # an existing root, with a file and an (empty) MNIST folder of its own: kept; only MNIST/raw goes
+    (tmp_path / "keep" / "MNIST").mkdir(parents=True)
+    (tmp_path / "keep" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="download into .* failed"):
+        build_data("mnist", root=tmp_path / "keep", download=True)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "keep", "keep/MNIST", "keep/notes.txt"]
+    with pytest.raises(DataError, match="download into .* failed"):
+        build_data("cifar10", root=tmp_path / "keep", download=True)
+    assert (tmp_path / "keep" / "notes.txt").read_text() == "mine" and len(list(tmp_path.rglob("*"))) == 3
+
+
+def test_a_failed_download_removes_its_partial_file_from_an_existing_root(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    class CutOffCIFAR10:
+        def __init__(self, root: str, download: bool, train: bool) -> None:
+            (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b partial")
+            (Path(root) / "cifar-10-batches-py").mkdir()
+            raise OSError("Connection reset by peer")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", CutOffCIFAR10)
+    (tmp_path / "other.tar.gz").write_bytes(b"someone else's")
+    with pytest.raises(DataError, match="Connection reset by peer"):
+        build_data("cifar10", root=tmp_path, download=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["other.tar.gz"]
+
+
 def test_download_on_a_stalled_network_fails_not_hangs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A network that accepts the connection but never answers (a firewall or proxy that swallows the request):
     torchvision's urlopen passes no timeout, so --download waited forever. It now fails after

@@ -25,7 +25,9 @@ import importlib
 import importlib.util
 import inspect
 import math
+import os
 import pickle
+import shutil
 import socket
 import sys
 import zlib
@@ -343,12 +345,55 @@ def _download_failed(name: str, root: Path, exc: BaseException) -> DataError:
     )
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself or a parent) that does not exist, or None when ``path`` exists."""
+    missing = None
+    for folder in (path, *path.parents):
+        if os.path.lexists(folder):
+            return missing
+        missing = folder
+    return missing
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder tree that a failed download created (best effort: the error is what matters)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    except OSError:
+        pass
+
+
+@contextmanager
+def _undone_if_failed(places: Sequence[Path]) -> Iterator[None]:
+    """Around a download into ``places`` (the folders it writes to): if it fails or is interrupted, remove what it
+    created there, and only that. A place that did not exist is removed with the parents it needed (torchvision
+    creates them, and left them behind empty); from a place that existed, the entries that appeared (a partial
+    archive); nothing that was there before is touched."""
+    created = list(dict.fromkeys(m for m in map(_first_missing, places) if m is not None))
+    before = {place: set(os.listdir(place)) for place in places if place.is_dir()}
+    try:
+        yield
+    except BaseException:
+        for place, names in before.items():
+            for name in set(os.listdir(place)) - names if place.is_dir() else ():
+                _remove(place / name)
+        for folder in created:
+            _remove(folder)
+        raise
+
+
 def _torchvision_download(name: str, class_name: str, root: Path, **kwargs: Any) -> None:
-    """Downloads a dataset with its torchvision class into ``root`` (contents are re-read by us)."""
+    """Downloads a dataset with its torchvision class into ``root`` (contents are re-read by us); a failed download
+    leaves ``root`` as it found it."""
     import torchvision.datasets as datasets
 
     try:
-        with _network_timeout(DOWNLOAD_TIMEOUT_S):
+        # CIFAR writes into root, MNIST and Fashion-MNIST into root/<class>/raw
+        with _undone_if_failed((root, root / class_name, root / class_name / "raw")), \
+                _network_timeout(DOWNLOAD_TIMEOUT_S):
             getattr(datasets, class_name)(str(root), download=True, **kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
         raise _download_failed(name, root, exc) from exc
@@ -716,7 +761,7 @@ def _svhn_download(base: Path, files: Sequence[str]) -> None:
 
     urls = {entry[1]: (entry[0], entry[2]) for entry in datasets.SVHN.split_list.values()}
     try:
-        with _network_timeout(DOWNLOAD_TIMEOUT_S):
+        with _undone_if_failed((base,)), _network_timeout(DOWNLOAD_TIMEOUT_S):
             for filename in files:
                 url, md5 = urls[filename]
                 download_url(url, str(base), filename, md5)
