@@ -209,3 +209,61 @@ def test_only_the_last_file_kept_to_the_end_is_read_into_memory(tmp_path: Path, 
     assert mapped[files[-1].path] is False
     assert all(mapped[f.path] for f in files[:-1] if f.path in mapped)
     assert False in modes  # torch.load really read it (mmap=False), not a mapping copied afterwards
+
+
+def record_loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, bool]]:
+    """Every ``Reader.load`` call as (path, mapped)."""
+    calls: list[tuple[Path, bool]] = []
+    original = Reader.load
+
+    def load(self: Reader, path: Path, crc_checked: bool = False, mapped: bool = True) -> dict[str, torch.Tensor]:
+        calls.append((Path(path), mapped))
+        return original(self, path, crc_checked, mapped)
+
+    monkeypatch.setattr(Reader, "load", load)
+    return calls
+
+
+@pytest.mark.parametrize("flags", [
+    ["--start", "-1", "--baselines", "best,last"],  # --start INDEX at the last file; every checkpoint evaluated
+    ["--baselines", "last", "--fail-if-worse-than", "last", "--on-worse", "fallback"],  # the last file written
+], ids=["start-index-and-best", "fallback-to-last"])
+def test_the_last_file_is_never_mapped_by_a_later_load(plain_pt_ckpts: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, flags: list[str]) -> None:
+    """The streaming read keeps the last checkpoint in memory (a trainer rewriting last.ckpt would kill a mapping
+    with SIGBUS), but --start INDEX, the per-checkpoint evaluation and a fallback to it mapped that file again."""
+    from click.testing import CliRunner
+    from conftest import model_flags
+
+    from twa_tool.cli import cli
+
+    if "fallback" in flags:  # TWA always "worse" than the last checkpoint: the fallback writes it
+        real = pipeline.quality_gate
+        monkeypatch.setattr(pipeline, "quality_gate", lambda config, metrics: {**real(config, metrics),
+                                                                                "passed": False})
+    calls = record_loads(monkeypatch)
+    result = CliRunner().invoke(cli, ["average", str(plain_pt_ckpts), *model_flags(), "--data", "synthetic",
+                                      "--epochs", "1", "--batch-size", "512", "--threads", "1", *flags,
+                                      "--out", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == (3 if "fallback" in flags else 0), result.output
+    last = sorted(plain_pt_ckpts.glob("*.pt"), key=lambda p: int(p.stem))[-1]
+    assert [mapped for path, mapped in calls if path == last] == [False], calls
+    if "fallback" in flags:
+        import json
+
+        assert json.loads(result.stdout)["written_method"] == "last"
+
+
+def test_the_finiteness_reload_of_the_last_file_is_not_mapped(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from twa_tool.errors import NumericalError
+
+    model = write_trajectory(tmp_path / "ckpts", k=4)
+    files = discover(tmp_path / "ckpts")
+    state = torch.load(files[-1].path, weights_only=True)
+    state["0.weight"][0, 0] = float("inf")
+    torch.save(state, files[-1].path)
+    calls = record_loads(monkeypatch)
+    with pytest.raises(NumericalError, match=str(files[-1].path)):
+        run(tmp_path / "ckpts", model)
+    assert [mapped for path, mapped in calls if path == files[-1].path] == [False, False], calls

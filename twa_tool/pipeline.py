@@ -668,7 +668,8 @@ def _non_finite(err: NonFiniteVector, files: list[CheckpointFile], reader: Reade
     """The error for a builder's ``NonFiniteVector``: naming the file, and the tensor when a safe load finds it
     (``_check_finite`` raises that one itself)."""
     index = err.index
-    _check_finite(reader.load(files[index].path), str(files[index].path))
+    # the last file unmapped, as the streaming read reads it: a trainer may be rewriting it (SIGBUS on a mapping)
+    _check_finite(reader.load(files[index].path, mapped=index < len(files) - 1), str(files[index].path))
     return NumericalError(f"{files[index].path}: the parameters' norm overflows float32; the checkpoint is "
                           f"corrupt or diverged, leave it out with {exclude_hint(files[index].name)}")
 
@@ -757,6 +758,14 @@ class Evaluator:
         return evaluate(self.model, self.eval_loader, self.device, self.config.amp, self.dist)
 
 
+def checkpoint_state(entry: CheckpointFile, files: list[CheckpointFile], stream: Stream,
+                     reader: Reader) -> dict[str, torch.Tensor]:
+    """One selected checkpoint's state for a short use (an evaluation, a start point, a fallback). The last one is the
+    stream's copy in memory (``Stream.last_state``), never its file again: mapped, a trainer rewriting ``last.ckpt``
+    meanwhile would kill the run (SIGBUS), and reading it twice gains nothing. The others are mapped (no copy)."""
+    return stream.last_state if entry is files[-1] else reader.load(entry.path)
+
+
 def run_baselines(config: AverageConfig, files: list[CheckpointFile], stream: Stream, evaluator: Evaluator,
                   on_event: EventSink) -> tuple[dict[str, dict], dict[str, dict]]:
     """Metrics of the baselines the user asked for, and of every checkpoint when ``best`` is asked."""
@@ -765,7 +774,7 @@ def run_baselines(config: AverageConfig, files: list[CheckpointFile], stream: St
     if "best" in config.baselines:
         on_event(Event("phase", "evaluating every checkpoint (best baseline)", total=len(files)))
         for entry in files:
-            per_checkpoint[entry.name] = evaluator(evaluator.reader.load(entry.path)).as_dict()
+            per_checkpoint[entry.name] = evaluator(checkpoint_state(entry, files, stream, evaluator.reader)).as_dict()
             on_event(Event("advance"))
         best_name = max(reversed(list(per_checkpoint)), key=lambda n: per_checkpoint[n]["accuracy"])
         metrics["best"] = {**per_checkpoint[best_name], "checkpoint": best_name, "selected_on": "eval"}
@@ -789,7 +798,7 @@ def start_state(config: AverageConfig, files: list[CheckpointFile], stream: Stre
     if config.start == "last":
         return files[-1].name, stream.last_state
     index = start_index(config.start, len(files))
-    state = reader.load(files[index].path)
+    state = checkpoint_state(files[index], files, stream, reader)
     # Integer buffers are the last checkpoint's whatever the start point (as for --start mean|last);
     # BatchNorm's num_batches_tracked is then set by the BN re-estimation.
     last = stream.last_state
@@ -1047,7 +1056,7 @@ def fallback_state(name: str, files: list[CheckpointFile], stream: Stream, metri
         return evaluator.recalibrated(stream.mean_state)
     checkpoint = metrics[name]["checkpoint"]
     entry = next(f for f in files if f.name == checkpoint)
-    return evaluator.recalibrated(evaluator.reader.load(entry.path))
+    return evaluator.recalibrated(checkpoint_state(entry, files, stream, evaluator.reader))
 
 
 def hf_folder(entry: CheckpointFile, root: Path) -> Path | None:
