@@ -83,3 +83,44 @@ def test_holdout_image_folders_with_other_classes_are_refused(tmp_path: Path) ->
     same = SoupConfig(finetunes_dir=tmp_path, out_dir=tmp_path / "out", data=f"imagefolder:{tmp_path / 'data'}",
                       holdout=f"imagefolder:{tmp_path / 'data'}")
     assert len(soup_data(same).heldout_eval) == 3
+
+
+def test_a_holdout_of_another_built_in_dataset_is_a_usage_error(finetunes: Path, tmp_path: Path) -> None:
+    """--data mnist --holdout fashion-mnist (same shapes, 10 classes each) ran to the end: every held-out example was
+    scored against the digit its clothing label's number names, and the soups chosen on that, without a word."""
+    from click.testing import CliRunner
+    from conftest import model_flags
+    from test_data import write_idx_set
+
+    from twa_tool.cli import cli
+
+    rng = np.random.default_rng(0)
+    write_idx_set(tmp_path / "data" / "MNIST" / "raw", rng, gz=False)
+    write_idx_set(tmp_path / "data" / "FashionMNIST" / "raw", rng, gz=False)
+    result = CliRunner().invoke(cli, ["soup", str(finetunes), *model_flags(), "--data", "mnist", "--holdout",
+                                      "Fashion-MNIST", "--data-root", str(tmp_path / "data"), "--epochs", "1",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: --holdout Fashion-MNIST's labels stand for Fashion-MNIST's 10 clothing classes, --data "
+                     "mnist's for the digits 0-9: the held-out examples would be scored against the wrong classes; "
+                     "drop --holdout (a part of --data's fit split is held out) or give a --holdout with --data's "
+                     "classes"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_holdout_labels_agree_only_between_built_ins_that_number_the_same_classes(tmp_path: Path) -> None:
+    import pytest
+
+    from twa_tool.data import label_meaning, list_data_names
+    from twa_tool.errors import ConfigError
+    from twa_tool.soup import check_holdout_labels
+
+    assert all(label_meaning(name) for name in list_data_names())  # a new built-in says what its labels are
+    for data, holdout in (("cifar10", "svhn"), ("cifar10", "cifar100"), ("imagenet", "cifar10"),
+                          ("synthetic", "mnist")):
+        with pytest.raises(ConfigError, match=f"--holdout {holdout}'s labels .* --data {data}'s"):
+            check_holdout_labels(SoupConfig(finetunes_dir=tmp_path, out_dir=tmp_path / "o", data=data, holdout=holdout))
+    for data, holdout in (("mnist", "svhn"), ("CIFAR-10", "cifar10"), ("imagenet", f"imagefolder:{tmp_path}"),
+                          ("cifar10", "heldout.py:load"), ("cifar10", None)):
+        check_holdout_labels(SoupConfig(finetunes_dir=tmp_path, out_dir=tmp_path / "o", data=data, holdout=holdout))

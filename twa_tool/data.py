@@ -1147,5 +1147,28 @@ _REGISTRY: Mapping[str, Builder] = MappingProxyType(
     }
 )
 
+#: What a registry dataset's label i stands for. Two built-in datasets number the same classes only where these agree
+#: (MNIST's and SVHN's labels are both the digit shown); otherwise the one's examples would be scored against the
+#: other's classes without an error (``label_meaning``).
+_LABEL_MEANINGS: Mapping[str, str] = MappingProxyType(
+    {
+        "cifar10": "CIFAR-10's 10 object classes",
+        "cifar100": "CIFAR-100's 100 classes",
+        "mnist": "the digits 0-9",
+        "fashion-mnist": "Fashion-MNIST's 10 clothing classes",
+        "svhn": "the digits 0-9",
+        "imagenet": "ImageNet's class folders",
+        "synthetic": "the synthetic data's 10 patterns",
+    }
+)
+
+
+def label_meaning(spec: str) -> str | None:
+    """What the labels of the built-in dataset ``spec`` stand for; None for any other spec (``imagefolder:PATH``, a
+    function), whose classes only the data itself can tell."""
+    name = registry_name(spec)
+    return _LABEL_MEANINGS[name] if name is not None else None
+
+
 #: Registry datasets that are generated, not read: ``--data-root`` means nothing to them.
 _GENERATED = frozenset({"synthetic"})

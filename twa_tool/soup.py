@@ -49,8 +49,8 @@ from .checkpoints import (
     weights_path,
 )
 from .config import CoefficientTrainConfig, Selection, SoupConfig
-from .data import DataSplits, build_data, download_note, for_workers, registry_name, split_holdout
-from .errors import CheckpointError, DataError, NumericalError, TwaError
+from .data import DataSplits, build_data, download_note, for_workers, label_meaning, registry_name, split_holdout
+from .errors import CheckpointError, ConfigError, DataError, NumericalError, TwaError
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
@@ -555,6 +555,20 @@ def same_data(a: str, b: str) -> bool:
     return key(a) == key(b)
 
 
+def check_holdout_labels(config: SoupConfig) -> None:
+    """``--data`` and ``--holdout`` naming two built-in datasets whose labels stand for different classes (``cifar10``
+    and ``svhn``: label 3 is a cat in one, the digit 3 in the other): every held-out example would be scored against
+    the wrong class, and the soups chosen on that, without an error. A usage error instead."""
+    if config.holdout is None:
+        return
+    ours, theirs = label_meaning(config.data), label_meaning(config.holdout)
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ConfigError(f"--holdout {config.holdout.strip()}'s labels stand for {theirs}, --data "
+                          f"{config.data.strip()}'s for {ours}: the held-out examples would be scored against the "
+                          f"wrong classes; drop --holdout (a part of --data's fit split is held out) or give a "
+                          f"--holdout with --data's classes")
+
+
 def output_names(config: SoupConfig, inputs: Inputs, hf_source: Path | None = None) -> tuple[tuple[str, ...], int]:
     """The files this run writes (with the copied config/tokenizer files of ``hf_source``) and the model's size:
     the last ingredient's tensors as stored (the soup keeps their dtypes under ``--out-dtype auto``)."""
@@ -676,6 +690,7 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     """
     timings: dict[str, float] = {}
     check_allow_globals(config.allow_globals)
+    check_holdout_labels(config)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     inputs = find_inputs(config)
