@@ -534,6 +534,14 @@ USER_FILE = textwrap.dedent(
     def no_root():
         return make()
 
+    def own_root(root="/data/own"):
+        SEEN["own_root"] = root
+        return make()
+
+    def required_root(root):
+        SEEN["required_root"] = root
+        return make()
+
     def one():
         return make()[0]
 
@@ -578,6 +586,19 @@ def test_file_function_spec_passes_root(tmp_path: Path) -> None:
     x, y = splits.eval[1]
     assert torch.equal(x, torch.tensor([10.0, 11.0])) and int(y) == 1
     assert sys.modules["twa_user_data_my_data"].SEEN["root"] == tmp_path / "r"
+
+
+def test_file_function_root_default_is_kept_without_data_root(tmp_path: Path) -> None:
+    """A `root` parameter with a default keeps it when --data-root is not given (twa passed root=None, so
+    `def data(root="/data/fmnist")` read 'None/train-images...'); --data-root still replaces it, and a
+    required `root` still gets None."""
+    path = tmp_path / "my_data.py"
+    path.write_text(USER_FILE)
+    for root, expected in ((None, "/data/own"), (tmp_path / "r", tmp_path / "r")):
+        build_data(f"{path}:own_root", root=root)
+        assert sys.modules["twa_user_data_my_data"].SEEN["own_root"] == expected
+    build_data(f"{path}:required_root")
+    assert sys.modules["twa_user_data_my_data"].SEEN["required_root"] is None
 
 
 def test_unused_data_root_is_noted(tmp_path: Path) -> None:

@@ -1026,16 +1026,14 @@ def _load_function(spec: str) -> Callable[..., Any]:
     return function
 
 
-def _accepts_root(function: Callable[..., Any]) -> bool:
-    """Whether ``function`` takes a ``root`` keyword argument."""
+def _root_parameter(function: Callable[..., Any]) -> inspect.Parameter | None:
+    """``function``'s ``root`` parameter when it can be passed by keyword, else None."""
     try:
         parameter = inspect.signature(function).parameters.get("root")
     except (TypeError, ValueError):
-        return False
-    return parameter is not None and parameter.kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        inspect.Parameter.KEYWORD_ONLY,
-    )
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return parameter if parameter is not None and parameter.kind in keyword else None
 
 
 def _shape_of(value: Any) -> str:
@@ -1069,10 +1067,14 @@ def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
 def _build_from_function(spec: str, root: Path | None, unused: str | None = None,
                          eval_only: bool = False) -> DataSplits:
     """Calls a user function returning ``(fit_dataset, eval_dataset)``; ``root`` is passed when it takes a
-    ``root`` parameter, else ``unused`` (the start of a note) says it was not."""
+    ``root`` parameter, else ``unused`` (the start of a note) says it was not. Without ``--data-root`` a
+    ``root`` with a default keeps its default (``def data(root="~/data")``); a required one gets None."""
     function = _load_function(spec)
-    kwargs = {"root": root} if _accepts_root(function) else {}
-    note = unused + f"{spec} has no `root` parameter to receive it" if unused and not kwargs else None
+    parameter = _root_parameter(function)
+    takes_root = parameter is not None
+    keeps_default = root is None and takes_root and parameter.default is not inspect.Parameter.empty
+    kwargs = {"root": root} if takes_root and not keeps_default else {}
+    note = unused + f"{spec} has no `root` parameter to receive it" if unused and not takes_root else None
     try:
         result = function(**kwargs)
     except TwaError:
