@@ -327,6 +327,32 @@ def test_fairseq_checkpoint(tmp_path: Path) -> None:
         ("fairseq", "model", 5, 4500, {"val_loss": 3.1})
 
 
+def test_plain_script_metrics_are_read_for_top_k(tmp_path: Path) -> None:
+    """A plain training script's `torch.save({'epoch': e, 'model': ..., 'acc': 0.83, ...})`: its top-level
+    floats are its metrics (twa inspect showed none, and `--top-k 2 --by acc` failed with 'no stored value');
+    ints (seeds, counters) are not. PyTorch's ImageNet example (`arch` + `state_dict`, read as timm) keeps its
+    `best_acc1` tensor beside timm's `metric`."""
+    import numpy as np
+
+    from twa_tool.config import AverageConfig, Selection
+    from twa_tool.pipeline import select_checkpoints
+
+    for e, acc in enumerate([0.7, 0.9, 0.8, 0.6]):
+        torch.save({"epoch": e, "model": state(e), "optimizer": {"state": {}, "param_groups": []}, "acc": acc,
+                    "val_loss": torch.tensor(1.0 - acc), "best_acc": np.float64(0.9), "seed": 3, "flag": True},
+                   tmp_path / f"epoch_{e}.pth")
+    got = read_header(tmp_path / "epoch_1.pth")
+    assert got.metrics == pytest.approx({"acc": 0.9, "val_loss": 0.1, "best_acc": 0.9})
+    chosen = select_checkpoints(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic",
+                                              selection=Selection(top_k=2, by="acc", mode="max")))
+    assert [f.name for f in chosen.files] == ["epoch_1.pth", "epoch_2.pth"]
+    imagenet = tmp_path / "imagenet" / "checkpoint.pth.tar"
+    imagenet.parent.mkdir()
+    torch.save({"epoch": 5, "arch": "resnet18", "state_dict": state(1), "best_acc1": torch.tensor(71.5),
+                "optimizer": {"state": {}, "param_groups": []}}, imagenet)
+    assert read_header(imagenet).metrics == {"best_acc1": 71.5}
+
+
 def test_torchvision_reference_script_checkpoint(tmp_path: Path) -> None:
     """references/classification/train.py saves model_<epoch>.pth as below (model_ema: an AveragedModel's
     state dict); the ``args`` namespace beside ``model`` made it read as fairseq, losing the top-level epoch."""

@@ -1171,14 +1171,32 @@ def _trainer_values(obj: Mapping, producer: str) -> tuple[object, object, dict[s
     if producer == "timm":
         name = getattr(obj.get("args"), "eval_metric", None)
         names = ["metric", *([name] if isinstance(name, str) and name else [])]
-        return obj.get("epoch"), None, {n: obj.get("metric") for n in names}
+        return obj.get("epoch"), None, {**_float_entries(obj), **{n: obj.get("metric") for n in names}}
     if producer == "fairseq":
         extra = obj.get("extra_state") if isinstance(obj.get("extra_state"), Mapping) else {}
         iterator = extra.get("train_iterator") if isinstance(extra.get("train_iterator"), Mapping) else {}
         history = obj.get("optimizer_history")
         last = history[-1] if isinstance(history, list) and history and isinstance(history[-1], Mapping) else {}
         return iterator.get("epoch"), last.get("num_updates"), {"val_loss": extra.get("val_loss")}
-    return obj.get("epoch"), obj.get("global_step") if "global_step" in obj else obj.get("step"), {}
+    return obj.get("epoch"), obj.get("global_step") if "global_step" in obj else obj.get("step"), _float_entries(obj)
+
+
+#: Top-level entries of a plain torch checkpoint that count training progress, never metrics.
+_COUNTER_KEYS = frozenset({"epoch", "step", "global_step"})
+
+
+def _float_entries(obj: Mapping) -> dict[str, object]:
+    """The top-level floating point numbers a training script saved beside its weights (``'best_acc': 0.91``,
+    PyTorch's ImageNet example's ``best_acc1`` tensor): its metrics, by their keys."""
+    return {str(k): v for k, v in obj.items() if k not in _COUNTER_KEYS and _is_float_scalar(v)}
+
+
+def _is_float_scalar(value: object) -> bool:
+    """A floating point number a plain training script stores beside its weights (``'val_acc': 0.91``, a numpy
+    float, a one-element float tensor); ints (seeds, counters) and bools are not metrics."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and value.is_floating_point()
+    return isinstance(value, float) or (type(value).__module__ == "numpy" and "float" in type(value).__name__)
 
 
 def _reads_tensor_data(obj: Mapping, producer: str) -> bool:
