@@ -1598,6 +1598,21 @@ def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "r
                             metrics=found.metrics)
 
 
+def same_weights(path: Path, other: Path, *, weights: str = "raw", trust_pickle: bool = False,
+                 strip_prefix: str | None = None, allow_globals: tuple[str, ...] = ()) -> bool:
+    """Whether two checkpoints hold the same weights of the kind ``weights`` (the same keys, after the wrapper
+    prefixes, and equal tensors), whatever else they store: ``torch.save(model.state_dict(), 'best.pth')``
+    beside the epoch file that saved those weights with the optimizer. A file that cannot be read is not."""
+    options = {"weights": weights, "trust_pickle": trust_pickle, "strip_prefix": strip_prefix,
+               "allow_globals": allow_globals}
+    try:
+        first, second = load_checkpoint(path, **options).state, load_checkpoint(other, **options).state
+    except TwaError:
+        return False
+    return first.keys() == second.keys() and all(
+        first[k].dtype == second[k].dtype and torch.equal(first[k], second[k]) for k in first)
+
+
 def read_header(path: Path, *, weights: str = "raw", trust_pickle: bool = False, strip_prefix: str | None = None,
                 allow_globals: tuple[str, ...] = (),
                 model_keys: object | None = None, memo: HeaderMemo | None = None) -> HeaderInfo:
