@@ -119,8 +119,20 @@ def test_truncated_safetensors_is_an_error(tmp_path: Path) -> None:
 
 def test_non_tensor_dict_is_an_error(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "1.pt")
-    with pytest.raises(CheckpointError, match="no state dict found"):
+    with pytest.raises(CheckpointError, match="no state dict found") as err:
         load_checkpoint(tmp_path / "1.pt")
+    assert str(err.value).endswith("save model.state_dict(), or, if it is not a checkpoint, pass --exclude 1.pt")
+
+
+def test_optimizer_state_dict_beside_the_checkpoints_is_named_with_the_exclude(tmp_path: Path) -> None:
+    """`torch.save(opt.state_dict(), f'optimizer_{e}.pt')` beside the weights: the error said 'no state dict
+    found ... save model.state_dict()', which is wrong advice for a file that is not meant to hold weights."""
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+    torch.save(opt.state_dict(), tmp_path / "optimizer_3.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "optimizer_3.pt")
+    assert str(err.value) == (f"{tmp_path / 'optimizer_3.pt'}: an optimizer's state_dict (state, param_groups), "
+                              f"not model weights; move it out of the folder or pass --exclude optimizer_3.pt")
 
 
 def test_save_round_trip_is_bit_exact_with_metadata(tmp_path: Path) -> None:

@@ -1260,8 +1260,12 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
                 holder += " (a torch.optim.swa_utils.AveragedModel state dict: module. keys + n_averaged)"
             raise CheckpointError(f"{path}: holds only averaged/EMA weights {holder}, no raw weights; pass "
                                   f"--weights ema to average those instead")
+        if top is not None and {"state", "param_groups"} <= set(top):
+            raise CheckpointError(f"{path}: an optimizer's state_dict (state, param_groups), not model weights; "
+                                  f"move it out of the folder or pass {exclude_hint(path.name)}")
         raise CheckpointError(f"{path}: no state dict found (expected a dict of tensors, or one under "
-                              f"{', '.join(CONTAINER_KEYS)}); save model.state_dict()")
+                              f"{', '.join(CONTAINER_KEYS)}); save model.state_dict(), or, if it is not a "
+                              f"checkpoint, pass {exclude_hint(path.name)}")
     return chosen[0], producer, chosen[1], top
 
 
