@@ -41,12 +41,28 @@ def test_file_spec_imports_the_modules_beside_it(tmp_path: Path) -> None:
     ("no_such_module_xyz:f", "cannot import no_such_module_xyz"),
     ("missing.py:f", "missing.py not found"),
     ("torch.nn:NotThere", "has no callable NotThere"),
-    ("justaname", "expected module:function"),
+    ("justaname", "expected torchvision:NAME, .* or path/to/file.py:function$"),
     ("builtins:dict", "expected a torch.nn.Module"),
 ])
 def test_bad_specs_name_the_problem(spec: str, text: str) -> None:
     with pytest.raises(ModelError, match=text):
         build_model(spec)
+
+
+@pytest.mark.parametrize("spec, hint", [
+    ("resnet18", "; did you mean torchvision:resnet18?"),
+    ("cnn", "; did you mean twa:cnn?"),
+    ("torchvision.resnet18", "; did you mean torchvision:resnet18?"),
+    ("train.py", "; name the function that returns the model: train.py:FUNCTION"),
+    ("justaname", ""),
+])
+def test_malformed_model_spec_names_the_spec_it_likely_means(spec: str, hint: str) -> None:
+    """`--model resnet18` or `--model train.py` said only 'expected module:function or path/to/file.py:function',
+    without the torchvision:/timm:/twa: forms a user would need."""
+    with pytest.raises(ModelError) as err:
+        build_model(spec)
+    assert str(err.value) == (f"--model {spec}: expected torchvision:NAME, timm:NAME, twa:NAME, "
+                              f"package.module:function or path/to/file.py:function{hint}")
 
 
 def test_bad_model_arg_is_a_model_error() -> None:

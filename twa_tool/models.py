@@ -101,11 +101,31 @@ MODEL_FACTORIES: dict[str, Callable[[str, dict], nn.Module]] = {
 }
 
 
+def _spec_hint(spec: str) -> str:
+    """The spec a malformed ``--model`` value most likely means: ``resnet18`` -> ``torchvision:resnet18``,
+    ``cnn`` -> ``twa:cnn``, ``torchvision.resnet18`` -> ``torchvision:resnet18``, ``train.py`` ->
+    ``train.py:FUNCTION``; empty when nothing fits."""
+    prefix, dot, name = spec.partition(".")
+    if dot and prefix in MODEL_FACTORIES and name:
+        return f"; did you mean {prefix}:{name}?"
+    if spec.endswith(".py"):
+        return f"; name the function that returns the model: {spec}:FUNCTION"
+    if spec in BUILTIN_MODELS:
+        return f"; did you mean twa:{spec}?"
+    import torchvision
+
+    if spec.lower() in torchvision.models.list_models():
+        return f"; did you mean torchvision:{spec.lower()}?"
+    return ""
+
+
 def load_callable(spec: str, flag: str) -> Callable:
     """Resolve ``package.module:function`` or ``path/to/file.py:function`` to the callable."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise ModelError(f"{flag} {spec}: expected module:function or path/to/file.py:function")
+        forms = ", ".join(f"{name}:NAME" for name in MODEL_FACTORIES)
+        raise ModelError(f"{flag} {spec}: expected {forms}, package.module:function or path/to/file.py:function"
+                         f"{_spec_hint(spec)}")
     if target.endswith(".py"):
         path = Path(target).expanduser()
         if not path.is_file():
