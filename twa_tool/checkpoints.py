@@ -150,11 +150,25 @@ def check_allow_globals(names: tuple[str, ...]) -> None:
                               f"module, whatever is allowed; {NEVER_ALLOWED_FIX}")
 
 
+def pythonpath_hint(missing: str | None) -> str:
+    """How to make the missing module ``missing`` (a ``ModuleNotFoundError``'s ``name``) importable: twa is an
+    installed script, so the current folder is not on its ``sys.path`` as it is for ``python train.py``."""
+    if not missing:
+        return ""
+    top = missing.split(".")[0]
+    if Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file():
+        return f"{top} is in the current folder, which twa does not import from: run PYTHONPATH=. twa ..."
+    return f"if {top} is your project's code, put the folder that holds it on PYTHONPATH: PYTHONPATH=DIR twa ..."
+
+
 def _resolve_global(name: str) -> object:
     module, _, attr = name.rpartition(".")
     check_allow_globals((name,))
     try:
         return getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"--allow-global {name}: cannot import it ({err}); {pythonpath_hint(err.name)}, or give "
+                          f"the full module path, e.g. torch.nn.modules.loss.MSELoss") from None
     except (ImportError, AttributeError, ValueError):
         raise ConfigError(f"--allow-global {name}: cannot import it; give the full module path, e.g. "
                           f"torch.nn.modules.loss.MSELoss") from None
@@ -1015,10 +1029,11 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
             except (ModuleNotFoundError, AttributeError) as err:  # a class it pickled cannot be found here
                 if any(name.startswith("__main__.") for name in _unsafe_globals(path)):
                     raise CheckpointError(f"{path}: {MAIN_CLASS_FIX}") from None
+                hint = pythonpath_hint(err.name if isinstance(err, ModuleNotFoundError) else None)
                 raise CheckpointError(
                     f"{path}: unpickling it needs code that is not importable here ({type(err).__name__}: {err}); "
-                    f"run twa where that code is importable (its project's environment), or convert the file to "
-                    f"safetensors") from None
+                    f"{hint or 'run twa where that code is importable (its project environment)'}, or convert the "
+                    f"file to safetensors") from None
         with torch.serialization.safe_globals([*_safe_globals(), *trust_pickle.extra_globals()]):
             try:
                 return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
