@@ -554,6 +554,11 @@ USER_FILE = textwrap.dedent(
     def three():
         return make() + make()[:1]
 
+    def loaders():  # what a training script's data function often returns
+        from torch.utils.data import DataLoader
+
+        return DataLoader(make()[0], batch_size=2), DataLoader(make()[1], batch_size=2)
+
     def triples():
         return TensorDataset(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3)), make()[1]
 
@@ -653,6 +658,9 @@ def test_module_function_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         ("singles", r"\(input, target\) pairs, got a tuple of 1"),
         ("three", r"must return \(fit_dataset, eval_dataset\), got a tuple of 3"),  # said "got tuple"
         ("triples", r"\(input, target\) pairs, got a tuple of 3"),
+        # said "is a DataLoader, not a map-style torch Dataset (needs __len__ and __getitem__)", not the fix
+        ("loaders", r"the fit dataset is a DataLoader; return its dataset \(loader.dataset\): twa makes its own "
+                    r"loaders \(--batch-size, --num-workers\)$"),
         ("boom", "raised ValueError: no such shard"),
         ("unreadable", r"reading the fit dataset's first example failed \(OSError: shard 0 unreadable\)"),
         ("exits", "raised SystemExit: 3"),

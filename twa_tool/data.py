@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from twa_tool.errors import ConfigError, DataError, MissingData, TwaError, one_line
 from twa_tool.usercode import NotPythonSource, run_file
@@ -1045,6 +1045,9 @@ def _shape_of(value: Any) -> str:
 
 def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
     """Validates one dataset a user function returned: map-style, non-empty, (input, target) items."""
+    if isinstance(dataset, DataLoader):
+        raise DataError(f"--data {spec}: the {role} dataset is a DataLoader; return its dataset (loader.dataset): "
+                        "twa makes its own loaders (--batch-size, --num-workers)")
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise DataError(
             f"--data {spec}: the {role} dataset is a {type(dataset).__name__}, not a map-style torch Dataset "
