@@ -202,6 +202,33 @@ def test_lightning_ckpt_metrics_and_prefix(tmp_path: Path) -> None:
     assert set(header.tensors) == set(sd) and header.metrics == pytest.approx({"val_loss": 0.52})
 
 
+def test_lightning_module_with_other_stateful_attributes(tmp_path: Path) -> None:
+    """`self.model = Net()` beside `self.criterion = nn.CrossEntropyLoss(weight=...)` (or a teacher network): the
+    state dict holds `criterion.weight` too, so no prefix made every key the model's; the run refused the files
+    ('do not match the model', all keys missing) and `--strip-prefix model.` refused them ('not every key starts
+    with it'). The keys under the model's prefix are the model; the other attributes' state is left out. Two
+    prefixes that both fit (model. and teacher. of one architecture) stay unmatched unless --strip-prefix names one."""
+    sd, teacher = state(2), state(5)
+    name = "epoch=3-step=1200.ckpt"
+    ckpt = lightning_ckpt(sd, name)
+    ckpt["state_dict"]["criterion.weight"] = torch.ones(3)
+    torch.save(ckpt, tmp_path / name)
+    matched = load_checkpoint(tmp_path / name, model_keys=list(sd))
+    assert_same(matched.state, sd)
+    assert matched.prefix == "model."
+    assert set(read_header(tmp_path / name, model_keys=list(sd)).tensors) == set(sd)
+    assert_same(load_checkpoint(tmp_path / name, strip_prefix="model.").state, sd)
+
+    ckpt["state_dict"].update(prefixed(teacher, "teacher."))
+    torch.save(ckpt, tmp_path / name)
+    ambiguous = load_checkpoint(tmp_path / name, model_keys=list(sd))
+    assert ambiguous.prefix is None and "criterion.weight" in ambiguous.state
+    assert_same(load_checkpoint(tmp_path / name, strip_prefix="teacher").state, teacher)
+    plain = tmp_path / "plain.pt"  # not a Lightning file: a model's keys among others are not guessed
+    torch.save({"model": {**prefixed(sd, "model."), "criterion.weight": torch.ones(3)}}, plain)
+    assert load_checkpoint(plain, model_keys=list(sd)).prefix is None
+
+
 def test_lightning_compiled_module_inside_lightning_module(tmp_path: Path) -> None:
     sd = state(3)
     ckpt = lightning_ckpt(sd, "epoch=3-step=1200.ckpt")

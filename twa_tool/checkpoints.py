@@ -1484,10 +1484,31 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return _strip_wrappers(dict(state))[0]
 
 
-def _model_prefix(keys: list[str], model_keys: set[str]) -> str | None:
-    """The one common leading prefix whose removal makes ``keys`` equal ``model_keys`` (None if none)."""
+def _submodule_prefix(keys: list[str], model_keys: set[str]) -> str | None:
+    """The one leading prefix under which ``keys`` hold exactly ``model_keys`` while other keys lie outside it: a
+    LightningModule's ``self.model`` beside its other attributes with state (a loss's class ``weight``, a second
+    network), which are not the model's. None when no prefix, or more than one, fits."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        for cut in (i + 1 for i, c in enumerate(key) if c == "."):
+            if key[cut:] in model_keys:
+                counts[key[:cut]] = counts.get(key[:cut], 0) + 1
+    fits = [p for p, n in counts.items() if n == len(model_keys)
+            and {k[len(p):] for k in keys if k.startswith(p)} == model_keys]
+    return fits[0] if len(fits) == 1 else None
+
+
+def _model_prefix(keys: list[str], model_keys: set[str], submodule: bool = False) -> str | None:
+    """The one common leading prefix whose removal makes ``keys`` equal ``model_keys`` (None if none); with
+    ``submodule`` (Lightning files), else the prefix of the model's keys among others (``_submodule_prefix``)."""
     if not keys or set(keys) == model_keys:
         return None
+    common = _common_model_prefix(keys, model_keys)
+    return common if common is not None or not submodule else _submodule_prefix(keys, model_keys)
+
+
+def _common_model_prefix(keys: list[str], model_keys: set[str]) -> str | None:
+    """The leading prefix every key has whose removal makes ``keys`` equal ``model_keys`` (None if none)."""
     parts = keys[0].split(".")
     for depth in range(1, len(parts)):
         candidate = ".".join(parts[:depth]) + "."
@@ -1506,6 +1527,8 @@ def _apply_prefixes(found: _Found, path: Path, strip_prefix: str | None,
         keys = list(entries)
         dotted = strip_prefix if strip_prefix.endswith(".") else strip_prefix + "."
         prefix = next((p for p in (dotted, strip_prefix) if all(k.startswith(p) for k in keys)), None)
+        if prefix is None and found.producer == "lightning" and any(k.startswith(dotted) for k in keys):
+            prefix = dotted  # the LightningModule's attribute that holds the model; its other attributes' state
         if prefix is None and dotted in WRAPPER_PREFIXES and dotted in stripped:
             pass  # DDP's module. / torch.compile's _orig_mod.: already stripped, as always
         elif prefix is None:
@@ -1513,9 +1536,9 @@ def _apply_prefixes(found: _Found, path: Path, strip_prefix: str | None,
             raise CheckpointError(f"{path}: --strip-prefix {strip_prefix!r}: not every key starts with it "
                                   f"(e.g. {example!r})")
     elif model_keys is not None:
-        prefix = _model_prefix(list(entries), set(model_keys))
+        prefix = _model_prefix(list(entries), set(model_keys), submodule=found.producer == "lightning")
     if prefix:
-        entries = {k[len(prefix):]: v for k, v in entries.items()}
+        entries = {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)}
         entries, again = _strip_wrappers(entries)  # e.g. "model._orig_mod." inside a LightningModule
         stripped += prefix + again
     return entries, stripped or None
