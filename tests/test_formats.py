@@ -380,6 +380,27 @@ def test_plain_script_metrics_are_read_for_top_k(tmp_path: Path) -> None:
     assert read_header(imagenet).metrics == {"best_acc1": 71.5}
 
 
+def test_a_scripts_own_container_keys_are_read_when_unambiguous(tmp_path: Path) -> None:
+    """`torch.save({'epoch': e, 'net': sd, 'ema_state_dict': ema, 'optim': ...})`: keys outside the known
+    containers were refused ('no state dict found ... save model.state_dict()', 'no EMA/averaged weights'), with no
+    flag to name them. The one dict of tensors under a key that does not name averaged weights is the raw model, the
+    one under a key that does (ema, swa, averaged) the EMA; two candidates are refused naming both."""
+    raw, ema = state(1), state(2)
+    opt = {"state": {0: {"momentum_buffer": torch.ones(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    torch.save({"epoch": 4, "net": raw, "ema_state_dict": ema, "optim": opt}, tmp_path / "ep4.pth")
+    got = load_checkpoint(tmp_path / "ep4.pth")
+    assert_same(got.state, raw)
+    assert (got.container, got.epoch) == ("net", 4)
+    got_ema = load_checkpoint(tmp_path / "ep4.pth", weights="ema")
+    assert_same(got_ema.state, ema)
+    assert got_ema.container == "ema_state_dict"
+    assert read_header(tmp_path / "ep4.pth", weights="ema").container == "ema_state_dict"
+    torch.save({"student": raw, "teacher": ema}, tmp_path / "two.pth")
+    with pytest.raises(CheckpointError, match=r"two\.pth: dicts of tensors under student, teacher, none under "
+                                              r"state_dict, model, model_state_dict, module; twa cannot tell"):
+        load_checkpoint(tmp_path / "two.pth")
+
+
 def test_torchvision_reference_script_checkpoint(tmp_path: Path) -> None:
     """references/classification/train.py saves model_<epoch>.pth as below (model_ema: an AveragedModel's
     state dict); the ``args`` namespace beside ``model`` made it read as fairseq, losing the top-level epoch."""

@@ -1255,6 +1255,8 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
         else:
             raw = next(((s, k) for k in CONTAINER_KEYS if (s := _as_state(obj.get(k))) is not None), None)
             ema = next(((s, k) for k in EMA_CONTAINER_KEYS if (s := _as_state(obj.get(k))) is not None), None)
+            if raw is None and ema is None:
+                raw, ema = _only_states(obj)
             if ema is None and producer == "lightning":
                 ema = _lightning_swa_state(obj)
             if raw is not None and _is_averaged_model(raw[0]):
@@ -1275,6 +1277,11 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
                 holder += " (a torch.optim.swa_utils.AveragedModel state dict: module. keys + n_averaged)"
             raise CheckpointError(f"{path}: holds only averaged/EMA weights {holder}, no raw weights; pass "
                                   f"--weights ema to average those instead")
+        several = [str(k) for k, v in (top or {}).items() if _as_state(v) is not None]
+        if len(several) > 1:
+            raise CheckpointError(f"{path}: dicts of tensors under {', '.join(several)}, none under "
+                                  f"{', '.join(CONTAINER_KEYS)}; twa cannot tell which holds the model: save its "
+                                  f"state_dict under 'model' (the others under other names)")
         if top is not None and {"state", "param_groups"} <= set(top):
             raise CheckpointError(f"{path}: an optimizer's state_dict (state, param_groups), not model weights; "
                                   f"move it out of the folder or pass {exclude_hint(path.name)}")
@@ -1282,6 +1289,20 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
                               f"{', '.join(CONTAINER_KEYS)}); save model.state_dict(), or, if it is not a "
                               f"checkpoint, pass {exclude_hint(path.name)}")
     return chosen[0], producer, chosen[1], top
+
+
+#: A top-level key naming averaged weights (``ema_state_dict``, ``model_ema_state``, ``swa_model``).
+_AVERAGED_KEY = re.compile(r"ema|swa|averaged", re.IGNORECASE)
+
+
+def _only_states(obj: Mapping) -> tuple[tuple[dict, str] | None, tuple[dict, str] | None]:
+    """(raw, averaged) for a script's own container keys (``{'net': sd, 'ema_state_dict': ...}``): the one
+    top-level dict of tensors whose key does not name averaged weights, and the one whose key does; None for a
+    kind with no such key or more than one (which of them is the model is the file's to say)."""
+    states = [(state, str(k)) for k, v in obj.items() if (state := _as_state(v)) is not None]
+    raw = [s for s in states if not _AVERAGED_KEY.search(s[1])]
+    ema = [s for s in states if _AVERAGED_KEY.search(s[1])]
+    return (raw[0] if len(raw) == 1 else None), (ema[0] if len(ema) == 1 else None)
 
 
 def _lightning_swa_state(obj: Mapping) -> tuple[dict, str] | None:
