@@ -392,8 +392,25 @@ def weights_path(path: Path) -> Path:
 def no_checkpoints(directory: Path) -> CheckpointError:
     """The error for a folder where ``discover`` found nothing, naming everything it looks for."""
     patterns = ", ".join(f"*{suffix}" for suffix in WEIGHT_SUFFIXES)
+    nested = _nested_weight_files(directory)
+    fix = "check the path"
+    if nested:
+        more = f" and {len(nested) - 2} more" if len(nested) > 2 else ""
+        fix = (f"its subfolders hold {', '.join(str(p.relative_to(directory)) for p in nested[:2])}{more}, but twa "
+               f"reads the files of one folder: gather them in one (symlinks will do, named by epoch)")
     return CheckpointError(f"{directory}: no checkpoints found (looked for {patterns} and checkpoint-<step>/ "
-                           f"folders); check the path")
+                           f"folders); {fix}")
+
+
+def _nested_weight_files(directory: Path) -> list[Path]:
+    """The weight files one level down (``epoch_1/checkpoint.pth``), in numeric order; [] when none or unreadable."""
+    try:
+        found = [f for d in directory.iterdir() if d.is_dir() and not d.name.startswith(".")
+                 for f in d.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)
+                 and not NON_WEIGHT_STEMS.match(_strip_suffix(f.name))]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: order_key(CheckpointFile(name=str(p.relative_to(directory)), path=p)))
 
 
 def discover(directory: Path) -> list[CheckpointFile]:
