@@ -65,6 +65,18 @@ def test_malformed_model_spec_names_the_spec_it_likely_means(spec: str, hint: st
                               f"package.module:function or path/to/file.py:function{hint}")
 
 
+def test_bad_model_arg_of_a_users_function_lists_what_it_takes(tmp_path: Path) -> None:
+    """`--model net.py:build` without its required `num_classes`, or with a misspelt name: the error said 'bad
+    --model-arg (... missing ... / unexpected keyword ...); read as: none' without the names the function takes."""
+    (tmp_path / "net.py").write_text("import torch\n\ndef build(num_classes, width=16, *, act='relu'):\n"
+                                     "    return torch.nn.Linear(width, num_classes)\n")
+    takes = "; it takes num_classes, width=16, act='relu'"
+    with pytest.raises(ModelError, match=rf"; read as: none{takes}$"):
+        build_model(f"{tmp_path / 'net.py'}:build")
+    with pytest.raises(ModelError, match=rf"unexpected keyword argument 'num_class'.*; read as: num_class=3{takes}$"):
+        build_model(f"{tmp_path / 'net.py'}:build", (("num_class", "3"),))
+
+
 def test_bad_model_arg_is_a_model_error() -> None:
     with pytest.raises(ModelError, match="bad --model-arg"):
         build_model("twa:cnn", (("colour", "red"),))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import inspect
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -147,10 +148,22 @@ def load_callable(spec: str, flag: str) -> Callable:
     return fn
 
 
+def _takes(fn: Callable | None) -> str:
+    """``; it takes num_classes, width=16`` for a user's function: the --model-arg names it accepts."""
+    try:
+        parameters = inspect.signature(fn).parameters.values() if fn is not None else ()
+    except (TypeError, ValueError):
+        return ""
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    shown = [p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in named]
+    return f"; it takes {', '.join(shown)}" if shown else ""
+
+
 def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
     """Build a freshly initialised model from its spec and ``--model-arg`` pairs."""
     kwargs = {k: parse_value(v) for k, v in args}
     prefix, sep, name = spec.partition(":")
+    fn = None
     try:
         if sep and prefix in MODEL_FACTORIES:
             model = MODEL_FACTORIES[prefix](name, kwargs)
@@ -161,7 +174,7 @@ def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
         raise
     except TypeError as err:  # a name the constructor lacks, or a value of the wrong type ("width=abc")
         given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "none"
-        raise ModelError(f"--model {spec}: bad --model-arg ({err}); read as: {given}") from None
+        raise ModelError(f"--model {spec}: bad --model-arg ({err}); read as: {given}{_takes(fn)}") from None
     except (Exception, SystemExit) as err:  # user or library code: e.g. num_classes=-1, a raise or sys.exit
         reason = (str(err).strip().splitlines() or [""])[0]
         raise ModelError(f"--model {spec}: building the model failed ({type(err).__name__}: {reason}); check "
