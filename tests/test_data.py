@@ -606,6 +606,18 @@ def test_file_function_root_default_is_kept_without_data_root(tmp_path: Path) ->
     assert sys.modules["twa_user_data_my_data"].SEEN["required_root"] is None
 
 
+def test_module_spec_of_a_file_in_the_current_folder_says_file_py(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--data mydata:make` beside mydata.py said 'no module named mydata; check the spelling or PYTHONPATH'."""
+    (tmp_path / "twa_qa_data_here.py").write_text(USER_FILE)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        build_data("twa_qa_data_here:make")
+    assert str(err.value) == ("--data twa_qa_data_here:make: no module named twa_qa_data_here; twa_qa_data_here.py "
+                              "is in the current folder, which twa does not import from: write "
+                              "twa_qa_data_here.py:make, or run PYTHONPATH=. twa ...")
+
+
 def test_unused_data_root_is_noted(tmp_path: Path) -> None:
     """--data-root that a spec does not read is named in DataSplits.notes (the run warns), never silently
     dropped; a spec that reads it, or no --data-root, has no note."""

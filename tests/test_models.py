@@ -77,6 +77,19 @@ def test_bad_model_arg_of_a_users_function_lists_what_it_takes(tmp_path: Path) -
         build_model(f"{tmp_path / 'net.py'}:build", (("num_class", "3"),))
 
 
+def test_module_spec_of_a_file_in_the_current_folder_says_file_py(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model train:make_model` beside train.py said 'cannot import train ...; check the module path': twa, an
+    installed script, does not import from the current folder. The error now gives both fixes."""
+    (tmp_path / "twa_qa_train_here.py").write_text("import torch\n\ndef make():\n    return torch.nn.Linear(2, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError) as err:
+        build_model("twa_qa_train_here:make")
+    assert str(err.value).endswith("; twa_qa_train_here.py is in the current folder, which twa does not import from: "
+                                   "write twa_qa_train_here.py:make, or run PYTHONPATH=. twa ...")
+    assert isinstance(build_model("twa_qa_train_here.py:make"), nn.Linear)
+
+
 def test_bad_model_arg_is_a_model_error() -> None:
     with pytest.raises(ModelError, match="bad --model-arg"):
         build_model("twa:cnn", (("colour", "red"),))

@@ -50,6 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError, ConfigError, TwaError, UnsafeInputError, exclude_hint
+from .usercode import pythonpath_hint
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 #: Files trainers leave beside the weights that are not weights (and must never be unpickled).
@@ -148,17 +149,6 @@ def check_allow_globals(names: tuple[str, ...]) -> None:
         if _never_allowed([name]):
             raise ConfigError(f"--allow-global {name}: torch's safe unpickler never allows the {name.split('.')[0]} "
                               f"module, whatever is allowed; {NEVER_ALLOWED_FIX}")
-
-
-def pythonpath_hint(missing: str | None) -> str:
-    """How to make the missing module ``missing`` (a ``ModuleNotFoundError``'s ``name``) importable: twa is an
-    installed script, so the current folder is not on its ``sys.path`` as it is for ``python train.py``."""
-    if not missing:
-        return ""
-    top = missing.split(".")[0]
-    if Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file():
-        return f"{top} is in the current folder, which twa does not import from: run PYTHONPATH=. twa ..."
-    return f"if {top} is your project's code, put the folder that holds it on PYTHONPATH: PYTHONPATH=DIR twa ..."
 
 
 def _resolve_global(name: str) -> object:

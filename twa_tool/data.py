@@ -42,7 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from twa_tool.errors import ConfigError, DataError, MissingData, TwaError, one_line
-from twa_tool.usercode import NotPythonSource, run_file
+from twa_tool.usercode import NotPythonSource, pythonpath_hint, run_file
 
 Transform = Callable[[Any], Any]
 Builder = Callable[[Path | None, bool], "DataSplits"]
@@ -940,8 +940,9 @@ def _import_module(target: str, spec: str) -> Any:
         return importlib.import_module(target)
     except ModuleNotFoundError as exc:
         if exc.name and (target == exc.name or target.startswith(f"{exc.name}.")):
-            raise ConfigError(f"--data {spec}: no module named {exc.name}; check the spelling or PYTHONPATH"
-                              f"{_registry_hint(spec)}") from exc
+            local = pythonpath_hint(exc.name, spec.rpartition(":")[2]) if Path(f"{exc.name}.py").is_file() else ""
+            raise ConfigError(f"--data {spec}: no module named {exc.name}; "
+                              f"{local or 'check the spelling or PYTHONPATH'}{_registry_hint(spec)}") from exc
         raise DataError(f"--data {spec}: importing {target} failed: {exc}") from exc
     except Exception as exc:  # user code: any failure on import is reported as such
         raise DataError(f"--data {spec}: importing {target} failed ({type(exc).__name__}: {exc})") from exc

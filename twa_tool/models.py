@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, InputError, ModelError, is_out_of_memory, one_line
-from .usercode import run_file
+from .usercode import pythonpath_hint, run_file
 
 ModelArgs = tuple[tuple[str, str], ...]
 
@@ -139,7 +139,10 @@ def load_callable(spec: str, flag: str) -> Callable:
         try:
             module = importlib.import_module(target)
         except ImportError as err:
-            raise ModelError(f"{flag} {spec}: cannot import {target} ({err}); check the module path") from None
+            missing = err.name if isinstance(err, ModuleNotFoundError) and err.name == target else None
+            local = pythonpath_hint(missing, attr) if missing and Path(f"{missing}.py").is_file() else ""
+            raise ModelError(f"{flag} {spec}: cannot import {target} ({err}); {local or 'check the module path'}"
+                             ) from None
         except Exception as err:  # user code: any failure on import is reported as such
             raise ModelError(f"{flag} {spec}: importing {target} failed ({type(err).__name__}: {err})") from err
     fn = getattr(module, attr, None)
