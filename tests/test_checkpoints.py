@@ -117,10 +117,53 @@ def test_truncated_safetensors_is_an_error(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "a.safetensors")
 
 
+def test_pickled_class_of_a_script_in_the_current_folder_names_pythonpath(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`torch.save(model, 'epoch_0.pt')` in a project whose model lives in train.py: run from that folder, twa (an
+    installed script, without the current folder on sys.path) said only 'needs code that is not importable here
+    ... run twa where that code is importable', and `--allow-global train.Net` 'cannot import it', while the user
+    stood in the folder holding train.py. Both now name PYTHONPATH=."""
+    import sys
+    import types
+
+    from twa_tool.errors import ConfigError
+
+    module = types.ModuleType("twa_qa_local_train")
+    module.Gone = Gone
+    with monkeypatch.context() as patch:  # importable only while saving
+        patch.setitem(sys.modules, module.__name__, module)
+        patch.setattr(Gone, "__module__", module.__name__)
+        torch.save({"state_dict": small_state(), "extra": Gone()}, tmp_path / "2.pt")
+    here = tmp_path / "project"
+    here.mkdir()
+    (here / "twa_qa_local_train.py").write_text("class Gone:\n    pass\n")
+    monkeypatch.chdir(here)  # the script beside the user, not importable: the current folder is not on sys.path
+    fix = "twa_qa_local_train is in the current folder, which twa does not import from: run PYTHONPATH=. twa ..."
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "2.pt", trust_pickle=True)
+    assert str(err.value).endswith(f"; {fix}, or convert the file to safetensors")
+    with pytest.raises(ConfigError) as err:
+        load_checkpoint(tmp_path / "2.pt", allow_globals=("twa_qa_local_train.Gone",))
+    assert f"cannot import it (No module named 'twa_qa_local_train'); {fix}, or give the full module path" in str(
+        err.value)
+
+
 def test_non_tensor_dict_is_an_error(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "1.pt")
-    with pytest.raises(CheckpointError, match="no state dict found"):
+    with pytest.raises(CheckpointError, match="no state dict found") as err:
         load_checkpoint(tmp_path / "1.pt")
+    assert str(err.value).endswith("save model.state_dict(), or, if it is not a checkpoint, pass --exclude 1.pt")
+
+
+def test_optimizer_state_dict_beside_the_checkpoints_is_named_with_the_exclude(tmp_path: Path) -> None:
+    """`torch.save(opt.state_dict(), f'optimizer_{e}.pt')` beside the weights: the error said 'no state dict
+    found ... save model.state_dict()', which is wrong advice for a file that is not meant to hold weights."""
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+    torch.save(opt.state_dict(), tmp_path / "optimizer_3.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "optimizer_3.pt")
+    assert str(err.value) == (f"{tmp_path / 'optimizer_3.pt'}: an optimizer's state_dict (state, param_groups), "
+                              f"not model weights; move it out of the folder or pass --exclude optimizer_3.pt")
 
 
 def test_save_round_trip_is_bit_exact_with_metadata(tmp_path: Path) -> None:

@@ -272,6 +272,19 @@ def test_empty_directory(tmp_path: Path) -> None:
         "*.pth.tar and checkpoint-<step>/ folders); check the path")
 
 
+def test_checkpoints_in_per_epoch_subfolders_are_named(tmp_path: Path) -> None:
+    """`ckpts/epoch_1/checkpoint.pth, epoch_2/...`: 'no checkpoints found ...; check the path' while the path was
+    right; the error now names what the subfolders hold and what to do."""
+    for e in (1, 2, 10):
+        (tmp_path / "ckpts" / f"epoch_{e}").mkdir(parents=True)
+        torch.save({"w": torch.zeros(2)}, tmp_path / "ckpts" / f"epoch_{e}" / "checkpoint.pth")
+        torch.save({"state": {}}, tmp_path / "ckpts" / f"epoch_{e}" / "optimizer.pt")  # never listed
+    result = run(tmp_path / "ckpts", *FAST, "--out", tmp_path / "o")
+    assert result.exit_code == 4 and result.stderr.strip().splitlines()[-1].endswith(
+        "folders); its subfolders hold epoch_1/checkpoint.pth, epoch_2/checkpoint.pth and 1 more, but twa reads the "
+        "files of one folder: gather them in one (symlinks will do, named by epoch)")
+
+
 def test_output_feeds_back_without_model_flag(full_run: tuple[object, Path], tmp_path: Path) -> None:
     """The written model records its architecture, so it can itself be an input without --model."""
     _, out = full_run

@@ -593,6 +593,14 @@ USER_FILE = textwrap.dedent(
     def no_root():
         return make()
 
+    def own_root(root="/data/own"):
+        SEEN["own_root"] = root
+        return make()
+
+    def required_root(root):
+        SEEN["required_root"] = root
+        return make()
+
     def one():
         return make()[0]
 
@@ -604,6 +612,11 @@ USER_FILE = textwrap.dedent(
 
     def three():
         return make() + make()[:1]
+
+    def loaders():  # what a training script's data function often returns
+        from torch.utils.data import DataLoader
+
+        return DataLoader(make()[0], batch_size=2), DataLoader(make()[1], batch_size=2)
 
     def triples():
         return TensorDataset(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3)), make()[1]
@@ -637,6 +650,31 @@ def test_file_function_spec_passes_root(tmp_path: Path) -> None:
     x, y = splits.eval[1]
     assert torch.equal(x, torch.tensor([10.0, 11.0])) and int(y) == 1
     assert sys.modules[module_name(path)].SEEN["root"] == tmp_path / "r"
+
+
+def test_file_function_root_default_is_kept_without_data_root(tmp_path: Path) -> None:
+    """A `root` parameter with a default keeps it when --data-root is not given (twa passed root=None, so
+    `def data(root="/data/fmnist")` read 'None/train-images...'); --data-root still replaces it, and a
+    required `root` still gets None."""
+    path = tmp_path / "my_data.py"
+    path.write_text(USER_FILE)
+    for root, expected in ((None, "/data/own"), (tmp_path / "r", tmp_path / "r")):
+        build_data(f"{path}:own_root", root=root)
+        assert sys.modules["twa_user_data_my_data"].SEEN["own_root"] == expected
+    build_data(f"{path}:required_root")
+    assert sys.modules["twa_user_data_my_data"].SEEN["required_root"] is None
+
+
+def test_module_spec_of_a_file_in_the_current_folder_says_file_py(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--data mydata:make` beside mydata.py said 'no module named mydata; check the spelling or PYTHONPATH'."""
+    (tmp_path / "twa_qa_data_here.py").write_text(USER_FILE)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        build_data("twa_qa_data_here:make")
+    assert str(err.value) == ("--data twa_qa_data_here:make: no module named twa_qa_data_here; twa_qa_data_here.py "
+                              "is in the current folder, which twa does not import from: write "
+                              "twa_qa_data_here.py:make, or run PYTHONPATH=. twa ...")
 
 
 def test_unused_data_root_is_noted(tmp_path: Path) -> None:
@@ -691,6 +729,9 @@ def test_module_function_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         ("singles", r"\(input, target\) pairs, got a tuple of 1"),
         ("three", r"must return \(fit_dataset, eval_dataset\), got a tuple of 3"),  # said "got tuple"
         ("triples", r"\(input, target\) pairs, got a tuple of 3"),
+        # said "is a DataLoader, not a map-style torch Dataset (needs __len__ and __getitem__)", not the fix
+        ("loaders", r"the fit dataset is a DataLoader; return its dataset \(loader.dataset\): twa makes its own "
+                    r"loaders \(--batch-size, --num-workers\)$"),
         ("boom", "raised ValueError: no such shard"),
         ("unreadable", r"reading the fit dataset's first example failed \(OSError: shard 0 unreadable\)"),
         ("exits", "raised SystemExit: 3"),

@@ -202,6 +202,33 @@ def test_lightning_ckpt_metrics_and_prefix(tmp_path: Path) -> None:
     assert set(header.tensors) == set(sd) and header.metrics == pytest.approx({"val_loss": 0.52})
 
 
+def test_lightning_module_with_other_stateful_attributes(tmp_path: Path) -> None:
+    """`self.model = Net()` beside `self.criterion = nn.CrossEntropyLoss(weight=...)` (or a teacher network): the
+    state dict holds `criterion.weight` too, so no prefix made every key the model's; the run refused the files
+    ('do not match the model', all keys missing) and `--strip-prefix model.` refused them ('not every key starts
+    with it'). The keys under the model's prefix are the model; the other attributes' state is left out. Two
+    prefixes that both fit (model. and teacher. of one architecture) stay unmatched unless --strip-prefix names one."""
+    sd, teacher = state(2), state(5)
+    name = "epoch=3-step=1200.ckpt"
+    ckpt = lightning_ckpt(sd, name)
+    ckpt["state_dict"]["criterion.weight"] = torch.ones(3)
+    torch.save(ckpt, tmp_path / name)
+    matched = load_checkpoint(tmp_path / name, model_keys=list(sd))
+    assert_same(matched.state, sd)
+    assert matched.prefix == "model."
+    assert set(read_header(tmp_path / name, model_keys=list(sd)).tensors) == set(sd)
+    assert_same(load_checkpoint(tmp_path / name, strip_prefix="model.").state, sd)
+
+    ckpt["state_dict"].update(prefixed(teacher, "teacher."))
+    torch.save(ckpt, tmp_path / name)
+    ambiguous = load_checkpoint(tmp_path / name, model_keys=list(sd))
+    assert ambiguous.prefix is None and "criterion.weight" in ambiguous.state
+    assert_same(load_checkpoint(tmp_path / name, strip_prefix="teacher").state, teacher)
+    plain = tmp_path / "plain.pt"  # not a Lightning file: a model's keys among others are not guessed
+    torch.save({"model": {**prefixed(sd, "model."), "criterion.weight": torch.ones(3)}}, plain)
+    assert load_checkpoint(plain, model_keys=list(sd)).prefix is None
+
+
 def test_lightning_compiled_module_inside_lightning_module(tmp_path: Path) -> None:
     sd = state(3)
     ckpt = lightning_ckpt(sd, "epoch=3-step=1200.ckpt")
@@ -325,6 +352,53 @@ def test_fairseq_checkpoint(tmp_path: Path) -> None:
     assert_same(got.state, sd)
     assert (got.producer, got.container, got.epoch, got.step, got.metrics) == \
         ("fairseq", "model", 5, 4500, {"val_loss": 3.1})
+
+
+def test_plain_script_metrics_are_read_for_top_k(tmp_path: Path) -> None:
+    """A plain training script's `torch.save({'epoch': e, 'model': ..., 'acc': 0.83, ...})`: its top-level
+    floats are its metrics (twa inspect showed none, and `--top-k 2 --by acc` failed with 'no stored value');
+    ints (seeds, counters) are not. PyTorch's ImageNet example (`arch` + `state_dict`, read as timm) keeps its
+    `best_acc1` tensor beside timm's `metric`."""
+    import numpy as np
+
+    from twa_tool.config import AverageConfig, Selection
+    from twa_tool.pipeline import select_checkpoints
+
+    for e, acc in enumerate([0.7, 0.9, 0.8, 0.6]):
+        torch.save({"epoch": e, "model": state(e), "optimizer": {"state": {}, "param_groups": []}, "acc": acc,
+                    "val_loss": torch.tensor(1.0 - acc), "best_acc": np.float64(0.9), "seed": 3, "flag": True},
+                   tmp_path / f"epoch_{e}.pth")
+    got = read_header(tmp_path / "epoch_1.pth")
+    assert got.metrics == pytest.approx({"acc": 0.9, "val_loss": 0.1, "best_acc": 0.9})
+    chosen = select_checkpoints(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic",
+                                              selection=Selection(top_k=2, by="acc", mode="max")))
+    assert [f.name for f in chosen.files] == ["epoch_1.pth", "epoch_2.pth"]
+    imagenet = tmp_path / "imagenet" / "checkpoint.pth.tar"
+    imagenet.parent.mkdir()
+    torch.save({"epoch": 5, "arch": "resnet18", "state_dict": state(1), "best_acc1": torch.tensor(71.5),
+                "optimizer": {"state": {}, "param_groups": []}}, imagenet)
+    assert read_header(imagenet).metrics == {"best_acc1": 71.5}
+
+
+def test_a_scripts_own_container_keys_are_read_when_unambiguous(tmp_path: Path) -> None:
+    """`torch.save({'epoch': e, 'net': sd, 'ema_state_dict': ema, 'optim': ...})`: keys outside the known
+    containers were refused ('no state dict found ... save model.state_dict()', 'no EMA/averaged weights'), with no
+    flag to name them. The one dict of tensors under a key that does not name averaged weights is the raw model, the
+    one under a key that does (ema, swa, averaged) the EMA; two candidates are refused naming both."""
+    raw, ema = state(1), state(2)
+    opt = {"state": {0: {"momentum_buffer": torch.ones(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    torch.save({"epoch": 4, "net": raw, "ema_state_dict": ema, "optim": opt}, tmp_path / "ep4.pth")
+    got = load_checkpoint(tmp_path / "ep4.pth")
+    assert_same(got.state, raw)
+    assert (got.container, got.epoch) == ("net", 4)
+    got_ema = load_checkpoint(tmp_path / "ep4.pth", weights="ema")
+    assert_same(got_ema.state, ema)
+    assert got_ema.container == "ema_state_dict"
+    assert read_header(tmp_path / "ep4.pth", weights="ema").container == "ema_state_dict"
+    torch.save({"student": raw, "teacher": ema}, tmp_path / "two.pth")
+    with pytest.raises(CheckpointError, match=r"two\.pth: dicts of tensors under student, teacher, none under "
+                                              r"state_dict, model, model_state_dict, module; twa cannot tell"):
+        load_checkpoint(tmp_path / "two.pth")
 
 
 def test_torchvision_reference_script_checkpoint(tmp_path: Path) -> None:

@@ -41,12 +41,53 @@ def test_file_spec_imports_the_modules_beside_it(tmp_path: Path) -> None:
     ("no_such_module_xyz:f", "cannot import no_such_module_xyz"),
     ("missing.py:f", "missing.py not found"),
     ("torch.nn:NotThere", "has no callable NotThere"),
-    ("justaname", "expected module:function"),
+    ("justaname", "expected torchvision:NAME, .* or path/to/file.py:function$"),
     ("builtins:dict", "expected a torch.nn.Module"),
 ])
 def test_bad_specs_name_the_problem(spec: str, text: str) -> None:
     with pytest.raises(ModelError, match=text):
         build_model(spec)
+
+
+@pytest.mark.parametrize("spec, hint", [
+    ("resnet18", "; did you mean torchvision:resnet18?"),
+    ("cnn", "; did you mean twa:cnn?"),
+    ("torchvision.resnet18", "; did you mean torchvision:resnet18?"),
+    ("train.py", "; name the function that returns the model: train.py:FUNCTION"),
+    ("justaname", ""),
+])
+def test_malformed_model_spec_names_the_spec_it_likely_means(spec: str, hint: str) -> None:
+    """`--model resnet18` or `--model train.py` said only 'expected module:function or path/to/file.py:function',
+    without the torchvision:/timm:/twa: forms a user would need."""
+    with pytest.raises(ModelError) as err:
+        build_model(spec)
+    assert str(err.value) == (f"--model {spec}: expected torchvision:NAME, timm:NAME, twa:NAME, "
+                              f"package.module:function or path/to/file.py:function{hint}")
+
+
+def test_bad_model_arg_of_a_users_function_lists_what_it_takes(tmp_path: Path) -> None:
+    """`--model net.py:build` without its required `num_classes`, or with a misspelt name: the error said 'bad
+    --model-arg (... missing ... / unexpected keyword ...); read as: none' without the names the function takes."""
+    (tmp_path / "net.py").write_text("import torch\n\ndef build(num_classes, width=16, *, act='relu'):\n"
+                                     "    return torch.nn.Linear(width, num_classes)\n")
+    takes = "; it takes num_classes, width=16, act='relu'"
+    with pytest.raises(ModelError, match=rf"; read as: none{takes}$"):
+        build_model(f"{tmp_path / 'net.py'}:build")
+    with pytest.raises(ModelError, match=rf"unexpected keyword argument 'num_class'.*; read as: num_class=3{takes}$"):
+        build_model(f"{tmp_path / 'net.py'}:build", (("num_class", "3"),))
+
+
+def test_module_spec_of_a_file_in_the_current_folder_says_file_py(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model train:make_model` beside train.py said 'cannot import train ...; check the module path': twa, an
+    installed script, does not import from the current folder. The error now gives both fixes."""
+    (tmp_path / "twa_qa_train_here.py").write_text("import torch\n\ndef make():\n    return torch.nn.Linear(2, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError) as err:
+        build_model("twa_qa_train_here:make")
+    assert str(err.value).endswith("; twa_qa_train_here.py is in the current folder, which twa does not import from: "
+                                   "write twa_qa_train_here.py:make, or run PYTHONPATH=. twa ...")
+    assert isinstance(build_model("twa_qa_train_here.py:make"), nn.Linear)
 
 
 def test_bad_model_arg_is_a_model_error() -> None:

@@ -136,3 +136,36 @@ def test_top_k_reads_the_metric_with_the_runs_pickle_options(tmp_path: Path) -> 
         chosen = select_checkpoints(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic",
                                                   selection=top2, **options))
         assert names(chosen) == ["epoch=1-step=10.ckpt", "epoch=3-step=30.ckpt"]
+
+
+def test_unnumbered_file_holding_an_epochs_weights_is_an_alias(tmp_path: Path) -> None:
+    """The common script: `torch.save({'epoch': e, 'model': sd, 'optimizer': ...}, f'epoch_{e}.pth')` and, beside
+    it, `torch.save(model.state_dict(), 'best.pth')` / `'last.pth'`. Those were selected as two more checkpoints:
+    the SWA mean (and TWA's start) counted the best and last epochs twice, and the 'last' checkpoint was whichever
+    unnumbered name sorted last (model_best.pth after last.pth). Same weights in another container are counted
+    once, like byte-identical copies; an unnumbered file holding other weights (the EMA, saved as a plain state
+    dict beside an epoch file that stores it under 'ema') stays selected."""
+    from twa_tool.catalog import inspect_directory
+    from twa_tool.config import AverageConfig
+    from twa_tool.pipeline import select_checkpoints
+
+    for e in range(4):
+        sd = {"w": torch.full((1000,), float(e)), "b": torch.full((10,), -float(e))}
+        ema = {"w": torch.full((1000,), e + 0.5), "b": torch.full((10,), -e - 0.5)}
+        torch.save({"epoch": e, "model": sd, "ema": ema, "optimizer": {"state": {0: {"momentum_buffer": sd["w"] * 0.1}},
+                                                                       "param_groups": [{"lr": 0.1, "params": [0]}]}},
+                   tmp_path / f"epoch_{e}.pth")
+        if e == 2:
+            torch.save(sd, tmp_path / "model_best.pth")
+            torch.save(ema, tmp_path / "ema_best.pth")
+        torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "last.pth")  # a DDP model's state
+    config = AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic")
+    chosen = select_checkpoints(config)
+    assert names(chosen) == ["epoch_0.pth", "epoch_1.pth", "epoch_2.pth", "epoch_3.pth", "ema_best.pth"]
+    assert {d.name: (d.alias_of, d.reason) for d in chosen.dropped} == {
+        "last.pth": ("epoch_3.pth", "copy of the weights of epoch_3.pth"),
+        "model_best.pth": ("epoch_2.pth", "copy of the weights of epoch_2.pth")}
+    listing = inspect_directory(tmp_path, Selection())
+    assert [e.name for e in listing.selected] == names(chosen)
+    assert {e.name: e.status for e in listing.others} == {d.name: d.reason for d in chosen.dropped}
+    assert find_aliases(discover(tmp_path)) == {}  # without a same-weights test: byte-level aliases only

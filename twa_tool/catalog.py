@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from .checkpoints import (
@@ -13,6 +14,7 @@ from .checkpoints import (
     discover,
     folder_weight_files,
     read_header,
+    same_weights,
 )
 from .config import Selection
 from .errors import ConfigError, TwaError
@@ -101,7 +103,10 @@ def inspect_directory(directory: Path, selection: Selection, weights: str = "raw
         header = headers[entry.name][0]
         return header.metrics.get(selection.by) if header is not None and selection.by else None
 
-    chosen = select([f for f in files if f.name not in missing], selection, metric_of if selection.by else None)
+    same = partial(same_weights, weights=weights, trust_pickle=trust_pickle, strip_prefix=strip_prefix,
+                   allow_globals=allow_globals)
+    chosen = select([f for f in files if f.name not in missing], selection, metric_of if selection.by else None,
+                    same)
     reasons = {d.name: d.reason for d in chosen.dropped} | {n: filtered_out(n, selection) for n in missing}
     selected_names = {f.name for f in chosen.files} | {n for n in missing if reasons[n] is None}
     entries = {f.name: Entry(name=f.name, path=str(f.path), header=headers[f.name][0],

@@ -50,6 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError, ConfigError, TwaError, UnsafeInputError, exclude_hint
+from .usercode import pythonpath_hint
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 #: Files trainers leave beside the weights that are not weights (and must never be unpickled).
@@ -155,6 +156,9 @@ def _resolve_global(name: str) -> object:
     check_allow_globals((name,))
     try:
         return getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"--allow-global {name}: cannot import it ({err}); {pythonpath_hint(err.name)}, or give "
+                          f"the full module path, e.g. torch.nn.modules.loss.MSELoss") from None
     except (ImportError, AttributeError, ValueError):
         raise ConfigError(f"--allow-global {name}: cannot import it; give the full module path, e.g. "
                           f"torch.nn.modules.loss.MSELoss") from None
@@ -378,8 +382,25 @@ def weights_path(path: Path) -> Path:
 def no_checkpoints(directory: Path) -> CheckpointError:
     """The error for a folder where ``discover`` found nothing, naming everything it looks for."""
     patterns = ", ".join(f"*{suffix}" for suffix in WEIGHT_SUFFIXES)
+    nested = _nested_weight_files(directory)
+    fix = "check the path"
+    if nested:
+        more = f" and {len(nested) - 2} more" if len(nested) > 2 else ""
+        fix = (f"its subfolders hold {', '.join(str(p.relative_to(directory)) for p in nested[:2])}{more}, but twa "
+               f"reads the files of one folder: gather them in one (symlinks will do, named by epoch)")
     return CheckpointError(f"{directory}: no checkpoints found (looked for {patterns} and checkpoint-<step>/ "
-                           f"folders); check the path")
+                           f"folders); {fix}")
+
+
+def _nested_weight_files(directory: Path) -> list[Path]:
+    """The weight files one level down (``epoch_1/checkpoint.pth``), in numeric order; [] when none or unreadable."""
+    try:
+        found = [f for d in directory.iterdir() if d.is_dir() and not d.name.startswith(".")
+                 for f in d.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)
+                 and not NON_WEIGHT_STEMS.match(_strip_suffix(f.name))]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: order_key(CheckpointFile(name=str(p.relative_to(directory)), path=p)))
 
 
 def discover(directory: Path) -> list[CheckpointFile]:
@@ -1015,10 +1036,11 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
             except (ModuleNotFoundError, AttributeError) as err:  # a class it pickled cannot be found here
                 if any(name.startswith("__main__.") for name in _unsafe_globals(path)):
                     raise CheckpointError(f"{path}: {MAIN_CLASS_FIX}") from None
+                hint = pythonpath_hint(err.name if isinstance(err, ModuleNotFoundError) else None)
                 raise CheckpointError(
                     f"{path}: unpickling it needs code that is not importable here ({type(err).__name__}: {err}); "
-                    f"run twa where that code is importable (its project's environment), or convert the file to "
-                    f"safetensors") from None
+                    f"{hint or 'run twa where that code is importable (its project environment)'}, or convert the "
+                    f"file to safetensors") from None
         with torch.serialization.safe_globals([*_safe_globals(), *trust_pickle.extra_globals()]):
             try:
                 return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
@@ -1171,14 +1193,32 @@ def _trainer_values(obj: Mapping, producer: str) -> tuple[object, object, dict[s
     if producer == "timm":
         name = getattr(obj.get("args"), "eval_metric", None)
         names = ["metric", *([name] if isinstance(name, str) and name else [])]
-        return obj.get("epoch"), None, {n: obj.get("metric") for n in names}
+        return obj.get("epoch"), None, {**_float_entries(obj), **{n: obj.get("metric") for n in names}}
     if producer == "fairseq":
         extra = obj.get("extra_state") if isinstance(obj.get("extra_state"), Mapping) else {}
         iterator = extra.get("train_iterator") if isinstance(extra.get("train_iterator"), Mapping) else {}
         history = obj.get("optimizer_history")
         last = history[-1] if isinstance(history, list) and history and isinstance(history[-1], Mapping) else {}
         return iterator.get("epoch"), last.get("num_updates"), {"val_loss": extra.get("val_loss")}
-    return obj.get("epoch"), obj.get("global_step") if "global_step" in obj else obj.get("step"), {}
+    return obj.get("epoch"), obj.get("global_step") if "global_step" in obj else obj.get("step"), _float_entries(obj)
+
+
+#: Top-level entries of a plain torch checkpoint that count training progress, never metrics.
+_COUNTER_KEYS = frozenset({"epoch", "step", "global_step"})
+
+
+def _float_entries(obj: Mapping) -> dict[str, object]:
+    """The top-level floating point numbers a training script saved beside its weights (``'best_acc': 0.91``,
+    PyTorch's ImageNet example's ``best_acc1`` tensor): its metrics, by their keys."""
+    return {str(k): v for k, v in obj.items() if k not in _COUNTER_KEYS and _is_float_scalar(v)}
+
+
+def _is_float_scalar(value: object) -> bool:
+    """A floating point number a plain training script stores beside its weights (``'val_acc': 0.91``, a numpy
+    float, a one-element float tensor); ints (seeds, counters) and bools are not metrics."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and value.is_floating_point()
+    return isinstance(value, float) or (type(value).__module__ == "numpy" and "float" in type(value).__name__)
 
 
 def _reads_tensor_data(obj: Mapping, producer: str) -> bool:
@@ -1222,6 +1262,8 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
         else:
             raw = next(((s, k) for k in CONTAINER_KEYS if (s := _as_state(obj.get(k))) is not None), None)
             ema = next(((s, k) for k in EMA_CONTAINER_KEYS if (s := _as_state(obj.get(k))) is not None), None)
+            if raw is None and ema is None:
+                raw, ema = _only_states(obj)
             if ema is None and producer == "lightning":
                 ema = _lightning_swa_state(obj)
             if raw is not None and _is_averaged_model(raw[0]):
@@ -1242,9 +1284,32 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
                 holder += " (a torch.optim.swa_utils.AveragedModel state dict: module. keys + n_averaged)"
             raise CheckpointError(f"{path}: holds only averaged/EMA weights {holder}, no raw weights; pass "
                                   f"--weights ema to average those instead")
+        several = [str(k) for k, v in (top or {}).items() if _as_state(v) is not None]
+        if len(several) > 1:
+            raise CheckpointError(f"{path}: dicts of tensors under {', '.join(several)}, none under "
+                                  f"{', '.join(CONTAINER_KEYS)}; twa cannot tell which holds the model: save its "
+                                  f"state_dict under 'model' (the others under other names)")
+        if top is not None and {"state", "param_groups"} <= set(top):
+            raise CheckpointError(f"{path}: an optimizer's state_dict (state, param_groups), not model weights; "
+                                  f"move it out of the folder or pass {exclude_hint(path.name)}")
         raise CheckpointError(f"{path}: no state dict found (expected a dict of tensors, or one under "
-                              f"{', '.join(CONTAINER_KEYS)}); save model.state_dict()")
+                              f"{', '.join(CONTAINER_KEYS)}); save model.state_dict(), or, if it is not a "
+                              f"checkpoint, pass {exclude_hint(path.name)}")
     return chosen[0], producer, chosen[1], top
+
+
+#: A top-level key naming averaged weights (``ema_state_dict``, ``model_ema_state``, ``swa_model``).
+_AVERAGED_KEY = re.compile(r"ema|swa|averaged", re.IGNORECASE)
+
+
+def _only_states(obj: Mapping) -> tuple[tuple[dict, str] | None, tuple[dict, str] | None]:
+    """(raw, averaged) for a script's own container keys (``{'net': sd, 'ema_state_dict': ...}``): the one
+    top-level dict of tensors whose key does not name averaged weights, and the one whose key does; None for a
+    kind with no such key or more than one (which of them is the model is the file's to say)."""
+    states = [(state, str(k)) for k, v in obj.items() if (state := _as_state(v)) is not None]
+    raw = [s for s in states if not _AVERAGED_KEY.search(s[1])]
+    ema = [s for s in states if _AVERAGED_KEY.search(s[1])]
+    return (raw[0] if len(raw) == 1 else None), (ema[0] if len(ema) == 1 else None)
 
 
 def _lightning_swa_state(obj: Mapping) -> tuple[dict, str] | None:
@@ -1447,10 +1512,31 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return _strip_wrappers(dict(state))[0]
 
 
-def _model_prefix(keys: list[str], model_keys: set[str]) -> str | None:
-    """The one common leading prefix whose removal makes ``keys`` equal ``model_keys`` (None if none)."""
+def _submodule_prefix(keys: list[str], model_keys: set[str]) -> str | None:
+    """The one leading prefix under which ``keys`` hold exactly ``model_keys`` while other keys lie outside it: a
+    LightningModule's ``self.model`` beside its other attributes with state (a loss's class ``weight``, a second
+    network), which are not the model's. None when no prefix, or more than one, fits."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        for cut in (i + 1 for i, c in enumerate(key) if c == "."):
+            if key[cut:] in model_keys:
+                counts[key[:cut]] = counts.get(key[:cut], 0) + 1
+    fits = [p for p, n in counts.items() if n == len(model_keys)
+            and {k[len(p):] for k in keys if k.startswith(p)} == model_keys]
+    return fits[0] if len(fits) == 1 else None
+
+
+def _model_prefix(keys: list[str], model_keys: set[str], submodule: bool = False) -> str | None:
+    """The one common leading prefix whose removal makes ``keys`` equal ``model_keys`` (None if none); with
+    ``submodule`` (Lightning files), else the prefix of the model's keys among others (``_submodule_prefix``)."""
     if not keys or set(keys) == model_keys:
         return None
+    common = _common_model_prefix(keys, model_keys)
+    return common if common is not None or not submodule else _submodule_prefix(keys, model_keys)
+
+
+def _common_model_prefix(keys: list[str], model_keys: set[str]) -> str | None:
+    """The leading prefix every key has whose removal makes ``keys`` equal ``model_keys`` (None if none)."""
     parts = keys[0].split(".")
     for depth in range(1, len(parts)):
         candidate = ".".join(parts[:depth]) + "."
@@ -1469,6 +1555,8 @@ def _apply_prefixes(found: _Found, path: Path, strip_prefix: str | None,
         keys = list(entries)
         dotted = strip_prefix if strip_prefix.endswith(".") else strip_prefix + "."
         prefix = next((p for p in (dotted, strip_prefix) if all(k.startswith(p) for k in keys)), None)
+        if prefix is None and found.producer == "lightning" and any(k.startswith(dotted) for k in keys):
+            prefix = dotted  # the LightningModule's attribute that holds the model; its other attributes' state
         if prefix is None and dotted in WRAPPER_PREFIXES and dotted in stripped:
             pass  # DDP's module. / torch.compile's _orig_mod.: already stripped, as always
         elif prefix is None:
@@ -1476,9 +1564,9 @@ def _apply_prefixes(found: _Found, path: Path, strip_prefix: str | None,
             raise CheckpointError(f"{path}: --strip-prefix {strip_prefix!r}: not every key starts with it "
                                   f"(e.g. {example!r})")
     elif model_keys is not None:
-        prefix = _model_prefix(list(entries), set(model_keys))
+        prefix = _model_prefix(list(entries), set(model_keys), submodule=found.producer == "lightning")
     if prefix:
-        entries = {k[len(prefix):]: v for k, v in entries.items()}
+        entries = {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)}
         entries, again = _strip_wrappers(entries)  # e.g. "model._orig_mod." inside a LightningModule
         stripped += prefix + again
     return entries, stripped or None
@@ -1578,6 +1666,21 @@ def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "r
     return LoadedCheckpoint(state=state, metadata=found.metadata, producer=found.producer, container=found.container,
                             prefix=prefix, weights=found.weights, epoch=found.epoch, step=found.step,
                             metrics=found.metrics)
+
+
+def same_weights(path: Path, other: Path, *, weights: str = "raw", trust_pickle: bool = False,
+                 strip_prefix: str | None = None, allow_globals: tuple[str, ...] = ()) -> bool:
+    """Whether two checkpoints hold the same weights of the kind ``weights`` (the same keys, after the wrapper
+    prefixes, and equal tensors), whatever else they store: ``torch.save(model.state_dict(), 'best.pth')``
+    beside the epoch file that saved those weights with the optimizer. A file that cannot be read is not."""
+    options = {"weights": weights, "trust_pickle": trust_pickle, "strip_prefix": strip_prefix,
+               "allow_globals": allow_globals}
+    try:
+        first, second = load_checkpoint(path, **options).state, load_checkpoint(other, **options).state
+    except TwaError:
+        return False
+    return first.keys() == second.keys() and all(
+        first[k].dtype == second[k].dtype and torch.equal(first[k], second[k]) for k in first)
 
 
 def read_header(path: Path, *, weights: str = "raw", trust_pickle: bool = False, strip_prefix: str | None = None,

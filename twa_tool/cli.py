@@ -508,7 +508,8 @@ def reader_options(fn: Callable) -> Callable:
         click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
                      help="Raw weights or the EMA/averaged copy a trainer stored (never mixed)."),
         click.option("--strip-prefix", default=None, metavar="PREFIX",
-                     help="Remove this key prefix (e.g. model.) from every checkpoint key."),
+                     help="Remove this key prefix (e.g. model.) from every checkpoint key (Lightning files: "
+                          "keep the keys under it, the LightningModule's attribute that holds the model)."),
         click.option("--allow-global", "allow_globals", multiple=True, metavar="MODULE.NAME",
                      help="Allow one more class in pickle checkpoints (repeatable), e.g. the one a refusal names."),
         switch("--trust-pickle", "Allow arbitrary code in pickle checkpoints. Only for files you trust."),

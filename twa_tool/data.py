@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from twa_tool.errors import ConfigError, DataError, MissingData, TwaError, one_line
-from twa_tool.usercode import USER_MODULE_PREFIX, NotPythonSource, load_file, run_file
+from twa_tool.usercode import USER_MODULE_PREFIX, NotPythonSource, load_file, pythonpath_hint, run_file
 
 Transform = Callable[[Any], Any]
 Builder = Callable[[Path | None, bool], "DataSplits"]
@@ -985,8 +985,9 @@ def _import_module(target: str, spec: str) -> Any:
         return importlib.import_module(target)
     except ModuleNotFoundError as exc:
         if exc.name and (target == exc.name or target.startswith(f"{exc.name}.")):
-            raise ConfigError(f"--data {spec}: no module named {exc.name}; check the spelling or PYTHONPATH"
-                              f"{_registry_hint(spec)}") from exc
+            local = pythonpath_hint(exc.name, spec.rpartition(":")[2]) if Path(f"{exc.name}.py").is_file() else ""
+            raise ConfigError(f"--data {spec}: no module named {exc.name}; "
+                              f"{local or 'check the spelling or PYTHONPATH'}{_registry_hint(spec)}") from exc
         raise DataError(f"--data {spec}: importing {target} failed: {exc}") from exc
     except Exception as exc:  # user code: any failure on import is reported as such
         raise DataError(f"--data {spec}: importing {target} failed ({type(exc).__name__}: {exc})") from exc
@@ -1068,16 +1069,14 @@ def _load_function(spec: str) -> Callable[..., Any]:
     return function
 
 
-def _accepts_root(function: Callable[..., Any]) -> bool:
-    """Whether ``function`` takes a ``root`` keyword argument."""
+def _root_parameter(function: Callable[..., Any]) -> inspect.Parameter | None:
+    """``function``'s ``root`` parameter when it can be passed by keyword, else None."""
     try:
         parameter = inspect.signature(function).parameters.get("root")
     except (TypeError, ValueError):
-        return False
-    return parameter is not None and parameter.kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        inspect.Parameter.KEYWORD_ONLY,
-    )
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return parameter if parameter is not None and parameter.kind in keyword else None
 
 
 def _shape_of(value: Any) -> str:
@@ -1089,6 +1088,9 @@ def _shape_of(value: Any) -> str:
 
 def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
     """Validates one dataset a user function returned: map-style, non-empty, (input, target) items."""
+    if isinstance(dataset, DataLoader):
+        raise DataError(f"--data {spec}: the {role} dataset is a DataLoader; return its dataset (loader.dataset): "
+                        "twa makes its own loaders (--batch-size, --num-workers)")
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise DataError(
             f"--data {spec}: the {role} dataset is a {type(dataset).__name__}, not a map-style torch Dataset "
@@ -1111,10 +1113,14 @@ def _check_dataset(dataset: Any, role: str, spec: str) -> Dataset:
 def _build_from_function(spec: str, root: Path | None, unused: str | None = None,
                          eval_only: bool = False) -> DataSplits:
     """Calls a user function returning ``(fit_dataset, eval_dataset)``; ``root`` is passed when it takes a
-    ``root`` parameter, else ``unused`` (the start of a note) says it was not."""
+    ``root`` parameter, else ``unused`` (the start of a note) says it was not. Without ``--data-root`` a
+    ``root`` with a default keeps its default (``def data(root="~/data")``); a required one gets None."""
     function = _load_function(spec)
-    kwargs = {"root": root} if _accepts_root(function) else {}
-    note = unused + f"{spec} has no `root` parameter to receive it" if unused and not kwargs else None
+    parameter = _root_parameter(function)
+    takes_root = parameter is not None
+    keeps_default = root is None and takes_root and parameter.default is not inspect.Parameter.empty
+    kwargs = {"root": root} if takes_root and not keeps_default else {}
+    note = unused + f"{spec} has no `root` parameter to receive it" if unused and not takes_root else None
     try:
         result = function(**kwargs)
     except TwaError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import inspect
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, InputError, ModelError, is_out_of_memory, one_line
-from .usercode import load_file
+from .usercode import load_file, pythonpath_hint
 
 ModelArgs = tuple[tuple[str, str], ...]
 
@@ -101,11 +102,31 @@ MODEL_FACTORIES: dict[str, Callable[[str, dict], nn.Module]] = {
 }
 
 
+def _spec_hint(spec: str) -> str:
+    """The spec a malformed ``--model`` value most likely means: ``resnet18`` -> ``torchvision:resnet18``,
+    ``cnn`` -> ``twa:cnn``, ``torchvision.resnet18`` -> ``torchvision:resnet18``, ``train.py`` ->
+    ``train.py:FUNCTION``; empty when nothing fits."""
+    prefix, dot, name = spec.partition(".")
+    if dot and prefix in MODEL_FACTORIES and name:
+        return f"; did you mean {prefix}:{name}?"
+    if spec.endswith(".py"):
+        return f"; name the function that returns the model: {spec}:FUNCTION"
+    if spec in BUILTIN_MODELS:
+        return f"; did you mean twa:{spec}?"
+    import torchvision
+
+    if spec.lower() in torchvision.models.list_models():
+        return f"; did you mean torchvision:{spec.lower()}?"
+    return ""
+
+
 def load_callable(spec: str, flag: str) -> Callable:
     """Resolve ``package.module:function`` or ``path/to/file.py:function`` to the callable."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise ModelError(f"{flag} {spec}: expected module:function or path/to/file.py:function")
+        forms = ", ".join(f"{name}:NAME" for name in MODEL_FACTORIES)
+        raise ModelError(f"{flag} {spec}: expected {forms}, package.module:function or path/to/file.py:function"
+                         f"{_spec_hint(spec)}")
     if target.endswith(".py"):
         path = Path(target).expanduser()
         if not path.is_file():
@@ -118,7 +139,10 @@ def load_callable(spec: str, flag: str) -> Callable:
         try:
             module = importlib.import_module(target)
         except ImportError as err:
-            raise ModelError(f"{flag} {spec}: cannot import {target} ({err}); check the module path") from None
+            missing = err.name if isinstance(err, ModuleNotFoundError) and err.name == target else None
+            local = pythonpath_hint(missing, attr) if missing and Path(f"{missing}.py").is_file() else ""
+            raise ModelError(f"{flag} {spec}: cannot import {target} ({err}); {local or 'check the module path'}"
+                             ) from None
         except Exception as err:  # user code: any failure on import is reported as such
             raise ModelError(f"{flag} {spec}: importing {target} failed ({type(err).__name__}: {err})") from err
     fn = getattr(module, attr, None)
@@ -127,10 +151,22 @@ def load_callable(spec: str, flag: str) -> Callable:
     return fn
 
 
+def _takes(fn: Callable | None) -> str:
+    """``; it takes num_classes, width=16`` for a user's function: the --model-arg names it accepts."""
+    try:
+        parameters = inspect.signature(fn).parameters.values() if fn is not None else ()
+    except (TypeError, ValueError):
+        return ""
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    shown = [p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in named]
+    return f"; it takes {', '.join(shown)}" if shown else ""
+
+
 def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
     """Build a freshly initialised model from its spec and ``--model-arg`` pairs."""
     kwargs = {k: parse_value(v) for k, v in args}
     prefix, sep, name = spec.partition(":")
+    fn = None
     try:
         if sep and prefix in MODEL_FACTORIES:
             model = MODEL_FACTORIES[prefix](name, kwargs)
@@ -141,7 +177,7 @@ def build_model(spec: str, args: ModelArgs = ()) -> nn.Module:
         raise
     except TypeError as err:  # a name the constructor lacks, or a value of the wrong type ("width=abc")
         given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "none"
-        raise ModelError(f"--model {spec}: bad --model-arg ({err}); read as: {given}") from None
+        raise ModelError(f"--model {spec}: bad --model-arg ({err}); read as: {given}{_takes(fn)}") from None
     except (Exception, SystemExit) as err:  # user or library code: e.g. num_classes=-1, a raise or sys.exit
         reason = (str(err).strip().splitlines() or [""])[0]
         raise ModelError(f"--model {spec}: building the model failed ({type(err).__name__}: {reason}); check "

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -39,6 +40,7 @@ from .checkpoints import (
     no_checkpoints,
     raise_if_refused,
     read_header,
+    same_weights,
     sha256_file,
     zip_layout,
 )
@@ -200,7 +202,9 @@ def select_checkpoints(config: AverageConfig) -> Chosen:
     if not files:
         raise no_checkpoints(config.checkpoint_dir)
     by = config.selection.by
-    chosen = select(files, config.selection, _stored_metric(by, config) if by else None)
+    same = partial(same_weights, weights=config.weights, trust_pickle=config.trust_pickle,
+                   strip_prefix=config.strip_prefix, allow_globals=config.allow_globals)
+    chosen = select(files, config.selection, _stored_metric(by, config) if by else None, same)
     for entry in chosen.files:
         raise_if_refused(entry.path)
     too_few = chosen.too_few(config.checkpoint_dir, len(files))

@@ -5,6 +5,8 @@ Order of operations (documented in ``twa average --help``): discover in numeric 
 torch save under another name; the first name in numeric order is kept, so ``20.pt`` wins over ``last.pt``)
 -> ``--range`` ->
 ``--every`` -> ``--last`` -> ``--top-k`` by a stored metric (kept in numeric order).
+Given a ``same_weights`` test, an unnumbered torch file (``best.pth`` holding ``model.state_dict()``) that holds
+the weights of a numbered one (the epoch file that saved them with the optimizer) is an alias too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +80,35 @@ def missing_target(entry: CheckpointFile) -> str | None:
     return f"{entry.path}: {what} does not exist; remove the link or pass {exclude_hint(entry.name)}"
 
 
-def find_aliases(files: list[CheckpointFile]) -> dict[str, tuple[str, str]]:
-    """Map each alias name to (name it duplicates, how): symlink/same path, hard link, identical bytes, or the
-    same torch save under another file name (``torch.save`` names its archive folder after the file)."""
+#: How an alias is named when it holds another checkpoint's weights in another container.
+SAME_WEIGHTS = "copy of the weights"
+
+
+def _storages(contents: tuple | None) -> Counter:
+    """The tensor storages of a torch zip (``zip_contents_key``) as a multiset of (size, CRC-32)."""
+    return Counter((size, crc) for name, size, crc in contents or () if name.startswith("data/"))
+
+
+def _weights_twin(entry: CheckpointFile, contents: tuple | None, numbered: list[tuple[CheckpointFile, Counter]],
+                  same_weights: Callable[[Path, Path], bool]) -> CheckpointFile | None:
+    """The numbered torch file whose weights the unnumbered ``entry`` holds, latest first: candidates are those
+    whose storages contain all of ``entry``'s or the reverse (the same tensors, saved with or without the
+    optimizer), confirmed by ``same_weights``."""
+    mine = _storages(contents)
+    if not mine:
+        return None
+    for other, theirs in reversed(numbered):
+        if (mine <= theirs or theirs <= mine) and same_weights(entry.path, other.path):
+            return other
+    return None
+
+
+def find_aliases(files: list[CheckpointFile],
+                 same_weights: Callable[[Path, Path], bool] | None = None) -> dict[str, tuple[str, str]]:
+    """Map each alias name to (name it duplicates, how): symlink/same path, hard link, identical bytes, the
+    same torch save under another file name (``torch.save`` names its archive folder after the file), or, given
+    ``same_weights``, an unnumbered torch file holding a numbered one's weights (``_weights_twin``)."""
+    numbered: list[tuple[CheckpointFile, Counter]] = []
     aliases: dict[str, tuple[str, str]] = {}
     by_real: dict[Path, str] = {}
     by_inode: dict[tuple[int, int], str] = {}
@@ -125,6 +154,13 @@ def find_aliases(files: list[CheckpointFile]) -> dict[str, tuple[str, str]]:
         if twin is not None:
             aliases[entry.name] = (twin.name, SAME_SAVE)
             continue
+        if contents is not None and not entry.numbers and same_weights is not None:
+            twin = _weights_twin(entry, contents, numbered, same_weights)
+            if twin is not None:
+                aliases[entry.name] = (twin.name, SAME_WEIGHTS)
+                continue
+        if contents is not None and entry.numbers:
+            numbered.append((entry, _storages(contents)))
         by_probe.setdefault(key, []).append(entry)
         if contents is not None:
             by_contents.setdefault(contents, []).append(entry)
@@ -174,8 +210,10 @@ def filtered_out(name: str, selection: Selection) -> str | None:
 
 
 def select(files: list[CheckpointFile], selection: Selection,
-           metric_of: Callable[[CheckpointFile], float | None] | None = None) -> Chosen:
-    """Apply the selection to discovered files (already in numeric order)."""
+           metric_of: Callable[[CheckpointFile], float | None] | None = None,
+           same_weights: Callable[[Path, Path], bool] | None = None) -> Chosen:
+    """Apply the selection to discovered files (already in numeric order); ``same_weights``: see
+    ``find_aliases``."""
     dropped: list[Dropped] = []
     kept = []
     for entry in files:
@@ -184,7 +222,7 @@ def select(files: list[CheckpointFile], selection: Selection,
             dropped.append(Dropped(entry.name, reason))
         else:
             kept.append(entry)
-    aliases = find_aliases(kept)
+    aliases = find_aliases(kept, same_weights)
     dropped += [Dropped(name, f"{how} of {original}", alias_of=original) for name, (original, how) in aliases.items()]
     kept = [f for f in kept if f.name not in aliases]
     chosen = selection.apply(kept)

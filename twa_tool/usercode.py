@@ -67,3 +67,18 @@ def run_file(path: Path, module_name: str) -> ModuleType:
         if folder in sys.path:  # the first occurrence: the one inserted above
             sys.path.remove(folder)
     return module
+
+
+def pythonpath_hint(missing: str | None, function: str | None = None) -> str:
+    """How to make the missing module ``missing`` (a ``ModuleNotFoundError``'s ``name``) importable: twa is an
+    installed script, so the current folder is not on its ``sys.path`` as it is for ``python train.py``.
+    ``function``: a spec's function name, to suggest ``train.py:FUNCTION`` for a module file in that folder."""
+    if not missing:
+        return ""
+    top = missing.split(".")[0]
+    if function is not None and top == missing and Path(f"{top}.py").is_file():
+        return (f"{top}.py is in the current folder, which twa does not import from: write {top}.py:{function}, "
+                f"or run PYTHONPATH=. twa ...")
+    if Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file():
+        return f"{top} is in the current folder, which twa does not import from: run PYTHONPATH=. twa ..."
+    return f"if {top} is your project's code, put the folder that holds it on PYTHONPATH: PYTHONPATH=DIR twa ..."
