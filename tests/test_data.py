@@ -660,9 +660,9 @@ def test_file_function_root_default_is_kept_without_data_root(tmp_path: Path) ->
     path.write_text(USER_FILE)
     for root, expected in ((None, "/data/own"), (tmp_path / "r", tmp_path / "r")):
         build_data(f"{path}:own_root", root=root)
-        assert sys.modules["twa_user_data_my_data"].SEEN["own_root"] == expected
+        assert sys.modules[module_name(path)].SEEN["own_root"] == expected
     build_data(f"{path}:required_root")
-    assert sys.modules["twa_user_data_my_data"].SEEN["required_root"] is None
+    assert sys.modules[module_name(path)].SEEN["required_root"] is None
 
 
 def test_module_spec_of_a_file_in_the_current_folder_says_file_py(tmp_path: Path,
