@@ -444,3 +444,35 @@ def test_the_demo_says_one_epoch_in_the_singular(tmp_path: Path) -> None:
                                       "--epochs", "0", "--threads", "1", "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     assert " for 1 epoch -> " in result.output  # was "for 1 epochs"
+
+
+def test_twa_clearly_below_swa_suggests_a_lower_lr(demo_ckpts: Path, tmp_path: Path) -> None:
+    """An lr that overshoots (TWA far below the SWA mean it started from) gets a warning naming --lr."""
+    result = run(demo_ckpts, *FAST, "--lr", "50", "--baselines", "swa", "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    gap = report["metrics"]["swa"]["accuracy"] - report["metrics"]["twa"]["accuracy"]
+    assert gap > 0.05
+    hint = [w for w in report["warnings"] if "below SWA" in w]
+    assert hint == [f"TWA ended {100 * gap:.2f} points below SWA ({report['metrics']['twa']['accuracy']:.2%} vs "
+                    f"{report['metrics']['swa']['accuracy']:.2%}) with --lr 50: on checkpoints near convergence a "
+                    f"lower --lr (e.g. 5) usually keeps TWA at or above SWA; --fail-if-worse-than swa --on-worse "
+                    f"fallback would write SWA instead"]
+    assert "points below SWA" in result.stderr and "lower --lr" in result.stderr
+
+
+@pytest.mark.parametrize("swa, twa, epochs, hinted", [
+    (0.80, 0.794, 10, True),  # 0.6 points below
+    (0.80, 0.796, 10, False),  # 0.4 points: within LR_HINT_GAP
+    (0.80, 0.85, 10, False),
+    (0.80, 0.50, 0, False),  # no training: nothing an lr could change
+])
+def test_below_swa_hint_threshold(swa: float, twa: float, epochs: int, hinted: bool) -> None:
+    from twa_tool.config import AverageConfig, TrainConfig
+    from twa_tool.pipeline import below_swa_hint
+
+    config = AverageConfig(checkpoint_dir=Path("c"), out_dir=Path("o"), data="synthetic",
+                           train=TrainConfig(epochs=epochs))
+    metrics = {"swa": {"accuracy": swa}, "twa": {"accuracy": twa}}
+    assert (below_swa_hint(config, metrics) is not None) == hinted
+    assert below_swa_hint(config, {"twa": {"accuracy": twa}}) is None  # no SWA baseline evaluated

@@ -1042,6 +1042,22 @@ def quality_gate(config: AverageConfig, metrics: dict[str, dict]) -> dict | None
             "on_worse": config.on_worse}
 
 
+#: How far (accuracy as a fraction) TWA may end below SWA before the run suggests a lower --lr.
+LR_HINT_GAP = 0.005
+
+
+def below_swa_hint(config: AverageConfig, metrics: dict[str, dict]) -> str | None:
+    """A warning when the trained coefficients end clearly below SWA (more than ``LR_HINT_GAP``): on a converged
+    tail the P-SGD step (the reference's head-stage ``--lr 2`` by default) can overshoot, and the fix is a flag."""
+    swa, twa = metrics.get("swa"), metrics.get("twa")
+    if swa is None or twa is None or config.train.epochs == 0 or swa["accuracy"] - twa["accuracy"] <= LR_HINT_GAP:
+        return None
+    lr = config.train.lr
+    return (f"TWA ended {100 * (swa['accuracy'] - twa['accuracy']):.2f} points below SWA ({twa['accuracy']:.2%} vs "
+            f"{swa['accuracy']:.2%}) with --lr {lr:g}: on checkpoints near convergence a lower --lr (e.g. {lr / 10:g}) "
+            f"usually keeps TWA at or above SWA; --fail-if-worse-than swa --on-worse fallback would write SWA instead")
+
+
 def written_coefficients(method: str, twa: list[float], files: list[CheckpointFile],
                          metrics: dict[str, dict]) -> list[float]:
     """Coefficients over the checkpoints of the model actually written."""
@@ -1166,6 +1182,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
         clock, fallbacks = time.perf_counter(), compiled_projection_fallbacks()
         metrics["twa"], train_summary, weights = run_twa(config, files, stream, evaluator, fit_data, names, on_event)
         timings["twa_s"] = time.perf_counter() - clock
+        if (hint := below_swa_hint(config, metrics)) is not None:
+            warn(hint)
         if compiled_projection_fallbacks() > fallbacks and (failure := compiled_projection_failure()) is not None:
             warn(f"projection: {failure}; training took the chunked passes (the same projection, slower on a GPU)")
 
