@@ -139,3 +139,26 @@ def test_report_md_of_a_twa_result_keeps_its_one_coefficient_column(demo_ckpts: 
     assert result.exit_code == 0, result.output
     md = (out / "report.md").read_text()
     assert "| checkpoint | coefficient |" in md and "written model is" not in md and "TWA's" not in md
+
+
+@pytest.mark.parametrize("tolerance, noted", [(0.5, True), (0.1, True), (0.02, False), (0.0, False)])
+def test_a_tolerance_written_in_points_gets_a_warning(tolerance: float, noted: bool) -> None:
+    """--tolerance 0.5 meant as half a point lets TWA lose 50 points: the run warns and shows the fraction."""
+    from twa_tool.config import AverageConfig
+    from twa_tool.pipeline import tolerance_note
+
+    config = AverageConfig(checkpoint_dir=Path("c"), out_dir=Path("o"), data="synthetic", fail_if_worse_than="swa",
+                           tolerance=tolerance)
+    note = tolerance_note(config)
+    assert (note is not None) == noted
+    if tolerance == 0.5:
+        assert note == ("--tolerance 0.5 is a fraction of accuracy: the gate lets TWA lose 50 points against swa; "
+                        "for 0.5 points write --tolerance 0.005")
+
+
+def test_a_tolerance_in_points_is_named_by_the_dry_run(demo_ckpts: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["average", str(demo_ckpts), *FAST, "--fail-if-worse-than", "swa",
+                                      "--tolerance", "0.5", "--dry-run", "--out", str(tmp_path / "o")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "--tolerance 0.5 is a fraction of accuracy" in result.stderr.replace("\n", " ")

@@ -1028,6 +1028,20 @@ def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: C
                          report_path=config.out_dir / REPORT_FILE, warnings=tuple(warnings))
 
 
+#: A --tolerance from this fraction on (10 points) is most likely meant in points: it gets a warning.
+TOLERANCE_NOTE_FROM = 0.1
+
+
+def tolerance_note(config: AverageConfig) -> str | None:
+    """A warning for a gate tolerance so large that it was probably written in points (``--tolerance 0.5`` for
+    half a point lets TWA lose 50): the gate would then pass almost anything."""
+    tolerance = config.tolerance
+    if config.fail_if_worse_than is None or tolerance < TOLERANCE_NOTE_FROM:
+        return None
+    return (f"--tolerance {tolerance:g} is a fraction of accuracy: the gate lets TWA lose {100 * tolerance:g} points "
+            f"against {config.fail_if_worse_than}; for {tolerance:g} points write --tolerance {tolerance / 100:g}")
+
+
 def quality_gate(config: AverageConfig, metrics: dict[str, dict]) -> dict | None:
     """``--fail-if-worse-than``: does TWA reach the baseline's eval accuracy (minus the tolerance)?"""
     if config.fail_if_worse_than is None:
@@ -1124,6 +1138,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     for dropped in chosen.dropped:
         if dropped.alias_of is not None:
             warn(f"{dropped.name}: {dropped.reason}; counted once")
+    if (note := tolerance_note(config)) is not None:
+        warn(note)
     if config.start not in ("mean", "last"):
         start_index(config.start, len(files))  # a dry run catches it too
     spec, model_args, model = build_run_model(config, files[0])
