@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tests.conftest import TINY_ARGS, TinyBN, model_flags
 from twa_tool.cli import cli
 from twa_tool.config import CoefficientTrainConfig
-from twa_tool.models import flatten, trainable_names
+from twa_tool.models import build_model, flatten, trainable_names
 from twa_tool.soup import (
     GRANULARITIES,
     Directions,
@@ -385,3 +385,52 @@ def test_the_soup_lists_its_report_md(soup_run: tuple[object, Path]) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["outputs"]["human"] == [str(out / "report.md")]
     assert (out / "report.md").is_file()
+
+
+def test_soup_dry_run_plans_without_touching_anything(finetunes: Path, tmp_path: Path) -> None:
+    """`twa soup --dry-run`: the ingredients, the data (one example through the model), a memory estimate from the
+    headers and the files it would write; no folder created, no ingredient read past its header."""
+    out = tmp_path / "o"
+    before = {p: p.stat().st_mtime_ns for p in finetunes.iterdir()}
+    result = CliRunner().invoke(cli, soup_args(finetunes, out, "--base", str(finetunes / "base.safetensors"),
+                                               "--dry-run", "--json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dry_run"] is True and report["command"] == "soup"
+    assert report["ingredients"] == ["ft-1.safetensors", "ft-2.safetensors", "ft-3.safetensors", "ft-4.safetensors"]
+    assert report["base"] == str(finetunes / "base.safetensors")
+    model = build_model("twa:cnn", TINY_ARGS)
+    d = sum(p.numel() for p in model.parameters())
+    state = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    memory = report["memory_estimate_bytes"]
+    assert report["model"]["parameters"] == d
+    assert memory["directions"] == 4 * d * 4 and memory["total"] == 4 * d * 4 + 8 * d + 14 * state
+    assert report["data"]["would_download"] is False and report["data"]["heldout_examples"] > 0
+    assert report["would_write"] == [str(out / n) for n in ("model.safetensors", "report.json", "report.md")]
+    assert not out.exists()
+    assert {p: p.stat().st_mtime_ns for p in finetunes.iterdir()} == before
+    human = CliRunner().invoke(cli, soup_args(finetunes, out, "--dry-run", "--basis-dtype", "int8"))
+    assert human.exit_code == 0, human.output
+    assert "dry run: 5 ingredients" in human.stderr and "nothing was written" in human.stderr
+    assert not out.exists()
+
+
+def test_soup_dry_run_fails_as_the_run_would(finetunes: Path, tmp_path: Path) -> None:
+    """The dry run's refusals are the run's: an existing output without --overwrite (exit 7), missing data."""
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "report.json").write_text("{}")
+    result = CliRunner().invoke(cli, soup_args(finetunes, tmp_path / "o", "--dry-run"))
+    assert result.exit_code == 7, result.output
+    result = CliRunner().invoke(cli, ["soup", str(finetunes), *model_flags(), "--data", "mnist", "--data-root",
+                                      str(tmp_path / "none"), "--dry-run", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 4, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "p").exists()
+
+
+def test_soup_dry_run_with_download_plans_the_download(finetunes: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["soup", str(finetunes), *model_flags(), "--data", "mnist", "--data-root",
+                                      str(tmp_path / "none"), "--download", "--dry-run", "--json",
+                                      "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["data"] == {"spec": "mnist", "would_download": True}
+    assert not (tmp_path / "none").exists() and not (tmp_path / "p").exists()

@@ -734,6 +734,8 @@ def soup_train_options(fn: Callable) -> Callable:
 @click.option("--granularity", type=click.Choice(["model", "layer"]), default="model", show_default=True,
               help="TWA: one coefficient per ingredient, or per ingredient and parameter tensor.")
 @soup_train_options
+@switch("--dry-run", "Check the fine-tunes, data and output folder; print the ingredients, a memory estimate and "
+                     "what would be written; touch nothing.")
 @common_output_options
 def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tuple[str, ...], base: Path | None,
          include: tuple[str, ...], exclude: tuple[str, ...], weights: str, strip_prefix: str | None,
@@ -741,7 +743,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
          device: str, amp: str, num_workers: int, threads: int | None, seed: int, holdout: str | None,
          holdout_fraction: float, method: str, granularity: str, optimizer: str, lr: float, wd: float,
          momentum: float, epochs: int, batch_size: int, schedule: str, warmup: float, basis_dtype: str,
-         out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool, quiet: bool,
+         dry_run: bool, out_dtype: str, max_shard_size: str | None, as_json: bool, overwrite: bool, quiet: bool,
          verbose: bool) -> None:
     """Uniform, greedy and TWA soups of the fine-tunes in FINETUNES_DIR, side by side; writes one.
 
@@ -759,7 +761,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
             raise ConfigError(f"--holdout-fraction {holdout_fraction} has no effect with --holdout (its evaluation "
                               "split is the held-out split): drop one of the two")
         set_threads(threads)
-        from .report import render_soup
+        from .report import render_soup, render_soup_dry_run
         from .soup import run_soup
 
         config = SoupConfig(
@@ -772,14 +774,15 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
             basis_dtype=basis_dtype, device=device, amp=amp, num_workers=num_workers, seed=seed,
             overwrite=overwrite, weights=weights, strip_prefix=strip_prefix, trust_pickle=trust_pickle,
             allow_globals=allow_globals, out_dtype=out_dtype,
-            max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
+            max_shard_size=parse_size(max_shard_size) if max_shard_size else None, dry_run=dry_run)
         check_dependent_flags(config, SOUP_DEPENDENT_FLAGS)
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
         with ProgressSink(console) as sink, user_prints_to_stderr():
             result = run_soup(config, on_event=sink)
-            written.append(config.out_dir)
-        emit(result.report, as_json, console, render_soup)
+            if not dry_run:
+                written.append(config.out_dir)
+        emit(result.report, as_json, console, render_soup_dry_run if dry_run else render_soup)
 
     run_reported(verbose, console, body, written)
 

@@ -275,6 +275,7 @@ class SoupConfig:
     allow_globals: tuple[str, ...] = ()
     out_dtype: str = "auto"
     max_shard_size: int | None = None
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in SOUP_METHODS:

@@ -128,6 +128,30 @@ def render_dry_run(report: dict, console: Console) -> None:
     console.print("nothing was written")
 
 
+def render_soup_dry_run(report: dict, console: Console) -> None:
+    """The plan of a ``twa soup --dry-run``: ingredients, memory estimate, files that would be written."""
+    console.print(f"dry run: {len(report['ingredients'])} ingredients: {', '.join(report['ingredients'])}"
+                  + (f"; base {report['base']}" if report["base"] else ""), soft_wrap=True, markup=False)
+    for item in report["excluded"]:
+        console.print(f"  left out {item['name']}: {item['reason']}", soft_wrap=True, markup=False)
+    memory = report["memory_estimate_bytes"]
+    console.print(f"model {report['model']['spec']}: {report['model']['parameters']:,} trainable parameters; "
+                  f"peak memory about {memory['total'] / 2**20:.1f} MiB beyond torch and the data "
+                  f"({memory['formula']})", soft_wrap=True, markup=False)
+    data = report["data"]
+    if data["would_download"]:
+        console.print(f"data {data['spec']}: not on disk; the run would download it (--download)", soft_wrap=True,
+                      markup=False)
+    else:
+        classes = f"{data['num_classes']} classes, " if data["num_classes"] is not None else ""
+        console.print(f"data {data['spec']}: {classes}{data['fit_examples']:,} examples to fit on, "
+                      f"{data['heldout_examples']:,} held out ({data['heldout']}), {data['eval_examples']:,} to "
+                      f"evaluate; one went through the model", soft_wrap=True, markup=False)
+    for path in report["would_write"]:
+        console.print(f"would write {path}", soft_wrap=True, markup=False)
+    console.print("nothing was written")
+
+
 def render_average(report: dict, console: Console) -> None:
     """Print the human summary of a ``twa average`` report."""
     console.print(metrics_table(report))

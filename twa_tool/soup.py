@@ -25,6 +25,7 @@ split is only ever reported, never used to choose.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import resource
 import time
@@ -50,7 +51,7 @@ from .checkpoints import (
 )
 from .config import CoefficientTrainConfig, Selection, SoupConfig
 from .data import DataSplits, build_data, download_note, for_workers, label_meaning, registry_name, split_holdout
-from .errors import CheckpointError, ConfigError, DataError, NumericalError, TwaError
+from .errors import CheckpointError, ConfigError, DataError, MissingData, NumericalError, TwaError
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
@@ -662,6 +663,40 @@ def soup_data(config: SoupConfig) -> SoupSplits:
     return SoupSplits(fit=fit, heldout_fit=heldout, heldout_eval=scored, eval=data.eval, facts=facts, notes=notes)
 
 
+def planned_soup_data(config: SoupConfig) -> SoupSplits | None:
+    """``--dry-run``'s data: the splits built as the run builds them, without downloading; None when the files
+    are missing and ``--download`` would fetch them (then nothing else about the data can be checked)."""
+    try:
+        return soup_data(replace(config, download=False))
+    except MissingData:
+        if not config.download:
+            raise
+        return None
+
+
+def soup_dry_run(config: SoupConfig, inputs: Inputs, outputs: tuple[str, ...], size: int, data: dict) -> SoupResult:
+    """What a run would do: the ingredients, the data, a memory estimate and the files it would write; nothing
+    touched (no ingredient's weights read, no folder created)."""
+    parameters = sum(p.numel() for p in inputs.model.parameters() if p.requires_grad)
+    state_bytes = sum(math.prod(shape) * getattr(torch, dtype).itemsize for shape, dtype in inputs.stored.values())
+    report = {
+        "schema_version": SCHEMA_VERSION, "tool": "twa", "version": __version__, "command": "soup", "dry_run": True,
+        "ingredients": [f.name for f in inputs.files],
+        "inputs": [{"name": f.name, "path": str(f.path)} for f in inputs.files],
+        "base": str(inputs.base.path) if inputs.base else None,
+        "excluded": inputs.excluded,
+        "model": {"spec": inputs.spec, "args": dict(inputs.model_args), "parameters": parameters},
+        "data": data,
+        "memory_estimate_bytes": memory_formula(len(inputs.files), parameters, state_bytes, config.basis_dtype),
+        "would_write": [str(config.out_dir / n) for n in outputs],
+        "output_bytes": size,
+        "config": _config_dict(config),
+        "warnings": inputs.warnings,
+    }
+    return SoupResult(report=report, model_path=config.out_dir / outputs[0], report_path=config.out_dir / REPORT_FILE,
+                      warnings=tuple(inputs.warnings))
+
+
 def memory_formula(k: int, d: int, state_bytes: int, basis_dtype: str) -> dict:
     """Peak host memory of the run beyond framework and data (bytes), for K ingredients of D trainable parameters.
 
@@ -702,7 +737,9 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     sources = tuple(f.path for f in inputs.files) + \
         ((base, *(folder_weight_files(base) if base.is_dir() else ())) if base else ())
     check_output(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)  # before the data
-    splits = soup_data(config)
+    splits = planned_soup_data(config) if config.dry_run else soup_data(config)
+    if splits is None:  # a dry run whose data --download would fetch
+        return soup_dry_run(config, inputs, outputs, size, {"spec": config.data, "would_download": True})
     fit, heldout, eval_data, data_facts, notes = (splits.fit, splits.heldout_eval, splits.eval, splits.facts,
                                                   splits.notes)
     for message in notes:
@@ -728,6 +765,8 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     check_batch_of_one(inputs.model, config, fit)
     check_eval_batches(inputs.model, config.train.batch_size,
                        [("the held-out split", heldout), ("--data's eval split", eval_data)])
+    if config.dry_run:
+        return soup_dry_run(config, inputs, outputs, size, {**data_facts, "would_download": False})
     names = trainable_names(inputs.model)
     dtypes = {k: getattr(torch, dtype) for k, (_, dtype) in inputs.reader.header(inputs.files[-1].path).tensors.items()}
     with prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size,
