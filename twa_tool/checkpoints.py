@@ -1674,9 +1674,11 @@ def same_weights(path: Path, other: Path, *, weights: str = "raw", trust_pickle:
                  strip_prefix: str | None = None, allow_globals: tuple[str, ...] = ()) -> bool:
     """Whether two checkpoints hold the same weights of the kind ``weights`` (the same keys, after the wrapper
     prefixes, and equal tensors), whatever else they store: ``torch.save(model.state_dict(), 'best.pth')``
-    beside the epoch file that saved those weights with the optimizer. A file that cannot be read is not."""
+    beside the epoch file that saved those weights with the optimizer. A file that cannot be read is not.
+    Both are read into memory, never mapped: the unnumbered one is typically ``last.pth``, which a running trainer
+    rewrites in place, and a mapping of a file truncated meanwhile kills the process (SIGBUS)."""
     options = {"weights": weights, "trust_pickle": trust_pickle, "strip_prefix": strip_prefix,
-               "allow_globals": allow_globals}
+               "allow_globals": allow_globals, "mapped": False}
     try:
         first, second = load_checkpoint(path, **options).state, load_checkpoint(other, **options).state
     except TwaError:
