@@ -401,6 +401,28 @@ def test_a_scripts_own_container_keys_are_read_when_unambiguous(tmp_path: Path) 
         load_checkpoint(tmp_path / "two.pth")
 
 
+def test_a_scripts_own_key_is_read_beside_a_known_key_of_the_other_kind(tmp_path: Path) -> None:
+    """The script's own key was only looked at when neither kind had a known key: `{'net': sd, 'ema': ema}` was
+    refused under --weights raw as 'holds only averaged/EMA weights ..., no raw weights' (it holds them under net),
+    and `{'model': sd, 'ema_state_dict': ema}` under --weights ema as 'no EMA/averaged weights in this file'. Beside
+    an EMA copy, two raw candidates are named as such, not as 'no raw weights'."""
+    raw, ema = state(1), state(2)
+    torch.save({"net": raw, "ema": ema}, tmp_path / "a.pth")
+    got = load_checkpoint(tmp_path / "a.pth")
+    assert_same(got.state, raw)
+    assert got.container == "net"
+    assert load_checkpoint(tmp_path / "a.pth", weights="ema").container == "ema"
+    torch.save({"model": raw, "ema_state_dict": ema}, tmp_path / "b.pth")
+    got_ema = load_checkpoint(tmp_path / "b.pth", weights="ema")
+    assert_same(got_ema.state, ema)
+    assert got_ema.container == "ema_state_dict"
+    assert read_header(tmp_path / "b.pth", weights="ema").container == "ema_state_dict"
+    assert load_checkpoint(tmp_path / "b.pth").container == "model"
+    torch.save({"student": raw, "teacher": state(3), "ema": ema}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match=r"c\.pth: dicts of tensors under student, teacher, none under "):
+        load_checkpoint(tmp_path / "c.pth")
+
+
 def test_torchvision_reference_script_checkpoint(tmp_path: Path) -> None:
     """references/classification/train.py saves model_<epoch>.pth as below (model_ema: an AveragedModel's
     state dict); the ``args`` namespace beside ``model`` made it read as fairseq, losing the top-level epoch."""

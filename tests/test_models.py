@@ -53,6 +53,9 @@ def test_bad_specs_name_the_problem(spec: str, text: str) -> None:
     ("resnet18", "; did you mean torchvision:resnet18?"),
     ("cnn", "; did you mean twa:cnn?"),
     ("torchvision.resnet18", "; did you mean torchvision:resnet18?"),
+    # the Python path of the function: was 'did you mean torchvision:models.resnet18?', itself an unknown model
+    ("torchvision.models.resnet18", "; did you mean torchvision:resnet18?"),
+    ("timm.models.resnet50", "; did you mean timm:resnet50?"),
     ("train.py", "; name the function that returns the model: train.py:FUNCTION"),
     ("justaname", ""),
 ])

@@ -162,3 +162,21 @@ def test_a_tolerance_in_points_is_named_by_the_dry_run(demo_ckpts: Path, tmp_pat
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "--tolerance 0.5 is a fraction of accuracy" in result.stderr.replace("\n", " ")
+
+
+def test_console_coefficients_of_many_checkpoints_show_the_written_checkpoint_of_a_fallback() -> None:
+    """Of more than 12 checkpoints the console shows the 12 largest |a|: they were TWA's only, so a fallback to a
+    checkpoint whose TWA coefficient was small showed a written column of zeros, without the row holding its 1."""
+    from rich.console import Console
+
+    from twa_tool.report import coefficients_table
+
+    names = [f"{i}.pt" for i in range(20)]
+    twa = [0.05 * (1 + i % 7) for i in range(20)]
+    twa[3] = 0.001
+    report = {"checkpoints": names, "coefficients": twa, "written_method": "best",
+              "written_coefficients": [float(i == 3) for i in range(20)], "metrics": {"best": {"checkpoint": "3.pt"}}}
+    console = Console(width=200, record=True)
+    console.print(coefficients_table(report))
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") == 4}
+    assert len(rows) == 12 and "3.pt" in rows and "+1.0000" in rows["3.pt"]

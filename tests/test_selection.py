@@ -169,3 +169,28 @@ def test_unnumbered_file_holding_an_epochs_weights_is_an_alias(tmp_path: Path) -
     assert [e.name for e in listing.selected] == names(chosen)
     assert {e.name: e.status for e in listing.others} == {d.name: d.reason for d in chosen.dropped}
     assert find_aliases(discover(tmp_path)) == {}  # without a same-weights test: byte-level aliases only
+
+
+def test_the_weights_comparison_never_maps_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unnumbered file compared with the epoch files is typically last.pth, which a running trainer rewrites in
+    place each epoch: read through a mapping (as the comparison did), a file truncated meanwhile kills twa with
+    SIGBUS, which the streaming read and every later use of the last checkpoint avoid by reading it unmapped."""
+    from twa_tool.config import AverageConfig
+    from twa_tool.pipeline import select_checkpoints
+
+    for e in range(3):
+        sd = {"w": torch.full((1000,), float(e))}
+        torch.save({"epoch": e, "model": sd, "optimizer": {"state": {}, "param_groups": []}}, tmp_path / f"ep_{e}.pth")
+    torch.save(sd, tmp_path / "last.pth")
+    loads: list[tuple[str, bool]] = []
+    real_load = torch.load
+
+    def load(f: object, *args: object, **kwargs: object) -> object:
+        loads.append((Path(str(f)).name, bool(kwargs.get("mmap"))))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    chosen = select_checkpoints(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic"))
+    assert {d.name: d.reason for d in chosen.dropped} == {"last.pth": "copy of the weights of ep_2.pth"}
+    assert ("last.pth", False) in loads and ("ep_2.pth", False) in loads
+    assert not any(mapped for _, mapped in loads), loads

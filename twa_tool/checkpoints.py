@@ -1262,10 +1262,11 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
         else:
             raw = next(((s, k) for k in CONTAINER_KEYS if (s := _as_state(obj.get(k))) is not None), None)
             ema = next(((s, k) for k in EMA_CONTAINER_KEYS if (s := _as_state(obj.get(k))) is not None), None)
-            if raw is None and ema is None:
-                raw, ema = _only_states(obj)
             if ema is None and producer == "lightning":
                 ema = _lightning_swa_state(obj)
+            if raw is None or ema is None:  # a script's own key for the kind not found under a known one
+                own_raw, own_ema = _only_states(obj)
+                raw, ema = raw or own_raw, ema or own_ema
             if raw is not None and _is_averaged_model(raw[0]):
                 if producer == "torch":
                     producer = "averaged-model"
@@ -1277,6 +1278,12 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
             raise CheckpointError(f"{path}: no EMA/averaged weights in this file (looked for "
                                   f"{', '.join(EMA_CONTAINER_KEYS)}, Lightning WeightAveraging/SWA state, an "
                                   f"AveragedModel dump); use --weights raw, or select files that hold EMA weights")
+        several = [str(k) for k, v in (top or {}).items() if _as_state(v) is not None
+                   and not _AVERAGED_KEY.search(str(k))]
+        if len(several) > 1:
+            raise CheckpointError(f"{path}: dicts of tensors under {', '.join(several)}, none under "
+                                  f"{', '.join(CONTAINER_KEYS)}; twa cannot tell which holds the model: save its "
+                                  f"state_dict under 'model' (the others under other names)")
         other = choices["ema"]
         if other is not None:
             holder = f"under {other[1]}" if other[1] else "at the top level"
@@ -1284,11 +1291,6 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
                 holder += " (a torch.optim.swa_utils.AveragedModel state dict: module. keys + n_averaged)"
             raise CheckpointError(f"{path}: holds only averaged/EMA weights {holder}, no raw weights; pass "
                                   f"--weights ema to average those instead")
-        several = [str(k) for k, v in (top or {}).items() if _as_state(v) is not None]
-        if len(several) > 1:
-            raise CheckpointError(f"{path}: dicts of tensors under {', '.join(several)}, none under "
-                                  f"{', '.join(CONTAINER_KEYS)}; twa cannot tell which holds the model: save its "
-                                  f"state_dict under 'model' (the others under other names)")
         if top is not None and {"state", "param_groups"} <= set(top):
             raise CheckpointError(f"{path}: an optimizer's state_dict (state, param_groups), not model weights; "
                                   f"move it out of the folder or pass {exclude_hint(path.name)}")
@@ -1672,9 +1674,11 @@ def same_weights(path: Path, other: Path, *, weights: str = "raw", trust_pickle:
                  strip_prefix: str | None = None, allow_globals: tuple[str, ...] = ()) -> bool:
     """Whether two checkpoints hold the same weights of the kind ``weights`` (the same keys, after the wrapper
     prefixes, and equal tensors), whatever else they store: ``torch.save(model.state_dict(), 'best.pth')``
-    beside the epoch file that saved those weights with the optimizer. A file that cannot be read is not."""
+    beside the epoch file that saved those weights with the optimizer. A file that cannot be read is not.
+    Both are read into memory, never mapped: the unnumbered one is typically ``last.pth``, which a running trainer
+    rewrites in place, and a mapping of a file truncated meanwhile kills the process (SIGBUS)."""
     options = {"weights": weights, "trust_pickle": trust_pickle, "strip_prefix": strip_prefix,
-               "allow_globals": allow_globals}
+               "allow_globals": allow_globals, "mapped": False}
     try:
         first, second = load_checkpoint(path, **options).state, load_checkpoint(other, **options).state
     except TwaError:

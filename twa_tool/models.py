@@ -104,9 +104,10 @@ MODEL_FACTORIES: dict[str, Callable[[str, dict], nn.Module]] = {
 
 def _spec_hint(spec: str) -> str:
     """The spec a malformed ``--model`` value most likely means: ``resnet18`` -> ``torchvision:resnet18``,
-    ``cnn`` -> ``twa:cnn``, ``torchvision.resnet18`` -> ``torchvision:resnet18``, ``train.py`` ->
-    ``train.py:FUNCTION``; empty when nothing fits."""
+    ``cnn`` -> ``twa:cnn``, ``torchvision.resnet18`` and ``torchvision.models.resnet18`` (the Python path) ->
+    ``torchvision:resnet18``, ``train.py`` -> ``train.py:FUNCTION``; empty when nothing fits."""
     prefix, dot, name = spec.partition(".")
+    name = name.rpartition(".")[2]  # torchvision:NAME takes the model's name, not its module path
     if dot and prefix in MODEL_FACTORIES and name:
         return f"; did you mean {prefix}:{name}?"
     if spec.endswith(".py"):

@@ -57,7 +57,8 @@ def coefficients_table(report: dict, limit: int = 12) -> Table:
     instead = written_instead(report)
     own = report.get("written_coefficients", report["coefficients"])
     rows = list(zip(report["checkpoints"], report["coefficients"], own))
-    shown = rows if len(rows) <= limit else sorted(rows, key=lambda r: -abs(r[1]))[:limit]
+    # of many, the largest |a| of either column: a fallback's own coefficient (1 at the checkpoint written) is shown
+    shown = rows if len(rows) <= limit else sorted(rows, key=lambda r: -max(abs(r[1]), abs(r[2])))[:limit]
     title = ("Coefficients w = Σ aᵢ wᵢ" if instead is None else "TWA's coefficients (not the written model's)") + \
         ("" if len(rows) <= limit else f" (largest {limit} of {len(rows)})")
     table = Table(title=title)
