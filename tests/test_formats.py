@@ -423,6 +423,17 @@ def test_a_scripts_own_key_is_read_beside_a_known_key_of_the_other_kind(tmp_path
         load_checkpoint(tmp_path / "c.pth")
 
 
+def test_an_averaged_key_is_a_word_not_a_substring(tmp_path: Path) -> None:
+    """`{'remap_net': sd, 'modelEma': ema}`: 'remap' holds 'ema' as letters, not as a word; it is the raw model, and
+    the camelCase `modelEma` the EMA (a substring match read remap_net as a second EMA copy: neither kind found)."""
+    raw, ema = state(1), state(2)
+    torch.save({"remap_net": raw, "modelEma": ema}, tmp_path / "a.pth")
+    got = load_checkpoint(tmp_path / "a.pth")
+    assert_same(got.state, raw)
+    assert got.container == "remap_net"
+    assert load_checkpoint(tmp_path / "a.pth", weights="ema").container == "modelEma"
+
+
 def test_torchvision_reference_script_checkpoint(tmp_path: Path) -> None:
     """references/classification/train.py saves model_<epoch>.pth as below (model_ema: an AveragedModel's
     state dict); the ``args`` namespace beside ``model`` made it read as fairseq, losing the top-level epoch."""

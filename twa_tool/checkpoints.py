@@ -1279,7 +1279,7 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
                                   f"{', '.join(EMA_CONTAINER_KEYS)}, Lightning WeightAveraging/SWA state, an "
                                   f"AveragedModel dump); use --weights raw, or select files that hold EMA weights")
         several = [str(k) for k, v in (top or {}).items() if _as_state(v) is not None
-                   and not _AVERAGED_KEY.search(str(k))]
+                   and not _names_averaged(str(k))]
         if len(several) > 1:
             raise CheckpointError(f"{path}: dicts of tensors under {', '.join(several)}, none under "
                                   f"{', '.join(CONTAINER_KEYS)}; twa cannot tell which holds the model: save its "
@@ -1300,8 +1300,16 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
     return chosen[0], producer, chosen[1], top
 
 
-#: A top-level key naming averaged weights (``ema_state_dict``, ``model_ema_state``, ``swa_model``).
-_AVERAGED_KEY = re.compile(r"ema|swa|averaged", re.IGNORECASE)
+#: Words of a top-level key that name averaged weights (``ema_state_dict``, ``model_ema_state``, ``swa_model``,
+#: ``modelEma``); a word, not a substring: ``remap``, ``demand`` or ``swav`` name nothing averaged.
+_AVERAGED_WORDS = frozenset({"ema", "swa", "average", "averaged"})
+
+
+def _names_averaged(key: str) -> bool:
+    """Whether a top-level key names averaged weights: one of its words (split at non-letters and at camelCase
+    humps) is in ``_AVERAGED_WORDS``."""
+    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
+    return not _AVERAGED_WORDS.isdisjoint(words)
 
 
 def _only_states(obj: Mapping) -> tuple[tuple[dict, str] | None, tuple[dict, str] | None]:
@@ -1309,8 +1317,8 @@ def _only_states(obj: Mapping) -> tuple[tuple[dict, str] | None, tuple[dict, str
     top-level dict of tensors whose key does not name averaged weights, and the one whose key does; None for a
     kind with no such key or more than one (which of them is the model is the file's to say)."""
     states = [(state, str(k)) for k, v in obj.items() if (state := _as_state(v)) is not None]
-    raw = [s for s in states if not _AVERAGED_KEY.search(s[1])]
-    ema = [s for s in states if _AVERAGED_KEY.search(s[1])]
+    raw = [s for s in states if not _names_averaged(s[1])]
+    ema = [s for s in states if _names_averaged(s[1])]
     return (raw[0] if len(raw) == 1 else None), (ema[0] if len(ema) == 1 else None)
 
 
@@ -1650,7 +1658,8 @@ def load_checkpoint(path: Path, trust_pickle: bool = False, *, weights: str = "r
     An ``AveragedModel`` dump holds only averaged weights, so it needs ``weights="ema"``.
 
     Prefixes: DDP/AveragedModel ``module.`` and torch.compile ``_orig_mod.`` are always stripped.
-    ``strip_prefix`` forces one more prefix off every key (an error if a key lacks it). Otherwise,
+    ``strip_prefix`` forces one more prefix off every key (an error if a key lacks it, except in a Lightning
+    file: there the keys under it are the model and the LightningModule's other attributes are left out). Otherwise,
     given ``model_keys`` (the target model's state-dict keys), one common leading prefix such as
     Lightning's ``model.`` / ``net.`` is stripped when that makes the keys equal the model's.
 
