@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from click.testing import CliRunner
 from conftest import TINY_ARGS
 from safetensors.torch import save_file
@@ -76,3 +77,18 @@ def test_two_files_with_one_stem_are_two_modules(tmp_path: Path, monkeypatch) ->
     assert module_name(a) != module_name(b)
     assert not hasattr(load_file(a), "WHICH") and load_file(b).WHICH == "b"
     assert not hasattr(load_file(a), "WHICH")  # a's module was not replaced by b's
+
+
+def test_spawned_workers_rerun_data_files_only(tmp_path: Path, monkeypatch) -> None:
+    """A DataLoader worker started by spawn runs the --data files again (their classes live there); a file only
+    --model named is not among them (running it again in every worker would be wasted, or worse)."""
+    from twa_tool.data import WorkerDataset
+
+    monkeypatch.setenv("TWA_TEST_COUNT", str(tmp_path / "count"))
+    model_file = write_user_file(tmp_path / "m")
+    data_file = write_user_file(tmp_path / "d")
+    load_callable(f"{model_file}:make", "--model")
+    build_data(f"{data_file}:data")
+    files = dict(WorkerDataset(torch.utils.data.TensorDataset(torch.zeros(1))).files)
+    assert files.get(module_name(data_file)) == str(data_file)
+    assert module_name(model_file) not in files

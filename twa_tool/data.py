@@ -998,7 +998,9 @@ def _import_file(path: Path, spec: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"--data {spec}: {path} does not exist; write path/to/file.py:function")
     try:
-        return load_file(path)
+        module = load_file(path)
+        module.__twa_data__ = True  # a DataLoader worker started by spawn runs it again (``WorkerDataset``)
+        return module
     except NotPythonSource as exc:
         raise ConfigError(f"--data {spec}: {exc}") from None
     except Exception as exc:  # user code: any failure on import is reported as such
@@ -1027,6 +1029,12 @@ def _unwrapped(_: None, dataset: Dataset) -> Dataset:
     return dataset
 
 
+def _is_data_file(name: str, module: object) -> bool:
+    """A user's ``--data file.py`` module (a ``--model`` file alone is not: workers never need it)."""
+    return (name.startswith(USER_MODULE_PREFIX) and getattr(module, "__twa_data__", False)
+            and getattr(module, "__file__", None) is not None)
+
+
 class WorkerDataset(Dataset):
     """``dataset`` for DataLoader workers. A worker started by spawn or forkserver unpickles the dataset, whose
     classes may live in a ``file.py:function`` module: that module exists only in the parent's ``sys.modules``
@@ -1036,7 +1044,7 @@ class WorkerDataset(Dataset):
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
         self.files = tuple((name, str(module.__file__)) for name, module in list(sys.modules.items())
-                           if name.startswith(USER_MODULE_PREFIX) and getattr(module, "__file__", None))
+                           if _is_data_file(name, module))
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -1051,7 +1059,7 @@ class WorkerDataset(Dataset):
 def for_workers(dataset: Dataset, num_workers: int) -> Dataset:
     """``dataset`` as a DataLoader with ``num_workers`` should get it (``WorkerDataset`` when workers may need the
     user's data files)."""
-    if num_workers > 0 and any(name.startswith(USER_MODULE_PREFIX) for name in list(sys.modules)):
+    if num_workers > 0 and any(_is_data_file(name, module) for name, module in list(sys.modules.items())):
         return WorkerDataset(dataset)
     return dataset
 
