@@ -105,52 +105,50 @@ def gate_failure(gate: dict, model_path: object) -> str:
             f"{tolerance} points); wrote {gate['written']} to {model_path}")
 
 
-def render_dry_run(report: dict, console: Console) -> None:
-    """The plan of a ``--dry-run``: selection, memory estimate, files that would be written."""
-    console.print(f"dry run: {len(report['checkpoints'])} checkpoints selected: {', '.join(report['checkpoints'])}",
-                  soft_wrap=True, markup=False)
+def _print_plan(report: dict, console: Console, head: str, memory: str, data_line: str) -> None:
+    """A dry run's plan: what it reads (``head``, what is left out), the model and its memory estimate, the data
+    (or that it would be downloaded), the files it would write."""
+    console.print(head, soft_wrap=True, markup=False)
     for item in report["excluded"]:
         console.print(f"  left out {item['name']}: {item['reason']}", soft_wrap=True, markup=False)
-    memory = report["memory_estimate_bytes"]
-    parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items() if k != "total")
+    total = report["memory_estimate_bytes"]["total"]
     console.print(f"model {report['model']['spec']}: {report['model']['parameters']:,} trainable parameters; "
-                  f"peak memory about {memory['total'] / 2**20:.1f} MiB ({parts})", soft_wrap=True, markup=False)
+                  f"peak memory about {total / 2**20:.1f} MiB {memory}", soft_wrap=True, markup=False)
     data = report["data"]
     if data["would_download"]:
         console.print(f"data {data['spec']}: not on disk; the run would download it (--download)", soft_wrap=True,
                       markup=False)
     else:
         classes = f"{data['num_classes']} classes, " if data["num_classes"] is not None else ""  # None: file.py:fn
-        console.print(f"data {data['spec']}: {classes}{data['fit_examples']:,} examples to fit "
-                      f"on ({data['fit_on']}), {data['eval_examples']:,} to evaluate; one went through the model",
-                      soft_wrap=True, markup=False)
+        console.print(f"data {data['spec']}: {classes}{data_line}; one went through the model", soft_wrap=True,
+                      markup=False)
     for path in report["would_write"]:
         console.print(f"would write {path}", soft_wrap=True, markup=False)
     console.print("nothing was written")
+
+
+def render_dry_run(report: dict, console: Console) -> None:
+    """The plan of a ``--dry-run``: selection, memory estimate, files that would be written."""
+    memory, data = report["memory_estimate_bytes"], report["data"]
+    parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items() if k != "total")
+    _print_plan(report, console,
+                f"dry run: {len(report['checkpoints'])} checkpoints selected: {', '.join(report['checkpoints'])}",
+                f"({parts})",
+                "" if data["would_download"] else
+                f"{data['fit_examples']:,} examples to fit on ({data['fit_on']}), "
+                f"{data['eval_examples']:,} to evaluate")
 
 
 def render_soup_dry_run(report: dict, console: Console) -> None:
     """The plan of a ``twa soup --dry-run``: ingredients, memory estimate, files that would be written."""
-    console.print(f"dry run: {len(report['ingredients'])} ingredients: {', '.join(report['ingredients'])}"
-                  + (f"; base {report['base']}" if report["base"] else ""), soft_wrap=True, markup=False)
-    for item in report["excluded"]:
-        console.print(f"  left out {item['name']}: {item['reason']}", soft_wrap=True, markup=False)
-    memory = report["memory_estimate_bytes"]
-    console.print(f"model {report['model']['spec']}: {report['model']['parameters']:,} trainable parameters; "
-                  f"peak memory about {memory['total'] / 2**20:.1f} MiB beyond torch and the data "
-                  f"({memory['formula']})", soft_wrap=True, markup=False)
     data = report["data"]
-    if data["would_download"]:
-        console.print(f"data {data['spec']}: not on disk; the run would download it (--download)", soft_wrap=True,
-                      markup=False)
-    else:
-        classes = f"{data['num_classes']} classes, " if data["num_classes"] is not None else ""
-        console.print(f"data {data['spec']}: {classes}{data['fit_examples']:,} examples to fit on, "
-                      f"{data['heldout_examples']:,} held out ({data['heldout']}), {data['eval_examples']:,} to "
-                      f"evaluate; one went through the model", soft_wrap=True, markup=False)
-    for path in report["would_write"]:
-        console.print(f"would write {path}", soft_wrap=True, markup=False)
-    console.print("nothing was written")
+    _print_plan(report, console,
+                f"dry run: {len(report['ingredients'])} ingredients: {', '.join(report['ingredients'])}"
+                + (f"; base {report['base']}" if report["base"] else ""),
+                f"beyond torch and the data ({report['memory_estimate_bytes']['formula']})",
+                "" if data["would_download"] else
+                f"{data['fit_examples']:,} examples to fit on, {data['heldout_examples']:,} held out "
+                f"({data['heldout']}), {data['eval_examples']:,} to evaluate")
 
 
 def render_average(report: dict, console: Console) -> None:
