@@ -86,16 +86,22 @@ class Gone:
     """Saved as a class of a module that is then no longer importable."""
 
 
-def test_trusted_pickle_of_missing_code_names_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def save_with_gone_class(path: Path, module_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint holding a ``Gone`` object saved as ``module_name.Gone``, a module importable only while saving."""
     import sys
     import types
 
-    module = types.ModuleType("a_module_that_is_not_installed")
+    module = types.ModuleType(module_name)
     module.Gone = Gone
-    with monkeypatch.context() as patch:  # importable only while saving
+    with monkeypatch.context() as patch:
         patch.setitem(sys.modules, module.__name__, module)
         patch.setattr(Gone, "__module__", module.__name__)
-        torch.save({"state_dict": small_state(), "extra": Gone()}, tmp_path / "2.pt")
+        torch.save({"state_dict": small_state(), "extra": Gone()}, path)
+
+
+def test_trusted_pickle_of_missing_code_names_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+
+    save_with_gone_class(tmp_path / "2.pt", "a_module_that_is_not_installed", monkeypatch)
     with pytest.raises(CheckpointError, match=r"2\.pt: unpickling it needs code that is not importable here "
                                               r"\(ModuleNotFoundError"):
         load_checkpoint(tmp_path / "2.pt", trust_pickle=True)
@@ -123,17 +129,10 @@ def test_pickled_class_of_a_script_in_the_current_folder_names_pythonpath(tmp_pa
     installed script, without the current folder on sys.path) said only 'needs code that is not importable here
     ... run twa where that code is importable', and `--allow-global train.Net` 'cannot import it', while the user
     stood in the folder holding train.py. Both now name PYTHONPATH=."""
-    import sys
-    import types
 
     from twa_tool.errors import ConfigError
 
-    module = types.ModuleType("twa_qa_local_train")
-    module.Gone = Gone
-    with monkeypatch.context() as patch:  # importable only while saving
-        patch.setitem(sys.modules, module.__name__, module)
-        patch.setattr(Gone, "__module__", module.__name__)
-        torch.save({"state_dict": small_state(), "extra": Gone()}, tmp_path / "2.pt")
+    save_with_gone_class(tmp_path / "2.pt", "twa_qa_local_train", monkeypatch)
     here = tmp_path / "project"
     here.mkdir()
     (here / "twa_qa_local_train.py").write_text("class Gone:\n    pass\n")

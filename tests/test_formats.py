@@ -407,17 +407,10 @@ def test_a_scripts_own_key_is_read_beside_a_known_key_of_the_other_kind(tmp_path
     and `{'model': sd, 'ema_state_dict': ema}` under --weights ema as 'no EMA/averaged weights in this file'. Beside
     an EMA copy, two raw candidates are named as such, not as 'no raw weights'."""
     raw, ema = state(1), state(2)
-    torch.save({"net": raw, "ema": ema}, tmp_path / "a.pth")
-    got = load_checkpoint(tmp_path / "a.pth")
-    assert_same(got.state, raw)
-    assert got.container == "net"
-    assert load_checkpoint(tmp_path / "a.pth", weights="ema").container == "ema"
-    torch.save({"model": raw, "ema_state_dict": ema}, tmp_path / "b.pth")
-    got_ema = load_checkpoint(tmp_path / "b.pth", weights="ema")
-    assert_same(got_ema.state, ema)
-    assert got_ema.container == "ema_state_dict"
+    assert_containers(tmp_path / "a.pth", {"net": raw, "ema": ema}, raw_key="net", ema_key="ema")
+    assert_containers(tmp_path / "b.pth", {"model": raw, "ema_state_dict": ema}, raw_key="model",
+                      ema_key="ema_state_dict")
     assert read_header(tmp_path / "b.pth", weights="ema").container == "ema_state_dict"
-    assert load_checkpoint(tmp_path / "b.pth").container == "model"
     torch.save({"student": raw, "teacher": state(3), "ema": ema}, tmp_path / "c.pth")
     with pytest.raises(CheckpointError, match=r"c\.pth: dicts of tensors under student, teacher, none under "):
         load_checkpoint(tmp_path / "c.pth")
@@ -426,12 +419,18 @@ def test_a_scripts_own_key_is_read_beside_a_known_key_of_the_other_kind(tmp_path
 def test_an_averaged_key_is_a_word_not_a_substring(tmp_path: Path) -> None:
     """`{'remap_net': sd, 'modelEma': ema}`: 'remap' holds 'ema' as letters, not as a word; it is the raw model, and
     the camelCase `modelEma` the EMA (a substring match read remap_net as a second EMA copy: neither kind found)."""
-    raw, ema = state(1), state(2)
-    torch.save({"remap_net": raw, "modelEma": ema}, tmp_path / "a.pth")
-    got = load_checkpoint(tmp_path / "a.pth")
-    assert_same(got.state, raw)
-    assert got.container == "remap_net"
-    assert load_checkpoint(tmp_path / "a.pth", weights="ema").container == "modelEma"
+    assert_containers(tmp_path / "a.pth", {"remap_net": state(1), "modelEma": state(2)}, raw_key="remap_net",
+                      ema_key="modelEma")
+
+
+def assert_containers(path: Path, saved: dict, raw_key: str, ema_key: str) -> None:
+    """``torch.save(saved, path)``: its raw weights are read from ``saved[raw_key]``, its EMA from
+    ``saved[ema_key]``."""
+    torch.save(saved, path)
+    for weights, key in (("raw", raw_key), ("ema", ema_key)):
+        got = load_checkpoint(path, weights=weights)
+        assert_same(got.state, saved[key])
+        assert got.container == key
 
 
 def test_torchvision_reference_script_checkpoint(tmp_path: Path) -> None:
