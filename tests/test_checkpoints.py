@@ -100,7 +100,6 @@ def save_with_gone_class(path: Path, module_name: str, monkeypatch: pytest.Monke
 
 
 def test_trusted_pickle_of_missing_code_names_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-
     save_with_gone_class(tmp_path / "2.pt", "a_module_that_is_not_installed", monkeypatch)
     with pytest.raises(CheckpointError, match=r"2\.pt: unpickling it needs code that is not importable here "
                                               r"\(ModuleNotFoundError"):
