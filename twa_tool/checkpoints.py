@@ -1278,8 +1278,7 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
             raise CheckpointError(f"{path}: no EMA/averaged weights in this file (looked for "
                                   f"{', '.join(EMA_CONTAINER_KEYS)}, Lightning WeightAveraging/SWA state, an "
                                   f"AveragedModel dump); use --weights raw, or select files that hold EMA weights")
-        several = [str(k) for k, v in (top or {}).items() if _as_state(v) is not None
-                   and not _names_averaged(str(k))]
+        several = [key for _, key in _own_states(top)[0]] if top is not None else []
         if len(several) > 1:
             raise CheckpointError(f"{path}: dicts of tensors under {', '.join(several)}, none under "
                                   f"{', '.join(CONTAINER_KEYS)}; twa cannot tell which holds the model: save its "
@@ -1312,13 +1311,18 @@ def _names_averaged(key: str) -> bool:
     return not _AVERAGED_WORDS.isdisjoint(words)
 
 
+def _own_states(obj: Mapping) -> tuple[list[tuple[dict, str]], list[tuple[dict, str]]]:
+    """The top-level dicts of tensors with their keys: those whose key does not name averaged weights, and those
+    whose key does."""
+    states = [(state, str(k)) for k, v in obj.items() if (state := _as_state(v)) is not None]
+    return [s for s in states if not _names_averaged(s[1])], [s for s in states if _names_averaged(s[1])]
+
+
 def _only_states(obj: Mapping) -> tuple[tuple[dict, str] | None, tuple[dict, str] | None]:
     """(raw, averaged) for a script's own container keys (``{'net': sd, 'ema_state_dict': ...}``): the one
     top-level dict of tensors whose key does not name averaged weights, and the one whose key does; None for a
     kind with no such key or more than one (which of them is the model is the file's to say)."""
-    states = [(state, str(k)) for k, v in obj.items() if (state := _as_state(v)) is not None]
-    raw = [s for s in states if not _names_averaged(s[1])]
-    ema = [s for s in states if _names_averaged(s[1])]
+    raw, ema = _own_states(obj)
     return (raw[0] if len(raw) == 1 else None), (ema[0] if len(ema) == 1 else None)
 
 
