@@ -34,12 +34,12 @@ def _stamp(path: Path) -> str:
 def load_file(path: Path) -> ModuleType:
     """``path`` as a module, run once per process as ``import`` would (``module_name(path)``): the module
     already run is returned while the file is unchanged; a changed file runs again."""
-    name = module_name(path)
+    name, stamp = module_name(path), _stamp(path)
     module = sys.modules.get(name)
-    if module is not None and getattr(module, "__twa_stamp__", None) == _stamp(path):
+    if module is not None and getattr(module, "__twa_stamp__", None) == stamp:
         return module
     module = run_file(path, name)
-    module.__twa_stamp__ = _stamp(path)  # type: ignore[attr-defined]
+    module.__twa_stamp__ = stamp  # type: ignore[attr-defined]  # the bytes read before it ran
     return module
 
 
