@@ -44,7 +44,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from twa_tool.errors import ConfigError, DataError, MissingData, TwaError, one_line
-from twa_tool.usercode import USER_MODULE_PREFIX, NotPythonSource, load_file, pythonpath_hint, run_file
+from twa_tool.usercode import USER_MODULE_PREFIX, NotPythonSource, current_folder_hint, load_file, run_file
 
 Transform = Callable[[Any], Any]
 Builder = Callable[[Path | None, bool], "DataSplits"]
@@ -985,7 +985,7 @@ def _import_module(target: str, spec: str) -> Any:
         return importlib.import_module(target)
     except ModuleNotFoundError as exc:
         if exc.name and (target == exc.name or target.startswith(f"{exc.name}.")):
-            local = pythonpath_hint(exc.name, spec.rpartition(":")[2]) if Path(f"{exc.name}.py").is_file() else ""
+            local = current_folder_hint(exc.name, spec.rpartition(":")[2])
             raise ConfigError(f"--data {spec}: no module named {exc.name}; "
                               f"{local or 'check the spelling or PYTHONPATH'}{_registry_hint(spec)}") from exc
         raise DataError(f"--data {spec}: importing {target} failed: {exc}") from exc

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, InputError, ModelError, is_out_of_memory, one_line
-from .usercode import load_file, pythonpath_hint
+from .usercode import current_folder_hint, load_file
 
 ModelArgs = tuple[tuple[str, str], ...]
 
@@ -141,7 +141,7 @@ def load_callable(spec: str, flag: str) -> Callable:
             module = importlib.import_module(target)
         except ImportError as err:
             missing = err.name if isinstance(err, ModuleNotFoundError) and err.name == target else None
-            local = pythonpath_hint(missing, attr) if missing and Path(f"{missing}.py").is_file() else ""
+            local = current_folder_hint(missing, attr)
             raise ModelError(f"{flag} {spec}: cannot import {target} ({err}); {local or 'check the module path'}"
                              ) from None
         except Exception as err:  # user code: any failure on import is reported as such

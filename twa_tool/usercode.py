@@ -82,3 +82,9 @@ def pythonpath_hint(missing: str | None, function: str | None = None) -> str:
     if Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file():
         return f"{top} is in the current folder, which twa does not import from: run PYTHONPATH=. twa ..."
     return f"if {top} is your project's code, put the folder that holds it on PYTHONPATH: PYTHONPATH=DIR twa ..."
+
+
+def current_folder_hint(missing: str | None, function: str) -> str:
+    """For a ``module:function`` spec whose module was not found: ``pythonpath_hint`` when ``missing.py`` sits in
+    the current folder (``--model train:make_model`` beside train.py), else "" (the caller's own advice stands)."""
+    return pythonpath_hint(missing, function) if missing and Path(f"{missing}.py").is_file() else ""
