@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from twa_tool.cli import cli
 from twa_tool.models import build_model, flatten, trainable_names
+from twa_tool.selection import UNPLACED
 from twa_tool.subspace import STORAGE_TOLERANCE
 
 FAST = ["--data", "synthetic", "--epochs", "1", "--batch-size", "256", "--lr", "0.5"]
@@ -171,6 +172,26 @@ def test_duplicates_are_counted_once_and_dependent_checkpoints_dropped(demo_ckpt
     assert "5.safetensors" not in report["checkpoints"]
     assert report["excluded"] == [{"name": "5.safetensors", "reason": "byte-identical copy of 3.safetensors"}]
     assert report["dropped"] == ["6.safetensors"] and report["coefficients"][5] == 0
+
+
+def test_an_ema_save_beside_the_epochs_is_left_out_with_a_warning(demo_ckpts: Path, tmp_path: Path) -> None:
+    """ema_best.safetensors (no number, weights no epoch has) sorted last: it was averaged as the newest point and
+    reported as the 'last' baseline. It is left out, in the run and the dry run, with the way to keep it."""
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(demo_ckpts, ckpts)
+    first, last = load_file(ckpts / "0.safetensors"), load_file(ckpts / "4.safetensors")
+    save_file({k: (v + last[k]) / 2 if v.is_floating_point() else v for k, v in first.items()},
+              ckpts / "ema_best.safetensors", metadata={"twa.model": "twa:cnn"})
+    note = "ema_best.safetensors: left out, unnumbered, not a copy of a numbered checkpoint"
+    for extra in (["--dry-run"], []):
+        result = run(ckpts, *FAST, "--baselines", "last", "--out", tmp_path / "o", "--json", "--overwrite", *extra)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert "ema_best.safetensors" not in report["checkpoints"]
+        assert {"name": "ema_best.safetensors", "reason": UNPLACED} in report["excluded"]
+        assert any(w.startswith(note) for w in report["warnings"])
+        assert note in " ".join(result.stderr.split())
+    assert report["metrics"]["last"]["checkpoint"] == "4.safetensors"
 
 
 def test_rank_rtol_keeps_checkpoints_closer_than_the_default(demo_ckpts: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 from twa_tool.checkpoints import discover
 from twa_tool.config import Selection
 from twa_tool.errors import ConfigError
-from twa_tool.selection import find_aliases, same_file, select
+from twa_tool.selection import UNPLACED, find_aliases, same_file, select, unplaced_warning
 
 
 def write_run(folder: Path, epochs: int = 6) -> None:
@@ -70,7 +70,7 @@ def test_same_torch_save_under_another_name_is_an_alias(tmp_path: Path) -> None:
         torch.save(saved, tmp_path / "checkpoint.pth")
     torch.save({"model": {"w": torch.full((1000,), 2.0)}, "epoch": 3}, tmp_path / "other.pth")  # pickle differs
     assert (tmp_path / "checkpoint.pth").read_bytes() != (tmp_path / "model_2.pth").read_bytes()
-    chosen = select(discover(tmp_path), Selection())
+    chosen = select(discover(tmp_path), Selection(include=("model_*", "other.pth", "checkpoint.pth")))
     assert names(chosen) == ["model_0.pth", "model_1.pth", "model_2.pth", "other.pth"]
     assert {d.name: (d.alias_of, d.reason) for d in chosen.dropped} == {
         "checkpoint.pth": ("model_2.pth", "identical torch save of model_2.pth")}
@@ -144,7 +144,7 @@ def test_unnumbered_file_holding_an_epochs_weights_is_an_alias(tmp_path: Path) -
     the SWA mean (and TWA's start) counted the best and last epochs twice, and the 'last' checkpoint was whichever
     unnumbered name sorted last (model_best.pth after last.pth). Same weights in another container are counted
     once, like byte-identical copies; an unnumbered file holding other weights (the EMA, saved as a plain state
-    dict beside an epoch file that stores it under 'ema') stays selected."""
+    dict beside an epoch file that stores it under 'ema') is left out with its own reason (``unplaced``)."""
     from twa_tool.catalog import inspect_directory
     from twa_tool.config import AverageConfig
     from twa_tool.pipeline import select_checkpoints
@@ -161,13 +161,15 @@ def test_unnumbered_file_holding_an_epochs_weights_is_an_alias(tmp_path: Path) -
         torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "last.pth")  # a DDP model's state
     config = AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic")
     chosen = select_checkpoints(config)
-    assert names(chosen) == ["epoch_0.pth", "epoch_1.pth", "epoch_2.pth", "epoch_3.pth", "ema_best.pth"]
+    assert names(chosen) == ["epoch_0.pth", "epoch_1.pth", "epoch_2.pth", "epoch_3.pth"]
     assert {d.name: (d.alias_of, d.reason) for d in chosen.dropped} == {
         "last.pth": ("epoch_3.pth", "copy of the weights of epoch_3.pth"),
-        "model_best.pth": ("epoch_2.pth", "copy of the weights of epoch_2.pth")}
+        "model_best.pth": ("epoch_2.pth", "copy of the weights of epoch_2.pth"),
+        "ema_best.pth": (None, UNPLACED)}
     listing = inspect_directory(tmp_path, Selection())
     assert [e.name for e in listing.selected] == names(chosen)
     assert {e.name: e.status for e in listing.others} == {d.name: d.reason for d in chosen.dropped}
+    assert unplaced_warning("ema_best.pth") in listing.warnings
     assert find_aliases(discover(tmp_path)) == {}  # without a same-weights test: byte-level aliases only
 
 
@@ -194,3 +196,62 @@ def test_the_weights_comparison_never_maps_the_files(tmp_path: Path, monkeypatch
     assert {d.name: d.reason for d in chosen.dropped} == {"last.pth": "copy of the weights of ep_2.pth"}
     assert ("last.pth", False) in loads and ("ep_2.pth", False) in loads
     assert not any(mapped for _, mapped in loads), loads
+
+
+def _unnumbered_beside_epochs(folder: Path, extra: tuple[str, ...]) -> None:
+    """Three numbered epochs and unnumbered files holding weights none of them has."""
+    write_run(folder, epochs=3)
+    for i, name in enumerate(extra):
+        torch.save({"w": torch.full((300_000,), 10.0 + i)}, folder / name)
+
+
+@pytest.mark.parametrize("name", ["ema_best.pth", "best.pt", "swa.pt", "model_ema.pt", "last_ema.pt", "init.pt"])
+def test_an_unnumbered_non_copy_among_numbered_ones_is_left_out(tmp_path: Path, name: str) -> None:
+    """It sorted after the numbered ones, so an EMA or best-so-far save became the 'last' checkpoint (the last
+    baseline, the end of --last/--every slices) and a point of the trajectory. It is left out, with a reason."""
+    _unnumbered_beside_epochs(tmp_path, (name,))
+    chosen = select(discover(tmp_path), Selection())
+    assert names(chosen) == ["0.pt", "1.pt", "2.pt"]
+    assert [(d.name, d.reason, d.unplaced, d.alias_of) for d in chosen.dropped] == [(name, UNPLACED, True, None)]
+    assert names(select(discover(tmp_path), Selection(last=2))) == ["1.pt", "2.pt"]
+
+
+@pytest.mark.parametrize("name", ["last.pt", "latest.pth", "model_final.pth", "checkpoint_last.pt", "final_model.pt",
+                                  "checkpoint.pth", "lastCheckpoint.pt", "model.safetensors"])
+def test_an_unnumbered_file_named_as_the_newest_save_stays_last(tmp_path: Path, name: str) -> None:
+    """A trainer's rolling save of the newest weights (Lightning's last.ckpt, detectron2's model_final.pth,
+    Hugging Face's final model.safetensors beside checkpoint-<step>/) is the end of the trajectory."""
+    write_run(tmp_path, epochs=3)
+    path = tmp_path / name
+    if name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file({"w": torch.full((300_000,), 10.0)}, str(path))
+    else:
+        torch.save({"w": torch.full((300_000,), 10.0)}, path)
+    chosen = select(discover(tmp_path), Selection())
+    assert names(chosen) == ["0.pt", "1.pt", "2.pt", name]
+    assert chosen.dropped == ()
+
+
+def test_an_unnumbered_file_is_kept_when_include_names_it(tmp_path: Path) -> None:
+    """The way back in: an --include pattern that names the file exactly (as the warning prints it, glob characters
+    escaped), beside a pattern for the numbered ones; a wildcard that happens to match it does not count."""
+    _unnumbered_beside_epochs(tmp_path, ("ema[x].pt", "best.pt"))
+    chosen = select(discover(tmp_path), Selection(include=("[0-9].pt", "ema[[]x].pt")))
+    assert names(chosen) == ["0.pt", "1.pt", "2.pt", "ema[x].pt"]
+    assert {d.name: d.reason for d in chosen.dropped} == {"best.pt": "not matched by --include"}
+    chosen = select(discover(tmp_path), Selection(include=("*.pt",)))
+    assert names(chosen) == ["0.pt", "1.pt", "2.pt"]
+    assert "--include 'ema[[]x].pt' beside an --include pattern" in unplaced_warning("ema[x].pt")
+
+
+def test_unnumbered_files_stay_without_a_numbered_trajectory_and_for_fine_tunes(tmp_path: Path) -> None:
+    """With fewer than two numbered files there is no order to place them in, and fine-tunes (soup) have none."""
+    torch.save({"w": torch.full((300_000,), 1.0)}, tmp_path / "1.pt")
+    _unnumbered_beside_epochs(tmp_path / "sub", ())
+    for i, name in enumerate(("a.pt", "best.pt")):
+        torch.save({"w": torch.full((300_000,), 10.0 + i)}, tmp_path / name)
+    assert names(select(discover(tmp_path), Selection())) == ["1.pt", "a.pt", "best.pt"]
+    _unnumbered_beside_epochs(tmp_path / "run", ("ft_lr_high.pt",))
+    chosen = select(discover(tmp_path / "run"), Selection(), trajectory=False)
+    assert names(chosen) == ["0.pt", "1.pt", "2.pt", "ft_lr_high.pt"]

@@ -18,7 +18,7 @@ from .checkpoints import (
 )
 from .config import Selection
 from .errors import ConfigError, TwaError
-from .selection import filtered_out, missing_target, mixed_dtypes, order_conflict, select
+from .selection import filtered_out, missing_target, mixed_dtypes, order_conflict, select, unplaced_warning
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,7 @@ def inspect_directory(directory: Path, selection: Selection, weights: str = "raw
     notes = [order_conflict(readable, [found[n].step for n in readable], "step")
              or order_conflict(readable, [found[n].epoch for n in readable], "epoch"),
              mixed_dtypes({n: found[n].tensors for n in readable})]
+    notes += [unplaced_warning(d.name) for d in chosen.dropped if d.unplaced]
     too_few = chosen.too_few(directory, len(files)) if files else None  # what `twa average` would refuse
     return Catalog(directory=directory, selected=tuple(entries[f.name] for f in files if f.name in selected_names),
                    others=tuple(e for e in entries.values() if e.status != "selected"), ignored=tuple(ignored),

@@ -1304,11 +1304,16 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
 _AVERAGED_WORDS = frozenset({"ema", "swa", "average", "averaged"})
 
 
+def name_words(text: str) -> set[str]:
+    """The lower-case words of a key or file name, split at non-alphanumerics and at camelCase humps
+    (``modelEma`` -> model, ema; ``model_final.pth`` -> model, final, pth)."""
+    return set(re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", text).lower())) - {""}
+
+
 def _names_averaged(key: str) -> bool:
-    """Whether a top-level key names averaged weights: one of its words (split at non-letters and at camelCase
-    humps) is in ``_AVERAGED_WORDS``."""
-    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
-    return not _AVERAGED_WORDS.isdisjoint(words)
+    """Whether a top-level key names averaged weights: one of its words (``name_words``) is in
+    ``_AVERAGED_WORDS``."""
+    return not _AVERAGED_WORDS.isdisjoint(name_words(key))
 
 
 def _own_states(obj: Mapping) -> tuple[list[tuple[dict, str]], list[tuple[dict, str]]]:

@@ -486,7 +486,9 @@ def train_options(fn: Callable) -> Callable:
 
 def selection_options(fn: Callable) -> Callable:
     for option in reversed([
-        click.option("--include", multiple=True, metavar="GLOB", help="Only names matching (repeatable)."),
+        click.option("--include", multiple=True, metavar="GLOB",
+                     help="Only names matching (repeatable); one that names an unnumbered file exactly keeps it "
+                          "beside numbered ones."),
         click.option("--exclude", multiple=True, metavar="GLOB", help="Drop names matching (repeatable)."),
         click.option("--range", "range_", default=None, metavar="A:B",
                      help="Checkpoints A..B-1 of the numeric order (Python slice)."),

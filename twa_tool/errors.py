@@ -112,6 +112,11 @@ def exclude_hint(name: str) -> str:
     return f"--exclude {shlex.quote(glob.escape(name))}"
 
 
+def include_hint(name: str) -> str:
+    """``--include NAME`` as a user can paste it (see ``exclude_hint``)."""
+    return f"--include {shlex.quote(glob.escape(name))}"
+
+
 def one_line(err: BaseException) -> str:
     """``Type: message`` of an exception on one line. A DataLoader worker's error (``Caught Type in DataLoader
     worker process N.`` and the worker's traceback) gives the traceback's last line, the original error."""

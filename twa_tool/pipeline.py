@@ -76,7 +76,7 @@ from .models import (
 )
 from .plots import PLOT_FILES, plots_installed, render_plots
 from .report import markdown_report
-from .selection import Chosen, mixed_dtypes, order_conflict, select
+from .selection import Chosen, mixed_dtypes, order_conflict, select, unplaced_warning
 from .subspace import (
     QUANT_BLOCK,
     STORAGE_DTYPES,
@@ -1138,6 +1138,8 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
     for dropped in chosen.dropped:
         if dropped.alias_of is not None:
             warn(f"{dropped.name}: {dropped.reason}; counted once")
+        if dropped.unplaced:
+            warn(unplaced_warning(dropped.name))
     if (note := tolerance_note(config)) is not None:
         warn(note)
     if config.start not in ("mean", "last"):

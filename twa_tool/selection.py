@@ -3,7 +3,7 @@
 Order of operations (documented in ``twa average --help``): discover in numeric order ->
 ``--include``/``--exclude`` globs -> drop aliases (symlinks, hard links, byte-identical copies, the same
 torch save under another name; the first name in numeric order is kept, so ``20.pt`` wins over ``last.pt``)
--> ``--range`` ->
+-> leave out unnumbered files a trajectory cannot place (``unplaced``) -> ``--range`` ->
 ``--every`` -> ``--last`` -> ``--top-k`` by a stored metric (kept in numeric order).
 Given a ``same_weights`` test, an unnumbered torch file (``best.pth`` holding ``model.state_dict()``) that holds
 the weights of a numbered one (the epoch file that saved them with the optimizer) is an alias too.
@@ -12,6 +12,7 @@ the weights of a numbered one (the epoch file that saved them with the optimizer
 from __future__ import annotations
 
 import fnmatch
+import glob
 import hashlib
 import os
 from collections import Counter
@@ -19,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import CheckpointFile, zip_contents_digest, zip_contents_key
+from .checkpoints import CheckpointFile, name_words, zip_contents_digest, zip_contents_key
 from .config import Selection
-from .errors import CheckpointError, ConfigError, exclude_hint
+from .errors import CheckpointError, ConfigError, exclude_hint, include_hint
 
 #: Bytes hashed from each end of a file to find candidate copies cheaply before a full hash.
 PROBE_BYTES = 1 << 20
@@ -29,11 +30,13 @@ PROBE_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class Dropped:
-    """A discovered checkpoint the selection left out, and why."""
+    """A discovered checkpoint the selection left out, and why. ``unplaced``: left out by ``unplaced`` (the run
+    warns about it, with ``unplaced_warning``)."""
 
     name: str
     reason: str
     alias_of: str | None = None
+    unplaced: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,41 @@ def _same_save(path: Path, other: Path) -> bool:
     return digest is not None and digest == zip_contents_digest(other)
 
 
+#: Words of an unnumbered file's name that say it holds the newest weights, a trainer's rolling save
+#: (``last.ckpt``, ``checkpoint_last.pt``, ``model_final.pth``, torchvision's ``checkpoint.pth``).
+NEWEST_WORDS = frozenset({"last", "latest", "final", "checkpoint"})
+#: Words that say the weights are something else than the newest, whatever else the name says (``last_ema.pt``).
+NOT_NEWEST_WORDS = frozenset({"best", "ema", "swa", "avg", "average", "averaged"})
+#: What Hugging Face's ``Trainer.save_model`` writes at the end beside the ``checkpoint-<step>/`` folders.
+FINAL_SAVES = frozenset({"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                         "pytorch_model.bin.index.json"})
+UNPLACED = "unnumbered, not a copy of a numbered checkpoint: its place in the training order is unknown"
+
+
+def named_newest(name: str) -> bool:
+    """Whether an unnumbered file's name says it holds the newest weights (``NEWEST_WORDS``, ``FINAL_SAVES``)."""
+    words = name_words(name)
+    return name in FINAL_SAVES or bool(words & NEWEST_WORDS and not words & NOT_NEWEST_WORDS)
+
+
+def unplaced(files: list[CheckpointFile], selection: Selection) -> list[CheckpointFile]:
+    """The unnumbered files among at least two numbered ones (aliases already dropped) whose place in the trajectory
+    is unknown: not named as the newest save (``named_newest``; those stay, after the numbered ones) and not named
+    exactly by an ``--include`` pattern. An EMA, SWA or best-so-far save (``ema_best.pth``) is not the last point
+    of the training run, and taking it as such would make it the ``last`` baseline and the end of every slice."""
+    if sum(1 for f in files if f.numbers) < 2:
+        return []
+    return [f for f in files if not f.numbers and not named_newest(f.name)
+            and not {f.name, glob.escape(f.name)} & set(selection.include)]
+
+
+def unplaced_warning(name: str) -> str:
+    """The warning for a file ``unplaced`` left out, with the ways to average it."""
+    return (f"{name}: left out, {UNPLACED} (an EMA or best-so-far save is not a point of the trajectory); to "
+            f"average it as the newest checkpoint, pass {include_hint(name)} beside an --include pattern for the "
+            f"numbered ones, or put its epoch or step in its name")
+
+
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
@@ -211,9 +249,10 @@ def filtered_out(name: str, selection: Selection) -> str | None:
 
 def select(files: list[CheckpointFile], selection: Selection,
            metric_of: Callable[[CheckpointFile], float | None] | None = None,
-           same_weights: Callable[[Path, Path], bool] | None = None) -> Chosen:
+           same_weights: Callable[[Path, Path], bool] | None = None, trajectory: bool = True) -> Chosen:
     """Apply the selection to discovered files (already in numeric order); ``same_weights``: see
-    ``find_aliases``."""
+    ``find_aliases``. ``trajectory``: the files are points of one training run, so ``unplaced`` ones are left
+    out (False for fine-tunes, which have no order)."""
     dropped: list[Dropped] = []
     kept = []
     for entry in files:
@@ -225,6 +264,10 @@ def select(files: list[CheckpointFile], selection: Selection,
     aliases = find_aliases(kept, same_weights)
     dropped += [Dropped(name, f"{how} of {original}", alias_of=original) for name, (original, how) in aliases.items()]
     kept = [f for f in kept if f.name not in aliases]
+    if trajectory:
+        left_out = unplaced(kept, selection)
+        dropped += [Dropped(f.name, UNPLACED, unplaced=True) for f in left_out]
+        kept = [f for f in kept if f not in left_out]
     chosen = selection.apply(kept)
     if selection.top_k is not None:
         chosen = _top_k(chosen, selection, metric_of)

@@ -477,7 +477,7 @@ def find_inputs(config: SoupConfig) -> Inputs:
     found = discover(config.finetunes_dir)
     if not found:
         raise no_checkpoints(config.finetunes_dir)
-    chosen = select(found, Selection(include=config.include, exclude=config.exclude))
+    chosen = select(found, Selection(include=config.include, exclude=config.exclude), trajectory=False)
     base = None
     if config.base is not None:
         if not config.base.exists():
