@@ -194,6 +194,27 @@ def test_an_ema_save_beside_the_epochs_is_left_out_with_a_warning(demo_ckpts: Pa
     assert report["metrics"]["last"]["checkpoint"] == "4.safetensors"
 
 
+def test_weights_key_averages_the_named_dict(plain_pt_ckpts: Path, tmp_path: Path) -> None:
+    """`{'net': sd, 'criterion': ..., 'epoch': e}` files: refused until re-saved; `--weights net` now gives the run
+    the plain state dicts give, bit for bit, and the report records the key."""
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i, path in enumerate(sorted(plain_pt_ckpts.glob("*.pt"), key=lambda p: int(p.stem))):
+        torch.save({"net": torch.load(path, weights_only=True), "criterion": {"weight": torch.ones(10)}, "epoch": i},
+                   ckpts / path.name)
+    flags = [*FAST, *model_flags(), "--baselines", "none", "--json"]
+    refused = run(ckpts, *flags, "--out", tmp_path / "r")
+    assert refused.exit_code == 4 and "name it with --weights KEY (e.g. --weights net)" in refused.stderr
+    keyed = run(ckpts, *flags, "--weights", "net", "--out", tmp_path / "k")
+    plain = run(plain_pt_ckpts, *flags, "--out", tmp_path / "p")
+    assert keyed.exit_code == 0 and plain.exit_code == 0, keyed.output + plain.output
+    report = json.loads(keyed.stdout)
+    assert report["config"]["weights"] == "net"
+    assert report["coefficients"] == json.loads(plain.stdout)["coefficients"]
+    got, want = load_file(tmp_path / "k" / "model.safetensors"), load_file(tmp_path / "p" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_rank_rtol_keeps_checkpoints_closer_than_the_default(demo_ckpts: Path, tmp_path: Path) -> None:
     """Steps of 3e-6 of the weights' norm: the default --rank-rtol 1e-5 drops them, 1e-6 keeps every one."""
     first = load_file(demo_ckpts / "0.safetensors")

@@ -416,6 +416,41 @@ def test_a_scripts_own_key_is_read_beside_a_known_key_of_the_other_kind(tmp_path
         load_checkpoint(tmp_path / "c.pth")
 
 
+def test_weights_key_names_the_dict_that_holds_the_model(tmp_path: Path) -> None:
+    """DINO's `{'student', 'teacher', 'dino_loss'}`, a GAN's `{'netG', 'netD'}`: several dicts of tensors and none
+    under a known key were refused with 'save its state_dict under model', re-saving every checkpoint. `--weights
+    KEY` reads the dict under that top-level key, headers and loads alike; the refusal names the flag."""
+    student, teacher = state(1), state(2)
+    torch.save({"student": student, "teacher": teacher, "dino_loss": {"center": torch.zeros(4)}, "epoch": 7},
+               tmp_path / "dino.pth")
+    with pytest.raises(CheckpointError, match=r"cannot tell which holds the model: name it with --weights KEY "
+                                              r"\(e\.g\. --weights student\)"):
+        load_checkpoint(tmp_path / "dino.pth")
+    for key, want in (("teacher", teacher), ("student", student)):
+        got = load_checkpoint(tmp_path / "dino.pth", weights=key)
+        assert_same(got.state, want)
+        assert (got.container, got.weights, got.epoch) == (key, key, 7)
+        header = read_header(tmp_path / "dino.pth", weights=key)
+        assert header.container == key and set(header.tensors) == set(want)
+    assert_same(load_checkpoint(tmp_path / "dino.pth", weights="dino_loss").state, {"center": torch.zeros(4)})
+    with pytest.raises(CheckpointError, match=r"dino\.pth: --weights techer: no key 'techer' in this file; it holds "
+                                              r"dicts of tensors under student, teacher, dino_loss"):
+        load_checkpoint(tmp_path / "dino.pth", weights="techer")
+    with pytest.raises(CheckpointError, match=r"--weights epoch: not a dict of tensors under 'epoch'"):
+        read_header(tmp_path / "dino.pth", weights="epoch")
+    torch.save(student, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match=r"plain\.pt: --weights teacher: the file holds a bare state dict, no "
+                                              r"top-level key to choose; use --weights raw"):
+        load_checkpoint(tmp_path / "plain.pt", weights="teacher")
+    save_file(student, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match=r"a safetensors file holds one set of weights, no keys to choose from "
+                                              r"\(--weights teacher\); use --weights raw"):
+        read_header(tmp_path / "plain.safetensors", weights="teacher")
+    for bad in ("", " ", "a\nb"):
+        with pytest.raises(ConfigError, match="--weights .*: use raw, ema, or the top-level key"):
+            load_checkpoint(tmp_path / "dino.pth", weights=bad)
+
+
 def test_an_averaged_key_is_a_word_not_a_substring(tmp_path: Path) -> None:
     """`{'remap_net': sd, 'modelEma': ema}`: 'remap' holds 'ema' as letters, not as a word; it is the raw model, and
     the camelCase `modelEma` the EMA (a substring match read remap_net as a second EMA copy: neither kind found)."""
@@ -484,7 +519,7 @@ def test_ema_is_never_substituted(tmp_path: Path) -> None:
     save_file(state(14), tmp_path / "plain.safetensors")
     with pytest.raises(CheckpointError, match="no EMA copy"):
         load_checkpoint(tmp_path / "plain.safetensors", weights="ema")
-    with pytest.raises(ConfigError, match="--weights best"):
+    with pytest.raises(CheckpointError, match="--weights best: the file holds a bare state dict"):
         load_checkpoint(tmp_path / "plain.pt", weights="best")
 
 

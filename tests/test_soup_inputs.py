@@ -487,6 +487,28 @@ def test_ema_fine_tunes_on_a_base_with_one_set_of_weights(demo_ckpts: Path, tmp_
     assert raw_fine_tunes.exit_code == 0 and "holds no EMA copy" not in raw_fine_tunes.stderr
 
 
+def test_keyed_fine_tunes_on_a_base_with_one_set_of_weights(demo_ckpts: Path, tmp_path: Path) -> None:
+    """`--weights teacher` (DINO-style fine-tunes) on a released base with one set of weights: the base is read as
+    that set, with a warning, as for `--weights ema`; the ingredients are the teachers."""
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    teachers = []
+    for epoch in range(1, 4):
+        raw = load_file(demo_ckpts / f"{epoch}.safetensors")
+        teacher = {k: v * 0.5 if v.is_floating_point() else v for k, v in raw.items()}
+        teachers.append(teacher)
+        torch.save({"student": raw, "teacher": teacher}, folder / f"ft-{epoch}.pth")
+    base = tmp_path / "pretrained.safetensors"
+    save_file(load_file(demo_ckpts / "0.safetensors"), str(base))
+    result = soup(folder, tmp_path / "out", "--weights", "teacher", "--base", str(base), "--method", "uniform",
+                  "--epochs", "0", "--json")
+    assert result.exit_code == 0, result.output
+    assert f"--base {base}: holds no 'teacher' key" in " ".join(result.stderr.split())
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    for key in ("features.0.weight", "head.weight"):
+        assert torch.allclose(written[key], sum(t[key].double() for t in teachers).float() / 3, atol=1e-6), key
+
+
 def test_strip_prefix_of_the_fine_tunes_and_a_base_without_it(demo_ckpts: Path, tmp_path: Path) -> None:
     """`--strip-prefix model.` (Lightning fine-tunes) was applied to a `--base` saved without the prefix: its keys
     then matched nothing (exit 4). The base is now matched to the model as it is, with a warning."""

@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .config import WEIGHT_KINDS, check_weights
 from .errors import CheckpointError, ConfigError, TwaError, UnsafeInputError, exclude_hint
 from .usercode import pythonpath_hint
 
@@ -66,7 +67,6 @@ EMA_CONTAINER_KEYS = ("state_dict_ema", "model_ema", "ema")
 #: Wrapper prefixes always stripped: DDP / AveragedModel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 PRODUCERS = ("safetensors", "torch", "huggingface", "lightning", "timm", "fairseq", "averaged-model")
-WEIGHT_KINDS = ("raw", "ema")
 MIN_TORCH_FOR_PICKLE = (2, 6)
 #: safetensors' own cap on its JSON header (``MAX_HEADER_SIZE``).
 MAX_SAFETENSORS_HEADER = 100_000_000
@@ -1239,8 +1239,30 @@ def _trainer_info(obj: Mapping, producer: str, path: Path) -> tuple[int | None, 
     return _as_int(epoch), _as_int(step), metrics
 
 
+def _select_key(obj: object, path: Path, key: str) -> tuple[dict, str, str | None, Mapping | None]:
+    """``--weights KEY``: the dict of tensors under the top-level ``key``, whatever the key's name says."""
+    if not isinstance(obj, Mapping) or _as_state(obj) is not None:
+        what = "a bare state dict" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        raise CheckpointError(f"{path}: --weights {key}: the file holds {what}, no top-level key to choose; use "
+                              f"--weights raw")
+    state = _as_state(obj.get(key))
+    if state is None:
+        raw, ema = _own_states(obj)
+        found = ", ".join(k for _, k in raw + ema) or "none of its keys"
+        what = "not a dict of tensors under" if key in obj else "no key"
+        raise CheckpointError(f"{path}: --weights {key}: {what} {key!r} in this file; it holds dicts of tensors "
+                              f"under {found}")
+    producer = _detect_producer(obj)
+    if producer == "torch" and _is_averaged_model(state):
+        producer = "averaged-model"
+    return state, producer, key, obj
+
+
 def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | None, Mapping | None]:
-    """(state, producer, container, top-level dict or None) for the requested kind of weights; never mixes."""
+    """(state, producer, container, top-level dict or None) for the requested kind of weights (``WEIGHT_KINDS``)
+    or the top-level key ``weights`` names; never mixes."""
+    if weights not in WEIGHT_KINDS:
+        return _select_key(obj, path, weights)
     whole = _as_state(obj)
     if not isinstance(obj, Mapping) or whole is not None:
         if whole is None:
@@ -1281,8 +1303,8 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
         several = [key for _, key in _own_states(top)[0]] if top is not None else []
         if len(several) > 1:
             raise CheckpointError(f"{path}: dicts of tensors under {', '.join(several)}, none under "
-                                  f"{', '.join(CONTAINER_KEYS)}; twa cannot tell which holds the model: save its "
-                                  f"state_dict under 'model' (the others under other names)")
+                                  f"{', '.join(CONTAINER_KEYS)}; twa cannot tell which holds the model: name it "
+                                  f"with --weights KEY (e.g. --weights {several[0]})")
         other = choices["ema"]
         if other is not None:
             holder = f"under {other[1]}" if other[1] else "at the top level"
@@ -1465,9 +1487,9 @@ def _trainer_state(folder: Path) -> tuple[int | None, int | None, dict[str, floa
 def _read_hf(folder: Path, weight_file: Path, trust_pickle: PickleTrust, weights: str, header_only: bool,
              crc_checked: bool = False, mapped: bool = True) -> _Found:
     """A ``checkpoint-<step>/`` folder: one weight file or an index with shards, plus trainer_state.json."""
-    if weights == "ema":
-        raise CheckpointError(f"{weight_file}: Hugging Face checkpoints hold one set of weights, no EMA copy; "
-                              f"use --weights raw")
+    if weights != "raw":
+        raise CheckpointError(f"{weight_file}: Hugging Face checkpoints hold one set of weights, "
+                              f"{_no_other_set(weights)}; use --weights raw")
     if weight_file.name in FOLDER_INDEX_FILES:
         entries: dict = {}
         metadata: dict[str, str] = {}
@@ -1597,8 +1619,7 @@ def _apply_prefixes(found: _Found, path: Path, strip_prefix: str | None,
 
 def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool, crc_checked: bool = False,
           memo: HeaderMemo | None = None, mapped: bool = True) -> _Found:
-    if weights not in WEIGHT_KINDS:
-        raise ConfigError(f"--weights {weights}: use raw or ema")
+    check_weights(weights)
     path = Path(path)
     if path.is_dir():
         layout = _hf_layout(path)
@@ -1619,15 +1640,20 @@ def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool
     except OSError as err:
         raise CheckpointError(f"{path}: cannot open ({err.strerror})") from None
     if kind == "safetensors":
-        if weights == "ema":
-            raise CheckpointError(f"{path}: a safetensors file holds one set of weights, no EMA copy; use "
-                                  f"--weights raw")
+        if weights != "raw":
+            raise CheckpointError(f"{path}: a safetensors file holds one set of weights, {_no_other_set(weights)}; "
+                                  f"use --weights raw")
         entries, metadata = _read_safetensors(path, header_only)
         return _Found(entries=entries, metadata=metadata, producer="safetensors")
     if kind in ("torch-zip", "torch-legacy"):
         return _read_torch(path, trust_pickle, weights, header_only, crc_checked, memo, mapped)
     raise CheckpointError(f"{path}: {_not_weights(path)}; remove it from the folder or leave it out with "
                           f"{exclude_hint(path.name)}")
+
+
+def _no_other_set(weights: str) -> str:
+    """What a file with one set of weights lacks, for ``--weights ema`` or ``--weights KEY``."""
+    return "no EMA copy" if weights == "ema" else f"no keys to choose from (--weights {weights})"
 
 
 #: The first bytes of a Git LFS pointer file (the weights were never fetched).

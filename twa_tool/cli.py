@@ -507,8 +507,9 @@ def selection_options(fn: Callable) -> Callable:
 
 def reader_options(fn: Callable) -> Callable:
     for option in reversed([
-        click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
-                     help="Raw weights or the EMA/averaged copy a trainer stored (never mixed)."),
+        click.option("--weights", default="raw", show_default=True, metavar="raw|ema|KEY",
+                     help="Raw weights, the EMA/averaged copy a trainer stored (never mixed), or the dict of "
+                          "tensors under this top-level KEY of the checkpoint dicts (DINO's teacher, a GAN's netG)."),
         click.option("--strip-prefix", default=None, metavar="PREFIX",
                      help="Remove this key prefix (e.g. model.) from every checkpoint key (Lightning files: "
                           "keep the keys under it, the LightningModule's attribute that holds the model)."),

@@ -19,6 +19,17 @@ MIN_RANK_RTOL = 1e-6
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch here
 
 
+#: The kinds of weights ``--weights`` names; any other value is a top-level key of the checkpoint dicts.
+WEIGHT_KINDS = ("raw", "ema")
+
+
+def check_weights(weights: str) -> None:
+    """``--weights``: raw, ema, or a top-level key (non-empty, one line)."""
+    if not weights.strip() or "\n" in weights:
+        raise ConfigError(f"--weights {weights!r}: use raw, ema, or the top-level key of the checkpoint dict that "
+                          f"holds the model's state_dict")
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which checkpoints of the ordered directory listing to use.
@@ -160,8 +171,7 @@ class AverageConfig:
                               f"{','.join(BASELINES)}, or none")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"--amp {self.amp}: choose one of {', '.join(AMP_MODES)}")
-        if self.weights not in ("raw", "ema"):
-            raise ConfigError(f"--weights {self.weights}: use raw or ema")
+        check_weights(self.weights)
         if self.basis_dtype not in ("float32", "bf16", "int8"):
             raise ConfigError(f"--basis-dtype {self.basis_dtype}: choose float32, bf16 or int8")
         if self.out_dtype not in ("auto", "float32", "float16", "bfloat16"):
@@ -288,8 +298,7 @@ class SoupConfig:
             raise ConfigError(f"--holdout-fraction {self.holdout_fraction}: must be strictly between 0 and 1")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"--amp {self.amp}: choose one of {', '.join(AMP_MODES)}")
-        if self.weights not in ("raw", "ema"):
-            raise ConfigError(f"--weights {self.weights}: use raw or ema")
+        check_weights(self.weights)
         if self.out_dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"--out-dtype {self.out_dtype}: choose auto, float32, float16 or bfloat16")
         if self.num_workers < 0:

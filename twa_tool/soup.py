@@ -512,12 +512,14 @@ def find_inputs(config: SoupConfig) -> Inputs:
 def reader_for_base(base: CheckpointFile, model: nn.Module, reader: Reader, spec: str) -> tuple[Reader, str | None]:
     """The reader of ``--base`` (checked against the model) and a note when it is not the run's. The reading
     options describe the fine-tunes, and a released pretrained file often lacks what they name: with ``--weights
-    ema``, a base with one set of weights (safetensors, a plain state dict) is read as that set; with
-    ``--strip-prefix``, a base without that prefix is matched to the model as if the flag were not given."""
+    ema`` or ``--weights KEY``, a base with one set of weights (safetensors, a plain state dict) is read as that
+    set; with ``--strip-prefix``, a base without that prefix is matched to the model as if the flag were not
+    given."""
     variants = [(reader, "")]  # the others read with other options: headers of their own
-    if reader.weights == "ema":
+    if reader.weights != "raw":
+        lacks = "no EMA copy" if reader.weights == "ema" else f"no {reader.weights!r} key"
         variants.append((replace(reader, weights="raw", headers=HeaderMemo()),
-                         "holds no EMA copy; its one set of weights is the base"))
+                         f"holds {lacks}; its one set of weights is the base"))
     if reader.strip_prefix:
         variants += [(replace(r, strip_prefix=None, headers=HeaderMemo()), f"{why + '; ' if why else ''}its keys "
                       f"do not start with {reader.strip_prefix}, matched to the model as they are")
