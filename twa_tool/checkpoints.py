@@ -186,7 +186,8 @@ class LoadedCheckpoint:
 
     ``producer``: one of ``PRODUCERS``. ``container``: the key the state dict was found under (None
     for a bare state dict or safetensors). ``prefix``: the key prefix stripped (e.g. ``"module."``,
-    ``"model."``), None if none. ``weights``: ``"raw"`` or ``"ema"`` (averaged weights: EMA / SWA).
+    ``"model."``), None if none. ``weights``: ``"raw"``, ``"ema"`` (averaged weights: EMA / SWA), or the
+    top-level key ``--weights KEY`` named.
     ``epoch`` / ``step``: as the trainer recorded them. ``metrics``: what the trainer stored for this
     checkpoint (timm ``metric``, Lightning ``ModelCheckpoint`` scores by monitor name, HF
     ``log_history`` entries at this step).
