@@ -440,7 +440,8 @@ def test_weights_key_names_the_dict_that_holds_the_model(tmp_path: Path) -> None
         read_header(tmp_path / "dino.pth", weights="epoch")
     torch.save(student, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match=r"plain\.pt: --weights teacher: the file holds a bare state dict, no "
-                                              r"top-level key to choose; use --weights raw"):
+                                              r"top-level key to choose; leave it out with --exclude plain\.pt, or "
+                                              r"use --weights raw if no file has the key"):
         load_checkpoint(tmp_path / "plain.pt", weights="teacher")
     save_file(student, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CheckpointError, match=r"a safetensors file holds one set of weights, no keys to choose from "

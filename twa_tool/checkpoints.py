@@ -1244,8 +1244,8 @@ def _select_key(obj: object, path: Path, key: str) -> tuple[dict, str, str | Non
     """``--weights KEY``: the dict of tensors under the top-level ``key``, whatever the key's name says."""
     if not isinstance(obj, Mapping) or _as_state(obj) is not None:
         what = "a bare state dict" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
-        raise CheckpointError(f"{path}: --weights {key}: the file holds {what}, no top-level key to choose; use "
-                              f"--weights raw")
+        raise CheckpointError(f"{path}: --weights {key}: the file holds {what}, no top-level key to choose; leave "
+                              f"it out with {exclude_hint(path.name)}, or use --weights raw if no file has the key")
     state = _as_state(obj.get(key))
     if state is None:
         raw, ema = _own_states(obj)
