@@ -514,3 +514,44 @@ def test_strip_prefix_of_the_fine_tunes_and_a_base_without_it(demo_ckpts: Path, 
     assert refused.exit_code == 4 and f"--base {wrong}" in refused.stderr
     assert refused.stderr.count(str(wrong)) == 1, refused.stderr  # was '--base PATH: PATH: ...'
     assert "pass the pretrained weights the fine-tunes started from" in refused.stderr
+
+
+def _training_save(state: dict, path: Path) -> None:
+    """What a fine-tuning script saves at its end: the weights with the optimizer, the epoch and its accuracy."""
+    momentum = {i: {"momentum_buffer": v * 0.1} for i, v in enumerate(state.values()) if v.is_floating_point()}
+    torch.save({"model": state, "optimizer": {"state": momentum, "param_groups": [{"lr": 0.01, "params": [0]}]},
+                "epoch": 2, "acc": 0.9}, path)
+
+
+@pytest.mark.parametrize("names, kept", [
+    (("ft_lr0.01.pt", "ft_lr0.03.pt", "ft_lr0.1.safetensors"), "ft_lr0.01.pt"),  # numbered: select's own rule
+    (("ft_adam.pt", "ft_sgd.pt", "ft_swa.safetensors"), "ft_adam.pt"),  # all unnumbered: best.pt sorts first
+])
+def test_best_pt_holding_a_fine_tunes_weights_is_counted_once(names: tuple[str, ...], kept: str, demo_ckpts: Path,
+                                                              tmp_path: Path) -> None:
+    """`torch.save(model.state_dict(), 'best.pt')` beside the fine-tune saved with its optimizer: the same weights
+    in another container. They were two ingredients, so the uniform soup weighed that fine-tune twice (1/4 + 1/4)
+    and greedy tried it twice. Now it counts once, whether or not the names hold numbers, and the report and a
+    warning say which file was kept."""
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    states = [load_file(demo_ckpts / f"{epoch}.safetensors") for epoch in (2, 3, 4)]
+    _training_save(states[0], folder / names[0])
+    torch.save(states[1], folder / names[1])
+    save_file(states[2], str(folder / names[2]))
+    torch.save(states[0], folder / "best.pt")
+    dry = soup(folder, tmp_path / "out", "--method", "uniform", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    result = soup(folder, tmp_path / "out", "--method", "uniform")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["ingredients"] == json.loads(dry.stdout)["ingredients"]
+    assert sorted(report["ingredients"]) == list(names)
+    reason = f"copy of the weights of {kept}"
+    assert report["excluded"] == json.loads(dry.stdout)["excluded"] == [{"name": "best.pt", "reason": reason}]
+    assert f"best.pt: {reason}; counted once" in report["warnings"]
+    assert f"warning: best.pt: {reason}; counted once" in result.stderr
+    assert report["coefficients"]["uniform"] == [1 / 3] * 3
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    mean = torch.stack([s["head.weight"].double() for s in states]).mean(0).float()
+    assert torch.equal(written["head.weight"], mean)

@@ -31,6 +31,7 @@ import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ from .checkpoints import (
     folder_weight_files,
     no_checkpoints,
     raise_if_refused,
+    same_weights,
     sha256_file,
     weights_path,
 )
@@ -79,7 +81,7 @@ from .pipeline import (
     resolve_device,
     validate_headers,
 )
-from .selection import same_file, select
+from .selection import Chosen, Dropped, same_file, select, weight_copies
 from .trainer import (
     SCHEDULES,
     Batches,
@@ -477,7 +479,8 @@ def find_inputs(config: SoupConfig) -> Inputs:
     found = discover(config.finetunes_dir)
     if not found:
         raise no_checkpoints(config.finetunes_dir)
-    chosen = select(found, Selection(include=config.include, exclude=config.exclude))
+    chosen = without_weight_copies(select(found, Selection(include=config.include, exclude=config.exclude),
+                                          same_weights=_same_weights(config)), config)
     base = None
     if config.base is not None:
         if not config.base.exists():
@@ -507,6 +510,21 @@ def find_inputs(config: SoupConfig) -> Inputs:
     warnings += notes + ([base_note] if base_note else [])
     return Inputs(files, base, spec, model_args, model, reader, dict(headers[files[-1].name].tensors), excluded,
                   warnings, base_reader)
+
+
+def _same_weights(config: SoupConfig) -> Callable[[Path, Path], bool]:
+    """Whether two files hold the same fine-tune's weights, read as the run reads them."""
+    return partial(same_weights, weights=config.weights, trust_pickle=config.trust_pickle,
+                   strip_prefix=config.strip_prefix, allow_globals=config.allow_globals)
+
+
+def without_weight_copies(chosen: Chosen, config: SoupConfig) -> Chosen:
+    """``chosen`` less the torch files that hold another ingredient's weights in another container, whatever their
+    names (``select`` compares an unnumbered file with the numbered ones only): each would count twice in the
+    uniform soup and greedy's candidates (``weight_copies`` says which file is kept)."""
+    copies = weight_copies(list(chosen.files), _same_weights(config))
+    dropped = [Dropped(name, f"{how} of {original}", alias_of=original) for name, (original, how) in copies.items()]
+    return Chosen(files=tuple(f for f in chosen.files if f.name not in copies), dropped=(*chosen.dropped, *dropped))
 
 
 def reader_for_base(base: CheckpointFile, model: nn.Module, reader: Reader, spec: str) -> tuple[Reader, str | None]:
