@@ -555,3 +555,29 @@ def test_best_pt_holding_a_fine_tunes_weights_is_counted_once(names: tuple[str, 
     written = load_file(tmp_path / "out" / "model.safetensors")
     mean = torch.stack([s["head.weight"].double() for s in states]).mean(0).float()
     assert torch.equal(written["head.weight"], mean)
+
+
+@pytest.mark.parametrize("copy, original, extra", [
+    ("ft-2_copy.pt", "ft-2.safetensors", ()),  # a .pt of ft-2 beside its safetensors: ft-2 counted twice
+    ("pretrained.pt", "--base model", ("--base", "BASE")),  # the pretrained model, not a fine-tune: would be one
+])
+def test_weights_repeated_in_another_format_are_refused_naming_the_copy(copy: str, original: str,
+                                                                        extra: tuple[str, ...], ingredients: Path,
+                                                                        demo_ckpts: Path, tmp_path: Path) -> None:
+    """Same weights in another format (a .pt beside the safetensors it was converted to; the --base model saved
+    as .pt in the folder) were one more ingredient, so the uniform soup weighed that model twice, with no word.
+    Only their bytes show it, read by the run's first pass: refused there, naming both files and the fix."""
+    import shutil
+
+    folder = tmp_path / "ft"
+    shutil.copytree(ingredients, folder)
+    source = folder / "ft-2.safetensors" if copy == "ft-2_copy.pt" else demo_ckpts / "0.safetensors"
+    torch.save(load_file(source), folder / copy)
+    flags = [str(demo_ckpts / "0.safetensors") if a == "BASE" else a for a in extra]
+    result = soup(folder, tmp_path / "out", *flags)
+    assert result.exit_code == 4, result.output
+    said = "the --base model's weights" if copy == "pretrained.pt" else "the same weights as"
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and said in line and f"--exclude {copy}" in line, result.stderr
+    assert (original in line if copy == "ft-2_copy.pt" else True) and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,7 @@ split is only ever reported, never used to choose.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -53,7 +54,7 @@ from .checkpoints import (
 )
 from .config import CoefficientTrainConfig, Selection, SoupConfig
 from .data import DataSplits, build_data, download_note, for_workers, label_meaning, registry_name, split_holdout
-from .errors import CheckpointError, ConfigError, DataError, MissingData, NumericalError, TwaError
+from .errors import CheckpointError, ConfigError, DataError, MissingData, NumericalError, TwaError, exclude_hint
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
@@ -790,8 +791,11 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     with prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size,
                             config.finetunes_dir):  # --out locked for this run; a failed run leaves no empty --out
         clock = time.perf_counter()
-        uniform, center, digests = read_uniform(inputs, names, on_event)
-        origin = flatten(_load(inputs, inputs.base, inputs.base_reader), names, torch.float32) if inputs.base else None
+        base_state = _load(inputs, inputs.base, inputs.base_reader) if inputs.base else None
+        origin = flatten(base_state, names, torch.float32) if base_state is not None else None
+        base_weights = weights_digest(base_state) if base_state is not None else None
+        del base_state
+        uniform, center, digests = read_uniform(inputs, names, on_event, base_weights)
         directions = Directions(center, center - origin if origin is not None else center,
                                 segments_of(inputs.model, names), len(inputs.files), config.basis_dtype)
         timings["uniform_s"] = time.perf_counter() - clock
@@ -829,12 +833,41 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         return write_soup(config, report, state, inputs)
 
 
-def read_uniform(inputs: Inputs, names: list[str], on_event: EventSink) -> tuple[State, torch.Tensor, list[str]]:
-    """One streamed pass: the uniform soup, its trainable part as a float32 vector, the inputs' sha256."""
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state's keys, dtypes, shapes and values: equal for the same weights in any file format."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_distinct(entry: CheckpointFile, digest: str, seen: dict[str, str | None]) -> None:
+    """Refuse an ingredient whose weights (``weights_digest``) an earlier one or the base (``None`` in ``seen``)
+    holds: a copy in another format, which the aliases found from the files' bytes miss, would count twice."""
+    if digest not in seen:
+        seen[digest] = entry.name
+        return
+    other = seen[digest]
+    what = ("holds the --base model's weights: it is not a fine-tune" if other is None else
+            f"holds the same weights as {other} (another format or container): the soups would count them twice")
+    raise CheckpointError(f"{entry.path}: {what}; leave it out: {exclude_hint(entry.name)}")
+
+
+def read_uniform(inputs: Inputs, names: list[str], on_event: EventSink,
+                 base_weights: str | None = None) -> tuple[State, torch.Tensor, list[str]]:
+    """One streamed pass: the uniform soup, its trainable part as a float32 vector, the inputs' sha256. An
+    ingredient holding the weights of an earlier one, or of the base (``base_weights``: its ``weights_digest``),
+    is refused (``check_distinct``)."""
     on_event(Event("phase", "reading the ingredients (uniform soup)", total=len(inputs.files)))
     total, digests = StateSum(), []
+    seen: dict[str, str | None] = {base_weights: None} if base_weights else {}
     for entry in inputs.files:
-        total.add(_load(inputs, entry))
+        state = _load(inputs, entry)
+        check_distinct(entry, weights_digest(state), seen)
+        total.add(state)
+        del state
         digests.append(sha256_file(entry.path))
         on_event(Event("advance"))
     center = torch.cat([(total.sums[n] / total.count).reshape(-1) for n in names]).to(torch.float32)
