@@ -581,3 +581,18 @@ def test_weights_repeated_in_another_format_are_refused_naming_the_copy(copy: st
     assert line.startswith("error: ") and said in line and f"--exclude {copy}" in line, result.stderr
     assert (original in line if copy == "ft-2_copy.pt" else True) and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_fine_tunes_of_different_lengths_are_no_training_order(demo_ckpts: Path, tmp_path: Path) -> None:
+    """Fine-tunes store the epoch each one ended at (`{'model': sd, 'epoch': 5}`), and a short one can sort after a
+    long one. twa average's check of a training run's order warned `ft_lr0.01.pt (epoch 5) comes before
+    ft_lr0.03.pt (epoch 2) in name order; the name order is used, rename the files`: soup has no training order,
+    so there was nothing to rename."""
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    for name, epoch, source in (("ft_lr0.01.pt", 5, 2), ("ft_lr0.03.pt", 2, 3), ("ft_lr0.1.pt", 3, 4)):
+        torch.save({"model": load_file(demo_ckpts / f"{source}.safetensors"), "epoch": epoch, "step": 100 * epoch},
+                   folder / name)
+    result = soup(folder, tmp_path / "out", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["warnings"] == [] and "warning" not in result.stderr, result.stderr

@@ -505,7 +505,7 @@ def find_inputs(config: SoupConfig) -> Inputs:
                               f"2 distinct fine-tunes (check --include/--exclude)")
     spec, model_args, model = build_run_model(config, files[0])
     reader = Reader.for_run(config, model)
-    notes, headers = validate_headers(files, model, reader, spec)
+    notes, headers = validate_headers(files, model, reader, spec, trajectory=False)  # fine-tunes: no order
     base_reader, base_note = reader_for_base(base, model, reader, spec) if base is not None else (None, None)
     warnings = [f"{d.name}: {d.reason}; counted once" for d in chosen.dropped if d.alias_of is not None]
     warnings += notes + ([base_note] if base_note else [])
