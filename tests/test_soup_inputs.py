@@ -596,3 +596,20 @@ def test_fine_tunes_of_different_lengths_are_no_training_order(demo_ckpts: Path,
     result = soup(folder, tmp_path / "out", "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["warnings"] == [] and "warning" not in result.stderr, result.stderr
+
+
+def test_a_model_mismatch_names_the_first_ingredient_in_the_runs_order(ingredients: Path, tmp_path: Path) -> None:
+    """`(first: NAME)` was the alphabetically first file (ft-10 before ft-2) while the table below it and every
+    list of the run go in numeric order (ft-2 .. ft-10)."""
+    import shutil
+
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    shutil.copyfile(ingredients / "ft-1.safetensors", folder / "ft-2.safetensors")
+    shutil.copyfile(ingredients / "ft-2.safetensors", folder / "ft-10.safetensors")
+    args = ["soup", str(folder), "--model", "twa:cnn", "--model-arg", "in_channels=1", "--model-arg", "width=8",
+            "--data", "synthetic", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 4, result.output
+    assert "2 of 2 checkpoints do not match the model twa:cnn (first: ft-2.safetensors)" in result.stderr
+    assert "ft-2.safetensors .. ft-10.safetensors (2 files)" in result.stderr, result.stderr

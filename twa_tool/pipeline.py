@@ -378,7 +378,7 @@ def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Read
         if problems:
             bad_files.add(entry.name)
     if rows:
-        first = sorted(bad_files)[0]
+        first = next(f.name for f in files if f.name in bad_files)  # the run's order, as the table
         raise CheckpointError(f"{len(bad_files)} of {len(files)} checkpoints do not match the model {spec} "
                               f"(first: {first}); check --model/--model-arg, or --strip-prefix",
                               details=[("file", "key", "checkpoint", "model")] + group_rows(rows)[:20])
