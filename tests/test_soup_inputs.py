@@ -452,6 +452,8 @@ def test_hugging_face_fine_tunes_get_their_config_and_tokenizer_files_copied(ing
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text()) == {"run": 2}  # the last ingredient's, as its layout
     assert (out / "tokenizer_config.json").read_text() == "{}"
+    for name in ("config.json", "tokenizer_config.json"):  # said as the dry run's `would write` says them
+        assert f"wrote {out / name}  sha256 " in result.stderr, result.stderr
     for name in ("model.safetensors", "report.json", "report.md"):
         (out / name).unlink()
     result = soup(folder, out, "--method", "uniform")  # the copied files are outputs: refused without --overwrite
