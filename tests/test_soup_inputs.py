@@ -203,6 +203,8 @@ def test_a_small_held_out_split_is_warned(ingredients: Path, tmp_path: Path) -> 
     text = "the held-out split has 20 examples: its accuracies move in steps of 5 points"
     assert any(w.startswith(text) for w in report["warnings"]), report["warnings"]
     assert text in " ".join(result.stderr.split())
+    # report.md, the file people read later (a CI artifact), says it too: its accuracies are mostly chance
+    assert f"- {text}" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_the_mean_is_not_rounded_to_a_narrower_first_ingredient() -> None:

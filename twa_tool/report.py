@@ -338,8 +338,10 @@ def markdown_soup_report(report: dict) -> str:
              f"data {md_code(data['spec'])} "
              f"(held-out: {data['heldout']}, {data['heldout_examples']} examples; eval {data['eval_examples']}), "
              f"device {report['device']}. Written: **{report['written_method']}** (chosen by "
-             f"{report['chosen_by']}).", "",
-             "| model | held-out acc | held-out loss | eval acc | eval loss |", "|---|---:|---:|---:|---:|"]
+             f"{report['chosen_by']}).", ""]
+    if report.get("warnings"):  # a small held-out split, a file counted once...: as the run printed them
+        lines += ["Warnings:", "", *(f"- {md_text(w)}" for w in report["warnings"]), ""]
+    lines += ["| model | held-out acc | held-out loss | eval acc | eval loss |", "|---|---:|---:|---:|---:|"]
 
     def row(label: str, values: dict) -> str:
         return (f"| {label} | {100 * values['heldout']['accuracy']:.2f}% | {values['heldout']['loss']:.4f} | "
