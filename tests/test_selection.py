@@ -255,3 +255,25 @@ def test_unnumbered_files_stay_without_a_numbered_trajectory_and_for_fine_tunes(
     _unnumbered_beside_epochs(tmp_path / "run", ("ft_lr_high.pt",))
     chosen = select(discover(tmp_path / "run"), Selection(), trajectory=False)
     assert names(chosen) == ["0.pt", "1.pt", "2.pt", "ft_lr_high.pt"]
+
+
+def test_weight_copies_keep_the_training_save_then_the_first_name(tmp_path: Path) -> None:
+    """Soup ingredients have no numbers to prefer: of two torch files holding the same weights, the one saved with
+    more than the weights (the optimizer) is kept over the weights-only copy, wherever it sorts; of two holding
+    only the weights, the first; other weights, and files that are not torch zips, are never compared."""
+    from functools import partial
+
+    from twa_tool.checkpoints import same_weights
+    from twa_tool.selection import weight_copies
+
+    adam, sgd = {"w": torch.full((1000,), 1.0)}, {"w": torch.full((1000,), 2.0)}
+    torch.save({"model": adam, "optimizer": {"state": {0: {"exp_avg": adam["w"] * 0.1}}, "param_groups": []}},
+               tmp_path / "z_adam.pt")
+    torch.save(adam, tmp_path / "best.pt")
+    torch.save(sgd, tmp_path / "sgd.pt")
+    torch.save({"model": sgd}, tmp_path / "sgd_wrapped.pt")
+    torch.save({"w": torch.full((1000,), 3.0)}, tmp_path / "other.pt")
+    files = discover(tmp_path)
+    assert weight_copies(files, partial(same_weights)) == {"best.pt": ("z_adam.pt", "copy of the weights"),
+                                                           "sgd_wrapped.pt": ("sgd.pt", "copy of the weights")}
+    assert find_aliases(files, partial(same_weights)) == {}  # average's rule: unnumbered files against numbered ones

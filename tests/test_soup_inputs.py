@@ -203,6 +203,8 @@ def test_a_small_held_out_split_is_warned(ingredients: Path, tmp_path: Path) -> 
     text = "the held-out split has 20 examples: its accuracies move in steps of 5 points"
     assert any(w.startswith(text) for w in report["warnings"]), report["warnings"]
     assert text in " ".join(result.stderr.split())
+    # report.md, the file people read later (a CI artifact), says it too: its accuracies are mostly chance
+    assert f"- {text}" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_the_mean_is_not_rounded_to_a_narrower_first_ingredient() -> None:
@@ -452,6 +454,8 @@ def test_hugging_face_fine_tunes_get_their_config_and_tokenizer_files_copied(ing
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text()) == {"run": 2}  # the last ingredient's, as its layout
     assert (out / "tokenizer_config.json").read_text() == "{}"
+    for name in ("config.json", "tokenizer_config.json"):  # said as the dry run's `would write` says them
+        assert f"wrote {out / name}  sha256 " in result.stderr, result.stderr
     for name in ("model.safetensors", "report.json", "report.md"):
         (out / name).unlink()
     result = soup(folder, out, "--method", "uniform")  # the copied files are outputs: refused without --overwrite
@@ -536,3 +540,102 @@ def test_strip_prefix_of_the_fine_tunes_and_a_base_without_it(demo_ckpts: Path, 
     assert refused.exit_code == 4 and f"--base {wrong}" in refused.stderr
     assert refused.stderr.count(str(wrong)) == 1, refused.stderr  # was '--base PATH: PATH: ...'
     assert "pass the pretrained weights the fine-tunes started from" in refused.stderr
+
+
+def _training_save(state: dict, path: Path) -> None:
+    """What a fine-tuning script saves at its end: the weights with the optimizer, the epoch and its accuracy."""
+    momentum = {i: {"momentum_buffer": v * 0.1} for i, v in enumerate(state.values()) if v.is_floating_point()}
+    torch.save({"model": state, "optimizer": {"state": momentum, "param_groups": [{"lr": 0.01, "params": [0]}]},
+                "epoch": 2, "acc": 0.9}, path)
+
+
+@pytest.mark.parametrize("names, kept", [
+    (("ft_lr0.01.pt", "ft_lr0.03.pt", "ft_lr0.1.safetensors"), "ft_lr0.01.pt"),  # numbered: select's own rule
+    (("ft_adam.pt", "ft_sgd.pt", "ft_swa.safetensors"), "ft_adam.pt"),  # all unnumbered: best.pt sorts first
+])
+def test_best_pt_holding_a_fine_tunes_weights_is_counted_once(names: tuple[str, ...], kept: str, demo_ckpts: Path,
+                                                              tmp_path: Path) -> None:
+    """`torch.save(model.state_dict(), 'best.pt')` beside the fine-tune saved with its optimizer: the same weights
+    in another container. They were two ingredients, so the uniform soup weighed that fine-tune twice (1/4 + 1/4)
+    and greedy tried it twice. Now it counts once, whether or not the names hold numbers, and the report and a
+    warning say which file was kept."""
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    states = [load_file(demo_ckpts / f"{epoch}.safetensors") for epoch in (2, 3, 4)]
+    _training_save(states[0], folder / names[0])
+    torch.save(states[1], folder / names[1])
+    save_file(states[2], str(folder / names[2]))
+    torch.save(states[0], folder / "best.pt")
+    dry = soup(folder, tmp_path / "out", "--method", "uniform", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    result = soup(folder, tmp_path / "out", "--method", "uniform")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["ingredients"] == json.loads(dry.stdout)["ingredients"]
+    assert sorted(report["ingredients"]) == list(names)
+    reason = f"copy of the weights of {kept}"
+    assert report["excluded"] == json.loads(dry.stdout)["excluded"] == [{"name": "best.pt", "reason": reason}]
+    assert f"best.pt: {reason}; counted once" in report["warnings"]
+    assert f"warning: best.pt: {reason}; counted once" in result.stderr
+    assert report["coefficients"]["uniform"] == [1 / 3] * 3
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    mean = torch.stack([s["head.weight"].double() for s in states]).mean(0).float()
+    assert torch.equal(written["head.weight"], mean)
+
+
+@pytest.mark.parametrize("copy, original, extra", [
+    ("ft-2_copy.pt", "ft-2.safetensors", ()),  # a .pt of ft-2 beside its safetensors: ft-2 counted twice
+    ("pretrained.pt", "--base model", ("--base", "BASE")),  # the pretrained model, not a fine-tune: would be one
+])
+def test_weights_repeated_in_another_format_are_refused_naming_the_copy(copy: str, original: str,
+                                                                        extra: tuple[str, ...], ingredients: Path,
+                                                                        demo_ckpts: Path, tmp_path: Path) -> None:
+    """Same weights in another format (a .pt beside the safetensors it was converted to; the --base model saved
+    as .pt in the folder) were one more ingredient, so the uniform soup weighed that model twice, with no word.
+    Only their bytes show it, read by the run's first pass: refused there, naming both files and the fix."""
+    import shutil
+
+    folder = tmp_path / "ft"
+    shutil.copytree(ingredients, folder)
+    source = folder / "ft-2.safetensors" if copy == "ft-2_copy.pt" else demo_ckpts / "0.safetensors"
+    torch.save(load_file(source), folder / copy)
+    flags = [str(demo_ckpts / "0.safetensors") if a == "BASE" else a for a in extra]
+    result = soup(folder, tmp_path / "out", *flags)
+    assert result.exit_code == 4, result.output
+    said = "the --base model's weights" if copy == "pretrained.pt" else "the same weights as"
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and said in line and f"--exclude {copy}" in line, result.stderr
+    assert (original in line if copy == "ft-2_copy.pt" else True) and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_fine_tunes_of_different_lengths_are_no_training_order(demo_ckpts: Path, tmp_path: Path) -> None:
+    """Fine-tunes store the epoch each one ended at (`{'model': sd, 'epoch': 5}`), and a short one can sort after a
+    long one. twa average's check of a training run's order warned `ft_lr0.01.pt (epoch 5) comes before
+    ft_lr0.03.pt (epoch 2) in name order; the name order is used, rename the files`: soup has no training order,
+    so there was nothing to rename."""
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    for name, epoch, source in (("ft_lr0.01.pt", 5, 2), ("ft_lr0.03.pt", 2, 3), ("ft_lr0.1.pt", 3, 4)):
+        torch.save({"model": load_file(demo_ckpts / f"{source}.safetensors"), "epoch": epoch, "step": 100 * epoch},
+                   folder / name)
+    result = soup(folder, tmp_path / "out", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["warnings"] == [] and "warning" not in result.stderr, result.stderr
+
+
+def test_a_model_mismatch_names_the_first_ingredient_in_the_runs_order(ingredients: Path, tmp_path: Path) -> None:
+    """`(first: NAME)` was the alphabetically first file (ft-10 before ft-2) while the table below it and every
+    list of the run go in numeric order (ft-2 .. ft-10)."""
+    import shutil
+
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    shutil.copyfile(ingredients / "ft-1.safetensors", folder / "ft-2.safetensors")
+    shutil.copyfile(ingredients / "ft-2.safetensors", folder / "ft-10.safetensors")
+    args = ["soup", str(folder), "--model", "twa:cnn", "--model-arg", "in_channels=1", "--model-arg", "width=8",
+            "--data", "synthetic", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 4, result.output
+    assert "2 of 2 checkpoints do not match the model twa:cnn (first: ft-2.safetensors)" in result.stderr
+    assert "ft-2.safetensors .. ft-10.safetensors (2 files)" in result.stderr, result.stderr

@@ -358,10 +358,11 @@ class Reader:
 
 
 def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Reader,
-                     spec: str) -> tuple[list[str], dict[str, HeaderInfo]]:
+                     spec: str, trajectory: bool = True) -> tuple[list[str], dict[str, HeaderInfo]]:
     """Keys and shapes of every selected checkpoint against the model, from headers, before heavy work.
 
-    Returns warnings (name order against stored steps/epochs, mixed dtypes) and the headers by name.
+    Returns warnings (name order against stored steps/epochs when the files are one run's ``trajectory``, not
+    ``twa soup``'s fine-tunes; mixed dtypes) and the headers by name.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     rows: list[tuple[str, ...]] = []
@@ -377,14 +378,14 @@ def validate_headers(files: list[CheckpointFile], model: nn.Module, reader: Read
         if problems:
             bad_files.add(entry.name)
     if rows:
-        first = sorted(bad_files)[0]
+        first = next(f.name for f in files if f.name in bad_files)  # the run's order, as the table
         raise CheckpointError(f"{len(bad_files)} of {len(files)} checkpoints do not match the model {spec} "
                               f"(first: {first}); check --model/--model-arg, or --strip-prefix",
                               details=[("file", "key", "checkpoint", "model")] + group_rows(rows)[:20])
     names = [f.name for f in files]
-    notes = [order_conflict(names, [headers[n].step for n in names], "step")
-             or order_conflict(names, [headers[n].epoch for n in names], "epoch"),
-             mixed_dtypes({n: headers[n].tensors for n in names})]
+    order = (order_conflict(names, [headers[n].step for n in names], "step")
+             or order_conflict(names, [headers[n].epoch for n in names], "epoch")) if trajectory else None
+    notes = [order, mixed_dtypes({n: headers[n].tensors for n in names})]
     return [note for note in notes if note], headers
 
 

@@ -162,9 +162,14 @@ def render_average(report: dict, console: Console) -> None:
     console.print(f"basis rank {basis['rank']} of {len(report['checkpoints'])}, "
                   f"max|PPᵀ-I| = {basis['orthonormality_error']:.1e}, "
                   f"distance to span = {basis['span_residual']:.1e}")
-    outputs = report.get("outputs", {})
+    print_written(report.get("outputs", {}), console)
+
+
+def print_written(outputs: dict, console: Console) -> None:
+    """One ``wrote PATH`` line per file a run wrote: the model's, the copied config/tokenizer files (a dry run
+    lists them under ``would write``), report.json, report.md and figures."""
     if "model" in outputs:
-        for item in outputs.get("files", [outputs["model"]]):
+        for item in [*outputs.get("files", [outputs["model"]]), *outputs.get("side_files", [])]:
             console.print(f"wrote {item['path']}  sha256 {item['sha256']}", soft_wrap=True, markup=False)
         console.print(f"wrote {outputs['report']['path']}", soft_wrap=True, markup=False)
     for path in outputs.get("human", []):  # report.md, figures
@@ -322,13 +327,7 @@ def render_soup(report: dict, console: Console) -> None:
     console.print(f"written: {report['written_method']} (chosen by {report['chosen_by']}); directions "
                   f"{memory['directions_bytes'] / 2**20:.1f} MiB ({memory['basis_dtype']}), peak RSS "
                   f"{memory['peak_rss_bytes'] / 2**20:.0f} MiB", soft_wrap=True, markup=False)
-    outputs = report.get("outputs", {})
-    for item in outputs.get("files", []):
-        console.print(f"wrote {item['path']}  sha256 {item['sha256']}", soft_wrap=True, markup=False)
-    if "report" in outputs:
-        console.print(f"wrote {outputs['report']['path']}", soft_wrap=True, markup=False)
-    for path in outputs.get("human", []):  # report.md
-        console.print(f"wrote {path}", soft_wrap=True, markup=False)
+    print_written(report.get("outputs", {}), console)
 
 
 def markdown_soup_report(report: dict) -> str:
@@ -339,8 +338,10 @@ def markdown_soup_report(report: dict) -> str:
              f"data {md_code(data['spec'])} "
              f"(held-out: {data['heldout']}, {data['heldout_examples']} examples; eval {data['eval_examples']}), "
              f"device {report['device']}. Written: **{report['written_method']}** (chosen by "
-             f"{report['chosen_by']}).", "",
-             "| model | held-out acc | held-out loss | eval acc | eval loss |", "|---|---:|---:|---:|---:|"]
+             f"{report['chosen_by']}).", ""]
+    if report.get("warnings"):  # a small held-out split, a file counted once...: as the run printed them
+        lines += ["Warnings:", "", *(f"- {md_text(w)}" for w in report["warnings"]), ""]
+    lines += ["| model | held-out acc | held-out loss | eval acc | eval loss |", "|---|---:|---:|---:|---:|"]
 
     def row(label: str, values: dict) -> str:
         return (f"| {label} | {100 * values['heldout']['accuracy']:.2f}% | {values['heldout']['loss']:.4f} | "

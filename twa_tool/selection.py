@@ -170,6 +170,28 @@ def find_aliases(files: list[CheckpointFile],
     return aliases
 
 
+def weight_copies(files: list[CheckpointFile],
+                  same_weights: Callable[[Path, Path], bool]) -> dict[str, tuple[str, str]]:
+    """Torch files holding another one's weights in another container, whatever their names (``twa soup``'s
+    ingredients have no order and are often all unnumbered, which ``find_aliases`` leaves alone): alias name ->
+    (the file kept, ``SAME_WEIGHTS``). Kept: the file saved with more than the weights (its storages hold all of
+    the other's and more: the fine-tune's own save with its optimizer) over the weights-only copy (``best.pt``),
+    then the first in ``files``' order. Candidates are those whose storages contain one another's, confirmed by
+    ``same_weights``."""
+    stored = [(f, _storages(zip_contents_key(f.path.resolve()))) for f in files if f.path.is_file()]
+    stored = [(f, s) for f, s in stored if s]
+    kept: list[tuple[CheckpointFile, Counter]] = []
+    aliases: dict[str, tuple[str, str]] = {}
+    for entry, mine in sorted(stored, key=lambda fs: -fs[1].total()):  # fuller saves first; stable: file order
+        twin = next((other for other, theirs in kept if mine <= theirs and same_weights(entry.path, other.path)),
+                    None)
+        if twin is None:
+            kept.append((entry, mine))
+        else:
+            aliases[entry.name] = (twin.name, SAME_WEIGHTS)
+    return {f.name: aliases[f.name] for f in files if f.name in aliases}
+
+
 def same_file(path: Path, other: Path) -> str | None:
     """How ``path`` duplicates ``other`` (the same file through a symlink or path, a hard link, identical
     bytes), or None when it is another file; the full hash only runs when size and probe agree."""

@@ -24,6 +24,7 @@ split is only ever reported, never used to choose.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -31,6 +32,7 @@ import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,12 +48,13 @@ from .checkpoints import (
     folder_weight_files,
     no_checkpoints,
     raise_if_refused,
+    same_weights,
     sha256_file,
     weights_path,
 )
 from .config import CoefficientTrainConfig, Selection, SoupConfig
 from .data import DataSplits, build_data, download_note, for_workers, label_meaning, registry_name, split_holdout
-from .errors import CheckpointError, ConfigError, DataError, MissingData, NumericalError, TwaError
+from .errors import CheckpointError, ConfigError, DataError, MissingData, NumericalError, TwaError, exclude_hint
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
@@ -79,7 +82,7 @@ from .pipeline import (
     resolve_device,
     validate_headers,
 )
-from .selection import same_file, select
+from .selection import Chosen, Dropped, same_file, select, weight_copies
 from .trainer import (
     SCHEDULES,
     Batches,
@@ -477,7 +480,8 @@ def find_inputs(config: SoupConfig) -> Inputs:
     found = discover(config.finetunes_dir)
     if not found:
         raise no_checkpoints(config.finetunes_dir)
-    chosen = select(found, Selection(include=config.include, exclude=config.exclude), trajectory=False)
+    chosen = without_weight_copies(select(found, Selection(include=config.include, exclude=config.exclude),
+                                          same_weights=_same_weights(config), trajectory=False), config)
     base = None
     if config.base is not None:
         if not config.base.exists():
@@ -501,12 +505,27 @@ def find_inputs(config: SoupConfig) -> Inputs:
                               f"2 distinct fine-tunes (check --include/--exclude)")
     spec, model_args, model = build_run_model(config, files[0])
     reader = Reader.for_run(config, model)
-    notes, headers = validate_headers(files, model, reader, spec)
+    notes, headers = validate_headers(files, model, reader, spec, trajectory=False)  # fine-tunes: no order
     base_reader, base_note = reader_for_base(base, model, reader, spec) if base is not None else (None, None)
     warnings = [f"{d.name}: {d.reason}; counted once" for d in chosen.dropped if d.alias_of is not None]
     warnings += notes + ([base_note] if base_note else [])
     return Inputs(files, base, spec, model_args, model, reader, dict(headers[files[-1].name].tensors), excluded,
                   warnings, base_reader)
+
+
+def _same_weights(config: SoupConfig) -> Callable[[Path, Path], bool]:
+    """Whether two files hold the same fine-tune's weights, read as the run reads them."""
+    return partial(same_weights, weights=config.weights, trust_pickle=config.trust_pickle,
+                   strip_prefix=config.strip_prefix, allow_globals=config.allow_globals)
+
+
+def without_weight_copies(chosen: Chosen, config: SoupConfig) -> Chosen:
+    """``chosen`` less the torch files that hold another ingredient's weights in another container, whatever their
+    names (``select`` compares an unnumbered file with the numbered ones only): each would count twice in the
+    uniform soup and greedy's candidates (``weight_copies`` says which file is kept)."""
+    copies = weight_copies(list(chosen.files), _same_weights(config))
+    dropped = [Dropped(name, f"{how} of {original}", alias_of=original) for name, (original, how) in copies.items()]
+    return Chosen(files=tuple(f for f in chosen.files if f.name not in copies), dropped=(*chosen.dropped, *dropped))
 
 
 def reader_for_base(base: CheckpointFile, model: nn.Module, reader: Reader, spec: str) -> tuple[Reader, str | None]:
@@ -774,8 +793,11 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
     with prepare_output_dir(config.out_dir, outputs, config.overwrite, sources, size,
                             config.finetunes_dir):  # --out locked for this run; a failed run leaves no empty --out
         clock = time.perf_counter()
-        uniform, center, digests = read_uniform(inputs, names, on_event)
-        origin = flatten(_load(inputs, inputs.base, inputs.base_reader), names, torch.float32) if inputs.base else None
+        base_state = _load(inputs, inputs.base, inputs.base_reader) if inputs.base else None
+        origin = flatten(base_state, names, torch.float32) if base_state is not None else None
+        base_weights = weights_digest(base_state) if base_state is not None else None
+        del base_state
+        uniform, center, digests = read_uniform(inputs, names, on_event, base_weights)
         directions = Directions(center, center - origin if origin is not None else center,
                                 segments_of(inputs.model, names), len(inputs.files), config.basis_dtype)
         timings["uniform_s"] = time.perf_counter() - clock
@@ -813,12 +835,41 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         return write_soup(config, report, state, inputs)
 
 
-def read_uniform(inputs: Inputs, names: list[str], on_event: EventSink) -> tuple[State, torch.Tensor, list[str]]:
-    """One streamed pass: the uniform soup, its trainable part as a float32 vector, the inputs' sha256."""
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state's keys, dtypes, shapes and values: equal for the same weights in any file format."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_distinct(entry: CheckpointFile, digest: str, seen: dict[str, str | None]) -> None:
+    """Refuse an ingredient whose weights (``weights_digest``) an earlier one or the base (``None`` in ``seen``)
+    holds: a copy in another format, which the aliases found from the files' bytes miss, would count twice."""
+    if digest not in seen:
+        seen[digest] = entry.name
+        return
+    other = seen[digest]
+    what = ("holds the --base model's weights: it is not a fine-tune" if other is None else
+            f"holds the same weights as {other} (another format or container): the soups would count them twice")
+    raise CheckpointError(f"{entry.path}: {what}; leave it out: {exclude_hint(entry.name)}")
+
+
+def read_uniform(inputs: Inputs, names: list[str], on_event: EventSink,
+                 base_weights: str | None = None) -> tuple[State, torch.Tensor, list[str]]:
+    """One streamed pass: the uniform soup, its trainable part as a float32 vector, the inputs' sha256. An
+    ingredient holding the weights of an earlier one, or of the base (``base_weights``: its ``weights_digest``),
+    is refused (``check_distinct``)."""
     on_event(Event("phase", "reading the ingredients (uniform soup)", total=len(inputs.files)))
     total, digests = StateSum(), []
+    seen: dict[str, str | None] = {base_weights: None} if base_weights else {}
     for entry in inputs.files:
-        total.add(_load(inputs, entry))
+        state = _load(inputs, entry)
+        check_distinct(entry, weights_digest(state), seen)
+        total.add(state)
+        del state
         digests.append(sha256_file(entry.path))
         on_event(Event("advance"))
     center = torch.cat([(total.sums[n] / total.count).reshape(-1) for n in names]).to(torch.float32)
