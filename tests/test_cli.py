@@ -192,6 +192,8 @@ def test_an_ema_save_beside_the_epochs_is_left_out_with_a_warning(demo_ckpts: Pa
         assert any(w.startswith(note) for w in report["warnings"])
         assert note in " ".join(result.stderr.split())
     assert report["metrics"]["last"]["checkpoint"] == "4.safetensors"
+    markdown = (tmp_path / "o" / "report.md").read_text()  # the run's warnings, for CI artifact readers too
+    assert "Warnings:" in markdown and "safetensors: left out, unnumbered, not a copy" in markdown
 
 
 def test_weights_key_averages_the_named_dict(plain_pt_ckpts: Path, tmp_path: Path) -> None:

@@ -222,13 +222,20 @@ def md_code(text: object) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
+def markdown_warnings(report: dict) -> list[str]:
+    """report.md's list of the run's warnings (a file left out or counted once, a small held-out split, TWA
+    below SWA...), as the run printed them; nothing when there are none."""
+    warnings = report.get("warnings") or []
+    return ["Warnings:", "", *(f"- {md_text(w)}" for w in warnings), ""] if warnings else []
+
+
 def markdown_report(report: dict, images: list[str], note: str | None = None) -> str:
     """report.md: the baseline table, the coefficients and the figures, for people and CI artifact viewers."""
     metrics = report["metrics"]
     lines = ["# twa average report", "",
              f"{len(report['checkpoints'])} checkpoints, model {md_code(report['model']['spec'])}, "
              f"data {md_code(report['data']['spec'])} (fit on {report['data']['fit_on']}), "
-             f"device {report['device']}.", "",
+             f"device {report['device']}.", "", *markdown_warnings(report),
              "| method | accuracy | loss |", "|---|---:|---:|"]
     for name, values in metrics.items():
         label = md_text(method_label(report, name))
@@ -338,9 +345,7 @@ def markdown_soup_report(report: dict) -> str:
              f"data {md_code(data['spec'])} "
              f"(held-out: {data['heldout']}, {data['heldout_examples']} examples; eval {data['eval_examples']}), "
              f"device {report['device']}. Written: **{report['written_method']}** (chosen by "
-             f"{report['chosen_by']}).", ""]
-    if report.get("warnings"):  # a small held-out split, a file counted once...: as the run printed them
-        lines += ["Warnings:", "", *(f"- {md_text(w)}" for w in report["warnings"]), ""]
+             f"{report['chosen_by']}).", "", *markdown_warnings(report)]
     lines += ["| model | held-out acc | held-out loss | eval acc | eval loss |", "|---|---:|---:|---:|---:|"]
 
     def row(label: str, values: dict) -> str:
