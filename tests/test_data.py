@@ -1138,3 +1138,26 @@ def test_a_function_of_yours_named_like_a_built_in_gets_no_built_in_hint(tmp_pat
         with pytest.raises((ConfigError, DataError)) as info:
             build_data(f"{tmp_path / 'mydata.py'}:{function}")
         assert expected in str(info.value) and "built-in" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("spec, value, other", [
+    ("mnist", 73, "fashion-mnist"),  # 73/255 = 0.286: Fashion-MNIST's mean pixel
+    ("fashion-mnist", 33, "mnist"),  # 0.129: MNIST's
+    ("mnist", 33, None), ("fashion-mnist", 73, None),  # its own
+    ("mnist", 49, None), ("fashion-mnist", 49, None),  # 0.192: KMNIST-like, neither
+])
+def test_the_other_mnist_format_set_is_noted(tmp_path: Path, spec: str, value: int, other: str | None) -> None:
+    """MNIST and Fashion-MNIST use the same four file names, so `--data mnist --data-root` at a flat folder of
+    Fashion-MNIST files loaded silently (the wrong normalisation, a model evaluated on the wrong images). The
+    training images' mean pixel tells them apart: a note, which the run prints as a warning."""
+    write_idx_set(tmp_path, np.random.default_rng(9), gz=False)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_bytes(np.full((4, 28, 28), value, np.uint8), 0x803))
+    notes = build_data(spec, root=tmp_path).notes
+    names = {"mnist": ("MNIST", 0.1307), "fashion-mnist": ("Fashion-MNIST", 0.2860)}
+    if other is None:
+        assert notes == ()
+    else:
+        (mine, own_mean), (theirs, their_mean) = names[spec], names[other]
+        assert notes == (f"--data {spec}: the training images in {tmp_path} have a mean pixel of {value / 255:.3f} "
+                         f"({theirs}'s is {their_mean:.3f}, {mine}'s {own_mean:.3f}): they look like {theirs}; "
+                         f"pass --data {other}, or --data-root pointing at {mine}'s files",)

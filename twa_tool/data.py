@@ -726,7 +726,29 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
         )
     train = NormalizedGrayDataset(train_images, train_labels, layout.mean, layout.std)
     test = NormalizedGrayDataset(test_images, test_labels, layout.mean, layout.std)
-    return DataSplits(train=train, eval=test, num_classes=10, name=layout.name, train_plain=train)
+    note = _other_idx_note(layout, directory, float(train_images.mean()) / 255)
+    return DataSplits(train=train, eval=test, num_classes=10, name=layout.name, train_plain=train,
+                      notes=(note,) if note else ())
+
+
+#: The mean pixel (in [0, 1]) of each MNIST-format training set, as its normalisation uses it, and its name.
+_IDX_MEANS = {"mnist": (0.1307, "MNIST"), "fashion-mnist": (0.2860, "Fashion-MNIST")}
+#: How close a training set's mean pixel must come to the other dataset's to be taken for it.
+_IDX_MEAN_MATCH = 0.01
+
+
+def _other_idx_note(layout: _IdxLayout, directory: Path, mean: float) -> str | None:
+    """A warning when the files of ``--data mnist`` look like Fashion-MNIST's or the reverse: both use the same
+    four file names, so a flat folder of the other set loads silently, normalised with the wrong statistics and
+    evaluating a model on the wrong images. Told apart by the training images' mean pixel (0.131 against 0.286);
+    other MNIST-format sets (KMNIST 0.19, EMNIST 0.17) are not flagged."""
+    other = _OTHER_IDX[layout.name][1]
+    other_mean, other_display = _IDX_MEANS[other]
+    if abs(mean - other_mean) >= _IDX_MEAN_MATCH or abs(mean - layout.mean) < _IDX_MEAN_MATCH:
+        return None
+    return (f"--data {layout.name}: the training images in {directory} have a mean pixel of {mean:.3f} "
+            f"({other_display}'s is {other_mean:.3f}, {layout.display}'s {layout.mean:.3f}): they look like "
+            f"{other_display}; pass --data {other}, or --data-root pointing at {layout.display}'s files")
 
 
 def _build_mnist(root: Path | None, download: bool) -> DataSplits:
