@@ -277,3 +277,30 @@ def test_weight_copies_keep_the_training_save_then_the_first_name(tmp_path: Path
     assert weight_copies(files, partial(same_weights)) == {"best.pt": ("z_adam.pt", "copy of the weights"),
                                                            "sgd_wrapped.pt": ("sgd.pt", "copy of the weights")}
     assert find_aliases(files, partial(same_weights)) == {}  # average's rule: unnumbered files against numbered ones
+
+
+def test_lightnings_versioned_last_ckpt_is_no_epoch_number(tmp_path: Path) -> None:
+    """Lightning names a second rolling save `last-v1.ckpt` (a resumed run, `last.ckpt` already there): the 1 is a
+    version, not an epoch. It was read as one, so the file sorted between epoch 0 and epoch 1, was averaged as a
+    point of the trajectory there, and counted epoch 2's weights twice. Unnumbered, it is the newest save,
+    compared with the epoch files like `last.ckpt` and counted once."""
+    from twa_tool.config import AverageConfig
+    from twa_tool.pipeline import select_checkpoints
+
+    def save(epoch: int, last_path: str, name: str) -> None:
+        torch.save({"epoch": epoch, "global_step": 10 * epoch, "pytorch-lightning_version": "2.5.0",
+                    "state_dict": {"model.w": torch.full((1000,), float(epoch))},
+                    "callbacks": {"ModelCheckpoint": {"last_model_path": last_path}}}, tmp_path / name)
+
+    for epoch in range(3):
+        save(epoch, "", f"epoch={epoch}-step={10 * epoch}.ckpt")
+    save(2, "last.ckpt", "last.ckpt")  # the same weights, another callback state: not byte-identical
+    save(2, "last-v1.ckpt", "last-v1.ckpt")
+    chosen = select_checkpoints(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic"))
+    assert names(chosen) == ["epoch=0-step=0.ckpt", "epoch=1-step=10.ckpt", "epoch=2-step=20.ckpt"]
+    assert {d.name: d.reason for d in chosen.dropped} == {
+        "last.ckpt": "copy of the weights of epoch=2-step=20.ckpt",
+        "last-v1.ckpt": "copy of the weights of epoch=2-step=20.ckpt"}
+    save(3, "last-v1.ckpt", "last-v1.ckpt")  # newer than every epoch file kept: the end of the trajectory
+    chosen = select_checkpoints(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic"))
+    assert names(chosen)[-2:] == ["epoch=2-step=20.ckpt", "last-v1.ckpt"]
