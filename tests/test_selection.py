@@ -304,3 +304,27 @@ def test_lightnings_versioned_last_ckpt_is_no_epoch_number(tmp_path: Path) -> No
     save(3, "last-v1.ckpt", "last-v1.ckpt")  # newer than every epoch file kept: the end of the trajectory
     chosen = select_checkpoints(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic"))
     assert names(chosen)[-2:] == ["epoch=2-step=20.ckpt", "last-v1.ckpt"]
+
+
+def test_best_pt_identical_to_last_pt_keeps_the_newest_save(tmp_path: Path) -> None:
+    """ultralytics writes the same bytes to best.pt and last.pt when the last epoch is the best one, beside
+    `epoch10.pt`, `epoch20.pt` (save_period). best.pt sorted first, so last.pt was dropped as its copy ('counted
+    once'), and then best.pt was left out as a best-so-far save: the newest weights were in neither, and the
+    warning said they were counted. The file named as the newest save is the one kept; a copy of a file that is
+    left out is left out with it, never 'counted once'."""
+    write_run(tmp_path, epochs=0)
+    for epoch in (10, 20):
+        torch.save({"epoch": epoch, "model": {"w": torch.full((1000,), float(epoch))}}, tmp_path / f"epoch{epoch}.pt")
+    torch.save({"epoch": 24, "model": {"w": torch.full((1000,), 24.0)}}, tmp_path / "last.pt")
+    shutil.copyfile(tmp_path / "last.pt", tmp_path / "best.pt")
+    chosen = select(discover(tmp_path), Selection())
+    assert names(chosen) == ["epoch10.pt", "epoch20.pt", "last.pt"]
+    assert {d.name: (d.alias_of, d.reason) for d in chosen.dropped} == {
+        "best.pt": ("last.pt", "byte-identical copy of last.pt")}
+    (tmp_path / "last.pt").unlink()
+    torch.save({"epoch": 24, "model": {"w": torch.full((1000,), 25.0)}}, tmp_path / "last.pt")
+    shutil.copyfile(tmp_path / "best.pt", tmp_path / "ema_best.pt")
+    chosen = select(discover(tmp_path), Selection())
+    assert names(chosen) == ["epoch10.pt", "epoch20.pt", "last.pt"]
+    assert {d.name: (d.alias_of, d.reason, d.unplaced) for d in chosen.dropped} == {
+        "best.pt": (None, UNPLACED, True), "ema_best.pt": (None, UNPLACED, True)}

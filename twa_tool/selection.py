@@ -2,7 +2,8 @@
 
 Order of operations (documented in ``twa average --help``): discover in numeric order ->
 ``--include``/``--exclude`` globs -> drop aliases (symlinks, hard links, byte-identical copies, the same
-torch save under another name; the first name in numeric order is kept, so ``20.pt`` wins over ``last.pt``)
+torch save under another name; the first name in numeric order is kept, so ``20.pt`` wins over ``last.pt``,
+and of unnumbered ones a name saying newest, so ``last.pt`` wins over ``best.pt``)
 -> leave out unnumbered files a trajectory cannot place (``unplaced``) -> ``--range`` ->
 ``--every`` -> ``--last`` -> ``--top-k`` by a stored metric (kept in numeric order).
 Given a ``same_weights`` test, an unnumbered torch file (``best.pth`` holding ``model.state_dict()``) that holds
@@ -283,13 +284,16 @@ def select(files: list[CheckpointFile], selection: Selection,
             dropped.append(Dropped(entry.name, reason))
         else:
             kept.append(entry)
-    aliases = find_aliases(kept, same_weights)
-    dropped += [Dropped(name, f"{how} of {original}", alias_of=original) for name, (original, how) in aliases.items()]
+    # of copies among unnumbered files, the one named as the newest save is kept (last.pt over the identical best.pt)
+    aliases = find_aliases(sorted(kept, key=lambda f: not f.numbers and not named_newest(f.name)) if trajectory
+                           else kept, same_weights)
     kept = [f for f in kept if f.name not in aliases]
-    if trajectory:
-        left_out = unplaced(kept, selection)
-        dropped += [Dropped(f.name, UNPLACED, unplaced=True) for f in left_out]
-        kept = [f for f in kept if f not in left_out]
+    left_out = unplaced(kept, selection) if trajectory else []
+    gone = {f.name for f in left_out}  # a copy of a file left out is left out with it, not 'counted once'
+    dropped += [Dropped(name, UNPLACED, unplaced=True) if original in gone else
+                Dropped(name, f"{how} of {original}", alias_of=original) for name, (original, how) in aliases.items()]
+    dropped += [Dropped(f.name, UNPLACED, unplaced=True) for f in left_out]
+    kept = [f for f in kept if f not in left_out]
     chosen = selection.apply(kept)
     if selection.top_k is not None:
         chosen = _top_k(chosen, selection, metric_of)
