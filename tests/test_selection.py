@@ -304,6 +304,9 @@ def test_lightnings_versioned_last_ckpt_is_no_epoch_number(tmp_path: Path) -> No
     save(3, "last-v1.ckpt", "last-v1.ckpt")  # newer than every epoch file kept: the end of the trajectory
     chosen = select_checkpoints(AverageConfig(checkpoint_dir=tmp_path, out_dir=tmp_path / "o", data="synthetic"))
     assert names(chosen)[-2:] == ["epoch=2-step=20.ckpt", "last-v1.ckpt"]
+    from twa_tool.checkpoints import CheckpointFile
+    numbers = {n: CheckpointFile(n, tmp_path / n).numbers for n in ("last-v12.ckpt", "ft-v2.ckpt", "last-v1.pt")}
+    assert numbers == {"last-v12.ckpt": (), "ft-v2.ckpt": (2,), "last-v1.pt": (1,)}  # other names: as before
 
 
 def test_best_pt_identical_to_last_pt_keeps_the_newest_save(tmp_path: Path) -> None:

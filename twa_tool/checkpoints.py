@@ -177,15 +177,15 @@ class CheckpointFile:
 
     @property
     def numbers(self) -> tuple[int, ...]:
-        """The numbers in the name, in order; none for a name whose only number is Lightning's version suffix
-        (``last-v1.ckpt``, a second rolling save: a version, not an epoch or step)."""
-        if _LIGHTNING_VERSIONED.fullmatch(self.name):
+        """The numbers in the name, in order; none for Lightning's versioned rolling save (``last-v1.ckpt``, written
+        when ``last.ckpt`` is there already: its number is a version, not an epoch or step)."""
+        if _LIGHTNING_LAST_VERSION.fullmatch(self.name):
             return ()
         return tuple(int(n) for n in re.findall(r"\d+", self.name))
 
 
-#: A Lightning checkpoint name without numbers but its version suffix (``last-v1.ckpt``, ``best-v2.ckpt``).
-_LIGHTNING_VERSIONED = re.compile(r"[^0-9]*-v\d+\.ckpt")
+#: Lightning's ``ModelCheckpoint.CHECKPOINT_NAME_LAST`` with its version suffix (``last-v1.ckpt``).
+_LIGHTNING_LAST_VERSION = re.compile(r"last-v\d+\.ckpt")
 
 
 @dataclass(frozen=True)
