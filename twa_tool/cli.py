@@ -826,7 +826,8 @@ def demo(out_dir: Path, data: str, data_root: Path | None, download: bool, train
                                            epochs=train_epochs, seed=seed, overwrite=overwrite)
             # every flag of both steps is checked before training, so a typo costs no run and leaves no ckpts/
             config = AverageConfig(checkpoint_dir=train_config.out_dir, out_dir=out_dir / "twa", data=data,
-                                   data_root=data_root, train=TrainConfig(lr=lr, epochs=epochs), seed=seed,
+                                   data_root=data_root, download=download, train=TrainConfig(lr=lr, epochs=epochs),
+                                   seed=seed,
                                    overwrite=overwrite, out_dtype=out_dtype,
                                    max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
             check_output(config.out_dir, (MODEL_FILE, "report.json"), overwrite)
