@@ -456,7 +456,9 @@ def switch(flag: str, help: str, dest: str | None = None, short: str | None = No
 def common_output_options(fn: Callable) -> Callable:
     for option in reversed([
         click.option("--out-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-                     show_default=True, help="dtype of floating tensors in the output (auto: as the inputs)."),
+                     show_default=True,
+                     help="dtype of floating tensors in the output (auto: each tensor's dtype in the last input "
+                          "checkpoint)."),
         click.option("--max-shard-size", default=None, metavar="SIZE",
                      help="Shard the output above this size (e.g. 5GB), with a model.safetensors.index.json."),
         switch("--json", "Also print the report as JSON on stdout.", dest="as_json"),
