@@ -809,8 +809,9 @@ def demo(out_dir: Path, data: str, data_root: Path | None, download: bool, train
     """Offline end-to-end demo: train a small CNN saving a checkpoint per epoch, then run TWA on them.
 
     Equivalent to a short training script followed by
-    `twa average OUT/ckpts --data DATA --out OUT/twa`. Every flag is checked before training; a failed
-    or interrupted demo removes the checkpoints and folders it created.
+    `twa average OUT/ckpts --data DATA --epochs EPOCHS --lr LR --seed SEED --out OUT/twa` (4 TWA epochs by
+    default, where twa average has 10). Every flag is checked before training; a failed or interrupted demo
+    removes the checkpoints and folders it created.
     """
     console = make_console(quiet)
 
