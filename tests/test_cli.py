@@ -482,6 +482,18 @@ def test_what_user_data_code_prints_in_the_demo_goes_to_stderr(tmp_path: Path) -
     assert "loud: imported" in result.stderr and "loud: example" in result.stderr
 
 
+def test_the_demo_warns_about_an_unused_download_as_twa_average_does(tmp_path: Path) -> None:
+    """README: the demo's --download is "as twa average", which warns beside a --data that never downloads (its
+    --data-root already did: the averaging step was built without the flag)."""
+    result = CliRunner().invoke(cli, ["demo", "--download", "--train-epochs", "1", "--epochs", "0", "--threads", "1",
+                                      "--out", str(tmp_path / "d"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    note = "--download is not used: --data synthetic is generated, not downloaded"
+    assert note in report["warnings"] and report["config"]["download"] is True
+    assert note in " ".join(result.stderr.split())
+
+
 def test_the_demo_says_one_epoch_in_the_singular(tmp_path: Path) -> None:
     (tmp_path / "loud.py").write_text(LOUD_DATA)
     result = CliRunner().invoke(cli, ["demo", "--data", f"{tmp_path / 'loud.py'}:splits", "--train-epochs", "1",

@@ -293,6 +293,21 @@ def test_usage_errors_are_one_line_and_help_still_works(tmp_path: Path) -> None:
     assert invoke("--version").exit_code == 0
 
 
+def test_demo_help_gives_the_average_command_it_runs() -> None:
+    """The demo's help called `twa average OUT/ckpts --data DATA --out OUT/twa` its equivalent, which trains 10 TWA
+    epochs: the demo trains --epochs (4) at --lr with --seed."""
+    text = " ".join(invoke("demo", "--help").stdout.split())
+    assert "twa average OUT/ckpts --data DATA --epochs EPOCHS --lr LR --seed SEED --out OUT/twa" in text, text
+
+
+def test_out_dtype_help_says_which_input_auto_follows() -> None:
+    """README: --out-dtype auto writes each tensor in the last checkpoint's dtype (mixed inputs: not "as the
+    inputs", which the help said)."""
+    for command in ("average", "soup", "demo"):
+        text = " ".join(invoke(command, "--help").stdout.split())
+        assert "auto: each tensor's dtype in the last input checkpoint" in text, text
+
+
 # --- 5. a dangling symlink among the checkpoints -------------------------------------------------------------------
 
 def test_a_dangling_symlink_is_an_input_error_naming_the_fix(demo_ckpts: Path, tmp_path: Path) -> None:

@@ -456,7 +456,9 @@ def switch(flag: str, help: str, dest: str | None = None, short: str | None = No
 def common_output_options(fn: Callable) -> Callable:
     for option in reversed([
         click.option("--out-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-                     show_default=True, help="dtype of floating tensors in the output (auto: as the inputs)."),
+                     show_default=True,
+                     help="dtype of floating tensors in the output (auto: each tensor's dtype in the last input "
+                          "checkpoint)."),
         click.option("--max-shard-size", default=None, metavar="SIZE",
                      help="Shard the output above this size (e.g. 5GB), with a model.safetensors.index.json."),
         switch("--json", "Also print the report as JSON on stdout.", dest="as_json"),
@@ -810,8 +812,9 @@ def demo(out_dir: Path, data: str, data_root: Path | None, download: bool, train
     """Offline end-to-end demo: train a small CNN saving a checkpoint per epoch, then run TWA on them.
 
     Equivalent to a short training script followed by
-    `twa average OUT/ckpts --data DATA --out OUT/twa`. Every flag is checked before training; a failed
-    or interrupted demo removes the checkpoints and folders it created.
+    `twa average OUT/ckpts --data DATA --epochs EPOCHS --lr LR --seed SEED --out OUT/twa` (4 TWA epochs by
+    default, where twa average has 10). Every flag is checked before training; a failed or interrupted demo
+    removes the checkpoints and folders it created.
     """
     console = make_console(quiet)
 
@@ -829,7 +832,8 @@ def demo(out_dir: Path, data: str, data_root: Path | None, download: bool, train
                                            epochs=train_epochs, seed=seed, overwrite=overwrite)
             # every flag of both steps is checked before training, so a typo costs no run and leaves no ckpts/
             config = AverageConfig(checkpoint_dir=train_config.out_dir, out_dir=out_dir / "twa", data=data,
-                                   data_root=data_root, train=TrainConfig(lr=lr, epochs=epochs), seed=seed,
+                                   data_root=data_root, download=download, train=TrainConfig(lr=lr, epochs=epochs),
+                                   seed=seed,
                                    overwrite=overwrite, out_dtype=out_dtype,
                                    max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
             check_output(config.out_dir, (MODEL_FILE, "report.json"), overwrite)
