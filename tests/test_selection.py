@@ -205,7 +205,8 @@ def _unnumbered_beside_epochs(folder: Path, extra: tuple[str, ...]) -> None:
         torch.save({"w": torch.full((300_000,), 10.0 + i)}, folder / name)
 
 
-@pytest.mark.parametrize("name", ["ema_best.pth", "best.pt", "swa.pt", "model_ema.pt", "last_ema.pt", "init.pt"])
+@pytest.mark.parametrize("name", ["ema_best.pth", "best.pt", "swa.pt", "model_ema.pt", "last_ema.pt", "init.pt",
+                                  "pretrained_checkpoint.pth", "init_checkpoint.pt"])
 def test_an_unnumbered_non_copy_among_numbered_ones_is_left_out(tmp_path: Path, name: str) -> None:
     """It sorted after the numbered ones, so an EMA or best-so-far save became the 'last' checkpoint (the last
     baseline, the end of --last/--every slices) and a point of the trajectory. It is left out, with a reason."""
@@ -248,7 +249,6 @@ def test_an_unnumbered_file_is_kept_when_include_names_it(tmp_path: Path) -> Non
 def test_unnumbered_files_stay_without_a_numbered_trajectory_and_for_fine_tunes(tmp_path: Path) -> None:
     """With fewer than two numbered files there is no order to place them in, and fine-tunes (soup) have none."""
     torch.save({"w": torch.full((300_000,), 1.0)}, tmp_path / "1.pt")
-    _unnumbered_beside_epochs(tmp_path / "sub", ())
     for i, name in enumerate(("a.pt", "best.pt")):
         torch.save({"w": torch.full((300_000,), 10.0 + i)}, tmp_path / name)
     assert names(select(discover(tmp_path), Selection())) == ["1.pt", "a.pt", "best.pt"]

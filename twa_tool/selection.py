@@ -225,8 +225,9 @@ def _same_save(path: Path, other: Path) -> bool:
 #: Words of an unnumbered file's name that say it holds the newest weights, a trainer's rolling save
 #: (``last.ckpt``, ``checkpoint_last.pt``, ``model_final.pth``, torchvision's ``checkpoint.pth``).
 NEWEST_WORDS = frozenset({"last", "latest", "final", "checkpoint"})
-#: Words that say the weights are something else than the newest, whatever else the name says (``last_ema.pt``).
-NOT_NEWEST_WORDS = frozenset({"best", "ema", "swa", "avg", "average", "averaged"})
+#: Words that say the weights are something else than the newest, whatever else the name says (``last_ema.pt``,
+#: ``pretrained_checkpoint.pth``, the start of a fine-tuning run).
+NOT_NEWEST_WORDS = frozenset({"best", "ema", "swa", "avg", "average", "averaged", "init", "initial", "pretrained"})
 #: What Hugging Face's ``Trainer.save_model`` writes at the end beside the ``checkpoint-<step>/`` folders.
 FINAL_SAVES = frozenset({"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                          "pytorch_model.bin.index.json"})
