@@ -532,3 +532,8 @@ def test_below_swa_hint_threshold(swa: float, twa: float, epochs: int, hinted: b
     metrics = {"swa": {"accuracy": swa}, "twa": {"accuracy": twa}}
     assert (below_swa_hint(config, metrics) is not None) == hinted
     assert below_swa_hint(config, {"twa": {"accuracy": twa}}) is None  # no SWA baseline evaluated
+    if hinted:  # the gate is suggested only where no fallback gate is set already
+        assert "--on-worse fallback would write SWA" in below_swa_hint(config, metrics)
+        gated = AverageConfig(checkpoint_dir=Path("c"), out_dir=Path("o"), data="synthetic",
+                              train=TrainConfig(epochs=epochs), fail_if_worse_than="best", on_worse="fallback")
+        assert below_swa_hint(gated, metrics).endswith("usually keeps TWA at or above SWA")

@@ -1068,9 +1068,11 @@ def below_swa_hint(config: AverageConfig, metrics: dict[str, dict]) -> str | Non
     if swa is None or twa is None or config.train.epochs == 0 or swa["accuracy"] - twa["accuracy"] <= LR_HINT_GAP:
         return None
     lr = config.train.lr
+    gate = ("" if config.on_worse == "fallback" and config.fail_if_worse_than is not None else
+            "; --fail-if-worse-than swa --on-worse fallback would write SWA instead")  # no advice to set what is set
     return (f"TWA ended {100 * (swa['accuracy'] - twa['accuracy']):.2f} points below SWA ({twa['accuracy']:.2%} vs "
             f"{swa['accuracy']:.2%}) with --lr {lr:g}: on checkpoints near convergence a lower --lr (e.g. {lr / 10:g}) "
-            f"usually keeps TWA at or above SWA; --fail-if-worse-than swa --on-worse fallback would write SWA instead")
+            f"usually keeps TWA at or above SWA{gate}")
 
 
 def written_coefficients(method: str, twa: list[float], files: list[CheckpointFile],
