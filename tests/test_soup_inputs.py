@@ -4,6 +4,7 @@ labels are checked against the model, fixes name flags soup has, dtypes and ties
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -462,30 +463,42 @@ def test_hugging_face_fine_tunes_get_their_config_and_tokenizer_files_copied(ing
     assert result.exit_code == 7 and "config.json already exists" in result.stderr, result.output
 
 
+def _second_sets_with_a_base(demo_ckpts: Path, folder: Path, base: Path, name: str,
+                             container: Callable[[int, dict, dict], dict]) -> list[dict]:
+    """Fine-tunes 1-3 of the demo run saved as ``container(epoch, raw, second)`` under ``name.format(epoch)``, where
+    ``second`` is the raw weights halved (an EMA, a teacher); the init as a released safetensors ``base``. Returns
+    the second sets."""
+    folder.mkdir()
+    seconds = []
+    for epoch in range(1, 4):
+        raw = load_file(demo_ckpts / f"{epoch}.safetensors")
+        seconds.append({k: v * 0.5 if v.is_floating_point() else v for k, v in raw.items()})
+        torch.save(container(epoch, raw, seconds[-1]), folder / name.format(epoch))
+    save_file(load_file(demo_ckpts / "0.safetensors"), str(base))
+    return seconds
+
+
+def _assert_mean_of(path: Path, states: list[dict]) -> None:
+    written = load_file(path)
+    for key in ("features.0.weight", "head.weight"):
+        assert torch.allclose(written[key], sum(t[key].double() for t in states).float() / len(states),
+                              atol=1e-6), key
+
+
 def test_ema_fine_tunes_on_a_base_with_one_set_of_weights(demo_ckpts: Path, tmp_path: Path) -> None:
     """`--weights ema` was applied to `--base` too: a released pretrained file (safetensors) holds no EMA copy, so
     every soup of EMA fine-tunes with a base failed (exit 4, 'use --weights raw', which would mix raw fine-tunes
     in). The base's one set of weights is now the base, said in a warning; the ingredients stay EMA."""
-    folder = tmp_path / "ft"
-    folder.mkdir()
-    emas = []
-    for epoch in range(1, 4):
-        raw = load_file(demo_ckpts / f"{epoch}.safetensors")
-        ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in raw.items()}
-        emas.append(ema)
-        torch.save({"epoch": epoch, "arch": "cnn", "state_dict": raw, "state_dict_ema": ema},
-                   folder / f"checkpoint-{epoch}.pth.tar")
-    base = tmp_path / "pretrained.safetensors"
-    save_file(load_file(demo_ckpts / "0.safetensors"), str(base))
+    folder, base = tmp_path / "ft", tmp_path / "pretrained.safetensors"
+    emas = _second_sets_with_a_base(demo_ckpts, folder, base, "checkpoint-{}.pth.tar", lambda epoch, raw, ema: {
+        "epoch": epoch, "arch": "cnn", "state_dict": raw, "state_dict_ema": ema})
     result = soup(folder, tmp_path / "out", "--weights", "ema", "--base", str(base), "--method", "uniform",
                   "--epochs", "0", "--json")
     assert result.exit_code == 0, result.output
     assert f"--base {base}: holds no EMA copy" in result.stderr
     report = json.loads(result.stdout)
     assert report["base"] == str(base) and any("holds no EMA copy" in w for w in report["warnings"])
-    written = load_file(tmp_path / "out" / "model.safetensors")
-    for key in ("features.0.weight", "head.weight"):  # the EMA copies' mean, not the raw weights'
-        assert torch.allclose(written[key], sum(e[key].double() for e in emas).float() / 3, atol=1e-6), key
+    _assert_mean_of(tmp_path / "out" / "model.safetensors", emas)  # the EMA copies' mean, not the raw weights'
     raw_fine_tunes = soup(folder, tmp_path / "raw", "--weights", "raw", "--base", str(base), "--method", "uniform",
                           "--epochs", "0")
     assert raw_fine_tunes.exit_code == 0 and "holds no EMA copy" not in raw_fine_tunes.stderr
@@ -494,23 +507,14 @@ def test_ema_fine_tunes_on_a_base_with_one_set_of_weights(demo_ckpts: Path, tmp_
 def test_keyed_fine_tunes_on_a_base_with_one_set_of_weights(demo_ckpts: Path, tmp_path: Path) -> None:
     """`--weights teacher` (DINO-style fine-tunes) on a released base with one set of weights: the base is read as
     that set, with a warning, as for `--weights ema`; the ingredients are the teachers."""
-    folder = tmp_path / "ft"
-    folder.mkdir()
-    teachers = []
-    for epoch in range(1, 4):
-        raw = load_file(demo_ckpts / f"{epoch}.safetensors")
-        teacher = {k: v * 0.5 if v.is_floating_point() else v for k, v in raw.items()}
-        teachers.append(teacher)
-        torch.save({"student": raw, "teacher": teacher}, folder / f"ft-{epoch}.pth")
-    base = tmp_path / "pretrained.safetensors"
-    save_file(load_file(demo_ckpts / "0.safetensors"), str(base))
+    folder, base = tmp_path / "ft", tmp_path / "pretrained.safetensors"
+    teachers = _second_sets_with_a_base(demo_ckpts, folder, base, "ft-{}.pth",
+                                        lambda epoch, raw, teacher: {"student": raw, "teacher": teacher})
     result = soup(folder, tmp_path / "out", "--weights", "teacher", "--base", str(base), "--method", "uniform",
                   "--epochs", "0", "--json")
     assert result.exit_code == 0, result.output
     assert f"--base {base}: holds no 'teacher' key" in " ".join(result.stderr.split())
-    written = load_file(tmp_path / "out" / "model.safetensors")
-    for key in ("features.0.weight", "head.weight"):
-        assert torch.allclose(written[key], sum(t[key].double() for t in teachers).float() / 3, atol=1e-6), key
+    _assert_mean_of(tmp_path / "out" / "model.safetensors", teachers)
 
 
 def test_strip_prefix_of_the_fine_tunes_and_a_base_without_it(demo_ckpts: Path, tmp_path: Path) -> None:
