@@ -197,14 +197,19 @@ def _stored_metric(name: str, config: AverageConfig) -> Callable[[CheckpointFile
     return metric_of
 
 
+def same_weights_as_read(config: AverageConfig | SoupConfig) -> Callable[[Path, Path], bool]:
+    """Whether two files hold the same weights, read as the run reads them (``same_weights``)."""
+    return partial(same_weights, weights=config.weights, trust_pickle=config.trust_pickle,
+                   strip_prefix=config.strip_prefix, allow_globals=config.allow_globals)
+
+
 def select_checkpoints(config: AverageConfig) -> Chosen:
     files = discover(config.checkpoint_dir)
     if not files:
         raise no_checkpoints(config.checkpoint_dir)
     by = config.selection.by
-    same = partial(same_weights, weights=config.weights, trust_pickle=config.trust_pickle,
-                   strip_prefix=config.strip_prefix, allow_globals=config.allow_globals)
-    chosen = select(files, config.selection, _stored_metric(by, config) if by else None, same)
+    chosen = select(files, config.selection, _stored_metric(by, config) if by else None,
+                    same_weights_as_read(config))
     for entry in chosen.files:
         raise_if_refused(entry.path)
     too_few = chosen.too_few(config.checkpoint_dir, len(files))

@@ -32,7 +32,6 @@ import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,7 +47,6 @@ from .checkpoints import (
     folder_weight_files,
     no_checkpoints,
     raise_if_refused,
-    same_weights,
     sha256_file,
     weights_path,
 )
@@ -80,6 +78,7 @@ from .pipeline import (
     check_eval_batches,
     hf_folder,
     resolve_device,
+    same_weights_as_read,
     validate_headers,
 )
 from .selection import Chosen, Dropped, same_file, select, weight_copies
@@ -481,7 +480,7 @@ def find_inputs(config: SoupConfig) -> Inputs:
     if not found:
         raise no_checkpoints(config.finetunes_dir)
     chosen = without_weight_copies(select(found, Selection(include=config.include, exclude=config.exclude),
-                                          same_weights=_same_weights(config), trajectory=False), config)
+                                          same_weights=same_weights_as_read(config), trajectory=False), config)
     base = None
     if config.base is not None:
         if not config.base.exists():
@@ -513,17 +512,11 @@ def find_inputs(config: SoupConfig) -> Inputs:
                   warnings, base_reader)
 
 
-def _same_weights(config: SoupConfig) -> Callable[[Path, Path], bool]:
-    """Whether two files hold the same fine-tune's weights, read as the run reads them."""
-    return partial(same_weights, weights=config.weights, trust_pickle=config.trust_pickle,
-                   strip_prefix=config.strip_prefix, allow_globals=config.allow_globals)
-
-
 def without_weight_copies(chosen: Chosen, config: SoupConfig) -> Chosen:
     """``chosen`` less the torch files that hold another ingredient's weights in another container, whatever their
     names (``select`` compares an unnumbered file with the numbered ones only): each would count twice in the
     uniform soup and greedy's candidates (``weight_copies`` says which file is kept)."""
-    copies = weight_copies(list(chosen.files), _same_weights(config))
+    copies = weight_copies(list(chosen.files), same_weights_as_read(config))
     dropped = [Dropped(name, f"{how} of {original}", alias_of=original) for name, (original, how) in copies.items()]
     return Chosen(files=tuple(f for f in chosen.files if f.name not in copies), dropped=(*chosen.dropped, *dropped))
 
