@@ -143,6 +143,23 @@ def test_inspect_lists_an_unreadable_selected_checkpoint_and_fails(demo_ckpts: P
     assert invoke("inspect", ckpts, "--exclude", "2.safetensors").exit_code == 0
 
 
+def test_inspect_with_a_key_no_file_has_names_the_flag_not_the_files(demo_ckpts: Path, tmp_path: Path) -> None:
+    """`--weights nett` (a typo) fails on every file: the advice was 'replace them, or leave them out with
+    --exclude', which would leave nothing; when every selected file fails, the fix is what the error names."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for i in range(3):
+        torch.save({"net": load_file(demo_ckpts / f"{i}.safetensors"), "criterion": {"w": torch.ones(2)}},
+                   folder / f"{i}.pth")
+    result = invoke("inspect", folder, "--weights", "nett")
+    assert result.exit_code == 4
+    message = " ".join(result.stderr.split())
+    assert "3 of the 3 selected checkpoints cannot be read" in message and "no key 'nett'" in message
+    assert "change what the error names (a reading flag applies to every file)" in message
+    assert "--exclude" not in message.split("twa average would fail on them")[1]
+    assert invoke("inspect", folder, "--weights", "net").exit_code == 0
+
+
 def test_inspect_of_a_folder_without_checkpoints_fails_like_average(tmp_path: Path) -> None:
     """A CI pre-check must not pass on a folder `twa average` refuses ("no checkpoints found", exit 4)."""
     (tmp_path / "ckpts").mkdir()

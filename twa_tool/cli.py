@@ -686,9 +686,12 @@ def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, allow_
             raise no_checkpoints(checkpoint_dir)
         unreadable = [c for c in catalog["checkpoints"] if c["error"]]
         if unreadable:  # listed above; a CI pre-check must not pass on a folder `twa average` would fail on
+            all_fail = len(unreadable) == len(catalog["checkpoints"])  # a reading flag (--weights KEY...), not files
+            fix = ("change what the error names (a reading flag applies to every file)" if all_fail else
+                   "replace them, or leave them out with --exclude")
             raise CheckpointError(f"{len(unreadable)} of the {len(catalog['checkpoints'])} selected checkpoints "
                                   f"cannot be read (first: {unreadable[0]['error']}); twa average would fail on "
-                                  f"them: replace them, or leave them out with --exclude")
+                                  f"them: {fix}")
         if catalog["refusal"]:  # fewer than 2 distinct selected: as `twa average` refuses it
             raise CheckpointError(catalog["refusal"])
 
