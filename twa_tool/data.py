@@ -683,8 +683,11 @@ def _read_idx_split(directory: Path, split: str, name: str) -> tuple[np.ndarray,
     return images, labels
 
 
-#: For MNIST and Fashion-MNIST, the other's torchvision folder and name: a --data-root holding the other.
-_OTHER_IDX = {"mnist": ("FashionMNIST", "fashion-mnist"), "fashion-mnist": ("MNIST", "mnist")}
+_MNIST = _IdxLayout(name="mnist", display="MNIST", torchvision_class="MNIST", mean=0.1307, std=0.3081)
+_FASHION_MNIST = _IdxLayout(name="fashion-mnist", display="Fashion-MNIST", torchvision_class="FashionMNIST",
+                            mean=0.2860, std=0.3530, extra_dirs=(Path("/usr/share/datasets/fashion-mnist"),))
+#: For MNIST and Fashion-MNIST, the other one's layout: a --data-root holding the other, files that look like it.
+_OTHER_IDX = {_MNIST.name: _FASHION_MNIST, _FASHION_MNIST.name: _MNIST}
 
 
 def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSplits:
@@ -710,11 +713,12 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
         found = _found_below(base, lambda d: (d, d / layout.torchvision_class / "raw", d / layout.name,
                                               *((d / "raw",) if d.name == layout.torchvision_class else ())),
                              _has_idx_files)
-        other_class, other = _OTHER_IDX[layout.name]
+        other_class = _OTHER_IDX[layout.name].torchvision_class
         holds_other = _has_idx_files(base / other_class / "raw") or (base.name == other_class and
                                                                     _has_idx_files(base / "raw"))
         raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True,
-                                           found_in=found, other=other if holds_other else None))
+                                           found_in=found, other=_OTHER_IDX[layout.name].name if holds_other
+                                           else None))
     train_images, train_labels = _read_idx_split(directory, "train", layout.name)
     test_images, test_labels = _read_idx_split(directory, "t10k", layout.name)
     if train_images.shape[1:] != test_images.shape[1:]:  # a model fits one of them; the other would fail mid-run
@@ -731,8 +735,6 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
                       notes=(note,) if note else ())
 
 
-#: The mean pixel (in [0, 1]) of each MNIST-format training set, as its normalisation uses it, and its name.
-_IDX_MEANS = {"mnist": (0.1307, "MNIST"), "fashion-mnist": (0.2860, "Fashion-MNIST")}
 #: How close a training set's mean pixel must come to the other dataset's to be taken for it.
 _IDX_MEAN_MATCH = 0.01
 
@@ -742,32 +744,22 @@ def _other_idx_note(layout: _IdxLayout, directory: Path, mean: float) -> str | N
     four file names, so a flat folder of the other set loads silently, normalised with the wrong statistics and
     evaluating a model on the wrong images. Told apart by the training images' mean pixel (0.131 against 0.286);
     other MNIST-format sets (KMNIST 0.19, EMNIST 0.17) are not flagged."""
-    other = _OTHER_IDX[layout.name][1]
-    other_mean, other_display = _IDX_MEANS[other]
-    if abs(mean - other_mean) >= _IDX_MEAN_MATCH or abs(mean - layout.mean) < _IDX_MEAN_MATCH:
+    other = _OTHER_IDX[layout.name]
+    if abs(mean - other.mean) >= _IDX_MEAN_MATCH or abs(mean - layout.mean) < _IDX_MEAN_MATCH:
         return None
     return (f"--data {layout.name}: the training images in {directory} have a mean pixel of {mean:.3f} "
-            f"({other_display}'s is {other_mean:.3f}, {layout.display}'s {layout.mean:.3f}): they look like "
-            f"{other_display}; pass --data {other}, or --data-root pointing at {layout.display}'s files")
+            f"({other.display}'s is {other.mean:.3f}, {layout.display}'s {layout.mean:.3f}): they look like "
+            f"{other.display}; pass --data {other.name}, or --data-root pointing at {layout.display}'s files")
 
 
 def _build_mnist(root: Path | None, download: bool) -> DataSplits:
     """MNIST; no augmentation."""
-    layout = _IdxLayout(name="mnist", display="MNIST", torchvision_class="MNIST", mean=0.1307, std=0.3081)
-    return _build_idx(layout, root, download)
+    return _build_idx(_MNIST, root, download)
 
 
 def _build_fashion_mnist(root: Path | None, download: bool) -> DataSplits:
     """Fashion-MNIST; without ``root`` the Debian package ``dataset-fashion-mnist`` is a fallback."""
-    layout = _IdxLayout(
-        name="fashion-mnist",
-        display="Fashion-MNIST",
-        torchvision_class="FashionMNIST",
-        mean=0.2860,
-        std=0.3530,
-        extra_dirs=(Path("/usr/share/datasets/fashion-mnist"),),
-    )
-    return _build_idx(layout, root, download)
+    return _build_idx(_FASHION_MNIST, root, download)
 
 
 # --------------------------------------------------------------------------- SVHN
