@@ -498,7 +498,7 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
             assert builder is not None
             builder.flush()
         except BaseException as err:
-            _abandon(digests)
+            abandon(digests)
             if builder is not None:
                 builder.close()
             if isinstance(err, NonFiniteVector):
@@ -590,7 +590,7 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
                 _add_buffers(sums, state, trainable)
                 on_event(Event("advance"))
             if any(last[n].dtype != torch.float32 for n in names):
-                _abandon(digests)
+                abandon(digests)
                 return f"{files[-1].name}: the parameters are not all float32"
             flat = [m[0] for m in middle]
             ends = [[first[n] for n in names], [last[n] for n in names]]
@@ -615,7 +615,7 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
             except NonFiniteVector as err:
                 raise _non_finite(err, files, reader) from None
             if build is None:
-                _abandon(digests)
+                abandon(digests)
                 return ("checkpoints too close to each other for the Gram matrix to decide their rank (block "
                         "Gram-Schmidt over the rows needed)")
             for _ in range(passes):
@@ -623,7 +623,7 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
             for file in flat:  # read two or three times: the same bytes each time
                 file.check_unchanged()
         except BaseException:
-            _abandon(digests)
+            abandon(digests)
             raise
         sha256 = [future.result() for future in digests]  # a corrupt file (CRC mismatch) raises here
     _check_rank(build.subspace.rank, len(files), rtol)
@@ -684,7 +684,7 @@ def _non_finite(err: NonFiniteVector, files: list[CheckpointFile], reader: Reade
                           f"corrupt or diverged, leave it out with {exclude_hint(files[index].name)}")
 
 
-def _abandon(digests: list[Future]) -> None:
+def abandon(digests: list[Future]) -> None:
     """Do not hash the files not hashed yet (the executor would wait for them on the way out)."""
     for future in digests:
         future.cancel()

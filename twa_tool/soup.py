@@ -31,6 +31,7 @@ import platform
 import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -73,6 +74,7 @@ from .pipeline import (
     EventSink,
     Reader,
     _check_finite,
+    abandon,
     build_run_model,
     check_batch_of_one,
     check_eval_batches,
@@ -134,7 +136,10 @@ class StateSum:
             self.reference = {k: v.detach().clone() for k, v in state.items()}
         for key, value in state.items():
             if value.is_floating_point():
-                self.sums[key] = self.sums[key] + value.double() if key in self.sums else value.double()
+                if key in self.sums:
+                    self.sums[key].add_(value)  # float64 += float32/bf16: exact widening, no temporary
+                else:
+                    self.sums[key] = value.double()
                 self.dtypes[key] = torch.promote_types(self.dtypes.get(key, value.dtype), value.dtype)
         self.count += 1
 
@@ -856,17 +861,26 @@ def read_uniform(inputs: Inputs, names: list[str], on_event: EventSink,
     ingredient holding the weights of an earlier one, or of the base (``base_weights``: its ``weights_digest``),
     is refused (``check_distinct``)."""
     on_event(Event("phase", "reading the ingredients (uniform soup)", total=len(inputs.files)))
-    total, digests = StateSum(), []
+    total = StateSum()
     seen: dict[str, str | None] = {base_weights: None} if base_weights else {}
-    for entry in inputs.files:
-        state = _load(inputs, entry)
-        check_distinct(entry, weights_digest(state), seen)
-        total.add(state)
-        del state
-        digests.append(sha256_file(entry.path))
-        on_event(Event("advance"))
+    # hashlib releases the GIL: one thread hashes the files, another each loaded state while it is summed
+    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="twa-sha256") as files,
+          ThreadPoolExecutor(max_workers=1, thread_name_prefix="twa-weights") as weights):
+        digests = [files.submit(sha256_file, entry.path) for entry in inputs.files]
+        try:
+            for entry in inputs.files:
+                state = _load(inputs, entry)
+                digest = weights.submit(weights_digest, state)
+                total.add(state)
+                check_distinct(entry, digest.result(), seen)
+                del state, digest
+                on_event(Event("advance"))
+        except BaseException:
+            abandon(digests)
+            raise
+        sha256 = [future.result() for future in digests]
     center = torch.cat([(total.sums[n] / total.count).reshape(-1) for n in names]).to(torch.float32)
-    return total.mean(), center, digests
+    return total.mean(), center, sha256
 
 
 def evaluate_ingredients(inputs: Inputs, names: list[str], directions: Directions, evaluator: SoupEvaluator,
