@@ -230,6 +230,9 @@ def test_soup_writes_model_and_report(soup_run: tuple[object, Path], finetunes: 
     assert report["coefficients_of"] == "task_vectors"
     base_sha256 = hashlib.sha256((finetunes / "base.safetensors").read_bytes()).hexdigest()
     assert report["base"] == str(finetunes / "base.safetensors") and report["base_sha256"] == base_sha256
+    assert report["inputs"] == [{"name": name, "path": str(finetunes / name),  # hashed on a thread, in file order
+                                 "sha256": hashlib.sha256((finetunes / name).read_bytes()).hexdigest()}
+                                for name in report["ingredients"]]
     with safe_open(out / "model.safetensors", framework="pt") as f:
         assert json.loads(f.metadata()["twa.base"]) == {"name": "base.safetensors", "sha256": base_sha256}
     assert report["greedy"]["trace"][0]["accepted"] and report["greedy"]["soup"][0] == report["greedy"]["trace"][0][
