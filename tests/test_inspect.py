@@ -43,7 +43,7 @@ def test_inspect_lists_selection_in_order_with_steps(lightning_dir: Path) -> Non
     assert all(r["path"].endswith(r["name"]) and r["producer"] == "lightning" for r in rows)
     assert rows[0]["parameters"] > 0 and rows[0]["dtypes"]
     left_out = {r["name"]: r["status"] for r in listing["not_selected"]}
-    assert left_out["last.ckpt"] == "symlink to the same file of epoch=4-step=64.ckpt"
+    assert left_out["last.ckpt"] == "symlink to the same file as epoch=4-step=64.ckpt"
     assert left_out["epoch=0-step=0.ckpt"].startswith("outside")
     assert listing["ignored_files"] == ["hparams.yaml"]
     human = invoke("inspect", lightning_dir)

@@ -47,8 +47,8 @@ def test_aliases_are_counted_once(tmp_path: Path) -> None:
     assert names(chosen) == [f"{e}.pt" for e in range(6)]
     aliases = {d.name: (d.alias_of, d.reason) for d in chosen.dropped}
     assert aliases == {
-        "last.pt": ("5.pt", "symlink to the same file of 5.pt"),
-        "model_best.pt": ("4.pt", "hard link to the same file of 4.pt"),
+        "last.pt": ("5.pt", "symlink to the same file as 5.pt"),
+        "model_best.pt": ("4.pt", "hard link to the same file as 4.pt"),
         "copy_of_3.pt": ("3.pt", "byte-identical copy of 3.pt"),
     }
 

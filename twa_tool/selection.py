@@ -193,6 +193,12 @@ def weight_copies(files: list[CheckpointFile],
     return {f.name: aliases[f.name] for f in files if f.name in aliases}
 
 
+def alias_reason(how: str, original: str) -> str:
+    """The reason an alias is left out: ``how`` it duplicates ``original`` (a link to *the same file as* it, a
+    copy *of* it)."""
+    return f"{how} {'as' if how.endswith('the same file') else 'of'} {original}"
+
+
 def same_file(path: Path, other: Path) -> str | None:
     """How ``path`` duplicates ``other`` (the same file through a symlink or path, a hard link, identical
     bytes), or None when it is another file; the full hash only runs when size and probe agree."""
@@ -292,7 +298,8 @@ def select(files: list[CheckpointFile], selection: Selection,
     left_out = unplaced(kept, selection) if trajectory else []
     gone = {f.name for f in left_out}  # a copy of a file left out is left out with it, not 'counted once'
     dropped += [Dropped(name, UNPLACED, unplaced=True) if original in gone else
-                Dropped(name, f"{how} of {original}", alias_of=original) for name, (original, how) in aliases.items()]
+                Dropped(name, alias_reason(how, original), alias_of=original)
+                for name, (original, how) in aliases.items()]
     dropped += [Dropped(f.name, UNPLACED, unplaced=True) for f in left_out]
     kept = [f for f in kept if f not in left_out]
     chosen = selection.apply(kept)

@@ -83,7 +83,7 @@ from .pipeline import (
     same_weights_as_read,
     validate_headers,
 )
-from .selection import Chosen, Dropped, same_file, select, weight_copies
+from .selection import Chosen, Dropped, alias_reason, same_file, select, weight_copies
 from .trainer import (
     SCHEDULES,
     Batches,
@@ -522,7 +522,8 @@ def without_weight_copies(chosen: Chosen, config: SoupConfig) -> Chosen:
     names (``select`` compares an unnumbered file with the numbered ones only): each would count twice in the
     uniform soup and greedy's candidates (``weight_copies`` says which file is kept)."""
     copies = weight_copies(list(chosen.files), same_weights_as_read(config))
-    dropped = [Dropped(name, f"{how} of {original}", alias_of=original) for name, (original, how) in copies.items()]
+    dropped = [Dropped(name, alias_reason(how, original), alias_of=original)
+               for name, (original, how) in copies.items()]
     return Chosen(files=tuple(f for f in chosen.files if f.name not in copies), dropped=(*chosen.dropped, *dropped))
 
 
