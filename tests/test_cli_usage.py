@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -345,6 +346,24 @@ def test_demo_threads_reach_the_run(tmp_path: Path) -> None:
     result = invoke("demo", "--out", tmp_path / "d", "--train-epochs", "2", "--epochs", "1", "--threads", "1", "-q")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "d" / "twa" / "report.json").read_text())["threads"] == 1
+
+
+def test_demo_prints_the_average_command_it_runs(tmp_path: Path) -> None:
+    """The printed `twa average` line carries the demo's non-default flags: run again, it writes the same model."""
+    result = invoke("demo", "--out", tmp_path / "d d", "--train-epochs", "2", "--epochs", "1", "--lr", "1.5",
+                    "--seed", "3", "--threads", "1", "--out-dtype", "float16")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stderr.splitlines() if x.startswith("twa average "))
+    args = shlex.split(line)
+    assert args[:3] == ["twa", "average", str(tmp_path / "d d" / "ckpts")], line
+    for flag, value in [("--epochs", "1"), ("--lr", "1.5"), ("--seed", "3"), ("--threads", "1"),
+                        ("--out-dtype", "float16"), ("--out", str(tmp_path / "d d" / "twa"))]:
+        assert args[args.index(flag) + 1] == value, line
+    args[-1] = str(tmp_path / "again")
+    again = invoke(*args[1:], "-q")
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        tmp_path / "d d" / "twa" / "model.safetensors").read_bytes()
 
 
 def test_demo_refuses_an_existing_average_output_before_training(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -846,8 +847,7 @@ def demo(out_dir: Path, data: str, data_root: Path | None, download: bool, train
             created = missing_folders(train_config.out_dir, config.out_dir)
             checkpoints = train_checkpoints(train_config, on_epoch=lambda e, loss: console.print(
                 f"  epoch {e}: train loss {loss:.4f}"))
-            console.print(f"twa average {config.checkpoint_dir} --data {data} --epochs {epochs} --out {config.out_dir}",
-                          markup=False)
+            console.print(demo_average_command(config, max_shard_size, threads), markup=False)
             try:
                 with ProgressSink(console) as sink:
                     result = run_average(config, on_event=sink)
@@ -859,6 +859,27 @@ def demo(out_dir: Path, data: str, data_root: Path | None, download: bool, train
         emit(result.report, as_json, console, render_average)
 
     run_reported(verbose, console, body, written)
+
+
+def demo_average_command(config: AverageConfig, max_shard_size: str | None, threads: int | None) -> str:
+    """The ``twa average`` command line the demo runs, ready for a shell: ``--epochs``, ``--lr`` and ``--seed``
+    always, and every other flag the demo passes on when it is not twa average's default, so the line run again
+    gives the same model."""
+    args = ["twa", "average", str(config.checkpoint_dir), "--data", config.data]
+    if config.data_root is not None:
+        args += ["--data-root", str(config.data_root)]
+    if config.download:
+        args.append("--download")
+    args += ["--epochs", str(config.train.epochs), "--lr", str(config.train.lr), "--seed", str(config.seed)]
+    if threads is not None:
+        args += ["--threads", str(threads)]
+    if config.out_dtype != "auto":
+        args += ["--out-dtype", config.out_dtype]
+    if max_shard_size:
+        args += ["--max-shard-size", max_shard_size]
+    if config.overwrite:
+        args.append("--overwrite")
+    return shlex.join([*args, "--out", str(config.out_dir)])
 
 
 def add_flag_envvars(group: click.Group, prefix: str = "TWA") -> None:
