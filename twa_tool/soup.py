@@ -58,6 +58,7 @@ from .models import (
     MODEL_METADATA_KEY,
     check_compatible,
     check_data_fits,
+    check_finite,
     flatten,
     frozen_names,
     load_state,
@@ -66,13 +67,10 @@ from .models import (
     write_flat,
 )
 from .pipeline import (
-    HUMAN_REPORT_FILE,
-    REPORT_FILE,
     SCHEMA_VERSION,
     Event,
     EventSink,
     Reader,
-    _check_finite,
     build_run_model,
     check_batch_of_one,
     check_eval_batches,
@@ -81,6 +79,7 @@ from .pipeline import (
     same_weights_as_read,
     validate_headers,
 )
+from .report import markdown_soup_report
 from .selection import Chosen, Dropped, same_file, select, weight_copies
 from .trainer import (
     SCHEDULES,
@@ -96,6 +95,8 @@ from .trainer import (
     recalibrate_bn,
 )
 from .writer import (
+    HUMAN_REPORT_FILE,
+    REPORT_FILE,
     StagedOutput,
     cast_state,
     check_output,
@@ -953,7 +954,7 @@ def _load(inputs: Inputs, entry: CheckpointFile, reader: Reader | None = None) -
     state = (reader or inputs.reader).load(entry.path)
     check_compatible(inputs.model, state, str(entry.path))
     is_base = inputs.base is not None and entry.path == inputs.base.path
-    _check_finite(state, str(entry.path), "pass a finite pretrained model as --base" if is_base else None)
+    check_finite(state, str(entry.path), "pass a finite pretrained model as --base" if is_base else None)
     return state
 
 
@@ -970,8 +971,6 @@ def _config_dict(config: SoupConfig) -> dict:
 
 def write_soup(config: SoupConfig, report: dict, state: State, inputs: Inputs) -> SoupResult:
     """Write the chosen soup (with provenance metadata), report.json and report.md, all or nothing."""
-    from .report import markdown_soup_report
-
     method = report["written_method"]
     metadata = {
         "twa.version": __version__,
