@@ -45,7 +45,7 @@ from .checkpoints import (
     zip_layout,
 )
 from .config import MIN_RANK_RTOL, AverageConfig, SoupConfig
-from .data import build_data, download_note, for_workers, split_holdout
+from .data import DataSplits, build_data, download_note, for_workers, split_holdout
 from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
 from .errors import (
     CheckpointError,
@@ -1289,7 +1289,7 @@ def together(dist: Dist, step: Callable[[], T | None]) -> T | None:
     return out
 
 
-def build_data_once(config: AverageConfig, dist: Dist):
+def build_data_once(config: AverageConfig, dist: Dist) -> DataSplits:
     """The datasets; with ``--download`` under torchrun rank 0 downloads first, the others then read."""
     if not (config.download and dist.active):
         return build_data(config.data, root=config.data_root, download=config.download)
