@@ -81,6 +81,7 @@ from .pipeline import (
 )
 from .report import markdown_soup_report
 from .selection import Chosen, Dropped, same_file, select, weight_copies
+from .subspace import STORAGE_DTYPES
 from .trainer import (
     SCHEDULES,
     Batches,
@@ -236,9 +237,6 @@ GRANULARITIES: dict[str, Callable[[int], list[int]]] = {
     "model": lambda tensors: [0] * tensors,
     "layer": lambda tensors: list(range(tensors)),
 }
-
-STORAGE_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
-
 
 class Directions:
     """The coefficient parametrisation of the soup, ``w(λ) = origin + Σᵢ λᵢ (wᵢ − origin)``, stored as
@@ -721,7 +719,7 @@ def memory_formula(k: int, d: int, state_bytes: int, basis_dtype: str) -> dict:
     and autograd's temporaries. The K-independent part was measured (benchmarks/soup_memory.py): 63-70·D
     bytes for an 8M-parameter float32 model against 8·D + 14·S = 64·D here.
     """
-    b = {"float32": 4, "bf16": 2, "int8": 1}[basis_dtype]
+    b = STORAGE_DTYPES[basis_dtype].itemsize
     parts = {"directions": k * d * b, "center_and_offset": 2 * 4 * d, "states_and_workspace": 14 * state_bytes}
     return {"formula": f"K*D*{b} + 8*D + 14*S (S: bytes of one state dict)", **parts, "total": sum(parts.values())}
 
