@@ -700,7 +700,7 @@ def _read_direct(path: Path, layout: ZipLayout, members: dict[str, tuple[int, in
     return state
 
 
-def _reducer(dist: Dist):
+def _reducer(dist: Dist) -> Callable[[torch.Tensor], torch.Tensor]:
     """The builder's hook: sum a small float64 matrix over the ranks (on the backend's device)."""
     def reduce(t: torch.Tensor) -> torch.Tensor:
         return dist.sum(t.to(dist.comm_device)).to(t.device)
