@@ -12,6 +12,7 @@ SCHEDULES = ("step", "linear", "constant", "cosine")
 BASELINES = ("last", "best", "swa")
 AMP_MODES = ("off", "bf16", "fp16")
 FIT_ON = ("train", "holdout")
+BASIS_DTYPES = ("float32", "bf16", "int8")
 
 #: The smallest --rank-rtol: a float32 residual of a checkpoint that is a combination of the earlier ones is
 #: rounding noise of about 1e-8..1e-7 of its norm, which a smaller tolerance would keep as a basis direction.
@@ -172,7 +173,7 @@ class AverageConfig:
         if self.amp not in AMP_MODES:
             raise ConfigError(f"--amp {self.amp}: choose one of {', '.join(AMP_MODES)}")
         check_weights(self.weights)
-        if self.basis_dtype not in ("float32", "bf16", "int8"):
+        if self.basis_dtype not in BASIS_DTYPES:
             raise ConfigError(f"--basis-dtype {self.basis_dtype}: choose float32, bf16 or int8")
         if self.out_dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"--out-dtype {self.out_dtype}: choose auto, float32, float16 or bfloat16")
@@ -226,7 +227,6 @@ def parse_key_values(pairs: tuple[str, ...], flag: str = "--model-arg") -> tuple
 SOUP_METHODS = ("best", "uniform", "greedy", "twa")
 GRANULARITIES = ("model", "layer")
 SOUP_OPTIMIZERS = ("adamw", "sgd")
-BASIS_DTYPES = ("float32", "bf16", "int8")
 
 
 @dataclass(frozen=True)

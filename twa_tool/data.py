@@ -43,8 +43,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from twa_tool.errors import ConfigError, DataError, MissingData, TwaError, one_line
-from twa_tool.usercode import USER_MODULE_PREFIX, NotPythonSource, current_folder_hint, load_file, run_file
+from .errors import ConfigError, DataError, MissingData, TwaError, one_line
+from .usercode import USER_MODULE_PREFIX, NotPythonSource, current_folder_hint, load_file, run_file
 
 Transform = Callable[[Any], Any]
 Builder = Callable[[Path | None, bool], "DataSplits"]
@@ -879,7 +879,7 @@ def _unsorted_hint(folder: Path) -> str:
 
 def _image_folder_splits(directory: Path, name: str, fix: str) -> DataSplits:
     """ImageFolder datasets over ``directory/train`` and ``directory/val`` with ImageNet transforms."""
-    from twa_tool.folders import TwaImageFolder
+    from .folders import TwaImageFolder
 
     for split in ("train", "val"):
         if not (directory / split).is_dir():

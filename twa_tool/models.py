@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InputError, ModelError, is_out_of_memory, one_line
+from .errors import CheckpointError, InputError, ModelError, NumericalError, exclude_hint, is_out_of_memory, one_line
 from .usercode import current_folder_hint, load_file
 
 ModelArgs = tuple[tuple[str, str], ...]
@@ -445,6 +445,15 @@ def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], source
         parts.append(f"shape mismatch {shapes[0]}")
     raise CheckpointError(f"{source}: does not match the model: {'; '.join(parts)}; check --model and "
                           f"--model-arg")
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str, fix: str | None = None) -> None:
+    """Refuse NaN/Inf in any floating tensor, naming ``source`` and the tensor; ``fix`` defaults to leaving
+    the file out (``--exclude``, which every command has)."""
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            fix = fix or f"leave this checkpoint out with {exclude_hint(Path(source).name)}"
+            raise NumericalError(f"{source}: tensor {key} has non-finite values (NaN/Inf); {fix}")
 
 
 @torch.no_grad()

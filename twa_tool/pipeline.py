@@ -45,7 +45,7 @@ from .checkpoints import (
     zip_layout,
 )
 from .config import MIN_RANK_RTOL, AverageConfig, SoupConfig
-from .data import build_data, download_note, for_workers, split_holdout
+from .data import DataSplits, build_data, download_note, for_workers, split_holdout
 from .distributed import Dist, EmptyAwareCollate, RankBatches, RankStride, Shard
 from .errors import (
     CheckpointError,
@@ -65,6 +65,7 @@ from .models import (
     build_model,
     check_compatible,
     check_data_fits,
+    check_finite,
     flatten,
     frozen_names,
     key_problems,
@@ -406,15 +407,6 @@ def group_rows(rows: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
     return out
 
 
-def _check_finite(state: dict[str, torch.Tensor], source: str, fix: str | None = None) -> None:
-    """Refuse NaN/Inf in any floating tensor, naming ``source`` and the tensor; ``fix`` defaults to leaving
-    the file out (``--exclude``, which every command has)."""
-    for key, value in state.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            fix = fix or f"leave this checkpoint out with {exclude_hint(Path(source).name)}"
-            raise NumericalError(f"{source}: tensor {key} has non-finite values (NaN/Inf); {fix}")
-
-
 def _work_dtype(state: dict[str, torch.Tensor], names: list[str]) -> torch.dtype:
     """Build the basis in float32 unless the checkpoints carry float64 parameters (then in float64)."""
     return torch.float64 if any(state[n].dtype == torch.float64 for n in names) else torch.float32
@@ -482,7 +474,7 @@ def stream_checkpoints(files: list[CheckpointFile], model: nn.Module, names: lis
                     # end of the run: read, not a mapping of the file
                     state = reader.load(entry.path, mapped=index < len(files) - 1)
                     check_compatible(model, state, str(entry.path))
-                _check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
+                check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
                 if builder is None:
                     builder = BasisBuilder(capacity=len(files), rtol=rtol, dtype=_work_dtype(state, names),
                                            block=block, track_mean=True, reduce=reduce,
@@ -586,7 +578,7 @@ def stream_by_columns(files: list[CheckpointFile], model: nn.Module, names: list
                     check_compatible(model, state, str(entry.path))
                 else:
                     state = middle[index - 1][1]()  # the buffers; a zip's CRCs: the hasher checks them
-                _check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
+                check_finite({k: v for k, v in state.items() if k not in trainable}, str(entry.path))
                 _add_buffers(sums, state, trainable)
                 on_event(Event("advance"))
             if any(last[n].dtype != torch.float32 for n in names):
@@ -676,10 +668,10 @@ def _check_rank(rank: int, total: int, rtol: float) -> None:
 
 def _non_finite(err: NonFiniteVector, files: list[CheckpointFile], reader: Reader) -> NumericalError:
     """The error for a builder's ``NonFiniteVector``: naming the file, and the tensor when a safe load finds it
-    (``_check_finite`` raises that one itself)."""
+    (``check_finite`` raises that one itself)."""
     index = err.index
     # the last file unmapped, as the streaming read reads it: a trainer may be rewriting it (SIGBUS on a mapping)
-    _check_finite(reader.load(files[index].path, mapped=index < len(files) - 1), str(files[index].path))
+    check_finite(reader.load(files[index].path, mapped=index < len(files) - 1), str(files[index].path))
     return NumericalError(f"{files[index].path}: the parameters' norm overflows float32; the checkpoint is "
                           f"corrupt or diverged, leave it out with {exclude_hint(files[index].name)}")
 
@@ -708,7 +700,7 @@ def _read_direct(path: Path, layout: ZipLayout, members: dict[str, tuple[int, in
     return state
 
 
-def _reducer(dist: Dist):
+def _reducer(dist: Dist) -> Callable[[torch.Tensor], torch.Tensor]:
     """The builder's hook: sum a small float64 matrix over the ranks (on the backend's device)."""
     def reduce(t: torch.Tensor) -> torch.Tensor:
         return dist.sum(t.to(dist.comm_device)).to(t.device)
@@ -1297,7 +1289,7 @@ def together(dist: Dist, step: Callable[[], T | None]) -> T | None:
     return out
 
 
-def build_data_once(config: AverageConfig, dist: Dist):
+def build_data_once(config: AverageConfig, dist: Dist) -> DataSplits:
     """The datasets; with ``--download`` under torchrun rank 0 downloads first, the others then read."""
     if not (config.download and dist.active):
         return build_data(config.data, root=config.data_root, download=config.download)

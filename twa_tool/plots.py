@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import io
+from types import ModuleType
+from typing import Any
 
 PLOT_FILES = ("coefficients.png", "accuracy.png")
 
@@ -21,7 +23,7 @@ class _Unusable(Exception):
     """matplotlib is installed but cannot be imported (e.g. a build for numpy 1.x under numpy 2)."""
 
 
-def _pyplot():
+def _pyplot() -> ModuleType | None:
     """``matplotlib.pyplot`` (Agg), or None when matplotlib is not installed; raises ``_Unusable`` when it is
     installed but its import fails."""
     if not plots_installed():
@@ -42,7 +44,7 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def _png(fig: Any) -> bytes:  # a matplotlib Figure (matplotlib is optional)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     return buffer.getvalue()

@@ -59,6 +59,7 @@ from .models import (
     MODEL_METADATA_KEY,
     check_compatible,
     check_data_fits,
+    check_finite,
     flatten,
     frozen_names,
     load_state,
@@ -67,13 +68,10 @@ from .models import (
     write_flat,
 )
 from .pipeline import (
-    HUMAN_REPORT_FILE,
-    REPORT_FILE,
     SCHEMA_VERSION,
     Event,
     EventSink,
     Reader,
-    _check_finite,
     abandon,
     build_run_model,
     check_batch_of_one,
@@ -83,7 +81,9 @@ from .pipeline import (
     same_weights_as_read,
     validate_headers,
 )
+from .report import markdown_soup_report
 from .selection import Chosen, Dropped, alias_reason, same_file, select, weight_copies
+from .subspace import STORAGE_DTYPES
 from .trainer import (
     SCHEDULES,
     Batches,
@@ -98,6 +98,8 @@ from .trainer import (
     recalibrate_bn,
 )
 from .writer import (
+    HUMAN_REPORT_FILE,
+    REPORT_FILE,
     StagedOutput,
     cast_state,
     check_output,
@@ -240,9 +242,6 @@ GRANULARITIES: dict[str, Callable[[int], list[int]]] = {
     "model": lambda tensors: [0] * tensors,
     "layer": lambda tensors: list(range(tensors)),
 }
-
-STORAGE_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
-
 
 class Directions:
     """The coefficient parametrisation of the soup, ``w(λ) = origin + Σᵢ λᵢ (wᵢ − origin)``, stored as
@@ -726,7 +725,7 @@ def memory_formula(k: int, d: int, state_bytes: int, basis_dtype: str) -> dict:
     and autograd's temporaries. The K-independent part was measured (benchmarks/soup_memory.py): 63-70·D
     bytes for an 8M-parameter float32 model against 8·D + 14·S = 64·D here.
     """
-    b = {"float32": 4, "bf16": 2, "int8": 1}[basis_dtype]
+    b = STORAGE_DTYPES[basis_dtype].itemsize
     parts = {"directions": k * d * b, "center_and_offset": 2 * 4 * d, "states_and_workspace": 14 * state_bytes}
     return {"formula": f"K*D*{b} + 8*D + 14*S (S: bytes of one state dict)", **parts, "total": sum(parts.values())}
 
@@ -968,7 +967,7 @@ def _load(inputs: Inputs, entry: CheckpointFile, reader: Reader | None = None) -
     state = (reader or inputs.reader).load(entry.path)
     check_compatible(inputs.model, state, str(entry.path))
     is_base = inputs.base is not None and entry.path == inputs.base.path
-    _check_finite(state, str(entry.path), "pass a finite pretrained model as --base" if is_base else None)
+    check_finite(state, str(entry.path), "pass a finite pretrained model as --base" if is_base else None)
     return state
 
 
@@ -985,8 +984,6 @@ def _config_dict(config: SoupConfig) -> dict:
 
 def write_soup(config: SoupConfig, report: dict, state: State, inputs: Inputs) -> SoupResult:
     """Write the chosen soup (with provenance metadata), report.json and report.md, all or nothing."""
-    from .report import markdown_soup_report
-
     method = report["written_method"]
     metadata = {
         "twa.version": __version__,
