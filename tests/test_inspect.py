@@ -50,6 +50,18 @@ def test_inspect_lists_selection_in_order_with_steps(lightning_dir: Path) -> Non
     assert human.exit_code == 0 and "selected" in human.stderr and "hparams.yaml" in human.stderr
 
 
+def test_inspect_listing_carries_the_schema_version_as_the_reports_do(demo_ckpts: Path) -> None:
+    """A CI script checks `schema_version` before it reads any document; the listing lacked it (and tool, version,
+    command), which every report and dry-run plan has as its first four keys."""
+    from twa_tool import SCHEMA_VERSION, __version__
+
+    result = invoke("inspect", demo_ckpts, "--json")
+    assert result.exit_code == 0, result.output
+    listing = json.loads(result.stdout)
+    assert list(listing.items())[:4] == [("schema_version", SCHEMA_VERSION), ("tool", "twa"),
+                                         ("version", __version__), ("command", "inspect")]
+
+
 def test_average_strips_the_lightning_prefix(lightning_dir: Path, tmp_path: Path) -> None:
     result = invoke("average", lightning_dir, *model_flags(), "--data", "synthetic", "--epochs", "1",
                     "--baselines", "none", "--out", tmp_path / "o", "--json")

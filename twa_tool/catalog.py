@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from . import SCHEMA_VERSION, __version__
 from .checkpoints import (
     CheckpointFile,
     HeaderInfo,
@@ -69,6 +70,7 @@ class Catalog:
 
     def as_dict(self) -> dict:
         return {
+            "schema_version": SCHEMA_VERSION, "tool": "twa", "version": __version__, "command": "inspect",
             "directory": str(self.directory),
             "checkpoints": [e.as_dict() for e in self.selected],
             "not_selected": [e.as_dict() for e in self.others],

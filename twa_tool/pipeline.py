@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from . import __version__
+from . import SCHEMA_VERSION, __version__
 from .checkpoints import (
     CheckpointFile,
     FlatFile,
@@ -119,7 +119,6 @@ BASIS_BLOCK = 16
 #: Basis storage formats built by column passes over the files (``stream_by_columns``): the float32
 #: basis is never held, so the peak is the narrower basis. A float32 basis is built in one read.
 COLUMN_BUILD_STORAGE = ("bf16", "int8")
-SCHEMA_VERSION = 1
 T = TypeVar("T")
 
 
