@@ -226,6 +226,15 @@ def test_the_dry_run_estimate_counts_the_narrow_basis_for_column_builds() -> Non
     assert pipeline.memory_estimate(model, 40, ranks=2, storage="int8")["basis_float32"] == 40 * 61445 * 4
 
 
+def test_the_dry_run_estimate_of_the_column_blocks_is_no_wider_than_the_model() -> None:
+    """``build_by_columns`` allocates its per-thread buffers ``min(block, D)`` columns wide: a model smaller than one
+    block (D = 35 here) was estimated a whole block wide (128 MiB for K = 5 and 2 threads)."""
+    model = torch.nn.Linear(6, 5)
+    estimate = pipeline.memory_estimate(model, 5, storage="int8", threads=2)
+    assert estimate["column_blocks"] == 2 * 4 * 5 * 35 * 4
+    assert estimate["total"] < 1 << 20
+
+
 def test_a_safetensors_file_with_other_keys_or_dtypes_is_loaded_the_usual_way(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_trajectory(tmp_path / "ckpts", k=5)

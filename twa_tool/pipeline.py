@@ -884,7 +884,8 @@ def memory_estimate(model: nn.Module, k: int, ranks: int = 1, storage: str = "fl
     if storage in COLUMN_BUILD_STORAGE and ranks == 1:
         size = torch.tensor([], dtype=STORAGE_DTYPES[storage]).element_size()
         scales = k * -(-d // QUANT_BLOCK) * 4 if storage == "int8" else 0
-        blocks = 4 * k * column_block(k) * 4 * max(2, threads or torch.get_num_threads())  # rows, Q1, Q, rounding
+        width = min(column_block(k), d)  # build_by_columns' buffers: a block, or all D columns when fewer
+        blocks = 4 * k * width * 4 * max(2, threads or torch.get_num_threads())  # rows, Q1, Q, rounding
         parts = {f"basis_{storage}": k * d * size + scales, "column_blocks": blocks,
                  "first_and_last_checkpoint": 2 * state, **common}
     else:
