@@ -71,6 +71,16 @@ def test_gate_fallback_writes_the_best_baseline(gate_reports: dict, demo_ckpts: 
         assert json.loads(meta["twa.coefficients"]).count(1.0) == 1
 
 
+def test_the_report_keeps_the_data_facts_its_dry_run_plan_gives(gate_reports: dict, demo_ckpts: Path,
+                                                                 tmp_path: Path) -> None:
+    """The plan's ``data`` promised ``num_classes``; the report dropped it."""
+    report = json.loads(gate_reports["keep"][0].stdout)["data"]
+    plan = invoke(demo_ckpts, *FAST, "--out", tmp_path / "o", "--dry-run", "--json")
+    assert plan.exit_code == 0, plan.output
+    assert report["num_classes"] == 10
+    assert {k: v for k, v in json.loads(plan.stdout)["data"].items() if k != "would_download"} == report
+
+
 def test_gate_passes_with_tolerance(demo_ckpts: Path, tmp_path: Path) -> None:
     result = invoke(demo_ckpts, *FAST, "--baselines", "swa", "--fail-if-worse-than", "swa", "--tolerance", "1",
                     "--out", tmp_path / "o", "--json")

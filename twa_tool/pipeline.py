@@ -1210,7 +1210,7 @@ def run_average(config: AverageConfig, on_event: EventSink = _ignore, dist: Dist
             "metrics": metrics,
             "checkpoint_metrics": per_checkpoint,
             "train": train_summary,
-            "data": {"spec": config.data, "name": data.name, "fit_on": config.fit_on,
+            "data": {"spec": config.data, "name": data.name, "num_classes": data.num_classes, "fit_on": config.fit_on,
                      "fit_examples": len(fit_data), "bn_examples": len(data.train), "eval_examples": len(data.eval)},
             "device": str(device),
             "timings": timings,
