@@ -940,7 +940,7 @@ def _read_safetensors(path: Path, header_only: bool, keys: set[str] | None = Non
                                           f"(e.g. {missing[0]}); the checkpoint is incomplete")
                 names = [k for k in names if k in keys]
             if header_only:
-                entries = {k: (tuple(int(d) for d in header[k]["shape"]), _ST_DTYPE_NAMES.get(
+                entries: dict = {k: (tuple(int(d) for d in header[k]["shape"]), _ST_DTYPE_NAMES.get(
                     header[k]["dtype"], str(header[k]["dtype"]).lower())) for k in names}
             else:
                 entries = _pread_tensors(path, header, {k: f.get_tensor(k) for k in names})

@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from . import __version__
 from .config import (
@@ -126,7 +134,7 @@ class ProgressSink:
         self.interactive = console.is_terminal and not console.quiet and console.color_system is not None
         self.interval_s = interval_s
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
         self.done = 0
         self.total = 0
         self.phase = ""

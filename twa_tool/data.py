@@ -173,7 +173,7 @@ def _build(spec: str, root: Path | None, download: bool, eval_only: bool) -> Dat
     unused = f"--data-root {root} is not used: " if root is not None else None
     if name is not None:
         data = _REGISTRY[name](data_root, download)
-        return _noted(data, unused and name in _GENERATED and unused + f"--data {name} is generated, not read")
+        return _noted(data, unused + f"--data {name} is generated, not read" if unused and name in _GENERATED else None)
     if text.lower().startswith("imagefolder:"):
         return _noted(_build_imagefolder_spec(text),
                       unused and unused + f"--data {text} reads the train/ and val/ folders under its own PATH")

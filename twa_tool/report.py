@@ -266,9 +266,9 @@ def markdown_report(report: dict, images: list[str], note: str | None = None) ->
     if frozen:
         start = report.get("train", {}).get("start", "mean")
         where = "the checkpoints' mean" if start == "mean" else md_text(start)
-        names = ", ".join(md_code(n) for n in frozen[:8]) + (f" and {len(frozen) - 8} more" if len(frozen) > 8 else "")
+        listed = ", ".join(md_code(n) for n in frozen[:8]) + (f" and {len(frozen) - 8} more" if len(frozen) > 8 else "")
         lines += ["", f"{len(frozen)} frozen parameter tensor{'s' if len(frozen) != 1 else ''} (requires_grad=False) "
-                      f"not trained, kept at the start point ({where}): {names}."]
+                      f"not trained, kept at the start point ({where}): {listed}."]
     lines += [""] + [f"![{name}]({name})" for name in images]
     if note:
         lines += ["", f"_{md_text(note)}_"]  # the note can quote an exception: `_ARRAY_API`

@@ -669,7 +669,7 @@ def quantize(values: torch.Tensor, storage: str, in_place: bool = False) -> Basi
         return Basis(values)
     k, d = values.shape
     size = torch.tensor([], dtype=dtype).element_size()
-    rows: Sequence[torch.Tensor] = values
+    rows: torch.Tensor | Sequence[torch.Tensor] = values
     if in_place and values.is_contiguous() and size < values.element_size() and k:
         out = values.reshape(-1).view(torch.uint8)[: k * d * size].view(dtype).view(k, d)
         rows = [values[0].clone(), *values[1:]]  # rows 1.. are read before anything lands on them

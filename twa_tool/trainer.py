@@ -10,7 +10,7 @@ momentum buffer are both combinations of vectors in the span, so the iterates st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -225,7 +225,7 @@ class Batches:
                             "or use --num-workers 0") from err
 
 
-def _batch_to(batch: object, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_to(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     inputs, targets = batch[0], batch[1]
     return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
