@@ -41,8 +41,7 @@ def test_float32_estimate_of_a_tiny_model_by_hand() -> None:
 
 
 def test_int8_estimate_of_a_tiny_model_by_hand() -> None:
-    """The column blocks are as wide as the vectors when those are narrower than ``column_block`` (they were
-    counted ``column_block(K)`` wide: 128 MiB for any model, 10 parameters included)."""
+    """The column blocks are as wide as the vectors when those are narrower than ``column_block``."""
     estimate = pipeline.memory_estimate(torch.nn.Linear(4, 2), 3, storage="int8", threads=2, process=1000)
     assert estimate == {
         "torch_model_data": 1000,
