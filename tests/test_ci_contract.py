@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from tests.conftest import model_flags
 from twa_tool.cli import cli
 from twa_tool.writer import TEMP_PREFIX, save_safetensors
 
@@ -365,6 +366,38 @@ def test_out_of_memory_is_exit_9_with_what_to_lower(demo_ckpts: Path, tmp_path: 
     assert verbose.exit_code == 9 and "Traceback" in verbose.output  # -v still shows where it ran out
 
 
+MMAP_OOM = "unable to mmap 44801035 bytes from file <ckpts/epoch_0.pt>: Cannot allocate memory (12)"
+
+
+@pytest.mark.parametrize("where", ["model", "checkpoint", "checkpoint-mmap", "data"])
+def test_out_of_memory_inside_an_input_handler_is_exit_9(plain_pt_ckpts: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Memory that ran out while the model was built, a checkpoint loaded or the data function ran was reported
+    as that input's fault (exit 4): "building the model failed ... check --model and --model-arg" (seen under
+    `ulimit -v`), "cannot read torch checkpoint ...; the file may be truncated", "the function raised MemoryError".
+    It is exit 9 with what to lower, wherever the input handlers wrapped it."""
+    from twa_tool import models
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(CPU_OOM)
+
+    data = ["--data", "synthetic"]
+    if where == "model":
+        monkeypatch.setitem(models.MODEL_FACTORIES, "twa", fail)
+    elif where == "checkpoint":
+        monkeypatch.setattr(torch, "load", fail)
+    elif where == "checkpoint-mmap":  # torch.load(mmap=True) under `ulimit -v`: was "the file may be truncated"
+        monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(MMAP_OOM)))
+    else:
+        (tmp_path / "bigdata.py").write_text("def data():\n    raise MemoryError('Unable to allocate 8.00 GiB')\n")
+        data = ["--data", f"{tmp_path / 'bigdata.py'}:data"]
+    result = invoke(plain_pt_ckpts, *model_flags(), *data, "--epochs", "1", "--out", tmp_path / "o")
+    assert result.exit_code == 9, result.output
+    assert result.stderr.startswith("error: out of host memory allocating "), result.stderr
+    assert "--basis-dtype int8" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_out_of_memory_fix_names_each_commands_flags() -> None:
     from twa_tool.cli import MEMORY_FIX_ELSE, out_of_memory
 
@@ -372,12 +405,48 @@ def test_out_of_memory_fix_names_each_commands_flags() -> None:
     assert soup is not None and soup.exit_code == 9
     assert str(soup) == "MPS backend out of memory: lower --batch-size or use --amp bf16"
     assert "--exclude" in str(out_of_memory(MemoryError(), "soup"))
+    for command in ("average", "soup"):  # the dry run's estimate is where to see what a smaller run would need
+        assert str(out_of_memory(MemoryError(), command)).endswith("; --dry-run prints the memory estimate")
+    assert "--last N, --every K" in str(out_of_memory(MemoryError(), "average"))
     assert str(out_of_memory(MemoryError(), "inspect")) == f"out of host memory: {MEMORY_FIX_ELSE}"
     mapping = OSError(12, "Cannot allocate memory")  # mmap of the basis under a memory limit (ulimit -v)
     assert str(out_of_memory(mapping, "average")).startswith("out of host memory: store the basis as --basis-dtype")
     assert out_of_memory(OSError(2, "No such file or directory"), "average") is None
     assert out_of_memory(RuntimeError("shape mismatch"), "average") is None
     assert out_of_memory(KeyboardInterrupt(), "average") is None
+
+
+def test_only_an_input_error_raised_from_a_memory_failure_is_one() -> None:
+    """An input error (exit 4) raised from a memory failure is exit 9; any other error keeps its own exit code
+    whatever it was raised while handling, and an input error of its own stays one."""
+    from twa_tool.cli import memory_failure, out_of_memory
+    from twa_tool.errors import CheckpointError, NumericalError
+
+    def raised(error: BaseException, cause: BaseException, suppress: bool) -> BaseException:
+        try:
+            try:
+                raise cause
+            except BaseException as inner:
+                if suppress:
+                    raise error from None  # the handlers' "from None" keeps the original as the context
+                raise error from inner
+        except BaseException as outer:
+            return outer
+
+    oom = RuntimeError(CPU_OOM)
+    for suppress in (True, False):
+        wrapped = raised(CheckpointError("x.pt: cannot read torch checkpoint"), oom, suppress)
+        assert memory_failure(wrapped) is oom
+        assert str(out_of_memory(wrapped, "average")).startswith("out of host memory allocating 4.00 GiB: ")
+        assert memory_failure(raised(NumericalError("non-finite"), MemoryError(), suppress)) is None
+        assert memory_failure(raised(KeyboardInterrupt(), MemoryError(), suppress)) is None
+        assert memory_failure(raised(CheckpointError("bad"), ValueError("bad zip"), suppress)) is None
+    assert memory_failure(CheckpointError("x.pt: truncated")) is None
+    mapped = RuntimeError(MMAP_OOM)
+    assert str(out_of_memory(mapped, "average")).startswith("out of host memory allocating 42.73 MiB: ")
+    assert out_of_memory(RuntimeError("unable to open file <a.pt>: No such file or directory (2)"), "average") is None
+    small = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 524288 bytes.")
+    assert str(out_of_memory(small, "average")).startswith("out of host memory allocating 512.00 KiB: ")  # 0.00 GiB
 
 
 @pytest.mark.parametrize("extra, text", [

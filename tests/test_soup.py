@@ -418,6 +418,26 @@ def test_soup_dry_run_plans_without_touching_anything(finetunes: Path, tmp_path:
     assert not out.exists()
 
 
+def test_soup_dry_run_prints_the_whole_process_beside_the_formula(finetunes: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The formula covers what the run adds to torch and the data; the dry run printed only that as "peak memory
+    about" (0.6-0.7 of the peak RSS of resnet18 soups), and now adds what its process holds (torch, the model, the
+    data): ``whole_process``, with the formula's ``total`` unchanged (report.json's ``memory.estimate``)."""
+    import twa_tool.soup as soup
+
+    monkeypatch.setattr(soup, "process_bytes", lambda: 600 * 2**20)
+    args = soup_args(finetunes, tmp_path / "o", "--dry-run")
+    memory = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)["memory_estimate_bytes"]
+    formula = memory["directions"] + memory["center_and_offset"] + memory["states_and_workspace"]
+    assert memory["total"] == formula and memory["torch_model_data"] == 600 * 2**20
+    assert memory["whole_process"] == 600 * 2**20 + formula
+    human = CliRunner().invoke(cli, args)
+    assert human.exit_code == 0, human.output
+    assert (f"peak memory about {memory['whole_process'] / 2**20:.1f} MiB for the whole process: 600.0 MiB that this "
+            f"process holds now (torch, the model, the data) + {formula / 2**20:.1f} MiB beyond torch and the data "
+            f"(K*D*4 + 8*D + 14*S (S: bytes of one state dict))") in human.stderr
+
+
 def test_soup_dry_run_fails_as_the_run_would(finetunes: Path, tmp_path: Path) -> None:
     """The dry run's refusals are the run's: an existing output without --overwrite (exit 7), missing data."""
     (tmp_path / "o").mkdir()

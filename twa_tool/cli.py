@@ -49,6 +49,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     DistributedError,
+    InputError,
     OutOfMemory,
     QualityGateFailed,
     TwaError,
@@ -257,19 +258,39 @@ def _interrupted(word: str, err: BaseException, written: list[Path]) -> str:
 MEMORY_FIXES: dict[tuple[str, str], str] = {
     ("average", "device"): "lower --batch-size or use --amp bf16",
     ("average", "host"): "store the basis as --basis-dtype int8 (a quarter of float32) or bf16, select fewer "
-                         "checkpoints (e.g. --last N) or lower --batch-size; --dry-run prints the memory estimate",
+                         "checkpoints (--last N, --every K) or lower --batch-size; --dry-run prints the memory "
+                         "estimate",
     ("soup", "device"): "lower --batch-size or use --amp bf16",
     ("soup", "host"): "store the basis as --basis-dtype int8 (a quarter of float32) or bf16, use fewer "
-                      "ingredients (--exclude) or lower --batch-size",
+                      "ingredients (--exclude) or lower --batch-size; --dry-run prints the memory estimate",
 }
 MEMORY_FIX_ELSE = "free memory or run on a machine with more"
 
 
+def memory_failure(err: BaseException) -> BaseException | None:
+    """``err`` when it is a memory failure (``is_out_of_memory``), or the one an input error (exit 4) was raised
+    from: the handlers that turn a failure of the model's constructor, a checkpoint's unpickler or the data's
+    code into "building the model failed", "cannot read torch checkpoint", "the function raised" keep the
+    original as the cause or context (``from err``, or ``from None``, which keeps it as the context)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if is_out_of_memory(current):
+            return current
+        if not isinstance(current, InputError):  # any other error's verdict stands, whatever it was raised from
+            return None
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def out_of_memory(err: BaseException, command: str | None) -> OutOfMemory | None:
-    """A memory failure (``is_out_of_memory``) as one line that says where and what to lower; None for any other
-    error."""
-    if not is_out_of_memory(err):
+    """A memory failure (``memory_failure``: ``err`` or the one an input error wraps) as one line that says where
+    and what to lower; None for any other error."""
+    found = memory_failure(err)
+    if found is None:
         return None
+    err = found
     text, torch = str(err), sys.modules.get("torch")
     if torch is not None and isinstance(err, torch.OutOfMemoryError):  # "CUDA out of memory. Tried to ..."
         where = "device"
@@ -278,10 +299,12 @@ def out_of_memory(err: BaseException, command: str | None) -> OutOfMemory | None
         place = f"{backend} out of memory" + (f" (GPU {gpu[1]})" if gpu else "")
     else:
         where, place = "host", "out of host memory"
-    size = re.search(r"allocate (\d+(?:\.\d+)? ?(?:[KMGTP]i?B|bytes))", text, re.IGNORECASE)
+    size = re.search(r"(?:allocate|mmap) (\d+(?:\.\d+)? ?(?:[KMGTP]i?B|bytes))", text, re.IGNORECASE)
     amount = size[1] if size else None
-    if amount and amount.endswith("bytes"):
-        amount = f"{int(amount.split()[0]) / 2**30:.2f} GiB"
+    if amount and amount.endswith("bytes"):  # in the largest unit that keeps it at least 1 (0.00 GiB said nothing)
+        count = int(amount.split()[0])
+        unit = next((u for u in range(3, 0, -1) if count >= 2 ** (10 * u)), 0)
+        amount = f"{count / 2 ** (10 * unit):.2f} {('bytes', 'KiB', 'MiB', 'GiB')[unit]}" if unit else f"{count} bytes"
     fix = MEMORY_FIXES.get((command or "", where), MEMORY_FIX_ELSE)
     return OutOfMemory(f"{place}{f' allocating {amount}' if amount else ''}: {fix}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import os
 import shlex
 import sys
 
@@ -97,13 +98,18 @@ class OutOfMemory(TwaError):
 
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` is the machine running out of memory: torch's ``OutOfMemoryError`` (a device), the
-    RuntimeError of torch's CPU allocator, a MemoryError (Python, numpy) or ENOMEM (a mapping). Handlers that
-    turn a failure of the data or the model into an input error let these through: the run was too big, the
-    input is not at fault."""
+    RuntimeError of torch's CPU allocator ("can't allocate memory") or of its mapped reads (``torch.load(...,
+    mmap=True)``: "unable to mmap N bytes from file <...>: Cannot allocate memory (12)"), a MemoryError
+    (Python, numpy) or ENOMEM (a mapping). Handlers that turn a failure of the data or the model into an input
+    error let these through: the run was too big, the input is not at fault."""
     torch = sys.modules.get("torch")
     return (isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
-            or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+            or (isinstance(err, RuntimeError) and any(text in str(err) for text in ENOMEM_TEXTS))
             or (isinstance(err, OSError) and err.errno == errno.ENOMEM))
+
+
+#: How torch's CPU allocator and its file mappings word a failed allocation (the second: strerror(ENOMEM)).
+ENOMEM_TEXTS = ("can't allocate memory", f"{os.strerror(errno.ENOMEM)} ({errno.ENOMEM})")
 
 
 def exclude_hint(name: str) -> str:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import resource
 import time
 import zipfile
 from collections.abc import Callable
@@ -867,20 +868,43 @@ def planned_outputs(config: AverageConfig,
     return (*model_files, REPORT_FILE, HUMAN_REPORT_FILE, *PLOT_FILES), size
 
 
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if platform.system() == "Darwin" else rss * 1024
+
+
+def process_bytes() -> int:
+    """What this process holds before any checkpoint is read, as a run's does: its peak RSS so far (torch and
+    twa imported, the model built, the data loaded) after one step of torch's SGD on a one-element parameter.
+    The optimizer's first step imports torch's compiler stack (``torch._dynamo``, sympy: about 160 MiB with
+    torch 2.x on Linux), which every run loads when it fits coefficients and a dry run otherwise never does."""
+    weight = nn.Parameter(torch.zeros(1))
+    weight.grad = torch.zeros(1)
+    with torch.random.fork_rng(devices=[]):
+        torch.optim.SGD([weight], lr=0.0, momentum=0.9, weight_decay=1e-5).step()
+    return peak_rss_bytes()
+
+
 def memory_estimate(model: nn.Module, k: int, ranks: int = 1, storage: str = "float32",
-                    threads: int | None = None) -> dict[str, int]:
-    """Peak host memory of the run, by part (bytes), with the model, its gradients and momentum, the float64
-    mean and the loaded checkpoints.
+                    threads: int | None = None, process: int = 0) -> dict[str, int]:
+    """Peak host memory of the whole run, by part (bytes): ``process`` (what the process already holds: torch,
+    the model, the data; ``process_bytes``, measured by a dry run), then the model, its gradients and momentum,
+    the float64 mean, the loaded checkpoints and the basis, and at the end the TWA weights and their projection
+    on the basis, float64 (the report's span residual, while the basis is still held: the run's peak).
 
     float32 (and any basis under torchrun, ``ranks`` > 1: per rank, with its shard): the float32 build buffer
     that becomes the basis, plus the previous checkpoint the build differences against. bf16/int8: the basis
     in that format (``stream_by_columns``; an estimate for files that share one layout, else the float32
-    one applies) plus a block of rows per thread."""
+    one applies) plus, per thread, four float32 blocks of K rows and as many columns as ``column_block`` gives
+    (at most D). The parts are summed as if they were all held at once, so the total is an upper bound of what
+    is on top of ``process`` (resnet18 and resnet50, K = 8-30: 1.02-1.16 times the run's peak RSS; README)."""
     full = sum(p.numel() for p in model.parameters() if p.requires_grad)
     d = -(-full // ranks)
     state = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     floats = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
-    common = {"mean_float64": floats * 8, "model_grads_momentum": state + 2 * full * 4}
+    common = {"mean_float64": floats * 8, "model_grads_momentum": state + 2 * full * 4,
+              "weights_float64": 2 * full * 8}  # run_facts: the TWA weights and their projection on the basis
     if storage in COLUMN_BUILD_STORAGE and ranks == 1:
         size = torch.tensor([], dtype=STORAGE_DTYPES[storage]).element_size()
         scales = k * -(-d // QUANT_BLOCK) * 4 if storage == "int8" else 0
@@ -890,6 +914,7 @@ def memory_estimate(model: nn.Module, k: int, ranks: int = 1, storage: str = "fl
                  "first_and_last_checkpoint": 2 * state, **common}
     else:
         parts = {"basis_float32": k * d * 4, "previous_float32": d * 4, "one_checkpoint": state, **common}
+    parts = {"torch_model_data": process, **parts}
     return {**parts, "total": sum(parts.values())}
 
 
@@ -1016,7 +1041,8 @@ def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: C
         "model": {"spec": spec, "args": dict(model_args),
                   "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)},
         "data": data,
-        "memory_estimate_bytes": memory_estimate(model, len(files), ranks, config.basis_dtype),
+        "memory_estimate_bytes": memory_estimate(model, len(files), ranks, config.basis_dtype,
+                                                 process=process_bytes()),
         "would_write": [str(config.out_dir / n) for n in output_names if n not in PLOT_FILES or plots_installed()],
         "output_bytes": output_bytes,
         "config": _config_dict(config),

@@ -111,10 +111,9 @@ def _print_plan(report: dict, console: Console, head: str, memory: str, data_lin
     console.print(head, soft_wrap=True, markup=False)
     for item in report["excluded"]:
         console.print(f"  left out {item['name']}: {item['reason']}", soft_wrap=True, markup=False)
-    total = report["memory_estimate_bytes"]["total"]
-    console.print(f"model {report['model']['spec']}: {report['model']['parameters']:,} trainable parameters; "
-                  f"peak memory about {total / 2**20:.1f} MiB {memory}", soft_wrap=True, markup=False)
     data = report["data"]
+    console.print(f"model {report['model']['spec']}: {report['model']['parameters']:,} trainable parameters; "
+                  f"peak memory about {memory}", soft_wrap=True, markup=False)
     if data["would_download"]:
         console.print(f"data {data['spec']}: not on disk; the run would download it (--download)", soft_wrap=True,
                       markup=False)
@@ -127,13 +126,20 @@ def _print_plan(report: dict, console: Console, head: str, memory: str, data_lin
     console.print("nothing was written")
 
 
+def unmeasured_data(data: dict) -> str:
+    """What a dry run's memory figure leaves out: the data that ``--download`` would fetch was never loaded."""
+    return " without the data (not on disk, so not loaded)" if data["would_download"] else ""
+
+
 def render_dry_run(report: dict, console: Console) -> None:
     """The plan of a ``--dry-run``: selection, memory estimate, files that would be written."""
     memory, data = report["memory_estimate_bytes"], report["data"]
     parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items() if k != "total")
     _print_plan(report, console,
                 f"dry run: {len(report['checkpoints'])} checkpoints selected: {', '.join(report['checkpoints'])}",
-                f"({parts})",
+                f"{memory['total'] / 2**20:.1f} MiB for the whole process{unmeasured_data(data)}, its parts summed "
+                f"as if all were held at once ({parts}; torch_model_data: what this process holds now, torch, the "
+                f"model and the data)",
                 "" if data["would_download"] else
                 f"{data['fit_examples']:,} examples to fit on ({data['fit_on']}), "
                 f"{data['eval_examples']:,} to evaluate")
@@ -141,11 +147,13 @@ def render_dry_run(report: dict, console: Console) -> None:
 
 def render_soup_dry_run(report: dict, console: Console) -> None:
     """The plan of a ``twa soup --dry-run``: ingredients, memory estimate, files that would be written."""
-    data = report["data"]
+    data, memory = report["data"], report["memory_estimate_bytes"]
     _print_plan(report, console,
                 f"dry run: {len(report['ingredients'])} ingredients: {', '.join(report['ingredients'])}"
                 + (f"; base {report['base']}" if report["base"] else ""),
-                f"beyond torch and the data ({report['memory_estimate_bytes']['formula']})",
+                f"{memory['whole_process'] / 2**20:.1f} MiB for the whole process{unmeasured_data(data)}: "
+                f"{memory['torch_model_data'] / 2**20:.1f} MiB that this process holds now (torch, the model, the "
+                f"data) + {memory['total'] / 2**20:.1f} MiB beyond torch and the data ({memory['formula']})",
                 "" if data["would_download"] else
                 f"{data['fit_examples']:,} examples to fit on, {data['heldout_examples']:,} held out "
                 f"({data['heldout']}), {data['eval_examples']:,} to evaluate")

@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import platform
-import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +76,8 @@ from .pipeline import (
     check_batch_of_one,
     check_eval_batches,
     hf_folder,
+    peak_rss_bytes,
+    process_bytes,
     resolve_device,
     same_weights_as_read,
     validate_headers,
@@ -706,7 +707,8 @@ def soup_dry_run(config: SoupConfig, inputs: Inputs, outputs: tuple[str, ...], s
         "excluded": inputs.excluded,
         "model": {"spec": inputs.spec, "args": dict(inputs.model_args), "parameters": parameters},
         "data": data,
-        "memory_estimate_bytes": memory_formula(len(inputs.files), parameters, state_bytes, config.basis_dtype),
+        "memory_estimate_bytes": whole_process(memory_formula(len(inputs.files), parameters, state_bytes,
+                                                              config.basis_dtype), process_bytes()),
         "would_write": [str(config.out_dir / n) for n in outputs],
         "output_bytes": size,
         "config": _config_dict(config),
@@ -714,6 +716,13 @@ def soup_dry_run(config: SoupConfig, inputs: Inputs, outputs: tuple[str, ...], s
     }
     return SoupResult(report=report, model_path=config.out_dir / outputs[0], report_path=config.out_dir / REPORT_FILE,
                       warnings=tuple(inputs.warnings))
+
+
+def whole_process(formula: dict, process: int) -> dict:
+    """A dry run's estimate: ``memory_formula`` (its parts and ``total``, beyond torch and the data, as
+    ``report.json``'s ``memory.estimate``), with ``torch_model_data`` (what the dry run's process holds:
+    ``process_bytes``) and their sum, ``whole_process``, the figure to compare with the machine's memory."""
+    return {**formula, "torch_model_data": process, "whole_process": process + formula["total"]}
 
 
 def memory_formula(k: int, d: int, state_bytes: int, basis_dtype: str) -> dict:
@@ -728,12 +737,6 @@ def memory_formula(k: int, d: int, state_bytes: int, basis_dtype: str) -> dict:
     b = STORAGE_DTYPES[basis_dtype].itemsize
     parts = {"directions": k * d * b, "center_and_offset": 2 * 4 * d, "states_and_workspace": 14 * state_bytes}
     return {"formula": f"K*D*{b} + 8*D + 14*S (S: bytes of one state dict)", **parts, "total": sum(parts.values())}
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if platform.system() == "Darwin" else rss * 1024
 
 
 def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:

@@ -1,0 +1,104 @@
+"""The dry run's memory estimate: known answers for a tiny model, and what its total covers.
+
+Measured (README, Memory estimate of a dry run): without what the process itself holds (torch, the model, the
+data), the estimate was 0.4-0.65 of `twa average`'s peak RSS for resnet18 with 8-30 checkpoints, printed as
+"peak memory about"; with it, 1.02-1.16."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from rich.console import Console
+
+from tests.conftest import model_flags
+from twa_tool import pipeline, subspace
+from twa_tool.cli import cli
+from twa_tool.report import render_dry_run
+
+MiB = 2**20
+
+
+def test_float32_estimate_of_a_tiny_model_by_hand() -> None:
+    """Linear(4, 2): D = 10 trainable parameters, a state dict of 40 bytes; K = 3 checkpoints."""
+    estimate = pipeline.memory_estimate(torch.nn.Linear(4, 2), 3, process=1000)
+    assert estimate == {
+        "torch_model_data": 1000,   # measured by the dry run: torch, the model, the data
+        "basis_float32": 3 * 10 * 4,
+        "previous_float32": 10 * 4,
+        "one_checkpoint": 40,
+        "mean_float64": 10 * 8,
+        "model_grads_momentum": 40 + 2 * 10 * 4,
+        "weights_float64": 2 * 10 * 8,  # the TWA weights and their projection, for the report
+        "total": 1000 + 120 + 40 + 40 + 80 + 120 + 160,
+    }
+
+
+def test_int8_estimate_of_a_tiny_model_by_hand() -> None:
+    """The column blocks are as wide as the vectors when those are narrower than ``column_block``."""
+    estimate = pipeline.memory_estimate(torch.nn.Linear(4, 2), 3, storage="int8", threads=2, process=1000)
+    assert estimate == {
+        "torch_model_data": 1000,
+        "basis_int8": 3 * 10 + 3 * 1 * 4,      # a byte per entry, a float32 scale per row and 4096 columns
+        "column_blocks": 4 * 3 * 10 * 4 * 2,  # rows, Q1, Q, rounding: 3 x 10 float32 each, per thread
+        "first_and_last_checkpoint": 2 * 40,
+        "mean_float64": 80,
+        "model_grads_momentum": 120,
+        "weights_float64": 160,
+        "total": 1000 + 42 + 960 + 80 + 80 + 120 + 160,
+    }
+    wide = torch.nn.Linear(3 * subspace.QUANT_BLOCK, 10 * subspace.QUANT_BLOCK, bias=False)  # D = 120M: capped
+    assert pipeline.memory_estimate(wide, 3, storage="bf16", threads=2)["column_blocks"] == \
+        4 * 3 * subspace.column_block(3) * 4 * 2
+
+
+def test_the_dry_run_total_is_the_whole_process(demo_ckpts: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The total includes what the process holds before any checkpoint is read (``process_bytes``), and the
+    line says that it is the whole process's peak."""
+    monkeypatch.setattr(pipeline, "process_bytes", lambda: 500 * MiB)
+    args = ["average", str(demo_ckpts), *model_flags(), "--data", "synthetic", "--out", str(tmp_path / "o"),
+            "--dry-run"]
+    plan = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)
+    memory = plan["memory_estimate_bytes"]
+    assert memory["torch_model_data"] == 500 * MiB
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total") > 500 * MiB
+    human = CliRunner().invoke(cli, args)
+    assert human.exit_code == 0, human.output
+    assert f"peak memory about {memory['total'] / MiB:.1f} MiB for the whole process" in human.stderr
+    assert "torch_model_data 500.0 MiB" in human.stderr
+
+
+def test_the_plan_line_says_what_the_estimate_covers() -> None:
+    report = {"checkpoints": ["a", "b"], "excluded": [], "would_write": [],
+              "memory_estimate_bytes": {"torch_model_data": 3 * MiB, "basis_float32": MiB, "total": 4 * MiB},
+              "model": {"spec": "twa:cnn", "parameters": 10},
+              "data": {"spec": "cifar10", "would_download": True}}
+    out = io.StringIO()
+    render_dry_run(report, Console(file=out, width=400))
+    line = next(x for x in out.getvalue().splitlines() if "peak memory" in x)
+    assert line.startswith("model twa:cnn: 10 trainable parameters; peak memory about 4.0 MiB for the whole process "
+                           "without the data (not on disk, so not loaded), its parts summed as if all were held at "
+                           "once (torch_model_data 3.0 MiB, basis_float32 1.0 MiB;")
+
+
+def test_process_bytes_loads_what_the_runs_optimizer_loads() -> None:
+    """The optimizer's first step imports torch's compiler stack (about 160 MiB with torch 2.x), which a run
+    loads and a dry run did not: after ``process_bytes`` an SGD step imports nothing more."""
+    code = ("import sys, torch\n"
+            "from twa_tool.pipeline import peak_rss_bytes, process_bytes\n"
+            "before = peak_rss_bytes()\n"
+            "assert process_bytes() >= before\n"
+            "loaded = set(sys.modules)\n"
+            "p = torch.nn.Parameter(torch.randn(3)); p.grad = torch.randn(3)\n"
+            "torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=1e-5).step()\n"
+            "print(sorted(set(sys.modules) - loaded))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
