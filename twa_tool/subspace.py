@@ -96,10 +96,16 @@ _ROW_BLOCK = 32
 #: Columns per chunk of the float64-accumulated products (k x chunk float32 GEMMs).
 _CHUNK = 1 << 18
 
-#: The longest inner product summed in float32 before its partial sum goes to float64. A float32 sum of
-#: n products is off by about sqrt(n) ulps: 1M-column chunks (a few checkpoints of resnet18) gave Gram
-#: matrices off by ~5e-6, so bases with max|QQ^T - I| of 5.8e-6 passed the 1e-6 check. 2^15: ~3e-7.
-_DOT_LENGTH = 1 << 15
+#: The longest inner product summed in float32 before its partial sum goes to float64, in the Gram matrices
+#: that decide the Cholesky factors (``_dot``). A float32 sum of n products is off by about sqrt(n) ulps or
+#: worse, by the CPU's BLAS kernel: 1M-column chunks (a few checkpoints of resnet18) gave Gram matrices off by
+#: ~5e-6; on an AMD EPYC, 4000-column products left a nearly dependent trajectory's coefficients off by 1.2e-6
+#: relative, 2048-column ones by 2.5e-7 (float64 products: 4e-8), for ~3% more time in those products.
+_DOT_LENGTH = 1 << 11
+
+#: The same for the Gram matrix of a finished pass (``_add_lower_gram``), which only checks orthonormality
+#: against ``_ORTHONORMAL_ENOUGH``: 2^15 columns, ~3e-7 (2^11 cost 15% more time in the final pass).
+_CHECK_DOT_LENGTH = 1 << 15
 
 #: Columns per float32 product of a projection's first pass on the CPU (summed in float64).
 _PROJECT_CHUNK = 1 << 12
@@ -207,8 +213,8 @@ def _apply_staircase(t: torch.Tensor, steps: list[tuple[int, int, int]], y: torc
 
 def _add_lower_gram(part: torch.Tensor, total: torch.Tensor) -> None:
     """``total += part @ part^T`` on and below the diagonal blocks only (float32 products of at most
-    ``_DOT_LENGTH`` columns, summed in float64)."""
-    for cols in _chunks(part.shape[1], _DOT_LENGTH):
+    ``_CHECK_DOT_LENGTH`` columns, summed in float64)."""
+    for cols in _chunks(part.shape[1], _CHECK_DOT_LENGTH):
         for r0 in range(0, part.shape[0], _ROW_BLOCK):
             r1 = min(r0 + _ROW_BLOCK, part.shape[0])
             total[r0:r1, :r1] += (part[r0:r1, cols] @ part[:r1, cols].T).to(torch.float64)
@@ -430,19 +436,18 @@ class Basis:
 
     def _chunked_coordinates(self, g: torch.Tensor, step: int | None) -> torch.Tensor:
         dense = self.scales is None and self.values.dtype == g.dtype  # in g's dtype: no conversion
-        if dense and self.dim <= _PROJECT_CHUNK:
-            return (self.values @ g).double()
         total = g.dtype if g.device.type in _NO_FLOAT64 else torch.float64
         beta = torch.zeros(self.rank, dtype=total, device=g.device)
         if dense:
+            scratch = torch.empty(self.rank, min(self.dim, _PROJECT_CHUNK), dtype=g.dtype, device=g.device)
             for cols in _chunks(self.dim, _PROJECT_CHUNK):
-                beta += self.values[:, cols] @ g[cols]
+                beta += _row_dots(self.values[:, cols], g[cols], scratch)
             return beta
         step = step or self.projection_step(g.device)
         if self.scales is not None and g.device.type == "cpu":
             return self._scaled_coordinates(g, step)
-        for cols, part in self.column_chunks(g.dtype, step, reuse=True):
-            beta += part @ g[cols]
+        for cols, part in self.column_chunks(g.dtype, step, reuse=True):  # a converted copy: multiplied in place
+            beta += _row_dots(part, g[cols], part)
         return beta
 
     def projection_combine(self, beta: torch.Tensor, like: torch.Tensor, step: int | None = None) -> torch.Tensor:
@@ -485,7 +490,8 @@ class Basis:
             gv = g[cols]
             blocks = list(_chunks(part.shape[1], QUANT_BLOCK))
             first = cols.start // QUANT_BLOCK
-            partial = torch.stack([part[:, b] @ gv[b] for b in blocks], dim=1)
+            part.mul_(gv)  # the widened copy
+            partial = torch.stack([part[:, b].sum(1) for b in blocks], dim=1)
             beta += (partial * self.scales[:, first:first + len(blocks)].to(g.dtype)).sum(1, dtype=torch.float64)
         return beta
 
@@ -546,6 +552,16 @@ def fused_combine(values: torch.Tensor, scales: torch.Tensor | None, beta: torch
     blocks = (values[:, :full].view(k, n, QUANT_BLOCK).float() * weights[:, :n, None]).sum(0).reshape(full)
     rest = (values[:, full:].float() * weights[:, n:n + 1]).sum(0)
     return torch.cat([blocks, rest])
+
+
+def _row_dots(part: torch.Tensor, v: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``part @ v`` (one value per row, in their dtype) as torch's reduction sums the products (pairwise, in
+    vector lanes), through ``scratch`` (at least ``part``'s size; it may be ``part`` itself, which is then
+    overwritten). A BLAS matrix-vector product's running sums depend on the CPU's kernel: on an AMD EPYC its
+    4096-column products left ``P g`` off by 9.6e-7 relative where ``|P g|`` is 2% of ``|g|``, the reduction's by
+    1.8e-7, in less time (K=100, D=11.2M: 180 against 203 ms)."""
+    products = scratch[:, : part.shape[1]] if scratch is not part else part
+    return torch.mul(part, v, out=products).sum(1)
 
 
 def _block_products(values: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
