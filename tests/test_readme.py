@@ -152,3 +152,25 @@ def test_the_readme_layout_block_lists_every_module() -> None:
     listed = set(re.findall(r"^  (\w+)\.py", block, re.MULTILINE)) | set(re.findall(r"\((\w+)\.py\)", block))
     modules = {p.stem for p in (ROOT / "twa_tool").glob("*.py")} - {"__init__"}
     assert listed == modules
+
+
+DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "report.md", *sorted((ROOT / "examples").rglob("*.md")),
+             *sorted((ROOT / "examples").rglob("*.sh")), *sorted((ROOT / "examples").rglob("*.yml")),
+             *sorted((ROOT / "benchmarks").glob("*.sh"))]
+COMMAND = re.compile(r"(?:(?<![\w./-])twa|-m(?: --)? twa_tool)\s+(average|soup|inspect|demo)\b([^`#>|;\n]*)")
+
+
+def test_every_flag_of_a_documented_twa_command_exists() -> None:
+    """Each `twa CMD ...` (or `-m twa_tool CMD ...`) in the README, docs, examples' READMEs, results and scripts,
+    in code blocks or inline, with its continuation lines: every flag it passes is one of that command's."""
+    seen, wrong = 0, []
+    for path in DOCUMENTS:
+        text = re.sub(r"\\\n\s*", " ", path.read_text())
+        for match in COMMAND.finditer(text):
+            command, rest = match.groups()
+            flags = re.findall(r"(?<![\w$-])(--?[a-zA-Z][\w-]*)", rest)
+            seen += len(flags)
+            wrong += [f"{path.relative_to(ROOT)}: twa {command} {flag}" for flag in flags
+                      if flag not in options(command) and flag not in ("-h", "--help")]
+    assert seen > 50, seen  # the pattern still finds the commands
+    assert not wrong, wrong
