@@ -114,6 +114,8 @@ def _print_plan(report: dict, console: Console, head: str, memory: str, data_lin
     data = report["data"]
     console.print(f"model {report['model']['spec']}: {report['model']['parameters']:,} trainable parameters; "
                   f"peak memory about {memory}", soft_wrap=True, markup=False)
+    if "threads" in report:  # the run's intra-op threads (per rank under torchrun): its time and CPU bytes follow
+        console.print(f"threads {report['threads']} (torch's CPU threads, --threads)", markup=False)
     if data["would_download"]:
         console.print(f"data {data['spec']}: not on disk; the run would download it (--download)", soft_wrap=True,
                       markup=False)
