@@ -309,3 +309,35 @@ def test_inspect_warns_when_the_recorded_epochs_disagree_with_the_names(demo_ckp
     listing = json.loads(invoke("inspect", folder, "--json").stdout)
     assert listing["warnings"] == ["1.safetensors (epoch 5) comes before 2.safetensors (epoch 3) in name order; the "
                                    "name order is used, rename the files or select with --include"]
+
+
+def test_inspect_counts_tensor_values_and_says_they_are_not_the_trainable_parameters(demo_ckpts: Path,
+                                                                                      tmp_path: Path) -> None:
+    """inspect's `parameters` counts every tensor value a file holds, buffers and integer counters included, where
+    the reports' `model.parameters` is the trainable values D: 704 against 678 for the demo CNN. The listing now
+    has `tensor_values` (the same count, null when unreadable: 0 said the file was empty) beside the old key, and
+    the table's column says values, not 'entries' (which reads as the number of tensors), with '-' for a file that
+    cannot be read."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for name in ("0.safetensors", "1.safetensors"):
+        (folder / name).write_bytes((demo_ckpts / name).read_bytes())
+    (folder / "2.safetensors").write_bytes(b"garbage")
+    rows = json.loads(invoke("inspect", folder, "--json").stdout)["checkpoints"]
+    state = load_file(demo_ckpts / "0.safetensors")
+    count = sum(v.numel() for v in state.values())
+    assert [(r["tensor_values"], r["parameters"]) for r in rows] == [(count, count), (count, count), (None, 0)]
+    plan = json.loads(invoke("average", demo_ckpts, *model_flags(), "--data", "synthetic", "--out", tmp_path / "o",
+                             "--dry-run", "--json").stdout)
+    assert plan["model"]["parameters"] < count  # the buffers (BN statistics, num_batches_tracked) are not trained
+    human = CliRunner().invoke(cli, ["inspect", str(folder)], env={"COLUMNS": "300"})
+    lines = human.stderr.splitlines()
+    header = next(line for line in lines if "file" in line and "producer" in line)
+    cells = [c.strip() for c in header.split("┃")]
+    assert "entries" not in cells and "values" in cells, header
+    column = cells.index("values")
+    values = {cells[2]: cells[column] for cells in ([c.strip() for c in line.split("│")] for line in lines)
+              if len(cells) > column and cells[2].endswith(".safetensors")}
+    assert values == {"0.safetensors": f"{count:,}", "1.safetensors": f"{count:,}", "2.safetensors": "-"}, values
+    note = " ".join(human.stderr.split())
+    assert "values: every tensor value a file holds, parameters and buffers" in note

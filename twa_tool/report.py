@@ -192,12 +192,16 @@ def _epoch_step(row: dict) -> str:
     return " ".join(p for p in (epoch, step) if p) or "-"
 
 
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
 def render_inspect(catalog: dict, console: Console) -> None:
     """One table: every candidate with what was detected, and whether `twa average` would use it."""
     table = Table(title=escape(str(catalog["directory"])))
-    for column in ("#", "file", "producer", "container", "prefix", "weights", "dtype", "entries", "epoch/step",
-                   "metrics", "selection"):  # entries: every tensor's, parameters and buffers (headers know no more)
-        table.add_column(column, justify="right" if column in ("#", "entries") else "left")
+    for column in ("#", "file", "producer", "container", "prefix", "weights", "dtype", "values", "epoch/step",
+                   "metrics", "selection"):  # values: every tensor's, parameters and buffers (headers know no more)
+        table.add_column(column, justify="right" if column in ("#", "values") else "left")
     rows = [(str(i), r) for i, r in enumerate(catalog["checkpoints"])] + [("", r) for r in catalog["not_selected"]]
     for index, row in rows:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in row["metrics"].items()) or "-"
@@ -206,8 +210,12 @@ def render_inspect(catalog: dict, console: Console) -> None:
             status = f"[red]{escape(row['error'])}[/red]"
         table.add_row(index, escape(row["name"]), row["producer"] or "-", row["container"] or "-",
                       escape(row.get("prefix") or "-"), row["weights"] or "-", ",".join(row["dtypes"]) or "-",
-                      f"{row['parameters']:,}", _epoch_step(row), metrics, status)
+                      _count(row["tensor_values"]),
+                      _epoch_step(row), metrics, status)
     console.print(table)
+    console.print("values: every tensor value a file holds, parameters and buffers (twa average's D, its "
+                  "report's model.parameters, counts the model's trainable parameters only)", markup=False,
+                  style="dim")
     if catalog["ignored_files"]:
         console.print(f"ignored (not weights, never unpickled): {', '.join(catalog['ignored_files'])}", markup=False)
     for warning in catalog.get("warnings", []):
