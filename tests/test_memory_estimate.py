@@ -128,3 +128,20 @@ def test_the_plans_give_the_threads_the_run_would_use(demo_ckpts: Path, tmp_path
         assert human.exit_code == 0 and "threads 3 (torch's CPU threads, --threads)" in human.stderr, human.output
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_plan_gives_each_size_in_a_unit_that_shows_it() -> None:
+    """Every part was printed in MiB with one decimal: the parts of a small model read "basis_float32 0.0 MiB"
+    (a part that seemed not to be there), and a large run's total "12637.1 MiB". Each size is now in the largest
+    unit that keeps it at least 1: bytes, KiB, MiB or GiB."""
+    report = {"checkpoints": ["a", "b"], "excluded": [], "would_write": [], "threads": 1,
+              "memory_estimate_bytes": {"torch_model_data": 700 * MiB, "basis_float32": 120, "one_checkpoint": 3072,
+                                        "mean_float64": 12 * 2**30, "total": 12 * 2**30 + 700 * MiB + 3192},
+              "model": {"spec": "twa:cnn", "parameters": 10},
+              "data": {"spec": "cifar10", "would_download": True}}
+    out = io.StringIO()
+    render_dry_run(report, Console(file=out, width=400))
+    line = next(x for x in out.getvalue().splitlines() if "peak memory" in x)
+    assert "peak memory about 12.68 GiB for the whole process" in line, line
+    assert "(torch_model_data 700.0 MiB, basis_float32 120 bytes, one_checkpoint 3.0 KiB, mean_float64 12.00 GiB;" \
+        in line, line

@@ -133,13 +133,22 @@ def unmeasured_data(data: dict) -> str:
     return " without the data (not on disk, so not loaded)" if data["would_download"] else ""
 
 
+def size_text(count: int) -> str:
+    """A size in bytes for people, in the largest unit that keeps it at least 1 (``120 bytes``, ``3.0 KiB``,
+    ``681.9 MiB``, ``12.68 GiB``): a small model's parts read ``0.0 MiB`` in MiB alone, a large run ``12637.1 MiB``."""
+    unit = next((u for u in range(3, 0, -1) if count >= 2 ** (10 * u)), 0)
+    if not unit:
+        return f"{count} bytes"
+    return f"{count / 2 ** (10 * unit):.{2 if unit == 3 else 1}f} {('KiB', 'MiB', 'GiB')[unit - 1]}"
+
+
 def render_dry_run(report: dict, console: Console) -> None:
     """The plan of a ``--dry-run``: selection, memory estimate, files that would be written."""
     memory, data = report["memory_estimate_bytes"], report["data"]
-    parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items() if k != "total")
+    parts = ", ".join(f"{k} {size_text(v)}" for k, v in memory.items() if k != "total")
     _print_plan(report, console,
                 f"dry run: {len(report['checkpoints'])} checkpoints selected: {', '.join(report['checkpoints'])}",
-                f"{memory['total'] / 2**20:.1f} MiB for the whole process{unmeasured_data(data)}, its parts summed "
+                f"{size_text(memory['total'])} for the whole process{unmeasured_data(data)}, its parts summed "
                 f"as if all were held at once ({parts}; torch_model_data: what this process holds now, torch, the "
                 f"model and the data)",
                 "" if data["would_download"] else
@@ -153,9 +162,9 @@ def render_soup_dry_run(report: dict, console: Console) -> None:
     _print_plan(report, console,
                 f"dry run: {len(report['ingredients'])} ingredients: {', '.join(report['ingredients'])}"
                 + (f"; base {report['base']}" if report["base"] else ""),
-                f"{memory['whole_process'] / 2**20:.1f} MiB for the whole process{unmeasured_data(data)}: "
-                f"{memory['torch_model_data'] / 2**20:.1f} MiB that this process holds now (torch, the model, the "
-                f"data) + {memory['total'] / 2**20:.1f} MiB beyond torch and the data ({memory['formula']})",
+                f"{size_text(memory['whole_process'])} for the whole process{unmeasured_data(data)}: "
+                f"{size_text(memory['torch_model_data'])} that this process holds now (torch, the model, the "
+                f"data) + {size_text(memory['total'])} beyond torch and the data ({memory['formula']})",
                 "" if data["would_download"] else
                 f"{data['fit_examples']:,} examples to fit on, {data['heldout_examples']:,} held out "
                 f"({data['heldout']}), {data['eval_examples']:,} to evaluate")
