@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import model_flags
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from twa_tool.cli import cli
 
@@ -269,3 +269,75 @@ def test_inspect_shows_the_prefix_it_strips(lightning_dir: Path, tmp_path: Path)
     assert {r["prefix"] for r in json.loads(forced.stdout)["checkpoints"]} == {"model."}
     plain = invoke("inspect", lightning_dir, "--json")
     assert {r["prefix"] for r in json.loads(plain.stdout)["checkpoints"]} == {None}
+
+
+def test_inspect_reads_the_epoch_and_step_a_safetensors_file_records(demo_ckpts: Path, tmp_path: Path) -> None:
+    """`twa demo` writes `twa.epoch` into each checkpoint's safetensors metadata, and other tools write plain
+    `epoch` / `global_step` / `step` keys there; inspect's epoch/step column was empty for every safetensors file,
+    so the name order went unchecked. Values that are not whole numbers are not positions and stay null."""
+    demo = json.loads(invoke("inspect", demo_ckpts, "--json").stdout)["checkpoints"]
+    assert [(r["epoch"], r["step"]) for r in demo] == [(e, None) for e in range(5)]
+    human = invoke("inspect", demo_ckpts)
+    assert all(f" e{e} " in human.stderr for e in range(5)), human.stderr
+    folder = tmp_path / "generic"
+    folder.mkdir()
+    state = load_file(demo_ckpts / "1.safetensors")
+    recorded = [{"epoch": "1", "global_step": "100", "step": "7"}, {"twa.epoch": "2", "epoch": "9", "step": "200"},
+                {"epoch": "3.5", "step": "-1"}, {"epoch": " 4", "global_step": "many"}]
+    for i, metadata in enumerate(recorded):
+        save_file(state, str(folder / f"model_{i}.safetensors"), {"format": "pt", **metadata})
+    listing = json.loads(invoke("inspect", folder, "--json").stdout)
+    assert [(r["epoch"], r["step"]) for r in listing["checkpoints"]] == [(1, 100), (2, 200), (None, None),
+                                                                         (None, None)]
+    hf = tmp_path / "hf"  # save_pretrained-like folders: no trainer_state.json, whose step would win
+    for epoch in (1, 2):
+        (hf / f"checkpoint-{epoch}").mkdir(parents=True)
+        (hf / f"checkpoint-{epoch}" / "config.json").write_text("{}")
+        save_file(state, str(hf / f"checkpoint-{epoch}" / "model.safetensors"), {"twa.epoch": str(epoch), "step": "5"})
+    (hf / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 40, "epoch": None}))
+    listing = json.loads(invoke("inspect", hf, "--json").stdout)
+    assert [(r["epoch"], r["step"]) for r in listing["checkpoints"]] == [(1, 5), (2, 40)]
+
+
+def test_inspect_warns_when_the_recorded_epochs_disagree_with_the_names(demo_ckpts: Path, tmp_path: Path) -> None:
+    """The order check `twa average` and `twa inspect` make (name order against the epochs or steps files record)
+    covers safetensors files too, through their metadata."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for name, epoch in (("1.safetensors", 5), ("2.safetensors", 3), ("3.safetensors", 7)):
+        save_file(load_file(demo_ckpts / name), str(folder / name), {"format": "pt", "twa.epoch": str(epoch)})
+    listing = json.loads(invoke("inspect", folder, "--json").stdout)
+    assert listing["warnings"] == ["1.safetensors (epoch 5) comes before 2.safetensors (epoch 3) in name order; the "
+                                   "name order is used, rename the files or select with --include"]
+
+
+def test_inspect_counts_tensor_values_and_says_they_are_not_the_trainable_parameters(demo_ckpts: Path,
+                                                                                      tmp_path: Path) -> None:
+    """inspect's `parameters` counts every tensor value a file holds, buffers and integer counters included, where
+    the reports' `model.parameters` is the trainable values D: 704 against 678 for the demo CNN. The listing now
+    has `tensor_values` (the same count, null when unreadable: 0 said the file was empty) beside the old key, and
+    the table's column says values, not 'entries' (which reads as the number of tensors), with '-' for a file that
+    cannot be read."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for name in ("0.safetensors", "1.safetensors"):
+        (folder / name).write_bytes((demo_ckpts / name).read_bytes())
+    (folder / "2.safetensors").write_bytes(b"garbage")
+    rows = json.loads(invoke("inspect", folder, "--json").stdout)["checkpoints"]
+    state = load_file(demo_ckpts / "0.safetensors")
+    count = sum(v.numel() for v in state.values())
+    assert [(r["tensor_values"], r["parameters"]) for r in rows] == [(count, count), (count, count), (None, 0)]
+    plan = json.loads(invoke("average", demo_ckpts, *model_flags(), "--data", "synthetic", "--out", tmp_path / "o",
+                             "--dry-run", "--json").stdout)
+    assert plan["model"]["parameters"] < count  # the buffers (BN statistics, num_batches_tracked) are not trained
+    human = CliRunner().invoke(cli, ["inspect", str(folder)], env={"COLUMNS": "300"})
+    lines = human.stderr.splitlines()
+    header = next(line for line in lines if "file" in line and "producer" in line)
+    cells = [c.strip() for c in header.split("┃")]
+    assert "entries" not in cells and "values" in cells, header
+    column = cells.index("values")
+    values = {cells[2]: cells[column] for cells in ([c.strip() for c in line.split("│")] for line in lines)
+              if len(cells) > column and cells[2].endswith(".safetensors")}
+    assert values == {"0.safetensors": f"{count:,}", "1.safetensors": f"{count:,}", "2.safetensors": "-"}, values
+    note = " ".join(human.stderr.split())
+    assert "values: every tensor value a file holds, parameters and buffers" in note

@@ -102,3 +102,46 @@ def test_process_bytes_loads_what_the_runs_optimizer_loads() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_plans_give_the_threads_the_run_would_use(demo_ckpts: Path, tmp_path: Path) -> None:
+    """The column blocks of a bf16/int8 basis are per thread, and the run's time and its bytes on CPU depend on the
+    thread count, yet a plan did not say how many the run would use (`--threads`, else torch's default); the report
+    has it as `threads`, the plans now too, and their human output."""
+    before = torch.get_num_threads()
+    try:
+        args = ["average", str(demo_ckpts), *model_flags(), "--data", "synthetic", "--out", str(tmp_path / "o"),
+                "--dry-run", "--basis-dtype", "int8"]
+        for threads in (1, 3):
+            plan = json.loads(CliRunner().invoke(cli, [*args, "--threads", str(threads), "--json"]).stdout)
+            assert plan["threads"] == threads
+            assert plan["memory_estimate_bytes"]["column_blocks"] % threads == 0
+            human = CliRunner().invoke(cli, [*args, "--threads", str(threads)])
+            assert human.exit_code == 0, human.output
+            assert f"threads {threads} (torch's CPU threads, --threads)" in human.stderr, human.stderr
+        torch.set_num_threads(2)  # torch's default here, as no --threads leaves it
+        assert json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)["threads"] == 2
+        soup = ["soup", str(demo_ckpts), *model_flags(), "--data", "synthetic", "--out", str(tmp_path / "s"),
+                "--dry-run", "--threads", "3"]
+        assert json.loads(CliRunner().invoke(cli, [*soup, "--json"]).stdout)["threads"] == 3
+        human = CliRunner().invoke(cli, soup)
+        assert human.exit_code == 0 and "threads 3 (torch's CPU threads, --threads)" in human.stderr, human.output
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_plan_gives_each_size_in_a_unit_that_shows_it() -> None:
+    """Every part was printed in MiB with one decimal: the parts of a small model read "basis_float32 0.0 MiB"
+    (a part that seemed not to be there), and a large run's total "12637.1 MiB". Each size is now in the largest
+    unit that keeps it at least 1: bytes, KiB, MiB or GiB."""
+    report = {"checkpoints": ["a", "b"], "excluded": [], "would_write": [], "threads": 1,
+              "memory_estimate_bytes": {"torch_model_data": 700 * MiB, "basis_float32": 120, "one_checkpoint": 3072,
+                                        "mean_float64": 12 * 2**30, "total": 12 * 2**30 + 700 * MiB + 3192},
+              "model": {"spec": "twa:cnn", "parameters": 10},
+              "data": {"spec": "cifar10", "would_download": True}}
+    out = io.StringIO()
+    render_dry_run(report, Console(file=out, width=400))
+    line = next(x for x in out.getvalue().splitlines() if "peak memory" in x)
+    assert "peak memory about 12.68 GiB for the whole process" in line, line
+    assert "(torch_model_data 700.0 MiB, basis_float32 120 bytes, one_checkpoint 3.0 KiB, mean_float64 12.00 GiB;" \
+        in line, line

@@ -331,3 +331,25 @@ def test_best_pt_identical_to_last_pt_keeps_the_newest_save(tmp_path: Path) -> N
     assert names(chosen) == ["epoch10.pt", "epoch20.pt", "last.pt"]
     assert {d.name: (d.alias_of, d.reason, d.unplaced) for d in chosen.dropped} == {
         "best.pt": (None, UNPLACED, True), "ema_best.pt": (None, UNPLACED, True)}
+
+
+def test_a_file_left_out_by_a_slice_names_the_flag_that_left_it_out(tmp_path: Path) -> None:
+    """Every file a slice or --top-k left out read "outside --range/--every/--last/--top-k", naming flags the run
+    was not given; the reason now names the one that left it out, with its value."""
+    for i in range(8):
+        (tmp_path / f"{i}.pt").write_bytes(bytes([i]) * 4)
+    files = discover(tmp_path)
+    chosen = select(files, Selection(start=1, every=2, last=3, top_k=2, by="acc", mode="max"),
+                    lambda f: float(f.numbers[0]) if f.numbers[0] != 7 else 0.0)
+    assert [f.name for f in chosen.files] == ["3.pt", "5.pt"]
+    assert {d.name: d.reason for d in chosen.dropped} == {
+        "0.pt": "outside --range 1:",
+        "2.pt": "not every 2nd from the last (--every 2)", "4.pt": "not every 2nd from the last (--every 2)",
+        "6.pt": "not every 2nd from the last (--every 2)",
+        "1.pt": "not among the last 3 (--last 3)",
+        "7.pt": "not among the 2 best by acc (--top-k 2 --by acc --mode max)",
+    }
+    only_last = select(files, Selection(last=2))
+    assert {d.reason for d in only_last.dropped} == {"not among the last 2 (--last 2)"}
+    ranged = select(files, Selection(start=-3, stop=-1))
+    assert {d.reason for d in ranged.dropped} == {"outside --range -3:-1"}

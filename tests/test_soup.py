@@ -17,6 +17,7 @@ from tests.conftest import TINY_ARGS, TinyBN, model_flags
 from twa_tool.cli import cli
 from twa_tool.config import CoefficientTrainConfig
 from twa_tool.models import build_model, flatten, trainable_names
+from twa_tool.report import size_text
 from twa_tool.soup import (
     GRANULARITIES,
     Directions,
@@ -434,7 +435,7 @@ def test_soup_dry_run_prints_the_whole_process_beside_the_formula(finetunes: Pat
     human = CliRunner().invoke(cli, args)
     assert human.exit_code == 0, human.output
     assert (f"peak memory about {memory['whole_process'] / 2**20:.1f} MiB for the whole process: 600.0 MiB that this "
-            f"process holds now (torch, the model, the data) + {formula / 2**20:.1f} MiB beyond torch and the data "
+            f"process holds now (torch, the model, the data) + {size_text(formula)} beyond torch and the data "
             f"(K*D*4 + 8*D + 14*S (S: bytes of one state dict))") in human.stderr
 
 

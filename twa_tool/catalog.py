@@ -33,9 +33,11 @@ class Entry:
     error: str | None = None
 
     @property
-    def parameters(self) -> int:
+    def tensor_values(self) -> int | None:
+        """Every value of the file's tensors, parameters and buffers (integer counters too): not the trainable
+        parameters D the reports count (``model.parameters``). None when the file cannot be read."""
         if self.header is None:
-            return 0
+            return None
         total = 0
         for shape, _ in self.header.tensors.values():
             count = 1
@@ -43,6 +45,11 @@ class Entry:
                 count *= size
             total += count
         return total
+
+    @property
+    def parameters(self) -> int:
+        """``tensor_values`` under its first name (0 when unreadable), kept for the scripts that read it."""
+        return self.tensor_values or 0
 
     @property
     def dtypes(self) -> list[str]:
@@ -56,6 +63,7 @@ class Entry:
             "prefix": h.prefix if h else None, "weights": h.weights if h else None,
             "epoch": h.epoch if h else None, "step": h.step if h else None,
             "metrics": dict(h.metrics) if h else {}, "dtypes": self.dtypes, "parameters": self.parameters,
+            "tensor_values": self.tensor_values,
         }
 
 

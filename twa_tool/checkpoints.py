@@ -1472,6 +1472,24 @@ def _is_hf_weight_file(path: Path) -> bool:
         or re.match(r"^checkpoint-\d+$", folder.name) is not None)
 
 
+#: safetensors metadata keys that record a checkpoint's place in training, most specific first: twa's own
+#: (``twa demo`` writes ``twa.epoch``), then the plain names some trainers write (``global_step`` over ``step``,
+#: as in a torch checkpoint dict).
+EPOCH_METADATA_KEYS = ("twa.epoch", "epoch")
+STEP_METADATA_KEYS = ("twa.step", "global_step", "step")
+
+
+def metadata_counters(metadata: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """(epoch, step) from a safetensors file's string metadata: the first key of ``EPOCH_METADATA_KEYS`` /
+    ``STEP_METADATA_KEYS`` present, when its value is a whole number written in decimal digits (``"3"``; not
+    ``"3.5"``, ``"-1"`` or ``" 3"``, which say something else than a position); None otherwise."""
+    def first(keys: tuple[str, ...]) -> int | None:
+        value = next((metadata[k] for k in keys if k in metadata), None)
+        return int(value) if isinstance(value, str) and re.fullmatch(r"[0-9]{1,18}", value) else None
+
+    return first(EPOCH_METADATA_KEYS), first(STEP_METADATA_KEYS)
+
+
 def _trainer_state(folder: Path) -> tuple[int | None, int | None, dict[str, float]]:
     """(epoch, global_step, metrics logged at that step) from ``trainer_state.json`` (JSON, never pickle)."""
     path = folder / "trainer_state.json"
@@ -1527,7 +1545,10 @@ def _read_hf(folder: Path, weight_file: Path, trust_pickle: PickleTrust, weights
         refused = _folder_refusal(folder)  # e.g. ZeRO-3 without gathering writes an empty model file
         if refused is not None:
             raise refused[0](refused[1])
-    found.epoch, found.step, found.metrics = _trainer_state(folder)
+    epoch, step, found.metrics = _trainer_state(folder)
+    recorded = metadata_counters(found.metadata)  # a folder without trainer_state.json (save_pretrained's)
+    found.epoch = epoch if epoch is not None else recorded[0]
+    found.step = step if step is not None else recorded[1]
     return found
 
 
@@ -1653,7 +1674,8 @@ def _read(path: Path, trust_pickle: PickleTrust, weights: str, header_only: bool
             raise CheckpointError(f"{path}: a safetensors file holds one set of weights, {_no_other_set(weights)}; "
                                   f"use --weights raw")
         entries, metadata = _read_safetensors(path, header_only)
-        return _Found(entries=entries, metadata=metadata, producer="safetensors")
+        epoch, step = metadata_counters(metadata)
+        return _Found(entries=entries, metadata=metadata, producer="safetensors", epoch=epoch, step=step)
     if kind in ("torch-zip", "torch-legacy"):
         return _read_torch(path, trust_pickle, weights, header_only, crc_checked, memo, mapped)
     raise CheckpointError(f"{path}: {_not_weights(path)}; remove it from the folder or leave it out with "

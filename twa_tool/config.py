@@ -63,12 +63,31 @@ class Selection:
             raise ConfigError(f"--mode {self.mode} needs --top-k K and --by METRIC")
 
     def apply(self, items: list) -> list:
-        chosen = items[self.start:self.stop]
+        steps = self.slices(items)
+        return list(steps[-1][1] if steps else items)
+
+    def slices(self, items: list) -> list[tuple[str, list]]:
+        """``--range``, ``--every`` and ``--last`` in turn, as given: (why an item the step drops is left out, the
+        items left after it)."""
+        steps = []
+        chosen = items
+        if self.start is not None or self.stop is not None:
+            chosen = chosen[self.start:self.stop]
+            steps.append((f"outside --range {'' if self.start is None else self.start}:"
+                          f"{'' if self.stop is None else self.stop}", chosen))
         if self.every is not None:
             chosen = chosen[::-1][:: self.every][::-1]
+            steps.append((f"not every {_ordinal(self.every)} from the last (--every {self.every})", chosen))
         if self.last is not None:
             chosen = chosen[-self.last:]
-        return chosen
+            steps.append((f"not among the last {self.last} (--last {self.last})", chosen))
+        return steps
+
+
+def _ordinal(n: int) -> str:
+    """``2nd``, ``3rd``, ``11th``, ``21st``."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 @dataclass(frozen=True)

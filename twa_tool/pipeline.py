@@ -1043,6 +1043,7 @@ def dry_run_result(config: AverageConfig, files: list[CheckpointFile], chosen: C
         "data": data,
         "memory_estimate_bytes": memory_estimate(model, len(files), ranks, config.basis_dtype,
                                                  process=process_bytes()),
+        "threads": torch.get_num_threads(),  # what the run would use: --threads, else torch's default
         "would_write": [str(config.out_dir / n) for n in output_names if n not in PLOT_FILES or plots_installed()],
         "output_bytes": output_bytes,
         "config": _config_dict(config),

@@ -114,6 +114,8 @@ def _print_plan(report: dict, console: Console, head: str, memory: str, data_lin
     data = report["data"]
     console.print(f"model {report['model']['spec']}: {report['model']['parameters']:,} trainable parameters; "
                   f"peak memory about {memory}", soft_wrap=True, markup=False)
+    if "threads" in report:  # the run's intra-op threads (per rank under torchrun): its time and CPU bytes follow
+        console.print(f"threads {report['threads']} (torch's CPU threads, --threads)", markup=False)
     if data["would_download"]:
         console.print(f"data {data['spec']}: not on disk; the run would download it (--download)", soft_wrap=True,
                       markup=False)
@@ -131,13 +133,22 @@ def unmeasured_data(data: dict) -> str:
     return " without the data (not on disk, so not loaded)" if data["would_download"] else ""
 
 
+def size_text(count: int) -> str:
+    """A size in bytes for people, in the largest unit that keeps it at least 1 (``120 bytes``, ``3.0 KiB``,
+    ``681.9 MiB``, ``12.68 GiB``): a small model's parts read ``0.0 MiB`` in MiB alone, a large run ``12637.1 MiB``."""
+    unit = next((u for u in range(3, 0, -1) if count >= 2 ** (10 * u)), 0)
+    if not unit:
+        return f"{count} bytes"
+    return f"{count / 2 ** (10 * unit):.{2 if unit == 3 else 1}f} {('KiB', 'MiB', 'GiB')[unit - 1]}"
+
+
 def render_dry_run(report: dict, console: Console) -> None:
     """The plan of a ``--dry-run``: selection, memory estimate, files that would be written."""
     memory, data = report["memory_estimate_bytes"], report["data"]
-    parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items() if k != "total")
+    parts = ", ".join(f"{k} {size_text(v)}" for k, v in memory.items() if k != "total")
     _print_plan(report, console,
                 f"dry run: {len(report['checkpoints'])} checkpoints selected: {', '.join(report['checkpoints'])}",
-                f"{memory['total'] / 2**20:.1f} MiB for the whole process{unmeasured_data(data)}, its parts summed "
+                f"{size_text(memory['total'])} for the whole process{unmeasured_data(data)}, its parts summed "
                 f"as if all were held at once ({parts}; torch_model_data: what this process holds now, torch, the "
                 f"model and the data)",
                 "" if data["would_download"] else
@@ -151,9 +162,9 @@ def render_soup_dry_run(report: dict, console: Console) -> None:
     _print_plan(report, console,
                 f"dry run: {len(report['ingredients'])} ingredients: {', '.join(report['ingredients'])}"
                 + (f"; base {report['base']}" if report["base"] else ""),
-                f"{memory['whole_process'] / 2**20:.1f} MiB for the whole process{unmeasured_data(data)}: "
-                f"{memory['torch_model_data'] / 2**20:.1f} MiB that this process holds now (torch, the model, the "
-                f"data) + {memory['total'] / 2**20:.1f} MiB beyond torch and the data ({memory['formula']})",
+                f"{size_text(memory['whole_process'])} for the whole process{unmeasured_data(data)}: "
+                f"{size_text(memory['torch_model_data'])} that this process holds now (torch, the model, the "
+                f"data) + {size_text(memory['total'])} beyond torch and the data ({memory['formula']})",
                 "" if data["would_download"] else
                 f"{data['fit_examples']:,} examples to fit on, {data['heldout_examples']:,} held out "
                 f"({data['heldout']}), {data['eval_examples']:,} to evaluate")
@@ -190,12 +201,16 @@ def _epoch_step(row: dict) -> str:
     return " ".join(p for p in (epoch, step) if p) or "-"
 
 
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
 def render_inspect(catalog: dict, console: Console) -> None:
     """One table: every candidate with what was detected, and whether `twa average` would use it."""
     table = Table(title=escape(str(catalog["directory"])))
-    for column in ("#", "file", "producer", "container", "prefix", "weights", "dtype", "entries", "epoch/step",
-                   "metrics", "selection"):  # entries: every tensor's, parameters and buffers (headers know no more)
-        table.add_column(column, justify="right" if column in ("#", "entries") else "left")
+    for column in ("#", "file", "producer", "container", "prefix", "weights", "dtype", "values", "epoch/step",
+                   "metrics", "selection"):  # values: every tensor's, parameters and buffers (headers know no more)
+        table.add_column(column, justify="right" if column in ("#", "values") else "left")
     rows = [(str(i), r) for i, r in enumerate(catalog["checkpoints"])] + [("", r) for r in catalog["not_selected"]]
     for index, row in rows:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in row["metrics"].items()) or "-"
@@ -204,8 +219,12 @@ def render_inspect(catalog: dict, console: Console) -> None:
             status = f"[red]{escape(row['error'])}[/red]"
         table.add_row(index, escape(row["name"]), row["producer"] or "-", row["container"] or "-",
                       escape(row.get("prefix") or "-"), row["weights"] or "-", ",".join(row["dtypes"]) or "-",
-                      f"{row['parameters']:,}", _epoch_step(row), metrics, status)
+                      _count(row["tensor_values"]),
+                      _epoch_step(row), metrics, status)
     console.print(table)
+    console.print("values: every tensor value a file holds, parameters and buffers (twa average's D, its "
+                  "report's model.parameters, counts the model's trainable parameters only)", markup=False,
+                  style="dim")
     if catalog["ignored_files"]:
         console.print(f"ignored (not weights, never unpickled): {', '.join(catalog['ignored_files'])}", markup=False)
     for warning in catalog.get("warnings", []):

@@ -302,11 +302,19 @@ def select(files: list[CheckpointFile], selection: Selection,
                 for name, (original, how) in aliases.items()]
     dropped += [Dropped(f.name, UNPLACED, unplaced=True) for f in left_out]
     kept = [f for f in kept if f not in left_out]
+    steps = selection.slices(kept)
     chosen = selection.apply(kept)
     if selection.top_k is not None:
         chosen = _top_k(chosen, selection, metric_of)
+        steps.append((f"not among the {selection.top_k} best by {selection.by} (--top-k {selection.top_k} --by "
+                      f"{selection.by} --mode {selection.mode})", chosen))
     names = {f.name for f in chosen}
-    dropped += [Dropped(f.name, "outside --range/--every/--last/--top-k") for f in kept if f.name not in names]
+    # each file left out by the first step that drops it, in the folder's order
+    why = {}
+    for reason, left in steps:
+        after = {f.name for f in left}
+        why.update({f.name: reason for f in kept if f.name not in after and f.name not in why})
+    dropped += [Dropped(f.name, why[f.name]) for f in kept if f.name not in names]
     return Chosen(files=tuple(chosen), dropped=tuple(dropped))
 
 

@@ -709,6 +709,7 @@ def soup_dry_run(config: SoupConfig, inputs: Inputs, outputs: tuple[str, ...], s
         "data": data,
         "memory_estimate_bytes": whole_process(memory_formula(len(inputs.files), parameters, state_bytes,
                                                               config.basis_dtype), process_bytes()),
+        "threads": torch.get_num_threads(),  # what the run would use: --threads, else torch's default
         "would_write": [str(config.out_dir / n) for n in outputs],
         "output_bytes": size,
         "config": _config_dict(config),
