@@ -49,11 +49,11 @@ from .errors import (
     CheckpointError,
     ConfigError,
     DistributedError,
-    InputError,
     OutOfMemory,
     QualityGateFailed,
     TwaError,
-    is_out_of_memory,
+    UnsafeInputError,
+    memory_failure,
 )
 from .signals import signals_deferred
 
@@ -265,23 +265,6 @@ MEMORY_FIXES: dict[tuple[str, str], str] = {
                       "ingredients (--exclude) or lower --batch-size; --dry-run prints the memory estimate",
 }
 MEMORY_FIX_ELSE = "free memory or run on a machine with more"
-
-
-def memory_failure(err: BaseException) -> BaseException | None:
-    """``err`` when it is a memory failure (``is_out_of_memory``), or the one an input error (exit 4) was raised
-    from: the handlers that turn a failure of the model's constructor, a checkpoint's unpickler or the data's
-    code into "building the model failed", "cannot read torch checkpoint", "the function raised" keep the
-    original as the cause or context (``from err``, or ``from None``, which keeps it as the context)."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if is_out_of_memory(current):
-            return current
-        if not isinstance(current, InputError):  # any other error's verdict stands, whatever it was raised from
-            return None
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def out_of_memory(err: BaseException, command: str | None) -> OutOfMemory | None:
@@ -721,9 +704,12 @@ def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, allow_
             all_fail = len(unreadable) == len(catalog["checkpoints"])  # a reading flag (--weights KEY...), not files
             fix = ("change what the error names (a reading flag applies to every file)" if all_fail else
                    "replace them, or leave them out with --exclude")
-            raise CheckpointError(f"{len(unreadable)} of the {len(catalog['checkpoints'])} selected checkpoints "
-                                  f"cannot be read (first: {unreadable[0]['error']}); twa average would fail on "
-                                  f"them: {fix}")
+            # the exit code twa average gives: that of the first file it fails on, the one named here (5 for a
+            # file refused as unsafe, 4 for one that is invalid or corrupt)
+            unsafe = unreadable[0]["error_exit_code"] == UnsafeInputError.exit_code
+            raise (UnsafeInputError if unsafe else CheckpointError)(
+                f"{len(unreadable)} of the {len(catalog['checkpoints'])} selected checkpoints cannot be read (first: "
+                f"{unreadable[0]['error']}); twa average would fail on them: {fix}")
         if catalog["refusal"]:  # fewer than 2 distinct selected: as `twa average` refuses it
             raise CheckpointError(catalog["refusal"])
 

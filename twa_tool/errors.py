@@ -108,6 +108,23 @@ def is_out_of_memory(err: BaseException) -> bool:
             or (isinstance(err, OSError) and err.errno == errno.ENOMEM))
 
 
+def memory_failure(err: BaseException) -> BaseException | None:
+    """``err`` when it is a memory failure (``is_out_of_memory``), or the one an input error (exit 4) was raised
+    from: the handlers that turn a failure of the model's constructor, a checkpoint's unpickler or the data's
+    code into "building the model failed", "cannot read torch checkpoint", "the function raised" keep the
+    original as the cause or context (``from err``, or ``from None``, which keeps it as the context)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if is_out_of_memory(current):
+            return current
+        if not isinstance(current, InputError):  # any other error's verdict stands, whatever it was raised from
+            return None
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 #: How torch's CPU allocator and its file mappings word a failed allocation (the second: strerror(ENOMEM)).
 ENOMEM_TEXTS = ("can't allocate memory", f"{os.strerror(errno.ENOMEM)} ({errno.ENOMEM})")
 
