@@ -1010,7 +1010,8 @@ def _import_module(target: str, spec: str) -> Any:
 def _import_file(path: Path, spec: str) -> Any:
     """Executes ``path`` as a module (registered in ``sys.modules`` while it runs)."""
     if not path.is_file():
-        raise ConfigError(f"--data {spec}: {path} does not exist; write path/to/file.py:function")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"--data {spec}: {path} {what}; write path/to/file.py:function")
     try:
         module = load_file(path)
         module.__twa_data__ = True  # a DataLoader worker started by spawn runs it again (``WorkerDataset``)

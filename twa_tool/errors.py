@@ -66,6 +66,15 @@ class ModelError(InputError):
     """The model cannot be built from its spec."""
 
 
+class ModelSpecError(ConfigError, ModelError):
+    """``--model`` names nothing there: a malformed spec, an unknown model name, a missing file, module or function.
+    A usage error (exit 2), as the same mistakes in ``--data`` are; a ``ModelError`` too, so a spec a checkpoint
+    records is reported as that file's (exit 4). Code that is there but fails (a syntax error, an import inside it,
+    the function raising) stays a ``ModelError`` (exit 4)."""
+
+    exit_code = 2
+
+
 class UnsafeInputError(TwaError):
     """An input would need unpickling of arbitrary code; refused unless the user opts in."""
 
