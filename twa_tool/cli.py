@@ -53,6 +53,8 @@ from .errors import (
     QualityGateFailed,
     TwaError,
     UnsafeInputError,
+    address_space_limit,
+    is_out_of_threads,
     memory_failure,
 )
 from .signals import signals_deferred
@@ -265,6 +267,14 @@ MEMORY_FIXES: dict[tuple[str, str], str] = {
                       "ingredients (--exclude) or lower --batch-size; --dry-run prints the memory estimate",
 }
 MEMORY_FIX_ELSE = "free memory or run on a machine with more"
+# What a command that could not start a thread can lower: torch's threads (--threads) and the DataLoader's
+# worker processes (--num-workers), which count against the same limit.
+THREAD_FIXES: dict[str, str] = {
+    "average": "lower --threads (e.g. --threads 1) and --num-workers, or raise the limit",
+    "soup": "lower --threads (e.g. --threads 1) and --num-workers, or raise the limit",
+    "demo": "lower --threads (e.g. --threads 1), or raise the limit",
+}
+THREAD_FIX_ELSE = "raise the limit, or stop other processes of this user"
 
 
 def out_of_memory(err: BaseException, command: str | None) -> OutOfMemory | None:
@@ -274,6 +284,16 @@ def out_of_memory(err: BaseException, command: str | None) -> OutOfMemory | None
     if found is None:
         return None
     err = found
+    if is_out_of_threads(err):
+        return OutOfMemory("out of threads: a new thread could not be started (the limit on threads and processes, "
+                           "ulimit -u or a container's pids limit, or on memory, ulimit -v, is reached): "
+                           + THREAD_FIXES.get(command or "", THREAD_FIX_ELSE))
+    limit = address_space_limit()
+    if isinstance(err, ImportError) and limit is not None:  # torch's libraries do not fit under `ulimit -v`
+        library = str(err).split(":")[0]
+        return OutOfMemory(f"out of host memory loading {library}: this process's memory limit ({limit // 1024} KiB, "
+                           f"ulimit -v or -d) is below what torch maps (a few GiB of address space); raise or remove "
+                           f"the limit")
     text, torch = str(err), sys.modules.get("torch")
     if torch is not None and isinstance(err, torch.OutOfMemoryError):  # "CUDA out of memory. Tried to ..."
         where = "device"
