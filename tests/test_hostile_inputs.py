@@ -335,3 +335,23 @@ def test_an_allow_global_no_file_can_use_is_a_usage_error_without_pickle_files(
     assert result.exit_code == 2, result.output
     assert one_error(result).startswith(f"error: --allow-global {name}: {message}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["average", "soup", "inspect"])
+def test_a_loop_of_symlinks_named_like_a_checkpoint_is_an_input_error(tmp_path: Path, command: str) -> None:
+    """Two links named like checkpoints pointing at each other: Path.resolve raised 'RuntimeError: Symlink loop'
+    (OSError ELOOP from Python 3.13) and every command ended in 'unexpected error' (exit 1, 'a bug'). It is the
+    file's fault, as a link to nothing is: exit 4 naming the link and --exclude; excluded, the run goes on."""
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(2):
+        save_file(tiny_state(i), ckpts / f"{i}.safetensors")
+    os.symlink(ckpts / "3.safetensors", ckpts / "2.safetensors")
+    os.symlink(ckpts / "2.safetensors", ckpts / "3.safetensors")
+    run = [] if command == "inspect" else ["--model", "twa:mlp", "--data", "synthetic", "--out", tmp_path / "out"]
+    result = twa(command, ckpts, *run, *(["--dry-run"] if command == "average" else []))
+    assert result.exit_code == 4, result.output
+    assert f"{ckpts / '2.safetensors'}: a symlink loop (2.safetensors -> {ckpts / '3.safetensors'} -> ... never " \
+           f"reaches a file); remove the link or pass --exclude 2.safetensors" in one_error(result)
+    excluded = twa("inspect", ckpts, "--exclude", "2.safetensors", "--exclude", "3.safetensors")
+    assert excluded.exit_code == 0, excluded.output

@@ -77,9 +77,14 @@ def _full_hash(path: Path) -> str:
 
 
 def missing_target(entry: CheckpointFile) -> str | None:
-    """Why ``entry`` cannot be read at all (a symlink to nothing), with the fix; None when its file exists."""
-    if entry.path.resolve().exists():
-        return None
+    """Why ``entry`` cannot be read at all (a symlink to nothing, or a loop of symlinks), with the fix; None when its
+    file exists."""
+    try:
+        if entry.path.resolve().exists():
+            return None
+    except (RuntimeError, OSError):  # a loop of links: RuntimeError before Python 3.13, then OSError (ELOOP)
+        return (f"{entry.path}: a symlink loop ({entry.name} -> {os.readlink(entry.path)} -> ... never reaches a "
+                f"file); remove the link or pass {exclude_hint(entry.name)}")
     what = f"a symlink to {os.readlink(entry.path)}, which" if entry.path.is_symlink() else "it"
     return f"{entry.path}: {what} does not exist; remove the link or pass {exclude_hint(entry.name)}"
 
