@@ -92,11 +92,21 @@ class OutDir(click.Path):
 OUT_DIR = OutDir()
 
 
+#: The most ``--threads`` takes: torch's OpenMP pool starts them all at its first operation, and one that cannot
+#: ends the process ('libgomp: Thread creation failed', exit 1, measured at 16384; a segmentation fault at 32768),
+#: where Python cannot report it. Far above any CPU count a run needs, low enough to stay under the usual limits.
+MAX_THREADS = 1024
+
+
 def set_threads(threads: int | None) -> None:
     """``--threads``: torch's intra-op CPU threads (a process-wide setting, so the CLI owns it)."""
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads {threads}: must be at least 1")
+        if threads > MAX_THREADS:
+            raise ConfigError(f"--threads {threads}: must be at most {MAX_THREADS} (this machine has "
+                              f"{os.cpu_count()} CPUs: more threads than CPUs only slow torch down, and far more end "
+                              f"the process when they cannot all start)")
         import torch
 
         torch.set_num_threads(threads)
