@@ -355,3 +355,87 @@ def test_a_loop_of_symlinks_named_like_a_checkpoint_is_an_input_error(tmp_path: 
            f"reaches a file); remove the link or pass --exclude 2.safetensors" in one_error(result)
     excluded = twa("inspect", ckpts, "--exclude", "2.safetensors", "--exclude", "3.safetensors")
     assert excluded.exit_code == 0, excluded.output
+
+
+PERMISSION_CASES = """
+import json, sys
+from click.testing import CliRunner
+from twa_tool.cli import cli
+results = {}
+for name, args in json.loads(sys.argv[1]).items():
+    result = CliRunner().invoke(cli, args)
+    results[name] = [result.exit_code, [line for line in result.stderr.splitlines() if "error" in line]]
+print(json.dumps(results))
+"""
+
+
+def test_what_this_user_may_not_read_is_a_one_line_input_or_output_error(tmp_path: Path) -> None:
+    """Files and folders the user may not read (chmod 000) were 'unexpected error: PermissionError' (exit 1, 'a
+    bug') for a checkpoint, a checkpoint-<step>/ folder, --data-root, imagefolder:PATH, --base and an --out to
+    replace; and click's own check made an unreadable CHECKPOINT_DIR, --base or --data-root a usage error (exit 2)
+    where a missing one is exit 4. Each is one line naming the path and the fix: exit 4 for an input, 7 for --out.
+    Run as root without the capabilities that bypass file permissions (setpriv), as root reads everything."""
+    import shutil
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root reads every file, and setpriv is not here to drop that")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    from twa_tool.models import build_model
+
+    def mlp(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        return build_model("twa:mlp").state_dict()
+
+    ckpts = tmp_path / "ckpts"
+    (ckpts / "checkpoint-9").mkdir(parents=True)
+    for i in range(3):
+        save_file(mlp(i), ckpts / f"{i}.safetensors")
+    save_file(mlp(9), ckpts / "checkpoint-9" / "model.safetensors")
+    closed = {name: tmp_path / name for name in ("closed_ckpts", "closed_root", "closed_out", "base.safetensors")}
+    shutil.copytree(ckpts, closed["closed_ckpts"])
+    closed["closed_root"].mkdir()
+    closed["closed_out"].mkdir()
+    save_file(mlp(7), closed["base.safetensors"])
+    run = ["--model", "twa:mlp", "--data", "synthetic", "--out", str(tmp_path / "out")]
+    cases = {
+        "file": (["average", str(ckpts), *run, "--dry-run"], 4, f"{ckpts / '1.safetensors'}: permission denied "
+                 f"reading it; make it readable (chmod a+r) or pass --exclude 1.safetensors"),
+        "file soup": (["soup", str(ckpts), *run], 4, f"{ckpts / '1.safetensors'}: permission denied"),
+        "file inspect": (["inspect", str(ckpts)], 4, "2 of the 4 selected checkpoints cannot be read (first: "
+                         f"{ckpts / '1.safetensors'}: permission denied"),
+        "folder": (["inspect", str(closed["closed_ckpts"])], 4, f"{closed['closed_ckpts']}: permission denied "
+                   "listing the folder"),
+        "data-root": (["average", str(ckpts), "--exclude", "1.safetensors", "--exclude", "checkpoint-9", *run,
+                       "--data", "cifar10", "--data-root", str(closed["closed_root"]), "--dry-run"], 4,
+                      "--data cifar10: permission denied reading"),
+        "imagefolder": (["average", str(ckpts), "--exclude", "1.safetensors", "--exclude", "checkpoint-9", *run,
+                         "--data", f"imagefolder:{closed['closed_root']}", "--dry-run"], 4,
+                        f"--data imagefolder:{closed['closed_root']}: permission denied reading"),
+        "base": (["soup", str(ckpts), "--exclude", "1.safetensors", "--exclude", "checkpoint-9", *run, "--base",
+                  str(closed["base.safetensors"])], 4, f"--base {closed['base.safetensors']}: permission denied"),
+        "out": (["average", str(ckpts), "--exclude", "1.safetensors", "--exclude", "checkpoint-9", *run[:-1],
+                 str(closed["closed_out"]), "--overwrite", "--dry-run"], 7,
+                f"{closed['closed_out']}: permission denied (this user may not read or enter it); choose another "
+                f"--out"),
+    }
+    (ckpts / "1.safetensors").chmod(0)
+    (ckpts / "checkpoint-9").chmod(0)
+    for path in closed.values():
+        path.chmod(0)
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-c", PERMISSION_CASES,
+                               json.dumps({name: args for name, (args, _, _) in cases.items()})],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        for path in (ckpts / "1.safetensors", ckpts / "checkpoint-9", *closed.values()):
+            path.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    for name, (_, code, text) in cases.items():
+        exit_code, errors = results[name]
+        assert (name, exit_code) == (name, code), errors
+        assert len(errors) == 1 and errors[0].startswith(f"error: {text}"), (name, errors)
+    inspect_folder = results["file inspect"]
+    assert "checkpoint-9" not in inspect_folder[1][0]  # the first unreadable one is named, in selection order

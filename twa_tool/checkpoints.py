@@ -432,11 +432,21 @@ def discover(directory: Path) -> list[CheckpointFile]:
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory; pass the folder that holds the checkpoints")
     found: list[CheckpointFile] = []
-    for entry in directory.iterdir():
+    try:
+        entries = list(directory.iterdir())
+    except PermissionError:
+        raise CheckpointError(f"{directory}: permission denied listing the folder; make it readable (chmod a+rx) or "
+                              f"run as a user who can read it") from None
+    for entry in entries:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            layout = _hf_layout(entry)
+            try:
+                layout = _hf_layout(entry)
+            except PermissionError:  # a folder this user may not read: listed when named like a checkpoint
+                if any(c.isdigit() for c in entry.name):  # (checkpoint-500), so reading it says what is wrong;
+                    found.append(CheckpointFile(name=entry.name, path=entry))  # another (lost+found) is no weights
+                continue
             if layout is not None:
                 found.append(CheckpointFile(name=entry.name, path=layout[1] if layout[0] == "file" else entry))
             elif _folder_refusal(entry) is not None:

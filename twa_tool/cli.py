@@ -81,7 +81,7 @@ class OutDir(click.Path):
     """``--out``: a folder; an empty value (which ``Path`` would read as the current directory) is refused."""
 
     def __init__(self) -> None:
-        super().__init__(path_type=Path)
+        super().__init__(path_type=Path, readable=False)  # twa's own checks say what is wrong (exit 7)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and not value.strip():
@@ -90,6 +90,9 @@ class OutDir(click.Path):
 
 
 OUT_DIR = OutDir()
+# A path to read (CHECKPOINT_DIR, FINETUNES_DIR, --base, --data-root). click's own check of a path it cannot read
+# was a usage error (exit 2) where a missing one is invalid input (exit 4): twa's checks report both, naming the fix.
+INPUT_PATH = click.Path(path_type=Path, readable=False)
 
 
 #: The most ``--threads`` takes: torch's OpenMP pool starts them all at its first operation, and one that cannot
@@ -589,7 +592,7 @@ def run_options(fn: Callable) -> Callable:
         click.option("--data", "data", required=True,
                      help="cifar10, cifar100, mnist, fashion-mnist, svhn, imagenet, imagefolder:PATH, synthetic, "
                           "or module:function / file.py:function returning (fit_dataset, eval_dataset)."),
-        click.option("--data-root", type=click.Path(path_type=Path), default=None,
+        click.option("--data-root", type=INPUT_PATH, default=None,
                      help="Where the dataset files are."),
         switch("--download", "Allow downloading the dataset (off: offline by default)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
@@ -611,7 +614,7 @@ def run_options(fn: Callable) -> Callable:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("checkpoint_dir", type=click.Path(path_type=Path))
+@click.argument("checkpoint_dir", type=INPUT_PATH)
 @click.option("--out", "out_dir", type=OUT_DIR, required=True,
               help="Output folder for model.safetensors, report.json and report.md.")
 @model_options
@@ -701,7 +704,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("checkpoint_dir", type=click.Path(path_type=Path))
+@click.argument("checkpoint_dir", type=INPUT_PATH)
 @reader_options
 @selection_options
 @switch("--json", "Print the listing as JSON on stdout.", dest="as_json")
@@ -769,11 +772,11 @@ def soup_train_options(fn: Callable) -> Callable:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("finetunes_dir", type=click.Path(path_type=Path))
+@click.argument("finetunes_dir", type=INPUT_PATH)
 @click.option("--out", "out_dir", type=OUT_DIR, required=True,
               help="Output folder for model.safetensors, report.json and report.md.")
 @model_options
-@click.option("--base", type=click.Path(path_type=Path), default=None,
+@click.option("--base", type=INPUT_PATH, default=None,
               help="The pretrained model the ingredients were fine-tuned from: TWA then mixes task vectors "
                    "w_i - base.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only ingredients matching (repeatable).")
@@ -848,7 +851,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
               help="Folder for ckpts/ (the training run) and twa/ (the averaged model).")
 @click.option("--data", default="synthetic", show_default=True,
               help="Dataset for the demo run (synthetic needs no files; fashion-mnist reads the Debian package).")
-@click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Where the dataset files are.")
+@click.option("--data-root", type=INPUT_PATH, default=None, help="Where the dataset files are.")
 @switch("--download", "Allow downloading the dataset (off: offline by default).")
 @click.option("--train-epochs", type=int, default=8, show_default=True, help="Epochs of the plain SGD run.")
 @click.option("--epochs", type=int, default=4, show_default=True, help="TWA epochs.")

@@ -143,7 +143,12 @@ def build_data(spec: str, *, root: Path | None = None, download: bool = False, e
         DataError: The data files are missing or unreadable, or a user function returned
             something other than two datasets.
     """
-    data = _build(spec, root, download, eval_only)
+    try:
+        data = _build(spec, root, download, eval_only)
+    except PermissionError as exc:  # a --data-root or imagefolder:PATH folder this user may not read or enter
+        where = exc.filename or root
+        raise DataError(f"--data {spec}: permission denied reading {where}; make it readable (chmod -R a+rX) or run "
+                        f"as a user who can read it") from None
     return _noted(data, download_note(spec) if download else None)
 
 
