@@ -439,3 +439,33 @@ def test_what_this_user_may_not_read_is_a_one_line_input_or_output_error(tmp_pat
         assert len(errors) == 1 and errors[0].startswith(f"error: {text}"), (name, errors)
     inspect_folder = results["file inspect"]
     assert "checkpoint-9" not in inspect_folder[1][0]  # the first unreadable one is named, in selection order
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_checkpoint_whose_name_is_not_utf8_is_told_to_be_renamed_not_re_saved(tmp_path: Path, suffix: str) -> None:
+    """The safetensors library and torch.load open only UTF-8 paths: a checkpoint named in another encoding (a
+    Latin-1 name from an old archive) was 'unreadable safetensors file (Path ... is not valid UTF-8); re-save or
+    remove it' / 'cannot read torch checkpoint (... surrogates not allowed); the file may be truncated': the advice
+    for a damaged file. Still exit 4, now saying what to change: the name."""
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(2):
+        save_file(tiny_state(i), ckpts / f"{i}.safetensors")
+    odd = os.fsdecode(os.fsencode(str(ckpts)) + b"/2-\xe9t\xe9" + suffix.encode())
+    try:
+        if suffix == ".pt":
+            torch.save(tiny_state(2), odd)
+        else:
+            save_file(tiny_state(2), ckpts / "2.safetensors")
+            os.rename(ckpts / "2.safetensors", odd)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    result = twa("average", ckpts, "--model", "twa:mlp", "--data", "synthetic", "--dry-run", "--out", tmp_path / "o")
+    assert result.exit_code == 4, result.output
+    library = "torch" if suffix == ".pt" else "safetensors"
+    error = one_error(result)  # the name as the console can print it (the undecodable bytes escaped)
+    assert error.startswith(f"error: {ckpts}/2-") and error.endswith(
+        f"{suffix}: its path is not valid UTF-8, which the {library} library cannot open; rename the file (or the "
+        f"folder holding it) to a UTF-8 name"), error
+    listed = twa("inspect", ckpts, "--json")
+    assert listed.exit_code == 4 and "not valid UTF-8" in json.loads(listed.stdout)["checkpoints"][-1]["error"]

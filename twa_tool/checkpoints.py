@@ -752,6 +752,7 @@ def column_file(path: Path, names: Sequence[str], first: Mapping[str, torch.Tens
         return FlatFile.of(path, layout, members, names), read_zip
     if kind != "safetensors":
         return None
+    _refuse_non_utf8_path(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu"):  # offsets, sizes, coverage: as for a load
             header = _safetensors_header(path)
@@ -936,8 +937,21 @@ def _safetensors_header(path: Path) -> dict:
         raise CheckpointError(f"{path}: invalid safetensors header ({err}); re-save or remove it") from None
 
 
+def _refuse_non_utf8_path(path: Path, library: str = "safetensors") -> None:
+    """The safetensors library and ``torch.load`` open a path only when it is valid UTF-8: a name in another
+    encoding (bytes a Python path holds as surrogates) failed as 'unreadable safetensors file (Path ... is not valid
+    UTF-8); re-save or remove it' or 'cannot read torch checkpoint (... surrogates not allowed); the file may be
+    truncated', advice for a damaged file. The file is fine; its name is what to change."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{path}: its path is not valid UTF-8, which the {library} library cannot open; "
+                              f"rename the file (or the folder holding it) to a UTF-8 name") from None
+
+
 def _read_safetensors(path: Path, header_only: bool, keys: set[str] | None = None) -> tuple[dict, dict[str, str]]:
     """Tensors (or specs) and metadata of one safetensors file; ``keys`` restricts what is read."""
+    _refuse_non_utf8_path(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -1041,6 +1055,7 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
 
     ``mapped``: a torch zip's tensors map the file (``mmap=True``: no copy, but a file truncated while the
     mapping lives kills the process with SIGBUS at the next access); without it they are read into memory."""
+    _refuse_non_utf8_path(path, "torch")
     if _torch_version() < MIN_TORCH_FOR_PICKLE:
         raise UnsafeInputError(f"{path}: loading pickle checkpoints safely needs torch >= 2.6 "
                                f"(installed {torch.__version__}); upgrade torch or convert to safetensors")
