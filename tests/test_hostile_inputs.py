@@ -469,3 +469,45 @@ def test_a_checkpoint_whose_name_is_not_utf8_is_told_to_be_renamed_not_re_saved(
         f"folder holding it) to a UTF-8 name"), error
     listed = twa("inspect", ckpts, "--json")
     assert listed.exit_code == 4 and "not valid UTF-8" in json.loads(listed.stdout)["checkpoints"][-1]["error"]
+
+
+@pytest.mark.parametrize("where, code", [("--out", 7), ("CHECKPOINT_DIR", 4), ("--base", 4), ("--data-root", 4),
+                                         ("imagefolder", 4), ("--model", 2), ("--data", 2)])
+def test_a_path_with_a_name_too_long_for_the_file_system_is_a_one_line_error(tmp_path: Path, where: str,
+                                                                               code: int) -> None:
+    """A path with a name over 255 bytes (a generated run name, say) made the file system refuse it (ENAMETOOLONG)
+    and every command end in 'unexpected error: OSError: [Errno 36] File name too long' (exit 1), or 'building the
+    model failed' (4) for --model. One line naming the path: an output's is exit 7, an input's 4, and a --model or
+    --data file, a spec that names nothing there, a usage error (2) as a missing one is."""
+    from twa_tool.models import build_model
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(2):
+        torch.manual_seed(i)
+        save_file(build_model("twa:mlp").state_dict(), ckpts / f"{i}.safetensors")
+    long = tmp_path / ("a" * 300)
+    command, source = ["average", ckpts], ["--model", "twa:mlp", "--data", "synthetic"]
+    out = ["--out", tmp_path / "o", "--dry-run"]
+    flag = f"--data {source[-1]}: "
+    if where == "--out":
+        out, flag = ["--out", long, "--dry-run"], ""
+    elif where == "CHECKPOINT_DIR":
+        command, flag = ["inspect", long], ""
+        source = out = []
+    elif where == "--base":
+        command, out, flag = ["soup", ckpts], ["--out", tmp_path / "o", "--base", long], f"--base {long}: "
+    elif where == "--data-root":
+        source, flag = ["--model", "twa:mlp", "--data", "cifar10", "--data-root", long], "--data cifar10: "
+    elif where == "imagefolder":
+        source = ["--model", "twa:mlp", "--data", f"imagefolder:{long}"]
+        flag = f"--data imagefolder:{long}: "
+    elif where == "--model":
+        source, flag = ["--model", f"{long}.py:make", "--data", "synthetic"], f"--model {long}.py:make: "
+    else:
+        source, flag = ["--model", "twa:mlp", "--data", f"{long}.py:data"], f"--data {long}.py:data: "
+    result = twa(*command, *source, *out)
+    assert result.exit_code == code, result.output
+    error = one_error(result)
+    assert error.startswith(f"error: {flag}") and str(long) in error, error
+    assert "a name in this path is longer than the file system allows (255 bytes on most)" in error

@@ -50,7 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import WEIGHT_KINDS, check_weights
-from .errors import CheckpointError, ConfigError, TwaError, UnsafeInputError, exclude_hint
+from .errors import TOO_LONG, CheckpointError, ConfigError, TwaError, UnsafeInputError, exclude_hint, name_too_long
 from .usercode import pythonpath_hint
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
@@ -427,7 +427,13 @@ def discover(directory: Path) -> list[CheckpointFile]:
     ``.metadata``) are skipped. When nothing is found and ``directory`` itself is a refused layout
     (e.g. an FSDP shard folder), the explanation is raised here.
     """
-    if not directory.exists():
+    try:
+        exists = directory.exists()
+    except OSError as err:
+        if not name_too_long(err):
+            raise
+        raise CheckpointError(f"{directory}: {TOO_LONG}; pass the folder that holds the checkpoints") from None
+    if not exists:
         raise CheckpointError(f"{directory}: no such directory; pass the folder that holds the checkpoints")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory; pass the folder that holds the checkpoints")

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .errors import ConfigError, DataError, MissingData, TwaError, one_line
+from .errors import TOO_LONG, ConfigError, DataError, MissingData, TwaError, name_too_long, one_line
 from .usercode import USER_MODULE_PREFIX, NotPythonSource, current_folder_hint, load_file, run_file
 
 Transform = Callable[[Any], Any]
@@ -149,6 +149,10 @@ def build_data(spec: str, *, root: Path | None = None, download: bool = False, e
         where = exc.filename or root
         raise DataError(f"--data {spec}: permission denied reading {where}; make it readable (chmod -R a+rX) or run "
                         f"as a user who can read it") from None
+    except OSError as exc:
+        if not name_too_long(exc):
+            raise
+        raise DataError(f"--data {spec}: {exc.filename or root}: {TOO_LONG}; pass a shorter path") from None
     return _noted(data, download_note(spec) if download else None)
 
 
@@ -1014,6 +1018,12 @@ def _import_module(target: str, spec: str) -> Any:
 
 def _import_file(path: Path, spec: str) -> Any:
     """Executes ``path`` as a module (registered in ``sys.modules`` while it runs)."""
+    try:
+        path.is_file()
+    except OSError as exc:
+        if not name_too_long(exc):
+            raise
+        raise ConfigError(f"--data {spec}: {path}: {TOO_LONG}; write path/to/file.py:function") from None
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise ConfigError(f"--data {spec}: {path} {what}; write path/to/file.py:function")

@@ -185,6 +185,16 @@ def memory_failure(err: BaseException) -> BaseException | None:
 ENOMEM_TEXTS = ("can't allocate memory", f"{os.strerror(errno.ENOMEM)} ({errno.ENOMEM})")
 
 
+def name_too_long(err: BaseException) -> bool:
+    """Whether ``err`` is the file system refusing a path with a name longer than it allows (ENAMETOOLONG): the
+    path given is at fault (nothing of that name can exist), not a file's contents, and not a bug."""
+    return isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG
+
+
+#: Why a path ``name_too_long`` refused is wrong, for the one-line errors.
+TOO_LONG = "a name in this path is longer than the file system allows (255 bytes on most)"
+
+
 def exclude_hint(name: str) -> str:
     """``--exclude NAME`` as a user can paste it: glob characters escaped (``--exclude`` takes a pattern),
     quoted for the shell when needed."""

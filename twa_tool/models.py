@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import (
+    TOO_LONG,
     CheckpointError,
     InputError,
     ModelError,
@@ -29,6 +30,7 @@ from .errors import (
     NumericalError,
     exclude_hint,
     is_out_of_memory,
+    name_too_long,
     one_line,
 )
 from .usercode import current_folder_hint, load_file
@@ -144,6 +146,12 @@ def load_callable(spec: str, flag: str) -> Callable:
                              f"{_spec_hint(spec)}")
     if target.endswith(".py"):
         path = Path(target).expanduser()
+        try:
+            path.is_file()
+        except OSError as err:
+            if not name_too_long(err):
+                raise
+            raise ModelSpecError(f"{flag} {spec}: {path}: {TOO_LONG}; write path/to/file.py:function") from None
         if not path.is_file():
             what = "is a folder, not a file" if path.is_dir() else "not found"
             raise ModelSpecError(f"{flag} {spec}: {path} {what}; write path/to/file.py:function")

@@ -52,7 +52,17 @@ from .checkpoints import (
 )
 from .config import CoefficientTrainConfig, Selection, SoupConfig
 from .data import DataSplits, build_data, download_note, for_workers, label_meaning, registry_name, split_holdout
-from .errors import CheckpointError, ConfigError, DataError, MissingData, NumericalError, TwaError, exclude_hint
+from .errors import (
+    TOO_LONG,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MissingData,
+    NumericalError,
+    TwaError,
+    exclude_hint,
+    name_too_long,
+)
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
@@ -497,6 +507,10 @@ def find_inputs(config: SoupConfig) -> Inputs:
     except PermissionError as exc:
         raise CheckpointError(f"--base {config.base}: permission denied reading {exc.filename or config.base}; make "
                               f"it readable (chmod -R a+rX) or run as a user who can read it") from None
+    except OSError as exc:
+        if not name_too_long(exc):
+            raise
+        raise CheckpointError(f"--base {config.base}: {TOO_LONG}; pass the pretrained model's file") from None
     files = [f for f in chosen.files if as_base.get(f.name) is None]  # the base, or a link or copy of it
     excluded = [{"name": d.name, "reason": d.reason} for d in chosen.dropped]
     excluded += [{"name": f.name, "reason": "the --base model" + ("" if as_base[f.name].startswith("symlink")
