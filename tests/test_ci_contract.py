@@ -449,6 +449,110 @@ def test_only_an_input_error_raised_from_a_memory_failure_is_one() -> None:
     assert str(out_of_memory(small, "average")).startswith("out of host memory allocating 512.00 KiB: ")  # 0.00 GiB
 
 
+NO_THREAD_SCRIPT = """
+import sys, threading
+if sys.argv[1] == "stack":  # every new thread fails as under a pids limit: its stack cannot be allocated
+    threading.stack_size(1 << 50)
+else:  # the second of the basis threads fails, after the first started
+    start, count = threading.Thread.start, []
+    def failing_start(self):
+        if self.name.startswith("twa-basis"):
+            count.append(self.name)
+            if len(count) == 2:
+                raise RuntimeError("can't start new thread")
+        return start(self)
+    threading.Thread.start = failing_start
+sys.argv = ["twa", "average", *sys.argv[2:]]
+from twa_tool.entry import main
+main()
+"""
+
+
+@pytest.mark.parametrize("where", ["stack", "second basis thread"])
+def test_a_thread_that_cannot_start_is_exit_9_naming_threads(demo_ckpts: Path, tmp_path: Path, where: str) -> None:
+    """'RuntimeError: can't start new thread' (ulimit -u, a container's pids limit, or ulimit -v: seen at ulimit -v
+    3300000 starting the basis threads) was 'unexpected error' (exit 1, 'a bug'). It is exit 9, naming what ran out
+    and what to lower; and when it was not the first of the basis threads, the run hung at exit, joining a thread
+    that waited for the others to start."""
+    out = tmp_path / "o"
+    args = [str(demo_ckpts), *model_flags(), *FAST, "--threads", "4", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-c", NO_THREAD_SCRIPT, where.split()[0], *args], capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 9, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert errors == ["error: out of threads: a new thread could not be started (the limit on threads and processes, "
+                      "ulimit -u or a container's pids limit, or on memory, ulimit -v, is reached): lower --threads "
+                      "(e.g. --threads 1) and --num-workers, or raise the limit"], proc.stderr
+    assert "Traceback" not in proc.stderr and not proc.stdout and not out.exists()
+
+
+@pytest.mark.parametrize("failure, text", [
+    ("raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))", "error: out of host memory: "),  # an mmap's
+    ("numpy.empty(1 << 50)", "error: out of host memory allocating 8.00 PiB: "),
+    ("raise RuntimeError(\"can't start new thread\")", "error: out of threads: "),
+])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_memory_or_threads_running_out_in_a_dataloader_worker_is_exit_9(plain_pt_ckpts: Path, tmp_path: Path,
+                                                                         failure: str, text: str,
+                                                                         workers: int) -> None:
+    """An example read in a DataLoader worker that ran out of memory ('OSError: [Errno 12] Cannot allocate memory'
+    from an mmap, numpy's allocation) was 'reading a batch of --data failed' (exit 4: torch raises it again in the
+    main process without its errno, or as a RuntimeError), and a thread that could not start was exit 4 with or
+    without workers. Each is exit 9, with or without workers."""
+    (tmp_path / "oomdata.py").write_text(f"""
+import errno, os
+import numpy
+import torch
+from torch.utils.data import Dataset
+
+class Examples(Dataset):
+    def __init__(self, fail):
+        self.fail = fail
+    def __len__(self):
+        return 64
+    def __getitem__(self, index):
+        if self.fail and index > 0:  # the first example is checked before any work
+            {failure}
+        return torch.zeros(1, 16, 16), index % 10
+
+def data():
+    return Examples(True), Examples(False)
+""")
+    result = invoke(plain_pt_ckpts, *model_flags(), "--data", f"{tmp_path / 'oomdata.py'}:data", "--epochs", "1",
+                    "--num-workers", workers, "--out", tmp_path / "o")
+    assert result.exit_code == 9, result.output
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith(text), result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+def test_torch_that_cannot_be_mapped_under_a_memory_limit_is_exit_9(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `ulimit -v` below what torch maps, importing it failed with 'ImportError: libtorch_cpu.so: failed to map
+    segment from shared object': 'unexpected error' (exit 1). It is exit 9 naming the limit. The same ImportError
+    without a limit (a file system mounted noexec says so too) stays what it was."""
+    import resource
+
+    from twa_tool import cli as cli_module
+    from twa_tool import errors
+
+    limit = 256 * 2 ** 20  # Python with click and rich fits (about 25 MiB); torch's libraries do not
+    proc = subprocess.run([sys.executable, "-m", "twa_tool", "inspect", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert proc.returncode == 9, proc.stderr
+    errors_seen = proc.stderr.strip().splitlines()
+    assert len(errors_seen) == 1 and errors_seen[0].startswith("error: out of host memory"), proc.stderr
+    unmapped = ImportError("libtorch_cpu.so: failed to map segment from shared object")
+    monkeypatch.setattr(errors, "address_space_limit", lambda: None)
+    monkeypatch.setattr(cli_module, "address_space_limit", lambda: None)
+    assert cli_module.out_of_memory(unmapped, "average") is None  # no limit: not memory (noexec, say)
+    monkeypatch.setattr(errors, "address_space_limit", lambda: limit)
+    monkeypatch.setattr(cli_module, "address_space_limit", lambda: limit)
+    assert str(cli_module.out_of_memory(unmapped, "average")) == (
+        "out of host memory loading libtorch_cpu.so: this process's memory limit (262144 KiB, ulimit -v or -d) is "
+        "below what torch maps (a few GiB of address space); raise or remove the limit")
+
+
 @pytest.mark.parametrize("extra, text", [
     (["--tolerance", "0.01"], "--tolerance 0.01 has no effect without --fail-if-worse-than BASELINE"),
     (["--on-worse", "fallback"], "--on-worse fallback has no effect without --fail-if-worse-than BASELINE"),

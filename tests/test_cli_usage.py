@@ -342,6 +342,26 @@ def test_demo_checks_flags_before_training(args: list[str], text: str, tmp_path:
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("command", ["average", "soup", "demo"])
+def test_threads_beyond_what_torch_can_start_are_a_usage_error(demo_ckpts: Path, tmp_path: Path,
+                                                               command: str) -> None:
+    """`--threads 100000` reached torch.set_num_threads: at the first operation OpenMP could not start them and ended
+    the process with a segmentation fault (exit 139, no line of twa's; 'libgomp: Thread creation failed', exit 1, at
+    16384). Run in a subprocess, since the crash would end the test run. Now a usage error, before any work."""
+    import subprocess
+    import sys
+
+    args = {"average": [demo_ckpts, "--dry-run"], "soup": [demo_ckpts, "--dry-run"], "demo": []}[command]
+    proc = subprocess.run([sys.executable, "-m", "twa_tool", command, *map(str, args), "--data", "synthetic",
+                           "--threads", "100000", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --threads 100000: must be at most 1024 (this machine "
+                                                     "has "), proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_demo_threads_reach_the_run(tmp_path: Path) -> None:
     result = invoke("demo", "--out", tmp_path / "d", "--train-epochs", "2", "--epochs", "1", "--threads", "1", "-q")
     assert result.exit_code == 0, result.output

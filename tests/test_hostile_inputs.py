@@ -335,3 +335,179 @@ def test_an_allow_global_no_file_can_use_is_a_usage_error_without_pickle_files(
     assert result.exit_code == 2, result.output
     assert one_error(result).startswith(f"error: --allow-global {name}: {message}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["average", "soup", "inspect"])
+def test_a_loop_of_symlinks_named_like_a_checkpoint_is_an_input_error(tmp_path: Path, command: str) -> None:
+    """Two links named like checkpoints pointing at each other: Path.resolve raised 'RuntimeError: Symlink loop'
+    (OSError ELOOP from Python 3.13) and every command ended in 'unexpected error' (exit 1, 'a bug'). It is the
+    file's fault, as a link to nothing is: exit 4 naming the link and --exclude; excluded, the run goes on."""
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(2):
+        save_file(tiny_state(i), ckpts / f"{i}.safetensors")
+    os.symlink(ckpts / "3.safetensors", ckpts / "2.safetensors")
+    os.symlink(ckpts / "2.safetensors", ckpts / "3.safetensors")
+    run = [] if command == "inspect" else ["--model", "twa:mlp", "--data", "synthetic", "--out", tmp_path / "out"]
+    result = twa(command, ckpts, *run, *(["--dry-run"] if command == "average" else []))
+    assert result.exit_code == 4, result.output
+    assert f"{ckpts / '2.safetensors'}: a symlink loop (2.safetensors -> {ckpts / '3.safetensors'} -> ... never " \
+           f"reaches a file); remove the link or pass --exclude 2.safetensors" in one_error(result)
+    excluded = twa("inspect", ckpts, "--exclude", "2.safetensors", "--exclude", "3.safetensors")
+    assert excluded.exit_code == 0, excluded.output
+
+
+PERMISSION_CASES = """
+import json, sys
+from click.testing import CliRunner
+from twa_tool.cli import cli
+results = {}
+for name, args in json.loads(sys.argv[1]).items():
+    result = CliRunner().invoke(cli, args)
+    results[name] = [result.exit_code, [line for line in result.stderr.splitlines() if "error" in line]]
+print(json.dumps(results))
+"""
+
+
+def test_what_this_user_may_not_read_is_a_one_line_input_or_output_error(tmp_path: Path) -> None:
+    """Files and folders the user may not read (chmod 000) were 'unexpected error: PermissionError' (exit 1, 'a
+    bug') for a checkpoint, a checkpoint-<step>/ folder, --data-root, imagefolder:PATH, --base and an --out to
+    replace; and click's own check made an unreadable CHECKPOINT_DIR, --base or --data-root a usage error (exit 2)
+    where a missing one is exit 4. Each is one line naming the path and the fix: exit 4 for an input, 7 for --out.
+    Run as root without the capabilities that bypass file permissions (setpriv), as root reads everything."""
+    import shutil
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root reads every file, and setpriv is not here to drop that")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    from twa_tool.models import build_model
+
+    def mlp(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        return build_model("twa:mlp").state_dict()
+
+    ckpts = tmp_path / "ckpts"
+    (ckpts / "checkpoint-9").mkdir(parents=True)
+    for i in range(3):
+        save_file(mlp(i), ckpts / f"{i}.safetensors")
+    save_file(mlp(9), ckpts / "checkpoint-9" / "model.safetensors")
+    closed = {name: tmp_path / name for name in ("closed_ckpts", "closed_root", "closed_out", "base.safetensors")}
+    shutil.copytree(ckpts, closed["closed_ckpts"])
+    closed["closed_root"].mkdir()
+    closed["closed_out"].mkdir()
+    save_file(mlp(7), closed["base.safetensors"])
+    run = ["--model", "twa:mlp", "--data", "synthetic", "--out", str(tmp_path / "out")]
+    cases = {
+        "file": (["average", str(ckpts), *run, "--dry-run"], 4, f"{ckpts / '1.safetensors'}: permission denied "
+                 f"reading it; make it readable (chmod a+r) or pass --exclude 1.safetensors"),
+        "file soup": (["soup", str(ckpts), *run], 4, f"{ckpts / '1.safetensors'}: permission denied"),
+        "file inspect": (["inspect", str(ckpts)], 4, "2 of the 4 selected checkpoints cannot be read (first: "
+                         f"{ckpts / '1.safetensors'}: permission denied"),
+        "folder": (["inspect", str(closed["closed_ckpts"])], 4, f"{closed['closed_ckpts']}: permission denied "
+                   "listing the folder"),
+        "data-root": (["average", str(ckpts), "--exclude", "1.safetensors", "--exclude", "checkpoint-9", *run,
+                       "--data", "cifar10", "--data-root", str(closed["closed_root"]), "--dry-run"], 4,
+                      "--data cifar10: permission denied reading"),
+        "imagefolder": (["average", str(ckpts), "--exclude", "1.safetensors", "--exclude", "checkpoint-9", *run,
+                         "--data", f"imagefolder:{closed['closed_root']}", "--dry-run"], 4,
+                        f"--data imagefolder:{closed['closed_root']}: permission denied reading"),
+        "base": (["soup", str(ckpts), "--exclude", "1.safetensors", "--exclude", "checkpoint-9", *run, "--base",
+                  str(closed["base.safetensors"])], 4, f"--base {closed['base.safetensors']}: permission denied"),
+        "out": (["average", str(ckpts), "--exclude", "1.safetensors", "--exclude", "checkpoint-9", *run[:-1],
+                 str(closed["closed_out"]), "--overwrite", "--dry-run"], 7,
+                f"{closed['closed_out']}: permission denied (this user may not read or enter it); choose another "
+                f"--out"),
+    }
+    (ckpts / "1.safetensors").chmod(0)
+    (ckpts / "checkpoint-9").chmod(0)
+    for path in closed.values():
+        path.chmod(0)
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-c", PERMISSION_CASES,
+                               json.dumps({name: args for name, (args, _, _) in cases.items()})],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        for path in (ckpts / "1.safetensors", ckpts / "checkpoint-9", *closed.values()):
+            path.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    for name, (_, code, text) in cases.items():
+        exit_code, errors = results[name]
+        assert (name, exit_code) == (name, code), errors
+        assert len(errors) == 1 and errors[0].startswith(f"error: {text}"), (name, errors)
+    inspect_folder = results["file inspect"]
+    assert "checkpoint-9" not in inspect_folder[1][0]  # the first unreadable one is named, in selection order
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_checkpoint_whose_name_is_not_utf8_is_told_to_be_renamed_not_re_saved(tmp_path: Path, suffix: str) -> None:
+    """The safetensors library and torch.load open only UTF-8 paths: a checkpoint named in another encoding (a
+    Latin-1 name from an old archive) was 'unreadable safetensors file (Path ... is not valid UTF-8); re-save or
+    remove it' / 'cannot read torch checkpoint (... surrogates not allowed); the file may be truncated': the advice
+    for a damaged file. Still exit 4, now saying what to change: the name."""
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(2):
+        save_file(tiny_state(i), ckpts / f"{i}.safetensors")
+    odd = os.fsdecode(os.fsencode(str(ckpts)) + b"/2-\xe9t\xe9" + suffix.encode())
+    try:
+        if suffix == ".pt":
+            torch.save(tiny_state(2), odd)
+        else:
+            save_file(tiny_state(2), ckpts / "2.safetensors")
+            os.rename(ckpts / "2.safetensors", odd)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    result = twa("average", ckpts, "--model", "twa:mlp", "--data", "synthetic", "--dry-run", "--out", tmp_path / "o")
+    assert result.exit_code == 4, result.output
+    library = "torch" if suffix == ".pt" else "safetensors"
+    error = one_error(result)  # the name as the console can print it (the undecodable bytes escaped)
+    assert error.startswith(f"error: {ckpts}/2-") and error.endswith(
+        f"{suffix}: its path is not valid UTF-8, which the {library} library cannot open; rename the file (or the "
+        f"folder holding it) to a UTF-8 name"), error
+    listed = twa("inspect", ckpts, "--json")
+    assert listed.exit_code == 4 and "not valid UTF-8" in json.loads(listed.stdout)["checkpoints"][-1]["error"]
+
+
+@pytest.mark.parametrize("where, code", [("--out", 7), ("CHECKPOINT_DIR", 4), ("--base", 4), ("--data-root", 4),
+                                         ("imagefolder", 4), ("--model", 2), ("--data", 2)])
+def test_a_path_with_a_name_too_long_for_the_file_system_is_a_one_line_error(tmp_path: Path, where: str,
+                                                                               code: int) -> None:
+    """A path with a name over 255 bytes (a generated run name, say) made the file system refuse it (ENAMETOOLONG)
+    and every command end in 'unexpected error: OSError: [Errno 36] File name too long' (exit 1), or 'building the
+    model failed' (4) for --model. One line naming the path: an output's is exit 7, an input's 4, and a --model or
+    --data file, a spec that names nothing there, a usage error (2) as a missing one is."""
+    from twa_tool.models import build_model
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(2):
+        torch.manual_seed(i)
+        save_file(build_model("twa:mlp").state_dict(), ckpts / f"{i}.safetensors")
+    long = tmp_path / ("a" * 300)
+    command, source = ["average", ckpts], ["--model", "twa:mlp", "--data", "synthetic"]
+    out = ["--out", tmp_path / "o", "--dry-run"]
+    flag = f"--data {source[-1]}: "
+    if where == "--out":
+        out, flag = ["--out", long, "--dry-run"], ""
+    elif where == "CHECKPOINT_DIR":
+        command, flag = ["inspect", long], ""
+        source = out = []
+    elif where == "--base":
+        command, out, flag = ["soup", ckpts], ["--out", tmp_path / "o", "--base", long], f"--base {long}: "
+    elif where == "--data-root":
+        source, flag = ["--model", "twa:mlp", "--data", "cifar10", "--data-root", long], "--data cifar10: "
+    elif where == "imagefolder":
+        source = ["--model", "twa:mlp", "--data", f"imagefolder:{long}"]
+        flag = f"--data imagefolder:{long}: "
+    elif where == "--model":
+        source, flag = ["--model", f"{long}.py:make", "--data", "synthetic"], f"--model {long}.py:make: "
+    else:
+        source, flag = ["--model", "twa:mlp", "--data", f"{long}.py:data"], f"--data {long}.py:data: "
+    result = twa(*command, *source, *out)
+    assert result.exit_code == code, result.output
+    error = one_error(result)
+    assert error.startswith(f"error: {flag}") and str(long) in error, error
+    assert "a name in this path is longer than the file system allows (255 bytes on most)" in error

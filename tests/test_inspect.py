@@ -341,3 +341,62 @@ def test_inspect_counts_tensor_values_and_says_they_are_not_the_trainable_parame
     assert values == {"0.safetensors": f"{count:,}", "1.safetensors": f"{count:,}", "2.safetensors": "-"}, values
     note = " ".join(human.stderr.split())
     assert "values: every tensor value a file holds, parameters and buffers" in note
+
+
+@pytest.mark.parametrize("files, code", [
+    ({"2.pt": "pickled code"}, 5),
+    ({"2.pt": "torchscript"}, 5),
+    ({"2.pt": "pickled code", "3.safetensors": "garbage"}, 5),  # the first file average fails on is the unsafe one
+    ({"1a.safetensors": "garbage", "2.pt": "pickled code"}, 4),  # ... is the corrupt one
+])
+def test_inspect_exits_with_the_code_twa_average_gives_for_the_first_unreadable_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, str], code: int) -> None:
+    """A checkpoint refused as unsafe (pickled code, TorchScript) is exit 5 under `twa average` and `twa soup`, but
+    `twa inspect` listed it and exited 4, so a CI pre-check with inspect read it as a corrupt file. inspect exits
+    with the code average gives: that of the first unreadable selected file, the one its line names; the listing
+    gives each file's (`error_exit_code`)."""
+    from conftest import Payload
+    from safetensors.torch import save_file
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("TWA_TEST_MARKER", str(marker))
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(2):
+        save_file({"w": torch.full((3,), float(i))}, ckpts / f"{i}.safetensors")
+    for name, kind in files.items():
+        if kind == "pickled code":
+            torch.save({"state_dict": {"w": torch.zeros(3)}, "x": Payload()}, ckpts / name)
+        elif kind == "torchscript":
+            torch.jit.save(torch.jit.script(torch.nn.Linear(4, 3)), ckpts / name)
+        else:
+            (ckpts / name).write_bytes(b"garbage")
+    inspect = invoke("inspect", ckpts, "--json")
+    assert inspect.exit_code == code, inspect.output
+    listed = {c["name"]: c["error_exit_code"] for c in json.loads(inspect.stdout)["checkpoints"]}
+    assert listed == {"0.safetensors": None, "1.safetensors": None} | {
+        name: 5 if kind != "garbage" else 4 for name, kind in files.items()}
+    first = next(name for name in listed if listed[name])
+    errors = [line for line in inspect.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"(first: {ckpts / first}: " in errors[0]
+    run = ["--model", "twa:mlp", "--data", "synthetic", "--dry-run", "--out", tmp_path / "o"]
+    average = invoke("average", ckpts, *run)
+    assert average.exit_code == code and f"error: {ckpts / first}: " in average.stderr, average.output
+    soup = invoke("soup", ckpts, *run)
+    assert soup.exit_code == code, soup.output
+    assert not marker.exists()
+
+
+def test_inspect_running_out_of_memory_reading_a_header_is_exit_9(plain_pt_ckpts: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory that ran out while `twa inspect` read a torch checkpoint's header was listed as that file's error and
+    exit 4 ('cannot read torch checkpoint'), where `twa average` exits 9: inspect lets it through too."""
+    oom = "unable to mmap 44801035 bytes from file <ckpts/0.pt>: Cannot allocate memory (12)"
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(oom)
+
+    monkeypatch.setattr(torch, "load", fail)
+    result = invoke("inspect", plain_pt_ckpts, "--json")
+    assert result.exit_code == 9, result.output
+    assert result.stderr.startswith("error: out of host memory allocating 42.73 MiB: ") and not result.stdout

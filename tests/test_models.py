@@ -35,18 +35,55 @@ def test_file_spec_imports_the_modules_beside_it(tmp_path: Path) -> None:
     assert sys.path == before  # the folder is on sys.path only while the file runs
 
 
-@pytest.mark.parametrize("spec, text", [
-    ("torchvision:nonet", "unknown torchvision model"),
-    ("twa:big", "choose one of twa:cnn"),
-    ("no_such_module_xyz:f", "cannot import no_such_module_xyz"),
-    ("missing.py:f", "missing.py not found"),
-    ("torch.nn:NotThere", "has no callable NotThere"),
-    ("justaname", "expected torchvision:NAME, .* or path/to/file.py:function$"),
-    ("builtins:dict", "expected a torch.nn.Module"),
+@pytest.mark.parametrize("spec, text, code", [
+    ("torchvision:nonet", "unknown torchvision model", 2),
+    ("twa:big", "choose one of twa:cnn", 2),
+    ("no_such_module_xyz:f", "cannot import no_such_module_xyz", 2),
+    ("missing.py:f", "missing.py not found", 2),
+    ("torch.nn:NotThere", "has no callable NotThere", 2),
+    ("justaname", "expected torchvision:NAME, .* or path/to/file.py:function$", 2),
+    ("builtins:dict", "expected a torch.nn.Module", 4),
 ])
-def test_bad_specs_name_the_problem(spec: str, text: str) -> None:
-    with pytest.raises(ModelError, match=text):
+def test_bad_specs_name_the_problem(spec: str, text: str, code: int) -> None:
+    """A spec naming nothing there is a usage error (exit 2, as for --data); what it names failing is exit 4."""
+    with pytest.raises(ModelError, match=text) as err:
         build_model(spec)
+    assert err.value.exit_code == code
+
+
+def test_an_unknown_timm_name_is_a_usage_error_as_an_unknown_torchvision_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model timm:resnet51` reached timm.create_model, whose RuntimeError('Unknown model') was 'building the model
+    failed' (exit 4), where `torchvision:resnet51` is an unknown name. timm's own registry is asked first."""
+    import types
+
+    fake = types.SimpleNamespace(is_model=lambda name: name == "resnet50",
+                                 create_model=lambda name, pretrained, **kwargs: nn.Linear(2, 2))
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    with pytest.raises(ModelError, match=r"^--model timm:resnet51: unknown timm model; see timm\.list_models") as err:
+        build_model("timm:resnet51")
+    assert err.value.exit_code == 2
+    assert isinstance(build_model("timm:resnet50"), nn.Linear)
+    assert isinstance(build_model("timm:hf-hub:org/name"), nn.Linear)  # a hub name is timm's to resolve
+
+
+def test_an_unknown_model_a_checkpoint_records_is_that_files_fault(tmp_path: Path) -> None:
+    """An unknown name passed as --model is a usage error (2); the same name recorded in a checkpoint is the file's
+    (4, naming it), since no flag the user typed is wrong."""
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from twa_tool.cli import cli
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(2):
+        torch.manual_seed(i)
+        save_file(build_model("twa:mlp").state_dict(), ckpts / f"{i}.safetensors", metadata={"twa.model": "twa:big"})
+    result = CliRunner().invoke(cli, ["average", str(ckpts), "--data", "synthetic", "--dry-run", "--out",
+                                      str(tmp_path / "o")])
+    assert result.exit_code == 4, result.output
+    assert result.stderr.startswith(f"error: {ckpts / '0.safetensors'}: the architecture it records, twa:big, cannot "
+                                    f"be built (unknown built-in model; "), result.stderr
 
 
 @pytest.mark.parametrize("spec, hint", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TINY_ARGS
@@ -92,3 +93,68 @@ def test_spawned_workers_rerun_data_files_only(tmp_path: Path, monkeypatch) -> N
     files = dict(WorkerDataset(torch.utils.data.TensorDataset(torch.zeros(1))).files)
     assert files.get(module_name(data_file)) == str(data_file)
     assert module_name(model_file) not in files
+
+
+#: A --model or --data spec that names nothing there is a usage error (2); code that is there but fails is invalid
+#: input (4). (case, file content (None: no file, "DIR": a folder), function, exit code)
+SPEC_FILES = [
+    ("missing file", None, "f", 2),
+    ("a folder named like the file", "DIR", "f", 2),
+    ("no such function", "def other():\n    pass\n", "f", 2),
+    ("empty file", "", "f", 2),
+    ("syntax error", "def f(:\n", "f", 4),
+    ("import error inside the file", "import twa_qa_no_such_module_inside\n", "f", 4),
+    ("raise at import", "raise RuntimeError('at import')\n", "f", 4),
+    ("the function raises", "def f(*args, **kwargs):\n    raise ValueError('boom')\n", "f", 4),
+]
+SPEC_OTHERS = [  # specs without a file of their own: (case, --model value, --data value, exit code)
+    ("malformed", "resnet18", "bad-name:f", 2),
+    ("no such module", "twa_qa_no_such_module:f", "twa_qa_no_such_module:f", 2),
+    ("no such package", "twa_qa_no_such_package.sub:f", "twa_qa_no_such_package.sub:f", 2),
+    ("module without the function", "os.path:nope", "os.path:nope", 2),
+]
+
+
+def spec_cases() -> list:
+    cases = [pytest.param(flag, True, content, function, code, id=f"{flag} {case}")
+             for flag in ("--model", "--data") for case, content, function, code in SPEC_FILES]
+    return cases + [pytest.param(flag, False, None, model if flag == "--model" else data, code, id=f"{flag} {case}")
+                    for flag in ("--model", "--data") for case, model, data, code in SPEC_OTHERS]
+
+
+@pytest.mark.parametrize("flag, in_file, content, function, code", spec_cases())
+def test_a_user_code_spec_exits_2_when_it_names_nothing_and_4_when_its_code_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str, in_file: bool, content: str | None, function: str,
+        code: int) -> None:
+    """`--data file.py:nope` (no such function) exited 2 but `--model file.py:nope` 4, and so for a missing file or
+    module, an unknown model name and a malformed spec: --model reported every spec error as invalid input. One rule
+    for both flags, in `twa average`, `twa soup` (and `twa demo`'s --data): a spec that names nothing there is a
+    usage error (2), code that is there but fails (a syntax error, a failing import, the function raising) is
+    invalid input (4); each one line naming the flag."""
+    monkeypatch.chdir(tmp_path)
+    if in_file:
+        path = tmp_path / "user_spec.py"
+        if content == "DIR":
+            path.mkdir()
+        elif content is not None:
+            path.write_text(content)
+        spec = f"{path}:{function}"
+    else:
+        spec = function
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for i in range(2):
+        torch.manual_seed(i)
+        save_file(build_model("twa:mlp").state_dict(), ckpts / f"{i}.safetensors")
+    given = ["--model", spec, "--data", "synthetic"] if flag == "--model" else ["--model", "twa:mlp", "--data", spec]
+    runs = {"average": ["average", ckpts, *given, "--dry-run", "--out", tmp_path / "o"],
+            "soup": ["soup", ckpts, *given, "--dry-run", "--out", tmp_path / "o"]}
+    if flag == "--data":
+        runs["demo"] = ["demo", "--data", spec, "--out", tmp_path / "demo"]
+    for command, args in runs.items():
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert (command, result.exit_code) == (command, code), result.output
+        assert len(errors) == 1 and errors[0].startswith(f"error: {flag} {spec}: "), result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "demo").exists()

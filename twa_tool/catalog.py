@@ -18,7 +18,7 @@ from .checkpoints import (
     same_weights,
 )
 from .config import Selection
-from .errors import ConfigError, TwaError
+from .errors import CheckpointError, ConfigError, TwaError, memory_failure
 from .selection import filtered_out, missing_target, mixed_dtypes, order_conflict, select, unplaced_warning
 
 
@@ -31,6 +31,7 @@ class Entry:
     header: HeaderInfo | None
     status: str  # "selected" or the reason it was left out
     error: str | None = None
+    error_exit_code: int | None = None  # the exit code `twa average` gives for ``error``: 4, or 5 for an unsafe file
 
     @property
     def tensor_values(self) -> int | None:
@@ -59,6 +60,7 @@ class Entry:
         h = self.header
         return {
             "name": self.name, "path": self.path, "status": self.status, "error": self.error,
+            "error_exit_code": self.error_exit_code,
             "producer": h.producer if h else None, "container": h.container if h else None,
             "prefix": h.prefix if h else None, "weights": h.weights if h else None,
             "epoch": h.epoch if h else None, "step": h.step if h else None,
@@ -88,13 +90,17 @@ class Catalog:
         }
 
 
-def _header(entry: CheckpointFile, options: dict) -> tuple[HeaderInfo | None, str | None]:
+def _header(entry: CheckpointFile, options: dict) -> tuple[HeaderInfo | None, str | None, int | None]:
+    """The header, or why it cannot be read and the exit code `twa average` gives for that (4, or 5 for a file
+    that is refused as unsafe)."""
     try:
-        return read_header(entry.path, **options), None
+        return read_header(entry.path, **options), None, None
     except ConfigError:  # a flag's fault (--allow-global), not the file's: a usage error, as in `twa average`
         raise
     except TwaError as err:
-        return None, str(err)
+        if memory_failure(err) is not None:  # memory ran out while it was read: not the file's fault (exit 9)
+            raise
+        return None, str(err), err.exit_code
 
 
 def inspect_directory(directory: Path, selection: Selection, weights: str = "raw", strip_prefix: str | None = None,
@@ -107,7 +113,8 @@ def inspect_directory(directory: Path, selection: Selection, weights: str = "raw
     # a symlink to nothing: listed with its error (selected where --include/--exclude keep it, so the exit is 4,
     # as `twa average` refuses the folder), the others selected as if it were not there
     missing = {f.name: message for f in files if (message := missing_target(f))}
-    headers = {f.name: (None, missing[f.name]) if f.name in missing else _header(f, options) for f in files}
+    headers = {f.name: (None, missing[f.name], CheckpointError.exit_code) if f.name in missing else _header(f, options)
+               for f in files}
 
     def metric_of(entry: CheckpointFile) -> float | None:
         header = headers[entry.name][0]
@@ -121,7 +128,7 @@ def inspect_directory(directory: Path, selection: Selection, weights: str = "raw
     selected_names = {f.name for f in chosen.files} | {n for n in missing if reasons[n] is None}
     entries = {f.name: Entry(name=f.name, path=str(f.path), header=headers[f.name][0],
                              status="selected" if f.name in selected_names else reasons.get(f.name, "not selected"),
-                             error=headers[f.name][1]) for f in files}
+                             error=headers[f.name][1], error_exit_code=headers[f.name][2]) for f in files}
     weight_paths = {f.path for f in files} | {f.path.parent for f in files}
     if any(f.path == directory for f in files):  # a sharded model saved in the folder itself: one entry
         weight_paths |= set(folder_weight_files(directory))

@@ -50,7 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import WEIGHT_KINDS, check_weights
-from .errors import CheckpointError, ConfigError, TwaError, UnsafeInputError, exclude_hint
+from .errors import TOO_LONG, CheckpointError, ConfigError, TwaError, UnsafeInputError, exclude_hint, name_too_long
 from .usercode import pythonpath_hint
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
@@ -427,16 +427,32 @@ def discover(directory: Path) -> list[CheckpointFile]:
     ``.metadata``) are skipped. When nothing is found and ``directory`` itself is a refused layout
     (e.g. an FSDP shard folder), the explanation is raised here.
     """
-    if not directory.exists():
+    try:
+        exists = directory.exists()
+    except OSError as err:
+        if not name_too_long(err):
+            raise
+        raise CheckpointError(f"{directory}: {TOO_LONG}; pass the folder that holds the checkpoints") from None
+    if not exists:
         raise CheckpointError(f"{directory}: no such directory; pass the folder that holds the checkpoints")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory; pass the folder that holds the checkpoints")
     found: list[CheckpointFile] = []
-    for entry in directory.iterdir():
+    try:
+        entries = list(directory.iterdir())
+    except PermissionError:
+        raise CheckpointError(f"{directory}: permission denied listing the folder; make it readable (chmod a+rx) or "
+                              f"run as a user who can read it") from None
+    for entry in entries:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            layout = _hf_layout(entry)
+            try:
+                layout = _hf_layout(entry)
+            except PermissionError:  # a folder this user may not read: listed when named like a checkpoint
+                if any(c.isdigit() for c in entry.name):  # (checkpoint-500), so reading it says what is wrong;
+                    found.append(CheckpointFile(name=entry.name, path=entry))  # another (lost+found) is no weights
+                continue
             if layout is not None:
                 found.append(CheckpointFile(name=entry.name, path=layout[1] if layout[0] == "file" else entry))
             elif _folder_refusal(entry) is not None:
@@ -742,6 +758,7 @@ def column_file(path: Path, names: Sequence[str], first: Mapping[str, torch.Tens
         return FlatFile.of(path, layout, members, names), read_zip
     if kind != "safetensors":
         return None
+    _refuse_non_utf8_path(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu"):  # offsets, sizes, coverage: as for a load
             header = _safetensors_header(path)
@@ -926,8 +943,21 @@ def _safetensors_header(path: Path) -> dict:
         raise CheckpointError(f"{path}: invalid safetensors header ({err}); re-save or remove it") from None
 
 
+def _refuse_non_utf8_path(path: Path, library: str = "safetensors") -> None:
+    """The safetensors library and ``torch.load`` open a path only when it is valid UTF-8: a name in another
+    encoding (bytes a Python path holds as surrogates) failed as 'unreadable safetensors file (Path ... is not valid
+    UTF-8); re-save or remove it' or 'cannot read torch checkpoint (... surrogates not allowed); the file may be
+    truncated', advice for a damaged file. The file is fine; its name is what to change."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{path}: its path is not valid UTF-8, which the {library} library cannot open; "
+                              f"rename the file (or the folder holding it) to a UTF-8 name") from None
+
+
 def _read_safetensors(path: Path, header_only: bool, keys: set[str] | None = None) -> tuple[dict, dict[str, str]]:
     """Tensors (or specs) and metadata of one safetensors file; ``keys`` restricts what is read."""
+    _refuse_non_utf8_path(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -1031,6 +1061,7 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
 
     ``mapped``: a torch zip's tensors map the file (``mmap=True``: no copy, but a file truncated while the
     mapping lives kills the process with SIGBUS at the next access); without it they are read into memory."""
+    _refuse_non_utf8_path(path, "torch")
     if _torch_version() < MIN_TORCH_FOR_PICKLE:
         raise UnsafeInputError(f"{path}: loading pickle checkpoints safely needs torch >= 2.6 "
                                f"(installed {torch.__version__}); upgrade torch or convert to safetensors")

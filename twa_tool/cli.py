@@ -49,11 +49,13 @@ from .errors import (
     CheckpointError,
     ConfigError,
     DistributedError,
-    InputError,
     OutOfMemory,
     QualityGateFailed,
     TwaError,
-    is_out_of_memory,
+    UnsafeInputError,
+    address_space_limit,
+    is_out_of_threads,
+    memory_failure,
 )
 from .signals import signals_deferred
 
@@ -79,7 +81,7 @@ class OutDir(click.Path):
     """``--out``: a folder; an empty value (which ``Path`` would read as the current directory) is refused."""
 
     def __init__(self) -> None:
-        super().__init__(path_type=Path)
+        super().__init__(path_type=Path, readable=False)  # twa's own checks say what is wrong (exit 7)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and not value.strip():
@@ -88,6 +90,15 @@ class OutDir(click.Path):
 
 
 OUT_DIR = OutDir()
+# A path to read (CHECKPOINT_DIR, FINETUNES_DIR, --base, --data-root). click's own check of a path it cannot read
+# was a usage error (exit 2) where a missing one is invalid input (exit 4): twa's checks report both, naming the fix.
+INPUT_PATH = click.Path(path_type=Path, readable=False)
+
+
+#: The most ``--threads`` takes: torch's OpenMP pool starts them all at its first operation, and one that cannot
+#: ends the process ('libgomp: Thread creation failed', exit 1, measured at 16384; a segmentation fault at 32768),
+#: where Python cannot report it. Far above any CPU count a run needs, low enough to stay under the usual limits.
+MAX_THREADS = 1024
 
 
 def set_threads(threads: int | None) -> None:
@@ -95,6 +106,10 @@ def set_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads {threads}: must be at least 1")
+        if threads > MAX_THREADS:
+            raise ConfigError(f"--threads {threads}: must be at most {MAX_THREADS} (this machine has "
+                              f"{os.cpu_count()} CPUs: more threads than CPUs only slow torch down, and far more end "
+                              f"the process when they cannot all start)")
         import torch
 
         torch.set_num_threads(threads)
@@ -265,23 +280,14 @@ MEMORY_FIXES: dict[tuple[str, str], str] = {
                       "ingredients (--exclude) or lower --batch-size; --dry-run prints the memory estimate",
 }
 MEMORY_FIX_ELSE = "free memory or run on a machine with more"
-
-
-def memory_failure(err: BaseException) -> BaseException | None:
-    """``err`` when it is a memory failure (``is_out_of_memory``), or the one an input error (exit 4) was raised
-    from: the handlers that turn a failure of the model's constructor, a checkpoint's unpickler or the data's
-    code into "building the model failed", "cannot read torch checkpoint", "the function raised" keep the
-    original as the cause or context (``from err``, or ``from None``, which keeps it as the context)."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if is_out_of_memory(current):
-            return current
-        if not isinstance(current, InputError):  # any other error's verdict stands, whatever it was raised from
-            return None
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+# What a command that could not start a thread can lower: torch's threads (--threads) and the DataLoader's
+# worker processes (--num-workers), which count against the same limit.
+THREAD_FIXES: dict[str, str] = {
+    "average": "lower --threads (e.g. --threads 1) and --num-workers, or raise the limit",
+    "soup": "lower --threads (e.g. --threads 1) and --num-workers, or raise the limit",
+    "demo": "lower --threads (e.g. --threads 1), or raise the limit",
+}
+THREAD_FIX_ELSE = "raise the limit, or stop other processes of this user"
 
 
 def out_of_memory(err: BaseException, command: str | None) -> OutOfMemory | None:
@@ -291,6 +297,16 @@ def out_of_memory(err: BaseException, command: str | None) -> OutOfMemory | None
     if found is None:
         return None
     err = found
+    if is_out_of_threads(err):
+        return OutOfMemory("out of threads: a new thread could not be started (the limit on threads and processes, "
+                           "ulimit -u or a container's pids limit, or on memory, ulimit -v, is reached): "
+                           + THREAD_FIXES.get(command or "", THREAD_FIX_ELSE))
+    limit = address_space_limit()
+    if isinstance(err, ImportError) and limit is not None:  # torch's libraries do not fit under `ulimit -v`
+        library = str(err).split(":")[0]
+        return OutOfMemory(f"out of host memory loading {library}: this process's memory limit ({limit // 1024} KiB, "
+                           f"ulimit -v or -d) is below what torch maps (a few GiB of address space); raise or remove "
+                           f"the limit")
     text, torch = str(err), sys.modules.get("torch")
     if torch is not None and isinstance(err, torch.OutOfMemoryError):  # "CUDA out of memory. Tried to ..."
         where = "device"
@@ -576,7 +592,7 @@ def run_options(fn: Callable) -> Callable:
         click.option("--data", "data", required=True,
                      help="cifar10, cifar100, mnist, fashion-mnist, svhn, imagenet, imagefolder:PATH, synthetic, "
                           "or module:function / file.py:function returning (fit_dataset, eval_dataset)."),
-        click.option("--data-root", type=click.Path(path_type=Path), default=None,
+        click.option("--data-root", type=INPUT_PATH, default=None,
                      help="Where the dataset files are."),
         switch("--download", "Allow downloading the dataset (off: offline by default)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
@@ -598,7 +614,7 @@ def run_options(fn: Callable) -> Callable:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("checkpoint_dir", type=click.Path(path_type=Path))
+@click.argument("checkpoint_dir", type=INPUT_PATH)
 @click.option("--out", "out_dir", type=OUT_DIR, required=True,
               help="Output folder for model.safetensors, report.json and report.md.")
 @model_options
@@ -688,7 +704,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("checkpoint_dir", type=click.Path(path_type=Path))
+@click.argument("checkpoint_dir", type=INPUT_PATH)
 @reader_options
 @selection_options
 @switch("--json", "Print the listing as JSON on stdout.", dest="as_json")
@@ -721,9 +737,12 @@ def inspect(checkpoint_dir: Path, weights: str, strip_prefix: str | None, allow_
             all_fail = len(unreadable) == len(catalog["checkpoints"])  # a reading flag (--weights KEY...), not files
             fix = ("change what the error names (a reading flag applies to every file)" if all_fail else
                    "replace them, or leave them out with --exclude")
-            raise CheckpointError(f"{len(unreadable)} of the {len(catalog['checkpoints'])} selected checkpoints "
-                                  f"cannot be read (first: {unreadable[0]['error']}); twa average would fail on "
-                                  f"them: {fix}")
+            # the exit code twa average gives: that of the first file it fails on, the one named here (5 for a
+            # file refused as unsafe, 4 for one that is invalid or corrupt)
+            unsafe = unreadable[0]["error_exit_code"] == UnsafeInputError.exit_code
+            raise (UnsafeInputError if unsafe else CheckpointError)(
+                f"{len(unreadable)} of the {len(catalog['checkpoints'])} selected checkpoints cannot be read (first: "
+                f"{unreadable[0]['error']}); twa average would fail on them: {fix}")
         if catalog["refusal"]:  # fewer than 2 distinct selected: as `twa average` refuses it
             raise CheckpointError(catalog["refusal"])
 
@@ -753,11 +772,11 @@ def soup_train_options(fn: Callable) -> Callable:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("finetunes_dir", type=click.Path(path_type=Path))
+@click.argument("finetunes_dir", type=INPUT_PATH)
 @click.option("--out", "out_dir", type=OUT_DIR, required=True,
               help="Output folder for model.safetensors, report.json and report.md.")
 @model_options
-@click.option("--base", type=click.Path(path_type=Path), default=None,
+@click.option("--base", type=INPUT_PATH, default=None,
               help="The pretrained model the ingredients were fine-tuned from: TWA then mixes task vectors "
                    "w_i - base.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only ingredients matching (repeatable).")
@@ -832,7 +851,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
               help="Folder for ckpts/ (the training run) and twa/ (the averaged model).")
 @click.option("--data", default="synthetic", show_default=True,
               help="Dataset for the demo run (synthetic needs no files; fashion-mnist reads the Debian package).")
-@click.option("--data-root", type=click.Path(path_type=Path), default=None, help="Where the dataset files are.")
+@click.option("--data-root", type=INPUT_PATH, default=None, help="Where the dataset files are.")
 @switch("--download", "Allow downloading the dataset (off: offline by default).")
 @click.option("--train-epochs", type=int, default=8, show_default=True, help="Epochs of the plain SGD run.")
 @click.option("--epochs", type=int, default=4, show_default=True, help="TWA epochs.")

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .errors import ConfigError, DataError, MissingData, TwaError, one_line
+from .errors import TOO_LONG, ConfigError, DataError, MissingData, TwaError, name_too_long, one_line
 from .usercode import USER_MODULE_PREFIX, NotPythonSource, current_folder_hint, load_file, run_file
 
 Transform = Callable[[Any], Any]
@@ -143,7 +143,16 @@ def build_data(spec: str, *, root: Path | None = None, download: bool = False, e
         DataError: The data files are missing or unreadable, or a user function returned
             something other than two datasets.
     """
-    data = _build(spec, root, download, eval_only)
+    try:
+        data = _build(spec, root, download, eval_only)
+    except PermissionError as exc:  # a --data-root or imagefolder:PATH folder this user may not read or enter
+        where = exc.filename or root
+        raise DataError(f"--data {spec}: permission denied reading {where}; make it readable (chmod -R a+rX) or run "
+                        f"as a user who can read it") from None
+    except OSError as exc:
+        if not name_too_long(exc):
+            raise
+        raise DataError(f"--data {spec}: {exc.filename or root}: {TOO_LONG}; pass a shorter path") from None
     return _noted(data, download_note(spec) if download else None)
 
 
@@ -1009,8 +1018,15 @@ def _import_module(target: str, spec: str) -> Any:
 
 def _import_file(path: Path, spec: str) -> Any:
     """Executes ``path`` as a module (registered in ``sys.modules`` while it runs)."""
+    try:
+        path.is_file()
+    except OSError as exc:
+        if not name_too_long(exc):
+            raise
+        raise ConfigError(f"--data {spec}: {path}: {TOO_LONG}; write path/to/file.py:function") from None
     if not path.is_file():
-        raise ConfigError(f"--data {spec}: {path} does not exist; write path/to/file.py:function")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"--data {spec}: {path} {what}; write path/to/file.py:function")
     try:
         module = load_file(path)
         module.__twa_data__ = True  # a DataLoader worker started by spawn runs it again (``WorkerDataset``)

@@ -21,7 +21,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InputError, ModelError, NumericalError, exclude_hint, is_out_of_memory, one_line
+from .errors import (
+    TOO_LONG,
+    CheckpointError,
+    InputError,
+    ModelError,
+    ModelSpecError,
+    NumericalError,
+    exclude_hint,
+    is_out_of_memory,
+    name_too_long,
+    one_line,
+)
 from .usercode import current_folder_hint, load_file
 
 ModelArgs = tuple[tuple[str, str], ...]
@@ -75,7 +86,7 @@ def _torchvision(name: str, kwargs: dict) -> nn.Module:
     import torchvision
 
     if name not in torchvision.models.list_models():
-        raise ModelError(f"--model torchvision:{name}: unknown torchvision model; see "
+        raise ModelSpecError(f"--model torchvision:{name}: unknown torchvision model; see "
                          f"torchvision.models.list_models() (e.g. resnet18)")
     return torchvision.models.get_model(name, weights=None, **kwargs)
 
@@ -85,12 +96,15 @@ def _timm(name: str, kwargs: dict) -> nn.Module:
         import timm
     except ImportError:
         raise ModelError(f"--model timm:{name}: timm is not installed; pip install timm") from None
+    is_model = getattr(timm, "is_model", None)
+    if is_model is not None and ":" not in name and not is_model(name):  # "hf-hub:ORG/NAME" is timm's to resolve
+        raise ModelSpecError(f"--model timm:{name}: unknown timm model; see timm.list_models() (e.g. resnet50)")
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def _builtin(name: str, kwargs: dict) -> nn.Module:
     if name not in BUILTIN_MODELS:
-        raise ModelError(f"--model twa:{name}: unknown built-in model; choose one of "
+        raise ModelSpecError(f"--model twa:{name}: unknown built-in model; choose one of "
                          f"{', '.join('twa:' + n for n in BUILTIN_MODELS)}")
     return BUILTIN_MODELS[name](**kwargs)
 
@@ -122,16 +136,25 @@ def _spec_hint(spec: str) -> str:
 
 
 def load_callable(spec: str, flag: str) -> Callable:
-    """Resolve ``package.module:function`` or ``path/to/file.py:function`` to the callable."""
+    """Resolve ``package.module:function`` or ``path/to/file.py:function`` to the callable. A spec that names
+    nothing there (malformed, a missing file, module or function) is a ``ModelSpecError`` (exit 2, as for
+    ``--data``); a file or module that is there but fails to import is a ``ModelError`` (exit 4)."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         forms = ", ".join(f"{name}:NAME" for name in MODEL_FACTORIES)
-        raise ModelError(f"{flag} {spec}: expected {forms}, package.module:function or path/to/file.py:function"
-                         f"{_spec_hint(spec)}")
+        raise ModelSpecError(f"{flag} {spec}: expected {forms}, package.module:function or path/to/file.py:function"
+                             f"{_spec_hint(spec)}")
     if target.endswith(".py"):
         path = Path(target).expanduser()
+        try:
+            path.is_file()
+        except OSError as err:
+            if not name_too_long(err):
+                raise
+            raise ModelSpecError(f"{flag} {spec}: {path}: {TOO_LONG}; write path/to/file.py:function") from None
         if not path.is_file():
-            raise ModelError(f"{flag} {spec}: {path} not found")
+            what = "is a folder, not a file" if path.is_dir() else "not found"
+            raise ModelSpecError(f"{flag} {spec}: {path} {what}; write path/to/file.py:function")
         try:
             module = load_file(path)
         except Exception as err:
@@ -139,16 +162,18 @@ def load_callable(spec: str, flag: str) -> Callable:
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as err:
-            missing = err.name if isinstance(err, ModuleNotFoundError) and err.name == target else None
-            local = current_folder_hint(missing, attr)
-            raise ModelError(f"{flag} {spec}: cannot import {target} ({err}); {local or 'check the module path'}"
-                             ) from None
+        except ModuleNotFoundError as err:
+            if not err.name or (target != err.name and not target.startswith(f"{err.name}.")):
+                # a module the target itself imports: the target is there, its code fails
+                raise ModelError(f"{flag} {spec}: importing {target} failed ({type(err).__name__}: {err})") from err
+            local = current_folder_hint(err.name if err.name == target else None, attr)
+            raise ModelSpecError(f"{flag} {spec}: cannot import {target} ({err}); "
+                                 f"{local or 'check the module path'}") from None
         except Exception as err:  # user code: any failure on import is reported as such
             raise ModelError(f"{flag} {spec}: importing {target} failed ({type(err).__name__}: {err})") from err
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ModelError(f"{flag} {spec}: {target} has no callable {attr}")
+        raise ModelSpecError(f"{flag} {spec}: {target} has no callable {attr}")
     return fn
 
 

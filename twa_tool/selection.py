@@ -76,10 +76,35 @@ def _full_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _denied(path: Path) -> bool:
+    """Whether this process may not read ``path``: a regular file is opened (never a FIFO or device: opening one
+    could wait), a folder listed."""
+    try:
+        if path.is_dir():
+            next(path.iterdir(), None)
+        elif path.is_file():
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        return True
+    return False
+
+
 def missing_target(entry: CheckpointFile) -> str | None:
-    """Why ``entry`` cannot be read at all (a symlink to nothing), with the fix; None when its file exists."""
-    if entry.path.resolve().exists():
-        return None
+    """Why ``entry`` cannot be read at all (a symlink to nothing, a loop of symlinks, a file or folder this user may
+    not read), with the fix; None when it can be read."""
+    try:
+        real = entry.path.resolve()
+        exists = real.exists()
+    except (RuntimeError, OSError):  # a loop of links: RuntimeError before Python 3.13, then OSError (ELOOP)
+        return (f"{entry.path}: a symlink loop ({entry.name} -> {os.readlink(entry.path)} -> ... never reaches a "
+                f"file); remove the link or pass {exclude_hint(entry.name)}")
+    if exists:
+        if not _denied(real):
+            return None
+        fix = "chmod -R a+rX" if real.is_dir() else "chmod a+r"
+        return (f"{entry.path}: permission denied reading it; make it readable ({fix}) or pass "
+                f"{exclude_hint(entry.name)}")
     what = f"a symlink to {os.readlink(entry.path)}, which" if entry.path.is_symlink() else "it"
     return f"{entry.path}: {what} does not exist; remove the link or pass {exclude_hint(entry.name)}"
 

@@ -52,7 +52,17 @@ from .checkpoints import (
 )
 from .config import CoefficientTrainConfig, Selection, SoupConfig
 from .data import DataSplits, build_data, download_note, for_workers, label_meaning, registry_name, split_holdout
-from .errors import CheckpointError, ConfigError, DataError, MissingData, NumericalError, TwaError, exclude_hint
+from .errors import (
+    TOO_LONG,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MissingData,
+    NumericalError,
+    TwaError,
+    exclude_hint,
+    name_too_long,
+)
 from .models import (
     MODEL_ARGS_METADATA_KEY,
     MODEL_METADATA_KEY,
@@ -487,12 +497,20 @@ def find_inputs(config: SoupConfig) -> Inputs:
     chosen = without_weight_copies(select(found, Selection(include=config.include, exclude=config.exclude),
                                           same_weights=same_weights_as_read(config), trajectory=False), config)
     base = None
-    if config.base is not None:
-        if not config.base.exists():
-            raise CheckpointError(f"--base {config.base}: not found; pass the pretrained model's file")
-        base = CheckpointFile(name=config.base.name, path=config.base)
-    # a save_pretrained folder is listed by its weight file: compare --base the same way, folder or file
-    as_base = {f.name: same_file(f.path, weights_path(base.path)) for f in chosen.files} if base is not None else {}
+    try:
+        if config.base is not None:
+            if not config.base.exists():
+                raise CheckpointError(f"--base {config.base}: not found; pass the pretrained model's file")
+            base = CheckpointFile(name=config.base.name, path=config.base)
+        # a save_pretrained folder is listed by its weight file: compare --base the same way, folder or file
+        as_base = {f.name: same_file(f.path, weights_path(base.path)) for f in chosen.files} if base else {}
+    except PermissionError as exc:
+        raise CheckpointError(f"--base {config.base}: permission denied reading {exc.filename or config.base}; make "
+                              f"it readable (chmod -R a+rX) or run as a user who can read it") from None
+    except OSError as exc:
+        if not name_too_long(exc):
+            raise
+        raise CheckpointError(f"--base {config.base}: {TOO_LONG}; pass the pretrained model's file") from None
     files = [f for f in chosen.files if as_base.get(f.name) is None]  # the base, or a link or copy of it
     excluded = [{"name": d.name, "reason": d.reason} for d in chosen.dropped]
     excluded += [{"name": f.name, "reason": "the --base model" + ("" if as_base[f.name].startswith("symlink")

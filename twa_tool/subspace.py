@@ -1123,9 +1123,15 @@ class _Workers:
                                         initializer=_one_thread_from_now_on) if count else None
         if self._pool is not None:  # start them all now, then restore the process-wide default they changed
             caller, started = torch.get_num_threads(), threading.Barrier(count)
-            for future in [self._pool.submit(started.wait) for _ in range(count)]:
-                future.result()
-            torch.set_num_threads(caller)
+            try:
+                for future in [self._pool.submit(started.wait) for _ in range(count)]:
+                    future.result()
+            except BaseException:  # a thread that could not start ("can't start new thread" at a limit): the ones
+                started.abort()  # that did would wait at the barrier forever, and the exit would join them
+                self.shutdown()
+                raise
+            finally:
+                torch.set_num_threads(caller)
 
     def start(self, work: Callable[[], None]) -> list[Future]:
         return [self._pool.submit(work) for _ in range(self.count)] if self._pool is not None else []

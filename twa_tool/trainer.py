@@ -21,7 +21,7 @@ from torch.optim.swa_utils import update_bn
 
 from .config import TrainConfig
 from .distributed import Dist, Shard, global_batchnorm, merge_bn_statistics
-from .errors import DataError, NumericalError, TwaError, is_out_of_memory, one_line
+from .errors import DataError, NumericalError, TwaError, is_out_of_memory, is_out_of_threads, one_line
 from .models import logits_of
 from .subspace import Basis
 
@@ -203,8 +203,8 @@ class Batches:
         except TwaError:
             raise
         except Exception as err:
-            if is_out_of_memory(err):  # the batch did not fit: --batch-size, not the data, is at fault
-                raise
+            if is_out_of_memory(err) or is_out_of_threads(err):  # the batch did not fit, a worker could not start
+                raise  # a thread: --batch-size or --threads, not the data, is at fault
             raise DataError(f"reading a batch of {self.source} failed ({one_line(err)}); fix or remove the "
                             f"example it names, or the dataset's code") from err
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import SAFETENSORS_DTYPES, sha256_file
-from .errors import CheckpointError, ConfigError, OutputError
+from .errors import TOO_LONG, CheckpointError, ConfigError, OutputError, name_too_long
 from .plots import PLOT_FILES
 from .signals import signals_deferred
 
@@ -180,7 +180,22 @@ def check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs:
     would be read as a checkpoint by the next run, so it is refused (symlinks resolved). Without it, the
     folders of ``inputs`` are refused. Any ``inputs`` file itself is never overwritten, nor removed as an
     earlier run's output (e.g. soup's ``--base`` kept as ``model.safetensors`` where a sharded output goes).
+    A folder on the way this user may not read or enter, or a name too long, is an output error too (exit 7).
     """
+    try:
+        _check_output(out_dir, names, overwrite, inputs, needed_bytes, input_dir)
+    except PermissionError as err:
+        raise OutputError(f"{err.filename or out_dir}: permission denied (this user may not read or enter it); "
+                          f"choose another --out, or change its permissions") from None
+    except OSError as err:
+        if not name_too_long(err):
+            raise
+        raise OutputError(f"{err.filename or out_dir}: {TOO_LONG}; choose a shorter --out") from None
+
+
+def _check_output(out_dir: Path, names: tuple[str, ...], overwrite: bool, inputs: tuple[Path, ...],
+                  needed_bytes: int, input_dir: Path | None) -> None:
+    """``check_output``'s checks."""
     _refuse_unresolvable_link(out_dir)  # first: resolve() below raises RuntimeError on a symlink loop
     replaced = set(names) | (set(outputs_in(out_dir)) if any(is_output_name(n) for n in names) else set())
     targets = {(out_dir / n).resolve(): n for n in replaced}
