@@ -611,3 +611,21 @@ def test_every_file_written_is_listed_in_the_report_and_on_the_console(demo_ckpt
     assert outputs["human"][0] == str(tmp_path / "o" / "report.md")
     printed = {line.split()[1] for line in result.stderr.splitlines() if line.startswith("wrote ")}
     assert printed == listed
+
+
+def test_a_json_document_that_cannot_reach_stdout_is_exit_7(demo_ckpts: Path, tmp_path: Path) -> None:
+    """`--json` into a full disk was exit 1 ('unexpected error'), and into a closed stdout exit 0 with the document
+    lost (click's echo skips a closed stream): a CI step would pass on nothing. Both are now exit 7, one line."""
+    command = [sys.executable, "-m", "twa_tool", "inspect", str(demo_ckpts), "--json"]
+    if Path("/dev/full").exists():  # Linux: every write fails with ENOSPC
+        with open("/dev/full", "w") as full:
+            out = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert out.returncode == 7, out.stderr
+        assert "No space left on device" in out.stderr and "Traceback" not in out.stderr
+    closed = subprocess.run(command, stderr=subprocess.PIPE, text=True, timeout=300,
+                            preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 7, closed.stderr
+    lines = closed.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: --json: stdout is closed") and "Traceback" not in closed.stderr
+    whole = subprocess.run(command, capture_output=True, text=True, timeout=300)  # an open stdout: unchanged
+    assert whole.returncode == 0 and json.loads(whole.stdout)["checkpoints"]

@@ -50,6 +50,7 @@ from .errors import (
     ConfigError,
     DistributedError,
     OutOfMemory,
+    OutputError,
     QualityGateFailed,
     TwaError,
     UnsafeInputError,
@@ -422,8 +423,23 @@ def user_prints_to_stderr() -> AbstractContextManager:
 
 def emit(report: dict, as_json: bool, console: Console, render: Callable[[dict, Console], None]) -> None:
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        write_json_document(report)
     render(report, console)
+
+
+def write_json_document(document: dict) -> None:
+    """The ``--json`` document on stdout, flushed. A stdout that is closed or cannot take it (a full disk, a
+    reader that went away) is an output error (exit 7): a CI step must not pass on a document that was lost
+    (click's echo skipped a closed stdout, exit 0)."""
+    stream = sys.stdout
+    advice = "the command's own files, if it writes any, are in place; redirect stdout to a file, or drop --json"
+    if stream is None:
+        raise OutputError(f"--json: stdout is closed, so the document has nowhere to go; {advice}")
+    try:
+        stream.write(json.dumps(document, indent=2) + "\n")
+        stream.flush()
+    except OSError as err:
+        raise OutputError(f"--json: writing the document to stdout failed ({err.strerror or err}); {advice}") from None
 
 
 class TwaGroup(click.Group):
