@@ -36,6 +36,7 @@ from rich.progress import (
 
 from . import __version__
 from .config import (
+    MAX_NUM_WORKERS,
     AverageConfig,
     CoefficientTrainConfig,
     Selection,
@@ -614,7 +615,8 @@ def run_options(fn: Callable) -> Callable:
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True,
                      help="Autocast the forward passes in bf16 or fp16 (fp16 with gradient scaling)."),
-        click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers."),
+        click.option("--num-workers", type=int, default=0, show_default=True,
+                     help=f"DataLoader worker processes, 0 to {MAX_NUM_WORKERS} (0: load in the main process)."),
         click.option("--threads", type=int, default=None,
                      help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)."),
         click.option("--seed", type=int, default=0, show_default=True,
