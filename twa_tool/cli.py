@@ -686,6 +686,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
     written: list[Path] = []  # the output folder, once its output is in place
     def body() -> None:
         set_threads(threads)
+        from .checkpoints import excludable
         from .pipeline import run_average
         from .report import render_average, render_dry_run
 
@@ -706,7 +707,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
         with process_group(device, config.dist_timeout) as dist, ProgressSink(console) as sink, \
-                user_prints_to_stderr():
+                user_prints_to_stderr(), excludable(checkpoint_dir):
             result = run_average(config, on_event=sink, dist=dist)
             if not dry_run:
                 written.append(config.out_dir)
@@ -838,6 +839,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
             raise ConfigError(f"--holdout-fraction {holdout_fraction} has no effect with --holdout (its evaluation "
                               "split is the held-out split): drop one of the two")
         set_threads(threads)
+        from .checkpoints import excludable
         from .report import render_soup, render_soup_dry_run
         from .soup import run_soup
 
@@ -855,7 +857,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
         check_dependent_flags(config, SOUP_DEPENDENT_FLAGS)
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
-        with ProgressSink(console) as sink, user_prints_to_stderr():
+        with ProgressSink(console) as sink, user_prints_to_stderr(), excludable(finetunes_dir, besides=base):
             result = run_soup(config, on_event=sink)
             if not dry_run:
                 written.append(config.out_dir)
