@@ -359,8 +359,8 @@ def render_soup(report: dict, console: Console) -> None:
                   soft_wrap=True, markup=False)
     memory = report["memory"]
     console.print(f"written: {report['written_method']} (chosen by {report['chosen_by']}); directions "
-                  f"{memory['directions_bytes'] / 2**20:.1f} MiB ({memory['basis_dtype']}), peak RSS "
-                  f"{memory['peak_rss_bytes'] / 2**20:.0f} MiB", soft_wrap=True, markup=False)
+                  f"{size_text(memory['directions_bytes'])} ({memory['basis_dtype']}), peak RSS "
+                  f"{size_text(memory['peak_rss_bytes'])}", soft_wrap=True, markup=False)
     print_written(report.get("outputs", {}), console)
 
 
