@@ -761,6 +761,19 @@ def test_bad_function_specs_are_config_errors(tmp_path: Path, spec_of, pattern: 
         build_data(spec_of(path))
 
 
+def test_a_missing_data_file_or_function_is_named_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for --model: `--data data.py:make` named neither where a relative data.py was looked for nor what the file
+    defines instead of make."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^--data data\.py:make: data\.py does not exist; check the path of the file "
+                                          r"that defines make \(a relative path is taken from the current folder, "):
+        build_data("data.py:make")
+    (tmp_path / "data.py").write_text(USER_FILE)
+    with pytest.raises(ConfigError, match=r"^--data data\.py:mkae: data\.py has no function mkae; did you mean "
+                                          r"data\.py:make\?$"):
+        build_data("data.py:mkae")
+
+
 # --------------------------------------------------------------------------- split_holdout
 
 

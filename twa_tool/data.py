@@ -44,7 +44,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .errors import TOO_LONG, ConfigError, DataError, MissingData, TwaError, name_too_long, one_line
-from .usercode import USER_MODULE_PREFIX, NotPythonSource, current_folder_hint, load_file, run_file
+from .usercode import (
+    USER_MODULE_PREFIX,
+    NotPythonSource,
+    current_folder_hint,
+    load_file,
+    missing_file_fix,
+    missing_function_fix,
+    run_file,
+)
 
 Transform = Callable[[Any], Any]
 Builder = Callable[[Path | None, bool], "DataSplits"]
@@ -1024,9 +1032,10 @@ def _import_file(path: Path, spec: str) -> Any:
         if not name_too_long(exc):
             raise
         raise ConfigError(f"--data {spec}: {path}: {TOO_LONG}; write path/to/file.py:function") from None
+    if path.is_dir():
+        raise ConfigError(f"--data {spec}: {path} is a folder, not a file; write path/to/file.py:function")
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise ConfigError(f"--data {spec}: {path} {what}; write path/to/file.py:function")
+        raise ConfigError(f"--data {spec}: {path} does not exist; {missing_file_fix(path, spec.rpartition(':')[2])}")
     try:
         module = load_file(path)
         module.__twa_data__ = True  # a DataLoader worker started by spawn runs it again (``WorkerDataset``)
@@ -1103,7 +1112,8 @@ def _load_function(spec: str) -> Callable[..., Any]:
         module = _import_module(target, spec)
     function = getattr(module, name, None)
     if not callable(function):
-        raise ConfigError(f"--data {spec}: {target} has no function {name}{_registry_hint(spec)}")
+        fix = _registry_hint(spec) or f"; {missing_function_fix(module, target, name, '(fit_dataset, eval_dataset)')}"
+        raise ConfigError(f"--data {spec}: {target} has no function {name}{fix}")
     return function
 
 
