@@ -402,9 +402,11 @@ def _undone_if_failed(places: Sequence[Path]) -> Iterator[None]:
         raise
 
 
-def _torchvision_download(name: str, class_name: str, root: Path, **kwargs: Any) -> None:
+def _torchvision_download(name: str, class_name: str, root: Path, into: Path | None = None, **kwargs: Any) -> None:
     """Downloads a dataset with its torchvision class into ``root`` (contents are re-read by us); a failed download
-    leaves ``root`` as it found it."""
+    leaves ``root`` as it found it. ``into``: the folder below ``root`` the files go to, which a failure names (MNIST
+    and Fashion-MNIST's ``root/<class>/raw``: torchvision's error names a file there, ``train-images-idx3-ubyte.gz``,
+    without its folder)."""
     import torchvision.datasets as datasets
 
     try:
@@ -413,7 +415,7 @@ def _torchvision_download(name: str, class_name: str, root: Path, **kwargs: Any)
                 _network_timeout(DOWNLOAD_TIMEOUT_S):
             getattr(datasets, class_name)(str(root), download=True, **kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
-        raise _download_failed(name, root, exc) from exc
+        raise _download_failed(name, into or root, exc) from exc
 
 
 def _integer_labels(values: Any) -> np.ndarray:
@@ -716,7 +718,7 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
     candidates = (base, raw_dir, base / layout.name, *own_class_dir) + (layout.extra_dirs if root is None else ())
     directory = _first_dir(candidates, _has_idx_files)
     if directory is None and download:
-        _torchvision_download(layout.name, layout.torchvision_class, base, train=True)
+        _torchvision_download(layout.name, layout.torchvision_class, base, into=raw_dir, train=True)
         directory = _first_dir(candidates, _has_idx_files)
     if directory is None:
         stems = [stem for split in ("train", "t10k") for stem in _idx_stems(split)]
