@@ -221,3 +221,42 @@ def test_one_read_gives_the_digest_and_checks_every_member_crc(tmp_path: Path) -
         sha256_file(path, chunk=777, verify_zip_crc=True)
     with pytest.raises(CheckpointError, match="CRC mismatch"):
         load_checkpoint(path)  # the loader checks on its own unless told the caller did
+
+
+def test_an_unreadable_file_is_left_out_by_the_name_of_the_entry_that_holds_it(tmp_path: Path) -> None:
+    """`--exclude` filters the folder's entries, not the files read for them: a file inside `checkpoint-500/` is left
+    out with `--exclude checkpoint-500`, a shard of the sharded model saved in the folder itself with its index's
+    name. `twa soup --base` is no entry, even inside the folder: its error keeps the fixes that apply to it, and so
+    does a file outside the folder."""
+    import json
+
+    from twa_tool.checkpoints import excludable
+    from twa_tool.errors import UnreadableCheckpoint
+
+    root = tmp_path / "run"
+    (root / "checkpoint-500").mkdir(parents=True)
+    (root / "checkpoint-500" / "model.safetensors").write_bytes(b"x")
+    (root / "checkpoint-500" / "trainer_state.json").write_text("{")
+    shards = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    for shard in shards:
+        (root / shard).write_bytes(b"x")
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}}))
+    for name in ("7.pt", "[1].pt", "base.pt"):
+        (root / name).write_bytes(b"x")
+
+    def reported(path: Path, besides: Path | None = None) -> str:
+        with pytest.raises(UnreadableCheckpoint) as err, excludable(root, besides):
+            raise UnreadableCheckpoint(path, "CRC mismatch in zip member 7/data/0", "re-copy or remove it")
+        return str(err.value)
+
+    head = "CRC mismatch in zip member 7/data/0; re-copy or remove it"
+    assert reported(root / "7.pt") == f"{root / '7.pt'}: {head}, or leave it out with --exclude 7.pt"
+    assert reported(root / "[1].pt").endswith(", or leave it out with --exclude '[[]1].pt'")  # a glob matching it
+    for inside in ("model.safetensors", "trainer_state.json"):
+        assert reported(root / "checkpoint-500" / inside).endswith(
+            f"{head}, or leave checkpoint-500 out with --exclude checkpoint-500")
+    assert reported(root / shards[1]).endswith(
+        f"{head}, or leave model.safetensors.index.json out with --exclude model.safetensors.index.json")
+    assert reported(root / "base.pt", besides=root / "base.pt") == f"{root / 'base.pt'}: {head}"
+    assert reported(tmp_path / "7.pt") == f"{tmp_path / '7.pt'}: {head}"
+    assert reported(root / "7.pt", besides=root / "base.pt").endswith("--exclude 7.pt")

@@ -297,7 +297,7 @@ def test_a_failed_download_removes_the_folders_it_created_and_nothing_else(tmp_p
         build_data("cifar10", root=root, download=True)
     assert "\n" not in str(info.value)
     assert sorted(tmp_path.iterdir()) == []  # new/ and new/data were the download's: both gone
-    with pytest.raises(DataError, match=f"--data mnist: download into {root} failed"):
+    with pytest.raises(DataError, match=f"--data mnist: download into {root / 'MNIST' / 'raw'} failed"):
         build_data("mnist", root=root, download=True)
     assert sorted(tmp_path.iterdir()) == []
     # an existing root, with a file and an (empty) MNIST folder of its own: kept; only MNIST/raw goes
@@ -310,6 +310,23 @@ def test_a_failed_download_removes_the_folders_it_created_and_nothing_else(tmp_p
     with pytest.raises(DataError, match="download into .* failed"):
         build_data("cifar10", root=tmp_path / "keep", download=True)
     assert (tmp_path / "keep" / "notes.txt").read_text() == "mine" and len(list(tmp_path.rglob("*"))) == 3
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_a_failed_idx_download_names_the_folder_of_the_file_it_names(name: str, folder: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's error names the file it could not fetch, 'Error downloading train-images-idx3-ubyte.gz', and the
+    line said 'download into ROOT failed': the file's place, ROOT/MNIST/raw (where a partial or stale copy of it
+    sits, and where files fetched by hand may go), was named nowhere. Now the line names that folder."""
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [_refusing_url(monkeypatch)])
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", torchvision.datasets.MNIST.mirrors)
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match=rf"^--data {name}: download into {root / folder / 'raw'} failed \(Error "
+                                        rf"downloading train-images-idx3-ubyte\.gz: ") as info:
+        build_data(name, root=root, download=True)
+    assert "\n" not in str(info.value)
 
 
 def test_a_failed_download_removes_its_partial_file_from_an_existing_root(tmp_path: Path,
@@ -759,6 +776,19 @@ def test_bad_function_specs_are_config_errors(tmp_path: Path, spec_of, pattern: 
     path.write_text(USER_FILE)
     with pytest.raises(ConfigError, match=pattern):
         build_data(spec_of(path))
+
+
+def test_a_missing_data_file_or_function_is_named_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for --model: `--data data.py:make` named neither where a relative data.py was looked for nor what the file
+    defines instead of make."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^--data data\.py:make: data\.py does not exist; check the path of the file "
+                                          r"that defines make \(a relative path is taken from the current folder, "):
+        build_data("data.py:make")
+    (tmp_path / "data.py").write_text(USER_FILE)
+    with pytest.raises(ConfigError, match=r"^--data data\.py:mkae: data\.py has no function mkae; did you mean "
+                                          r"data\.py:make\?$"):
+        build_data("data.py:mkae")
 
 
 # --------------------------------------------------------------------------- split_holdout

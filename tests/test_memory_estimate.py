@@ -20,7 +20,7 @@ from rich.console import Console
 from tests.conftest import model_flags
 from twa_tool import pipeline, subspace
 from twa_tool.cli import cli
-from twa_tool.report import render_dry_run
+from twa_tool.report import render_dry_run, size_text
 
 MiB = 2**20
 
@@ -145,3 +145,19 @@ def test_the_plan_gives_each_size_in_a_unit_that_shows_it() -> None:
     assert "peak memory about 12.68 GiB for the whole process" in line, line
     assert "(torch_model_data 700.0 MiB, basis_float32 120 bytes, one_checkpoint 3.0 KiB, mean_float64 12.00 GiB;" \
         in line, line
+
+
+@pytest.mark.parametrize("command", ["average", "soup"])
+def test_the_plan_shows_the_size_of_the_model_it_would_write(command: str, demo_ckpts: Path, tmp_path: Path) -> None:
+    """`--dry-run --json` has `output_bytes`, the written model's tensor data after --out-dtype, but the text plan
+    never showed it: a user could not see how big the output would be without --json. Now one line says it, in a
+    unit that shows it (a few KiB here, not 0.0 MiB)."""
+    result = CliRunner().invoke(cli, [command, str(demo_ckpts), *model_flags(), "--data", "synthetic", "--threads", "1",
+                                      "--out-dtype", "float16", "--dry-run", "--json", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    size = json.loads(result.stdout)["output_bytes"]
+    assert 1024 <= size < MiB
+    lines = result.stderr.splitlines()
+    line = f"output model: {size_text(size)} of tensor data (--out-dtype float16)"
+    assert line in lines and lines.index(line) < min(i for i, x in enumerate(lines) if x.startswith("would write ")), \
+        result.stderr

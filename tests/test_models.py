@@ -51,6 +51,43 @@ def test_bad_specs_name_the_problem(spec: str, text: str, code: int) -> None:
     assert err.value.exit_code == code
 
 
+NET_FILE = ("from torch import nn\n\nclass Net(nn.Module):\n    pass\n\n"
+            "def make_model():\n    return nn.Linear(2, 2)\n\nWIDTH = 3\n")
+
+
+@pytest.mark.parametrize("spec, files, text", [
+    ("models/net.py:build", {}, "--model models/net.py:build: models/net.py not found; check the path of the file "
+                                "that defines build (a relative path is taken from the current folder, {cwd})"),
+    ("{cwd}/net.py:build", {}, "--model {cwd}/net.py:build: {cwd}/net.py not found; check the path of the file that "
+                               "defines build"),
+    ("net.py:build", {"net.py": NET_FILE}, "--model net.py:build: net.py has no callable build; it defines Net, "
+                                           "make_model: write net.py:NAME with the one that returns the model, or "
+                                           "define build in it"),
+    ("net.py:make_modle", {"net.py": NET_FILE}, "net.py has no callable make_modle; did you mean net.py:make_model?"),
+    ("net.py:WIDTH", {"net.py": NET_FILE}, "net.py has no callable WIDTH; WIDTH there is a value of type int, not a "
+                                           "function; it defines Net, make_model: "),
+    ("one.py:build", {"one.py": "import torch\n\ndef make():\n    return torch.nn.Linear(2, 2)\n"},
+     "one.py has no callable build; it defines make: write one.py:make if that returns the model, or define build in "
+     "it"),
+    ("none.py:build", {"none.py": "import torch\n"}, "none.py has no callable build; it defines no function: define "
+                                                    "build in it, returning the model"),
+    ("torch.nn:Linaer", {}, "torch.nn has no callable Linaer; did you mean torch.nn:Linear?"),
+])
+def test_a_missing_model_file_or_function_is_named_with_the_fix(spec: str, files: dict[str, str], text: str,
+                                                                tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model net.py:build` without net.py said 'net.py not found; write path/to/file.py:function' (the form the
+    user had written, not where twa looked), and without build in it 'net.py has no callable build' (no way on).
+    Now the line names the file and the function, where a relative path was looked for, and what the file defines."""
+    monkeypatch.chdir(tmp_path)
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    with pytest.raises(ModelError) as err:
+        build_model(spec.format(cwd=tmp_path))
+    assert text.format(cwd=tmp_path) in str(err.value) and "\n" not in str(err.value)
+    assert err.value.exit_code == 2
+
+
 def test_an_unknown_timm_name_is_a_usage_error_as_an_unknown_torchvision_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """`--model timm:resnet51` reached timm.create_model, whose RuntimeError('Unknown model') was 'building the model
     failed' (exit 4), where `torchvision:resnet51` is an unknown name. timm's own registry is asked first."""

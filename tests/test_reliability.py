@@ -152,6 +152,56 @@ def test_bad_input_keeps_the_universal_promise(case: str, demo_ckpts: Path, tmp_
         assert "2.safetensors  features.1.running_var  missing" in result.stderr  # the compact table
 
 
+def case_crc_mismatch(root: Path, demo: Path) -> None:
+    import zipfile
+
+    torch.save(good(demo, 2), root / "2.pt")
+    data = bytearray((root / "2.pt").read_bytes())
+    with zipfile.ZipFile(root / "2.pt") as zf:
+        member = next(i for i in zf.infolist() if "/data/" in i.filename and i.file_size > 8)
+    # one byte of a tensor flipped (after the local header's own extra field): the zip is intact, its CRC is not
+    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26:member.header_offset + 30])
+    data[member.header_offset + 30 + name_len + extra_len + 4] ^= 0xFF
+    (root / "2.pt").write_bytes(bytes(data))
+
+
+def case_not_a_state_dict(root: Path, demo: Path) -> None:
+    torch.save([1, 2, 3], root / "2.pt")
+
+
+UNREADABLE = {
+    "truncated zip": (case_truncated_zip, "2.pt: corrupt torch checkpoint"),
+    "CRC mismatch": (case_crc_mismatch, "2.pt: CRC mismatch in zip member"),
+    "not a state dict": (case_not_a_state_dict, "2.pt: no state dict found (the file holds a list"),
+    "truncated safetensors": (case_truncated_safetensors, "2.safetensors: unreadable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("command", ["average", "soup"])
+@pytest.mark.parametrize("case", list(UNREADABLE))
+def test_an_unreadable_checkpoint_names_the_exclude_that_leaves_it_out(case: str, command: str, demo_ckpts: Path,
+                                                                       tmp_path: Path) -> None:
+    """A corrupt file among the checkpoints (fine-tunes) was one line naming it and 're-save or remove it': the
+    other way out, `--exclude NAME` (both commands take it), was left to the user to find. Now the line ends with
+    it, with the file's own name, and that flag does leave the file out."""
+    build, text = UNREADABLE[case]
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    for i in (1, 3, 4):
+        shutil.copy(demo_ckpts / f"{i}.safetensors", root / f"{i}.safetensors")
+    build(root, demo_ckpts)
+    name = next(p.name for p in root.iterdir() if p.name.startswith("2."))
+    args = [command, str(root), *model_flags(), *FAST[:4], "--threads", "1"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 4, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], result.stderr
+    assert errors[0].endswith(f", or leave it out with --exclude {name}"), errors[0]
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(cli, [*args, "--exclude", name, "--dry-run", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+
+
 def test_non_weight_files_beside_weights_are_ignored(demo_ckpts: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Row 15: training_args.bin, zero_to_fp32.py, rng_state.pth are never unpickled or imported."""

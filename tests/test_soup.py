@@ -242,6 +242,18 @@ def test_soup_writes_model_and_report(soup_run: tuple[object, Path], finetunes: 
     assert (out / "report.md").read_text().startswith("# twa soup report")
 
 
+def test_the_soup_summary_gives_each_size_in_a_unit_that_shows_it(soup_run: tuple[object, Path]) -> None:
+    """The tiny model's directions were printed as 'directions 0.0 MiB' (as if there were none) and the peak RSS in
+    whole MiB: each is now in the largest unit that keeps it at least 1, as the dry run's plan is."""
+    result, out = soup_run
+    memory = json.loads((out / "report.json").read_text())["memory"]
+    assert 1024 <= memory["directions_bytes"] < 2**20  # a few KiB: the case that read 0.0 MiB
+    line = next(x for x in result.stderr.splitlines() if x.startswith("written: "))
+    assert (f"; directions {size_text(memory['directions_bytes'])} (float32), peak RSS "
+            f"{size_text(memory['peak_rss_bytes'])}") in line, line
+    assert " KiB (float32)" in line and "0.0 MiB" not in line, line
+
+
 def test_written_uniform_soup_is_the_mean_with_bn_re_estimated(soup_run: tuple[object, Path],
                                                                finetunes: Path) -> None:
     _, out = soup_run

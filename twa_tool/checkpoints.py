@@ -42,7 +42,8 @@ import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -50,7 +51,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import WEIGHT_KINDS, check_weights
-from .errors import TOO_LONG, CheckpointError, ConfigError, TwaError, UnsafeInputError, exclude_hint, name_too_long
+from .errors import (
+    TOO_LONG,
+    CheckpointError,
+    ConfigError,
+    TwaError,
+    UnreadableCheckpoint,
+    UnsafeInputError,
+    exclude_hint,
+    name_too_long,
+)
 from .usercode import pythonpath_hint
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
@@ -485,6 +495,44 @@ def _group_top_level_shards(directory: Path, found: list[CheckpointFile]) -> lis
     return kept + [CheckpointFile(name=layout[1].name, path=directory)]
 
 
+@contextmanager
+def excludable(directory: Path, besides: Path | None = None) -> Iterator[None]:
+    """Around the reads of a command that filters the checkpoints of ``directory`` with ``--exclude``: a file of one
+    of them that cannot be read (``UnreadableCheckpoint``) is reported with that way out too, ``--exclude NAME``
+    for the entry that holds it. ``besides``: an input that is not one of them wherever it lies (``twa soup
+    --base``), whose errors are left as they are."""
+    try:
+        yield
+    except UnreadableCheckpoint as err:
+        entry = _entry_holding(directory, Path(err.path), besides)
+        if entry is None:
+            raise
+        raise err.leaving_out(entry.name).with_traceback(err.__traceback__) from None
+
+
+def _entry_holding(directory: Path, path: Path, besides: Path | None) -> CheckpointFile | None:
+    """The entry of ``discover(directory)`` whose reading reads ``path``: the file itself, a file inside its
+    ``checkpoint-<step>/`` folder, or a shard of the sharded model saved in ``directory`` itself (listed under its
+    index's name). None for any other path, and for one that is or lies inside ``besides``."""
+    def plain(p: Path) -> Path:
+        return Path(os.path.abspath(p))
+
+    target = plain(path)
+    if besides is not None and (target == plain(besides) or plain(besides) in target.parents):
+        return None
+    try:
+        entries = discover(directory)
+        for entry in entries:
+            own = plain(directory / entry.name)  # the file, or the entry's folder
+            if target in (plain(entry.path), own) or own in target.parents:
+                return entry
+            if plain(entry.path) == plain(directory) and target in map(plain, folder_weight_files(directory)):
+                return entry
+    except (TwaError, OSError):  # the folder changed since it was read: the error stands as it is
+        return None
+    return None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20, verify_zip_crc: bool = False) -> str:
     """SHA-256 of a file. For a sharded checkpoint folder: of its index and shard files' digests.
 
@@ -513,7 +561,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20, verify_zip_crc: bool = False) 
     with open(path, "rb") as f, memoryview(bytearray(min(chunk, size))) as buffer:
         for position in range(0, size, chunk):
             with buffer[:min(chunk, size - position)] as view:
-                _pread_exactly(f.fileno(), view, position, f"{path}: changed while it was read (now shorter)")
+                _pread_exactly(f.fileno(), view, position, path, "changed while it was read (now shorter)")
                 digest.update(view)
                 for i, (_, start, end, _) in enumerate(members):
                     lo, hi = max(start, position), min(end, position + len(view))
@@ -534,25 +582,25 @@ def _zip_member_ranges(path: Path) -> list[tuple[str, int, int, int]]:
             f.seek(info.header_offset)
             local = f.read(30)
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise CheckpointError(f"{path}: zip member {info.filename} has no local header; the file is "
-                                      f"corrupt, re-copy or remove it")
+                raise UnreadableCheckpoint(path, f"zip member {info.filename} has no local header",
+                                           "the file is corrupt, re-copy or remove it")
             name_len, extra_len = struct.unpack("<HH", local[26:30])
             name = f.read(name_len).decode("utf-8" if info.flag_bits & 0x800 else "cp437", errors="replace")
             start = info.header_offset + 30 + name_len + extra_len
             if name != info.orig_filename or start + info.compress_size > size:
-                raise CheckpointError(f"{path}: zip member {info.filename}'s local header disagrees with the central "
-                                      f"directory or its data runs past the end; the file is corrupt or hostile, "
-                                      f"re-copy or remove it")
+                raise UnreadableCheckpoint(path, f"zip member {info.filename}'s local header disagrees with the "
+                                                 f"central directory or its data runs past the end",
+                                           "the file is corrupt or hostile, re-copy or remove it")
             ranges.append((info.filename, start, start + info.compress_size, info.CRC))
             spans.append((info.header_offset, start + info.compress_size, info.filename))
     spans.sort()
     if spans and spans[0][0] != 0:  # torch.save starts with its first member; zipfile would skip what precedes it
-        raise CheckpointError(f"{path}: {spans[0][0]} bytes before the zip's first member; the file is corrupt or "
-                              f"hostile, re-copy or remove it")
+        raise UnreadableCheckpoint(path, f"{spans[0][0]} bytes before the zip's first member",
+                                   "the file is corrupt or hostile, re-copy or remove it")
     for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
         if begin < end:  # torch.save writes each member once, one after the other
-            raise CheckpointError(f"{path}: zip members {name} and {other} overlap; the file is corrupt or hostile, "
-                                  f"re-copy or remove it")
+            raise UnreadableCheckpoint(path, f"zip members {name} and {other} overlap",
+                                       "the file is corrupt or hostile, re-copy or remove it")
     return ranges
 
 
@@ -671,7 +719,7 @@ class ZipLayout:
                 if out.dtype != dtype or out.numel() != _numel(shape) or not out.is_contiguous():
                     raise ValueError(f"target for {key} is not a contiguous {dtype} tensor of {_numel(shape)} entries")
                 view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-                _pread_exactly(fd, view, members[member][0] + offset, f"{path}: ends inside tensor {key}")
+                _pread_exactly(fd, view, members[member][0] + offset, path, f"ends inside tensor {key}")
                 if check_crc and offset == 0 and len(view) == sizes[member]:
                     whole.add(member)
                     _check_crc(path, member, zlib.crc32(view), members[member][1])
@@ -728,8 +776,8 @@ class FlatFile:
                 if lo >= hi:
                     continue
                 _pread_exactly(fd, view[(lo - cols.start) * self.itemsize:(hi - cols.start) * self.itemsize],
-                               position + (lo - self.starts[i]) * self.itemsize,
-                               f"{self.path}: ends inside a tensor (or was changed while being read)")
+                               position + (lo - self.starts[i]) * self.itemsize, self.path,
+                               "ends inside a tensor (or was changed while being read)")
         finally:
             os.close(fd)
 
@@ -763,7 +811,7 @@ def column_file(path: Path, names: Sequence[str], first: Mapping[str, torch.Tens
         with safe_open(str(path), framework="pt", device="cpu"):  # offsets, sizes, coverage: as for a load
             header = _safetensors_header(path)
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({err}); re-save or remove it") from None
+        raise UnreadableCheckpoint(path, f"unreadable safetensors file ({err})", "re-save or remove it") from None
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
     if set(entries) != set(first):
         return None
@@ -790,21 +838,25 @@ def column_file(path: Path, names: Sequence[str], first: Mapping[str, torch.Tens
     return flat, read_safetensors
 
 
-def _pread_exactly(fd: int, view: memoryview, position: int, where: str) -> None:
-    """Fill ``view`` from ``fd`` at byte ``position`` (``preadv``, no intermediate copy); a truncated file is a
-    ``CheckpointError`` that starts with ``where``."""
+def _pread_exactly(fd: int, view: memoryview, position: int, path: Path, what: str) -> None:
+    """Fill ``view`` from ``fd`` (the file ``path``) at byte ``position`` (``preadv``, no intermediate copy); a
+    truncated file is an ``UnreadableCheckpoint`` saying ``what`` of it."""
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], position + done)
         if n == 0:
-            raise CheckpointError(f"{where}; the file is truncated, re-copy or remove it")
+            raise UnreadableCheckpoint(path, what, "the file is truncated, re-copy or remove it")
         done += n
 
 
 def _check_crc(path: Path, member: str, crc: int, expected: int) -> None:
     if crc != expected:
-        raise CheckpointError(f"{path}: CRC mismatch in zip member {member}; the file is corrupt (bit rot or "
-                              f"a partial copy), re-copy or remove it")
+        raise _crc_mismatch(path, member)
+
+
+def _crc_mismatch(path: Path, member: str) -> UnreadableCheckpoint:
+    return UnreadableCheckpoint(path, f"CRC mismatch in zip member {member}",
+                                "the file is corrupt (bit rot or a partial copy), re-copy or remove it")
 
 
 def zip_layout(path: Path, state: Mapping[str, torch.Tensor]) -> ZipLayout | None:
@@ -938,9 +990,10 @@ def _safetensors_header(path: Path) -> dict:
                              f"{MAX_SAFETENSORS_HEADER})")
         return json.loads(raw, object_pairs_hook=_reject_duplicates)
     except RecursionError:
-        raise CheckpointError(f"{path}: invalid safetensors header (nested too deeply); re-save or remove it") from None
+        raise UnreadableCheckpoint(path, "invalid safetensors header (nested too deeply)",
+                                   "re-save or remove it") from None
     except ValueError as err:
-        raise CheckpointError(f"{path}: invalid safetensors header ({err}); re-save or remove it") from None
+        raise UnreadableCheckpoint(path, f"invalid safetensors header ({err})", "re-save or remove it") from None
 
 
 def _refuse_non_utf8_path(path: Path, library: str = "safetensors") -> None:
@@ -975,7 +1028,7 @@ def _read_safetensors(path: Path, header_only: bool, keys: set[str] | None = Non
             else:
                 entries = _pread_tensors(path, header, {k: f.get_tensor(k) for k in names})
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({err}); re-save or remove it") from None
+        raise UnreadableCheckpoint(path, f"unreadable safetensors file ({err})", "re-save or remove it") from None
     return entries, metadata
 
 
@@ -991,7 +1044,7 @@ def _pread_tensors(path: Path, header: dict, views: dict[str, torch.Tensor]) -> 
             if tensor.numel():
                 raw = tensor.reshape(-1).view(torch.uint8).numpy()
                 _pread_exactly(f.fileno(), memoryview(raw), 8 + length + int(header[name]["data_offsets"][0]),
-                               f"{path}: tensor {name} ends past the end of the file")
+                               path, f"tensor {name} ends past the end of the file")
             out[name] = tensor
     return out
 
@@ -1006,8 +1059,8 @@ def _check_zip(path: Path, verify_crc: bool) -> None:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-        raise CheckpointError(f"{path}: corrupt torch checkpoint (not a readable zip archive: {err}); the file "
-                              f"may be truncated, re-save or remove it") from None
+        raise UnreadableCheckpoint(path, f"corrupt torch checkpoint (not a readable zip archive: {err})",
+                                   "the file may be truncated, re-save or remove it") from None
     with zf:
         infos = zf.infolist()
         names = [i.filename for i in infos]
@@ -1015,25 +1068,26 @@ def _check_zip(path: Path, verify_crc: bool) -> None:
             raise UnsafeInputError(_torchscript_message(path))
         for info in infos:
             if info.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointError(f"{path}: zip member {info.filename} is compressed; torch.save never "
-                                      f"compresses, so this is not a torch checkpoint (or a zip bomb); refusing it")
+                raise UnreadableCheckpoint(path, f"zip member {info.filename} is compressed",
+                                           "torch.save never compresses, so this is not a torch checkpoint (or a "
+                                           "zip bomb): remove it from the folder")
             parts = info.filename.replace("\\", "/").split("/")
             if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
-                raise CheckpointError(f"{path}: zip member name {info.filename!r} is not a plain relative name; "
-                                      f"not a torch checkpoint, refusing it")
+                raise UnreadableCheckpoint(path, f"zip member name {info.filename!r} is not a plain relative name",
+                                           "not a torch checkpoint: remove it from the folder")
         if len({n.split("/", 1)[0] for n in names}) != 1:
-            raise CheckpointError(f"{path}: zip members do not share one archive folder; not a torch checkpoint")
+            raise UnreadableCheckpoint(path, "zip members do not share one archive folder",
+                                       "not a torch checkpoint: remove it from the folder")
         if sum(i.file_size for i in infos) > path.stat().st_size:
-            raise CheckpointError(f"{path}: zip members declare more bytes than the file holds; the file is "
-                                  f"corrupt or hostile, refusing it")
+            raise UnreadableCheckpoint(path, "zip members declare more bytes than the file holds",
+                                       "the file is corrupt or hostile: remove it from the folder")
         if verify_crc:
             try:
                 bad = zf.testzip()
             except (zipfile.BadZipFile, OSError, zlib.error, EOFError) as err:
-                raise CheckpointError(f"{path}: corrupt torch checkpoint ({err}); re-copy or remove it") from None
+                raise UnreadableCheckpoint(path, f"corrupt torch checkpoint ({err})", "re-copy or remove it") from None
             if bad is not None:
-                raise CheckpointError(f"{path}: CRC mismatch in zip member {bad}; the file is corrupt (bit rot or "
-                                      f"a partial copy), re-copy or remove it")
+                raise _crc_mismatch(path, bad)
 
 
 def _weights_only_detail(err: Exception) -> str:
@@ -1105,8 +1159,8 @@ def _torch_load(path: Path, trust_pickle: PickleTrust, header_only: bool, crc_ch
         raise
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         detail = _weights_only_detail(err) if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot read torch checkpoint ({detail}); the file may be truncated "
-                              f"or not a checkpoint, re-save or remove it") from None
+        raise UnreadableCheckpoint(path, f"cannot read torch checkpoint ({detail})",
+                                   "the file may be truncated or not a checkpoint, re-save or remove it") from None
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -1125,10 +1179,10 @@ def _read_json(path: Path) -> object:
                                   f"JSON files; not a genuine index/trainer-state file")
         return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_reject_duplicates)
     except RecursionError:  # [[[[...: nested deeper than Python's JSON decoder recurses
-        raise CheckpointError(f"{path}: unreadable JSON (nested too deeply); not a genuine index/trainer-state "
-                              f"file, re-save or remove it") from None
+        raise UnreadableCheckpoint(path, "unreadable JSON (nested too deeply)",
+                                   "not a genuine index/trainer-state file, re-save or remove it") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable JSON ({err}); re-save or remove it") from None
+        raise UnreadableCheckpoint(path, f"unreadable JSON ({err})", "re-save or remove it") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1306,8 +1360,8 @@ def _select(obj: object, path: Path, weights: str) -> tuple[dict, str, str | Non
     whole = _as_state(obj)
     if not isinstance(obj, Mapping) or whole is not None:
         if whole is None:
-            raise CheckpointError(f"{path}: no state dict found (the file holds a {type(obj).__name__}, expected a "
-                                  f"dict of tensors); save model.state_dict()")
+            raise UnreadableCheckpoint(path, f"no state dict found (the file holds a {type(obj).__name__}, "
+                                             f"expected a dict of tensors)", "save model.state_dict()")
         producer = "averaged-model" if _is_averaged_model(whole) else "torch"
         choices = {"raw": None, "ema": None}
         choices["ema" if producer == "averaged-model" else "raw"] = (whole, None)

@@ -36,6 +36,7 @@ from rich.progress import (
 
 from . import __version__
 from .config import (
+    MAX_NUM_WORKERS,
     AverageConfig,
     CoefficientTrainConfig,
     Selection,
@@ -614,7 +615,8 @@ def run_options(fn: Callable) -> Callable:
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True,
                      help="Autocast the forward passes in bf16 or fp16 (fp16 with gradient scaling)."),
-        click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers."),
+        click.option("--num-workers", type=int, default=0, show_default=True,
+                     help=f"DataLoader worker processes, 0 to {MAX_NUM_WORKERS} (0: load in the main process)."),
         click.option("--threads", type=int, default=None,
                      help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)."),
         click.option("--seed", type=int, default=0, show_default=True,
@@ -684,6 +686,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
     written: list[Path] = []  # the output folder, once its output is in place
     def body() -> None:
         set_threads(threads)
+        from .checkpoints import excludable
         from .pipeline import run_average
         from .report import render_average, render_dry_run
 
@@ -704,7 +707,7 @@ def average(checkpoint_dir: Path, out_dir: Path, model: str | None, model_args: 
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
         with process_group(device, config.dist_timeout) as dist, ProgressSink(console) as sink, \
-                user_prints_to_stderr():
+                user_prints_to_stderr(), excludable(checkpoint_dir):
             result = run_average(config, on_event=sink, dist=dist)
             if not dry_run:
                 written.append(config.out_dir)
@@ -836,6 +839,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
             raise ConfigError(f"--holdout-fraction {holdout_fraction} has no effect with --holdout (its evaluation "
                               "split is the held-out split): drop one of the two")
         set_threads(threads)
+        from .checkpoints import excludable
         from .report import render_soup, render_soup_dry_run
         from .soup import run_soup
 
@@ -853,7 +857,7 @@ def soup(finetunes_dir: Path, out_dir: Path, model: str | None, model_args: tupl
         check_dependent_flags(config, SOUP_DEPENDENT_FLAGS)
         if trust_pickle:
             console.print("[yellow]warning:[/yellow] --trust-pickle: pickle checkpoints may run code while loading")
-        with ProgressSink(console) as sink, user_prints_to_stderr():
+        with ProgressSink(console) as sink, user_prints_to_stderr(), excludable(finetunes_dir, besides=base):
             result = run_soup(config, on_event=sink)
             if not dry_run:
                 written.append(config.out_dir)

@@ -44,7 +44,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .errors import TOO_LONG, ConfigError, DataError, MissingData, TwaError, name_too_long, one_line
-from .usercode import USER_MODULE_PREFIX, NotPythonSource, current_folder_hint, load_file, run_file
+from .usercode import (
+    USER_MODULE_PREFIX,
+    NotPythonSource,
+    current_folder_hint,
+    load_file,
+    missing_file_fix,
+    missing_function_fix,
+    run_file,
+)
 
 Transform = Callable[[Any], Any]
 Builder = Callable[[Path | None, bool], "DataSplits"]
@@ -394,9 +402,11 @@ def _undone_if_failed(places: Sequence[Path]) -> Iterator[None]:
         raise
 
 
-def _torchvision_download(name: str, class_name: str, root: Path, **kwargs: Any) -> None:
+def _torchvision_download(name: str, class_name: str, root: Path, into: Path | None = None, **kwargs: Any) -> None:
     """Downloads a dataset with its torchvision class into ``root`` (contents are re-read by us); a failed download
-    leaves ``root`` as it found it."""
+    leaves ``root`` as it found it. ``into``: the folder below ``root`` the files go to, which a failure names (MNIST
+    and Fashion-MNIST's ``root/<class>/raw``: torchvision's error names a file there, ``train-images-idx3-ubyte.gz``,
+    without its folder)."""
     import torchvision.datasets as datasets
 
     try:
@@ -405,7 +415,7 @@ def _torchvision_download(name: str, class_name: str, root: Path, **kwargs: Any)
                 _network_timeout(DOWNLOAD_TIMEOUT_S):
             getattr(datasets, class_name)(str(root), download=True, **kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
-        raise _download_failed(name, root, exc) from exc
+        raise _download_failed(name, into or root, exc) from exc
 
 
 def _integer_labels(values: Any) -> np.ndarray:
@@ -708,7 +718,7 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
     candidates = (base, raw_dir, base / layout.name, *own_class_dir) + (layout.extra_dirs if root is None else ())
     directory = _first_dir(candidates, _has_idx_files)
     if directory is None and download:
-        _torchvision_download(layout.name, layout.torchvision_class, base, train=True)
+        _torchvision_download(layout.name, layout.torchvision_class, base, into=raw_dir, train=True)
         directory = _first_dir(candidates, _has_idx_files)
     if directory is None:
         stems = [stem for split in ("train", "t10k") for stem in _idx_stems(split)]
@@ -1024,9 +1034,10 @@ def _import_file(path: Path, spec: str) -> Any:
         if not name_too_long(exc):
             raise
         raise ConfigError(f"--data {spec}: {path}: {TOO_LONG}; write path/to/file.py:function") from None
+    if path.is_dir():
+        raise ConfigError(f"--data {spec}: {path} is a folder, not a file; write path/to/file.py:function")
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise ConfigError(f"--data {spec}: {path} {what}; write path/to/file.py:function")
+        raise ConfigError(f"--data {spec}: {path} does not exist; {missing_file_fix(path, spec.rpartition(':')[2])}")
     try:
         module = load_file(path)
         module.__twa_data__ = True  # a DataLoader worker started by spawn runs it again (``WorkerDataset``)
@@ -1103,7 +1114,8 @@ def _load_function(spec: str) -> Callable[..., Any]:
         module = _import_module(target, spec)
     function = getattr(module, name, None)
     if not callable(function):
-        raise ConfigError(f"--data {spec}: {target} has no function {name}{_registry_hint(spec)}")
+        fix = _registry_hint(spec) or f"; {missing_function_fix(module, target, name, '(fit_dataset, eval_dataset)')}"
+        raise ConfigError(f"--data {spec}: {target} has no function {name}{fix}")
     return function
 
 

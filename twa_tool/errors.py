@@ -54,6 +54,25 @@ class CheckpointError(InputError):
     """A checkpoint file cannot be read, or checkpoints disagree with each other or with the model."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint file that cannot be read as one: truncated, corrupt (a CRC mismatch), not a checkpoint at all.
+    The message is ``path: problem; fix``. A command that filters its inputs with ``--exclude`` offers that way out
+    too (``leaving_out``)."""
+
+    def __init__(self, path: os.PathLike | str, problem: str, fix: str) -> None:
+        super().__init__(f"{path}: {problem}; {fix}")
+        self.path, self.problem, self.fix = path, problem, fix
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.problem, self.fix)
+
+    def leaving_out(self, name: str) -> UnreadableCheckpoint:
+        """The same error, its fix ending with ``--exclude NAME``: ``name`` is the entry of the folder that holds the
+        file (the file itself, its ``checkpoint-<step>/`` folder, or the index of a sharded model)."""
+        it = "it" if name == os.path.basename(self.path) else name
+        return UnreadableCheckpoint(self.path, self.problem, f"{self.fix}, or leave {it} out with {exclude_hint(name)}")
+
+
 class DataError(InputError):
     """A dataset cannot be found or read."""
 

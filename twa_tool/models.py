@@ -33,7 +33,7 @@ from .errors import (
     name_too_long,
     one_line,
 )
-from .usercode import current_folder_hint, load_file
+from .usercode import current_folder_hint, load_file, missing_file_fix, missing_function_fix
 
 ModelArgs = tuple[tuple[str, str], ...]
 
@@ -152,9 +152,10 @@ def load_callable(spec: str, flag: str) -> Callable:
             if not name_too_long(err):
                 raise
             raise ModelSpecError(f"{flag} {spec}: {path}: {TOO_LONG}; write path/to/file.py:function") from None
+        if path.is_dir():
+            raise ModelSpecError(f"{flag} {spec}: {path} is a folder, not a file; write path/to/file.py:function")
         if not path.is_file():
-            what = "is a folder, not a file" if path.is_dir() else "not found"
-            raise ModelSpecError(f"{flag} {spec}: {path} {what}; write path/to/file.py:function")
+            raise ModelSpecError(f"{flag} {spec}: {path} not found; {missing_file_fix(path, attr)}")
         try:
             module = load_file(path)
         except Exception as err:
@@ -173,7 +174,8 @@ def load_callable(spec: str, flag: str) -> Callable:
             raise ModelError(f"{flag} {spec}: importing {target} failed ({type(err).__name__}: {err})") from err
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ModelSpecError(f"{flag} {spec}: {target} has no callable {attr}")
+        raise ModelSpecError(f"{flag} {spec}: {target} has no callable {attr}; "
+                             f"{missing_function_fix(module, target, attr, 'the model')}")
     return fn
 
 

@@ -107,7 +107,7 @@ def gate_failure(gate: dict, model_path: object) -> str:
 
 def _print_plan(report: dict, console: Console, head: str, memory: str, data_line: str) -> None:
     """A dry run's plan: what it reads (``head``, what is left out), the model and its memory estimate, the data
-    (or that it would be downloaded), the files it would write."""
+    (or that it would be downloaded), the size of the model it would write and the files it would write."""
     console.print(head, soft_wrap=True, markup=False)
     for item in report["excluded"]:
         console.print(f"  left out {item['name']}: {item['reason']}", soft_wrap=True, markup=False)
@@ -123,6 +123,10 @@ def _print_plan(report: dict, console: Console, head: str, memory: str, data_lin
         classes = f"{data['num_classes']} classes, " if data["num_classes"] is not None else ""  # None: file.py:fn
         console.print(f"data {data['spec']}: {classes}{data_line}; one went through the model", soft_wrap=True,
                       markup=False)
+    if "output_bytes" in report:  # the written model's size, as --out-dtype makes it (--max-shard-size splits it)
+        dtype = report.get("config", {}).get("out_dtype")
+        console.print(f"output model: {size_text(report['output_bytes'])} of tensor data"
+                      + (f" (--out-dtype {dtype})" if dtype else ""), markup=False)
     for path in report["would_write"]:
         console.print(f"would write {path}", soft_wrap=True, markup=False)
     console.print("nothing was written")
@@ -359,8 +363,8 @@ def render_soup(report: dict, console: Console) -> None:
                   soft_wrap=True, markup=False)
     memory = report["memory"]
     console.print(f"written: {report['written_method']} (chosen by {report['chosen_by']}); directions "
-                  f"{memory['directions_bytes'] / 2**20:.1f} MiB ({memory['basis_dtype']}), peak RSS "
-                  f"{memory['peak_rss_bytes'] / 2**20:.0f} MiB", soft_wrap=True, markup=False)
+                  f"{size_text(memory['directions_bytes'])} ({memory['basis_dtype']}), peak RSS "
+                  f"{size_text(memory['peak_rss_bytes'])}", soft_wrap=True, markup=False)
     print_written(report.get("outputs", {}), console)
 
 

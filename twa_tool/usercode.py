@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import sys
@@ -88,3 +89,32 @@ def current_folder_hint(missing: str | None, function: str) -> str:
     """For a ``module:function`` spec whose module was not found: ``pythonpath_hint`` when ``missing.py`` sits in
     the current folder (``--model train:make_model`` beside train.py), else "" (the caller's own advice stands)."""
     return pythonpath_hint(missing, function) if missing and Path(f"{missing}.py").is_file() else ""
+
+
+def missing_file_fix(path: Path, function: str) -> str:
+    """Where a ``file.py:function`` spec's missing file was looked for and what to fix: the path of the file that
+    defines ``function`` (a relative one is taken from the current folder, which the line names)."""
+    where = "" if path.is_absolute() else f" (a relative path is taken from the current folder, {Path.cwd()})"
+    return f"check the path of the file that defines {function}{where}"
+
+
+def missing_function_fix(module: ModuleType, target: str, name: str, returns: str) -> str:
+    """What to write instead of ``target:name`` when ``module`` (``target``, a file or module) has no function
+    ``name``: the close name it has (``buid`` -> ``build``); else, for the user's file, the functions and classes it
+    defines itself, or that it defines none. ``returns``: what the function must return, for the line."""
+    value = getattr(module, name, None)
+    what = f"{name} there is a value of type {type(value).__name__}, not a function; " if value is not None else ""
+    public = [n for n in dir(module) if not n.startswith("_") and n != name and callable(getattr(module, n, None))]
+    close = difflib.get_close_matches(name, public, n=1)
+    if close:
+        return f"{what}did you mean {target}:{close[0]}?"
+    if not str(module.__name__).startswith(USER_MODULE_PREFIX):  # an installed module: its names are not ours to list
+        return f"{what}check the function's name"
+    own = [n for n in public if getattr(getattr(module, n), "__module__", None) == module.__name__]
+    if len(own) == 1:
+        return f"{what}it defines {own[0]}: write {target}:{own[0]} if that returns {returns}, or define {name} in it"
+    if own:
+        shown = ", ".join(own[:6]) + (f" and {len(own) - 6} more" if len(own) > 6 else "")
+        return (f"{what}it defines {shown}: write {target}:NAME with the one that returns {returns}, or define "
+                f"{name} in it")
+    return f"{what}it defines no function: define {name} in it, returning {returns}"
