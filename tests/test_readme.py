@@ -174,3 +174,38 @@ def test_every_flag_of_a_documented_twa_command_exists() -> None:
                       if flag not in options(command) and flag not in ("-h", "--help")]
     assert seen > 50, seen  # the pattern still finds the commands
     assert not wrong, wrong
+
+
+def backticked(text: str) -> list[str]:
+    """The ``code`` spans of ``text``, in order."""
+    return re.findall(r"`([^`]+)`", text)
+
+
+def test_the_readme_word_and_key_lists_are_the_ones_the_code_matches() -> None:
+    """Lists the README spells out word by word, each against the constant the code matches with: the names that
+    say a file is the newest save (and those that say it is not), the container keys of a torch file (raw and EMA),
+    the words of a top-level key that names averaged weights, the prefixes always stripped. A word added to the
+    code and not to the README (``average`` among the averaged-key words) made the README's list wrong."""
+    from twa_tool import checkpoints, selection
+
+    newest = re.search(r"the words\s+((?:`\w+`(?:, | or )?)+) without ((?:`\w+`(?:,\s+)?)+)", README)
+    assert newest, "the sentence listing the newest-save words moved"
+    assert set(backticked(newest.group(1))) == selection.NEWEST_WORDS
+    assert set(backticked(newest.group(2))) == selection.NOT_NEWEST_WORDS
+
+    row = next(r for r in README.splitlines() if r.startswith("| plain PyTorch |"))
+    raw = re.search(r"or one under ((?:`\w+`(?:, )?)+)", row)
+    ema = re.search(r"\(EMA keys ((?:`\w+`(?:, )?)+), else\)", row)
+    averaged = re.search(r"under a key naming ((?:`\w+`/?)+)", row)
+    prefixes = re.search(r"DDP `([^`]+)` and `torch.compile` `([^`]+)` prefixes always stripped", row)
+    assert raw and ema and averaged and prefixes, "the plain PyTorch row of Inputs changed its wording"
+    assert tuple(backticked(raw.group(1))) == checkpoints.CONTAINER_KEYS
+    assert tuple(backticked(ema.group(1))) == checkpoints.EMA_CONTAINER_KEYS
+    assert set(backticked(averaged.group(1))) == checkpoints._AVERAGED_WORDS
+    assert prefixes.groups() == checkpoints.WRAPPER_PREFIXES
+
+    ignored = re.search(r"Optimizer, scheduler, gradient-scaler and RNG files \(([^)]*)\) and `training_args.bin` are "
+                        r"ignored and never unpickled", README)
+    assert ignored, "the sentence naming the files that are never unpickled moved"
+    names = [*backticked(ignored.group(1)), "training_args.bin"]
+    assert all(checkpoints.NON_WEIGHT_STEMS.match(checkpoints._strip_suffix(n.replace("*", "_0"))) for n in names)
