@@ -166,6 +166,7 @@ def test_every_flag_of_a_documented_twa_command_exists() -> None:
     seen, wrong = 0, []
     for path in DOCUMENTS:
         text = re.sub(r"\\\n\s*", " ", path.read_text())
+        text = re.sub(r"(?<!`)`([^`\n]+)\n([^`\n]+)`(?!`)", r"`\1 \2`", text)  # an inline span wrapped in two
         for match in COMMAND.finditer(text):
             command, rest = match.groups()
             flags = re.findall(r"(?<![\w$-])(--?[a-zA-Z][\w-]*)", rest)
@@ -209,3 +210,65 @@ def test_the_readme_word_and_key_lists_are_the_ones_the_code_matches() -> None:
     assert ignored, "the sentence naming the files that are never unpickled moved"
     names = [*backticked(ignored.group(1)), "training_args.bin"]
     assert all(checkpoints.NON_WEIGHT_STEMS.match(checkpoints._strip_suffix(n.replace("*", "_0"))) for n in names)
+
+
+MARKDOWN = [ROOT / "README.md", ROOT / "docs" / "report.md", *sorted((ROOT / "examples").rglob("*.md"))]
+
+
+def anchors(text: str) -> set[str]:
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation dropped, spaces as dashes."""
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", text, re.MULTILINE)}
+
+
+def test_every_link_and_repository_path_in_the_documents_exists() -> None:
+    """Relative links (``[x](examples/soup/RESULTS.md)``, ``[x](#use-in-ci)``) lead to a file and heading that
+    exist, and every repository path in backticks (``benchmarks/gpu_check.sh``, ``examples/fashion_mnist/model.py:cnn``)
+    names a file or folder there is: a renamed heading or moved script breaks no reader's link."""
+    wrong = []
+    for doc in MARKDOWN:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"\w+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (doc.parent / path) if path else doc
+            if not dest.exists() or (anchor and anchor not in anchors(dest.read_text())):
+                wrong.append(f"{doc.relative_to(ROOT)}: link {target}")
+        for span in re.findall(r"`([^`\n]+)`", text):
+            for path in re.findall(r"(?<![\w/.-])((?:examples|benchmarks|tests|twa_tool|docs|\.ci)/[\w./*-]*\w)", span):
+                if "*" not in path and not (ROOT / path).exists():
+                    wrong.append(f"{doc.relative_to(ROOT)}: path {path}")
+    assert not wrong, wrong
+
+
+SCRIPT = re.compile(r"(?<![\w/.-])((?:[\w]+/)*\w+\.py)((?:[ \t]+[^\s`|;>]+)*)")
+SCRIPTS = [*sorted((ROOT / "examples").rglob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py"))]
+
+
+def script_named(name: str) -> Path | None:
+    """The repository script a command names: its path, or a basename only one script has (``basis_bench.py``)."""
+    if (ROOT / name).is_file() and ROOT / name in SCRIPTS:
+        return ROOT / name
+    found = [p for p in SCRIPTS if p.name == name]
+    return found[0] if len(found) == 1 else None
+
+
+def test_every_flag_of_a_documented_script_command_exists() -> None:
+    """`python benchmarks/basis_bench.py --k 50 100 --repeat 3`, `basis_bench.py --step-only --k 100`,
+    `python examples/fashion_mnist/train.py --out ...`: each flag a document or script passes to one of the
+    repository's scripts is one its argument parser defines (the README's measurements name the command that produced
+    them)."""
+    seen, wrong = 0, []
+    for doc in [*MARKDOWN, *sorted((ROOT / "examples").rglob("*.sh")), *sorted((ROOT / "benchmarks").glob("*.sh"))]:
+        text = re.sub(r"\\\n\s*", " ", doc.read_text())  # a shell line's continuations
+        text = re.sub(r"(?<!`)`([^`\n]+)\n([^`\n]+)`(?!`)", r"`\1 \2`", text)  # an inline span wrapped in two
+        for name, rest in SCRIPT.findall(text):
+            if (script := script_named(name)) is None:
+                continue
+            defined = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", script.read_text()))
+            flags = re.findall(r"(?<![\w$-])(--[a-zA-Z][\w-]*)", rest)
+            seen += len(flags)
+            wrong += [f"{doc.relative_to(ROOT)}: {name} {flag}" for flag in flags if flag not in defined]
+    assert seen > 15, seen  # the pattern still finds the commands
+    assert not wrong, wrong
