@@ -272,3 +272,21 @@ def test_every_flag_of_a_documented_script_command_exists() -> None:
             wrong += [f"{doc.relative_to(ROOT)}: {name} {flag}" for flag in flags if flag not in defined]
     assert seen > 15, seen  # the pattern still finds the commands
     assert not wrong, wrong
+
+
+def test_the_readme_names_every_built_in_dataset_and_model() -> None:
+    """The `--data SPEC` row lists the registry's dataset names and the `--model SPEC` row the built-in models and
+    spec prefixes, as `twa average --help` and the errors do."""
+    from twa_tool.data import list_data_names
+    from twa_tool.models import BUILTIN_MODELS, MODEL_FACTORIES
+
+    rows = {row[0]: row[2] for row in option_table("`twa average`")}
+    data = rows["`--data SPEC`"].split(", or `module:function`")[0]
+    while re.search(r"\([^()]*\)", data):  # the notes in parentheses, nested ones too
+        data = re.sub(r"\([^()]*\)", "", data)
+    data = [name for name in backticked(data) if ":" not in name]
+    assert data == list_data_names()
+    model = rows["`--model SPEC`, `--model-arg KEY=VALUE`"].split(" (the small built-in models)")[0]
+    names = backticked(model)
+    assert [n for n in names if n.startswith("twa:")] == [f"twa:{name}" for name in BUILTIN_MODELS]
+    assert {n.split(":")[0] for n in names if n.endswith(":NAME") or n.startswith("twa:")} == set(MODEL_FACTORIES)
