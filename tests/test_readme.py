@@ -290,3 +290,25 @@ def test_the_readme_names_every_built_in_dataset_and_model() -> None:
     names = backticked(model)
     assert [n for n in names if n.startswith("twa:")] == [f"twa:{name}" for name in BUILTIN_MODELS]
     assert {n.split(":")[0] for n in names if n.endswith(":NAME") or n.startswith("twa:")} == set(MODEL_FACTORIES)
+
+
+def test_the_quick_start_is_what_ci_runs_and_what_pyproject_declares() -> None:
+    """The Quick start's install and test commands are the ones .ci/run runs on a fresh clone, its extra exists,
+    and the Python floor and dependencies it names are pyproject.toml's."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: pytest brings tomli
+        import tomli as tomllib
+
+    block = re.search(r"## Quick start\n\n```bash\n(.*?)```", README, re.DOTALL)
+    assert block, "the Quick start's code block moved"
+    lines = [line.split("#")[0].strip() for line in block.group(1).splitlines()]
+    install, demo, tests = lines
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert install in ci and tests in ci and demo == "twa demo"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extra = re.fullmatch(r'pip install -e "\.\[(\w+)\]"', install)
+    assert extra and extra.group(1) in project["optional-dependencies"]
+    comment = re.search(r"# install \(Python >= ([\d.]+); ([^)]*)\)", block.group(1))
+    assert comment and project["requires-python"] == f">={comment.group(1)}"
+    assert comment.group(2).split(", ") == [re.match(r"[\w-]+", r).group(0) for r in project["dependencies"]]
