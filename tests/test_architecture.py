@@ -115,3 +115,39 @@ def test_an_import_up_the_layers_is_reported(wrong: tuple[str, str]) -> None:
     sources[module] += "\n" + line
     problems = layer_violations(sources)
     assert len(problems) == 1 and problems[0].startswith(f"twa_tool/{module}.py:"), problems
+
+
+#: The modules that write to the process's stdout or stderr (README, Layout): the CLI, and the entry's one line for a
+#: Ctrl-C while the CLI imports. Every other module returns what it has to say (report.py renders onto the console
+#: the CLI hands it).
+WRITERS = {"cli", "entry"}
+
+
+def stream_writes(source: str) -> list[int]:
+    """Lines of ``source`` that print or reach for a standard stream: ``print(...)``, ``sys.stdout``/``sys.stderr``,
+    ``os.write(...)``, ``click.echo(...)``, a ``Console(...)`` of its own."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else ""
+            if (name, owner) in {("print", ""), ("Console", ""), ("Console", "console"), ("write", "os"),
+                                 ("echo", "click"), ("secho", "click")}:
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Attribute) and node.attr in ("stdout", "stderr", "__stdout__", "__stderr__") \
+                and isinstance(node.value, ast.Name) and node.value.id == "sys":
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_cli_writes_to_the_terminal() -> None:
+    found = {module: lines for module, source in package_sources().items() if (lines := stream_writes(source))}
+    assert set(found) == WRITERS, {module: lines for module, lines in found.items() if module not in WRITERS}
+
+
+def test_a_print_outside_the_cli_is_reported() -> None:
+    assert stream_writes("def f() -> None:\n    print('x')\n") == [2]
+    assert stream_writes("import sys\nsys.stderr.write('x')\n") == [2]
+    assert stream_writes("from rich.console import Console\nc = Console(stderr=True)\n") == [2]
+    assert stream_writes("def f(console):\n    console.print('x')\n") == []  # rendering onto the CLI's console

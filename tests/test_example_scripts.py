@@ -217,3 +217,28 @@ def test_lr_sweep_without_checkpoints_refuses_before_creating_anything(tmp_path:
                           env={**os.environ, "OUT": str(tmp_path / "fm")}, timeout=60)
     assert proc.returncode == 2 and "ckpts/20.pt missing; run examples/fashion_mnist/run.sh first" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no empty lr_sweep/ folder left behind
+
+
+def test_the_ci_example_runs_and_writes_what_the_workflow_uploads(tmp_path: Path) -> None:
+    """README, Use in CI: examples/ci/post_train.sh trains briefly, dry-runs, averages with a quality gate and keeps
+    the artifacts; examples/ci/github-actions.yml runs it as `bash examples/ci/post_train.sh runs/ci` from the
+    repository root and uploads files by path. The script runs here as the workflow runs it (offline, CPU), and every
+    path the workflow uploads is there afterwards."""
+    workflow = (ROOT / "examples" / "ci" / "github-actions.yml").read_text()
+    command = re.search(r"run: bash (examples/ci/post_train\.sh) (\S+)", workflow)
+    assert command, "the workflow no longer runs post_train.sh"
+    out = command.group(2)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TWA_AVERAGE_THREADS": "1", "NO_COLOR": "1"}
+    proc = subprocess.run(["bash", str(ROOT / command.group(1)), out], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^(TWA passed the gate|TWA was worse than SWA: the \w+ baseline was written instead)",
+                     proc.stdout, re.MULTILINE), proc.stdout
+    report = json.loads((tmp_path / out / "twa.json").read_text())
+    assert report["quality_gate"]["against"] == "swa" and report["written_method"] in ("twa", "best", "last", "swa")
+    uploads = re.search(r"path: \|\n((?:[ \t]+\S.*\n?)+)", workflow).group(1).split()
+    assert uploads and all(p.startswith(out + "/") for p in uploads), uploads
+    drawn = any(path.endswith(".png") for path in report["outputs"]["human"])  # the figures need matplotlib
+    missing = [p for p in uploads if not list(tmp_path.glob(p)) and (drawn or not p.endswith(".png"))]
+    assert not missing, f"the workflow uploads paths post_train.sh does not write: {missing}"

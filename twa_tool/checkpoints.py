@@ -1,4 +1,4 @@
-"""Checkpoint files: discovery, numeric ordering, framework-aware safe loading, and the atomic writer.
+"""Checkpoint files: discovery, numeric ordering, framework-aware safe loading, header-only reads.
 
 Reading
 -------
