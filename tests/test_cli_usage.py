@@ -503,3 +503,15 @@ def test_soup_memory_default_dtypes_are_basis_dtypes() -> None:
     spec.loader.exec_module(module)
     choices = next(p for p in cli.commands["soup"].params if p.name == "basis_dtype").type.choices
     assert set(module.DTYPES) == set(choices)
+
+
+@pytest.mark.parametrize("data", ["nope", "cifar10"])
+def test_demo_says_it_trains_only_once_data_and_model_are_built(tmp_path: Path, data: str) -> None:
+    """`twa demo --data nope` printed 'training twa:cnn on nope for 8 epochs -> ...' before its exit-2 error, and
+    a dataset missing from disk the same before its exit-4 one: no training ever started. The line now comes once
+    the data and the model are built, right before the first epoch."""
+    result = invoke("demo", "--data", data, "--data-root", tmp_path / "data", "--out", tmp_path / "d",
+                    "--train-epochs", "1", "--epochs", "1", "--threads", "1")
+    assert result.exit_code in (2, 4), result.output
+    assert "training" not in result.stdout and "training" not in result.stderr, result.output
+    assert not (tmp_path / "d").exists()

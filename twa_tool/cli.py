@@ -912,11 +912,11 @@ def demo(out_dir: Path, data: str, data_root: Path | None, download: bool, train
                                    max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
             check_output(config.out_dir, (MODEL_FILE, "report.json"), overwrite)
             epochs_text = f"{train_epochs} epoch{'' if train_epochs == 1 else 's'}"
-            console.print(f"training {train_config.model} on {data} for {epochs_text} -> {train_config.out_dir}",
-                          markup=False)
             created = missing_folders(train_config.out_dir, config.out_dir)
-            checkpoints = train_checkpoints(train_config, on_epoch=lambda e, loss: console.print(
-                f"  epoch {e}: train loss {loss:.4f}"))
+            checkpoints = train_checkpoints(  # says it trains once the data and model are built: not before an error
+                train_config, on_epoch=lambda e, loss: console.print(f"  epoch {e}: train loss {loss:.4f}"),
+                on_start=lambda: console.print(f"training {train_config.model} on {data} for {epochs_text} -> "
+                                               f"{train_config.out_dir}", markup=False))
             console.print(demo_average_command(config, max_shard_size, threads), markup=False)
             try:
                 with ProgressSink(console) as sink:

@@ -44,11 +44,13 @@ class DemoTrainConfig:
                               f"init and one per epoch)")
 
 
-def train_checkpoints(config: DemoTrainConfig, on_epoch: Callable[[int, float], None] | None = None) -> list[Path]:
+def train_checkpoints(config: DemoTrainConfig, on_epoch: Callable[[int, float], None] | None = None,
+                      on_start: Callable[[], None] | None = None) -> list[Path]:
     """Train with plain SGD; write ``0.safetensors`` (the init) and ``E.safetensors`` after each epoch E.
 
-    The data and model are built before the output folder is touched; when training fails or is interrupted
-    (``BaseException``: Ctrl-C, SIGTERM), the checkpoints this call wrote and the folders it created are removed.
+    The data and model are built before the output folder is touched (``on_start`` runs once they are, just before
+    training); when training fails or is interrupted (``BaseException``: Ctrl-C, SIGTERM), the checkpoints this call
+    wrote and the folders it created are removed.
     """
     torch.manual_seed(config.seed)
     names = tuple(f"{e}.safetensors" for e in range(config.epochs + 1))
@@ -56,6 +58,8 @@ def train_checkpoints(config: DemoTrainConfig, on_epoch: Callable[[int, float], 
     model_args = data_model_args(config, data)
     model = build_model(config.model, model_args)
     check_data_fits(model, (data.train, data.eval), data.num_classes, config.model, config.data)
+    if on_start is not None:
+        on_start()
     created = missing_folders(config.out_dir)
     written: list[Path] = []
     with prepare_output_dir(config.out_dir, names, config.overwrite):  # locked: one demo per folder at a time
