@@ -1191,3 +1191,15 @@ def test_the_other_mnist_format_set_is_noted(tmp_path: Path, spec: str, value: i
         assert notes == (f"--data {spec}: the training images in {tmp_path} have a mean pixel of {value / 255:.3f} "
                          f"({theirs}'s is {their_mean:.3f}, {mine}'s {own_mean:.3f}): they look like {theirs}; "
                          f"pass --data {other}, or --data-root pointing at {mine}'s files",)
+
+
+@pytest.mark.parametrize("spec, into", [("cifar10", "."), ("cifar100", "."), ("mnist", "MNIST/raw"),
+                                        ("fashion-mnist", "FashionMNIST/raw")])
+def test_missing_data_names_the_folder_a_download_would_fill(tmp_path: Path, spec: str, into: str) -> None:
+    """A dry run with --download and no files said only 'the run would download it'; the error behind it now
+    carries the folder torchvision's download writes to (CIFAR: the root; the IDX sets: ROOT/<Class>/raw)."""
+    from twa_tool.errors import MissingData
+
+    with pytest.raises(MissingData) as caught:
+        build_data(spec, root=tmp_path)
+    assert caught.value.download_into == tmp_path / into

@@ -186,8 +186,9 @@ def test_dry_run_names_missing_data_and_never_downloads(demo_ckpts: Path, tmp_pa
     assert "--data mnist: no MNIST files under" in result.stderr and "--download" in result.stderr
     result = CliRunner().invoke(cli, [*base, "--download", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["data"] == {"spec": "mnist", "would_download": True}
-    assert "the run would download it" in result.stderr
+    into = tmp_path / "empty" / "MNIST" / "raw"  # where torchvision's MNIST puts the files it fetches
+    assert json.loads(result.stdout)["data"] == {"spec": "mnist", "would_download": True, "download_into": str(into)}
+    assert f"the run would download it into {into} (--download)" in result.stderr
     assert not (tmp_path / "empty").exists() and not (tmp_path / "o").exists()
 
 

@@ -138,11 +138,15 @@ def documents(demo_ckpts: Path, hf_run: Path, tmp_path_factory: pytest.TempPathF
     ]
     plans = [invoke("average", hf_run, *FAST, "--exclude", "checkpoint-0", "--basis-dtype", dtype,
                     "--out", out / f"plan-{dtype}", "--dry-run", "--json") for dtype in ("float32", "bf16", "int8")]
+    missing = ["--data", "mnist", "--data-root", out / "no-data", "--download"]  # a plan of a download (not made)
+    plans.append(invoke("average", hf_run, *FAST, *missing, "--out", out / "plan-download", "--dry-run", "--json"))
     base = out / "base.safetensors"
     shutil.copy(hf_run / "checkpoint-0" / "model.safetensors", base)
     soup_flags = [*model_flags(), *FAST, "--base", base, "--exclude", "checkpoint-0"]
     soup = [invoke("soup", hf_run, *soup_flags, "--granularity", "layer", "--out", out / "soup", "--json")]
-    soup_plan = [invoke("soup", hf_run, *soup_flags, "--out", out / "soup-plan", "--dry-run", "--json")]
+    soup_plan = [invoke("soup", hf_run, *soup_flags, "--out", out / "soup-plan", "--dry-run", "--json"),
+                 invoke("soup", hf_run, *soup_flags, *missing, "--out", out / "soup-plan-download", "--dry-run",
+                        "--json")]
     listing = out / "listing"
     listing.mkdir()
     for epoch in range(3):  # stored metrics and epochs, a copy under another name, a file that is not weights

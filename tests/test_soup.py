@@ -468,5 +468,6 @@ def test_soup_dry_run_with_download_plans_the_download(finetunes: Path, tmp_path
                                       str(tmp_path / "none"), "--download", "--dry-run", "--json",
                                       "--out", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["data"] == {"spec": "mnist", "would_download": True}
+    assert json.loads(result.stdout)["data"] == {"spec": "mnist", "would_download": True,
+                                                 "download_into": str(tmp_path / "none" / "MNIST" / "raw")}
     assert not (tmp_path / "none").exists() and not (tmp_path / "p").exists()

@@ -574,15 +574,17 @@ def _build_cifar(layout: _CifarLayout, root: Path | None, download: bool) -> Dat
         if binary is not None:
             raise MissingData(f"--data {layout.name}: {binary} holds the binary version of {layout.display} "
                               f"({layout.binary_file}); twa reads the python version ({layout.folder}/, "
-                              f"{layout.archive}): fetch that, or pass --download")
+                              f"{layout.archive}): fetch that, or pass --download", download_into=base)
         if archive.is_file() and not (base / layout.folder).exists():
             raise MissingData(f"--data {layout.name}: {archive} is not extracted (expected {expected}); run "
-                              f"tar -xzf {archive} -C {base}, or pass --download to check and extract it")
+                              f"tar -xzf {archive} -C {base}, or pass --download to check and extract it",
+                              download_into=base)
         found = _found_below(base, lambda d: (d / layout.folder, d), complete)
         other_folder, other_file, other = _OTHER_CIFAR[layout.name]
         holds_other = any((d / other_file).is_file() for d in (base / other_folder, base))
         raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True,
-                                           found_in=found, other=other if holds_other else None))
+                                           found_in=found, other=other if holds_other else None),
+                          download_into=base)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # as in the TWA reference code
     t = _transforms()
     train_tf = _normalized(mean, std, t.RandomCrop(32, padding=4), t.RandomHorizontalFlip())
@@ -727,7 +729,7 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
             absent = [f"{partial / s}[.gz]" for s in stems if _idx_file(partial, s) is None]
             raise MissingData(f"--data {layout.name}: {partial} holds only some of the {layout.display} files "
                               f"({', '.join(absent)} missing); add them, pass --data-root DIR pointing at all four, "
-                              "or --download")
+                              "or --download", download_into=raw_dir)
         expected = f"{base / _idx_stems('train')[0]}[.gz] and the other three IDX files, or the same in {raw_dir}"
         found = _found_below(base, lambda d: (d, d / layout.torchvision_class / "raw", d / layout.name,
                                               *((d / "raw",) if d.name == layout.torchvision_class else ())),
@@ -737,7 +739,7 @@ def _build_idx(layout: _IdxLayout, root: Path | None, download: bool) -> DataSpl
                                                                     _has_idx_files(base / "raw"))
         raise MissingData(_missing_message(layout.name, layout.display, base, expected, downloadable=True,
                                            found_in=found, other=_OTHER_IDX[layout.name].name if holds_other
-                                           else None))
+                                           else None), download_into=raw_dir)
     train_images, train_labels = _read_idx_split(directory, "train", layout.name)
     test_images, test_labels = _read_idx_split(directory, "t10k", layout.name)
     if train_images.shape[1:] != test_images.shape[1:]:  # a model fits one of them; the other would fail mid-run
@@ -853,7 +855,8 @@ def _build_svhn(root: Path | None, download: bool) -> DataSplits:
     if missing:
         expected = " and ".join(str(base / f) for f in missing)
         found = _found_below(base, lambda d: (d,), lambda d: all((d / f).is_file() for f in _SVHN_FILES))
-        raise MissingData(_missing_message("svhn", "SVHN", base, expected, downloadable=True, found_in=found))
+        raise MissingData(_missing_message("svhn", "SVHN", base, expected, downloadable=True, found_in=found),
+                          download_into=base)
     transform = _normalized((0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197))
     train = ArrayImageDataset(*_read_svhn(base / _SVHN_FILES[0]), transform)
     test = ArrayImageDataset(*_read_svhn(base / _SVHN_FILES[1]), transform)

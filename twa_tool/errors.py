@@ -11,6 +11,7 @@ import glob
 import os
 import shlex
 import sys
+from pathlib import Path
 
 
 class TwaError(Exception):
@@ -78,7 +79,12 @@ class DataError(InputError):
 
 
 class MissingData(DataError):
-    """A dataset's files are not on disk (``--download`` could fetch them)."""
+    """A dataset's files are not on disk (``--download`` could fetch them). ``download_into``: the folder a
+    ``--download`` would fetch them into."""
+
+    def __init__(self, message: str, download_into: Path) -> None:
+        super().__init__(message)
+        self.download_into = download_into
 
 
 class ModelError(InputError):

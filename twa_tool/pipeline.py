@@ -1004,16 +1004,21 @@ def check_eval_batches(model: nn.Module, batch_size: int, splits: list[tuple[str
             model.train(was_training)
 
 
+def download_plan(spec: str, missing: MissingData) -> dict:
+    """A dry run's ``data`` when its files are missing and ``--download`` would fetch them: where to."""
+    return {"spec": spec, "would_download": True, "download_into": str(missing.download_into)}
+
+
 def planned_data(config: AverageConfig, model: nn.Module, spec: str) -> dict:
     """``--dry-run``'s check of ``--data``: the datasets built without downloading, the holdout split
     made, and one example through the model, as the run would do before reading any checkpoint. Files
     that ``--download`` would fetch are reported (``would_download``), not fetched."""
     try:
         data = build_data(config.data, root=config.data_root, download=False)
-    except MissingData:
+    except MissingData as err:
         if not config.download:
             raise
-        return {"spec": config.data, "would_download": True}
+        return download_plan(config.data, err)
     check_data_fits(model, (data.train, data.eval), data.num_classes, spec, config.data)
     fit = len(data.train)
     if config.fit_on == "holdout":

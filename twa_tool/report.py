@@ -117,8 +117,9 @@ def _print_plan(report: dict, console: Console, head: str, memory: str, data_lin
     if "threads" in report:  # the run's intra-op threads (per rank under torchrun): its time and CPU bytes follow
         console.print(f"threads {report['threads']} (torch's CPU threads, --threads)", markup=False)
     if data["would_download"]:
-        console.print(f"data {data['spec']}: not on disk; the run would download it (--download)", soft_wrap=True,
-                      markup=False)
+        into = f" into {data['download_into']}" if "download_into" in data else ""
+        console.print(f"data {data['spec']}: not on disk; the run would download it{into} (--download)",
+                      soft_wrap=True, markup=False)
     else:
         classes = f"{data['num_classes']} classes, " if data["num_classes"] is not None else ""  # None: file.py:fn
         console.print(f"data {data['spec']}: {classes}{data_line}; one went through the model", soft_wrap=True,

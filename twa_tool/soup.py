@@ -85,6 +85,7 @@ from .pipeline import (
     build_run_model,
     check_batch_of_one,
     check_eval_batches,
+    download_plan,
     hf_folder,
     peak_rss_bytes,
     process_bytes,
@@ -701,15 +702,16 @@ def soup_data(config: SoupConfig) -> SoupSplits:
     return SoupSplits(fit=fit, heldout_fit=heldout, heldout_eval=scored, eval=data.eval, facts=facts, notes=notes)
 
 
-def planned_soup_data(config: SoupConfig) -> SoupSplits | None:
-    """``--dry-run``'s data: the splits built as the run builds them, without downloading; None when the files
-    are missing and ``--download`` would fetch them (then nothing else about the data can be checked)."""
+def planned_soup_data(config: SoupConfig) -> SoupSplits | dict:
+    """``--dry-run``'s data: the splits built as the run builds them, without downloading; the plan's ``data``
+    (``download_plan``) when the files are missing and ``--download`` would fetch them (then nothing else about
+    the data can be checked)."""
     try:
         return soup_data(replace(config, download=False))
-    except MissingData:
+    except MissingData as err:
         if not config.download:
             raise
-        return None
+        return download_plan(config.data, err)
 
 
 def soup_dry_run(config: SoupConfig, inputs: Inputs, outputs: tuple[str, ...], size: int, data: dict) -> SoupResult:
@@ -779,8 +781,8 @@ def run_soup(config: SoupConfig, on_event: EventSink = _ignore) -> SoupResult:
         ((base, *(folder_weight_files(base) if base.is_dir() else ())) if base else ())
     check_output(config.out_dir, outputs, config.overwrite, sources, size, config.finetunes_dir)  # before the data
     splits = planned_soup_data(config) if config.dry_run else soup_data(config)
-    if splits is None:  # a dry run whose data --download would fetch
-        return soup_dry_run(config, inputs, outputs, size, {"spec": config.data, "would_download": True})
+    if isinstance(splits, dict):  # a dry run whose data --download would fetch
+        return soup_dry_run(config, inputs, outputs, size, splits)
     fit, heldout, eval_data, data_facts, notes = (splits.fit, splits.heldout_eval, splits.eval, splits.facts,
                                                   splits.notes)
     for message in notes:
